@@ -1,0 +1,164 @@
+"""The interface between the trainer and a pipeline family.
+
+The trainer never branches on the model type: it asks an adapter. An adapter knows how to
+
+- encode prompts (:meth:`DiffusionAdapter.encode_prompts`, called once per *unique* prompt),
+- shape and draw the initial noise (:meth:`latent_shape`, :meth:`sigmas`),
+- predict the velocity with or without classifier-free guidance (:meth:`velocity`, which batches
+  the conditional and unconditional passes into one forward through :meth:`forward_denoiser`),
+- decode latents to images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)`` in ``[0, 1]``,
+- say where the latent positions are (:meth:`to_position_grid`): a latent of any layout (image
+  ``(C, H, W)``, video ``(C, T, H, W)``, packed tokens ``(N, D)``) is viewed as
+  ``(channels, *grid)`` so that per-position methods (ViPO) work on every family.
+
+A new model family is one subclass of :class:`DiffusionAdapter` in its own file, registered with
+:func:`trl_visual.models.register_adapter`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+
+PromptEmbeds = dict[str, torch.Tensor]
+
+
+def select_embeds(embeds: PromptEmbeds, index: torch.Tensor) -> PromptEmbeds:
+    """Rows ``index`` of every tensor in ``embeds`` (repeats a prompt's embedding for its samples)."""
+    return {key: value.index_select(0, index.to(value.device)) for key, value in embeds.items()}
+
+
+def concat_embeds(first: PromptEmbeds, second: PromptEmbeds) -> PromptEmbeds:
+    """``first`` then ``second`` along the batch, key by key."""
+    return {key: torch.cat([first[key], second[key]]) for key in first}
+
+
+class DiffusionAdapter:
+    """Base class of the per-family adapters. Subclasses set :attr:`denoiser_name` and implement the
+    abstract methods; everything else is shared."""
+
+    #: attribute of the pipeline holding the network that is trained
+    denoiser_name: str = "transformer"
+    #: keyword under which decoded samples reach reward functions: ``"images"`` or ``"videos"``
+    output_kind: str = "images"
+    #: ``pipeline_tag`` for model cards
+    pipeline_tag: str = "text-to-image"
+
+    def __init__(self, pipeline: DiffusionPipeline):
+        self.pipeline = pipeline
+        self._scheduler = copy.deepcopy(pipeline.scheduler)
+
+    # -- components -------------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Every module of the pipeline except the denoiser (text encoders, VAE, …)."""
+        return [
+            module
+            for name, module in self.pipeline.components.items()
+            if isinstance(module, torch.nn.Module) and name != self.denoiser_name
+        ]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    # -- to implement -----------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], max_sequence_length: int) -> PromptEmbeds:
+        """Encode ``prompts`` (one row per prompt) into the tensors :meth:`forward_denoiser` needs."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
+        """Shape of one sample's latent, as the denoiser takes it."""
+        raise NotImplementedError
+
+    def default_resolution(self) -> tuple[int, int]:
+        """``(height, width)`` the pipeline generates when none is given."""
+        raise NotImplementedError
+
+    def forward_denoiser(
+        self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds
+    ) -> torch.Tensor:
+        """One forward of ``denoiser`` (possibly wrapped for distributed training); returns the velocity.
+
+        ``sigma`` is ``(B,)`` in ``[0, 1]``; the adapter converts it to the model's timestep scale.
+        """
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to pixels in ``[0, 1]``: ``(B, 3, H, W)`` or ``(B, T, 3, H, W)``, float32."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------
+    def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
+        """Number of tokens the denoiser sees, for resolution-dependent time shifts."""
+        return int(np.prod(latent_shape[1:]))
+
+    def sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The sampling schedule ``σ_0 = 1 > … > σ_T = 0`` (T + 1 values), with the model's time shift,
+        exactly as the pipeline's own scheduler computes it."""
+        config = self._scheduler.config
+        kwargs: dict[str, Any] = {}
+        if config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = calculate_shift(self.image_seq_len(latent_shape), config)
+        self._scheduler.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+        return self._scheduler.sigmas.float().clone()
+
+    def prepare_noise(
+        self, num_samples: int, latent_shape: tuple[int, ...], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Standard normal initial latents ``(num_samples, *latent_shape)`` in float32."""
+        return torch.randn(
+            (num_samples, *latent_shape), generator=generator, device=self.device, dtype=torch.float32
+        )
+
+    def velocity(
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        embeds: PromptEmbeds,
+        negative_embeds: PromptEmbeds | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The (guided) velocity in float32.
+
+        With ``negative_embeds``: ``v = v_u + w (v_c − v_u)``, both passes batched in one forward.
+        """
+        latents = latents.to(self.dtype)
+        if negative_embeds is None:
+            return self.forward_denoiser(denoiser, latents, sigma, embeds).float()
+        both = self.forward_denoiser(
+            denoiser,
+            torch.cat([latents, latents]),
+            torch.cat([sigma, sigma]),
+            concat_embeds(negative_embeds, embeds),
+        ).float()
+        uncond, cond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def to_position_grid(self, latents: torch.Tensor) -> torch.Tensor:
+        """View ``(B, *latent_shape)`` as ``(B, channels, *grid)``. Channels-first latents need nothing."""
+        return latents
+
+
+def calculate_shift(image_seq_len: int, config: Any) -> float:
+    """Resolution-dependent shift ``μ``, linear in the sequence length between the scheduler's
+    ``(base_image_seq_len, base_shift)`` and ``(max_image_seq_len, max_shift)``."""
+    base_len = config.get("base_image_seq_len", 256)
+    max_len = config.get("max_image_seq_len", 4096)
+    base_shift = config.get("base_shift", 0.5)
+    max_shift = config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len

@@ -1,0 +1,64 @@
+"""Reward functions.
+
+A reward is any callable ``f(prompts: list[str], images: Tensor, **columns) -> list[float | None]``
+(images float in ``[0, 1]``, ``(B, 3, H, W)``; video models pass ``videos`` ``(B, T, 3, H, W)``
+instead), with the other dataset columns passed by name, as TRL does. ``None`` or NaN marks a sample
+the reward could not score; it is left out of the statistics. Built-ins are also reachable by name.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from . import builtin
+from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
+from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
+from .hps import HPSv2Reward
+from .registry import REWARD_REGISTRY, register_reward
+from .video import CLIPVideoScoreReward, FrameAveraged
+
+RewardFunc = Callable[..., Any]
+
+
+def resolve_reward(reward: str | RewardFunc) -> RewardFunc:
+    """A reward given by registry name becomes the reward object; a callable is returned as it is."""
+    if callable(reward):
+        return reward
+    if isinstance(reward, str):
+        if reward not in REWARD_REGISTRY:
+            known = ", ".join(sorted(REWARD_REGISTRY))
+            raise ValueError(f"Unknown reward {reward!r}. Registered rewards: {known}; or pass any callable.")
+        entry = REWARD_REGISTRY[reward]
+        return entry() if inspect.isclass(entry) else entry
+    raise TypeError(f"A reward must be a callable or a registered name, not {type(reward).__name__}.")
+
+
+def reward_name(reward: RewardFunc) -> str:
+    """The name a reward's metrics are logged under: its ``name`` attribute, else ``__name__``, else
+    its class name."""
+    for attribute in ("name", "__name__"):
+        value = getattr(reward, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(reward).__name__
+
+
+__all__ = [
+    "AestheticReward",
+    "CLIPScoreReward",
+    "CLIPVideoScoreReward",
+    "FrameAveraged",
+    "HPSv2Reward",
+    "PickScoreReward",
+    "REWARD_REGISTRY",
+    "RewardFunc",
+    "builtin",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+    "red_channel",
+    "register_reward",
+    "resolve_reward",
+    "reward_name",
+]

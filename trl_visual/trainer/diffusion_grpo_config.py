@@ -1,0 +1,180 @@
+"""Configuration of :class:`~trl_visual.DiffusionGRPOTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
+from ..core.sde import SDE_TYPES
+from ..core.timesteps import TIMESTEP_SELECTIONS
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise a ``ValueError`` naming the field and its valid values when ``value`` is not one of them."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+
+
+@dataclass
+class DiffusionGRPOConfig(TrainingArguments):
+    r"""Configuration of GRPO for flow-matching diffusion models (Flow-GRPO and DanceGRPO style).
+
+    It extends :class:`transformers.TrainingArguments`; fields whose concept exists in TRL's
+    ``GRPOConfig`` keep TRL's name. Batch sizes count *samples* (images or videos), as in TRL:
+    ``per_device_train_batch_size × num_processes`` samples form one generation batch of
+    ``… / num_generations`` prompts, each sampled ``num_generations`` times.
+
+    Example::
+
+        DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8, max_steps=30)
+    """
+
+    # -- TrainingArguments defaults that suit RL on diffusion models ------------------------------
+    learning_rate: float = field(
+        default=1e-4,
+        metadata={"help": "Initial AdamW learning rate (1e-4 suits LoRA; use ~1e-5 or less for full)."},
+    )
+    logging_steps: float = field(
+        default=1,
+        metadata={"help": "Log every N optimizer steps. RL steps are costly, so every step by default."},
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: every dataset column is passed to the reward functions by name."},
+    )
+
+    # -- model and data -----------------------------------------------------------------------------
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a string."
+        },
+    )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Dataset column holding the text prompts."}
+    )
+
+    # -- GRPO -----------------------------------------------------------------------------------------
+    num_generations: int = field(
+        default=8,
+        metadata={"help": "Samples per prompt (the group size G). Must divide the global batch size."},
+    )
+    epsilon: float = field(
+        default=1e-4,
+        metadata={"help": "Clipping range of the policy ratio. Diffusion policies use ~1e-4, not LLMs' 0.2."},
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "KL coefficient to the reference (the LoRA-disabled model). 0 disables the KL term."
+        },
+    )
+    num_iterations: int = field(
+        default=1, metadata={"help": "Optimizer passes over each batch of rollouts (μ in the GRPO paper)."}
+    )
+    scale_rewards: str = field(
+        default="group",
+        metadata={"help": "Advantage scaling: 'group' std, 'batch' std (Flow-GRPO's global_std), or 'none'."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function; all 1 when unset."}
+    )
+    multi_objective_aggregation: str = field(
+        default="sum_then_normalize",
+        metadata={"help": "'sum_then_normalize' (weighted sum, then advantages) or 'normalize_then_sum'."},
+    )
+    adv_clip_max: float = field(default=5.0, metadata={"help": "Advantages are clamped to ±adv_clip_max."})
+
+    # -- sampling ---------------------------------------------------------------------------------------
+    height: int | None = field(
+        default=None, metadata={"help": "Image height; the model's default when unset."}
+    )
+    width: int | None = field(default=None, metadata={"help": "Image width; the model's default when unset."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of each rollout."})
+    guidance_scale: float = field(
+        default=4.5, metadata={"help": "Classifier-free guidance scale (1 disables CFG). SD3 uses 4.5."}
+    )
+    cfg_in_training: bool = field(
+        default=True,
+        metadata={
+            "help": "Sample the training rollouts with CFG and take log-probs on the guided velocity (both passes "
+            "batched in one forward). When False, rollouts are sampled and trained without CFG, and "
+            "`guidance_scale` only applies to evaluation and logged samples."
+        },
+    )
+    negative_prompt: str = field(default="", metadata={"help": "Prompt of CFG's unconditional branch."})
+    max_sequence_length: int = field(default=256, metadata={"help": "Maximum token length of the T5 prompt."})
+    sde_type: str = field(
+        default="flow_grpo", metadata={"help": "Stochastic sampler: 'flow_grpo', 'dance_grpo' or 'cps'."}
+    )
+    noise_level: float = field(
+        default=0.7,
+        metadata={"help": "SDE noise: `a` for flow_grpo and cps (0.7; FLUX 0.9), `η` for dance_grpo (0.3)."},
+    )
+    timestep_fraction: float = field(
+        default=1.0, metadata={"help": "Fraction of the stochastic steps trained for each sample (0, 1]."}
+    )
+    timestep_selection: str = field(
+        default="ordered",
+        metadata={
+            "help": "'ordered': the first steps (Flow-GRPO); 'random': a random subset per sample (DanceGRPO)."
+        },
+    )
+    sde_window_size: int = field(
+        default=0,
+        metadata={
+            "help": "Flow-GRPO-Fast / MixGRPO window: when > 0 only this many consecutive steps are stochastic and "
+            "trained; the ODE prefix before them is computed once per group and branched."
+        },
+    )
+    sde_window_range: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "[low, high): where the window may start; [0, num_inference_steps // 2) when unset."
+        },
+    )
+    init_same_noise: bool = field(
+        default=False, metadata={"help": "All samples of a group start from the same noise (DanceGRPO)."}
+    )
+
+    # -- logging ---------------------------------------------------------------------------------------
+    log_images: bool = field(
+        default=False,
+        metadata={
+            "help": "At each logging step, send samples to the loggers and a grid PNG to output_dir/samples/."
+        },
+    )
+    num_images_to_log: int = field(default=8, metadata={"help": "How many samples to log."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
+        check_choice("sde_type", self.sde_type, SDE_TYPES)
+        check_choice("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
+        if self.num_generations < 2:
+            raise ValueError(
+                f"`num_generations` must be at least 2 to form groups; got {self.num_generations}."
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"`timestep_fraction` must be in (0, 1]; got {self.timestep_fraction}.")
+        if self.num_iterations < 1:
+            raise ValueError(f"`num_iterations` must be at least 1; got {self.num_iterations}.")
+        if self.sde_window_size >= self.num_inference_steps:
+            raise ValueError(
+                f"`sde_window_size` ({self.sde_window_size}) must be smaller than `num_inference_steps` "
+                f"({self.num_inference_steps}); use 0 to make every step stochastic."
+            )
+        if self.sde_window_range is None:
+            self.sde_window_range = [0, max(1, self.num_inference_steps // 2)]
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if global_batch % self.num_generations:
+            raise ValueError(
+                f"The global batch ({self.per_device_train_batch_size} per device × {self.world_size} processes = "
+                f"{global_batch} samples) must be divisible by `num_generations` ({self.num_generations}). "
+                f"Choose a `per_device_train_batch_size` that is a multiple of {self.num_generations}, "
+                "or a `num_generations` that divides it."
+            )

@@ -1,0 +1,713 @@
+"""GRPO for flow-matching diffusion models, on top of :class:`transformers.Trainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import gather, gather_object
+from datasets import Dataset, IterableDataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+from trl.trainer.utils import RepeatSampler
+
+from ..core.advantages import combine_rewards, nan_std
+from ..core.policy_loss import clipped_policy_loss, gaussian_kl
+from ..core.sde import euler_step, sde_step_with_logprob
+from ..core.timesteps import sample_window_start, select_train_timesteps, stochastic_step_indices
+from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
+from ..rewards import RewardFunc, resolve_reward, reward_name
+from ..testing import is_tiny_name, load_tiny_pipeline
+from .diffusion_grpo_config import DiffusionGRPOConfig
+from .logging_utils import log_samples
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+METHOD_STATE_NAME = "trl_visual_state.pt"
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled trajectories: what training needs, on this process only.
+
+    ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
+    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time.
+    """
+
+    prompts: list[str]
+    embeds: PromptEmbeds
+    negative_embeds: PromptEmbeds | None
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    sigmas_next: torch.Tensor
+    sigma_max: float
+    samples: torch.Tensor
+    train_steps: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return features
+
+
+def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct values in first-seen order, and for each input the index of its value."""
+    positions: dict[str, int] = {}
+    inverse = [positions.setdefault(v, len(positions)) for v in values]
+    return list(positions), torch.tensor(inverse, dtype=torch.long)
+
+
+def load_pipeline(
+    model: str | DiffusionPipeline, model_init_kwargs: dict[str, Any] | None
+) -> DiffusionPipeline:
+    """A pipeline from a ``tiny:`` name, a Hub id or local path, or the pipeline object itself."""
+    if isinstance(model, DiffusionPipeline):
+        if model_init_kwargs:
+            raise ValueError(
+                "`model_init_kwargs` only applies when `model` is a string, not a pipeline object."
+            )
+        return model
+    if is_tiny_name(model):
+        return load_tiny_pipeline(model)
+    if isinstance(model, str):
+        kwargs = dict(model_init_kwargs or {})
+        dtype = kwargs.get("torch_dtype")
+        if isinstance(dtype, str) and dtype != "auto":
+            kwargs["torch_dtype"] = getattr(torch, dtype)
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
+    raise TypeError(
+        f"`model` must be a model id, a local path or a DiffusionPipeline, not {type(model).__name__}."
+    )
+
+
+class DiffusionGRPOTrainer(Trainer):
+    """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
+
+    Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
+    the log-probability of every transition, scores the decoded samples with the reward functions,
+    turns rewards into group-relative advantages, and takes the clipped policy-gradient step on the
+    stochastic transitions (with an optional exact KL to the LoRA-disabled model).
+
+    Example::
+
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+        trainer = DiffusionGRPOTrainer(
+            model="tiny:sd3",
+            reward_funcs="red_channel",
+            args=DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8,
+                                     max_steps=30, height=32, width=32),
+            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
+            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        )
+        trainer.train()
+        trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
+
+    Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
+    become advantages), :meth:`expand_advantages` (what shape an advantage has) and
+    :meth:`policy_loss` (the per-sample loss of one transition).
+    """
+
+    _tag_names = ["trl-visual", "diffusion-grpo"]
+    _method_name = "GRPO"
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        reward_funcs: RewardFunc | str | list[RewardFunc | str],
+        args: DiffusionGRPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
+            None,
+            None,
+        ),
+        peft_config: LoraConfig | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = DiffusionGRPOConfig(output_dir=f"{name.split('/')[-1].replace(':', '-')}-GRPO")
+        self.reward_funcs = [
+            resolve_reward(r) for r in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])
+        ]
+        self.reward_names = [reward_name(r) for r in self.reward_funcs]
+        self.reward_weights = self._check_reward_weights(args.reward_weights)
+        for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            self._check_dataset(dataset, split, args)
+        if args.beta > 0 and peft_config is None:
+            raise ValueError(
+                "`beta > 0` needs a `peft_config`: the KL reference is the same network with its LoRA adapter "
+                "disabled, so no second copy of the model is held. Pass a LoraConfig or set beta=0."
+            )
+
+        pipeline = load_pipeline(model, args.model_init_kwargs)
+        self.adapter: DiffusionAdapter = get_adapter(pipeline)
+        self.pipeline = pipeline
+        self.is_peft = peft_config is not None
+        denoiser = self._prepare_denoiser(peft_config, args)
+        self._check_resolution(args)
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=_identity_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._place_frozen_modules()
+        for reward in self.reward_funcs:
+            if isinstance(reward, torch.nn.Module):
+                reward.to(self.accelerator.device)
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._rollouts: Rollouts | None = None
+        self._micro_step = 0
+        self._negative_embeds: PromptEmbeds | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # Set-up and input checks (all before any expensive work)
+    # ------------------------------------------------------------------------------------------------
+    def _check_reward_weights(self, weights: list[float] | None) -> torch.Tensor:
+        if weights is None:
+            return torch.ones(len(self.reward_funcs))
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(weights)} values but there are {len(self.reward_funcs)} reward "
+                f"functions ({', '.join(self.reward_names)}); give one weight per reward."
+            )
+        return torch.tensor(weights, dtype=torch.float32)
+
+    @staticmethod
+    def _check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
+        if dataset is None:
+            return
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and args.prompt_column not in columns:
+            raise ValueError(
+                f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
+                f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
+            )
+        if split == "train_dataset" and hasattr(dataset, "__len__"):
+            prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
+            if len(dataset) < prompts_per_step:
+                raise ValueError(
+                    f"The train_dataset has {len(dataset)} prompts but each step needs {prompts_per_step} distinct "
+                    f"prompts (global batch / num_generations). Add prompts or lower the batch size."
+                )
+
+    def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
+        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it."""
+        for module in self.adapter.frozen_modules:
+            module.requires_grad_(False).eval()
+        denoiser = self.adapter.denoiser
+        if peft_config is not None:
+            denoiser.requires_grad_(False)
+            denoiser.add_adapter(peft_config)
+        else:
+            denoiser.requires_grad_(True)
+        if args.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False  # diffusers models do it themselves; keep Trainer out of it
+        return denoiser
+
+    def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
+        default = self.adapter.default_resolution()
+        self.height = args.height or default[0]
+        self.width = args.width or default[1]
+        self.latent_shape = self.adapter.latent_shape(self.height, self.width)
+
+    def _place_frozen_modules(self) -> None:
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        for module in self.adapter.frozen_modules:
+            module.to(self.accelerator.device, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    # Data: each global batch holds whole groups of `num_generations` copies of a prompt
+    # ------------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=self.args.per_device_train_batch_size
+            * self.args.world_size
+            // self.args.num_generations,
+            repeat_count=self.args.num_iterations,
+            seed=self.args.seed,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Sampling with log-probabilities
+    # ------------------------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode each distinct prompt once, then repeat its embedding for every sample that shares it."""
+        unique, inverse = _unique(prompts)
+        return select_embeds(self.adapter.encode_prompts(unique, self.args.max_sequence_length), inverse)
+
+    def _negative(self, batch_size: int) -> PromptEmbeds:
+        if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
+            self._negative_embeds = self.adapter.encode_prompts(
+                [self.args.negative_prompt], self.args.max_sequence_length
+            )
+        return select_embeds(self._negative_embeds, torch.zeros(batch_size, dtype=torch.long))
+
+    def _use_cfg(self, training: bool) -> bool:
+        return self.args.guidance_scale > 1 and (self.args.cfg_in_training or not training)
+
+    def _generation_seed(self) -> int:
+        """One seed per generation round, the same on every process (so shared noise agrees)."""
+        return self.args.seed * 1_000_003 + self._micro_step // self.args.num_iterations
+
+    def _initial_noise(self, group_ids: torch.Tensor, shared: bool, seed: int) -> torch.Tensor:
+        """Initial latents for this process's samples, drawn for the whole global batch from one seed so
+        that a group split across processes still gets consistent (and, if ``shared``, equal) noise."""
+        global_batch = self.args.per_device_train_batch_size * self.args.world_size
+        rows = global_batch // self.args.num_generations if shared else global_batch
+        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+        noise = self.adapter.prepare_noise(rows, self.latent_shape, generator)
+        if shared:
+            return noise[group_ids.to(noise.device)]
+        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
+        return noise[offset : offset + len(group_ids)]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        group_ids: torch.Tensor,
+        seed: int,
+        stochastic: bool = True,
+        training: bool = True,
+    ) -> Rollouts:
+        """Sample one trajectory per prompt, keeping the stochastic transitions and their log-probs.
+
+        ``group_ids`` are the global group index of each sample. Steps before the first stochastic one
+        (the SDE window's ODE prefix) are computed once per group and then branched to the group's
+        samples, which share their initial noise in that case.
+        """
+        args, adapter, device = self.args, self.adapter, self.accelerator.device
+        num_steps = args.num_inference_steps
+        window_start = 0
+        if stochastic and args.sde_window_size > 0:
+            window_start = sample_window_start(
+                args.sde_window_size,
+                tuple(args.sde_window_range),
+                num_steps,
+                args.sde_type,
+                torch.Generator().manual_seed(seed),
+            )
+        steps = (
+            stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
+            if stochastic
+            else []
+        )
+        sigmas = adapter.sigmas(num_steps, self.latent_shape).to(device)
+        embeds = self._encode(prompts)
+        negative = self._negative(len(prompts)) if self._use_cfg(training) else None
+
+        branch = bool(steps) and steps[0] > 0
+        if branch:  # one trajectory per group until the window opens
+            groups, group_index = torch.unique(group_ids, return_inverse=True)
+            first_rows = torch.stack([(group_index == g).nonzero()[0, 0] for g in range(len(groups))])
+            latents = self._initial_noise(groups, shared=True, seed=seed)
+            prefix_embeds = select_embeds(embeds, first_rows)
+            prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
+        else:
+            latents = self._initial_noise(group_ids, shared=args.init_same_noise, seed=seed)
+            prefix_embeds, prefix_negative = embeds, negative
+        step_generator = torch.Generator(device=device).manual_seed(
+            seed * 31 + self.accelerator.process_index + 1
+        )
+
+        states, next_states, log_probs = [], [], []
+        with self.compute_loss_context_manager():
+            for i in range(num_steps):
+                if branch and i == steps[0]:
+                    latents = latents[group_index.to(device)]
+                    prefix_embeds, prefix_negative = embeds, negative
+                sigma, sigma_next = sigmas[i].expand(len(latents)), sigmas[i + 1].expand(len(latents))
+                velocity = adapter.velocity(
+                    self.model, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
+                )
+                if i not in steps:
+                    latents = euler_step(latents, velocity, sigma, sigma_next)
+                    continue
+                step = sde_step_with_logprob(
+                    args.sde_type,
+                    latents,
+                    velocity,
+                    sigma,
+                    sigma_next,
+                    args.noise_level,
+                    sigma_max=float(sigmas[1]),
+                    generator=step_generator,
+                )
+                states.append(latents)
+                latents = step.prev_sample
+                next_states.append(latents)
+                log_probs.append(step.log_prob)
+
+        def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return (
+                torch.stack(tensors, 1)
+                if tensors
+                else latents.new_zeros((len(latents), 0, *latents.shape[1:]))
+            )
+
+        index = torch.tensor(steps, dtype=torch.long, device=device)
+        return Rollouts(
+            prompts=prompts,
+            embeds=embeds,
+            negative_embeds=negative,
+            latents=stacked(states),
+            next_latents=stacked(next_states),
+            log_probs=stacked(log_probs),
+            sigmas=sigmas[index],
+            sigmas_next=sigmas[index + 1],
+            sigma_max=float(sigmas[1]),
+            samples=adapter.decode(latents),
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Rewards and advantages
+    # ------------------------------------------------------------------------------------------------
+    def _reward_columns(self, inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        return {key: [row[key] for row in inputs] for key in inputs[0] if key != self.args.prompt_column}
+
+    def compute_rewards(
+        self, prompts: list[str], samples: torch.Tensor, inputs: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """Call every reward function; returns ``(B, F)`` float32 on the training device, NaN where a
+        reward gave ``None`` or NaN. A reward that raises, returns the wrong length, or only NaN is an
+        error naming it."""
+        columns = self._reward_columns(inputs)
+        scores = []
+        for func, name in zip(self.reward_funcs, self.reward_names):
+            try:
+                output = func(prompts=prompts, **{self.adapter.output_kind: samples}, **columns)
+            except Exception as error:
+                raise RuntimeError(
+                    f"The reward function {name!r} raised {type(error).__name__}: {error}"
+                ) from error
+            scores.append(self._check_reward_output(output, name, len(prompts)))
+        return torch.stack(scores, dim=1).to(self.accelerator.device)
+
+    @staticmethod
+    def _check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            output = output.detach().float().reshape(-1).cpu().tolist()
+        try:
+            values = [float("nan") if v is None else float(v) for v in output]
+        except TypeError as error:
+            raise TypeError(
+                f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
+                f"{type(output).__name__}."
+            ) from error
+        if len(values) != expected:
+            raise ValueError(
+                f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
+                "return exactly one value (a float, or None to skip) per sample."
+            )
+        tensor = torch.tensor(values, dtype=torch.float32)
+        if torch.isnan(tensor).all():
+            raise ValueError(f"The reward function {name!r} returned only None/NaN for the whole batch.")
+        return tensor
+
+    def compute_advantages(
+        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """Hook: ``(B_global, F)`` rewards of the whole global batch → per-sample tensors.
+
+        Returns a dict with at least ``"reward"`` and ``"advantages"``, each ``(B_global,)``; every
+        tensor in it is sliced to this process's samples and kept in ``rollouts.extras`` (the
+        advantages in ``rollouts.advantages``), so a subclass can carry what its loss needs (BPGO's
+        group weights, say). ``inputs`` are the global batch's dataset rows, in the same order.
+
+        The base method is GRPO's: weighted aggregation of the rewards, then
+        ``A = (R − R̄_group) / (std + 1e-4)`` clamped to ``±adv_clip_max`` (see
+        :func:`trl_visual.core.advantages.combine_rewards`).
+        """
+        reward, advantages = combine_rewards(
+            rewards_per_func,
+            self.reward_weights,
+            self.args.num_generations,
+            self.args.multi_objective_aggregation,
+            self.args.scale_rewards,
+            self.args.adv_clip_max,
+        )
+        return {"reward": reward, "advantages": advantages}
+
+    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+        """Hook: the shape of an advantage. GRPO keeps one scalar per sample ``(B,)``; ViPO returns a map."""
+        return advantages
+
+    def _local_slice(self) -> slice:
+        start = self.accelerator.process_index * self.args.per_device_train_batch_size
+        return slice(start, start + self.args.per_device_train_batch_size)
+
+    def _score(self, rollouts: Rollouts, inputs: list[dict[str, Any]], mode: str = "train") -> None:
+        """Rewards on this process, gathered so every group is whole, then advantages for our slice."""
+        local_rewards = self.compute_rewards(rollouts.prompts, rollouts.samples, inputs)
+        rewards_per_func = gather(local_rewards)
+        all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
+        computed = self.compute_advantages(rewards_per_func, all_inputs)
+        local = {key: value[self._local_slice()] for key, value in computed.items()}
+        rollouts.rewards = local["reward"]
+        rollouts.advantages = self.expand_advantages(local.pop("advantages"), rollouts)
+        rollouts.extras.update(local)
+        self._log_reward_metrics(rewards_per_func, computed["reward"], mode)
+
+    def _log_reward_metrics(self, rewards_per_func: torch.Tensor, reward: torch.Tensor, mode: str) -> None:
+        metrics = self._metrics[mode]
+        for f, name in enumerate(self.reward_names):
+            metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
+            metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
+        group_std = nan_std(reward.reshape(-1, self.args.num_generations), dim=1)
+        metrics["reward"].append(reward.nanmean().item())
+        metrics["reward_std"].append(group_std.mean().item())
+        metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------
+    def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
+        prompts = [row[self.args.prompt_column] for row in inputs]
+        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
+        group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
+        rollouts = self.sample(prompts, group_ids, seed=self._generation_seed())
+        if rollouts.log_probs.shape[1] == 0:
+            raise RuntimeError(
+                "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
+            )
+        rollouts.train_steps = select_train_timesteps(
+            list(range(rollouts.log_probs.shape[1])),
+            len(prompts),
+            self.args.timestep_fraction,
+            self.args.timestep_selection,
+            torch.Generator().manual_seed(self._generation_seed() + 7),
+        ).to(self.accelerator.device)
+        self._score(rollouts, inputs)
+        if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
+            log_samples(self, rollouts)
+        return rollouts
+
+    def _is_logging_step(self) -> bool:
+        steps = self.args.logging_steps
+        steps = steps if steps >= 1 else max(1, int(steps * max(self.state.max_steps, 1)))
+        return self.state.global_step % int(steps) == 0
+
+    def policy_loss(
+        self,
+        log_prob: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        rollouts: Rollouts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook: per-sample loss of one transition and its clipped fraction, both ``(B,)``.
+
+        GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
+        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``.
+        """
+        log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
+        loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
+        return loss, clipped.float()
+
+    @contextlib.contextmanager
+    def _reference_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The reference policy: the same network with its LoRA adapter disabled."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped.disable_adapters()
+        try:
+            yield unwrapped
+        finally:
+            unwrapped.enable_adapters()
+
+    def _transition(self, model: torch.nn.Module, rollouts: Rollouts, k: int) -> dict[str, torch.Tensor]:
+        """The k-th trained transition of every sample, as tensors indexed per sample."""
+        rows = torch.arange(len(rollouts.prompts), device=rollouts.latents.device)
+        position = rollouts.train_steps[:, k]
+        return {
+            "latents": rollouts.latents[rows, position],
+            "next_latents": rollouts.next_latents[rows, position],
+            "old_log_prob": rollouts.log_probs[rows, position],
+            "sigma": rollouts.sigmas[position],
+            "sigma_next": rollouts.sigmas_next[position],
+        }
+
+    def _step_distribution(self, model: torch.nn.Module, rollouts: Rollouts, t: dict[str, torch.Tensor]):
+        velocity = self.adapter.velocity(
+            model,
+            t["latents"],
+            t["sigma"],
+            rollouts.embeds,
+            rollouts.negative_embeds,
+            self.args.guidance_scale,
+        )
+        return sde_step_with_logprob(
+            self.args.sde_type,
+            t["latents"],
+            velocity,
+            t["sigma"],
+            t["sigma_next"],
+            self.args.noise_level,
+            sigma_max=rollouts.sigma_max,
+            prev_sample=t["next_latents"],
+        )
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: list[dict[str, Any]], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """Sample (every ``num_iterations`` micro-steps), score, then one backward per trained timestep so
+        memory does not grow with the number of timesteps."""
+        model.train()
+        if self._micro_step % self.args.num_iterations == 0:
+            self._rollouts = self._make_rollouts(inputs)
+        self._micro_step += 1
+        rollouts = self._rollouts
+        num_trained = rollouts.train_steps.shape[1]
+        scale = num_trained * self.current_gradient_accumulation_steps
+        metrics = defaultdict(float)
+        for k in range(num_trained):
+            transition = self._transition(model, rollouts, k)
+            with self.compute_loss_context_manager():
+                step = self._step_distribution(model, rollouts, transition)
+                loss, clipped = self.policy_loss(
+                    step.log_prob, transition["old_log_prob"], rollouts.advantages, rollouts
+                )
+                metrics["policy_loss"] += loss.mean().item() / num_trained
+                if self.args.beta > 0:
+                    with torch.no_grad(), self._reference_model(model) as reference:
+                        reference_step = self._step_distribution(reference, rollouts, transition)
+                    kl = gaussian_kl(step.mean, reference_step.mean, step.std).flatten(1).mean(dim=1)
+                    loss = loss + self.args.beta * kl
+                    metrics["kl"] += kl.mean().item() / num_trained
+                loss = loss.mean()
+            self.accelerator.backward(loss / scale)
+            metrics["loss"] += loss.item() / num_trained
+            metrics["clip_ratio"] += clipped.mean().item() / num_trained
+        for name in ("policy_loss", "clip_ratio", "kl"):
+            if name in metrics:
+                self._metrics["train"][name].append(metrics[name])
+        return torch.tensor(
+            metrics["loss"] / self.current_gradient_accumulation_steps, device=self.accelerator.device
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation, logging, saving
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(
+        self,
+        eval_dataset: Dataset | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Score ``eval_dataset`` with deterministic (ODE) sampling from fixed seeds; metrics get the
+        ``eval_`` prefix. Every evaluation of a run sees the same initial noise."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset.")
+        self.model.eval()
+        shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
+        rewards = []
+        batch = self.args.per_device_eval_batch_size
+        for start in range(0, len(shard), batch):
+            rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
+            prompts = [row[self.args.prompt_column] for row in rows]
+            ids = torch.arange(start, start + len(rows))
+            rollouts = self.sample(
+                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False
+            )
+            rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
+        rewards_per_func = gather(torch.cat(rewards))
+        total = (rewards_per_func * self.reward_weights.to(rewards_per_func)).nansum(dim=1)
+        metrics = {f"{metric_key_prefix}_reward": total.mean().item()}
+        for f, name in enumerate(self.reward_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averages of the metrics gathered since the last log (TRL's way)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        logs = dict(logs)  # Trainer.log adds keys: never touch the caller's dict
+        if mode == "train":
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def method_state(self) -> dict[str, Any]:
+        """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
+        ``torch.save`` as ``trl_visual_state.pt`` in every checkpoint and handed back to
+        :meth:`load_method_state` on resume. GRPO has none."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Hook: restore what :meth:`method_state` returned."""
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        state = self.method_state()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the LoRA in diffusers' format (``pipe.load_lora_weights(output_dir)``), or the full
+        denoiser with ``save_pretrained`` when training without LoRA."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.is_peft:
+            layers = get_peft_model_state_dict(denoiser)
+            type(self.pipeline).save_lora_weights(
+                output_dir, **{f"{self.adapter.denoiser_name}_lora_layers": layers}, safe_serialization=True
+            )
+        else:
+            denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
+        state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
+        if os.path.exists(state_file):
+            self.load_method_state(torch.load(state_file, weights_only=False))
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_peft:
+            prefix = f"{self.adapter.denoiser_name}."
+            state = load_file(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME))
+            state = {
+                key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()
+            }
+            result = set_peft_model_state_dict(denoiser, state)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(
+                    f"Checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}"
+                )
+        else:
+            loaded = type(denoiser).from_pretrained(
+                os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
+            )
+            denoiser.load_state_dict(loaded.state_dict())

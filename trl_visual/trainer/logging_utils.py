@@ -1,0 +1,70 @@
+"""Sending sample images, with their prompts and rewards, to the loggers and to disk."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """A ``(3, H, W)`` float image in ``[0, 1]`` (or the first frame of a ``(T, 3, H, W)`` video) as PIL."""
+    if image.ndim == 4:
+        image = image[0]
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def captioned_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
+    """Images in a grid, each with its caption underneath."""
+    width, height = images[0].size
+    caption_height = 14
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * width, (i // columns) * (height + caption_height)
+        grid.paste(image, (x, y))
+        draw.text((x + 1, y + height), caption[: max(4, width // 6)], fill="black")
+    return grid
+
+
+def _callback_of(trainer: DiffusionGRPOTrainer, class_name: str) -> Any:
+    return next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == class_name), None)
+
+
+def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
+    """Write a captioned grid PNG to ``output_dir/samples/`` and send the images to the active loggers
+    (tensorboard, wandb, trackio). Returns the PNG's path."""
+    count = min(trainer.args.num_images_to_log, len(rollouts.prompts))
+    images = [to_pil(rollouts.samples[i]) for i in range(count)]
+    rewards = rollouts.rewards[:count].tolist() if rollouts.rewards is not None else [float("nan")] * count
+    captions = [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+    step = trainer.state.global_step
+    folder = os.path.join(trainer.args.output_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:06d}.png")
+    grid = captioned_grid(images, captions)
+    grid.save(path)
+
+    tensorboard = _callback_of(trainer, "TensorBoardCallback")
+    if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
+        pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+        tensorboard.tb_writer.add_images("samples", pixels, step)
+        tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
+    if _callback_of(trainer, "WandbCallback") is not None:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log({"samples": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+    if _callback_of(trainer, "TrackioCallback") is not None:
+        import trackio
+
+        trackio.log({"samples": [trackio.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+    return path
