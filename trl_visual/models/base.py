@@ -33,8 +33,9 @@ def select_embeds(embeds: PromptEmbeds, index: torch.Tensor) -> PromptEmbeds:
 
 
 def concat_embeds(first: PromptEmbeds, second: PromptEmbeds) -> PromptEmbeds:
-    """``first`` then ``second`` along the batch, key by key."""
-    return {key: torch.cat([first[key], second[key]]) for key in first}
+    """``first`` then ``second`` along the batch, key by key. A key missing from ``first`` (say a
+    conditioning image that CFG's unconditional branch keeps) is taken from ``second``."""
+    return {key: torch.cat([first.get(key, value), value]) for key, value in second.items()}
 
 
 class DiffusionAdapter:
@@ -79,6 +80,20 @@ class DiffusionAdapter:
         """Encode ``prompts`` (one row per prompt) into the tensors :meth:`forward_denoiser` needs."""
         raise NotImplementedError
 
+    def encode_conditioning(self, rows: list[dict[str, Any]]) -> PromptEmbeds:
+        """Per-sample conditioning beyond the prompt, from the dataset rows (one tensor row per row):
+        the conditioning image of image-to-video, say. Merged into the prompt embeddings; CFG's
+        unconditional branch keeps it. Text-only families return ``{}``."""
+        return {}
+
+    def required_columns(self, args: Any) -> list[str]:
+        """Dataset columns this family needs besides the prompt (e.g. ``args.image_column``)."""
+        return []
+
+    def reward_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Extra keyword arguments for the reward functions (e.g. ``images_in`` for image-to-video)."""
+        return {}
+
     def latent_shape(self, height: int, width: int, num_frames: int = 1) -> tuple[int, ...]:
         """Shape of one sample's latent, as the denoiser takes it."""
         raise NotImplementedError
@@ -86,6 +101,10 @@ class DiffusionAdapter:
     def default_resolution(self) -> tuple[int, int]:
         """``(height, width)`` the pipeline generates when none is given."""
         raise NotImplementedError
+
+    def default_num_frames(self) -> int:
+        """Frames per sample when ``num_frames`` is not set: 1 for image models."""
+        return 1
 
     def forward_denoiser(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds

@@ -93,6 +93,10 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=None, metadata={"help": "Image height; the model's default when unset."}
     )
     width: int | None = field(default=None, metadata={"help": "Image width; the model's default when unset."})
+    num_frames: int | None = field(
+        default=None,
+        metadata={"help": "Frames per video (video models only); the model's default when unset."},
+    )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of each rollout."})
     guidance_scale: float = field(
         default=4.5, metadata={"help": "Classifier-free guidance scale (1 disables CFG). SD3 uses 4.5."}
@@ -138,6 +142,15 @@ class DiffusionGRPOConfig(TrainingArguments):
     )
     init_same_noise: bool = field(
         default=False, metadata={"help": "All samples of a group start from the same noise (DanceGRPO)."}
+    )
+
+    # -- memory --------------------------------------------------------------------------------------
+    vae_tiling: bool = field(
+        default=False,
+        metadata={"help": "Decode with the VAE's tiling, where the pipeline offers it (videos)."},
+    )
+    vae_slicing: bool = field(
+        default=False, metadata={"help": "Decode one sample at a time with the VAE's slicing, where offered."}
     )
 
     # -- logging ---------------------------------------------------------------------------------------

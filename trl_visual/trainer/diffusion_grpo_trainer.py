@@ -156,6 +156,8 @@ class DiffusionGRPOTrainer(Trainer):
         pipeline = load_pipeline(model, args.model_init_kwargs)
         self.adapter: DiffusionAdapter = get_adapter(pipeline)
         self.pipeline = pipeline
+        for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            self._check_columns(dataset, split, self.adapter.required_columns(args))
         self.is_peft = peft_config is not None
         denoiser = self._prepare_denoiser(peft_config, args)
         self._check_resolution(args)
@@ -212,6 +214,15 @@ class DiffusionGRPOTrainer(Trainer):
                     f"prompts (global batch / num_generations). Add prompts or lower the batch size."
                 )
 
+    def _check_columns(self, dataset: Any, split: str, required: list[str]) -> None:
+        columns = getattr(dataset, "column_names", None)
+        missing = [name for name in required if columns is not None and name not in columns]
+        if missing:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} needs the column(s) {missing} in the {split} (its columns: "
+                f"{columns}). Add them, or point the config (e.g. `image_column`) at the right column."
+            )
+
     def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
         """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it."""
         for module in self.adapter.frozen_modules:
@@ -231,7 +242,12 @@ class DiffusionGRPOTrainer(Trainer):
         default = self.adapter.default_resolution()
         self.height = args.height or default[0]
         self.width = args.width or default[1]
-        self.latent_shape = self.adapter.latent_shape(self.height, self.width)
+        self.num_frames = args.num_frames or self.adapter.default_num_frames()
+        self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
+        vae = getattr(self.pipeline, "vae", None)
+        for wanted, method in ((args.vae_tiling, "enable_tiling"), (args.vae_slicing, "enable_slicing")):
+            if wanted and hasattr(vae, method):
+                getattr(vae, method)()
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
@@ -295,12 +311,14 @@ class DiffusionGRPOTrainer(Trainer):
         seed: int,
         stochastic: bool = True,
         training: bool = True,
+        rows: list[dict[str, Any]] | None = None,
     ) -> Rollouts:
         """Sample one trajectory per prompt, keeping the stochastic transitions and their log-probs.
 
         ``group_ids`` are the global group index of each sample. Steps before the first stochastic one
         (the SDE window's ODE prefix) are computed once per group and then branched to the group's
-        samples, which share their initial noise in that case.
+        samples, which share their initial noise in that case. ``rows`` are the dataset rows, for
+        conditioning beyond the prompt (see :meth:`DiffusionAdapter.encode_conditioning`).
         """
         args, adapter, device = self.args, self.adapter, self.accelerator.device
         num_steps = args.num_inference_steps
@@ -319,7 +337,7 @@ class DiffusionGRPOTrainer(Trainer):
             else []
         )
         sigmas = adapter.sigmas(num_steps, self.latent_shape).to(device)
-        embeds = self._encode(prompts)
+        embeds = {**self._encode(prompts), **(self.adapter.encode_conditioning(rows) if rows else {})}
         negative = self._negative(len(prompts)) if self._use_cfg(training) else None
 
         branch = bool(steps) and steps[0] > 0
@@ -401,7 +419,12 @@ class DiffusionGRPOTrainer(Trainer):
         scores = []
         for func, name in zip(self.reward_funcs, self.reward_names):
             try:
-                output = func(prompts=prompts, **{self.adapter.output_kind: samples}, **columns)
+                output = func(
+                    prompts=prompts,
+                    **{self.adapter.output_kind: samples},
+                    **self.adapter.reward_inputs(inputs),
+                    **columns,
+                )
             except Exception as error:
                 raise RuntimeError(
                     f"The reward function {name!r} raised {type(error).__name__}: {error}"
@@ -491,7 +514,7 @@ class DiffusionGRPOTrainer(Trainer):
         prompts = [row[self.args.prompt_column] for row in inputs]
         offset = self.accelerator.process_index * self.args.per_device_train_batch_size
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
-        rollouts = self.sample(prompts, group_ids, seed=self._generation_seed())
+        rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
         if rollouts.log_probs.shape[1] == 0:
             raise RuntimeError(
                 "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
