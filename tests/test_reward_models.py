@@ -536,3 +536,45 @@ def test_transform_reads_the_older_integer_processor_format() -> None:
     )
     assert (transform.resize_mode, transform.size, transform.crop_size) == ("shortest_edge", 224, (224, 224))
     assert transform.std == (0.5, 0.5, 0.5) and transform(images(1, 300, 260)).shape == (1, 3, 224, 224)
+
+
+def test_every_reward_class_runs_in_a_training_step(tmp_path, clip_dir, aesthetic_head, hps_files) -> None:
+    """The four learned rewards, loaded from local folders exactly as from Hub ids, score a real GRPO step."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+    hps_folder, hps_tokenizer, _, hps_config = hps_files
+    rewards = [
+        CLIPScoreReward(clip_dir),
+        PickScoreReward(clip_dir, processor_name_or_path=clip_dir),
+        AestheticReward(clip_dir, head_name_or_path=aesthetic_head[0]),
+        HPSv2Reward(hps_folder, tokenizer_name_or_path=hps_tokenizer, config=hps_config),
+    ]
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs=rewards,
+        args=DiffusionGRPOConfig(
+            output_dir=str(tmp_path),
+            num_generations=4,
+            per_device_train_batch_size=8,
+            max_steps=1,
+            height=32,
+            width=32,
+            num_inference_steps=3,
+            max_sequence_length=16,
+            guidance_scale=1.0,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for name in ("clipscore", "pickscore", "aesthetic", "hpsv2"):
+        assert math.isfinite(logs[f"rewards/{name}/mean"]), name
+        assert logs[f"rewards/{name}/std"] > 0, name  # the 8 different images get different scores
+        assert logs[f"timing/reward/{name}"] > 0, name

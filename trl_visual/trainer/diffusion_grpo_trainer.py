@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
+import shutil
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -14,19 +18,22 @@ from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
 from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.sde import euler_step, sde_step_with_logprob
 from ..core.timesteps import sample_window_start, select_train_timesteps, stochastic_step_indices
+from ..hub import build_model_card, reward_curve_image, settings_table, write_model_card_files
 from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
-from .logging_utils import log_samples
+from .logging_utils import captioned_grid, log_samples, to_pil
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METHOD_STATE_NAME = "trl_visual_state.pt"
@@ -54,6 +61,27 @@ class Rollouts:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+class EpochSeededRepeatSampler(RepeatSampler):
+    """TRL's ``RepeatSampler`` (each prompt ``num_generations`` times in a row, whole groups per global
+    batch), reseeded from ``seed + epoch`` at every epoch so that a resumed run draws the same prompts
+    as an uninterrupted one (``Trainer`` calls :meth:`set_epoch`)."""
+
+    epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            self.generator.manual_seed((self.seed or 0) + self.epoch)
+        return super().__iter__()
+
+
+def _is_async(func: RewardFunc) -> bool:
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,35 +121,57 @@ def load_pipeline(
 class DiffusionGRPOTrainer(Trainer):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
-    Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
-    the log-probability of every transition, scores the decoded samples with the reward functions,
-    turns rewards into group-relative advantages, and takes the clipped policy-gradient step on the
-    stochastic transitions (with an optional exact KL to the LoRA-disabled model).
+        Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
+        the log-probability of every transition, scores the decoded samples with the reward functions,
+        turns rewards into group-relative advantages, and takes the clipped policy-gradient step on the
+        stochastic transitions (with an optional exact KL to the LoRA-disabled model).
 
-    Example::
+        Example::
 
-        from datasets import Dataset
-        from peft import LoraConfig
-        from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+            from datasets import Dataset
+            from PIL import Image
+    from peft import LoraConfig
+            from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 
-        trainer = DiffusionGRPOTrainer(
-            model="tiny:sd3",
-            reward_funcs="red_channel",
-            args=DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8,
-                                     max_steps=30, height=32, width=32),
-            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
-            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-        )
-        trainer.train()
-        trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
+            trainer = DiffusionGRPOTrainer(
+                model="tiny:sd3",
+                reward_funcs="red_channel",
+                args=DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8,
+                                         max_steps=30, height=32, width=32),
+                train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
+                peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+            )
+            trainer.train()
+            trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
 
-    Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
-    become advantages), :meth:`expand_advantages` (what shape an advantage has) and
-    :meth:`policy_loss` (the per-sample loss of one transition).
+        Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
+        become advantages), :meth:`expand_advantages` (what shape an advantage has) and
+        :meth:`policy_loss` (the per-sample loss of one transition).
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
     _method_name = "GRPO"
+    #: keys of :data:`trl_visual.hub.CITATIONS` cited by this method's model cards
+    _citations = ["Flow-GRPO", "DanceGRPO"]
+    #: config fields listed in the model card's settings table
+    _card_settings = [
+        "learning_rate",
+        "num_generations",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_steps",
+        "num_inference_steps",
+        "guidance_scale",
+        "sde_type",
+        "noise_level",
+        "epsilon",
+        "beta",
+        "timestep_fraction",
+        "sde_window_size",
+        "height",
+        "width",
+        "num_frames",
+    ]
 
     def __init__(
         self,
@@ -154,6 +204,9 @@ class DiffusionGRPOTrainer(Trainer):
             )
 
         pipeline = load_pipeline(model, args.model_init_kwargs)
+        self.base_model_name = (
+            model if isinstance(model, str) else pipeline.config.get("_name_or_path") or "unknown"
+        )
         self.adapter: DiffusionAdapter = get_adapter(pipeline)
         self.pipeline = pipeline
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
@@ -162,6 +215,8 @@ class DiffusionGRPOTrainer(Trainer):
         denoiser = self._prepare_denoiser(peft_config, args)
         self._check_resolution(args)
 
+        self._staging_dir: str | None = None
+        self._card_is_fresh = False
         super().__init__(
             model=denoiser,
             args=args,
@@ -180,7 +235,7 @@ class DiffusionGRPOTrainer(Trainer):
             "eval": defaultdict(list),
         }
         self._rollouts: Rollouts | None = None
-        self._micro_step = 0
+        self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._negative_embeds: PromptEmbeds | None = None
 
     # ------------------------------------------------------------------------------------------------
@@ -259,7 +314,7 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return RepeatSampler(
+        return EpochSeededRepeatSampler(
             data_source=dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.per_device_train_batch_size
@@ -288,8 +343,20 @@ class DiffusionGRPOTrainer(Trainer):
         return self.args.guidance_scale > 1 and (self.args.cfg_in_training or not training)
 
     def _generation_seed(self) -> int:
-        """One seed per generation round, the same on every process (so shared noise agrees)."""
+        """One seed per generation round, the same on every process (so shared noise agrees), derived
+        from the trainer state alone so that a resumed run samples exactly what the uninterrupted run
+        would have."""
         return self.args.seed * 1_000_003 + self._micro_step // self.args.num_iterations
+
+    def _advance_micro_step(self) -> None:
+        """``_micro_step`` counts micro-batches since the start of the run: ``global_step ×
+        gradient_accumulation_steps`` plus the micro-batches already done in the current step."""
+        if self.state.global_step != self._micro_step_origin:
+            self._micro_step_origin, self._micro_in_step = self.state.global_step, 0
+        self._micro_step = (
+            self.state.global_step * self.args.gradient_accumulation_steps + self._micro_in_step
+        )
+        self._micro_in_step += 1
 
     def _initial_noise(self, group_ids: torch.Tensor, shared: bool, seed: int) -> torch.Tensor:
         """Initial latents for this process's samples, drawn for the whole global batch from one seed so
@@ -414,23 +481,57 @@ class DiffusionGRPOTrainer(Trainer):
     ) -> torch.Tensor:
         """Call every reward function; returns ``(B, F)`` float32 on the training device, NaN where a
         reward gave ``None`` or NaN. A reward that raises, returns the wrong length, or only NaN is an
-        error naming it."""
-        columns = self._reward_columns(inputs)
-        scores = []
-        for func, name in zip(self.reward_funcs, self.reward_names):
+        error naming it.
+
+        Plain functions run one after the other; ``async`` reward functions (as in TRL) run
+        concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>``.
+        """
+        kwargs = {
+            "prompts": prompts,
+            self.adapter.output_kind: samples,
+            **self.adapter.reward_inputs(inputs),
+            **self._reward_columns(inputs),
+        }
+        outputs: dict[int, Any] = {}
+        pending = []
+        for index, func in enumerate(self.reward_funcs):
+            if _is_async(func):
+                pending.append(index)
+            else:
+                outputs[index] = self._timed_call(index, func, kwargs)
+        if pending:
+            outputs.update(asyncio.run(self._call_async_rewards(pending, kwargs)))
+        scores = [
+            self._check_reward_output(outputs[i], name, len(prompts))
+            for i, name in enumerate(self.reward_names)
+        ]
+        return torch.stack(scores, dim=1).to(self.accelerator.device)
+
+    def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
+        name, start = self.reward_names[index], time.perf_counter()
+        try:
+            return func(**kwargs)
+        except Exception as error:
+            raise RuntimeError(
+                f"The reward function {name!r} raised {type(error).__name__}: {error}"
+            ) from error
+        finally:
+            self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
+
+    async def _call_async_rewards(self, indices: list[int], kwargs: dict[str, Any]) -> dict[int, Any]:
+        async def call(index: int) -> Any:
+            name, start = self.reward_names[index], time.perf_counter()
             try:
-                output = func(
-                    prompts=prompts,
-                    **{self.adapter.output_kind: samples},
-                    **self.adapter.reward_inputs(inputs),
-                    **columns,
-                )
+                return await self.reward_funcs[index](**kwargs)
             except Exception as error:
                 raise RuntimeError(
                     f"The reward function {name!r} raised {type(error).__name__}: {error}"
                 ) from error
-            scores.append(self._check_reward_output(output, name, len(prompts)))
-        return torch.stack(scores, dim=1).to(self.accelerator.device)
+            finally:
+                self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
+
+        results = await asyncio.gather(*(call(i) for i in indices))
+        return dict(zip(indices, results))
 
     @staticmethod
     def _check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
@@ -600,9 +701,9 @@ class DiffusionGRPOTrainer(Trainer):
         """Sample (every ``num_iterations`` micro-steps), score, then one backward per trained timestep so
         memory does not grow with the number of timesteps."""
         model.train()
-        if self._micro_step % self.args.num_iterations == 0:
+        self._advance_micro_step()
+        if self._micro_step % self.args.num_iterations == 0 or self._rollouts is None:
             self._rollouts = self._make_rollouts(inputs)
-        self._micro_step += 1
         rollouts = self._rollouts
         num_trained = rollouts.train_steps.shape[1]
         scale = num_trained * self.current_gradient_accumulation_steps
@@ -677,6 +778,70 @@ class DiffusionGRPOTrainer(Trainer):
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
+    @torch.no_grad()
+    def _sample_grid(self, prompts: list[str], reference: bool) -> Image.Image:
+        """Deterministic samples for ``prompts`` from fixed seeds, with the LoRA disabled when
+        ``reference`` (the base model), as a captioned grid."""
+        context = self._reference_model(self.model) if reference else contextlib.nullcontext()
+        with context:
+            rollouts = self.sample(
+                prompts, torch.arange(len(prompts)), seed=self.args.seed, stochastic=False, training=False
+            )
+        return captioned_grid([to_pil(sample) for sample in rollouts.samples], prompts)
+
+    def create_model_card(
+        self, model_name: str | None = None, tags: str | list[str] | None = None, **kwargs: Any
+    ) -> None:
+        """Write ``README.md`` (made with ``huggingface_hub``'s card tools) and the pictures it shows to
+        ``output_dir``: YAML metadata, a ``load_lora_weights`` snippet, samples before and after training
+        (same prompts and seeds), the reward curve, the settings and the method's citations."""
+        if not self.is_world_process_zero():
+            return
+        prompts = (
+            list(dict.fromkeys(self.train_dataset[self.args.prompt_column]))[:4]
+            if self.train_dataset
+            else ["a photo"]
+        )
+        after = self._sample_grid(prompts, reference=False)
+        before = self._sample_grid(prompts, reference=True) if self.is_peft else after
+        rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
+        repo_id = (
+            self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
+        )
+        card = build_model_card(
+            base_model=self.base_model_name,
+            repo_id=repo_id,
+            method=self._method_name,
+            pipeline_tag=self.adapter.pipeline_tag,
+            reward_names=self.reward_names,
+            rewards=rewards,
+            settings=settings_table(self.args, self._card_settings),
+            citations=self._citations,
+            example_prompt=prompts[0],
+            tags=[tags] if isinstance(tags, str) else (tags or []),
+        )
+        write_model_card_files(self.args.output_dir, card, before, after, reward_curve_image(rewards))
+
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
+    ) -> Any:
+        """Save the LoRA and the model card to ``output_dir`` first, then upload the folder. Without network
+        or token the error says so, and the local files stay where they are."""
+        self.save_model(self.args.output_dir)
+        self.create_model_card(model_name=kwargs.get("model_name"), tags=kwargs.get("tags"))
+        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep this one
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        except Exception as error:
+            raise RuntimeError(
+                f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
+                f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
+                "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
+                "`hf upload`."
+            ) from error
+        finally:
+            self._card_is_fresh = False
+
     def method_state(self) -> dict[str, Any]:
         """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
         ``torch.save`` as ``trl_visual_state.pt`` in every checkpoint and handed back to
@@ -686,12 +851,43 @@ class DiffusionGRPOTrainer(Trainer):
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Hook: restore what :meth:`method_state` returned."""
 
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial=trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_dir is None:  # pushed once the checkpoint has its final name
+            super()._push_from_checkpoint(checkpoint_folder)
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        state = self.method_state()
-        if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            torch.save(state, os.path.join(folder, METHOD_STATE_NAME))
+        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
+        so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
+        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, ".staging")
+        self._staging_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+            state = self.method_state()
+            if state and self.args.should_save:
+                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(os.path.join(run_dir, name))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the LoRA in diffusers' format (``pipe.load_lora_weights(output_dir)``), or the full

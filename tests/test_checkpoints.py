@@ -1,0 +1,130 @@
+"""Checkpoints, exact resume, model cards and Hub pushing on the tiny SD3."""
+
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from test_trainer import PROMPTS, logged, make_trainer
+from transformers import TrainerCallback
+
+from trl_visual.testing import tiny_sd3_pipeline
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+        return control
+
+
+def lora_weights(directory):
+    return load_file(os.path.join(directory, "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_continues_the_same_run_exactly(tmp_path):
+    """4 steps straight, and the same run cut off after its step-2 checkpoint then resumed for 2 more, give the
+    same LoRA weights (max abs difference under 1e-6) and the same logged rewards, learning rates and norms."""
+    settings = dict(save_strategy="steps", save_steps=2, learning_rate=3e-2, max_steps=4, seed=3)
+    straight = make_trainer(tmp_path / "a", **settings)
+    straight.train()
+    straight.save_model(str(tmp_path / "a" / "final"))
+
+    interrupted = make_trainer(tmp_path / "b", **settings)
+    interrupted.add_callback(StopAfter(2))
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    resumed = make_trainer(tmp_path / "b", **settings)
+    resumed.train(resume_from_checkpoint=True)  # picks output_dir/checkpoint-2
+    resumed.save_model(str(tmp_path / "b" / "final"))
+
+    a, b = lora_weights(tmp_path / "a" / "final"), lora_weights(tmp_path / "b" / "final")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    step_2 = lora_weights(tmp_path / "b" / "out" / "checkpoint-2")
+    assert max((a[k] - step_2[k]).abs().max().item() for k in a) > 1e-4  # steps 3-4 did train
+    # the resumed trainer's history holds the restored steps 1-2 and its own steps 3-4
+    for key in ("reward", "learning_rate", "grad_norm"):
+        assert logged(resumed, key) == pytest.approx(logged(straight, key), abs=1e-7), key
+
+
+def test_a_crash_during_a_save_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=2, learning_rate=3e-2)
+    calls = {"n": 0}
+    original = type(trainer)._save_rng_state
+
+    def crash_on_second_save(self, output_dir):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(type(trainer), "_save_rng_state", crash_on_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    out = tmp_path / "out"
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1"]
+    from transformers.trainer_utils import get_last_checkpoint
+
+    assert get_last_checkpoint(str(out)).endswith("checkpoint-1")
+    assert set(os.listdir(out / "checkpoint-1")) >= {
+        "pytorch_lora_weights.safetensors",
+        "optimizer.pt",
+        "trainer_state.json",
+    }
+
+
+def test_save_total_limit_is_honoured(tmp_path):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=3, save_total_limit=2)
+    trainer.train()
+    assert sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("checkpoint")) == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    assert not (tmp_path / "out" / ".staging").exists()
+
+
+def test_model_card_and_offline_push(tmp_path):
+    trainer = make_trainer(tmp_path, learning_rate=3e-2, max_steps=3, hub_model_id="user/tiny-grpo")
+    trainer.train()
+    with pytest.raises(RuntimeError, match=r"Could not push to the Hub .*saved in .*hf auth login"):
+        trainer.push_to_hub()  # the tests run with HF_HUB_OFFLINE=1
+    out = tmp_path / "out"
+    assert {
+        "README.md",
+        "samples_before.png",
+        "samples_after.png",
+        "reward_curve.png",
+        "pytorch_lora_weights.safetensors",
+    } <= set(os.listdir(out))
+
+    text = (out / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["base_model"] == "tiny:sd3"
+    assert metadata["library_name"] == "diffusers"
+    assert metadata["pipeline_tag"] == "text-to-image"
+    assert {"trl-visual", "grpo", "lora"} <= set(metadata["tags"])
+    assert 'pipe.load_lora_weights("user/tiny-grpo")' in text
+    assert "Flow-GRPO" in text and "DanceGRPO" in text and "`red_channel`" in text
+    assert "| `learning_rate` | `0.03` |" in text
+
+    # the folder that would be uploaded reproduces the trained model
+    fresh = tiny_sd3_pipeline()
+    fresh.load_lora_weights(str(out))
+
+    def generate(pipeline):
+        return pipeline(
+            PROMPTS[0],
+            height=32,
+            width=32,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            max_sequence_length=16,
+            output_type="pt",
+            generator=torch.Generator().manual_seed(1),
+        ).images
+
+    torch.testing.assert_close(generate(fresh), generate(trainer.pipeline), atol=1e-6, rtol=0)
