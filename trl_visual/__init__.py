@@ -2,6 +2,25 @@
 
 __version__ = "0.1.0.dev0"
 
-from .trainer import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from .trainer import (
+    BPGOConfig,
+    BPGOTrainer,
+    BPGOViPOConfig,
+    BPGOViPOTrainer,
+    DiffusionGRPOConfig,
+    DiffusionGRPOTrainer,
+    ViPOConfig,
+    ViPOTrainer,
+)
 
-__all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer", "__version__"]
+__all__ = [
+    "BPGOConfig",
+    "BPGOTrainer",
+    "BPGOViPOConfig",
+    "BPGOViPOTrainer",
+    "DiffusionGRPOConfig",
+    "DiffusionGRPOTrainer",
+    "ViPOConfig",
+    "ViPOTrainer",
+    "__version__",
+]

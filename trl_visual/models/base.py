@@ -48,6 +48,8 @@ class DiffusionAdapter:
     output_kind: str = "images"
     #: ``pipeline_tag`` for model cards
     pipeline_tag: str = "text-to-image"
+    #: latent pixels per side of one position of :meth:`to_position_grid` (FLUX packs 2×2 into a token)
+    token_patch_size: int = 1
 
     def __init__(self, pipeline: DiffusionPipeline):
         self.pipeline = pipeline

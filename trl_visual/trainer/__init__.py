@@ -1,4 +1,19 @@
+from .bpgo_config import BPGOConfig
+from .bpgo_trainer import BPGOTrainer
+from .bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from .vipo_config import ViPOConfig
+from .vipo_trainer import ViPOTrainer
 
-__all__ = ["DiffusionGRPOConfig", "DiffusionGRPOTrainer", "Rollouts"]
+__all__ = [
+    "BPGOConfig",
+    "BPGOTrainer",
+    "BPGOViPOConfig",
+    "BPGOViPOTrainer",
+    "DiffusionGRPOConfig",
+    "DiffusionGRPOTrainer",
+    "Rollouts",
+    "ViPOConfig",
+    "ViPOTrainer",
+]

@@ -358,9 +358,15 @@ class DiffusionGRPOTrainer(Trainer):
         )
         self._micro_in_step += 1
 
-    def _initial_noise(self, group_ids: torch.Tensor, shared: bool, seed: int) -> torch.Tensor:
+    def _initial_noise(
+        self, group_ids: torch.Tensor, shared: bool, seed: int, training: bool = True
+    ) -> torch.Tensor:
         """Initial latents for this process's samples, drawn for the whole global batch from one seed so
-        that a group split across processes still gets consistent (and, if ``shared``, equal) noise."""
+        that a group split across processes still gets consistent (and, if ``shared``, equal) noise.
+        Outside training (evaluation, model cards) each sample simply gets its own noise."""
+        if not training:
+            generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
+            return self.adapter.prepare_noise(len(group_ids), self.latent_shape, generator)
         global_batch = self.args.per_device_train_batch_size * self.args.world_size
         rows = global_batch // self.args.num_generations if shared else global_batch
         generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
@@ -415,7 +421,9 @@ class DiffusionGRPOTrainer(Trainer):
             prefix_embeds = select_embeds(embeds, first_rows)
             prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
         else:
-            latents = self._initial_noise(group_ids, shared=args.init_same_noise, seed=seed)
+            latents = self._initial_noise(
+                group_ids, shared=args.init_same_noise, seed=seed, training=training
+            )
             prefix_embeds, prefix_negative = embeds, negative
         step_generator = torch.Generator(device=device).manual_seed(
             seed * 31 + self.accelerator.process_index + 1
@@ -594,8 +602,9 @@ class DiffusionGRPOTrainer(Trainer):
         computed = self.compute_advantages(rewards_per_func, all_inputs)
         local = {key: value[self._local_slice()] for key, value in computed.items()}
         rollouts.rewards = local["reward"]
-        rollouts.advantages = self.expand_advantages(local.pop("advantages"), rollouts)
-        rollouts.extras.update(local)
+        advantages = local.pop("advantages")
+        rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
+        rollouts.advantages = self.expand_advantages(advantages, rollouts)
         self._log_reward_metrics(rewards_per_func, computed["reward"], mode)
 
     def _log_reward_metrics(self, rewards_per_func: torch.Tensor, reward: torch.Tensor, mode: str) -> None:
@@ -637,6 +646,20 @@ class DiffusionGRPOTrainer(Trainer):
         steps = steps if steps >= 1 else max(1, int(steps * max(self.state.max_steps, 1)))
         return self.state.global_step % int(steps) == 0
 
+    def objective(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook: the clipped objective of one transition for one set of advantages, per sample ``(B,)``,
+        with its clipped fraction ``(B,)``.
+
+        GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
+        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form; methods
+        that add terms (BPGO's auxiliary loss) call it once per set of advantages, so they compose.
+        """
+        log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
+        loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
+        return loss, clipped.float()
+
     def policy_loss(
         self,
         log_prob: torch.Tensor,
@@ -644,14 +667,9 @@ class DiffusionGRPOTrainer(Trainer):
         advantages: torch.Tensor,
         rollouts: Rollouts,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook: per-sample loss of one transition and its clipped fraction, both ``(B,)``.
-
-        GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
-        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``.
-        """
-        log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
-        loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
-        return loss, clipped.float()
+        """Hook: per-sample loss of one transition and its clipped fraction, both ``(B,)``. GRPO's is
+        :meth:`objective` on the rollouts' advantages."""
+        return self.objective(log_prob, old_log_prob, advantages)
 
     @contextlib.contextmanager
     def _reference_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:

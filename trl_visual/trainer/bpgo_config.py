@@ -1,0 +1,167 @@
+"""Configuration of :class:`~trl_visual.trainer.bpgo_trainer.BPGOTrainer`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..core.bpgo import DEFAULT_RAS_K
+from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
+
+PRIOR_SOURCES = ("column", "base_model", "ema")
+RAS_MODES = ("sigmoid", "posterior", "none")
+RAS_DELTA_SCALES = ("batch_std", "none")
+CRT_MODES = ("auxiliary", "replace", "none")
+
+DEFAULT_RAS_ALPHA = {"sigmoid": 0.5, "posterior": 1.0, "none": 0.0}
+"""``ras_alpha`` when left unset: the paper's best α for its sigmoid, the released code's α for the posterior."""
+
+
+@dataclass
+class BPGOConfig(DiffusionGRPOConfig):
+    r"""Configuration of BPGO (Bayesian Prior-Guided Optimization, Liu et al., arXiv 2511.18919).
+
+    Every :class:`~trl_visual.DiffusionGRPOConfig` field applies; the fields below choose where the
+    per-prompt prior reward comes from and which form of the two BPGO mechanisms is used:
+
+    - RAS (Reliability-Adaptive Scaling), one weight per group from ``Δ_i = R̄_i − R_prior,i``:
+      ``"sigmoid"`` is the paper's Eq. 2, ``"posterior"`` the authors' released code.
+    - CRT (Contrastive Reward Transformation) of the rewards against the prior: ``"auxiliary"`` is the
+      paper's Eq. 4 with its auxiliary GRPO loss, ``"replace"`` the released code's gated transform.
+
+    The defaults are the paper's form (sigmoid RAS, auxiliary CRT) with an EMA prior (the paper's
+    text-to-image setting), which needs no extra data. To reproduce the released code instead::
+
+        BPGOConfig(output_dir="out", prior_source="column", ras_mode="posterior", crt_mode="replace",
+                   sde_type="dance_grpo", noise_level=0.3, timestep_fraction=0.6, init_same_noise=True)
+
+    See ``docs/bpgo.md`` for the equations and how each default was chosen.
+    """
+
+    # -- the prior ------------------------------------------------------------------------------------
+    prior_source: str = field(
+        default="ema",
+        metadata={
+            "help": "Where each prompt's prior reward R_prior comes from: 'column' (a numeric dataset column, "
+            "`prior_column`; the released code's way), 'base_model' (the mean reward of `prior_num_rollouts` "
+            "rollouts of the initial model per prompt, estimated before training and cached in output_dir), "
+            "or 'ema' (a per-prompt moving average of its group means, `prior_ema_decay`; a prompt's first "
+            "visit uses its own group mean; the paper's text-to-image setting)."
+        },
+    )
+    prior_column: str = field(
+        default="prior",
+        metadata={"help": "Dataset column of numeric priors when `prior_source='column'`."},
+    )
+    prior_num_rollouts: int = field(
+        default=8,
+        metadata={
+            "help": "Rollouts per prompt (K) used to estimate the prior when `prior_source='base_model'`."
+        },
+    )
+    prior_ema_decay: float = field(
+        default=0.9,
+        metadata={
+            "help": "Weight of the old prior in the EMA update P' = decay · P + (1 − decay) · group mean, in "
+            "[0, 1] (`prior_source='ema'`)."
+        },
+    )
+
+    # -- RAS: one weight per group ------------------------------------------------------------------------
+    ras_mode: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "Reliability-Adaptive Scaling: 'sigmoid' (paper Eq. 2, w = 1 + α (2 sigmoid(k Δ) − 1), "
+            "multiplies the group's GRPO loss), 'posterior' (released code: Normal–Normal posterior "
+            "probability that the group beats its prior, w = clamp(1 + α (p − 0.5), 0.01, 10), multiplies "
+            "the z-scored advantages), or 'none' (w = 1)."
+        },
+    )
+    ras_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "RAS strength α. Unset: 0.5 for 'sigmoid' (the paper's best) and 1.0 for 'posterior' (the "
+            "released code's)."
+        },
+    )
+    ras_k: float = field(
+        default=DEFAULT_RAS_K,
+        metadata={
+            "help": "Slope k of the sigmoid RAS. With `ras_delta_scale='batch_std'` (default) Δ is in batch "
+            "reward stds and k = 2 gives w = 1 + α tanh(Δ / s); with 'none' k is in 1/reward units."
+        },
+    )
+    ras_delta_scale: str = field(
+        default="batch_std",
+        metadata={
+            "help": "Unit of Δ in the sigmoid RAS: 'batch_std' (Δ divided by the std of all rewards of the "
+            "batch: scale-free, the same k for HPSv2 near 0.25 and PickScore near 22) or 'none' (the "
+            "paper's literal Eq. 2). Only used by `ras_mode='sigmoid'`."
+        },
+    )
+    ras_prior_var: float = field(
+        default=1.0,
+        metadata={
+            "help": "Prior variance v_0 of the 'posterior' RAS, in squared reward units (released: 1.0)."
+        },
+    )
+
+    # -- CRT: contrastive reward transformation ------------------------------------------------------------
+    crt_mode: str = field(
+        default="auxiliary",
+        metadata={
+            "help": "Contrastive Reward Transformation: 'auxiliary' (paper Eq. 4, "
+            "R̃ = [λ (R − R_prior) + 1{R > R_prior}] exp(R), plus `crt_weight` × a GRPO loss on R̃'s "
+            "advantages through the same clipped objective), 'replace' (released code, "
+            "R̃ = [a (R − R_prior) + 1{R > R_prior}] sigmoid(R / τ) R replaces the rewards before the "
+            "advantages, and RAS reads R̃), or 'none'."
+        },
+    )
+    crt_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "ς: weight of the auxiliary CRT loss (`crt_mode='auxiliary'`); not given in the paper."
+        },
+    )
+    crt_lambda: float = field(
+        default=50.0,
+        metadata={
+            "help": "λ of the paper's CRT (`crt_mode='auxiliary'`); not given in the paper, so the default "
+            "is the released code's contrast weight a = 50."
+        },
+    )
+    crt_a: float = field(
+        default=50.0, metadata={"help": "a of the released code's CRT (`crt_mode='replace'`)."}
+    )
+    crt_tau: float = field(
+        default=5.0, metadata={"help": "τ of the released code's sigmoid gate (`crt_mode='replace'`)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("prior_source", self.prior_source, PRIOR_SOURCES)
+        check_choice("ras_mode", self.ras_mode, RAS_MODES)
+        check_choice("ras_delta_scale", self.ras_delta_scale, RAS_DELTA_SCALES)
+        check_choice("crt_mode", self.crt_mode, CRT_MODES)
+        if self.ras_alpha is None:
+            self.ras_alpha = DEFAULT_RAS_ALPHA[self.ras_mode]
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Numeric fields: each bad value gets an error naming the field and its valid range."""
+        checks = [
+            ("prior_num_rollouts", self.prior_num_rollouts >= 1, "at least 1"),
+            ("prior_ema_decay", 0.0 <= self.prior_ema_decay <= 1.0, "in [0, 1]"),
+            ("ras_k", self.ras_k > 0, "positive"),
+            ("ras_prior_var", self.ras_prior_var > 0, "positive"),
+            ("crt_weight", self.crt_weight >= 0, "non-negative"),
+            ("crt_tau", self.crt_tau > 0, "positive"),
+        ]
+        if self.ras_mode == "sigmoid":
+            checks.append(("ras_alpha", 0.0 <= self.ras_alpha <= 1.0, "in [0, 1] for the sigmoid RAS"))
+        else:
+            checks.append(("ras_alpha", self.ras_alpha >= 0, "non-negative"))
+        for name, ok, valid in checks:
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise ValueError(f"`{name}` must be {valid}; got {value!r}.")

@@ -1,0 +1,497 @@
+"""BPGO (Bayesian Prior-Guided Optimization) on top of :class:`DiffusionGRPOTrainer`, through its hooks only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..core.advantages import group_advantages
+from ..core.bpgo import (
+    batch_reward_scale,
+    crt_transform_paper,
+    crt_transform_reference,
+    prior_delta,
+    ras_weights_posterior,
+    ras_weights_sigmoid,
+    update_ema_prior,
+)
+from ..rewards import RewardFunc
+from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+from .diffusion_grpo_trainer import METHOD_STATE_NAME, DiffusionGRPOTrainer, Rollouts
+
+logger = logging.getLogger(__name__)
+
+PRIOR_CACHE_NAME = "bpgo_priors.json"
+"""File in ``output_dir`` where ``prior_source="base_model"`` keeps its estimated priors across restarts."""
+
+
+def _check_prior_value(value: Any, where: str) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``where`` when it is not a finite number."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+        return float(value)
+    raise ValueError(
+        f"The prior of {where} is {value!r}: priors must be finite numbers (no NaN, None or text). Fix the "
+        "value, or use prior_source='base_model' or 'ema' to let the trainer make the priors."
+    )
+
+
+def _first_row_per_prompt(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, dict[str, Any]]:
+    """The first row of each distinct prompt, in first-seen order."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(row[prompt_column], row)
+    return first
+
+
+class BPGOTrainer(DiffusionGRPOTrainer):
+    r"""BPGO: GRPO that weighs each group by how it compares with a per-prompt prior reward.
+
+    Liu et al., "Learning What to Trust: Bayesian Prior-Guided Optimization for Visual Generation"
+    (arXiv 2511.18919). Each prompt has a prior reward ``R_prior,i``; with ``Δ_i = R̄_i − R_prior,i``:
+
+    - **RAS** gives group i a weight ``w_i``. ``ras_mode="sigmoid"`` (paper, Eq. 2):
+      ``w_i = 1 + α (2 sigmoid(k Δ_i / s) − 1)`` *multiplies the group's GRPO loss*
+      (``s`` the batch reward std by default, 1 for the literal form). ``ras_mode="posterior"`` (released
+      code): ``w_i = clamp(1 + α (P(post > R_prior) − ½), 0.01, 10)`` *multiplies the z-scored
+      advantages*, ``A = clamp(w_i · A_GRPO, ±adv_clip_max)``.
+    - **CRT** contrasts each reward with the prior. ``crt_mode="auxiliary"`` (paper, Eq. 4):
+      ``R̃ = [λ (R − R_prior) + 1{R > R_prior}] exp(R)`` and the per-transition loss becomes
+      ``w_i · L(A) + ς · L(Ã)``, both clipped objectives evaluated on the same log-ratio of the same
+      transitions (``Ã`` the GRPO advantages of R̃). ``crt_mode="replace"`` (released code):
+      ``R̃ = [a (R − R_prior) + 1{R > R_prior}] sigmoid(R / τ) R`` replaces R before the advantages, and
+      RAS then reads R̃ (as the released code does). The logged ``reward`` is always the untransformed one.
+
+    Example::
+
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl_visual.trainer.bpgo_config import BPGOConfig
+        from trl_visual.trainer.bpgo_trainer import BPGOTrainer
+
+        trainer = BPGOTrainer(
+            model="tiny:sd3",
+            reward_funcs="red_channel",
+            args=BPGOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8, max_steps=30,
+                            height=32, width=32, prior_source="column", ras_mode="sigmoid",
+                            crt_mode="auxiliary"),
+            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"],
+                                             "prior": [-0.02, -0.02, -0.01, -0.02]}),
+            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        )
+        trainer.train()
+
+        # or estimate the priors from the base model first, and keep them as a data set:
+        priors = trainer.estimate_priors(Dataset.from_dict({"prompt": ["a cat", "a dog"]}), num_rollouts=8)
+
+    Priors come from ``prior_source``: a dataset column (checked before training), the base model's
+    mean reward over ``prior_num_rollouts`` rollouts per prompt (estimated when training starts, cached
+    in ``output_dir/bpgo_priors.json``), or a per-prompt EMA of group means. EMA and estimated priors
+    are saved in every checkpoint and restored by ``resume_from_checkpoint``. Logged figures:
+    ``bpgo/prior_mean``, ``bpgo/delta_mean``, ``bpgo/ras_weight_mean|min|max``,
+    ``bpgo/frac_groups_above_prior`` and, with auxiliary CRT, ``bpgo/crt_loss`` (the unweighted
+    auxiliary loss ``L(Ã)``).
+    """
+
+    _tag_names = ["trl-visual", "bpgo"]
+    _method_name = "BPGO"
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        reward_funcs: RewardFunc | str | list[RewardFunc | str],
+        args: BPGOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
+            None,
+            None,
+        ),
+        peft_config: LoraConfig | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = BPGOConfig(output_dir=f"{name.split('/')[-1].replace(':', '-')}-BPGO")
+        if not isinstance(args, BPGOConfig):
+            raise TypeError(f"BPGOTrainer needs a BPGOConfig, got {type(args).__name__}.")
+        self._check_prior_source(train_dataset, args)
+        self._ema_priors: dict[str, float] = {}
+        self._estimated_priors: dict[str, float] | None = None
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Checks before training
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_prior_source(dataset: Dataset | IterableDataset | None, args: BPGOConfig) -> None:
+        """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
+        can be listed. Both before the pipeline is even loaded."""
+        if dataset is None:
+            return
+        others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
+        if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
+                f"map-style Dataset, not a streaming one; use prior_source={others} instead."
+            )
+        if args.prior_source != "column":
+            return
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and args.prior_column not in columns:
+            raise ValueError(
+                f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
+                f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
+                f"`prior_column` to the right name, or use prior_source={others}."
+            )
+        if hasattr(dataset, "__len__"):
+            prompts = dataset[args.prompt_column]
+            for i, value in enumerate(dataset[args.prior_column]):
+                _check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
+
+    # ------------------------------------------------------------------------------------------------
+    # Priors
+    # ------------------------------------------------------------------------------------------------
+    def _group_priors(self, grouped: torch.Tensor, inputs: list[dict[str, Any]]) -> torch.Tensor:
+        """``(N,)`` priors of the N groups of the global batch (``grouped`` is ``(N, G)``).
+
+        EMA: a prompt seen for the first time gets its own group mean (so Δ = 0 on a first visit).
+        """
+        prompts = [row[self.args.prompt_column] for row in inputs[:: self.args.num_generations]]
+        source = self.args.prior_source
+        if source == "column":
+            rows = inputs[:: self.args.num_generations]
+            values = [
+                _check_prior_value(row.get(self.args.prior_column), f"the row with prompt {p!r}")
+                for row, p in zip(rows, prompts)
+            ]
+        elif source == "base_model":
+            values = [self._estimated_prior(p) for p in prompts]
+        else:
+            values = [self._ema_priors.get(p, math.nan) for p in prompts]
+        priors = torch.tensor(values, dtype=grouped.dtype, device=grouped.device)
+        if source == "ema":
+            priors = torch.where(torch.isnan(priors), grouped.nanmean(dim=1), priors)
+        return priors
+
+    def _estimated_prior(self, prompt: str) -> float:
+        if self._estimated_priors is None:
+            raise RuntimeError(
+                "prior_source='base_model' but no priors were estimated: they are made when `train()` starts."
+            )
+        if prompt not in self._estimated_priors:
+            raise KeyError(f"No estimated prior for the prompt {prompt!r}; was it in the train_dataset?")
+        return self._estimated_priors[prompt]
+
+    def _update_ema_priors(self, prompts: list[str], group_means: torch.Tensor) -> None:
+        """``P' = decay · P + (1 − decay) · R̄`` per prompt (first visit: ``P' = R̄``); a prompt that
+        appears in several groups of one batch is updated once with the mean of its group means."""
+        positions: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            positions.setdefault(prompt, []).append(i)
+        unique = list(positions)
+        means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
+        old = torch.tensor([self._ema_priors.get(p, math.nan) for p in unique], dtype=torch.float64)
+        new = update_ema_prior(old, means, self.args.prior_ema_decay)
+        for prompt, value in zip(unique, new.tolist()):
+            if not math.isnan(value):
+                self._ema_priors[prompt] = value
+
+    # ------------------------------------------------------------------------------------------------
+    # Hooks: rewards → advantages, and the loss
+    # ------------------------------------------------------------------------------------------------
+    def compute_advantages(
+        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """GRPO's reward and advantages, then BPGO's prior, CRT and RAS (see the class docstring).
+
+        Extra per-sample tensors for :meth:`policy_loss`: ``ras_weight`` (sigmoid RAS) and
+        ``crt_advantages`` (auxiliary CRT). CRT and the priors act on the weighted sum of the rewards.
+        """
+        args, G = self.args, self.args.num_generations
+        base = super().compute_advantages(rewards_per_func, inputs)
+        reward, advantages = base["reward"], base["advantages"]
+        grouped = reward.reshape(-1, G)
+        priors = self._group_priors(grouped, inputs)
+        signal = grouped  # what RAS reads: the rewards, or the transformed ones under crt_mode="replace"
+        if args.crt_mode == "replace":
+            self._warn_negative_rewards(grouped)
+            signal = crt_transform_reference(grouped, priors, args.crt_a, args.crt_tau)
+            advantages = group_advantages(signal.reshape(-1), G, args.scale_rewards, clip=None)
+        weights = self._ras_weights(signal, priors)
+        out = {"reward": reward}
+        if args.ras_mode == "posterior":
+            advantages = advantages * weights.repeat_interleave(G)
+        elif args.ras_mode == "sigmoid":
+            out["ras_weight"] = weights.repeat_interleave(G)
+        out["advantages"] = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+        if args.crt_mode == "auxiliary":
+            transformed = crt_transform_paper(grouped, priors, args.crt_lambda)
+            out["crt_advantages"] = group_advantages(
+                transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max
+            )
+        self._log_bpgo_metrics(grouped, priors, weights)
+        if args.prior_source == "ema":
+            prompts = [row[args.prompt_column] for row in inputs[::G]]
+            self._update_ema_priors(prompts, grouped.nanmean(dim=1))
+        return out
+
+    def _warn_negative_rewards(self, grouped: torch.Tensor) -> None:
+        """The released CRT ends with a factor R: negative rewards reverse its order. Warn once."""
+        if getattr(self, "_warned_negative", False) or not bool((grouped < 0).any()):
+            return
+        self._warned_negative = True
+        logger.warning(
+            "crt_mode='replace' (the released code's CRT) multiplies by the reward R itself, so for negative "
+            "rewards a higher reward gets a LOWER transformed reward and training pushes the reward down. "
+            "Shift the reward to be positive (as HPSv2, PickScore and CLIP scores are), or use crt_mode='auxiliary'."
+        )
+
+    def _ras_weights(self, signal: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` RAS weights of the groups ``signal`` ``(N, G)`` against their priors."""
+        args = self.args
+        if args.ras_mode == "posterior":
+            return ras_weights_posterior(signal, priors, args.ras_alpha, args.ras_prior_var)
+        if args.ras_mode == "sigmoid":
+            scale = batch_reward_scale(signal) if args.ras_delta_scale == "batch_std" else None
+            return ras_weights_sigmoid(prior_delta(signal, priors), args.ras_alpha, args.ras_k, scale)
+        return torch.ones_like(priors)
+
+    def _log_bpgo_metrics(self, grouped: torch.Tensor, priors: torch.Tensor, weights: torch.Tensor) -> None:
+        """Δ and the fraction above the prior use the untransformed rewards; the weights are RAS's."""
+        metrics = self._metrics["train"]
+        delta = prior_delta(grouped, priors)
+        metrics["bpgo/prior_mean"].append(priors.nanmean().item())
+        metrics["bpgo/delta_mean"].append(delta.nanmean().item())
+        metrics["bpgo/frac_groups_above_prior"].append((delta > 0).float().mean().item())
+        metrics["bpgo/ras_weight_mean"].append(weights.mean().item())
+        metrics["bpgo/ras_weight_min"].append(weights.min().item())
+        metrics["bpgo/ras_weight_max"].append(weights.max().item())
+
+    def policy_loss(
+        self,
+        log_prob: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        rollouts: Rollouts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w · L(A) + ς · L(Ã)`` per sample, with ``L(A) = max(−A ρ, −A clip(ρ, 1 ± ε))`` and one
+        ``ρ = exp(mean_elements(log p_θ − log p_old))`` shared by both terms (each through :meth:`objective`, so a
+        dense objective such as ViPO's applies to both). ``w`` is the sigmoid RAS
+        weight (1 otherwise); the ``Ã`` term is there with auxiliary CRT only. The clipped fraction is
+        the main term's."""
+        loss, clipped = self.objective(log_prob, old_log_prob, advantages)
+        weight = rollouts.extras.get("ras_weight")
+        if weight is not None:
+            loss = loss * weight
+        crt_advantages = rollouts.extras.get("crt_advantages")
+        if crt_advantages is not None:
+            auxiliary, _ = self.objective(log_prob, old_log_prob, crt_advantages)
+            loss = loss + self.args.crt_weight * auxiliary
+            self._metrics["train"]["bpgo/crt_loss"].append(auxiliary.detach().mean().item())
+        return loss, clipped
+
+    # ------------------------------------------------------------------------------------------------
+    # Priors from the base model
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def estimate_priors(self, dataset: Dataset, num_rollouts: int | None = None) -> Dataset:
+        """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the
+        base model: ``R_prior = mean_k R(x_k)`` over ``num_rollouts`` (default ``prior_num_rollouts``)
+        rollouts per distinct prompt, sampled like training rollouts (same sampler, steps and guidance)
+        and scored by the trainer's reward functions (weighted sum). With a LoRA the adapter is disabled
+        while sampling, so this is the base model whenever it is called; without one it is the current
+        weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
+        """
+        first_rows = _first_row_per_prompt(list(dataset), self.args.prompt_column)
+        priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
+        column = [priors[row] for row in dataset[self.args.prompt_column]]
+        if self.args.prior_column in dataset.column_names:
+            dataset = dataset.remove_columns(self.args.prior_column)
+        return dataset.add_column(self.args.prior_column, column)
+
+    @contextlib.contextmanager
+    def _base_model_weights(self) -> Iterator[None]:
+        """Sample from the base model: the LoRA adapter disabled (nothing to do without LoRA), eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.is_peft:
+                with self._reference_model(self.model):
+                    yield
+            else:
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _estimate_prompt_priors(
+        self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
+    ) -> dict[str, float]:
+        """Mean reward of ``num_rollouts`` rollouts per prompt. Rollouts are sampled in chunks of
+        ``per_device_train_batch_size``, chunks shared out over the processes, results gathered."""
+        if num_rollouts < 1:
+            raise ValueError(f"num_rollouts must be at least 1; got {num_rollouts}.")
+        flat = [prompt for prompt in first_rows for _ in range(num_rollouts)]
+        size = self.args.per_device_train_batch_size
+        chunks = list(range(0, len(flat), size))
+        mine = chunks[self.accelerator.process_index :: self.accelerator.num_processes]
+        scored: list[tuple[str, float]] = []
+        with self._base_model_weights():
+            for start in mine:
+                prompts = flat[start : start + size]
+                rows = [first_rows[p] for p in prompts]
+                group_ids = torch.arange(len(prompts)) // self.args.num_generations
+                rollouts = self.sample(prompts, group_ids, seed=self._prior_seed(start // size))
+                reward = self._weighted_reward(self.compute_rewards(prompts, rollouts.samples, rows))
+                scored.extend(zip(prompts, reward.tolist()))
+        if self.accelerator.num_processes > 1:
+            scored = gather_object(scored)
+        return self._mean_per_prompt(scored, num_rollouts)
+
+    def _prior_seed(self, chunk: int) -> int:
+        """Seeds for prior estimation, apart from the training seeds ``seed · 1_000_003 + step``."""
+        return self.args.seed * 7_919 + 500_000_000 + chunk
+
+    def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """``Σ_f w_f R_f`` with NaN terms skipped (all NaN stays NaN), as GRPO aggregates rewards."""
+        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func)
+        missing = torch.isnan(rewards_per_func).all(dim=1)
+        return weighted.nansum(dim=1).masked_fill(missing, float("nan"))
+
+    @staticmethod
+    def _mean_per_prompt(scored: list[tuple[str, float]], num_rollouts: int) -> dict[str, float]:
+        values: dict[str, list[float]] = {}
+        for prompt, value in scored:
+            if not math.isnan(value):
+                values.setdefault(prompt, []).append(value)
+        missing = sorted({p for p, _ in scored} - set(values))
+        if missing:
+            raise ValueError(
+                f"No valid reward in {num_rollouts} rollouts for the prompts {missing[:5]}: their prior cannot be "
+                "estimated. Raise prior_num_rollouts or check the reward function."
+            )
+        return {prompt: sum(v) / len(v) for prompt, v in values.items()}
+
+    def _prior_fingerprint(self) -> dict[str, Any]:
+        """What the cached priors depend on; a cache made with other settings is not reused."""
+        args = self.args
+        return {
+            "model": getattr(self.pipeline, "name_or_path", None) or type(self.pipeline).__name__,
+            "rewards": self.reward_names,
+            "reward_weights": self.reward_weights.tolist(),
+            "num_rollouts": args.prior_num_rollouts,
+            "seed": args.seed,
+            "sampling": [
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.cfg_in_training,
+                self.height,
+                self.width,
+                args.sde_type,
+                args.noise_level,
+                args.sde_window_size,
+                args.negative_prompt,
+            ],
+        }
+
+    def _read_prior_cache(self, path: str) -> dict[str, float]:
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            cache = json.load(f)
+        if cache.get("fingerprint") != json.loads(json.dumps(self._prior_fingerprint())):
+            logger.warning(
+                "The cached priors in %s were made with other settings; estimating them again.", path
+            )
+            return {}
+        return cache["priors"]
+
+    def _write_prior_cache(self, path: str, priors: dict[str, float]) -> None:
+        """Written atomically (temporary file, then rename) by the main process only."""
+        if not self.accelerator.is_main_process:
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            json.dump({"fingerprint": self._prior_fingerprint(), "priors": priors}, f)
+        os.replace(temporary, path)
+
+    def _ensure_estimated_priors(self, resume_from_checkpoint: str | bool | None) -> None:
+        """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
+        ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
+        if self.args.prior_source != "base_model" or self._estimated_priors is not None:
+            return
+        checkpoint = self._checkpoint_path(resume_from_checkpoint)
+        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
+            state = torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False)
+            if state.get("estimated_priors"):
+                self._estimated_priors = dict(state["estimated_priors"])
+                return
+        path = os.path.join(self.args.output_dir, PRIOR_CACHE_NAME)
+        priors = self._read_prior_cache(path)
+        first_rows = _first_row_per_prompt(list(self.train_dataset), self.args.prompt_column)
+        missing = {p: row for p, row in first_rows.items() if p not in priors}
+        if missing:
+            logger.info("Estimating BPGO priors for %d prompts from the base model.", len(missing))
+            priors.update(self._estimate_prompt_priors(missing, self.args.prior_num_rollouts))
+            self._write_prior_cache(path, priors)
+        self._estimated_priors = priors
+
+    def _checkpoint_path(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        if resume_from_checkpoint is True:
+            return get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        return resume_from_checkpoint or None
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """:meth:`transformers.Trainer.train`, after making the priors when ``prior_source="base_model"``."""
+        self._ensure_estimated_priors(resume_from_checkpoint)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # State kept in checkpoints
+    # ------------------------------------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        """The EMA priors and the estimated priors (see :meth:`load_method_state`)."""
+        return {
+            "ema_priors": dict(self._ema_priors),
+            "estimated_priors": dict(self._estimated_priors) if self._estimated_priors is not None else None,
+        }
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore the priors saved by :meth:`method_state`."""
+        self._ema_priors = dict(state.get("ema_priors") or {})
+        if state.get("estimated_priors") is not None:
+            self._estimated_priors = dict(state["estimated_priors"])

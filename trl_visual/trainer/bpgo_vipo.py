@@ -1,0 +1,61 @@
+"""BPGO's trust weights on ViPO's perceptual advantage maps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .bpgo_config import BPGOConfig
+from .bpgo_trainer import BPGOTrainer
+from .diffusion_grpo_trainer import Rollouts
+from .vipo_config import ViPOConfig
+from .vipo_trainer import MAPS_KEY, ViPOTrainer
+
+
+@dataclass
+class BPGOViPOConfig(BPGOConfig, ViPOConfig):
+    """Every field of :class:`BPGOConfig` (priors, RAS, CRT) and of :class:`ViPOConfig` (backbone, maps).
+
+    ``map_target="reward"`` is refused: BPGO already decides how rewards become advantages (CRT, RAS), and
+    multiplying the rewards by the maps on top would make two incompatible reward transforms.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.map_target != "advantage":
+            raise ValueError(
+                "BPGOViPOConfig needs map_target='advantage': BPGO turns the rewards into advantages (CRT, RAS) "
+                "and ViPO's maps then shape those advantages."
+            )
+
+
+class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
+    """BPGO and ViPO together: BPGO's priors, RAS and CRT decide each sample's advantage, ViPO's map spreads it
+    over the latent positions, and the loss is ViPO's dense one.
+
+    Per sample, with ``M`` the perceptual map, ``w`` the sigmoid-RAS group weight (1 otherwise; posterior
+    RAS is already inside ``A``) and ``Ã`` the auxiliary-CRT advantage:
+
+    ``L = w · L_dense(M · A) + ς · L_dense(M · Ã)``
+
+    with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.trainer.vipo_trainer.dense_policy_loss`),
+    or GRPO's scalar one on ``mean(M) · A`` with ``dense_level="sample"``.
+
+    From :class:`BPGOTrainer`: ``compute_advantages``, the priors, ``train`` and the checkpointed state; from
+    :class:`ViPOTrainer`: the backbone (``backbone=``), ``expand_advantages`` and the map metrics.
+    """
+
+    _tag_names = ["trl-visual", "diffusion-grpo", "bpgo", "vipo"]
+    _method_name = "BPGO-ViPO"
+    config_class = BPGOViPOConfig
+
+    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+        """ViPO's maps for the main advantages, and the same maps for BPGO's auxiliary CRT advantages
+        ``Ã``; BPGO's ``policy_loss`` then takes ``w · L(M·A) + ς · L(M·Ã)`` through ViPO's dense
+        :meth:`objective`."""
+        shaped = super().expand_advantages(advantages, rollouts)
+        crt_advantages = rollouts.extras.get("crt_advantages")
+        if crt_advantages is not None:
+            rollouts.extras["crt_advantages"] = self.apply_maps(crt_advantages, rollouts.extras[MAPS_KEY])
+        return shaped

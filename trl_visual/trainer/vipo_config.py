@@ -1,0 +1,110 @@
+"""Configuration of :class:`~trl_visual.trainer.vipo_trainer.ViPOTrainer`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES
+from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
+
+MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
+DENSE_LEVELS: tuple[str, ...] = ("position", "sample")
+
+
+@dataclass
+class ViPOConfig(DiffusionGRPOConfig):
+    r"""Configuration of ViPO (Visual Preference Policy Optimization, Ni et al., arXiv 2511.18719).
+
+    Everything of :class:`DiffusionGRPOConfig`, plus the Perceptual Structuring Module (how a decoded
+    sample becomes a map ``M ∈ [0, 1]`` over latent positions) and how the map enters the loss:
+    ``A_i(p) = M_i(p) · A_i`` at each latent position ``p``, with one policy ratio per position.
+
+    Example::
+
+        ViPOConfig(output_dir="out", backbone="facebook/dinov2-large", pca_components=3)
+    """
+
+    backbone: str = field(
+        default="facebook/dinov2-large",
+        metadata={
+            "help": "Vision backbone giving patch features: a Hub id or local folder loaded with "
+            "transformers.AutoModel (DINOv2, CLIP/SigLIP vision towers, ResNet, …). To use a torch.nn.Module "
+            "returning (B, h, w, D) features, pass it to the trainer as `backbone=`."
+        },
+    )
+    backbone_image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shorter side the backbone sees (rounded to its patch size). Default: the decoded image's "
+            "own size, as in the paper."
+        },
+    )
+    pca_components: int = field(
+        default=3, metadata={"help": "K: principal components of the patch features per image (per frame)."}
+    )
+    aggregation: str = field(
+        default="weighted",
+        metadata={
+            "help": "How components become one map: 'weighted' by explained variance (the paper), 'average', "
+            "'first_pc', or 'ones' (all-ones map: GRPO with a per-position ratio; no backbone is loaded)."
+        },
+    )
+    sign_rule: str = field(
+        default="border",
+        metadata={
+            "help": "Orientation of each principal component: 'border' (subject away from the image border, "
+            "then the minority side; independent of the SVD's sign), 'skew' (minority side only), or "
+            "'reference' (the released code: more negative = subject, which depends on the solver's sign)."
+        },
+    )
+    smoothing_sigma: float = field(
+        default=1.0, metadata={"help": "σ of the spatial Gaussian smoothing, in backbone patches (0: none)."}
+    )
+    temporal_sigma: float = field(
+        default=0.3, metadata={"help": "Video: σ of the temporal Gaussian, in latent frames (0: none)."}
+    )
+    map_normalization: str = field(
+        default="minmax",
+        metadata={
+            "help": "'minmax': maps in [0, 1] (the paper; the mean advantage shrinks), or 'mean_one': each map "
+            "rescaled to mean 1 so the average advantage of a sample is kept."
+        },
+    )
+    map_target: str = field(
+        default="advantage",
+        metadata={
+            "help": "'advantage': A(p) = M(p) · A (the paper). 'reward': the paper's ablation, R(p) = M(p) · R "
+            "and then group-relative advantages at each position."
+        },
+    )
+    dense_level: str = field(
+        default="position",
+        metadata={
+            "help": "'position': one ratio and one advantage per latent position (the paper's loss). 'sample': "
+            "the released image code, the scalar GRPO loss with each advantage scaled by mean(M)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("sign_rule", self.sign_rule, SIGN_RULES)
+        check_choice("map_normalization", self.map_normalization, NORMALIZATIONS)
+        check_choice("map_target", self.map_target, MAP_TARGETS)
+        check_choice("dense_level", self.dense_level, DENSE_LEVELS)
+        if self.pca_components < 1:
+            raise ValueError(f"`pca_components` must be at least 1; got {self.pca_components}.")
+        for name in ("smoothing_sigma", "temporal_sigma"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"`{name}` must be >= 0 (0 disables the smoothing); got {getattr(self, name)}."
+                )
+        if self.backbone_image_size is not None and self.backbone_image_size < 1:
+            raise ValueError(
+                f"`backbone_image_size` must be positive or None; got {self.backbone_image_size}."
+            )
+        if not isinstance(self.backbone, str) or not self.backbone:
+            raise TypeError(
+                "`backbone` in the config must be a Hub id or a local path; pass a torch.nn.Module to the trainer "
+                "as `ViPOTrainer(..., backbone=module)` instead."
+            )

@@ -1,0 +1,359 @@
+"""ViPO: GRPO whose advantage is a perceptual map over latent positions, with a truly dense loss."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import gather
+from datasets import Dataset, IterableDataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from PIL import Image
+from transformers import TrainerCallback
+
+from ..backbones import VisionBackbone
+from ..core.advantages import group_advantages
+from ..core.policy_loss import clipped_policy_loss
+from ..core.vipo import perceptual_map, perceptual_video_map, pool_to_tokens
+from ..rewards import RewardFunc
+from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from .logging_utils import captioned_grid, to_pil
+from .vipo_config import ViPOConfig
+
+MAPS_KEY = "vipo_maps"
+
+
+def dense_policy_loss(
+    log_ratio: torch.Tensor, advantage_maps: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViPO's clipped objective with one policy ratio per latent position, averaged over positions.
+
+    With ``log_ratio`` the per-element ``log p_θ − log p_old`` viewed as ``(B, C, *grid)`` and
+    ``A(p) = M(p) · A`` the advantage map ``(B, *grid)``:
+
+    ``ρ_p = exp(Σ_c (log p_θ − log p_old)_{c,p})``,
+    ``L = (1/P) Σ_p max(−A(p) ρ_p, −A(p) clip(ρ_p, 1 − ε, 1 + ε))``.
+
+    ``ρ_p`` is the ratio of the joint Gaussian density of the C channels at position ``p``. Returns the
+    loss ``(B,)`` and the fraction of each sample's positions where the clipped term is active ``(B,)``.
+    """
+    if log_ratio.shape[:1] + log_ratio.shape[2:] != advantage_maps.shape:
+        raise ValueError(
+            f"log-ratio grid {tuple(log_ratio.shape)} (B, C, *grid) does not match the advantage maps "
+            f"{tuple(advantage_maps.shape)} (B, *grid)."
+        )
+    loss, clipped = clipped_policy_loss(log_ratio.sum(dim=1), advantage_maps, epsilon)
+    return loss.flatten(1).mean(dim=1), clipped.flatten(1).float().mean(dim=1)
+
+
+def reward_map_advantages(
+    rewards: torch.Tensor,
+    maps: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """The paper's ``map_target="reward"`` ablation: ``R_i(p) = M_i(p) · R_i``, then GRPO advantages at
+    each position, ``A_i(p) = (R_i(p) − mean_j R_j(p)) / (std_j R_j(p) + 1e-4)`` over the group ``j``.
+
+    ``rewards`` ``(B,)`` and ``maps`` ``(B, *grid)`` hold whole groups (B = N·G, groups consecutive);
+    ``scale_rewards`` and ``clip`` as in :func:`trl_visual.core.advantages.group_advantages` (``"batch"``
+    takes the std over every sample and position). Returns ``(B, *grid)``.
+    """
+    flat = maps.flatten(1) if maps.ndim > 1 else maps[:, None]
+    reward_maps = rewards[:, None].to(flat) * flat  # (B, P)
+    per_position = reward_maps.T.reshape(-1)  # P rows of B: every G consecutive values are one group
+    advantages = group_advantages(per_position, num_generations, scale_rewards, clip=clip)
+    return advantages.view(flat.shape[1], -1).T.reshape(maps.shape)
+
+
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """``(3, H, W)`` image blended with a jet-coloured map ``(h, w)`` (scaled to its maximum, upsampled)."""
+    m = heat.float() / heat.float().max().clamp_min(1e-8)
+    m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
+    centres = torch.tensor([0.75, 0.5, 0.25], device=m.device)[:, None, None]  # red, green, blue
+    colour = (1.5 - (4 * (m[None] - centres)).abs()).clamp(0, 1)
+    return (1 - alpha) * image.float().clamp(0, 1) + alpha * colour.to(image.device)
+
+
+class ViPOTrainer(DiffusionGRPOTrainer):
+    """ViPO (Ni et al., "Seeing What Matters", arXiv 2511.18719): GRPO with perceptual advantage maps.
+
+    Each decoded sample goes through a frozen vision backbone; PCA of its patch features gives a map
+    ``M ∈ [0, 1]`` of the perceptually important regions on the latent grid (see
+    :func:`trl_visual.core.vipo.perceptual_map`). The scalar GRPO advantage ``A`` becomes ``A(p) = M(p)·A``
+    and the loss has one ratio per latent position (:func:`dense_policy_loss`). Works for every adapter:
+    the latent is viewed as ``(channels, *grid)`` through ``adapter.to_position_grid`` (SD3 ``(C, H, W)``,
+    packed tokens on their token grid, video ``(C, T, H, W)``).
+
+    Example::
+
+        from datasets import Dataset
+        from trl_visual import ViPOConfig, ViPOTrainer
+
+        trainer = ViPOTrainer(
+            model="stabilityai/stable-diffusion-3.5-medium",
+            reward_funcs="red_channel",
+            args=ViPOConfig(output_dir="out", backbone="facebook/dinov2-large", pca_components=3),
+            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
+        )
+        trainer.train()
+
+    ``backbone`` (a Hub id, a local path, a :class:`~trl_visual.backbones.VisionBackbone` or any
+    ``torch.nn.Module`` returning ``(B, h, w, D)`` features) overrides ``args.backbone``. The backbone is
+    built and checked once, before the pipeline is loaded; a map that cannot be built at a step (the
+    backbone raises, features are not finite) falls back to all ones, is counted in
+    ``vipo/map_fallbacks`` and warned about once per cause.
+    """
+
+    _tag_names = ["trl-visual", "diffusion-grpo", "vipo"]
+    _method_name = "ViPO"
+    config_class: type[ViPOConfig] = ViPOConfig
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        reward_funcs: RewardFunc | str | list[RewardFunc | str],
+        args: ViPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
+            None,
+            None,
+        ),
+        peft_config: LoraConfig | None = None,
+        backbone: str | os.PathLike | torch.nn.Module | None = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = self.config_class(
+                output_dir=f"{name.split('/')[-1].replace(':', '-')}-{self._method_name}"
+            )
+        if not isinstance(args, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}."
+            )
+        self.backbone = self._build_backbone(backbone, args)  # before the pipeline: fail fast
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        if self.backbone is not None:
+            self.backbone.to(self.accelerator.device)
+        self.position_grid, self.token_patch_size = self._position_layout()
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------------
+    # Set-up
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _build_backbone(
+        backbone: str | os.PathLike | torch.nn.Module | None, args: ViPOConfig
+    ) -> VisionBackbone | None:
+        """The frozen backbone (``None`` for ``aggregation="ones"``, which needs none)."""
+        if args.aggregation == "ones":
+            return None
+        source = backbone if backbone is not None else args.backbone
+        if isinstance(source, VisionBackbone):
+            return source
+        kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
+        if isinstance(source, (str, os.PathLike)) and (args.bf16 or args.fp16):
+            kwargs["dtype"] = torch.bfloat16 if args.bf16 else torch.float16
+        return VisionBackbone(source, **kwargs)
+
+    def _position_layout(self) -> tuple[tuple[int, ...], int]:
+        """The latent position grid (``(H, W)`` or ``(T, H, W)``) and the latent pixels per token side.
+
+        Packed-token adapters may declare ``token_patch_size`` (FLUX: 2); the map is then built on the
+        latent pixel grid and average-pooled onto the tokens. Without it the map is resized straight to the
+        position grid.
+        """
+        probe = torch.zeros(1, *self.latent_shape)
+        grid = tuple(self.adapter.to_position_grid(probe).shape[2:])
+        expected = 3 if self.adapter.output_kind == "videos" else 2
+        if len(grid) != expected:
+            raise ValueError(
+                f"ViPO needs the adapter's position grid to be {'(T, H, W)' if expected == 3 else '(H, W)'} "
+                f"for {self.adapter.output_kind}; {type(self.adapter).__name__}.to_position_grid gives {grid}."
+            )
+        return grid, int(getattr(self.adapter, "token_patch_size", 1) or 1)
+
+    # ------------------------------------------------------------------------------------------------
+    # Maps
+    # ------------------------------------------------------------------------------------------------
+    def _warn_once(self, cause: str, message: str) -> None:
+        if cause not in self._warned:
+            self._warned.add(cause)
+            warnings.warn(f"ViPO: {message}", RuntimeWarning, stacklevel=3)
+
+    def _features(self, samples: torch.Tensor) -> torch.Tensor:
+        """Backbone patch features: images ``(B, 3, H, W)`` → ``(B, h, w, D)``; videos ``(B, F, 3, H, W)``
+        → ``(B, F, h, w, D)`` (all frames in one batch)."""
+        if samples.ndim == 5:
+            return self.backbone(samples.flatten(0, 1)).unflatten(0, samples.shape[:2])
+        return self.backbone(samples)
+
+    def _maps_from_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        args = self.args
+        options = dict(
+            components=args.pca_components,
+            aggregation=args.aggregation,
+            smoothing_sigma=args.smoothing_sigma,
+            sign_rule=args.sign_rule,
+            normalization=args.map_normalization,
+        )
+        if len(self.position_grid) == 3:
+            return perceptual_video_map(
+                features, self.position_grid, temporal_sigma=args.temporal_sigma, **options
+            )
+        p = self.token_patch_size
+        maps, fallback = perceptual_map(
+            features, (self.position_grid[0] * p, self.position_grid[1] * p), **options
+        )
+        return (pool_to_tokens(maps, p) if p > 1 else maps), fallback
+
+    @torch.no_grad()
+    def compute_maps(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Perceptual maps of decoded samples on the latent position grid.
+
+        Returns ``(maps (B, *grid), fallback (B,) bool)``. A sample whose map cannot be built gets all ones
+        (the whole batch when the backbone raises) and ``fallback = True``.
+        """
+        batch = samples.shape[0]
+        ones = torch.ones(batch, *self.position_grid, device=samples.device)
+        if self.backbone is None:  # aggregation="ones"
+            return ones, torch.zeros(batch, dtype=torch.bool, device=samples.device)
+        try:
+            features = self._features(samples)
+        except Exception as error:  # noqa: BLE001 - any backbone failure falls back, loudly
+            self._warn_once(
+                "backbone",
+                f"the backbone {getattr(self.backbone, 'name', '')!r} raised {type(error).__name__}: {error}. "
+                "Maps of the affected batches fall back to all ones (counted in vipo/map_fallbacks).",
+            )
+            return ones, torch.ones(batch, dtype=torch.bool, device=samples.device)
+        maps, fallback = self._maps_from_features(features)
+        if fallback.any():
+            self._warn_once(
+                "features",
+                f"{int(fallback.sum())} sample(s) had non-finite backbone features (NaN/Inf in the decoded "
+                "samples or the backbone); their maps fall back to all ones (counted in vipo/map_fallbacks).",
+            )
+        return maps.float(), fallback
+
+    def _log_map_metrics(self, maps: torch.Tensor, fallback: torch.Tensor) -> None:
+        flat = maps.flatten(1)
+        stats = gather(
+            torch.stack([flat.mean(dim=1), flat.std(dim=1, correction=0), fallback.float()], dim=1)
+        )
+        metrics = self._metrics["train"]
+        metrics["vipo/map_mean"].append(stats[:, 0].mean().item())
+        metrics["vipo/map_std"].append(stats[:, 1].mean().item())
+        metrics["vipo/map_fallbacks"].append(stats[:, 2].sum().item())
+
+    # ------------------------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------------------------
+    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
+        """Advantage maps ``A(p) = M(p) · A`` ``(B, *grid)`` (:meth:`apply_maps`).
+
+        ``dense_level="sample"``: ``A · mean(M)`` ``(B,)`` (the released image code). ``map_target="reward"``:
+        group-relative advantages of ``M(p) · R`` (:func:`reward_map_advantages`). The maps are kept in
+        ``rollouts.extras["vipo_maps"]``.
+        """
+        maps, fallback = self.compute_maps(rollouts.samples)
+        rollouts.extras[MAPS_KEY] = maps
+        self._log_map_metrics(maps, fallback)
+        if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
+            self.log_map_overlays(rollouts, maps)
+        if self.args.map_target == "reward":
+            return self._reward_target_advantages(rollouts.rewards, self._loss_maps(maps))
+        return self.apply_maps(advantages, maps)
+
+    def _loss_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """The maps at the loss's level: ``(B, *grid)``, or ``mean(M)`` ``(B,)`` for ``dense_level="sample"``."""
+        return maps.flatten(1).mean(dim=1) if self.args.dense_level == "sample" else maps
+
+    def apply_maps(self, advantages: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``A(p) = M(p) · A`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the sample level)."""
+        maps = self._loss_maps(maps)
+        return advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+
+    def _reward_target_advantages(self, local_rewards: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Group statistics need whole groups: gather rewards and maps, compute, keep this process's rows."""
+        rewards, all_maps = gather(local_rewards.contiguous()), gather(maps.contiguous())
+        advantages = reward_map_advantages(
+            rewards, all_maps, self.args.num_generations, self.args.scale_rewards, self.args.adv_clip_max
+        )
+        return advantages[self._local_slice()]
+
+    def objective(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample loss and clipped fraction ``(B,)`` for an advantage of either shape.
+
+        Maps ``(B, *grid)``: the dense loss, one ratio per position (:func:`dense_policy_loss`), on the
+        adapter's position grid. ``(B,)`` (``dense_level="sample"``): GRPO's scalar loss,
+        ``ρ = exp(mean_elements(log p_θ − log p_old))``. Methods that add loss terms (BPGO) call this once per
+        set of advantages, so they take the dense form for free.
+        """
+        if advantages.ndim == 1:
+            return super().objective(log_prob, old_log_prob, advantages)
+        log_ratio = self.adapter.to_position_grid(log_prob - old_log_prob)
+        return dense_policy_loss(log_ratio, advantages, self.args.epsilon)
+
+    # ------------------------------------------------------------------------------------------------
+    # Seeing the maps
+    # ------------------------------------------------------------------------------------------------
+    def log_map_overlays(self, rollouts: Rollouts, maps: torch.Tensor) -> str:
+        """Each logged sample beside its map as a heat-map overlay: a PNG in ``output_dir/samples/`` and
+        images for the active loggers. Video: the first frame and the first latent frame's map."""
+        count = min(self.args.num_images_to_log, len(rollouts.prompts))
+        pairs = []
+        for i in range(count):
+            image = rollouts.samples[i] if rollouts.samples.ndim == 4 else rollouts.samples[i, 0]
+            heat = maps[i] if maps.ndim == 3 else maps[i, 0]
+            pairs.append(torch.cat([image.float().clamp(0, 1), heat_overlay(image, heat)], dim=-1))
+        images = [to_pil(pair) for pair in pairs]
+        rewards = (
+            rollouts.rewards[:count].tolist() if rollouts.rewards is not None else [float("nan")] * count
+        )
+        captions = [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"vipo_maps_step_{step:06d}.png")
+        captioned_grid(images, captions, columns=2).save(path)
+        self._send_overlays(images, captions, step)
+        return path
+
+    def _send_overlays(self, images: list[Image.Image], captions: list[str], step: int) -> None:
+        callbacks = {type(cb).__name__: cb for cb in self.callback_handler.callbacks}
+        tensorboard = callbacks.get("TensorBoardCallback")
+        if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
+            pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+            tensorboard.tb_writer.add_images("vipo/maps", pixels, step)
+        if "WandbCallback" in callbacks:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log(
+                    {"vipo/maps": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step
+                )
+        if "TrackioCallback" in callbacks:
+            import trackio
+
+            trackio.log(
+                {"vipo/maps": [trackio.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step
+            )
