@@ -1,0 +1,119 @@
+"""Time per training step of GRPO, BPGO and ViPO on the tiny SD3 (CPU, one thread).
+
+    python benchmarks/step_time.py [--steps 12] [--repeats 3]
+
+Each method trains the same configuration from the same start; the order of the methods rotates between
+repeats so that a slow patch of a shared machine does not land on one method. The first two steps of each
+run are warm-up and not timed. Prints the median seconds per step and the ratio to GRPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import Dinov2Config, Dinov2Model, TrainerCallback
+
+from trl_visual import (
+    BPGOConfig,
+    BPGOTrainer,
+    DiffusionGRPOConfig,
+    DiffusionGRPOTrainer,
+    ViPOConfig,
+    ViPOTrainer,
+)
+
+PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def settings(output_dir: str, steps: int) -> dict:
+    return dict(
+        output_dir=output_dir,
+        num_generations=8,
+        per_device_train_batch_size=32,
+        max_steps=steps,
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        max_sequence_length=16,
+        guidance_scale=1.0,
+        learning_rate=3e-2,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+    )
+
+
+def tiny_backbone() -> Dinov2Model:
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=4,
+        image_size=32,
+    )
+    return Dinov2Model(config).eval()
+
+
+def run(method: str, steps: int) -> float:
+    folder = tempfile.mkdtemp()
+    common = dict(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(
+            r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+        ),
+    )
+    if method == "GRPO":
+        trainer = DiffusionGRPOTrainer(args=DiffusionGRPOConfig(**settings(folder, steps)), **common)
+    elif method == "BPGO":
+        trainer = BPGOTrainer(args=BPGOConfig(**settings(folder, steps)), **common)
+    else:
+        trainer = ViPOTrainer(args=ViPOConfig(**settings(folder, steps)), backbone=tiny_backbone(), **common)
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    return statistics.median(timer.times[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    methods = ["GRPO", "BPGO", "ViPO"]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for repeat in range(args.repeats):
+        for method in methods[repeat % 3 :] + methods[: repeat % 3]:
+            times[method].append(run(method, args.steps))
+    grpo = statistics.median(times["GRPO"])
+    print(f"{'method':8} {'s/step (median)':>16} {'vs GRPO':>8}   per repeat")
+    for method in methods:
+        median = statistics.median(times[method])
+        print(f"{method:8} {median:16.3f} {median / grpo:7.2f}x   {[round(t, 3) for t in times[method]]}")
+
+
+if __name__ == "__main__":
+    main()
