@@ -293,3 +293,14 @@ def test_dataset_columns_reach_the_reward(tmp_path):
         p for p in seen["prompts"] if p in ("a cat", "a red car")
     ]
     assert logged(trainer, "frac_reward_zero_std") == [1.0]  # each group has one prompt, so one style
+
+
+def test_gradient_checkpointing_trains_and_gives_the_same_gradients(tmp_path):
+    """transformers 5 calls the flag `activation_checkpointing`; diffusers' own checkpointing must be used and
+    must not change the result of a step."""
+    plain = make_trainer(tmp_path / "a", learning_rate=3e-2, max_steps=1)
+    plain.train()
+    checkpointed = make_trainer(tmp_path / "b", learning_rate=3e-2, max_steps=1, gradient_checkpointing=True)
+    assert checkpointed.model.is_gradient_checkpointing
+    checkpointed.train()
+    assert logged(checkpointed, "grad_norm") == pytest.approx(logged(plain, "grad_norm"), rel=1e-4)

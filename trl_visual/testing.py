@@ -12,18 +12,30 @@ from collections.abc import Callable
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLWan,
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
+    CLIPImageProcessor,
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 TINY_PREFIX = "tiny:"
@@ -139,7 +151,210 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     return pipeline
 
 
-TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {"sd3": tiny_sd3_pipeline}
+def _eval_all(pipeline: DiffusionPipeline) -> None:
+    """Put every module of ``pipeline`` in eval mode (dropout would make outputs nondeterministic)."""
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+
+
+def _tiny_t5_config(config_class: type = T5Config) -> T5Config:
+    return config_class(
+        vocab_size=1000,
+        d_model=HIDDEN_SIZE,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A random-weight ``FluxPipeline`` with the guidance embedding of FLUX.1-dev: 32×32 images by default,
+    8×8×4 latents packed into 16 tokens of 16 values, one double and one single transformer block."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=HIDDEN_SIZE,
+        pooled_projection_dim=HIDDEN_SIZE,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    torch.manual_seed(seed + 2)
+    clip_config = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    text_encoder = CLIPTextModel(clip_config)
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(_tiny_t5_config())
+    pipeline = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=_tiny_t5_tokenizer(),
+    )
+    pipeline.default_sample_size = 8  # 8 latent pixels × VAE factor 4 = 32×32 images by default
+    _eval_all(pipeline)
+    return pipeline
+
+
+def _tiny_wan_vae(seed: int) -> AutoencoderKLWan:
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
+        base_dim=4,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+
+
+def _tiny_wan_transformer(seed: int, in_channels: int, image_dim: int | None = None) -> WanTransformer3DModel:
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=in_channels,
+        out_channels=4,
+        text_dim=HIDDEN_SIZE,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        image_dim=image_dim,
+        added_kv_proj_dim=24 if image_dim is not None else None,
+        rope_max_seq_len=32,
+    )
+
+
+def _tiny_wan_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """Wan's checkpoints ship UniPC with flow sigmas; the trainer only reads the sigmas, which a flow-match
+    Euler scheduler with the same shift gives too (and the pipeline's own sampling stays first order)."""
+    return FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+def _small_video_defaults(pipeline: DiffusionPipeline) -> None:
+    """Default size the Wan adapters read (``default_height``/``default_width``/``default_num_frames``)."""
+    pipeline.default_height, pipeline.default_width, pipeline.default_num_frames = 32, 32, 5
+
+
+def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
+    """A random-weight Wan text-to-video ``WanPipeline``: 5 frames of 32×32 by default, ``(4, 2, 4, 4)``
+    latents (VAE factors 4 in time and 8 in space), a UMT5 text encoder and a two-block transformer."""
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
+    pipeline = WanPipeline(
+        tokenizer=_tiny_t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=_tiny_wan_vae(seed + 1),
+        scheduler=_tiny_wan_scheduler(),
+        transformer=_tiny_wan_transformer(seed, in_channels=4),
+    )
+    _small_video_defaults(pipeline)
+    _eval_all(pipeline)
+    return pipeline
+
+
+def _tiny_clip_image_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": 32},
+        resample=3,
+        do_center_crop=True,
+        crop_size={"height": 32, "width": 32},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+    """A random-weight Wan2.1-style ``WanImageToVideoPipeline``: the transformer takes the noisy latents, the
+    first-frame mask and the VAE-encoded conditioning video on its channels (4 + 4 + 4), and CLIP image
+    embeddings (penultimate layer of a tiny ``CLIPVisionModel``) through its added key/value projections."""
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
+    torch.manual_seed(seed + 3)
+    image_encoder = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=HIDDEN_SIZE,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            projection_dim=HIDDEN_SIZE,
+        )
+    )
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=_tiny_t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=_tiny_wan_vae(seed + 1),
+        scheduler=_tiny_wan_scheduler(),
+        image_processor=_tiny_clip_image_processor(),
+        image_encoder=image_encoder,
+        transformer=_tiny_wan_transformer(seed, in_channels=12, image_dim=HIDDEN_SIZE),
+    )
+    _small_video_defaults(pipeline)
+    _eval_all(pipeline)
+    return pipeline
+
+
+TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
+    "sd3": tiny_sd3_pipeline,
+    "flux": tiny_flux_pipeline,
+    "wan": tiny_wan_pipeline,
+    "wan-i2v": tiny_wan_i2v_pipeline,
+}
 
 
 def is_tiny_name(name: object) -> bool:

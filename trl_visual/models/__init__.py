@@ -5,9 +5,11 @@ from __future__ import annotations
 from diffusers import DiffusionPipeline
 
 from .base import DiffusionAdapter, PromptEmbeds, select_embeds
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
+from .wan import WanAdapter, WanImageToVideoAdapter
 
-ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter]
+ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, FluxAdapter, WanAdapter, WanImageToVideoAdapter]
 
 
 def register_adapter(adapter_class: type[DiffusionAdapter]) -> type[DiffusionAdapter]:
@@ -28,4 +30,15 @@ def get_adapter(pipeline: DiffusionPipeline) -> DiffusionAdapter:
     )
 
 
-__all__ = ["ADAPTERS", "DiffusionAdapter", "PromptEmbeds", "get_adapter", "register_adapter", "select_embeds"]
+__all__ = [
+    "ADAPTERS",
+    "DiffusionAdapter",
+    "FluxAdapter",
+    "PromptEmbeds",
+    "SD3Adapter",
+    "WanAdapter",
+    "WanImageToVideoAdapter",
+    "get_adapter",
+    "register_adapter",
+    "select_embeds",
+]

@@ -108,6 +108,8 @@ class BPGOTrainer(DiffusionGRPOTrainer):
 
     _tag_names = ["trl-visual", "bpgo"]
     _method_name = "BPGO"
+    _citations = ["BPGO", "DanceGRPO", "Flow-GRPO"]
+    config_class = BPGOConfig
 
     def __init__(
         self,
@@ -123,11 +125,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         ),
         peft_config: LoraConfig | None = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            args = BPGOConfig(output_dir=f"{name.split('/')[-1].replace(':', '-')}-BPGO")
-        if not isinstance(args, BPGOConfig):
-            raise TypeError(f"BPGOTrainer needs a BPGOConfig, got {type(args).__name__}.")
+        args = self._resolve_args(model, args)
         self._check_prior_source(train_dataset, args)
         self._ema_priors: dict[str, float] = {}
         self._estimated_priors: dict[str, float] | None = None

@@ -48,6 +48,7 @@ class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
 
     _tag_names = ["trl-visual", "diffusion-grpo", "bpgo", "vipo"]
     _method_name = "BPGO-ViPO"
+    _citations = ["BPGO", "ViPO", "DanceGRPO", "Flow-GRPO"]
     config_class = BPGOViPOConfig
 
     def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:

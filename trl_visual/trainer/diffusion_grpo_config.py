@@ -56,6 +56,10 @@ class DiffusionGRPOConfig(TrainingArguments):
     prompt_column: str = field(
         default="prompt", metadata={"help": "Dataset column holding the text prompts."}
     )
+    image_column: str = field(
+        default="image",
+        metadata={"help": "Dataset column holding the conditioning image (image-to-video models only)."},
+    )
 
     # -- GRPO -----------------------------------------------------------------------------------------
     num_generations: int = field(

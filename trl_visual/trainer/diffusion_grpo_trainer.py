@@ -151,6 +151,8 @@ class DiffusionGRPOTrainer(Trainer):
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
     _method_name = "GRPO"
+    #: the config class this trainer takes (and builds when ``args`` is None)
+    config_class: type[DiffusionGRPOConfig] = DiffusionGRPOConfig
     #: keys of :data:`trl_visual.hub.CITATIONS` cited by this method's model cards
     _citations = ["Flow-GRPO", "DanceGRPO"]
     #: config fields listed in the model card's settings table
@@ -187,9 +189,7 @@ class DiffusionGRPOTrainer(Trainer):
         ),
         peft_config: LoraConfig | None = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            args = DiffusionGRPOConfig(output_dir=f"{name.split('/')[-1].replace(':', '-')}-GRPO")
+        args = self._resolve_args(model, args)
         self.reward_funcs = [
             resolve_reward(r) for r in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])
         ]
@@ -241,6 +241,19 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
     # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def _resolve_args(
+        cls, model: str | DiffusionPipeline, args: DiffusionGRPOConfig | None
+    ) -> DiffusionGRPOConfig:
+        """``args``, or the method's default config writing to ``<model name>-<method>``; a config of the
+        wrong class (a plain GRPO config given to BPGO, say) is a clear error."""
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            return cls.config_class(output_dir=f"{name.split('/')[-1].replace(':', '-')}-{cls._method_name}")
+        if not isinstance(args, cls.config_class):
+            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
+        return args
+
     def _check_reward_weights(self, weights: list[float] | None) -> torch.Tensor:
         if weights is None:
             return torch.ones(len(self.reward_funcs))
@@ -288,9 +301,13 @@ class DiffusionGRPOTrainer(Trainer):
             denoiser.add_adapter(peft_config)
         else:
             denoiser.requires_grad_(True)
-        if args.gradient_checkpointing:
+        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             denoiser.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False  # diffusers models do it themselves; keep Trainer out of it
+            # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
+            # transformers 5 renamed the flag `activation_checkpointing` and keeps the old name as an alias.
+            args.gradient_checkpointing = False
+            if hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = False
         return denoiser
 
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
@@ -775,7 +792,7 @@ class DiffusionGRPOTrainer(Trainer):
             prompts = [row[self.args.prompt_column] for row in rows]
             ids = torch.arange(start, start + len(rows))
             rollouts = self.sample(
-                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False
+                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
             )
             rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
         rewards_per_func = gather(torch.cat(rewards))

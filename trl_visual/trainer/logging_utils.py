@@ -1,4 +1,10 @@
-"""Sending sample images, with their prompts and rewards, to the loggers and to disk."""
+"""Sending sample images and videos, with their prompts and rewards, to the loggers and to disk.
+
+Images: a captioned grid PNG in ``output_dir/samples/`` and the images to tensorboard, wandb and trackio.
+Videos (``(B, T, 3, H, W)`` samples): an animated captioned grid GIF in ``output_dir/samples/`` (written with
+Pillow, so no torchvision, moviepy or ffmpeg is needed), the GIF to wandb and trackio as a video, and the
+grid's frames to tensorboard as an image sequence (tensorboard's ``add_video`` needs moviepy).
+"""
 
 from __future__ import annotations
 
@@ -35,20 +41,52 @@ def captioned_grid(images: list[Image.Image], captions: list[str], columns: int 
     return grid
 
 
+#: frames per second of the sample GIFs
+GIF_FPS = 8
+
+
+def save_gif(frames: list[Image.Image], path: str, fps: int = GIF_FPS) -> str:
+    """Write ``frames`` as a looping animated GIF at ``path`` (Pillow only); returns ``path``."""
+    frames[0].save(
+        path,
+        save_all=True,
+        append_images=frames[1:],
+        duration=max(1, round(1000 / fps)),
+        loop=0,
+        optimize=False,
+    )
+    return path
+
+
+def video_grid_frames(videos: torch.Tensor, captions: list[str], columns: int = 4) -> list[Image.Image]:
+    """``(B, T, 3, H, W)`` videos → T captioned grid frames (frame t of every video, side by side)."""
+    return [
+        captioned_grid([to_pil(video[t]) for video in videos], captions, columns)
+        for t in range(videos.shape[1])
+    ]
+
+
 def _callback_of(trainer: DiffusionGRPOTrainer, class_name: str) -> Any:
     return next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == class_name), None)
 
 
-def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
-    """Write a captioned grid PNG to ``output_dir/samples/`` and send the images to the active loggers
-    (tensorboard, wandb, trackio). Returns the PNG's path."""
-    count = min(trainer.args.num_images_to_log, len(rollouts.prompts))
-    images = [to_pil(rollouts.samples[i]) for i in range(count)]
+def _captions(rollouts: Rollouts, count: int) -> list[str]:
     rewards = rollouts.rewards[:count].tolist() if rollouts.rewards is not None else [float("nan")] * count
-    captions = [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+    return [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+
+
+def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
+    """Write the samples with their prompts and rewards to ``output_dir/samples/`` and the active loggers
+    (tensorboard, wandb, trackio): a captioned grid PNG for images, an animated grid GIF for videos.
+    Returns the written file's path."""
+    count = min(trainer.args.num_images_to_log, len(rollouts.prompts))
+    captions = _captions(rollouts, count)
     step = trainer.state.global_step
     folder = os.path.join(trainer.args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
+    if rollouts.samples.ndim == 5:
+        return _log_videos(trainer, rollouts.samples[:count], captions, folder, step)
+    images = [to_pil(rollouts.samples[i]) for i in range(count)]
     path = os.path.join(folder, f"step_{step:06d}.png")
     grid = captioned_grid(images, captions)
     grid.save(path)
@@ -67,4 +105,28 @@ def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
         import trackio
 
         trackio.log({"samples": [trackio.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
+    return path
+
+
+def _log_videos(
+    trainer: DiffusionGRPOTrainer, videos: torch.Tensor, captions: list[str], folder: str, step: int
+) -> str:
+    """Videos: an animated grid GIF on disk, sent as a video to wandb/trackio, as frames to tensorboard."""
+    frames = video_grid_frames(videos, captions)
+    path = save_gif(frames, os.path.join(folder, f"step_{step:06d}.gif"))
+    caption = "\n".join(captions)
+    tensorboard = _callback_of(trainer, "TensorBoardCallback")
+    if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
+        pixels = torch.stack([torch.from_numpy(np.asarray(frame)).permute(2, 0, 1) for frame in frames])
+        tensorboard.tb_writer.add_images("samples/frames", pixels, step)
+        tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
+    if _callback_of(trainer, "WandbCallback") is not None:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.log({"samples": wandb.Video(path, caption=caption, format="gif")}, step=step)
+    if _callback_of(trainer, "TrackioCallback") is not None:
+        import trackio
+
+        trackio.log({"samples": trackio.Video(path, caption=caption)}, step=step)
     return path

@@ -112,7 +112,8 @@ class ViPOTrainer(DiffusionGRPOTrainer):
 
     _tag_names = ["trl-visual", "diffusion-grpo", "vipo"]
     _method_name = "ViPO"
-    config_class: type[ViPOConfig] = ViPOConfig
+    _citations = ["ViPO", "DanceGRPO", "Flow-GRPO"]
+    config_class = ViPOConfig
 
     def __init__(
         self,
@@ -129,15 +130,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         peft_config: LoraConfig | None = None,
         backbone: str | os.PathLike | torch.nn.Module | None = None,
     ):
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            args = self.config_class(
-                output_dir=f"{name.split('/')[-1].replace(':', '-')}-{self._method_name}"
-            )
-        if not isinstance(args, self.config_class):
-            raise TypeError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}."
-            )
+        args = self._resolve_args(model, args)
         self.backbone = self._build_backbone(backbone, args)  # before the pipeline: fail fast
         super().__init__(
             model=model,
