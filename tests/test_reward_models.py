@@ -578,3 +578,38 @@ def test_every_reward_class_runs_in_a_training_step(tmp_path, clip_dir, aestheti
         assert math.isfinite(logs[f"rewards/{name}/mean"]), name
         assert logs[f"rewards/{name}/std"] > 0, name  # the 8 different images get different scores
         assert logs[f"timing/reward/{name}"] > 0, name
+
+
+def test_video_rewards_run_in_a_training_step_on_tiny_wan(tmp_path, clip_dir) -> None:
+    """FrameAveraged(image reward) and the CLIP video score, called with ``videos`` by a real Wan GRPO step."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:wan",
+        reward_funcs=[FrameAveraged(CLIPScoreReward(clip_dir)), CLIPVideoScoreReward(clip_dir)],
+        args=DiffusionGRPOConfig(
+            output_dir=str(tmp_path),
+            num_generations=4,
+            per_device_train_batch_size=8,
+            max_steps=1,
+            height=32,
+            width=32,
+            num_frames=5,
+            num_inference_steps=3,
+            max_sequence_length=16,
+            guidance_scale=1.0,
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for name in ("clipscore_frames", "clipscore_video"):
+        assert math.isfinite(logs[f"rewards/{name}/mean"]), name
+        assert logs[f"rewards/{name}/std"] > 0, name
