@@ -116,15 +116,8 @@ def test_ras_weights_follow_the_prior(tmp_path, ras_mode, prior, above_one):
 
 
 # -- learning ----------------------------------------------------------------------------------------------------
-# Why not a rising run per combination: measured on this model (batch 16, G 4, lr 3e-2, paired ODE-evaluation
-# gain ×1e-3 over seeds 0/1/2 at 12 steps, 42/0/1 at 20 steps), e.g. sigmoid+auxiliary +1.02/+0.73/−0.51 (12)
-# and −0.81/+0.75/+3.36 (20), plain GRPO +1.20/+2.26/−0.42 (12): the seed-to-seed spread of a short run is as
-# large as its gain, for every mode, so a short run per combination would be flaky or seed-picked. What does
-# rise reliably is the 40-step run at batch 32, G 8 (−0.017 → about −0.005, noise of a 5-step mean ≈ 0.0005).
-# So: every one of the 9 combinations trains for 3 steps (wiring, finite losses, weights in their range, the
-# three prior sources spread over them), and the rise is checked with two long runs that between them cover
-# every non-trivial mode: the paper's form (sigmoid + auxiliary) and the released form (posterior + replace).
-# none + none is GRPO exactly (test above), whose rise tests/test_trainer.py checks.
+# Short runs (12-20 steps at batch 16) are dominated by seed-to-seed noise for every mode, plain GRPO included;
+# 40 steps at batch 32, G 8 rise reliably for every combination (see the test below for the figures).
 COMBINATIONS = [
     ("sigmoid", "auxiliary", "ema"),
     ("sigmoid", "replace", "column"),
@@ -144,31 +137,15 @@ def red_plus_one(prompts, images=None, **kwargs):
 
 
 @pytest.mark.parametrize("ras_mode, crt_mode, prior_source", COMBINATIONS)
-def test_every_mode_combination_trains(tmp_path, ras_mode, crt_mode, prior_source):
+def test_every_mode_combination_raises_the_reward(tmp_path, ras_mode, crt_mode, prior_source):
+    """Each RAS × CRT combination (each prior source three times) trains 40 steps at batch 32 and the true
+    reward rises. Measured gains of the last-5 over the first-5 step means, seed 42: 0.0043 to 0.0166 across the
+    nine combinations (the paper's sigmoid + auxiliary 0.0058, the released posterior + replace 0.0161); the
+    noise of such a difference is about 0.0005 (plain GRPO with learning rate 0 moves it by at most 0.0003).
+    The margin 0.002 is 4× the noise and half the smallest gain. Shorter runs (12-20 steps) were tried and are
+    dominated by noise for every method, plain GRPO included."""
     dataset = Dataset.from_dict({"prompt": PROMPTS, "prior": [0.983] * len(PROMPTS)})
     settings = dict(ras_mode=ras_mode, crt_mode=crt_mode, prior_source=prior_source, prior_num_rollouts=2)
-    trainer = make_trainer(tmp_path, dataset, max_steps=3, reward=red_plus_one, **settings)
-    trainer.train()
-    assert all(torch.isfinite(torch.tensor(logged(trainer, key))).all() for key in ("loss", "reward"))
-    low, high = min(logged(trainer, "bpgo/ras_weight_min")), max(logged(trainer, "bpgo/ras_weight_max"))
-    bounds = {"sigmoid": (0.5, 1.5), "posterior": (0.5, 1.5), "none": (1.0, 1.0)}[ras_mode]
-    assert bounds[0] <= low <= high <= bounds[1]
-    assert bool(logged(trainer, "bpgo/crt_loss")) == (crt_mode == "auxiliary")
-    assert any(p.abs().sum() > 0 for n, p in lora_weights(trainer).items() if "lora_B" in n)
-
-
-@pytest.mark.parametrize(
-    "settings",
-    [
-        dict(ras_mode="sigmoid", crt_mode="auxiliary", prior_source="ema"),
-        dict(ras_mode="posterior", crt_mode="replace", prior_source="column"),
-    ],
-    ids=["paper", "released"],
-)
-def test_bpgo_raises_the_reward(tmp_path, settings):
-    """40 steps at batch 32: the rollout reward's last-5-step mean beats its first-5-step mean by far more
-    than the noise of such a mean (≈ 0.0005)."""
-    dataset = Dataset.from_dict({"prompt": PROMPTS, "prior": [0.983] * len(PROMPTS)})
     trainer = make_trainer(
         tmp_path,
         dataset,
@@ -179,10 +156,16 @@ def test_bpgo_raises_the_reward(tmp_path, settings):
         **settings,
     )
     trainer.train()
-    rewards = logged(trainer, "reward")
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    print(f"reward {first:.4f} -> {last:.4f}")
-    assert last - first > 0.004, (first, last)
+    assert all(torch.isfinite(torch.tensor(logged(trainer, key))).all() for key in ("loss", "reward"))
+    low, high = min(logged(trainer, "bpgo/ras_weight_min")), max(logged(trainer, "bpgo/ras_weight_max"))
+    bounds = {"sigmoid": (0.5, 1.5), "posterior": (0.5, 1.5), "none": (1.0, 1.0)}[ras_mode]
+    assert bounds[0] <= low <= high <= bounds[1]
+    assert bool(logged(trainer, "bpgo/crt_loss")) == (crt_mode == "auxiliary")
+    true_reward = logged(
+        trainer, "rewards/red_plus_one/mean"
+    )  # "reward" is the transformed one under replace
+    first, last = sum(true_reward[:5]) / 5, sum(true_reward[-5:]) / 5
+    assert last - first > 0.002, (first, last)
 
 
 # -- priors: EMA state, estimation, cache, resume ---------------------------------------------------------------
