@@ -8,6 +8,7 @@ in a Hub id, so these names never collide with real models.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import (
@@ -87,6 +88,24 @@ def _tiny_clip_text_encoder(seed: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(config).eval()
 
 
+def _tiny_image_vae(shift_factor: float, scaling_factor: float, **extra: Any) -> AutoencoderKL:
+    """The image VAE of the tiny SD3 and FLUX pipelines: three blocks of 8 channels, 4 latent channels (a 32×32
+    image gives an 8×8 latent), with the family's own latent shift and scale."""
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+        **extra,
+    )
+
+
 def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     """A random-weight ``StableDiffusion3Pipeline``: 32×32 images, 8×8×4 latents, two-layer towers.
 
@@ -107,33 +126,9 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         pos_embed_max_size=32,
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _tiny_image_vae(shift_factor=0.0609, scaling_factor=1.5035)
     torch.manual_seed(seed + 2)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=1000,
-            d_model=HIDDEN_SIZE,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    t5 = T5EncoderModel(_tiny_t5_config())
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -190,15 +185,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         axes_dims_rope=(4, 6, 6),
     )
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
+    vae = _tiny_image_vae(
         shift_factor=0.1159,
         scaling_factor=0.3611,
         use_quant_conv=False,
