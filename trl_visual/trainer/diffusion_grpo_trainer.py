@@ -742,7 +742,11 @@ class DiffusionGRPOTrainer(Trainer):
         rollouts = self._rollouts
         num_trained = rollouts.train_steps.shape[1]
         scale = num_trained * self.current_gradient_accumulation_steps
-        metrics = defaultdict(float)
+        sums: dict[str, torch.Tensor] = {}  # detached running sums: one device sync per metric, not per step
+
+        def add(name: str, value: torch.Tensor) -> None:
+            sums[name] = sums.get(name, 0) + value.detach().mean() / num_trained
+
         for k in range(num_trained):
             transition = self._transition(model, rollouts, k)
             with self.compute_loss_context_manager():
@@ -750,23 +754,21 @@ class DiffusionGRPOTrainer(Trainer):
                 loss, clipped = self.policy_loss(
                     step.log_prob, transition["old_log_prob"], rollouts.advantages, rollouts
                 )
-                metrics["policy_loss"] += loss.mean().item() / num_trained
+                add("policy_loss", loss)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
                         reference_step = self._step_distribution(reference, rollouts, transition)
                     kl = gaussian_kl(step.mean, reference_step.mean, step.std).flatten(1).mean(dim=1)
                     loss = loss + self.args.beta * kl
-                    metrics["kl"] += kl.mean().item() / num_trained
+                    add("kl", kl)
                 loss = loss.mean()
             self.accelerator.backward(loss / scale)
-            metrics["loss"] += loss.item() / num_trained
-            metrics["clip_ratio"] += clipped.mean().item() / num_trained
+            add("loss", loss)
+            add("clip_ratio", clipped)
         for name in ("policy_loss", "clip_ratio", "kl"):
-            if name in metrics:
-                self._metrics["train"][name].append(metrics[name])
-        return torch.tensor(
-            metrics["loss"] / self.current_gradient_accumulation_steps, device=self.accelerator.device
-        )
+            if name in sums:
+                self._metrics["train"][name].append(sums[name].item())
+        return sums["loss"] / self.current_gradient_accumulation_steps
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving
