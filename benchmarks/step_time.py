@@ -17,7 +17,7 @@ import time
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import Dinov2Config, Dinov2Model, TrainerCallback
+from transformers import TrainerCallback
 
 from trl_visual import (
     BPGOConfig,
@@ -27,6 +27,7 @@ from trl_visual import (
     ViPOConfig,
     ViPOTrainer,
 )
+from trl_visual.testing import tiny_dinov2
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 
@@ -62,19 +63,6 @@ def settings(output_dir: str, steps: int) -> dict:
     )
 
 
-def tiny_backbone() -> Dinov2Model:
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=4,
-        image_size=32,
-    )
-    return Dinov2Model(config).eval()
-
-
 def run(method: str, steps: int) -> float:
     folder = tempfile.mkdtemp()
     common = dict(
@@ -90,7 +78,7 @@ def run(method: str, steps: int) -> float:
     elif method == "BPGO":
         trainer = BPGOTrainer(args=BPGOConfig(**settings(folder, steps)), **common)
     else:
-        trainer = ViPOTrainer(args=ViPOConfig(**settings(folder, steps)), backbone=tiny_backbone(), **common)
+        trainer = ViPOTrainer(args=ViPOConfig(**settings(folder, steps)), backbone=tiny_dinov2(), **common)
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()

@@ -19,9 +19,9 @@ import argparse
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import Dinov2Config, Dinov2Model
 
-from trl_visual.backbones import VisionBackbone
+from trl_visual.backbones import IMAGENET_MEAN, IMAGENET_STD, VisionBackbone
+from trl_visual.testing import tiny_dinov2
 from trl_visual.trainer.vipo_config import ViPOConfig
 from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
@@ -31,18 +31,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 
 def tiny_backbone() -> VisionBackbone:
     """A random-weight DINOv2 small enough for the CPU: ViPO's plumbing without a download."""
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-    )
-    return VisionBackbone(
-        Dinov2Model(config).eval(), image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225)
-    )
+    return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 def parse_args() -> argparse.Namespace:

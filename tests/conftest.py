@@ -9,6 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def dinov2_path(tmp_path_factory):
+    """The tiny DINOv2 (patch 4: an 8×8 patch grid on 32×32 samples) saved as a user's local checkpoint."""
+    from trl_visual.testing import save_tiny_dinov2
+
+    return save_tiny_dinov2(tmp_path_factory.mktemp("backbone") / "dinov2")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

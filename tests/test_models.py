@@ -16,7 +16,6 @@ from datasets import Dataset
 from diffusers import WanPipeline
 from peft import LoraConfig
 from PIL import Image
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.models import FluxAdapter, WanAdapter, WanImageToVideoAdapter, get_adapter
@@ -337,24 +336,6 @@ def test_i2v_conditioning_image_reaches_the_reward_and_the_video(tmp_path):
 
 
 # -- BPGO and ViPO on each family -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dinov2_path(tmp_path_factory):
-    """A tiny random DINOv2 (patch 4) saved as a user's checkpoint, for ViPO's maps."""
-    path = tmp_path_factory.mktemp("backbone") / "dinov2"
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-    )
-    Dinov2Model(config).eval().save_pretrained(path)
-    BitImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
-    return str(path)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
 from trl_visual.backbones import BackboneError
 from trl_visual.core.vipo import perceptual_map, pool_to_tokens
@@ -19,24 +18,6 @@ from trl_visual.trainer.vipo_trainer import ViPOTrainer, dense_policy_loss, rewa
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EPS = 1e-4
-
-
-@pytest.fixture(scope="module")
-def dinov2_path(tmp_path_factory):
-    """A tiny random DINOv2 (patch 4: an 8×8 patch grid on 32×32 samples), saved as a user's checkpoint."""
-    path = tmp_path_factory.mktemp("backbone") / "dinov2"
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-    )
-    Dinov2Model(config).eval().save_pretrained(path)
-    BitImageProcessor(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
-    return str(path)
 
 
 def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, config_class=ViPOConfig, **overrides):

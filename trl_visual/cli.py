@@ -269,25 +269,11 @@ def resolve_reward_spec(spec: str) -> Callable[..., Any]:
 
 
 def _tiny_backbone() -> Any:
-    """A random-weight DINOv2 built in code (patch 4), so ``vipo`` runs offline on the tiny models."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
+    """A random-weight DINOv2 built in code (:func:`trl_visual.testing.tiny_dinov2`), so ``vipo`` runs offline."""
     from .backbones import IMAGENET_MEAN, IMAGENET_STD, VisionBackbone
+    from .testing import tiny_dinov2
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        patch_size=4,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=32,
-    )
-    model = Dinov2Model(config).eval()
-    torch.random.set_rng_state(generator_state)
-    return VisionBackbone(model, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+    return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
 def build_trainer(command: str, script_args: ScriptArguments, config: Any, model_args: ModelArguments) -> Any:

@@ -7,6 +7,7 @@ in a Hub id, so these names never collide with real models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 from transformers import (
+    BitImageProcessor,
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
@@ -32,12 +34,16 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
     UMT5Config,
     UMT5EncoderModel,
 )
+
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
 
 TINY_PREFIX = "tiny:"
 HIDDEN_SIZE = 32
@@ -334,6 +340,32 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
     _small_video_defaults(pipeline)
     _eval_all(pipeline)
     return pipeline
+
+
+def tiny_dinov2(seed: int = 0) -> Dinov2Model:
+    """A random-weight DINOv2 small enough for the CPU (patch 4: an 8×8 patch grid on 32×32 samples, 16
+    channels, one layer), so ViPO runs offline. The global RNG is left as it was."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=32,
+    )
+    model = Dinov2Model(config).eval()
+    torch.random.set_rng_state(state)
+    return model
+
+
+def save_tiny_dinov2(path: str | os.PathLike, seed: int = 0) -> str:
+    """:func:`tiny_dinov2` saved with an ImageNet-normalising image processor, laid out like a Hub checkpoint,
+    so it loads through exactly the path a user's ``backbone="facebook/dinov2-large"`` takes."""
+    tiny_dinov2(seed).save_pretrained(path)
+    BitImageProcessor(image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(path)
+    return str(path)
 
 
 TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
