@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--dataset", default=None, help="a Hub data set or local file with a 'prompt' column")
     parser.add_argument("--reward", default=["red_channel"], nargs="+", help="registered reward names")
-    parser.add_argument("--max_steps", type=int, default=20)
+    parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--output_dir", default="bpgo-video-output")
     return parser.parse_args()
 
@@ -57,8 +57,8 @@ def training_settings(tiny: bool) -> dict:
     if tiny:
         return dict(
             num_generations=8,
-            per_device_train_batch_size=16,
-            learning_rate=1e-2,
+            per_device_train_batch_size=32,
+            learning_rate=2e-2,
             guidance_scale=1.0,
             num_inference_steps=4,
             max_sequence_length=16,
