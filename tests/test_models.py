@@ -277,6 +277,43 @@ def test_gradient_checkpointing_trains(tmp_path, model):
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+def test_vae_tiling_and_slicing_reach_the_decoder(tmp_path):
+    """``vae_tiling``/``vae_slicing`` switch on the pipeline VAE's own memory options, and training decodes
+    through them (tiles made smaller than the tiny videos so the tiled path really runs)."""
+    trainer = make_trainer(tmp_path, "wan", vae_tiling=True, vae_slicing=True, max_steps=1)
+    vae = trainer.pipeline.vae
+    assert vae.use_tiling and vae.use_slicing
+    vae.enable_tiling(16, 16, 8, 8)
+    tiled_calls = []
+    tiled_decode = vae.tiled_decode
+
+    def counting_tiled_decode(latents, *args, **kwargs):
+        tiled_calls.append(latents.shape[0])
+        return tiled_decode(latents, *args, **kwargs)
+
+    vae.tiled_decode = counting_tiled_decode
+    trainer.train()
+    # slicing hands the tiled decoder one video at a time: 8 videos in the step's batch
+    assert tiled_calls == [1] * 8
+    assert np.isfinite(logged(trainer, "reward")).all()
+
+    untouched = make_trainer(tmp_path, "wan")
+    assert not untouched.pipeline.vae.use_tiling and not untouched.pipeline.vae.use_slicing
+
+
+def test_vae_slicing_without_support_is_reported(tmp_path, monkeypatch, caplog):
+    from diffusers.models.autoencoders.vae import AutoencoderMixin
+
+    monkeypatch.delattr(AutoencoderMixin, "enable_slicing")
+    with caplog.at_level("WARNING", logger="trl_visual.trainer.diffusion_grpo_trainer"):
+        trainer = make_trainer(tmp_path, "wan", vae_slicing=True)
+    assert (
+        "vae_slicing=True has no effect: the pipeline's VAE (AutoencoderKLWan) has no enable_slicing()"
+        in caplog.text
+    )
+    assert not trainer.pipeline.vae.use_slicing
+
+
 def test_video_samples_are_logged_as_a_gif(tmp_path):
     trainer = make_trainer(tmp_path, "wan", log_images=True, num_images_to_log=4, max_steps=1)
     trainer.train()

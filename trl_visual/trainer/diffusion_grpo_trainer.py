@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,8 @@ from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .logging_utils import captioned_grid, log_samples, to_pil
+
+logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METHOD_STATE_NAME = "trl_visual_state.pt"
@@ -214,6 +217,7 @@ class DiffusionGRPOTrainer(Trainer):
         self.is_peft = peft_config is not None
         denoiser = self._prepare_denoiser(peft_config, args)
         self._check_resolution(args)
+        self._enable_vae_memory_options(args)
 
         self._staging_dir: str | None = None
         self._card_is_fresh = False
@@ -316,10 +320,24 @@ class DiffusionGRPOTrainer(Trainer):
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
+
+    def _enable_vae_memory_options(self, args: DiffusionGRPOConfig) -> None:
+        """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
+        without the method is reported and decodes as before."""
         vae = getattr(self.pipeline, "vae", None)
-        for wanted, method in ((args.vae_tiling, "enable_tiling"), (args.vae_slicing, "enable_slicing")):
-            if wanted and hasattr(vae, method):
+        for wanted, option, method in (
+            (args.vae_tiling, "vae_tiling", "enable_tiling"),
+            (args.vae_slicing, "vae_slicing", "enable_slicing"),
+        ):
+            if not wanted:
+                continue
+            if hasattr(vae, method):
                 getattr(vae, method)()
+            else:
+                logger.warning(
+                    f"{option}=True has no effect: the pipeline's VAE ({type(vae).__name__}) has no {method}(); "
+                    "decoding runs without it."
+                )
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
