@@ -19,7 +19,7 @@ from PIL import Image
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.models import FluxAdapter, WanAdapter, WanImageToVideoAdapter, get_adapter
-from trl_visual.testing import load_tiny_pipeline
+from trl_visual.testing import load_tiny_pipeline, tiny_wan_two_experts_pipeline
 
 MODELS = ["flux", "wan", "wan-i2v"]
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
@@ -149,6 +149,82 @@ def test_adapter_sampling_reproduces_the_pipeline(model, adapter_class):
         reference = pipeline(**kwargs).frames
     assert ours.shape == reference.shape == ((1, 3, 32, 32) if model == "flux" else (1, 5, 3, 32, 32))
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)
+
+
+def test_two_expert_wan_routes_like_the_pipeline():
+    """Wan2.2 A14B: the adapter's sampling (``transformer`` while σ ≥ boundary_ratio, ``transformer_2`` below)
+    gives the pipeline's own output, and differs from sampling with the first expert alone."""
+    pipeline = tiny_wan_two_experts_pipeline()
+    adapter = get_adapter(pipeline)
+    shape = adapter.latent_shape(32, 32, 5)
+    sigmas = adapter.sigmas(8, shape)
+    # σ = 1, 0.947, 0.883, 0.801, …: the first three steps are the high-noise expert's
+    assert adapter.trains_at(sigmas[:-1]).tolist() == [True] * 3 + [False] * 5
+    embeds = adapter.encode_prompts(["a red car"], 16)
+
+    def sample(adapter) -> torch.Tensor:
+        latents = adapter.prepare_noise(1, shape, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            for i in range(8):
+                velocity = adapter.velocity(adapter.denoiser, latents, sigmas[i].expand(1), embeds, None, 1.0)
+                latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+        return adapter.decode(latents)
+
+    reference = pipeline(
+        prompt_embeds=embeds["prompt_embeds"], height=32, width=32, num_frames=5, num_inference_steps=8,
+        guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(3),
+    ).frames  # fmt: skip
+    ours = sample(adapter)
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)
+    one_expert = sample(get_adapter(load_tiny_pipeline("tiny:wan")))
+    assert (ours - one_expert).abs().max() > 1e-3
+
+
+class TrainedStepsTrainer(DiffusionGRPOTrainer):
+    """Records the σ of every transition that reaches the policy loss."""
+
+    trained_sigmas: list[float] = []
+
+    def _make_rollouts(self, inputs):
+        rollouts = super()._make_rollouts(inputs)
+        self.trained_sigmas = self.trained_sigmas + rollouts.sigmas[rollouts.train_steps].flatten().tolist()
+        return rollouts
+
+
+def test_two_expert_wan_trains_only_where_the_trained_expert_predicts(tmp_path):
+    """Every step stochastic, DanceGRPO's random selection: only σ ≥ boundary_ratio transitions are trained
+    (the frozen expert's would cost a backward pass and train nothing), and the LoRA learns."""
+    args = make_config(
+        tmp_path, "wan", num_inference_steps=8, timestep_fraction=0.6, timestep_selection="random", max_steps=2,
+        learning_rate=1e-2,
+    )  # fmt: skip
+    trainer = TrainedStepsTrainer(
+        model=tiny_wan_two_experts_pipeline(),
+        reward_funcs="red_channel",
+        args=args,
+        train_dataset=dataset("wan"),
+        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
+    )
+    trainer.train()
+    # 2 steps × 8 samples × round(0.6 × 3) = 2 of the 3 high-noise transitions each
+    assert len(trainer.trained_sigmas) == 2 * 8 * 2
+    assert min(trainer.trained_sigmas) >= 0.875
+    assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_two_expert_wan_refuses_a_window_of_frozen_steps(tmp_path):
+    args = make_config(tmp_path, "wan", num_inference_steps=8, sde_window_size=2, sde_window_range=[2, 5])
+    with pytest.raises(ValueError) as error:
+        DiffusionGRPOTrainer(
+            model=tiny_wan_two_experts_pipeline(),
+            reward_funcs="red_channel",
+            args=args,
+            train_dataset=dataset("wan"),
+        )
+    message = str(error.value)
+    assert "predicts only at sampling steps [0, 1, 2]" in message
+    assert "The stochastic steps [3, 4] (sde_window_size=2, sde_window_range=[2, 5])" in message
+    assert "Set `sde_window_range` to [0, 3]" in message
 
 
 def test_flux_packing_and_position_grid():

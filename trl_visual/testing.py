@@ -297,6 +297,19 @@ def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
     return pipeline
 
 
+def tiny_wan_two_experts_pipeline(seed: int = 0, boundary_ratio: float = 0.875) -> WanPipeline:
+    """:func:`tiny_wan_pipeline` with a second, low-noise expert, like Wan2.2 A14B: ``transformer`` predicts
+    while ``σ ≥ boundary_ratio`` and ``transformer_2`` below."""
+    pipeline = tiny_wan_pipeline(seed)
+    second = _tiny_wan_transformer(seed + 5, in_channels=4)
+    two_experts = WanPipeline(
+        **{**pipeline.components, "transformer_2": second}, boundary_ratio=boundary_ratio
+    )
+    _small_video_defaults(two_experts)
+    _eval_all(two_experts)
+    return two_experts
+
+
 def _tiny_clip_image_processor() -> CLIPImageProcessor:
     return CLIPImageProcessor(
         do_resize=True,

@@ -27,15 +27,20 @@ def stochastic_step_indices(
     return [i for i in range(window_start, window_start + window_size) if i < last]
 
 
+def window_starts(window_size: int, window_range: tuple[int, int], num_steps: int, sde_type: str) -> range:
+    """Where the SDE window may start: ``window_range`` (half-open), clipped so the whole window fits before
+    the end of sampling (and always at least its first value)."""
+    last = (num_steps - 1 if sde_type == "cps" else num_steps) - window_size
+    low, high = window_range
+    return range(low, max(min(high, last + 1), low + 1))
+
+
 def sample_window_start(
     window_size: int, window_range: tuple[int, int], num_steps: int, sde_type: str, generator: torch.Generator
 ) -> int:
-    """Draw the first SDE step of the window uniformly from ``window_range`` (half-open), clipped so the
-    whole window fits before the end of sampling."""
-    last = (num_steps - 1 if sde_type == "cps" else num_steps) - window_size
-    low, high = window_range
-    high = max(min(high, last + 1), low + 1)
-    return int(torch.randint(low, high, (1,), generator=generator).item())
+    """Draw the first SDE step of the window uniformly from :func:`window_starts`."""
+    starts = window_starts(window_size, window_range, num_steps, sde_type)
+    return int(torch.randint(starts.start, starts.stop, (1,), generator=generator).item())
 
 
 def num_train_timesteps(num_stochastic: int, timestep_fraction: float) -> int:

@@ -117,6 +117,14 @@ class DiffusionAdapter:
         """
         raise NotImplementedError
 
+    def trains_at(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Whether the trained denoiser is the one that predicts at each ``σ`` (a bool tensor of the same shape).
+
+        True everywhere for a single denoiser; a pipeline with a second, frozen expert (Wan2.2 A14B) returns
+        False where that expert predicts, so the trainer never spends a backward pass there.
+        """
+        return torch.ones_like(sigmas, dtype=torch.bool)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to pixels in ``[0, 1]``: ``(B, 3, H, W)`` or ``(B, T, 3, H, W)``, float32."""
         raise NotImplementedError

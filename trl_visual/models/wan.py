@@ -11,9 +11,9 @@ Conventions followed from diffusers' Wan pipelines:
 - **Decoding** un-normalizes with the VAE's per-channel ``latents_mean`` / ``latents_std`` and returns videos
   ``(B, T, 3, H, W)`` in ``[0, 1]``.
 - **Two experts** (Wan2.2 A14B: ``transformer_2`` and ``boundary_ratio``): ``transformer`` (the trained one)
-  predicts while ``σ ≥ boundary_ratio`` and the frozen ``transformer_2`` below, like the pipeline. Only steps
-  of the trained expert carry a gradient, so keep the trained timesteps (``sde_window_range``) in the
-  high-noise range, or swap the two experts in the pipeline to train the low-noise one.
+  predicts while ``σ ≥ boundary_ratio`` and the frozen ``transformer_2`` below, like the pipeline (one
+  ``guidance_scale`` for both). :meth:`WanAdapter.trains_at` tells the trainer which steps are the trained
+  expert's, so only those are trained; swap the two experts in the pipeline to train the low-noise one.
 
 Image-to-video (Wan2.1 I2V, Wan2.2 A14B I2V) follows ``WanImageToVideoPipeline.prepare_latents``: the
 conditioning image (from the dataset column ``image_column``) is resized to the generation size, followed by
@@ -110,13 +110,17 @@ class WanAdapter(DiffusionAdapter):
         return (latent_shape[1] // patch[0]) * (latent_shape[2] // patch[1]) * (latent_shape[3] // patch[2])
 
     # -- denoiser ---------------------------------------------------------------------------------
-    def _expert(self, denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.nn.Module:
-        """Wan2.2 A14B: the high-noise expert (trained) for ``σ ≥ boundary_ratio``, else ``transformer_2``."""
+    def trains_at(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Wan2.2 A14B: the trained ``transformer`` predicts while ``σ ≥ boundary_ratio`` (the pipeline's
+        ``t ≥ boundary_ratio · 1000``), the frozen ``transformer_2`` below. One expert: everywhere."""
         boundary = self.pipeline.config.get("boundary_ratio")
-        second = getattr(self.pipeline, "transformer_2", None)
-        if boundary is None or second is None or float(sigma.reshape(-1)[0]) >= boundary:
-            return denoiser
-        return second
+        if boundary is None or getattr(self.pipeline, "transformer_2", None) is None:
+            return super().trains_at(sigmas)
+        return sigmas >= boundary
+
+    def _expert(self, denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.nn.Module:
+        """``denoiser`` (the trained expert) where :meth:`trains_at`, else the frozen ``transformer_2``."""
+        return denoiser if bool(self.trains_at(sigma.reshape(-1)[:1])) else self.pipeline.transformer_2
 
     def _timestep(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``σ · 1000`` per sample, or per token for Wan2.2 TI2V-5B (``expand_timesteps``)."""

@@ -28,7 +28,12 @@ from trl.trainer.utils import RepeatSampler
 from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.sde import euler_step, sde_step_with_logprob
-from ..core.timesteps import sample_window_start, select_train_timesteps, stochastic_step_indices
+from ..core.timesteps import (
+    sample_window_start,
+    select_train_timesteps,
+    stochastic_step_indices,
+    window_starts,
+)
 from ..hub import build_model_card, reward_curve_image, settings_table, write_model_card_files
 from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
 from ..rewards import RewardFunc, resolve_reward, reward_name
@@ -217,6 +222,7 @@ class DiffusionGRPOTrainer(Trainer):
         self.is_peft = peft_config is not None
         denoiser = self._prepare_denoiser(peft_config, args)
         self._check_resolution(args)
+        self._check_trained_steps(args)
         self._enable_vae_memory_options(args)
 
         self._staging_dir: str | None = None
@@ -320,6 +326,41 @@ class DiffusionGRPOTrainer(Trainer):
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
+
+    def _check_trained_steps(self, args: DiffusionGRPOConfig) -> None:
+        """Refuse, before any sampling, an SDE window that could fall where the trained denoiser never
+        predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
+        nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
+        num_steps = args.num_inference_steps
+        sigmas = self.adapter.sigmas(num_steps, self.latent_shape)[:-1]
+        trained = self.adapter.trains_at(sigmas).nonzero().flatten().tolist()
+        if len(trained) == num_steps:
+            return
+        if not trained:
+            raise ValueError(
+                f"None of the {num_steps} sampling steps uses the trained {self.adapter.denoiser_name}: a frozen "
+                "second expert predicts at every step (check the pipeline's `boundary_ratio`)."
+            )
+        if args.sde_window_size > 0:
+            starts = window_starts(
+                args.sde_window_size, tuple(args.sde_window_range), num_steps, args.sde_type
+            )
+        else:
+            starts = [0]
+        for start in starts:
+            window = stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, start)
+            if not set(window) & set(trained):
+                raise ValueError(
+                    f"With num_inference_steps={num_steps}, the trained {self.adapter.denoiser_name} predicts only "
+                    f"at sampling steps {trained}; the others belong to a frozen second expert (Wan2.2's "
+                    f"transformer_2 below boundary_ratio). The stochastic steps {window} (sde_window_size="
+                    f"{args.sde_window_size}, sde_window_range={args.sde_window_range}) contain none of them, so "
+                    f"they would train nothing. Set `sde_window_range` to [0, {trained[-1] + 1}] or "
+                    "`sde_window_size` to 0, or swap the two experts in the pipeline to train the low-noise one."
+                )
+        logger.info(
+            f"Training only sampling steps {trained} of {num_steps}: the others are predicted by a frozen expert."
+        )
 
     def _enable_vae_memory_options(self, args: DiffusionGRPOConfig) -> None:
         """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
@@ -664,13 +705,16 @@ class DiffusionGRPOTrainer(Trainer):
             raise RuntimeError(
                 "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
             )
-        rollouts.train_steps = select_train_timesteps(
-            list(range(rollouts.log_probs.shape[1])),
+        # positions, among the stochastic steps, where the trained denoiser predicts (all but a frozen expert's)
+        trainable = self.adapter.trains_at(rollouts.sigmas).nonzero().flatten()
+        selected = select_train_timesteps(
+            trainable.tolist(),
             len(prompts),
             self.args.timestep_fraction,
             self.args.timestep_selection,
             torch.Generator().manual_seed(self._generation_seed() + 7),
-        ).to(self.accelerator.device)
+        )
+        rollouts.train_steps = trainable[selected.to(trainable.device)]
         self._score(rollouts, inputs)
         if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
             log_samples(self, rollouts)
