@@ -19,7 +19,11 @@ from PIL import Image
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.models import FluxAdapter, WanAdapter, WanImageToVideoAdapter, get_adapter
-from trl_visual.testing import load_tiny_pipeline, tiny_wan_two_experts_pipeline
+from trl_visual.testing import (
+    load_tiny_pipeline,
+    tiny_wan_i2v_two_experts_pipeline,
+    tiny_wan_two_experts_pipeline,
+)
 
 MODELS = ["flux", "wan", "wan-i2v"]
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
@@ -123,15 +127,7 @@ def test_adapter_sampling_reproduces_the_pipeline(model, adapter_class):
     if model == "wan-i2v":
         embeds.update(adapter.encode_conditioning([{"image": images()[0]}]))
     negative = None if model == "flux" else adapter.encode_prompts([""], 16)
-    sigmas = adapter.sigmas(4, shape)
-    latents = adapter.prepare_noise(1, shape, torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        for i in range(4):
-            velocity = adapter.velocity(
-                adapter.denoiser, latents, sigmas[i].expand(1), embeds, negative, guidance
-            )
-            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
-        ours = adapter.decode(latents)
+    ours = euler_sample(adapter, embeds, 4, shape, negative, guidance)
     if model == "flux":
         reference = pipeline(
             "a red car", height=32, width=32, num_inference_steps=4, guidance_scale=guidance,
@@ -151,6 +147,21 @@ def test_adapter_sampling_reproduces_the_pipeline(model, adapter_class):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)
 
 
+def euler_sample(
+    adapter, embeds, num_steps: int, shape, negative=None, guidance: float = 1.0
+) -> torch.Tensor:
+    """Deterministic Euler sampling through the adapter from seed 3 (the pipelines' own sampler), decoded."""
+    sigmas = adapter.sigmas(num_steps, shape)
+    latents = adapter.prepare_noise(1, shape, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for i in range(num_steps):
+            velocity = adapter.velocity(
+                adapter.denoiser, latents, sigmas[i].expand(1), embeds, negative, guidance
+            )
+            latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
+    return adapter.decode(latents)
+
+
 def test_two_expert_wan_routes_like_the_pipeline():
     """Wan2.2 A14B: the adapter's sampling (``transformer`` while σ ≥ boundary_ratio, ``transformer_2`` below)
     gives the pipeline's own output, and differs from sampling with the first expert alone."""
@@ -162,22 +173,31 @@ def test_two_expert_wan_routes_like_the_pipeline():
     assert adapter.trains_at(sigmas[:-1]).tolist() == [True] * 3 + [False] * 5
     embeds = adapter.encode_prompts(["a red car"], 16)
 
-    def sample(adapter) -> torch.Tensor:
-        latents = adapter.prepare_noise(1, shape, torch.Generator().manual_seed(3))
-        with torch.no_grad():
-            for i in range(8):
-                velocity = adapter.velocity(adapter.denoiser, latents, sigmas[i].expand(1), embeds, None, 1.0)
-                latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
-        return adapter.decode(latents)
-
     reference = pipeline(
         prompt_embeds=embeds["prompt_embeds"], height=32, width=32, num_frames=5, num_inference_steps=8,
         guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(3),
     ).frames  # fmt: skip
-    ours = sample(adapter)
+    ours = euler_sample(adapter, embeds, 8, shape)
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)
-    one_expert = sample(get_adapter(load_tiny_pipeline("tiny:wan")))
+    one_expert = euler_sample(get_adapter(load_tiny_pipeline("tiny:wan")), embeds, 8, shape)
     assert (ours - one_expert).abs().max() > 1e-3
+
+
+def test_wan22_image_to_video_reproduces_the_pipeline():
+    """Wan2.2 A14B image-to-video: no CLIP image states (the transformer has no ``image_dim``), the image only
+    through the first-frame condition, two experts; the adapter's sampling gives the pipeline's output."""
+    pipeline = tiny_wan_i2v_two_experts_pipeline()
+    adapter = get_adapter(pipeline)
+    shape = adapter.latent_shape(32, 32, 5)
+    embeds = adapter.encode_prompts(["a red car"], 16)
+    embeds.update(adapter.encode_conditioning([{"image": images()[0]}]))
+    assert "image_embeds" not in embeds
+    assert adapter.trains_at(adapter.sigmas(8, shape)[:-1]).sum() == 2  # σ = 1, 0.947 ≥ 0.9
+    reference = pipeline(
+        image=images()[0], prompt_embeds=embeds["prompt_embeds"], height=32, width=32, num_frames=5,
+        num_inference_steps=8, guidance_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(3),
+    ).frames  # fmt: skip
+    torch.testing.assert_close(euler_sample(adapter, embeds, 8, shape), reference, atol=2e-5, rtol=0)
 
 
 class TrainedStepsTrainer(DiffusionGRPOTrainer):
@@ -191,24 +211,34 @@ class TrainedStepsTrainer(DiffusionGRPOTrainer):
         return rollouts
 
 
-def test_two_expert_wan_trains_only_where_the_trained_expert_predicts(tmp_path):
+@pytest.mark.parametrize(
+    "model, pipeline, boundary, per_sample",
+    # high-noise steps: σ = 1, 0.947, 0.883 ≥ 0.875 (text-to-video), σ = 1, 0.947 ≥ 0.9 (image-to-video);
+    # round(0.6 × 3) = 2 and round(0.6 × 2) = 1 of them are trained per sample
+    [
+        ("wan", tiny_wan_two_experts_pipeline, 0.875, 2),
+        ("wan-i2v", tiny_wan_i2v_two_experts_pipeline, 0.9, 1),
+    ],
+)
+def test_two_expert_wan_trains_only_where_the_trained_expert_predicts(
+    tmp_path, model, pipeline, boundary, per_sample
+):
     """Every step stochastic, DanceGRPO's random selection: only σ ≥ boundary_ratio transitions are trained
     (the frozen expert's would cost a backward pass and train nothing), and the LoRA learns."""
     args = make_config(
-        tmp_path, "wan", num_inference_steps=8, timestep_fraction=0.6, timestep_selection="random", max_steps=2,
+        tmp_path, model, num_inference_steps=8, timestep_fraction=0.6, timestep_selection="random", max_steps=2,
         learning_rate=1e-2,
     )  # fmt: skip
     trainer = TrainedStepsTrainer(
-        model=tiny_wan_two_experts_pipeline(),
+        model=pipeline(),
         reward_funcs="red_channel",
         args=args,
-        train_dataset=dataset("wan"),
+        train_dataset=dataset(model),
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
     )
     trainer.train()
-    # 2 steps × 8 samples × round(0.6 × 3) = 2 of the 3 high-noise transitions each
-    assert len(trainer.trained_sigmas) == 2 * 8 * 2
-    assert min(trainer.trained_sigmas) >= 0.875
+    assert len(trainer.trained_sigmas) == 2 * 8 * per_sample  # 2 steps × 8 samples
+    assert min(trainer.trained_sigmas) >= boundary
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 

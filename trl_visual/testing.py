@@ -358,6 +358,25 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
     return pipeline
 
 
+def tiny_wan_i2v_two_experts_pipeline(seed: int = 0, boundary_ratio: float = 0.9) -> WanImageToVideoPipeline:
+    """A random-weight Wan2.2 A14B-style ``WanImageToVideoPipeline``: no CLIP image encoder (the image enters only
+    through the VAE-encoded first frame), and two experts split at ``boundary_ratio``."""
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
+    pipeline = WanImageToVideoPipeline(
+        tokenizer=_tiny_t5_tokenizer(),
+        text_encoder=text_encoder,
+        vae=_tiny_wan_vae(seed + 1),
+        scheduler=_tiny_wan_scheduler(),
+        transformer=_tiny_wan_transformer(seed, in_channels=12),
+        transformer_2=_tiny_wan_transformer(seed + 5, in_channels=12),
+        boundary_ratio=boundary_ratio,
+    )
+    _small_video_defaults(pipeline)
+    _eval_all(pipeline)
+    return pipeline
+
+
 def tiny_dinov2(seed: int = 0) -> Dinov2Model:
     """A random-weight DINOv2 small enough for the CPU (patch 4: an 8×8 patch grid on 32×32 samples, 16
     channels, one layer), so ViPO runs offline. The global RNG is left as it was."""
