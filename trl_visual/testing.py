@@ -280,34 +280,42 @@ def _small_video_defaults(pipeline: DiffusionPipeline) -> None:
     pipeline.default_height, pipeline.default_width, pipeline.default_num_frames = 32, 32, 5
 
 
-def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
-    """A random-weight Wan text-to-video ``WanPipeline``: 5 frames of 32×32 by default, ``(4, 2, 4, 4)``
-    latents (VAE factors 4 in time and 8 in space), a UMT5 text encoder and a two-block transformer."""
+def _tiny_wan(pipeline_class: type, seed: int, build_parts: Callable[[], dict]) -> DiffusionPipeline:
+    """A tiny Wan ``pipeline_class``: the parts every tiny Wan shares (UMT5 text encoder and tokenizer, VAE,
+    scheduler), plus ``build_parts()`` (the transformer(s) and any image encoder), built last."""
     torch.manual_seed(seed + 2)
     text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
-    pipeline = WanPipeline(
+    vae = _tiny_wan_vae(seed + 1)
+    pipeline = pipeline_class(
         tokenizer=_tiny_t5_tokenizer(),
         text_encoder=text_encoder,
-        vae=_tiny_wan_vae(seed + 1),
+        vae=vae,
         scheduler=_tiny_wan_scheduler(),
-        transformer=_tiny_wan_transformer(seed, in_channels=4),
+        **build_parts(),
     )
     _small_video_defaults(pipeline)
     _eval_all(pipeline)
     return pipeline
 
 
+def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
+    """A random-weight Wan text-to-video ``WanPipeline``: 5 frames of 32×32 by default, ``(4, 2, 4, 4)``
+    latents (VAE factors 4 in time and 8 in space), a UMT5 text encoder and a two-block transformer."""
+    return _tiny_wan(WanPipeline, seed, lambda: {"transformer": _tiny_wan_transformer(seed, in_channels=4)})
+
+
 def tiny_wan_two_experts_pipeline(seed: int = 0, boundary_ratio: float = 0.875) -> WanPipeline:
     """:func:`tiny_wan_pipeline` with a second, low-noise expert, like Wan2.2 A14B: ``transformer`` predicts
     while ``σ ≥ boundary_ratio`` and ``transformer_2`` below."""
-    pipeline = tiny_wan_pipeline(seed)
-    second = _tiny_wan_transformer(seed + 5, in_channels=4)
-    two_experts = WanPipeline(
-        **{**pipeline.components, "transformer_2": second}, boundary_ratio=boundary_ratio
+    return _tiny_wan(
+        WanPipeline,
+        seed,
+        lambda: {
+            "transformer": _tiny_wan_transformer(seed, in_channels=4),
+            "transformer_2": _tiny_wan_transformer(seed + 5, in_channels=4),
+            "boundary_ratio": boundary_ratio,
+        },
     )
-    _small_video_defaults(two_experts)
-    _eval_all(two_experts)
-    return two_experts
 
 
 def _tiny_clip_image_processor() -> CLIPImageProcessor:
@@ -326,14 +334,9 @@ def _tiny_clip_image_processor() -> CLIPImageProcessor:
     )
 
 
-def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
-    """A random-weight Wan2.1-style ``WanImageToVideoPipeline``: the transformer takes the noisy latents, the
-    first-frame mask and the VAE-encoded conditioning video on its channels (4 + 4 + 4), and CLIP image
-    embeddings (penultimate layer of a tiny ``CLIPVisionModel``) through its added key/value projections."""
-    torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
-    torch.manual_seed(seed + 3)
-    image_encoder = CLIPVisionModel(
+def _tiny_clip_vision_model(seed: int) -> CLIPVisionModel:
+    torch.manual_seed(seed)
+    return CLIPVisionModel(
         CLIPVisionConfig(
             hidden_size=HIDDEN_SIZE,
             intermediate_size=37,
@@ -344,37 +347,35 @@ def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
             projection_dim=HIDDEN_SIZE,
         )
     )
-    pipeline = WanImageToVideoPipeline(
-        tokenizer=_tiny_t5_tokenizer(),
-        text_encoder=text_encoder,
-        vae=_tiny_wan_vae(seed + 1),
-        scheduler=_tiny_wan_scheduler(),
-        image_processor=_tiny_clip_image_processor(),
-        image_encoder=image_encoder,
-        transformer=_tiny_wan_transformer(seed, in_channels=12, image_dim=HIDDEN_SIZE),
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0) -> WanImageToVideoPipeline:
+    """A random-weight Wan2.1-style ``WanImageToVideoPipeline``: the transformer takes the noisy latents, the
+    first-frame mask and the VAE-encoded conditioning video on its channels (4 + 4 + 4), and CLIP image
+    embeddings (penultimate layer of a tiny ``CLIPVisionModel``) through its added key/value projections."""
+    return _tiny_wan(
+        WanImageToVideoPipeline,
+        seed,
+        lambda: {
+            "image_processor": _tiny_clip_image_processor(),
+            "image_encoder": _tiny_clip_vision_model(seed + 3),
+            "transformer": _tiny_wan_transformer(seed, in_channels=12, image_dim=HIDDEN_SIZE),
+        },
     )
-    _small_video_defaults(pipeline)
-    _eval_all(pipeline)
-    return pipeline
 
 
 def tiny_wan_i2v_two_experts_pipeline(seed: int = 0, boundary_ratio: float = 0.9) -> WanImageToVideoPipeline:
     """A random-weight Wan2.2 A14B-style ``WanImageToVideoPipeline``: no CLIP image encoder (the image enters only
     through the VAE-encoded first frame), and two experts split at ``boundary_ratio``."""
-    torch.manual_seed(seed + 2)
-    text_encoder = UMT5EncoderModel(_tiny_t5_config(UMT5Config))
-    pipeline = WanImageToVideoPipeline(
-        tokenizer=_tiny_t5_tokenizer(),
-        text_encoder=text_encoder,
-        vae=_tiny_wan_vae(seed + 1),
-        scheduler=_tiny_wan_scheduler(),
-        transformer=_tiny_wan_transformer(seed, in_channels=12),
-        transformer_2=_tiny_wan_transformer(seed + 5, in_channels=12),
-        boundary_ratio=boundary_ratio,
+    return _tiny_wan(
+        WanImageToVideoPipeline,
+        seed,
+        lambda: {
+            "transformer": _tiny_wan_transformer(seed, in_channels=12),
+            "transformer_2": _tiny_wan_transformer(seed + 5, in_channels=12),
+            "boundary_ratio": boundary_ratio,
+        },
     )
-    _small_video_defaults(pipeline)
-    _eval_all(pipeline)
-    return pipeline
 
 
 def tiny_dinov2(seed: int = 0) -> Dinov2Model:
