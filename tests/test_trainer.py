@@ -1,5 +1,6 @@
 """End-to-end tests of DiffusionGRPOTrainer on the tiny offline SD3 pipeline."""
 
+import asyncio
 import os
 
 import pytest
@@ -248,6 +249,38 @@ def test_reward_of_the_wrong_length(tmp_path):
     trainer = make_trainer(tmp_path, reward=short_reward)
     with pytest.raises(ValueError, match=r"'short_reward' returned 1 values for 8 samples"):
         trainer.train()
+
+
+def test_async_rewards_run_concurrently_and_are_timed(tmp_path):
+    """Two ``async`` rewards meet inside one step: each waits until the other has started, which only
+    happens when they run concurrently (one after the other, the first would give up)."""
+    started: set[str] = set()
+
+    async def rendezvous(name: str, prompts: list[str]) -> list[float]:
+        started.add(name)
+        for _ in range(100):
+            if started == {"first", "second"}:
+                return [0.0] * len(prompts)
+            await asyncio.sleep(0)
+        raise AssertionError(f"{name} ran alone")
+
+    async def first(prompts, images, **kwargs):
+        return await rendezvous("first", prompts)
+
+    async def second(prompts, images, **kwargs):
+        return await rendezvous("second", prompts)
+
+    trainer = make_trainer(tmp_path, reward=[first, second], max_steps=1)
+    trainer.train()
+    assert started == {"first", "second"}
+    assert logged(trainer, "timing/reward/first")[0] > 0
+    assert logged(trainer, "timing/reward/second")[0] > 0
+
+    async def broken(prompts, images, **kwargs):
+        raise KeyError("score")
+
+    with pytest.raises(RuntimeError, match=r"reward function 'broken' raised KeyError"):
+        make_trainer(tmp_path, reward=broken).train()
 
 
 def test_reward_that_raises_or_returns_only_nan(tmp_path):

@@ -110,17 +110,25 @@ class WanAdapter(DiffusionAdapter):
         return (latent_shape[1] // patch[0]) * (latent_shape[2] // patch[1]) * (latent_shape[3] // patch[2])
 
     # -- denoiser ---------------------------------------------------------------------------------
+    def _boundary(self) -> float | None:
+        """Wan2.2 A14B's ``boundary_ratio``, where ``transformer`` hands over to ``transformer_2``; None with
+        one expert."""
+        if getattr(self.pipeline, "transformer_2", None) is None:
+            return None
+        return self.pipeline.config.get("boundary_ratio")
+
     def trains_at(self, sigmas: torch.Tensor) -> torch.Tensor:
         """Wan2.2 A14B: the trained ``transformer`` predicts while ``σ ≥ boundary_ratio`` (the pipeline's
         ``t ≥ boundary_ratio · 1000``), the frozen ``transformer_2`` below. One expert: everywhere."""
-        boundary = self.pipeline.config.get("boundary_ratio")
-        if boundary is None or getattr(self.pipeline, "transformer_2", None) is None:
-            return super().trains_at(sigmas)
-        return sigmas >= boundary
+        boundary = self._boundary()
+        return super().trains_at(sigmas) if boundary is None else sigmas >= boundary
 
     def _expert(self, denoiser: torch.nn.Module, sigma: torch.Tensor) -> torch.nn.Module:
-        """``denoiser`` (the trained expert) where :meth:`trains_at`, else the frozen ``transformer_2``."""
-        return denoiser if bool(self.trains_at(sigma.reshape(-1)[:1])) else self.pipeline.transformer_2
+        """``denoiser`` (the trained expert) where :meth:`trains_at`, else the frozen ``transformer_2``. With
+        one expert no σ is read back from the device."""
+        if self._boundary() is None or bool(self.trains_at(sigma.reshape(-1)[:1])):
+            return denoiser
+        return self.pipeline.transformer_2
 
     def _timestep(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``σ · 1000`` per sample, or per token for Wan2.2 TI2V-5B (``expand_timesteps``)."""

@@ -591,10 +591,13 @@ class DiffusionGRPOTrainer(Trainer):
         ]
         return torch.stack(scores, dim=1).to(self.accelerator.device)
 
-    def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
+    @contextlib.contextmanager
+    def _reward_call(self, index: int) -> Iterator[None]:
+        """Around one reward call: its time goes to ``timing/reward/<name>``, and an exception it raises is
+        re-raised naming the reward."""
         name, start = self.reward_names[index], time.perf_counter()
         try:
-            return func(**kwargs)
+            yield
         except Exception as error:
             raise RuntimeError(
                 f"The reward function {name!r} raised {type(error).__name__}: {error}"
@@ -602,17 +605,14 @@ class DiffusionGRPOTrainer(Trainer):
         finally:
             self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
 
+    def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
+        with self._reward_call(index):
+            return func(**kwargs)
+
     async def _call_async_rewards(self, indices: list[int], kwargs: dict[str, Any]) -> dict[int, Any]:
         async def call(index: int) -> Any:
-            name, start = self.reward_names[index], time.perf_counter()
-            try:
+            with self._reward_call(index):
                 return await self.reward_funcs[index](**kwargs)
-            except Exception as error:
-                raise RuntimeError(
-                    f"The reward function {name!r} raised {type(error).__name__}: {error}"
-                ) from error
-            finally:
-                self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
 
         results = await asyncio.gather(*(call(i) for i in indices))
         return dict(zip(indices, results))
