@@ -158,15 +158,19 @@ def _require(path: str, check: Callable[[str], str | None], fix: str) -> None:
         raise CheckpointError(f"Cannot resume from {os.path.dirname(path)}: {path}: {reason}. {fix}")
 
 
+def _subfolders(folder: str, prefix: str) -> bool:
+    """Whether ``folder`` has a subfolder whose name starts with ``prefix``."""
+    return any(
+        name.startswith(prefix) and os.path.isdir(os.path.join(folder, name)) for name in os.listdir(folder)
+    )
+
+
 def _has_optimizer(folder: str) -> bool:
     """Optimizer state as ``Trainer`` would find it: ``optimizer.pt``/``.bin``, an ``optimizer*`` folder
     (FSDP) or a ``global_step*`` folder (DeepSpeed, which keeps the optimizer there)."""
-    names = os.listdir(folder)
     return any(
-        name in (OPTIMIZER_NAME, "optimizer.bin")
-        or (os.path.isdir(os.path.join(folder, name)) and name.startswith(("optimizer", "global_step")))
-        for name in names
-    )
+        os.path.isfile(os.path.join(folder, name)) for name in (OPTIMIZER_NAME, "optimizer.bin")
+    ) or any(_subfolders(folder, prefix) for prefix in ("optimizer", "global_step"))
 
 
 def _check_denoiser_folder(folder: str) -> list[tuple[str, str]]:
@@ -313,7 +317,9 @@ def _check_training_state(
     missing, corrupt = [], []
     if not _has_optimizer(folder):
         missing.append(OPTIMIZER_NAME)
-    required = [SCHEDULER_NAME, rng_state_name(process_index, world_size)]
+    required = [rng_state_name(process_index, world_size)]
+    if not _subfolders(folder, "global_step"):  # DeepSpeed keeps its own scheduler with the optimizer
+        required.append(SCHEDULER_NAME)
     if expects_method_state:
         required.append(METHOD_STATE_NAME)
     missing += [name for name in required if not os.path.isfile(os.path.join(folder, name))]
