@@ -17,8 +17,8 @@ from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
+from .. import __version__
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
     batch_reward_scale,
@@ -393,10 +393,21 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         return {prompt: sum(v) / len(v) for prompt, v in values.items()}
 
     def _prior_fingerprint(self) -> dict[str, Any]:
-        """What the cached priors depend on; a cache made with other settings is not reused."""
+        """Everything the estimated priors depend on, as JSON values; a cache made with a different
+        fingerprint is not reused. The estimate samples the base model like a training rollout, from seeds
+        derived from ``seed``, and scores the samples with the weighted rewards: so the model (name, loading
+        options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
+        scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
+        setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
+        package version all count."""
         args = self.args
-        return {
-            "model": getattr(self.pipeline, "name_or_path", None) or type(self.pipeline).__name__,
+        fingerprint = {
+            "model": self.base_model_name,
+            "pipeline": type(self.pipeline).__name__,
+            "model_init_kwargs": args.model_init_kwargs or {},
+            "denoiser_dtype": next(self.adapter.denoiser.parameters()).dtype,
+            "mixed_precision": [args.bf16, args.fp16],
+            "scheduler": dict(self.pipeline.scheduler.config),
             "rewards": self.reward_names,
             "reward_weights": self.reward_weights.tolist(),
             "num_rollouts": args.prior_num_rollouts,
@@ -405,26 +416,50 @@ class BPGOTrainer(DiffusionGRPOTrainer):
                 args.num_inference_steps,
                 args.guidance_scale,
                 args.cfg_in_training,
-                self.height,
-                self.width,
+                list(self.latent_shape),
                 args.sde_type,
                 args.noise_level,
                 args.sde_window_size,
+                args.sde_window_range,
                 args.negative_prompt,
+                args.max_sequence_length,
             ],
+            "noise": [
+                args.per_device_train_batch_size,
+                args.world_size,
+                args.num_generations,
+                args.init_same_noise,
+            ],
+            "trl_visual": __version__,
         }
+        return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
     def _read_prior_cache(self, path: str) -> dict[str, float]:
+        """The cached priors in ``path``, or ``{}`` (estimate again) when there are none, they were made with
+        other settings, or the file is unreadable (truncated by a crash, edited by hand): a warning names it."""
         if not os.path.exists(path):
             return {}
-        with open(path) as f:
-            cache = json.load(f)
-        if cache.get("fingerprint") != json.loads(json.dumps(self._prior_fingerprint())):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cache = json.load(f)
+            fingerprint, priors = cache["fingerprint"], cache["priors"]
+            priors = {
+                prompt: _check_prior_value(value, f"prompt {prompt!r}") for prompt, value in priors.items()
+            }
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+            logger.warning(
+                "The cached BPGO priors in %s are unreadable (%s: %s); estimating them again and rewriting the file.",
+                path,
+                type(error).__name__,
+                error,
+            )
+            return {}
+        if fingerprint != self._prior_fingerprint():
             logger.warning(
                 "The cached priors in %s were made with other settings; estimating them again.", path
             )
             return {}
-        return cache["priors"]
+        return priors
 
     def _write_prior_cache(self, path: str, priors: dict[str, float]) -> None:
         """Written atomically (temporary file, then rename) by the main process only."""
@@ -436,12 +471,11 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             json.dump({"fingerprint": self._prior_fingerprint(), "priors": priors}, f)
         os.replace(temporary, path)
 
-    def _ensure_estimated_priors(self, resume_from_checkpoint: str | bool | None) -> None:
+    def _ensure_estimated_priors(self, checkpoint: str | None) -> None:
         """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
         ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
         if self.args.prior_source != "base_model" or self._estimated_priors is not None:
             return
-        checkpoint = self._checkpoint_path(resume_from_checkpoint)
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
             state = torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False)
             if state.get("estimated_priors"):
@@ -457,26 +491,9 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             self._write_prior_cache(path, priors)
         self._estimated_priors = priors
 
-    def _checkpoint_path(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        if resume_from_checkpoint is True:
-            return get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-        return resume_from_checkpoint or None
-
-    def train(
-        self,
-        resume_from_checkpoint: str | bool | None = None,
-        trial: Any = None,
-        ignore_keys_for_eval: list[str] | None = None,
-        **kwargs: Any,
-    ):
-        """:meth:`transformers.Trainer.train`, after making the priors when ``prior_source="base_model"``."""
-        self._ensure_estimated_priors(resume_from_checkpoint)
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+    def _before_train(self, checkpoint: str | None) -> None:
+        """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""
+        self._ensure_estimated_priors(checkpoint)
 
     # ------------------------------------------------------------------------------------------------
     # State kept in checkpoints

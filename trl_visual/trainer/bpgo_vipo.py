@@ -42,8 +42,8 @@ class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
     with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.trainer.vipo_trainer.dense_policy_loss`),
     or GRPO's scalar one on ``mean(M) · A`` with ``dense_level="sample"``.
 
-    From :class:`BPGOTrainer`: ``compute_advantages``, the priors, ``train`` and the checkpointed state; from
-    :class:`ViPOTrainer`: the backbone (``backbone=``), ``expand_advantages`` and the map metrics.
+    From :class:`BPGOTrainer`: ``compute_advantages``, the priors (``_before_train``) and the checkpointed
+    state; from :class:`ViPOTrainer`: the backbone (``backbone=``), ``expand_advantages`` and the map metrics.
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo", "bpgo", "vipo"]

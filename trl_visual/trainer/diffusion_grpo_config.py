@@ -60,6 +60,15 @@ class DiffusionGRPOConfig(TrainingArguments):
         default="image",
         metadata={"help": "Dataset column holding the conditioning image (image-to-video models only)."},
     )
+    resume_weights_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint that lacks optimizer.pt, scheduler.pt, rng_state*.pth or "
+            "trl_visual_state.pt, on purpose: the weights and the step count are restored and what the missing "
+            "files held (AdamW's moments, the LR schedule, the random generators, BPGO's priors) starts afresh. "
+            "Off by default: such a checkpoint is refused, naming the missing files."
+        },
+    )
 
     # -- GRPO -----------------------------------------------------------------------------------------
     num_generations: int = field(

@@ -22,9 +22,10 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
+from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.sde import euler_step, sde_step_with_logprob
@@ -42,9 +43,6 @@ from .diffusion_grpo_config import DiffusionGRPOConfig
 from .logging_utils import captioned_grid, log_samples, to_pil
 
 logger = logging.getLogger(__name__)
-
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-METHOD_STATE_NAME = "trl_visual_state.pt"
 
 
 @dataclass
@@ -101,6 +99,18 @@ def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
     positions: dict[str, int] = {}
     inverse = [positions.setdefault(v, len(positions)) for v in values]
     return list(positions), torch.tensor(inverse, dtype=torch.long)
+
+
+def check_prompts(prompts: list[Any], where: str) -> None:
+    """Refuse a prompt that is not text or is empty (or only whitespace): it would be trained on as the
+    unconditional prompt, silently. ``where`` names the prompts' source for the message."""
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(
+                f"Row {row} of {where} holds the prompt {prompt!r}: prompts must be non-empty text. Remove such "
+                "rows (e.g. `dataset.filter(lambda row: isinstance(row['prompt'], str) and row['prompt'].strip())`) "
+                "or fill them in."
+            )
 
 
 def load_pipeline(
@@ -284,6 +294,8 @@ class DiffusionGRPOTrainer(Trainer):
                 f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
                 f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
             )
+        if columns is not None and hasattr(dataset, "__len__"):
+            check_prompts(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
         if split == "train_dataset" and hasattr(dataset, "__len__"):
             prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
             if len(dataset) < prompts_per_step:
@@ -698,6 +710,7 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
         prompts = [row[self.args.prompt_column] for row in inputs]
+        check_prompts(prompts, "a batch of the train_dataset")  # a streaming dataset is only seen here
         offset = self.accelerator.process_index * self.args.per_device_train_batch_size
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
         rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
@@ -831,6 +844,58 @@ class DiffusionGRPOTrainer(Trainer):
             if name in sums:
                 self._metrics["train"][name].append(sums[name].item())
         return sums["loss"] / self.current_gradient_accumulation_steps
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """:meth:`transformers.Trainer.train`, after checking that the checkpoint to resume (if any) is
+        complete, readable and fits the model (:func:`~trl_visual.checkpointing.check_checkpoint`), before
+        anything is loaded from it, and after :meth:`_before_train`."""
+        checkpoint = self._checked_checkpoint(resume_from_checkpoint)
+        self._before_train(checkpoint)
+        return super().train(
+            resume_from_checkpoint=checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _before_train(self, checkpoint: str | None) -> None:
+        """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).
+        BPGO makes its priors here."""
+
+    def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder to resume (``True``: the last one in ``output_dir``), checked; ``None`` for
+        a new run."""
+        if resume_from_checkpoint in (None, False):
+            return None
+        if resume_from_checkpoint is True:
+            output_dir = self.args.output_dir
+            found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder. Pass a checkpoint "
+                    "folder, or leave resume_from_checkpoint unset to start a new run."
+                )
+            resume_from_checkpoint = found
+        denoiser = self.accelerator.unwrap_model(self.model)
+        lora = get_peft_model_state_dict(denoiser) if self.is_peft else None
+        check_checkpoint(
+            str(resume_from_checkpoint),
+            lora_shapes={key: tuple(value.shape) for key, value in lora.items()}
+            if lora is not None
+            else None,
+            denoiser_name=self.adapter.denoiser_name,
+            expects_method_state=bool(self.method_state()),
+            weights_only=self.args.resume_weights_only,
+            process_index=self.args.process_index,
+            world_size=self.args.world_size,
+        )
+        return str(resume_from_checkpoint)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving

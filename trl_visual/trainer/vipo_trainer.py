@@ -159,11 +159,44 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             return None
         source = backbone if backbone is not None else args.backbone
         if isinstance(source, VisionBackbone):
-            return source
+            return ViPOTrainer._with_image_size(source, args.backbone_image_size)
         kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
         if isinstance(source, (str, os.PathLike)) and (args.bf16 or args.fp16):
             kwargs["dtype"] = torch.bfloat16 if args.bf16 else torch.float16
         return VisionBackbone(source, **kwargs)
+
+    @staticmethod
+    def _with_image_size(backbone: VisionBackbone, image_size: int | None) -> VisionBackbone:
+        """A built backbone (the CLI's ``tiny:dinov2``, a user's) takes ``backbone_image_size`` when it has no
+        size of its own; two different sizes are refused rather than one silently ignored."""
+        if image_size is None or backbone.image_size == image_size:
+            return backbone
+        if backbone.image_size is not None:
+            raise ValueError(
+                f"`backbone_image_size={image_size}` disagrees with the image_size={backbone.image_size} the given "
+                "VisionBackbone was built with. Set one of them only (or both to the same value)."
+            )
+        backbone.image_size = image_size
+        return backbone
+
+    def _check_resolution(self, args: ViPOConfig) -> None:
+        """Also refuse a backbone input under 2×2 patches: its PCA has one token (or one row of them), so every
+        map would be constant, all ones, and ViPO would silently be GRPO. Checked before any sampling, for
+        backbones whose patch size is known (transformers models; user modules report their own grid)."""
+        super()._check_resolution(args)
+        if self.backbone is None or not self.backbone.patch_size:
+            return
+        patch = self.backbone.patch_size
+        size = self.backbone.input_size(self.height, self.width)
+        grid = tuple(side // patch for side in size)
+        if min(grid) < 2:
+            raise ValueError(
+                f"ViPO's backbone {self.backbone.name!r} would see the {self.height}×{self.width} samples at "
+                f"{size[0]}×{size[1]} pixels (backbone_image_size={self.backbone.image_size}), a {grid[0]}×{grid[1]} "
+                f"grid of {patch}-pixel patches: a map needs at least 2×2 patches, or it is all ones. Set "
+                f"`backbone_image_size` to at least {2 * patch} (or leave it unset to use the samples' size), raise "
+                "`height`/`width`, or use a backbone with smaller patches."
+            )
 
     def _position_layout(self) -> tuple[tuple[int, ...], int]:
         """The latent position grid (``(H, W)`` or ``(T, H, W)``) and the latent pixels per token side.
