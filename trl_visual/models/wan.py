@@ -105,6 +105,11 @@ class WanAdapter(DiffusionAdapter):
     def default_num_frames(self) -> int:
         return getattr(self.pipeline, "default_num_frames", DEFAULT_NUM_FRAMES)
 
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {"guidance_scale": guidance_scale, "num_frames": num_frames}
+
     def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
         patch = self.denoiser.config.patch_size
         return (latent_shape[1] // patch[0]) * (latent_shape[2] // patch[1]) * (latent_shape[3] // patch[2])
@@ -194,6 +199,13 @@ class WanImageToVideoAdapter(WanAdapter):
     def required_columns(self, args: Any) -> list[str]:
         self.image_column = getattr(args, "image_column", None) or "image"
         return [self.image_column]
+
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Adds the row's conditioning ``image``."""
+        kwargs = super().pipeline_call_kwargs(guidance_scale, num_frames, row)
+        return {**kwargs, "image": self._row_images([row])[0]} if row is not None else kwargs
 
     # -- conditioning -----------------------------------------------------------------------------
     def _load_image(self, value: Any) -> Image.Image:
