@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
+from safetensors import safe_open
 from test_trainer import PROMPTS, TARGETS, make_config
 
 from trl_visual import DiffusionGRPOTrainer
@@ -220,11 +222,10 @@ def test_hub_base_model_rejects_what_is_not_a_repo_id(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # Pushing
 # ------------------------------------------------------------------------------------------------------------
-def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch):
-    """Train r=4/alpha=32 for 3 steps, push with the Hub calls intercepted (the upload is copied to a folder),
-    then run the card's own snippet against that copy for each prompt and seed of the card: each picture
-    matches its ``images/after_i.png`` and the grid matches ``samples_after.png`` within 1/255 (8-bit PNGs);
-    before and after differ by more than that. The card's samples are rendered once per push."""
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """``HfApi.create_repo``/``upload_folder`` intercepted: an upload is copied (its ignore patterns applied) to
+    ``tmp_path/hub/<repo id>``; returns the list of uploaded repo ids."""
     uploads = []
 
     def create_repo(self, repo_id, **kwargs):
@@ -236,9 +237,47 @@ def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch):
             folder_path, target, ignore=shutil.ignore_patterns(*ignore_patterns), dirs_exist_ok=True
         )
         uploads.append(repo_id)
+        done = Future()
+        done.set_result(None)
+        return done
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return uploads
+
+
+def test_checkpoint_pushes_carry_the_lora_and_save_model_pushes_once(tmp_path, fake_hub):
+    """``push_to_hub=True`` with a checkpoint every step: each checkpoint push uploads the LoRA file (with its
+    adapter metadata); ``save_model()`` at the end (what the CLI calls) pushes once, with the card."""
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=make_config(
+            tmp_path,
+            max_steps=2,
+            push_to_hub=True,
+            hub_model_id="user/tiny-grpo",
+            save_strategy="steps",
+            save_steps=1,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(r=4, lora_alpha=32, target_modules=TARGETS),
+    )
+    trainer.train()
+    pushed = tmp_path / "hub" / "user" / "tiny-grpo"
+    assert fake_hub == ["user/tiny-grpo"] * 2 and not (pushed / "README.md").exists()
+    with safe_open(str(pushed / "pytorch_lora_weights.safetensors"), "pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert (metadata["transformer.r"], metadata["transformer.lora_alpha"]) == (4, 32)
+    trainer.save_model()
+    assert fake_hub == ["user/tiny-grpo"] * 3 and (pushed / "README.md").exists()
+
+
+def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch, fake_hub):
+    """Train r=4/alpha=32 for 3 steps, push with the Hub calls intercepted (the upload is copied to a folder),
+    then run the card's own snippet against that copy for each prompt and seed of the card: each picture
+    matches its ``images/after_i.png`` and the grid matches ``samples_after.png`` within 1/255 (8-bit PNGs);
+    before and after differ by more than that. The card's samples are rendered once per push."""
     trainer = DiffusionGRPOTrainer(
         model="tiny:sd3",
         reward_funcs="red_channel",
@@ -251,7 +290,7 @@ def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch):
     original = trainer._card_pictures_for
     monkeypatch.setattr(trainer, "_card_pictures_for", lambda rows: renders.append(1) or original(rows))
     trainer.push_to_hub()
-    assert uploads == ["user/tiny-grpo"] and len(renders) == 1
+    assert fake_hub == ["user/tiny-grpo"] and len(renders) == 1
 
     pushed = tmp_path / "hub" / "user" / "tiny-grpo"
     text = (pushed / "README.md").read_text()

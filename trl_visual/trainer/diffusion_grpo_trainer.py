@@ -31,8 +31,8 @@ from ..core.timesteps import (
     stochastic_step_indices,
     window_starts,
 )
-from ..hub import (  # LORA_WEIGHTS_NAME: re-exported, checkpoints name their file from here
-    LORA_WEIGHTS_NAME,  # noqa: F401
+from ..hub import (
+    LORA_WEIGHTS_NAME,
     CardSample,
     build_model_card,
     dataset_repo_id,
@@ -1040,7 +1040,12 @@ class DiffusionGRPOTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
+        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
         if self._staging_dir is None:  # pushed once the checkpoint has its final name
+            lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
+            if self.is_world_process_zero() and os.path.isfile(lora):
+                shutil.copy(lora, os.path.join(self.args.output_dir, LORA_WEIGHTS_NAME))
             super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
