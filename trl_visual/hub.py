@@ -369,11 +369,11 @@ def usage_snippet(
             "# the base model this LoRA was trained on (a local folder that names no Hub repo)\n"
             'pipe = DiffusionPipeline.from_pretrained("path/to/the/base/model", torch_dtype=torch.float32)'
         )
-    arguments = [json.dumps(sample.prompt)]
+    arguments = [f"prompt={json.dumps(sample.prompt)}"]
     for name, value in call_kwargs.items():
         if name == "image":
             imports.append("from diffusers.utils import load_image")
-            arguments.append('image=load_image("first_frame.png")  # the conditioning image')
+            arguments.append('image=load_image("path/to/first_frame.png")')
         elif value is not None:
             arguments.append(f"{name}={json.dumps(value) if isinstance(value, str) else repr(value)}")
     arguments.append(f"generator=torch.Generator().manual_seed({sample.seed})")

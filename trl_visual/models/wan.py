@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers.utils import is_ftfy_available
 from PIL import Image
 
 from .base import DiffusionAdapter, PromptEmbeds
@@ -203,7 +204,13 @@ class WanImageToVideoAdapter(WanAdapter):
     def pipeline_call_kwargs(
         self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Adds the row's conditioning ``image``."""
+        """Adds the row's conditioning ``image``. ``WanImageToVideoPipeline.__call__`` cleans prompts with
+        ``ftfy`` without checking that it is installed: without it, this says so."""
+        if not is_ftfy_available():
+            raise ImportError(
+                "WanImageToVideoPipeline's own __call__ (which makes the model card's samples, and which anyone "
+                "loading this LoRA calls) needs `ftfy`: `pip install ftfy`. The trained weights are saved."
+            )
         kwargs = super().pipeline_call_kwargs(guidance_scale, num_frames, row)
         return {**kwargs, "image": self._row_images([row])[0]} if row is not None else kwargs
 

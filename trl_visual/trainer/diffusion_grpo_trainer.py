@@ -914,9 +914,10 @@ class DiffusionGRPOTrainer(Trainer):
         with context, self.compute_loss_context_manager():
             for i, row in enumerate(rows):
                 output = self.pipeline(
-                    row[self.args.prompt_column],
+                    prompt=row[self.args.prompt_column],
                     **self._card_call_kwargs(row),
                     generator=torch.Generator().manual_seed(self.args.seed + i),
+                    output_type="pil",
                 )
                 samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
         return samples
