@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from concurrent.futures import Future
 from types import SimpleNamespace
 
@@ -199,6 +200,15 @@ def test_model_cards_are_valid_for_every_kind_of_base_model(tmp_path, where, exp
     assert metadata["license"] == "other"
 
 
+def test_card_links_the_active_wandb_run(monkeypatch):
+    assert "Training run" not in str(card_for("tiny:sd3"))
+    run = SimpleNamespace(url="https://wandb.ai/user/project/runs/abc123")
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(run=run))
+    assert "Training run: [Weights & Biases](https://wandb.ai/user/project/runs/abc123)" in str(
+        card_for("tiny:sd3")
+    )
+
+
 def test_card_license_datasets_and_settings(tmp_path):
     folder = local_folder(tmp_path, "base")
     (tmp_path / "base" / "README.md").write_text("---\nlicense: openrail++\n---\n# base\n")
@@ -294,7 +304,7 @@ def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch, fake
     trainer.train()
     renders = []
     original = trainer._card_pictures_for
-    monkeypatch.setattr(trainer, "_card_pictures_for", lambda rows: renders.append(1) or original(rows))
+    monkeypatch.setattr(trainer, "_card_pictures_for", lambda *args: renders.append(1) or original(*args))
     trainer.push_to_hub()
     assert fake_hub == ["user/tiny-grpo"] and len(renders) == 1
 

@@ -258,19 +258,20 @@ class CardSample:
     after: str
 
 
+#: the card, a Jinja template rendered by ``ModelCard.from_template`` (``card_data`` is the YAML metadata)
 CARD_TEMPLATE = """---
-{card_data}
+{{ card_data }}
 ---
 
-# {title}
+# {{ title }}
 
-LoRA weights for {base_link} trained with **{method}** using
-[trl_visual](https://github.com/trl-visual/trl_visual){rewards_text}.
+LoRA weights for {{ base_link }} trained with **{{ method }}** using
+[trl_visual](https://github.com/trl-visual/trl_visual){{ rewards_text }}.
 
 ## Use it
 
 ```python
-{snippet}
+{{ snippet }}
 ```
 
 ## Samples
@@ -280,7 +281,7 @@ gives these pictures; other devices and precisions differ a little.
 
 | prompt | seed | before | after |
 |---|---|---|---|
-{sample_rows}
+{{ sample_rows }}
 
 ![before](samples_before.png)
 ![after](samples_after.png)
@@ -289,22 +290,22 @@ gives these pictures; other devices and precisions differ a little.
 
 ![reward curve](reward_curve.png)
 
-{reward_summary}
+{{ reward_summary }}
 
 | setting | value |
 |---|---|
-{settings_table}
-{trackers}
-License: `{license}`.{license_note}
+{{ settings_table }}
+{{ trackers }}
+License: `{{ license }}`.{{ license_note }}
 
 ## Framework versions
 
-{versions}
+{{ versions }}
 
 ## Citations
 
 ```bibtex
-{citations}
+{{ citations }}
 ```
 """
 
@@ -433,8 +434,9 @@ def build_model_card(
         else "No reward was logged."
     )
     links = tracker_links()
-    text = CARD_TEMPLATE.format(
-        card_data=card_data.to_yaml(),
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
         title=f"{repo_id.split('/')[-1]}: {method} LoRA for {(base_model or model_name).split('/')[-1]}",
         base_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{model_name}`",
         method=method,
@@ -456,7 +458,6 @@ def build_model_card(
         versions="\n".join(f"- {name}: {version}" for name, version in framework_versions().items()),
         citations="\n\n".join(CITATIONS[c] for c in citations if c in CITATIONS),
     )
-    return ModelCard(text)
 
 
 def write_model_card_files(

@@ -922,15 +922,27 @@ class DiffusionGRPOTrainer(Trainer):
                 samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
         return samples
 
-    def _card_pictures_for(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """The card's files: per-prompt samples before and after (``.gif`` for videos) and the two grids."""
+    def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
+        """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
+        extension = "gif" if self.adapter.output_kind == "videos" else "png"
+        return [
+            CardSample(
+                row[self.args.prompt_column],
+                self.args.seed + i,
+                f"images/before_{i}.{extension}",
+                f"images/after_{i}.{extension}",
+            )
+            for i, row in enumerate(rows)
+        ]
+
+    def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
+        """The card's files: each prompt's sample before and after, and the two captioned grids."""
         after = self._card_samples(rows, reference=False)
         before = self._card_samples(rows, reference=True) if self.is_peft else after
-        extension = "gif" if self.adapter.output_kind == "videos" else "png"
-        prompts = [row[self.args.prompt_column] for row in rows]
+        prompts = [entry.prompt for entry in gallery]
         pictures: dict[str, Any] = {}
         for name, samples in (("before", before), ("after", after)):
-            pictures.update({f"images/{name}_{i}.{extension}": sample for i, sample in enumerate(samples)})
+            pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
             first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
             pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
         return pictures
@@ -965,18 +977,9 @@ class DiffusionGRPOTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         rows = self._card_rows()
+        gallery = self._card_gallery(rows)
         if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
-            self._card_pictures = self._card_pictures_for(rows)
-        extension = "gif" if self.adapter.output_kind == "videos" else "png"
-        samples = [
-            CardSample(
-                row[self.args.prompt_column],
-                self.args.seed + i,
-                f"images/before_{i}.{extension}",
-                f"images/after_{i}.{extension}",
-            )
-            for i, row in enumerate(rows)
-        ]
+            self._card_pictures = self._card_pictures_for(rows, gallery)
         rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
         repo_id = (
             getattr(self, "hub_model_id", None)
@@ -994,8 +997,8 @@ class DiffusionGRPOTrainer(Trainer):
             rewards=rewards,
             settings=self._card_settings_values(),
             citations=self._citations,
-            samples=samples,
-            call_kwargs=self._card_call_kwargs(rows[0] if self.adapter.required_columns(self.args) else None),
+            samples=gallery,
+            call_kwargs=self._card_call_kwargs(rows[0]),
             output_kind=self.adapter.output_kind,
             license=license,
             datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
