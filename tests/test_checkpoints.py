@@ -5,10 +5,14 @@ import os
 import pytest
 import torch
 import yaml
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from peft import LoraConfig
 from safetensors.torch import load_file
-from test_trainer import PROMPTS, logged, make_trainer
+from test_trainer import PROMPTS, TARGETS, logged, make_config, make_trainer
 from transformers import TrainerCallback
 
+from trl_visual import DiffusionGRPOTrainer
 from trl_visual.testing import tiny_sd3_pipeline
 
 
@@ -25,19 +29,37 @@ def lora_weights(directory):
     return load_file(os.path.join(directory, "pytorch_lora_weights.safetensors"))
 
 
-def test_resume_continues_the_same_run_exactly(tmp_path):
+LORA_CONFIGS = {
+    "r8-alpha8": dict(r=8, lora_alpha=8),
+    "r4-alpha32-dora": dict(r=4, lora_alpha=32, use_dora=True, alpha_pattern={"to_k": 7}),
+}
+
+
+def lora_trainer(tmp_path, lora, **settings):
+    return DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=make_config(tmp_path, **settings),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(target_modules=TARGETS, **lora),
+    )
+
+
+@pytest.mark.parametrize("lora", LORA_CONFIGS.values(), ids=LORA_CONFIGS.keys())
+def test_resume_continues_the_same_run_exactly(tmp_path, lora):
     """4 steps straight, and the same run cut off after its step-2 checkpoint then resumed for 2 more, give the
-    same LoRA weights (max abs difference under 1e-6) and the same logged rewards, learning rates and norms."""
+    same LoRA weights (max abs difference under 1e-6) and the same logged rewards, learning rates and norms;
+    also for a DoRA adapter with alpha != r (the checkpoint is read through diffusers' ``lora_state_dict``)."""
     settings = dict(save_strategy="steps", save_steps=2, learning_rate=3e-2, max_steps=4, seed=3)
-    straight = make_trainer(tmp_path / "a", **settings)
+    straight = lora_trainer(tmp_path / "a", lora, **settings)
     straight.train()
     straight.save_model(str(tmp_path / "a" / "final"))
 
-    interrupted = make_trainer(tmp_path / "b", **settings)
+    interrupted = lora_trainer(tmp_path / "b", lora, **settings)
     interrupted.add_callback(StopAfter(2))
     interrupted.train()
     assert interrupted.state.global_step == 2
-    resumed = make_trainer(tmp_path / "b", **settings)
+    resumed = lora_trainer(tmp_path / "b", lora, **settings)
     resumed.train(resume_from_checkpoint=True)  # picks output_dir/checkpoint-2
     resumed.save_model(str(tmp_path / "b" / "final"))
 
@@ -99,11 +121,21 @@ def test_model_card_and_offline_push(tmp_path):
         "samples_after.png",
         "reward_curve.png",
         "pytorch_lora_weights.safetensors",
+        "images",
     } <= set(os.listdir(out))
+    assert {f"{kind}_{i}.png" for kind in ("before", "after") for i in range(4)} == set(
+        os.listdir(out / "images")
+    )
 
     text = (out / "README.md").read_text()
     metadata = yaml.safe_load(text.split("---")[1])
-    assert metadata["base_model"] == "tiny:sd3"
+    assert ModelCard(text).data.to_dict() == metadata
+    assert "base_model" not in metadata  # `tiny:sd3` is no Hub repo: the Hub would reject it
+    assert metadata["license"] == "other"
+    assert [entry["output"]["url"] for entry in metadata["widget"]] == [
+        f"images/after_{i}.png" for i in range(4)
+    ]
+    assert 'pipe = load_tiny_pipeline("tiny:sd3")' in text
     assert metadata["library_name"] == "diffusers"
     assert metadata["pipeline_tag"] == "text-to-image"
     assert {"trl-visual", "grpo", "lora"} <= set(metadata["tags"])

@@ -1,14 +1,40 @@
-"""Model cards for trained LoRA weights, made with ``huggingface_hub``'s card tools."""
+"""LoRA files and model cards for trained weights, made with diffusers' and ``huggingface_hub``'s own tools.
+
+- :func:`save_lora` writes diffusers' LoRA format *with* the adapter's ``LoraConfig`` in the safetensors
+  metadata, so ``pipe.load_lora_weights`` rebuilds the adapter at its trained scale ``lora_alpha / r`` (without
+  it diffusers assumes ``lora_alpha = r``). :func:`load_lora_checkpoint` reads it back for resuming.
+- :func:`build_model_card` makes a card the Hub accepts: ``base_model`` only when it is a Hub repo id
+  (:func:`hub_base_model`), a license, the data set when it came from the Hub (:func:`dataset_repo_id`), a
+  ``widget`` gallery of the samples, a usage snippet that runs for the base model at hand, the settings, the
+  framework versions and the trackers' run links.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import math
 import os
+import re
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
+import torch
+from diffusers.utils import export_to_gif
+from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
+
+from .checkpointing import LORA_WEIGHTS_NAME
+
+#: the license written when neither the caller nor the base model's own card gives one
+DEFAULT_LICENSE = "other"
+#: the adapter settings that decide the LoRA's effect: a checkpoint must match the model on all of them
+LORA_SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
 CITATIONS: dict[str, str] = {
     "Flow-GRPO": """@article{liu2025flowgrpo,
@@ -39,48 +65,248 @@ CITATIONS: dict[str, str] = {
 }""",
 }
 
+
+# ------------------------------------------------------------------------------------------------------------
+# LoRA files
+# ------------------------------------------------------------------------------------------------------------
+def lora_adapter_metadata(denoiser: torch.nn.Module, adapter_name: str = "default") -> dict[str, Any]:
+    """The adapter's ``LoraConfig`` as a dict: what diffusers stores as ``lora_adapter_metadata``."""
+    return denoiser.peft_config[adapter_name].to_dict()
+
+
+def save_lora(pipeline_class: type, output_dir: str, denoiser: torch.nn.Module, denoiser_name: str) -> None:
+    """Write ``output_dir/pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``.
+
+    Keys are prefixed with ``denoiser_name`` and the adapter's config goes into the file's metadata, so
+    ``pipe.load_lora_weights(output_dir)`` rebuilds the adapter at its trained scale ``lora_alpha / r``
+    (``rank_pattern``, ``alpha_pattern``, rsLoRA and DoRA included) instead of assuming ``lora_alpha = r``.
+    """
+    pipeline_class.save_lora_weights(
+        output_dir,
+        **{
+            f"{denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser),
+            f"{denoiser_name}_lora_adapter_metadata": lora_adapter_metadata(denoiser),
+        },
+        weight_name=LORA_WEIGHTS_NAME,
+        safe_serialization=True,
+    )
+
+
+def _unprefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {key.removeprefix(prefix): value for key, value in values.items() if key.startswith(prefix)}
+
+
+def _check_same_adapter(model: dict[str, Any], saved: dict[str, Any], folder: str) -> None:
+    """A checkpoint's adapter settings (from its file metadata) must be the model's: another rank or alpha
+    would load at the wrong scale or not at all."""
+    different = [name for name in LORA_SCALE_FIELDS if name in saved and saved[name] != model.get(name)]
+    if different:
+        raise ValueError(
+            f"The LoRA in {folder} was trained with "
+            f"{', '.join(f'{name}={saved[name]!r}' for name in different)}, but the model's adapter has "
+            f"{', '.join(f'{name}={model.get(name)!r}' for name in different)}. Build the trainer with the "
+            "checkpoint's LoraConfig to resume it."
+        )
+
+
+def load_lora_checkpoint(
+    pipeline_class: type, folder: str, denoiser: torch.nn.Module, denoiser_name: str
+) -> None:
+    """Load the LoRA that :func:`save_lora` wrote in ``folder`` into ``denoiser``'s adapter, in place (the
+    optimizer keeps its parameters, so a resumed run continues exactly).
+
+    The file is read with the pipeline class's ``lora_state_dict`` and loaded with peft's
+    ``set_peft_model_state_dict``. (diffusers' ``load_lora_adapter(..., hotswap=True)`` does this for a plain
+    LoRA but, with peft 0.21, fails on DoRA's magnitude vectors and then drops the adapter.) Settings that differ
+    from the model's adapter, or keys that do not match it, are an error.
+    """
+    state, metadata = pipeline_class.lora_state_dict(
+        folder, weight_name=LORA_WEIGHTS_NAME, return_lora_metadata=True
+    )
+    prefix = f"{denoiser_name}."
+    _check_same_adapter(lora_adapter_metadata(denoiser), _unprefixed(metadata or {}, prefix), folder)
+    result = set_peft_model_state_dict(denoiser, _unprefixed(state, prefix))
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"The LoRA in {folder} does not fit the model's adapter: unexpected keys {result.unexpected_keys[:5]}, "
+            f"missing keys {missing[:5]}. Build the trainer with the checkpoint's model and LoraConfig."
+        )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the card says about the base model, the data and the run
+# ------------------------------------------------------------------------------------------------------------
+#: a Hub cache snapshot folder, ``…/models--org--name/snapshots/<revision>``
+_HUB_CACHE_FOLDER = re.compile(r"models--([^/\\]+?)--([^/\\]+?)[/\\]snapshots[/\\]")
+#: a ``datasets`` cache folder of a Hub data set, ``…/namespace___name/<config>/…``
+_DATASET_CACHE_FOLDER = re.compile(r"[/\\]([^/\\]+)___([^/\\]+)[/\\]")
+#: libraries whose versions the card lists
+FRAMEWORKS = (
+    "diffusers",
+    "peft",
+    "torch",
+    "transformers",
+    "accelerate",
+    "trl",
+    "huggingface_hub",
+    "datasets",
+)
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid Hub repo id (``org/name`` or a bare name) and not a path on this machine."""
+    if os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return {}
+
+
+def hub_base_model(name_or_path: str | None) -> str | None:
+    """The base model's Hub repo id, or None when there is none to name.
+
+    A repo id is itself; a local folder is traced through the Hub cache's folder name
+    (``models--org--name/snapshots/…``) or a ``_name_or_path`` recorded in its ``model_index.json`` or
+    ``config.json``; a ``tiny:`` model or an untraceable folder has none.
+    """
+    if not name_or_path:
+        return None
+    if not os.path.exists(name_or_path):
+        return name_or_path if is_hub_repo_id(name_or_path) else None
+    match = _HUB_CACHE_FOLDER.search(os.path.abspath(name_or_path) + os.sep)
+    if match:
+        return f"{match[1]}/{match[2]}"
+    for file in ("model_index.json", "config.json"):
+        recorded = _read_json(os.path.join(name_or_path, file)).get("_name_or_path")
+        if isinstance(recorded, str) and is_hub_repo_id(recorded):
+            return recorded
+    return None
+
+
+def base_model_license(name_or_path: str | None, repo_id: str | None) -> str | None:
+    """The ``license`` of the base model's own card when a copy is on this machine (in the local folder, or
+    in the Hub cache for a repo id); None otherwise."""
+    candidates = []
+    if name_or_path and os.path.isdir(name_or_path):
+        candidates.append(os.path.join(name_or_path, "README.md"))
+    if repo_id:
+        cached = try_to_load_from_cache(repo_id, "README.md")
+        if isinstance(cached, str):
+            candidates.append(cached)
+    for path in candidates:
+        if os.path.isfile(path):
+            license_name = ModelCard.load(path, ignore_metadata_errors=True).data.license
+            if license_name:
+                return license_name
+    return None
+
+
+def dataset_repo_id(dataset: Any) -> str | None:
+    """The Hub id of a data set loaded with ``load_dataset("namespace/name")``, or None.
+
+    A ``datasets.Dataset`` keeps it only in its Arrow cache folder, ``…/namespace___name/…`` (``datasets``
+    lower-cases and snake-cases the name there). Data built in memory, loaded from local files or streamed
+    has no such folder.
+    """
+    for cache_file in getattr(dataset, "cache_files", None) or []:
+        match = _DATASET_CACHE_FOLDER.search(str(cache_file.get("filename", "")))
+        if match and is_hub_repo_id(f"{match[1]}/{match[2]}"):
+            return f"{match[1]}/{match[2]}"
+    return None
+
+
+def framework_versions() -> dict[str, str]:
+    """Installed versions of ``trl_visual`` and the libraries it trains with."""
+    from . import __version__
+
+    versions = {"trl_visual": __version__}
+    for name in FRAMEWORKS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def tracker_links() -> dict[str, str]:
+    """Links to the runs of active experiment trackers: the Weights & Biases run, when one is active."""
+    run = getattr(sys.modules.get("wandb"), "run", None)
+    url = getattr(run, "url", None)
+    return {"Weights & Biases": url} if url else {}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The card
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class CardSample:
+    """One prompt of the card's gallery: its seed and the files (relative to the card) before and after."""
+
+    prompt: str
+    seed: int
+    before: str
+    after: str
+
+
+#: the card, a Jinja template rendered by ``ModelCard.from_template`` (``card_data`` is the YAML metadata)
 CARD_TEMPLATE = """---
-{card_data}
+{{ card_data }}
 ---
 
-# {title}
+# {{ title }}
 
-LoRA weights for [{base_model}](https://huggingface.co/{base_model}) trained with **{method}** using
-[trl_visual](https://github.com/trl-visual/trl_visual){rewards_text}.
+LoRA weights for {{ base_link }} trained with **{{ method }}** using
+[trl_visual](https://github.com/trl-visual/trl_visual){{ rewards_text }}.
 
 ## Use it
 
 ```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{repo_id}")
-image = pipe("{example_prompt}").images[0]
+{{ snippet }}
 ```
 
 ## Samples
 
-Same prompts and seeds, before (the base model) and after training:
+The base model (before) and this LoRA (after), each prompt with its seed. In float32 on the CPU the snippet above
+gives these pictures; other devices and precisions differ a little.
 
-| before | after |
-|---|---|
-| ![before](samples_before.png) | ![after](samples_after.png) |
+| prompt | seed | before | after |
+|---|---|---|---|
+{{ sample_rows }}
+
+![before](samples_before.png)
+![after](samples_after.png)
 
 ## Training
 
 ![reward curve](reward_curve.png)
 
-{reward_summary}
+{{ reward_summary }}
 
 | setting | value |
 |---|---|
-{settings_table}
+{{ settings_table }}
+{{ trackers }}
+License: `{{ license }}`.{{ license_note }}
+
+## Framework versions
+
+{{ versions }}
 
 ## Citations
 
 ```bibtex
-{citations}
+{{ citations }}
 ```
 """
 
@@ -111,31 +337,96 @@ def reward_curve_image(rewards: Sequence[float], size: tuple[int, int] = (480, 2
     return image
 
 
-def settings_table(args: Any, fields: Sequence[str]) -> str:
-    """Markdown rows ``| field | value |`` for the given config fields."""
-    return "\n".join(f"| `{name}` | `{getattr(args, name)}` |" for name in fields if hasattr(args, name))
+def settings_table(settings: dict[str, Any]) -> str:
+    """Markdown rows ``| name | value |``, leaving out settings that are None."""
+    return "\n".join(f"| `{name}` | `{value}` |" for name, value in settings.items() if value is not None)
+
+
+def _python_call(function: str, arguments: Sequence[str]) -> str:
+    return f"{function}(\n" + "".join(f"    {argument},\n" for argument in arguments) + ")"
+
+
+def usage_snippet(
+    model_name: str,
+    base_model: str | None,
+    repo_id: str,
+    call_kwargs: dict[str, Any],
+    sample: CardSample,
+    output_kind: str,
+) -> str:
+    """Python that loads the base model and this LoRA and makes ``sample``'s picture.
+
+    The base model is loaded by Hub id when it has one, rebuilt with ``trl_visual.testing`` for a ``tiny:``
+    model, and otherwise left as a path for the reader to fill in. ``call_kwargs`` are the pipeline's keyword
+    arguments; a conditioning ``image`` becomes a ``load_image`` call.
+    """
+    imports = ["from diffusers import DiffusionPipeline"]
+    if base_model:
+        load = f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float32)'
+    elif model_name.startswith("tiny:"):
+        imports = ["from trl_visual.testing import load_tiny_pipeline"]
+        load = f'pipe = load_tiny_pipeline("{model_name}")  # the random-weight test model this LoRA was trained on'
+    else:
+        load = (
+            "# the base model this LoRA was trained on (a local folder that names no Hub repo)\n"
+            'pipe = DiffusionPipeline.from_pretrained("path/to/the/base/model", torch_dtype=torch.float32)'
+        )
+    arguments = [f"prompt={json.dumps(sample.prompt)}"]
+    for name, value in call_kwargs.items():
+        if name == "image":
+            imports.append("from diffusers.utils import load_image")
+            arguments.append('image=load_image("path/to/first_frame.png")')
+        elif value is not None:
+            arguments.append(f"{name}={json.dumps(value) if isinstance(value, str) else repr(value)}")
+    arguments.append(f"generator=torch.Generator().manual_seed({sample.seed})")
+    if output_kind == "videos":
+        imports.append("from diffusers.utils import export_to_video")
+        result = (
+            f'frames = {_python_call("pipe", arguments)}.frames[0]\nexport_to_video(frames, "sample.mp4")'
+        )
+    else:
+        result = f"image = {_python_call('pipe', arguments)}.images[0]"
+    return "\n".join(
+        ["import torch", *sorted(set(imports)), "", load, f'pipe.load_lora_weights("{repo_id}")', result]
+    )
 
 
 def build_model_card(
     *,
-    base_model: str,
+    model_name: str,
     repo_id: str,
     method: str,
     pipeline_tag: str,
     reward_names: Sequence[str],
     rewards: Sequence[float],
-    settings: str,
+    settings: dict[str, Any],
     citations: Sequence[str],
-    example_prompt: str,
+    samples: Sequence[CardSample],
+    call_kwargs: dict[str, Any],
+    output_kind: str = "images",
+    license: str | None = None,
+    datasets: Sequence[str] = (),
     tags: Sequence[str] = (),
 ) -> ModelCard:
-    """The card: YAML metadata (``base_model``, ``library_name: diffusers``, ``pipeline_tag``, tags), a
-    ``load_lora_weights`` snippet, the before/after grids, the reward curve, the settings and citations."""
+    """The card: Hub metadata (``base_model`` when the base is a Hub repo, ``license``, ``datasets``,
+    ``library_name: diffusers``, ``pipeline_tag``, tags and a ``widget`` gallery of the after-samples), a usage
+    snippet that runs for this base model, the samples before and after with their seeds, the reward curve,
+    the settings, the trackers' run links, the framework versions and the citations.
+
+    ``model_name`` is the base model as the trainer was given it (a repo id, a local folder, a ``tiny:``
+    name); ``license`` defaults to the base model's own (when its card is on this machine), else
+    :data:`DEFAULT_LICENSE`.
+    """
+    base_model = hub_base_model(model_name)
+    license = license or base_model_license(model_name, base_model)
     card_data = ModelCardData(
         base_model=base_model,
+        license=license or DEFAULT_LICENSE,
+        datasets=list(datasets) or None,
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
         tags=list(dict.fromkeys(["trl-visual", method.lower(), "lora", "diffusers", *tags])),
+        widget=[{"text": sample.prompt, "output": {"url": sample.after}} for sample in samples],
     )
     finite = [r for r in rewards if math.isfinite(r)]
     summary = (
@@ -143,29 +434,43 @@ def build_model_card(
         if finite
         else "No reward was logged."
     )
-    text = CARD_TEMPLATE.format(
-        card_data=card_data.to_yaml(),
-        title=f"{repo_id.split('/')[-1]}: {method} LoRA for {base_model.split('/')[-1]}",
-        base_model=base_model,
+    links = tracker_links()
+    return ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        title=f"{repo_id.split('/')[-1]}: {method} LoRA for {(base_model or model_name).split('/')[-1]}",
+        base_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{model_name}`",
         method=method,
         rewards_text=f" against the reward(s) {', '.join(f'`{n}`' for n in reward_names)}"
         if reward_names
         else "",
-        repo_id=repo_id,
-        example_prompt=example_prompt.replace('"', "'"),
+        snippet=usage_snippet(model_name, base_model, repo_id, call_kwargs, samples[0], output_kind),
+        sample_rows="\n".join(
+            f"| {s.prompt.replace('|', '/')} | {s.seed} | ![before]({s.before}) | ![after]({s.after}) |"
+            for s in samples
+        ),
         reward_summary=summary,
-        settings_table=settings,
+        settings_table=settings_table(settings),
+        license=license or DEFAULT_LICENSE,
+        license_note=""
+        if license
+        else " The base model's license applies to these weights: set it with `trainer.push_to_hub(license=...)`.",
+        trackers="".join(f"\nTraining run: [{name}]({url})\n" for name, url in links.items()),
+        versions="\n".join(f"- {name}: {version}" for name, version in framework_versions().items()),
         citations="\n\n".join(CITATIONS[c] for c in citations if c in CITATIONS),
     )
-    return ModelCard(text)
 
 
 def write_model_card_files(
-    output_dir: str, card: ModelCard, before: Image.Image, after: Image.Image, curve: Image.Image
+    output_dir: str, card: ModelCard, pictures: dict[str, Image.Image | list[Image.Image]]
 ) -> None:
-    """``README.md`` and the three pictures it shows, in ``output_dir``."""
-    os.makedirs(output_dir, exist_ok=True)
-    before.save(os.path.join(output_dir, "samples_before.png"))
-    after.save(os.path.join(output_dir, "samples_after.png"))
-    curve.save(os.path.join(output_dir, "reward_curve.png"))
+    """``README.md`` and the pictures it shows in ``output_dir``: ``pictures`` maps a file name (relative to
+    ``output_dir``) to a PIL image, or to a video's frames, written as an animated GIF."""
+    for name, picture in pictures.items():
+        path = os.path.join(output_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(picture, list):
+            export_to_gif(picture, path)
+        else:
+            picture.save(path)
     card.save(os.path.join(output_dir, "README.md"))

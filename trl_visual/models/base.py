@@ -108,6 +108,14 @@ class DiffusionAdapter:
         """Frames per sample when ``num_frames`` is not set: 1 for image models."""
         return 1
 
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Keyword arguments of the pipeline's own ``__call__`` for the trainer's guidance (and, for video and
+        conditioned families, frames and conditioning from a dataset ``row``): how a user reproduces the
+        trainer's samples, e.g. the model card's."""
+        return {"guidance_scale": guidance_scale}
+
     def forward_denoiser(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds
     ) -> torch.Tensor:

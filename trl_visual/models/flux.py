@@ -51,6 +51,12 @@ class FluxAdapter(DiffusionAdapter):
         """Whether the transformer takes the guidance scale as an embedding (FLUX.1-dev)."""
         return bool(getattr(self.denoiser.config, "guidance_embeds", False))
 
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The pipeline's ``guidance_scale`` for a guidance-distilled transformer, else its ``true_cfg_scale``."""
+        return {"guidance_scale" if self.guidance_distilled else "true_cfg_scale": guidance_scale}
+
     @property
     def latent_channels(self) -> int:
         return self.denoiser.config.in_channels // 4

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline, WanPipeline
+from diffusers.utils import is_ftfy_available
 from PIL import Image
 
 from .base import DiffusionAdapter, PromptEmbeds
@@ -104,6 +105,11 @@ class WanAdapter(DiffusionAdapter):
 
     def default_num_frames(self) -> int:
         return getattr(self.pipeline, "default_num_frames", DEFAULT_NUM_FRAMES)
+
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {"guidance_scale": guidance_scale, "num_frames": num_frames}
 
     def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
         patch = self.denoiser.config.patch_size
@@ -194,6 +200,19 @@ class WanImageToVideoAdapter(WanAdapter):
     def required_columns(self, args: Any) -> list[str]:
         self.image_column = getattr(args, "image_column", None) or "image"
         return [self.image_column]
+
+    def pipeline_call_kwargs(
+        self, guidance_scale: float, num_frames: int, row: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Adds the row's conditioning ``image``. ``WanImageToVideoPipeline.__call__`` cleans prompts with
+        ``ftfy`` without checking that it is installed: without it, this says so."""
+        if not is_ftfy_available():
+            raise ImportError(
+                "WanImageToVideoPipeline's own __call__ (which makes the model card's samples, and which anyone "
+                "loading this LoRA calls) needs `ftfy`: `pip install ftfy`. The trained weights are saved."
+            )
+        kwargs = super().pipeline_call_kwargs(guidance_scale, num_frames, row)
+        return {**kwargs, "image": self._row_images([row])[0]} if row is not None else kwargs
 
     # -- conditioning -----------------------------------------------------------------------------
     def _load_image(self, value: Any) -> Image.Image:

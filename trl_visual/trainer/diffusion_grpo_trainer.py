@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import shutil
@@ -18,12 +17,10 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image
-from safetensors.torch import load_file
+from peft import LoraConfig, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, is_async_callable
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..core.advantages import combine_rewards, nan_std
@@ -35,12 +32,20 @@ from ..core.timesteps import (
     stochastic_step_indices,
     window_starts,
 )
-from ..hub import build_model_card, reward_curve_image, settings_table, write_model_card_files
+from ..hub import (
+    CardSample,
+    build_model_card,
+    dataset_repo_id,
+    load_lora_checkpoint,
+    reward_curve_image,
+    save_lora,
+    write_model_card_files,
+)
 from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
-from .logging_utils import captioned_grid, log_samples, to_pil
+from .logging_utils import captioned_grid, log_samples
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +88,6 @@ class EpochSeededRepeatSampler(RepeatSampler):
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + self.epoch)
         return super().__iter__()
-
-
-def _is_async(func: RewardFunc) -> bool:
-    """An ``async def`` function, or an object whose ``__call__`` is one."""
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -237,6 +237,7 @@ class DiffusionGRPOTrainer(Trainer):
 
         self._staging_dir: str | None = None
         self._card_is_fresh = False
+        self._card_pictures: dict[str, Any] | None = None
         super().__init__(
             model=denoiser,
             args=args,
@@ -591,7 +592,7 @@ class DiffusionGRPOTrainer(Trainer):
         outputs: dict[int, Any] = {}
         pending = []
         for index, func in enumerate(self.reward_funcs):
-            if _is_async(func):
+            if is_async_callable(func):
                 pending.append(index)
             else:
                 outputs[index] = self._timed_call(index, func, kwargs)
@@ -942,58 +943,147 @@ class DiffusionGRPOTrainer(Trainer):
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
+    #: how many distinct training prompts the model card shows
+    _card_num_prompts = 4
+
+    def _card_rows(self) -> list[dict[str, Any]]:
+        """The first :attr:`_card_num_prompts` dataset rows with distinct prompts (one ``"a photo"`` row
+        without a training set)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for row in self.train_dataset or []:
+            rows.setdefault(row[self.args.prompt_column], row)
+            if len(rows) == self._card_num_prompts:
+                break
+        return list(rows.values()) or [{self.args.prompt_column: "a photo"}]
+
+    def _card_call_kwargs(self, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The pipeline's ``__call__`` arguments that sample as the trainer does, deterministically."""
+        return {
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.args.num_inference_steps,
+            "max_sequence_length": self.args.max_sequence_length,
+            "negative_prompt": self.args.negative_prompt if self.args.guidance_scale > 1 else None,
+            **self.adapter.pipeline_call_kwargs(self.args.guidance_scale, self.num_frames, row),
+        }
+
     @torch.no_grad()
-    def _sample_grid(self, prompts: list[str], reference: bool) -> Image.Image:
-        """Deterministic samples for ``prompts`` from fixed seeds, with the LoRA disabled when
-        ``reference`` (the base model), as a captioned grid."""
+    def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
+        """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
+        seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
+        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
+        self.model.eval()
+        self.pipeline.set_progress_bar_config(disable=True)
         context = self._reference_model(self.model) if reference else contextlib.nullcontext()
-        with context:
-            rollouts = self.sample(
-                prompts, torch.arange(len(prompts)), seed=self.args.seed, stochastic=False, training=False
+        samples = []
+        with context, self.compute_loss_context_manager():
+            for i, row in enumerate(rows):
+                output = self.pipeline(
+                    prompt=row[self.args.prompt_column],
+                    **self._card_call_kwargs(row),
+                    generator=torch.Generator().manual_seed(self.args.seed + i),
+                    output_type="pil",
+                )
+                samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
+        return samples
+
+    def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
+        """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
+        extension = "gif" if self.adapter.output_kind == "videos" else "png"
+        return [
+            CardSample(
+                row[self.args.prompt_column],
+                self.args.seed + i,
+                f"images/before_{i}.{extension}",
+                f"images/after_{i}.{extension}",
             )
-        return captioned_grid([to_pil(sample) for sample in rollouts.samples], prompts)
+            for i, row in enumerate(rows)
+        ]
+
+    def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
+        """The card's files: each prompt's sample before and after, and the two captioned grids."""
+        after = self._card_samples(rows, reference=False)
+        before = self._card_samples(rows, reference=True) if self.is_peft else after
+        prompts = [entry.prompt for entry in gallery]
+        pictures: dict[str, Any] = {}
+        for name, samples in (("before", before), ("after", after)):
+            pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
+            first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
+            pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
+        return pictures
+
+    def _card_settings_values(self) -> dict[str, Any]:
+        """The settings table: the config fields of :attr:`_card_settings` with the resolved size, and the LoRA's."""
+        values = {name: getattr(self.args, name, None) for name in self._card_settings}
+        values.update(height=self.height, width=self.width)
+        values["num_frames"] = self.num_frames if self.adapter.output_kind == "videos" else None
+        if self.is_peft:
+            config = self.accelerator.unwrap_model(self.model).peft_config["default"]
+            values.update(lora_r=config.r, lora_alpha=config.lora_alpha, use_dora=config.use_dora or None)
+        return values
 
     def create_model_card(
-        self, model_name: str | None = None, tags: str | list[str] | None = None, **kwargs: Any
+        self,
+        model_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        dataset_tags: str | list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Write ``README.md`` (made with ``huggingface_hub``'s card tools) and the pictures it shows to
-        ``output_dir``: YAML metadata, a ``load_lora_weights`` snippet, samples before and after training
-        (same prompts and seeds), the reward curve, the settings and the method's citations."""
+        ``output_dir``: Hub metadata (``base_model`` only when the base is a Hub repo, ``license``, ``datasets``,
+        a ``widget`` gallery), a snippet that loads the base model and the LoRA, samples before and after
+        training (same prompts and seeds, made by the pipeline's own ``__call__`` so the snippet reproduces
+        them), the reward curve, the settings, tracker links, framework versions and the method's citations.
+
+        ``license`` defaults to the base model's (when its card is on this machine), else ``"other"``;
+        ``dataset_tags`` to the training set's Hub id when it was loaded from the Hub.
+        """
         if not self.is_world_process_zero():
             return
-        prompts = (
-            list(dict.fromkeys(self.train_dataset[self.args.prompt_column]))[:4]
-            if self.train_dataset
-            else ["a photo"]
-        )
-        after = self._sample_grid(prompts, reference=False)
-        before = self._sample_grid(prompts, reference=True) if self.is_peft else after
+        rows = self._card_rows()
+        gallery = self._card_gallery(rows)
+        if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
+            self._card_pictures = self._card_pictures_for(rows, gallery)
         rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
         repo_id = (
-            self.args.hub_model_id or model_name or os.path.basename(os.path.abspath(self.args.output_dir))
+            getattr(self, "hub_model_id", None)
+            or self.args.hub_model_id
+            or model_name
+            or os.path.basename(os.path.abspath(self.args.output_dir))
         )
+        datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
         card = build_model_card(
-            base_model=self.base_model_name,
+            model_name=self.base_model_name,
             repo_id=repo_id,
             method=self._method_name,
             pipeline_tag=self.adapter.pipeline_tag,
             reward_names=self.reward_names,
             rewards=rewards,
-            settings=settings_table(self.args, self._card_settings),
+            settings=self._card_settings_values(),
             citations=self._citations,
-            example_prompt=prompts[0],
+            samples=gallery,
+            call_kwargs=self._card_call_kwargs(rows[0]),
+            output_kind=self.adapter.output_kind,
+            license=license,
+            datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
             tags=[tags] if isinstance(tags, str) else (tags or []),
         )
-        write_model_card_files(self.args.output_dir, card, before, after, reward_curve_image(rewards))
+        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
+        write_model_card_files(self.args.output_dir, card, pictures)
 
     def push_to_hub(
         self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
     ) -> Any:
         """Save the LoRA and the model card to ``output_dir`` first, then upload the folder. Without network
-        or token the error says so, and the local files stay where they are."""
-        self.save_model(self.args.output_dir)
-        self.create_model_card(model_name=kwargs.get("model_name"), tags=kwargs.get("tags"))
-        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep this one
+        or token the error says so, and the local files stay where they are. ``kwargs`` (``license``,
+        ``dataset_tags``, ``tags``, …) go to :meth:`create_model_card`."""
+        self.save_model(self.args.output_dir, _internal_call=True)
+        card_kwargs = {
+            k: v for k, v in kwargs.items() if k in ("model_name", "tags", "license", "dataset_tags")
+        }
+        self.create_model_card(**card_kwargs)
+        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep its pictures
         try:
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
         except Exception as error:
@@ -1004,7 +1094,7 @@ class DiffusionGRPOTrainer(Trainer):
                 "`hf upload`."
             ) from error
         finally:
-            self._card_is_fresh = False
+            self._card_is_fresh, self._card_pictures = False, None
 
     def method_state(self) -> dict[str, Any]:
         """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
@@ -1019,7 +1109,12 @@ class DiffusionGRPOTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
+        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
         if self._staging_dir is None:  # pushed once the checkpoint has its final name
+            lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
+            if self.is_world_process_zero() and os.path.isfile(lora):
+                shutil.copy(lora, os.path.join(self.args.output_dir, LORA_WEIGHTS_NAME))
             super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
@@ -1054,7 +1149,8 @@ class DiffusionGRPOTrainer(Trainer):
             self._push_from_checkpoint(os.path.join(run_dir, name))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the LoRA in diffusers' format (``pipe.load_lora_weights(output_dir)``), or the full
+        """Save the LoRA in diffusers' format with its adapter config in the file's metadata
+        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
         denoiser with ``save_pretrained`` when training without LoRA."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -1062,10 +1158,7 @@ class DiffusionGRPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_peft:
-            layers = get_peft_model_state_dict(denoiser)
-            type(self.pipeline).save_lora_weights(
-                output_dir, **{f"{self.adapter.denoiser_name}_lora_layers": layers}, safe_serialization=True
-            )
+            save_lora(type(self.pipeline), output_dir, denoiser, self.adapter.denoiser_name)
         else:
             denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -1079,16 +1172,9 @@ class DiffusionGRPOTrainer(Trainer):
             self.load_method_state(torch.load(state_file, weights_only=False))
         denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
         if self.is_peft:
-            prefix = f"{self.adapter.denoiser_name}."
-            state = load_file(os.path.join(resume_from_checkpoint, LORA_WEIGHTS_NAME))
-            state = {
-                key[len(prefix) :] if key.startswith(prefix) else key: value for key, value in state.items()
-            }
-            result = set_peft_model_state_dict(denoiser, state)
-            if getattr(result, "unexpected_keys", None):
-                raise RuntimeError(
-                    f"Checkpoint LoRA keys do not match the model: {result.unexpected_keys[:5]}"
-                )
+            load_lora_checkpoint(
+                type(self.pipeline), resume_from_checkpoint, denoiser, self.adapter.denoiser_name
+            )
         else:
             loaded = type(denoiser).from_pretrained(
                 os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)

@@ -1,18 +1,20 @@
 """Sending sample images and videos, with their prompts and rewards, to the loggers and to disk.
 
 Images: a captioned grid PNG in ``output_dir/samples/`` and the images to tensorboard, wandb and trackio.
-Videos (``(B, T, 3, H, W)`` samples): an animated captioned grid GIF in ``output_dir/samples/`` (written with
-Pillow, so no torchvision, moviepy or ffmpeg is needed), the GIF to wandb and trackio as a video, and the
+Videos (``(B, T, 3, H, W)`` samples): an animated captioned grid GIF in ``output_dir/samples/`` (diffusers'
+``export_to_gif``: Pillow only, so no torchvision, moviepy or ffmpeg is needed), the GIF to wandb and trackio as a video, and the
 grid's frames to tensorboard as an image sequence (tensorboard's ``add_video`` needs moviepy).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.utils import export_to_gif, make_image_grid
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,35 +29,31 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+#: height in pixels of the caption strip under each image of a grid
+CAPTION_HEIGHT = 14
+
+
+def _with_caption(image: Image.Image, caption: str) -> Image.Image:
+    """``image`` above a white strip holding the start of ``caption``."""
+    width, height = image.size
+    cell = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
+    cell.paste(image, (0, 0))
+    ImageDraw.Draw(cell).text((1, height), caption[: max(4, width // 6)], fill="black")
+    return cell
+
+
 def captioned_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
-    """Images in a grid, each with its caption underneath."""
-    width, height = images[0].size
-    caption_height = 14
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, caption) in enumerate(zip(images, captions)):
-        x, y = (i % columns) * width, (i // columns) * (height + caption_height)
-        grid.paste(image, (x, y))
-        draw.text((x + 1, y + height), caption[: max(4, width // 6)], fill="black")
-    return grid
+    """Images with their captions underneath, laid out by diffusers' ``make_image_grid`` in rows of at most
+    ``columns`` (a last row that is not full is padded with white)."""
+    cells = [_with_caption(image, caption) for image, caption in zip(images, captions)]
+    columns = min(columns, len(cells))
+    rows = math.ceil(len(cells) / columns)
+    cells += [Image.new("RGB", cells[0].size, "white")] * (rows * columns - len(cells))
+    return make_image_grid(cells, rows, columns)
 
 
 #: frames per second of the sample GIFs
 GIF_FPS = 8
-
-
-def save_gif(frames: list[Image.Image], path: str, fps: int = GIF_FPS) -> str:
-    """Write ``frames`` as a looping animated GIF at ``path`` (Pillow only); returns ``path``."""
-    frames[0].save(
-        path,
-        save_all=True,
-        append_images=frames[1:],
-        duration=max(1, round(1000 / fps)),
-        loop=0,
-        optimize=False,
-    )
-    return path
 
 
 def video_grid_frames(videos: torch.Tensor, captions: list[str], columns: int = 4) -> list[Image.Image]:
@@ -113,7 +111,7 @@ def _log_videos(
 ) -> str:
     """Videos: an animated grid GIF on disk, sent as a video to wandb/trackio, as frames to tensorboard."""
     frames = video_grid_frames(videos, captions)
-    path = save_gif(frames, os.path.join(folder, f"step_{step:06d}.gif"))
+    path = export_to_gif(frames, os.path.join(folder, f"step_{step:06d}.gif"), fps=GIF_FPS)
     caption = "\n".join(captions)
     tensorboard = _callback_of(trainer, "TensorBoardCallback")
     if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
