@@ -497,14 +497,15 @@ def render_help(command: str, full: bool = False) -> str:
 
 
 def _help_cache_key() -> str:
-    """Changes with what shapes the help: the installed transformers and trl, and this package's config and
-    CLI sources (their bytes, so an edited checkout never shows stale help)."""
-    digest = hashlib.sha256()
+    """Changes with whatever shapes the help: Python (argparse's layout), the installed transformers and trl,
+    and the bytes of this package's sources (an edited checkout never shows stale help; reading them takes
+    a few milliseconds)."""
+    digest = hashlib.sha256(f"python {sys.version_info[:2]};".encode())
     for package in ("transformers", "trl"):
         digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
     package_dir = Path(__file__).resolve().parent
-    for path in [Path(__file__).resolve(), *sorted((package_dir / "trainer").glob("*config*.py"))]:
-        digest.update(path.name.encode() + path.read_bytes())
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(str(path.relative_to(package_dir)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
