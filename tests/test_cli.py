@@ -228,6 +228,10 @@ def _user_error_cases(tmp_path):
         "int prompts": ([*reward, data, str(tmp_path / "ints.csv")], r"row 0: 1 \(int\)"),
         "missing column": ([*reward, data, str(tmp_path / "caption.csv")], r"\['caption'\].*--prompt_column"),
         "missing file": ([*reward, data, "no_such_prompts.txt"], "No prompt file 'no_such_prompts.txt'"),
+        "missing model folder": (
+            [*reward, "--model_name_or_path", "./no_model"],
+            "'./no_model': no such folder",
+        ),
         "test split of a file": (
             [*reward, data, str(tmp_path / "good.txt"), "--dataset_test_split", "test"],
             "--dataset_test_split 'test'.*one split",
@@ -244,7 +248,7 @@ def _user_error_cases(tmp_path):
     "case",
     [
         "unknown command", "latin-1 file", "empty file", "broken json line", "null prompts", "int prompts",
-        "missing column", "missing file", "test split of a file", "unknown reward", "missing reward file",
+        "missing column", "missing file", "missing model folder", "test split of a file", "unknown reward", "missing reward file",
         "missing config", "broken yaml", "config validation",
     ],
 )  # fmt: skip

@@ -311,11 +311,21 @@ def _tiny_backbone() -> Any:
     return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
+def _check_local_model(name: str) -> None:
+    """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
+    if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"--model_name_or_path {name!r}: no such folder. A local model is a diffusers pipeline folder (with "
+            "model_index.json); a Hub model is an id such as 'stabilityai/stable-diffusion-3.5-medium'."
+        )
+
+
 def build_trainer(command: str, script_args: ScriptArguments, config: Any, model_args: ModelArguments) -> Any:
     """Load the prompts, resolve the rewards and build the trainer of ``command`` (no training yet)."""
     from .data import is_single_split, load_prompts
 
     _, trainer_class = load_command(command)
+    _check_local_model(model_args.model_name_or_path)
     test_split = script_args.dataset_test_split
     if test_split is not None and is_single_split(script_args.dataset_name):
         raise UsageError(
