@@ -121,11 +121,18 @@ def test_txt_and_jsonl_runs_with_module_reward(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
 
 
-def test_reward_errors():
+def test_reward_errors(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # the user's module exists but its own import fails: that error, and its traceback, reach the user
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        resolve_reward_spec("needs_dep:f")
     with pytest.raises(ValueError, match="Unknown reward 'nope'.*red_channel.*module.path:function"):
         resolve_reward_spec("nope")
     with pytest.raises(ValueError, match="cannot import module"):
         resolve_reward_spec("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="cannot import module 'trl_visual.no_such_module'"):
+        resolve_reward_spec("trl_visual.no_such_module:f")
     with pytest.raises(ValueError, match="has no attribute"):
         resolve_reward_spec("trl_visual.rewards:no_such_reward")
     assert callable(resolve_reward_spec("trl_visual.rewards.builtin:red_channel"))

@@ -255,12 +255,17 @@ def _module_from_file(path: str, spec: str) -> Any:
 
 def _import_reward_module(location: str, spec: str) -> Any:
     """Import ``location``, looking in the working directory too (last, so it shadows no installed module),
-    as ``python -m trl_visual.cli`` does; the ``trl-visual`` script alone would not."""
+    as ``python -m trl_visual.cli`` does; the ``trl-visual`` script alone would not.
+
+    Only a module that is not found is a usage error; an error raised by the module's own code propagates
+    with its traceback."""
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
     try:
         return importlib.import_module(location)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is None or not (location + ".").startswith(error.name + "."):
+            raise
         raise ValueError(
             f"Reward {spec!r}: cannot import module {location!r} ({error}). Put {location.split('.')[0]}.py in "
             "the working directory or on PYTHONPATH, or pass 'path/to/file.py:function'."
