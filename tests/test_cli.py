@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,17 @@ def test_help_is_quiet_cached_and_equals_the_live_parser(tmp_path):
     assert live.count("\n") < full.count("\n") / 2
 
 
+@pytest.mark.parametrize("command", ["grpo", "bpgo", "vipo"])
+def test_full_help_lists_every_flag_of_the_parser(command):
+    from trl_visual.cli import load_command, make_parser
+
+    parser = make_parser(command, load_command(command)[0])
+    full = render_help(command, full=True)
+    flags = [action.option_strings[0] for action in parser._actions]
+    missing = [flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", full)]
+    assert not missing
+
+
 def test_bpgo_help_lists_its_own_fields_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TRL_VISUAL_CACHE", str(tmp_path))
     assert main(["bpgo", "--help"]) == 0
@@ -260,8 +272,6 @@ def _user_error_cases(tmp_path):
     ],
 )  # fmt: skip
 def test_user_errors_are_one_line_and_exit_2(case, tmp_path, capsys):
-    import re
-
     args, culprit = _user_error_cases(tmp_path)[case]
     argv = args if case == "unknown command" else fast_args(tmp_path, *args)
     assert main(argv) == 2
