@@ -2,12 +2,16 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from trl_visual.cli import main, parse_args, resolve_reward_spec, run
+import trl_visual
+from trl_visual.cli import help_cache_path, main, parse_args, render_help, resolve_reward_spec, run
 from trl_visual.data import load_prompts
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
@@ -118,27 +122,185 @@ def test_txt_and_jsonl_runs_with_module_reward(tmp_path, monkeypatch):
     assert os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
 
 
-def test_missing_column_is_a_clear_error(tmp_path):
-    (tmp_path / "p.csv").write_text("caption\na cat\n")
-    with pytest.raises(ValueError, match=r"no 'prompt' column.*\['caption'\].*--prompt_column"):
-        main(fast_args(tmp_path, "--reward_funcs", "red_channel", "--dataset_name", str(tmp_path / "p.csv")))
-
-
-def test_reward_errors():
+def test_reward_errors(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # the user's module exists but its own import fails: that error, and its traceback, reach the user
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        resolve_reward_spec("needs_dep:f")
     with pytest.raises(ValueError, match="Unknown reward 'nope'.*red_channel.*module.path:function"):
         resolve_reward_spec("nope")
     with pytest.raises(ValueError, match="cannot import module"):
         resolve_reward_spec("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="cannot import module 'trl_visual.no_such_module'"):
+        resolve_reward_spec("trl_visual.no_such_module:f")
     with pytest.raises(ValueError, match="has no attribute"):
         resolve_reward_spec("trl_visual.rewards:no_such_reward")
     assert callable(resolve_reward_spec("trl_visual.rewards.builtin:red_channel"))
 
 
-def test_usage_and_unknown_command(capsys):
+def test_usage(capsys):
     assert main([]) == 2
-    assert "grpo" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="unknown command 'ppo'"):
-        main(["ppo"])
+    out = capsys.readouterr().out
+    assert "grpo" in out and "env" in out
+
+
+def _cli_subprocess(args, cwd, cache, executable=(sys.executable, "-m", "trl_visual.cli")):
+    env = {**os.environ, "TRL_VISUAL_CACHE": str(cache), "PYTHONWARNINGS": "default"}
+    return subprocess.run([*executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_help_is_quiet_cached_and_equals_the_live_parser(tmp_path):
+    """The first --help renders from the real parser and caches it; later ones read the cache without
+    importing torch. Neither prints a warning, and both print what the live parser renders now."""
+    cold = _cli_subprocess(["grpo", "--help"], tmp_path, tmp_path / "cache")
+    assert cold.returncode == 0 and cold.stderr == ""
+    assert help_cache_path("grpo").name in os.listdir(tmp_path / "cache" / "help")
+    warm_code = (
+        "import sys; from trl_visual.cli import main; code = main(['grpo', '--help']); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; sys.exit(code)"
+    )
+    warm = _cli_subprocess(["-c", warm_code], tmp_path, tmp_path / "cache", executable=(sys.executable,))
+    assert warm.returncode == 0 and warm.stderr == ""
+    live = render_help("grpo")
+    assert cold.stdout == warm.stdout == live
+    # short: our fields and the common TrainingArguments ones; --help-all: every flag
+    full = render_help("grpo", full=True)
+    assert "--num_generations" in live and "--output_dir" in live and "--adam_beta1" not in live
+    assert "--adam_beta1" in full and "--help-all" in live
+    assert live.count("\n") < full.count("\n") / 2
+
+
+@pytest.mark.parametrize("command", ["grpo", "bpgo", "vipo"])
+def test_full_help_lists_every_flag_of_the_parser(command):
+    from trl_visual.cli import load_command, make_parser
+
+    parser = make_parser(command, load_command(command)[0])
+    full = render_help(command, full=True)
+    flags = [action.option_strings[0] for action in parser._actions]
+    missing = [flag for flag in flags if not re.search(re.escape(flag) + r"(?![\w-])", full)]
+    assert not missing
+
+
+def test_bpgo_help_lists_its_own_fields_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRL_VISUAL_CACHE", str(tmp_path))
+    assert main(["bpgo", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        text.index("BPGOConfig fields")
+        < text.index("--prior_source")
+        < text.index("DiffusionGRPOConfig fields")
+    )
+    assert text.index("--num_generations") < text.index("transformers.TrainingArguments")
+
+
+def test_env_lists_versions(capsys):
+    import diffusers
+    import torch
+    import transformers
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"- PyTorch version: {torch.__version__.split('+')[0]}" in out
+    assert f"- Transformers version: {transformers.__version__}" in out
+    assert f"- Diffusers version: {diffusers.__version__}" in out
+    assert f"- trl_visual version: {trl_visual.__version__}" in out
+    assert "- Accelerator(s): " in out and "- Python version: " in out
+
+
+def test_imports_are_lazy_and_public_paths_work(tmp_path):
+    code = (
+        "import sys, trl_visual, trl_visual.rewards as r\n"
+        "assert 'transformers' not in sys.modules and 'trl_visual.rewards.clip_rewards' not in sys.modules\n"
+        "assert 'pickscore' in r.REWARD_REGISTRY and 'trl_visual.rewards.clip_rewards' not in sys.modules\n"
+        "from trl_visual.rewards import PickScoreReward\n"
+        "assert r.REWARD_REGISTRY['pickscore'] is PickScoreReward\n"
+        "from trl_visual import DiffusionGRPOTrainer, BPGOConfig\n"
+    )
+    result = _cli_subprocess(["-c", code], tmp_path, tmp_path / "cache", executable=(sys.executable,))
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr
+
+
+def _user_error_cases(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("a cat\nun caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"\n')
+    (tmp_path / "nulls.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": null}\n{"prompt": ""}\n')
+    (tmp_path / "ints.csv").write_text("prompt\n1\n2\n")
+    (tmp_path / "caption.csv").write_text("caption\na cat\n")
+    (tmp_path / "good.txt").write_text("a cat\n")
+    (tmp_path / "bad.yaml").write_text("max_steps: [1\n")
+    data, reward = "--dataset_name", ["--reward_funcs", "red_channel"]
+    return {
+        "unknown command": (["ppo"], "unknown command 'ppo'"),
+        "latin-1 file": ([*reward, data, str(tmp_path / "latin1.txt")], "latin1.txt' is not UTF-8.*line 2"),
+        "empty file": ([*reward, data, str(tmp_path / "empty.txt")], "empty.txt' is empty"),
+        "broken json line": (
+            [*reward, data, str(tmp_path / "broken.jsonl")],
+            "broken.jsonl', line 2: not valid",
+        ),
+        "null prompts": (
+            [*reward, data, str(tmp_path / "nulls.jsonl")],
+            r"row 1: None.*row 2: an empty string",
+        ),
+        "int prompts": ([*reward, data, str(tmp_path / "ints.csv")], r"row 0: 1 \(int\)"),
+        "missing column": ([*reward, data, str(tmp_path / "caption.csv")], r"\['caption'\].*--prompt_column"),
+        "missing file": ([*reward, data, "no_such_prompts.txt"], "No prompt file 'no_such_prompts.txt'"),
+        "missing model folder": (
+            [*reward, "--model_name_or_path", "./no_model"],
+            "'./no_model': no such folder",
+        ),
+        "test split of a file": (
+            [*reward, data, str(tmp_path / "good.txt"), "--dataset_test_split", "test"],
+            "--dataset_test_split 'test'.*one split",
+        ),
+        "unknown reward": (["--reward_funcs", "nope"], "Unknown reward 'nope'.*red_channel"),
+        "missing reward file": (["--reward_funcs", "nofile.py:f"], "no file 'nofile.py'"),
+        "missing config": (["--config", str(tmp_path / "none.yaml")], "none.yaml"),
+        "broken yaml": (["--config", str(tmp_path / "bad.yaml")], "flow sequence"),
+        "config validation": ([*reward, "--num_generations", "3"], "divisible by `num_generations` \\(3\\)"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown command", "latin-1 file", "empty file", "broken json line", "null prompts", "int prompts",
+        "missing column", "missing file", "missing model folder", "test split of a file", "unknown reward", "missing reward file",
+        "missing config", "broken yaml", "config validation",
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_and_exit_2(case, tmp_path, capsys):
+    args, culprit = _user_error_cases(tmp_path)[case]
+    argv = args if case == "unknown command" else fast_args(tmp_path, *args)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trl-visual: error: ")
+    assert re.search(culprit, err[0]), err[0]
+    assert not (tmp_path / "out").exists()  # stopped before training wrote anything
+
+
+def test_error_during_training_keeps_its_traceback(tmp_path):
+    (tmp_path / "boom.py").write_text("def boom(prompts, images, **columns):\n    raise ValueError('boom')\n")
+    with pytest.raises(RuntimeError, match="raised ValueError: boom"):  # not turned into exit status 2
+        main(fast_args(tmp_path, "--reward_funcs", f"{tmp_path / 'boom.py'}:boom"))
+
+
+def test_console_script_finds_reward_module_in_working_directory(tmp_path):
+    """docs/cli.md: `--reward_funcs my_rewards:f` finds my_rewards.py in the working directory, with the
+    installed `trl-visual` script too (whose sys.path does not start with the working directory)."""
+    (tmp_path / "my_rewards.py").write_text(
+        "open('imported.flag', 'w').close()\ndef f(prompts, images, **columns):\n    return [0.0] * len(prompts)\n"
+    )
+    script = Path(sys.executable).parent / "trl-visual"
+    args = ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "my_rewards:f"]
+    result = _cli_subprocess(
+        [*args, "--dataset_name", "missing.txt"], tmp_path, tmp_path, executable=(script,)
+    )
+    # the reward resolved (its module ran), then the next check stopped the run before any model loaded
+    assert (tmp_path / "imported.flag").exists()
+    assert result.returncode == 2 and "No prompt file 'missing.txt'" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

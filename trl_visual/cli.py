@@ -23,17 +23,33 @@ The run trains, then saves the result in ``output_dir`` (the LoRA as
 ``pytorch_lora_weights.safetensors``, loadable with ``pipe.load_lora_weights(output_dir)``), and pushes
 it to the Hub when ``push_to_hub`` is set. In Python, :func:`main` takes the argument list
 (``main(["grpo", "--config", "run.yaml"])``).
+
+``trl-visual grpo --help`` lists the method's own flags, grouped, and the common ``TrainingArguments``
+ones; ``--help-all`` lists every flag. Both texts are rendered from the real parser once per installed
+version and source of the configs, then read from a cache file, so help needs neither torch nor
+transformers. ``trl-visual env`` prints the versions to paste into a bug report.
+
+A mistake in the arguments, the YAML file, the prompt set or a reward spec (a ``ValueError``,
+``TypeError`` or missing file raised before training starts) is printed as one line,
+``trl-visual: error: <message>``, with exit status 2; an error raised during training keeps its traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import os
+import platform
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -182,14 +198,23 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module_name), attribute)
 
 
+class UsageError(ValueError):
+    """A mistake on the command line that :func:`main` reports as one line with exit status 2."""
+
+
+def _check_command(command: str) -> None:
+    if command not in COMMANDS:
+        raise UsageError(f"unknown command {command!r}; choose one of {', '.join(COMMANDS)} (or env).")
+
+
 def load_command(command: str) -> tuple[type, type]:
     """The (config class, trainer class) of a sub-command, imported now.
 
     Raises:
-        SystemExit: unknown command, or a method whose module this installation lacks.
+        UsageError: unknown command.
+        SystemExit: a method whose module this installation lacks.
     """
-    if command not in COMMANDS:
-        raise SystemExit(f"trl-visual: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.")
+    _check_command(command)
     config_path, trainer_path, _ = COMMANDS[command]
     try:
         return _import(config_path), _import(trainer_path)
@@ -228,6 +253,25 @@ def _module_from_file(path: str, spec: str) -> Any:
     return module
 
 
+def _import_reward_module(location: str, spec: str) -> Any:
+    """Import ``location``, looking in the working directory too (last, so it shadows no installed module),
+    as ``python -m trl_visual.cli`` does; the ``trl-visual`` script alone would not.
+
+    Only a module that is not found is a usage error; an error raised by the module's own code propagates
+    with its traceback."""
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        return importlib.import_module(location)
+    except ModuleNotFoundError as error:
+        if error.name is None or not (location + ".").startswith(error.name + "."):
+            raise
+        raise ValueError(
+            f"Reward {spec!r}: cannot import module {location!r} ({error}). Put {location.split('.')[0]}.py in "
+            "the working directory or on PYTHONPATH, or pass 'path/to/file.py:function'."
+        ) from error
+
+
 def resolve_reward_spec(spec: str) -> Callable[..., Any]:
     """A reward from the command line: a registered name, or ``module.path:function`` (also
     ``path/to/file.py:function``). A class found this way is instantiated with no arguments.
@@ -247,15 +291,11 @@ def resolve_reward_spec(spec: str) -> Callable[..., Any]:
             "'module.path:function' (importable) or 'path/to/file.py:function'."
         )
     location, _, attribute = spec.rpartition(":")
-    if location.endswith(".py"):
-        module = _module_from_file(location, spec)
-    else:
-        try:
-            module = importlib.import_module(location)
-        except ImportError as error:
-            raise ValueError(
-                f"Reward {spec!r}: cannot import module {location!r} ({error}). Is it on PYTHONPATH?"
-            ) from error
+    module = (
+        _module_from_file(location, spec)
+        if location.endswith(".py")
+        else _import_reward_module(location, spec)
+    )
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
@@ -276,11 +316,27 @@ def _tiny_backbone() -> Any:
     return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
+def _check_local_model(name: str) -> None:
+    """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
+    if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"--model_name_or_path {name!r}: no such folder. A local model is a diffusers pipeline folder (with "
+            "model_index.json); a Hub model is an id such as 'stabilityai/stable-diffusion-3.5-medium'."
+        )
+
+
 def build_trainer(command: str, script_args: ScriptArguments, config: Any, model_args: ModelArguments) -> Any:
     """Load the prompts, resolve the rewards and build the trainer of ``command`` (no training yet)."""
-    from .data import load_prompts
+    from .data import is_single_split, load_prompts
 
     _, trainer_class = load_command(command)
+    _check_local_model(model_args.model_name_or_path)
+    test_split = script_args.dataset_test_split
+    if test_split is not None and is_single_split(script_args.dataset_name):
+        raise UsageError(
+            f"--dataset_test_split {test_split!r}: {script_args.dataset_name!r} has one split, 'train'. Drop "
+            "--dataset_test_split, or point --dataset_name at a folder or Hub data set with that split."
+        )
     rewards = [resolve_reward_spec(spec) for spec in script_args.reward_funcs]
     train_dataset = load_prompts(
         script_args.dataset_name, script_args.dataset_config, script_args.dataset_split, config.prompt_column
@@ -325,20 +381,30 @@ def _resume_value(value: Any) -> str | bool | None:
     return value
 
 
-def run(argv: Sequence[str]) -> Any:
-    """Parse ``[command, *flags]``, train, save to ``output_dir`` (and push when ``push_to_hub``); return
-    the trainer."""
+def prepare(argv: Sequence[str]) -> Any:
+    """Parse ``[command, *flags]`` and build the trainer (prompts loaded, rewards resolved, model loaded)."""
     command, script_args, config, model_args = parse_args(argv)
     if script_args.torch_num_threads is not None:
         import torch
 
         torch.set_num_threads(script_args.torch_num_threads)
-    trainer = build_trainer(command, script_args, config, model_args)
+    return build_trainer(command, script_args, config, model_args)
+
+
+def train(trainer: Any) -> Any:
+    """Train, save to ``output_dir`` (and push when ``push_to_hub``), print the summary; return the trainer."""
+    config = trainer.args
     trainer.train(resume_from_checkpoint=_resume_value(config.resume_from_checkpoint))
     trainer.save_model(config.output_dir)  # pushes to the Hub too when push_to_hub is set
     if trainer.is_world_process_zero():
         print(_summary(trainer, config.output_dir))
     return trainer
+
+
+def run(argv: Sequence[str]) -> Any:
+    """Parse ``[command, *flags]``, train, save to ``output_dir`` (and push when ``push_to_hub``); return
+    the trainer."""
+    return train(prepare(argv))
 
 
 def _summary(trainer: Any, output_dir: str) -> str:
@@ -353,17 +419,254 @@ def _summary(trainer: Any, output_dir: str) -> str:
     return "\n".join(lines)
 
 
-def _usage() -> str:
-    lines = ["usage: trl-visual {" + ",".join(COMMANDS) + "} [--config file.yaml] [--flag value ...]", ""]
-    lines += [f"  {name:<6} {description}" for name, (_, _, description) in COMMANDS.items()]
-    lines += ["", "Flags of one command: trl-visual grpo --help. Docs: docs/cli.md."]
+# ----------------------------------------------------------------------------------------------------
+# Help: rendered from the real parser, cached per version of the code that shapes it
+# ----------------------------------------------------------------------------------------------------
+HELP_FLAGS = ("-h", "--help")
+FULL_HELP_FLAG = "--help-all"
+HELP_WIDTH = 100
+"""Help is rendered at a fixed width, so the cached text does not depend on the terminal it was made in."""
+
+COMMON_TRAINING_FIELDS = (
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "bf16",
+    "activation_checkpointing",
+    "logging_steps",
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "eval_strategy",
+    "eval_steps",
+    "report_to",
+    "run_name",
+    "seed",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+)
+"""The ``TrainingArguments`` fields that the short ``--help`` lists; ``--help-all`` lists all of them."""
+
+
+def _own_field_groups(config_class: type) -> list[tuple[str, list[str]]]:
+    """(class name, fields it declares) for the config and its bases up to ``TrainingArguments``: the
+    method's own fields (and the ``TrainingArguments`` defaults it changes), most specific class first."""
+    groups = []
+    for cls in config_class.__mro__:
+        if cls.__name__ == "TrainingArguments" or not dataclasses.is_dataclass(cls):
+            break
+        declared = [
+            name for name in cls.__dict__.get("__annotations__", {}) if name in cls.__dataclass_fields__
+        ]
+        if declared:
+            groups.append((cls.__name__, declared))
+    return groups
+
+
+def _actions_for(parser: argparse.ArgumentParser, names: Iterable[str]) -> list[argparse.Action]:
+    """The parser's actions for the fields ``names``, in that order (a bool field may have a ``--no_`` twin)."""
+    by_dest: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    return [action for name in names for action in by_dest.get(name, [])]
+
+
+def render_help(command: str, full: bool = False) -> str:
+    """The help of ``trl-visual <command>``, rendered from the :class:`trl.TrlParser` that parses real runs.
+
+    Sections: prompts and rewards, model and LoRA, the method's own config fields (one section per config
+    class), then the common ``TrainingArguments`` fields, or all of them when ``full``.
+    """
+    config_class, _ = load_command(command)
+    parser = make_parser(command, config_class)
+    formatter = parser.formatter_class(prog=parser.prog, width=HELP_WIDTH)
+    formatter.add_usage(f"trl-visual {command} [--config FILE.yaml] [--flag VALUE ...]", [], [])
+    formatter.add_text(parser.description)
+    own = {name for _, names in _own_field_groups(config_class) for name in names}
+    sections = [
+        ("prompts and rewards", [f.name for f in dataclasses.fields(ScriptArguments)]),
+        ("model and LoRA (TRL's ModelConfig names)", [f.name for f in dataclasses.fields(ModelArguments)]),
+        *((f"{name} fields", names) for name, names in _own_field_groups(config_class)),
+    ]
+    inherited = [f.name for f in dataclasses.fields(config_class) if f.name not in own]
+    shown = inherited if full else [name for name in COMMON_TRAINING_FIELDS if name in inherited]
+    sections.append(("transformers.TrainingArguments" + ("" if full else " (common)"), shown))
+    sections.append(("help", ["help"]))
+    for title, names in sections:
+        formatter.start_section(title)
+        formatter.add_arguments(_actions_for(parser, names))
+        formatter.end_section()
+    if full:
+        epilog = "YAML keys are these flags without the dashes."
+    else:
+        epilog = (
+            f"{len(inherited) - len(shown)} more TrainingArguments flags are accepted: "
+            f"trl-visual {command} --help-all lists them. YAML keys are the flags without the dashes."
+        )
+    formatter.add_text(epilog + " Docs: docs/cli.md.")
+    return formatter.format_help()
+
+
+def _help_cache_key() -> str:
+    """Changes with whatever shapes the help: Python (argparse's layout), the installed transformers and trl,
+    and the bytes of this package's sources (an edited checkout never shows stale help; reading them takes
+    a few milliseconds)."""
+    digest = hashlib.sha256(f"python {sys.version_info[:2]};".encode())
+    for package in ("transformers", "trl"):
+        digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
+    package_dir = Path(__file__).resolve().parent
+    for path in sorted(package_dir.rglob("*.py")):
+        digest.update(str(path.relative_to(package_dir)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def help_cache_path(command: str, full: bool = False) -> Path:
+    """Where the rendered help is kept: ``$TRL_VISUAL_CACHE`` or ``$XDG_CACHE_HOME/trl_visual`` (default
+    ``~/.cache/trl_visual``), one file per command, variant and :func:`_help_cache_key`."""
+    root = os.environ.get("TRL_VISUAL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "trl_visual"
+    )
+    variant = "-all" if full else ""
+    return Path(root) / "help" / f"{command}{variant}-{_help_cache_key()}.txt"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as file:
+        file.write(text)
+    os.replace(file.name, path)
+
+
+def command_help(command: str, full: bool = False) -> str:
+    """The help text of ``command``: from the cache, else rendered with :func:`render_help` and cached
+    (a cache that cannot be written is skipped)."""
+    _check_command(command)
+    path = help_cache_path(command, full)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        pass
+    text = render_help(command, full)
+    try:
+        _write_atomically(path, text)
+    except OSError:
+        pass
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# trl-visual env
+# ----------------------------------------------------------------------------------------------------
+ENV_PACKAGES = (
+    ("accelerate", "Accelerate"),
+    ("diffusers", "Diffusers"),
+    ("transformers", "Transformers"),
+    ("trl", "TRL"),
+    ("peft", "PEFT"),
+    ("datasets", "Datasets"),
+    ("huggingface_hub", "HF Hub"),
+    ("safetensors", "safetensors"),
+)
+OPTIONAL_ENV_PACKAGES = (
+    ("bitsandbytes", "bitsandbytes"),
+    ("deepspeed", "DeepSpeed"),
+    ("wandb", "wandb"),
+    ("tensorboard", "TensorBoard"),
+    ("trackio", "trackio"),
+    ("open_clip_torch", "open_clip"),
+    ("torchvision", "torchvision"),
+)
+"""Listed by ``trl-visual env`` only when installed."""
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _accelerators() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        backend = f"HIP {torch.version.hip}" if torch.version.hip else f"CUDA {torch.version.cuda}"
+        return f"{', '.join(names)} ({backend})"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return f"{torch.xpu.device_count()} XPU device(s)"
+    if torch.backends.mps.is_available():
+        return "Apple MPS"
+    return (
+        f"none (CPU only; torch built with CUDA {torch.version.cuda})"
+        if torch.version.cuda
+        else "none (CPU only)"
+    )
+
+
+def env_report() -> str:
+    """Versions of the platform, Python, torch (and the accelerators it sees), the Hugging Face libraries and
+    trl_visual, as ``- name: value`` lines to paste into a bug report."""
+    from . import __version__
+
+    rows = [
+        ("Platform", platform.platform()),
+        ("Python version", platform.python_version()),
+        ("PyTorch version", _installed_version("torch") or "not installed"),
+        ("Accelerator(s)", _accelerators()),
+    ]
+    rows += [
+        (f"{label} version", _installed_version(name) or "not installed") for name, label in ENV_PACKAGES
+    ]
+    rows += [
+        (f"{label} version", version)
+        for name, label in OPTIONAL_ENV_PACKAGES
+        if (version := _installed_version(name))
+    ]
+    rows.append(("trl_visual version", __version__))
+    lines = ["Copy-paste the following information when reporting an issue:", ""]
+    lines += [f"- {label}: {value}" for label, value in rows]
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------
+def _usage() -> str:
+    lines = ["usage: trl-visual {" + ",".join(COMMANDS) + ",env} [--config file.yaml] [--flag value ...]", ""]
+    lines += [f"  {name:<6} {description}" for name, (_, _, description) in COMMANDS.items()]
+    lines += [
+        f"  {'env':<6} Versions of Python, torch, CUDA and the Hugging Face libraries, for bug reports."
+    ]
+    lines += [
+        "",
+        "Flags of one command: trl-visual grpo --help (all of them: --help-all). Docs: docs/cli.md.",
+    ]
+    return "\n".join(lines)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input when raised before training starts: printed as one line."""
+    import yaml
+
+    return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError)
+
+
+def _fail(error: BaseException) -> int:
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"trl-visual: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trl-visual``; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status."""
+    """Entry point of ``trl-visual``; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status: 0, or 2
+    for bad input (one ``trl-visual: error:`` line on stderr). An error during training propagates."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in HELP_FLAGS:
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
@@ -371,7 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"trl_visual {__version__}")
         return 0
-    run(argv)
+    if argv[0] == "env":
+        print(env_report())
+        return 0
+    try:
+        if FULL_HELP_FLAG in argv[1:] or any(flag in argv[1:] for flag in HELP_FLAGS):
+            print(command_help(argv[0], full=FULL_HELP_FLAG in argv[1:]), end="")
+            return 0
+        trainer = prepare(argv)
+    except _user_errors() as error:
+        return _fail(error)
+    train(trainer)
     return 0
 
 

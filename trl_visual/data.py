@@ -8,8 +8,11 @@
   ``.json`` / ``.jsonl``, ``.csv`` / ``.tsv``, or ``.parquet``;
 * a built-in prompt list, ``"builtin:<name>"``: see :data:`BUILTIN_PROMPT_SETS`.
 
-Whatever the source, the result is a ``datasets.Dataset`` whose prompt column is checked before any model
-is loaded: a missing column is an error that names the columns that do exist and the flag that fixes it.
+Whatever the source, the result is a ``datasets.Dataset`` whose prompts are checked before any model is
+loaded. A problem is a :class:`PromptSetError` (a ``ValueError``) that names the file, the line or row, and
+the fix: a missing prompt column, a prompt that is not a non-empty string (``null``, a number, ``""``), an
+empty file, a file that is not UTF-8, a broken JSON line. A local path that does not exist is a
+``FileNotFoundError`` (not a failed Hub lookup).
 
 Example::
 
@@ -22,11 +25,21 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+from collections.abc import Iterator
 
+import datasets
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 BUILTIN_PREFIX = "builtin:"
+
+
+class PromptSetError(ValueError):
+    """A prompt set that cannot be trained on as it is; the message names the file (line or row) and the fix."""
+
 
 # Our own small prompt list in the spirit of DrawBench's categories: each category probes one thing a
 # text-to-image model often gets wrong. Short enough for a quick start, varied enough to see a reward move.
@@ -135,25 +148,140 @@ _FILE_BUILDERS = {
 }
 
 
+_TEXT_EXTENSIONS = {".txt", ".json", ".jsonl", ".csv", ".tsv"}
+
+# How many bad prompts an error lists before it stops looking.
+_MAX_REPORTED_ROWS = 3
+
+
+def is_single_split(dataset_name: str) -> bool:
+    """Whether ``dataset_name`` is a built-in list or a single file, which have one split, ``"train"``."""
+    return dataset_name.startswith(BUILTIN_PREFIX) or os.path.isfile(dataset_name)
+
+
+def _looks_like_local_file(dataset_name: str) -> bool:
+    """A file extension, or a path that starts like one (``./``, ``../``, ``/``, ``~``): never a Hub id."""
+    extension = os.path.splitext(dataset_name)[1].lower()
+    return extension in _FILE_BUILDERS or dataset_name.startswith(("./", "../", "/", "~"))
+
+
+def _read_utf8(path: str) -> str:
+    """The text of ``path``, or a :class:`PromptSetError` naming the line of the first byte that is not UTF-8."""
+    with open(path, "rb") as file:
+        data = file.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PromptSetError(
+            f"{path!r} is not UTF-8 text: byte 0x{data[error.start]:02x} on line {line} is not valid UTF-8 "
+            "(prompt files are read as UTF-8). Save the file as UTF-8, e.g. from Latin-1: "
+            f"`iconv -f latin1 -t utf-8 {path} > utf8_{os.path.basename(path)}`."
+        ) from error
+
+
+def _check_json_lines(path: str, text: str) -> None:
+    """Every non-blank line of a JSON-lines file is one JSON object; the first that is not is named."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise PromptSetError(
+                f"{path!r}, line {number}: not valid JSON ({error.msg}, column {error.colno}). Each line must be "
+                'one JSON object, e.g. {"prompt": "a cat"}.'
+            ) from error
+        if not isinstance(row, dict):
+            raise PromptSetError(
+                f"{path!r}, line {number}: a JSON {type(row).__name__}, not an object. Each line must be one "
+                'JSON object, e.g. {"prompt": "a cat"}.'
+            )
+
+
+def _check_text_file(path: str, extension: str) -> None:
+    """Checks that ``datasets`` reports without naming the file: encoding, emptiness, JSON syntax."""
+    text = _read_utf8(path)
+    if not text.strip():
+        what = "one prompt per line" if extension == ".txt" else "a header row and one row per prompt"
+        raise PromptSetError(f"{path!r} is empty (or only blank lines): write {what}.")
+    if extension == ".jsonl":
+        _check_json_lines(path, text)
+    elif extension == ".json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            _check_json_lines(path, text)  # a .json file may also hold JSON lines
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Reading one small local file takes no time worth a progress bar ("Generating train split", "Filter")."""
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _load_file(path: str, split: str) -> Dataset:
     extension = os.path.splitext(path)[1].lower()
     if extension not in _FILE_BUILDERS:
         known = ", ".join(sorted(_FILE_BUILDERS))
-        raise ValueError(
+        raise PromptSetError(
             f"Cannot read prompts from {path!r}: unknown file type {extension!r}. Use one of {known}, "
             "a folder, a Hub data set id, or a built-in list ('builtin:drawbench-mini')."
         )
     if split != "train":
-        raise ValueError(
-            f"A single file has one split, 'train'; got dataset_split={split!r}. Drop `--dataset_split` or "
-            "point `--dataset_name` at a folder or Hub data set with several splits."
+        raise PromptSetError(
+            f"{path!r} is a single file, with one split, 'train'; got the split {split!r}. Drop "
+            "`--dataset_split` / `--dataset_test_split`, or point `--dataset_name` at a folder or Hub data set "
+            "that has several splits."
         )
+    if extension in _TEXT_EXTENSIONS:
+        _check_text_file(path, extension)
     builder = _FILE_BUILDERS[extension]
     kwargs = {"delimiter": "\t"} if extension == ".tsv" else {}
-    dataset = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
-    if builder == "text":
-        dataset = dataset.filter(lambda row: bool(row["text"].strip())).rename_column("text", "prompt")
+    with _no_progress_bars():
+        try:
+            dataset = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
+        except DatasetGenerationError as error:
+            raise PromptSetError(f"Cannot read prompts from {path!r}: {error.__cause__ or error}") from error
+        if builder == "text":
+            dataset = dataset.filter(lambda row: bool(row["text"].strip())).rename_column("text", "prompt")
     return dataset
+
+
+def _describe(value: object) -> str:
+    return "an empty string" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+
+
+def check_prompts(dataset: Dataset, prompt_column: str, source: str) -> None:
+    """Raise a :class:`PromptSetError` unless ``dataset`` has rows and every ``prompt_column`` value is a
+    non-empty string; the error names up to three bad rows (counted from 0, a header not included)."""
+    columns = list(dataset.column_names or [])
+    if prompt_column not in columns:
+        raise PromptSetError(
+            f"The prompt set {source!r} has no {prompt_column!r} column (its columns: {columns}). "
+            "Name the column that holds the prompts with `--prompt_column <name>` (or `prompt_column:` in "
+            "the YAML config)."
+        )
+    if len(dataset) == 0:
+        raise PromptSetError(f"The prompt set {source!r} has no rows: add prompts to it.")
+    bad_rows = []
+    for row, value in enumerate(dataset[prompt_column]):
+        if not isinstance(value, str) or not value.strip():
+            bad_rows.append(f"row {row}: {_describe(value)}")
+            if len(bad_rows) == _MAX_REPORTED_ROWS:
+                break
+    if bad_rows:
+        raise PromptSetError(
+            f"The prompt set {source!r} has prompts that are not text in column {prompt_column!r} "
+            f"({'; '.join(bad_rows)}; rows counted from 0). Every prompt must be a non-empty string: fix or "
+            "remove those rows."
+        )
 
 
 def load_prompts(
@@ -162,7 +290,7 @@ def load_prompts(
     split: str = "train",
     prompt_column: str = "prompt",
 ) -> Dataset:
-    """Load a prompt set and check that it has the prompt column.
+    """Load a prompt set and check its prompts (see :func:`check_prompts`).
 
     Args:
         dataset_name: a Hub data set id, a local folder, a ``.txt`` / ``.json`` / ``.jsonl`` / ``.csv`` /
@@ -176,32 +304,43 @@ def load_prompts(
         The prompts as a ``datasets.Dataset``.
 
     Raises:
-        ValueError: unknown built-in name, unknown file type, missing split, or no ``prompt_column``
-            (the message lists the columns found and names ``--prompt_column``).
+        PromptSetError: (a ``ValueError``) unknown built-in name or file type, a split a file does not have,
+            a file that is empty, not UTF-8 or not valid JSON (the line is named), no ``prompt_column`` (the
+            message lists the columns found and names ``--prompt_column``), or prompts that are not
+            non-empty strings (the rows are named).
+        FileNotFoundError: ``dataset_name`` is a local file path that does not exist.
     """
+    if dataset_name.startswith("~"):
+        dataset_name = os.path.expanduser(dataset_name)
     if dataset_name.startswith(BUILTIN_PREFIX):
         key = dataset_name[len(BUILTIN_PREFIX) :]
         if key not in BUILTIN_PROMPT_SETS:
             known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_PROMPT_SETS)
-            raise ValueError(f"Unknown built-in prompt set {dataset_name!r}. Built-in sets: {known}.")
+            raise PromptSetError(f"Unknown built-in prompt set {dataset_name!r}. Built-in sets: {known}.")
         if split != "train":
-            raise ValueError(f"The built-in prompt sets have one split, 'train'; got {split!r}.")
+            raise PromptSetError(f"The built-in prompt sets have one split, 'train'; got {split!r}.")
         dataset = BUILTIN_PROMPT_SETS[key]()
     elif os.path.isfile(dataset_name):
         dataset = _load_file(dataset_name, split)
+    elif _looks_like_local_file(dataset_name):
+        raise FileNotFoundError(
+            f"No prompt file {dataset_name!r} (relative paths start from {os.getcwd()!r}). Check the path; a "
+            "Hub data set id has the form 'user/name', without a file extension."
+        )
     else:
         loaded = load_dataset(dataset_name, dataset_config, split=split)
         if isinstance(loaded, DatasetDict):  # pragma: no cover - split is always given
             loaded = loaded[split]
         dataset = loaded
-    columns = list(dataset.column_names or [])
-    if prompt_column not in columns:
-        raise ValueError(
-            f"The prompt set {dataset_name!r} has no {prompt_column!r} column (its columns: {columns}). "
-            "Name the column that holds the prompts with `--prompt_column <name>` (or `prompt_column:` in "
-            "the YAML config)."
-        )
+    check_prompts(dataset, prompt_column, dataset_name)
     return dataset
 
 
-__all__ = ["BUILTIN_PREFIX", "BUILTIN_PROMPT_SETS", "load_prompts"]
+__all__ = [
+    "BUILTIN_PREFIX",
+    "BUILTIN_PROMPT_SETS",
+    "PromptSetError",
+    "check_prompts",
+    "is_single_split",
+    "load_prompts",
+]

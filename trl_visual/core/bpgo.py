@@ -87,7 +87,7 @@ def _group_count_mean_var(rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def prior_delta(rewards: Tensor, priors: Tensor | float) -> Tensor:
-    """The uncertainty signal ``Δ_i = R̄_i − R_prior,i`` (ALGORITHMS.md §3; paper and code alike).
+    """The uncertainty signal ``Δ_i = R̄_i − R_prior,i`` (BPGO paper §3 and its released code alike).
 
     ``R̄_i`` is the NaN-aware mean of group i. Positive Δ means the group did better than its
     prior (a reliable, well-aligned group). A group with no valid reward gives ``Δ_i = NaN``.

@@ -4,22 +4,44 @@ A reward is any callable ``f(prompts: list[str], images: Tensor, **columns) -> l
 (images float in ``[0, 1]``, ``(B, 3, H, W)``; video models pass ``videos`` ``(B, T, 3, H, W)``
 instead), with the other dataset columns passed by name, as TRL does. ``None`` or NaN marks a sample
 the reward could not score; it is left out of the statistics. Built-ins are also reachable by name.
+
+The rewards built on pretrained models (``PickScoreReward``, ``HPSv2Reward``, ``CLIPScoreReward``, …) are
+imported on first use, so importing this package loads neither them nor ``transformers``.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import builtin
 from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
-from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
-from .hps import HPSv2Reward
 from .registry import REWARD_REGISTRY, register_reward
-from .video import CLIPVideoScoreReward, FrameAveraged
+
+if TYPE_CHECKING:
+    from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
+    from .hps import HPSv2Reward
+    from .video import CLIPVideoScoreReward, FrameAveraged
 
 RewardFunc = Callable[..., Any]
+
+_LAZY_CLASSES = {
+    "AestheticReward": ".clip_rewards",
+    "CLIPScoreReward": ".clip_rewards",
+    "PickScoreReward": ".clip_rewards",
+    "HPSv2Reward": ".hps",
+    "CLIPVideoScoreReward": ".video",
+    "FrameAveraged": ".video",
+}
+"""Public reward classes imported on first access (``from trl_visual.rewards import PickScoreReward``)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_CLASSES:
+        return getattr(importlib.import_module(_LAZY_CLASSES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_reward(reward: str | RewardFunc) -> RewardFunc:

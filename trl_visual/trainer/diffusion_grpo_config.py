@@ -45,6 +45,10 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=False,
         metadata={"help": "Kept False: every dataset column is passed to the reward functions by name."},
     )
+    dataloader_pin_memory: bool = field(
+        default=False,
+        metadata={"help": "False: the data loader yields prompt strings, pinned memory cannot speed up."},
+    )
 
     # -- model and data -----------------------------------------------------------------------------
     model_init_kwargs: dict[str, Any] | None = field(

@@ -139,32 +139,31 @@ def load_pipeline(
 class DiffusionGRPOTrainer(Trainer):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
-        Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
-        the log-probability of every transition, scores the decoded samples with the reward functions,
-        turns rewards into group-relative advantages, and takes the clipped policy-gradient step on the
-        stochastic transitions (with an optional exact KL to the LoRA-disabled model).
+    Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
+    the log-probability of every transition, scores the decoded samples with the reward functions,
+    turns rewards into group-relative advantages, and takes the clipped policy-gradient step on the
+    stochastic transitions (with an optional exact KL to the LoRA-disabled model).
 
-        Example::
+    Example::
 
-            from datasets import Dataset
-            from PIL import Image
-    from peft import LoraConfig
-            from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 
-            trainer = DiffusionGRPOTrainer(
-                model="tiny:sd3",
-                reward_funcs="red_channel",
-                args=DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8,
-                                         max_steps=30, height=32, width=32),
-                train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
-                peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-            )
-            trainer.train()
-            trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
+        trainer = DiffusionGRPOTrainer(
+            model="tiny:sd3",
+            reward_funcs="red_channel",
+            args=DiffusionGRPOConfig(output_dir="out", num_generations=4, per_device_train_batch_size=8,
+                                     max_steps=30, height=32, width=32),
+            train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog", "a red car", "a tree"]}),
+            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        )
+        trainer.train()
+        trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
 
-        Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
-        become advantages), :meth:`expand_advantages` (what shape an advantage has) and
-        :meth:`policy_loss` (the per-sample loss of one transition).
+    Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
+    become advantages), :meth:`expand_advantages` (what shape an advantage has) and
+    :meth:`policy_loss` (the per-sample loss of one transition).
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
@@ -395,8 +394,10 @@ class DiffusionGRPOTrainer(Trainer):
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        # No `dtype=None` keyword: diffusers' `ModelMixin.to` warns about float32 modules whenever one is passed
+        cast = {} if dtype is None else {"dtype": dtype}
         for module in self.adapter.frozen_modules:
-            module.to(self.accelerator.device, dtype=dtype)
+            module.to(self.accelerator.device, **cast)
 
     # ------------------------------------------------------------------------------------------------
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt

@@ -91,7 +91,8 @@ def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
 
     tensorboard = _callback_of(trainer, "TensorBoardCallback")
     if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-        pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+        # np.array copies: a PIL image's own buffer is read-only, which torch.from_numpy warns about
+        pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
         tensorboard.tb_writer.add_images("samples", pixels, step)
         tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
     if _callback_of(trainer, "WandbCallback") is not None:
@@ -115,7 +116,7 @@ def _log_videos(
     caption = "\n".join(captions)
     tensorboard = _callback_of(trainer, "TensorBoardCallback")
     if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-        pixels = torch.stack([torch.from_numpy(np.asarray(frame)).permute(2, 0, 1) for frame in frames])
+        pixels = torch.stack([torch.from_numpy(np.array(frame)).permute(2, 0, 1) for frame in frames])
         tensorboard.tb_writer.add_images("samples/frames", pixels, step)
         tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
     if _callback_of(trainer, "WandbCallback") is not None:

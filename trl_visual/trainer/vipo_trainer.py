@@ -368,7 +368,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         callbacks = {type(cb).__name__: cb for cb in self.callback_handler.callbacks}
         tensorboard = callbacks.get("TensorBoardCallback")
         if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-            pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in images])
+            pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
             tensorboard.tb_writer.add_images("vipo/maps", pixels, step)
         if "WandbCallback" in callbacks:
             import wandb
