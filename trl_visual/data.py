@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset
@@ -270,17 +271,24 @@ def check_prompts(dataset: Dataset, prompt_column: str, source: str) -> None:
         )
     if len(dataset) == 0:
         raise PromptSetError(f"The prompt set {source!r} has no rows: add prompts to it.")
+    check_prompt_values(dataset[prompt_column], f"the prompt set {source!r}, column {prompt_column!r}")
+
+
+def check_prompt_values(prompts: Sequence[Any], where: str) -> None:
+    """Raise a :class:`PromptSetError` unless every prompt is a non-empty string (not only whitespace): an
+    empty prompt would silently train the unconditional prompt. The error names up to three bad rows
+    (counted from 0) and ``where`` they come from."""
     bad_rows = []
-    for row, value in enumerate(dataset[prompt_column]):
+    for row, value in enumerate(prompts):
         if not isinstance(value, str) or not value.strip():
             bad_rows.append(f"row {row}: {_describe(value)}")
             if len(bad_rows) == _MAX_REPORTED_ROWS:
                 break
     if bad_rows:
         raise PromptSetError(
-            f"The prompt set {source!r} has prompts that are not text in column {prompt_column!r} "
-            f"({'; '.join(bad_rows)}; rows counted from 0). Every prompt must be a non-empty string: fix or "
-            "remove those rows."
+            f"Prompts that are not text in {where} ({'; '.join(bad_rows)}; rows counted from 0). Every prompt "
+            "must be a non-empty string: fix or remove those rows (e.g. `dataset.filter(lambda row: "
+            "isinstance(row['prompt'], str) and row['prompt'].strip())`)."
         )
 
 
@@ -340,6 +348,7 @@ __all__ = [
     "BUILTIN_PREFIX",
     "BUILTIN_PROMPT_SETS",
     "PromptSetError",
+    "check_prompt_values",
     "check_prompts",
     "is_single_split",
     "load_prompts",

@@ -32,6 +32,7 @@ from ..core.timesteps import (
     stochastic_step_indices,
     window_starts,
 )
+from ..data import check_prompt_values
 from ..hub import (
     CardSample,
     build_model_card,
@@ -99,18 +100,6 @@ def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
     positions: dict[str, int] = {}
     inverse = [positions.setdefault(v, len(positions)) for v in values]
     return list(positions), torch.tensor(inverse, dtype=torch.long)
-
-
-def check_prompts(prompts: list[Any], where: str) -> None:
-    """Refuse a prompt that is not text or is empty (or only whitespace): it would be trained on as the
-    unconditional prompt, silently. ``where`` names the prompts' source for the message."""
-    for row, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(
-                f"Row {row} of {where} holds the prompt {prompt!r}: prompts must be non-empty text. Remove such "
-                "rows (e.g. `dataset.filter(lambda row: isinstance(row['prompt'], str) and row['prompt'].strip())`) "
-                "or fill them in."
-            )
 
 
 def load_pipeline(
@@ -295,7 +284,7 @@ class DiffusionGRPOTrainer(Trainer):
                 f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
             )
         if columns is not None and hasattr(dataset, "__len__"):
-            check_prompts(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
+            check_prompt_values(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
         if split == "train_dataset" and hasattr(dataset, "__len__"):
             prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
             if len(dataset) < prompts_per_step:
@@ -712,7 +701,7 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
         prompts = [row[self.args.prompt_column] for row in inputs]
-        check_prompts(prompts, "a batch of the train_dataset")  # a streaming dataset is only seen here
+        check_prompt_values(prompts, "a batch of the train_dataset")  # a streaming dataset is only seen here
         offset = self.accelerator.process_index * self.args.per_device_train_batch_size
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
         rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
