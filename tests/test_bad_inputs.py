@@ -81,6 +81,8 @@ CONFIG_CASES = [
     ({"num_inference_steps": 0}, r"`num_inference_steps` must be at least 1; got 0"),
     ({"guidance_scale": -1.0}, r"`guidance_scale` must be ≥ 0"),
     ({"max_steps": 0}, r"`max_steps` must be positive \(or -1"),
+    ({"learning_rate": float("nan")}, r"`learning_rate` must be a finite number"),
+    ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be at least 1"),
     ({"reward_weights": [0.0, 0.0]}, r"`reward_weights` are all zero"),
     ({"reward_weights": [1.0, float("inf")]}, r"`reward_weights` must all be finite"),
     ({"reward_timeout": 0}, r"`reward_timeout` must be > 0 seconds, or None"),
@@ -322,8 +324,11 @@ def test_a_hung_reward_times_out_naming_it_and_keeps_the_checkpoint(tmp_path, is
     assert time.perf_counter() - start < 30
     assert ("cannot stop a running thread" in str(info.value)) != is_async
     assert "raise `reward_timeout` (None waits forever)" in str(info.value)
-    assert sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("checkpoint")) == ["checkpoint-1"]
-    assert assert_saved_files_are_finite(tmp_path / "out") == 1
+    out = tmp_path / "out"
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1"]
+    assert f"saved to {out / 'stopped-at-step-1'}" in str(info.value)  # what step 1 trained is not lost
+    assert load_file(out / "stopped-at-step-1" / LORA).keys() == load_file(out / "checkpoint-1" / LORA).keys()
+    assert assert_saved_files_are_finite(out) == 2
 
 
 def test_no_timeout_waits_in_the_calling_thread(tmp_path):
@@ -388,7 +393,10 @@ def test_consecutive_nan_steps_stop_with_the_likely_cause(tmp_path):
     ):
         trainer.train()
     assert trainer.state.global_step == 3
-    assert assert_saved_files_are_finite(tmp_path / "out") == 3
+    out = tmp_path / "out"
+    assert assert_saved_files_are_finite(out) == 4  # checkpoint-1 to -3, and the weights saved when stopping
+    stopped, first = load_file(out / "stopped-at-step-3" / LORA), load_file(out / "checkpoint-1" / LORA)
+    assert all(torch.equal(stopped[k], first[k]) for k in first)  # the three NaN steps changed nothing
 
 
 def test_nonfinite_samples_are_never_scored_and_blame_the_model(tmp_path):

@@ -200,7 +200,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
-        self._check_ranges()
+        self._check_grpo_ranges()
         if self.num_generations < 2:
             raise ValueError(
                 f"`num_generations` must be at least 2 to form groups; got {self.num_generations}."
@@ -226,7 +226,7 @@ class DiffusionGRPOConfig(TrainingArguments):
                 "or a `num_generations` that divides it."
             )
 
-    def _check_ranges(self) -> None:
+    def _check_grpo_ranges(self) -> None:
         """Refuse out-of-range hyper-parameters before any model is loaded (a negative ``epsilon`` clips every
         sample, ``noise_level = 0`` makes every log-probability NaN, ...); warn on a learning rate ≤ 0."""
         check_range("epsilon", self.epsilon, self.epsilon >= 0, "≥ 0 (diffusion GRPO uses ~1e-4)")
@@ -267,6 +267,13 @@ class DiffusionGRPOConfig(TrainingArguments):
                     f"`reward_weights` are all zero ({self.reward_weights}): every advantage would be 0 and nothing "
                     "would train. Give at least one reward a non-zero weight."
                 )
+        if not math.isfinite(self.learning_rate):
+            raise ValueError(f"`learning_rate` must be a finite number; got {self.learning_rate}.")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(
+                f"`per_device_train_batch_size` must be at least 1 (a multiple of `num_generations`); got "
+                f"{self.per_device_train_batch_size}."
+            )
         if not self.learning_rate > 0:
             logger.warning(f"`learning_rate` is {self.learning_rate}: the weights will not be trained.")
 

@@ -693,7 +693,7 @@ class DiffusionGRPOTrainer(Trainer):
         return RewardTimeoutError(
             f"The reward function {self.reward_names[index]!r} did not return within reward_timeout="
             f"{self.args.reward_timeout:g} s, so training stops at step {self.state.global_step} (the checkpoints "
-            f"already written are kept).{left} Check the reward (a server that no longer answers?), or raise "
+            f"already written are kept).{self._save_before_stopping()}{left} Check the reward (a server that no longer answers?), or raise "
             "`reward_timeout` (None waits forever)."
         )
 
@@ -987,8 +987,25 @@ class DiffusionGRPOTrainer(Trainer):
             raise NonFiniteTrainingError(
                 f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
                 f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
-                f"are kept. Likely cause: {cause} (`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
+                f"are kept.{self._save_before_stopping()} Likely cause: {cause} (`max_consecutive_nonfinite_steps` "
+                "sets how many are tolerated.)"
             )
+
+    def _save_before_stopping(self) -> str:
+        """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
+        that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error.
+
+        Only finite weights are saved, and only in a single-process run: saving may need every process, and
+        the others may be waiting elsewhere (they stop when this one exits)."""
+        if self.accelerator.num_processes > 1 or not self.args.should_save:
+            return ""
+        directory = os.path.join(self.args.output_dir, f"stopped-at-step-{self.state.global_step}")
+        try:
+            self.save_model(directory, _internal_call=True)  # internal: not pushed to the Hub
+        except Exception as error:  # the error that stops the run is the one to report
+            logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
+            return ""
+        return f" The weights trained so far were saved to {directory}."
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never
