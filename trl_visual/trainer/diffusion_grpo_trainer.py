@@ -684,17 +684,19 @@ class DiffusionGRPOTrainer(Trainer):
         return results
 
     def _reward_timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
-        """The error of a reward that did not return within ``reward_timeout`` seconds."""
+        """The error of a reward that did not return within ``reward_timeout`` seconds, once the weights trained
+        so far are saved (:meth:`_save_before_stopping`)."""
         left = (
             " Python cannot stop a running thread: the call goes on in the background until this process exits."
             if still_running
             else " It was cancelled."
         )
+        saved = self._save_before_stopping()
         return RewardTimeoutError(
             f"The reward function {self.reward_names[index]!r} did not return within reward_timeout="
             f"{self.args.reward_timeout:g} s, so training stops at step {self.state.global_step} (the checkpoints "
-            f"already written are kept).{self._save_before_stopping()}{left} Check the reward (a server that no longer answers?), or raise "
-            "`reward_timeout` (None waits forever)."
+            f"already written are kept).{saved}{left} Check the reward (a server that no longer answers?), or "
+            "raise `reward_timeout` (None waits forever)."
         )
 
     @staticmethod
@@ -927,17 +929,18 @@ class DiffusionGRPOTrainer(Trainer):
     # Finite updates: NaN/inf never reaches the weights, the optimizer state or a saved file
     # ------------------------------------------------------------------------------------------------
     def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
-        """Whether every process's samples and stored log-probs are finite. When not, the stage is recorded
-        for :meth:`_guard_update` and the rewards are not called (they would score NaN images)."""
-        checks = torch.stack(
+        """Whether every process's samples and stored log-probs are finite (all processes take the same
+        decision). When not, the stage is recorded for :meth:`_guard_update` and the rewards are not called:
+        they would score NaN images, and be blamed for it."""
+        local = torch.stack(
             [torch.isfinite(rollouts.samples).all(), torch.isfinite(rollouts.log_probs).all()]
         )
-        finite = (
-            gather(checks[None].float().to(self.accelerator.device)).min(dim=0).values.bool().tolist()
-        )  # every process takes the same decision
-        if all(finite):
+        samples_finite, log_probs_finite = (
+            gather(local[None].float().to(self.accelerator.device)).min(dim=0).values
+        )
+        if samples_finite and log_probs_finite:
             return True
-        self._nonfinite_stage = self._nonfinite_stage or ("samples" if not finite[0] else "log_probs")
+        self._nonfinite_stage = self._nonfinite_stage or ("log_probs" if samples_finite else "samples")
         return False
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
@@ -949,35 +952,22 @@ class DiffusionGRPOTrainer(Trainer):
 
     def _guard_update(self, model: torch.nn.Module, grad_norm: Any) -> None:
         """Let the coming optimizer step through only if this step's samples, log-probs, loss and gradients
-        were all finite on every process.
-
-        A non-finite step is skipped: every gradient is dropped (``p.grad = None``), so ``optimizer.step()``
-        leaves the weights *and* AdamW's moments and step counts as they were (under fp16's ``GradScaler``
-        the gradients are made NaN instead, so the scaler skips the step). Skipped steps are counted in the
-        ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row raise
-        :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause.
-        """
-        scaler = self.accelerator.scaler
-        stage = self._nonfinite_stage
-        if stage is None and scaler is None and not math.isfinite(float(grad_norm)):
-            stage = "gradients"  # under a GradScaler, overflowing gradients are the scaler's to skip
+        were all finite on every process; otherwise skip it (:meth:`_skip_update`). Skipped steps are counted
+        in the ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row
+        raise :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause."""
+        stage, self._nonfinite_stage = self._nonfinite_stage, None
+        if stage is None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
+            stage = "gradients"  # under fp16's GradScaler, overflowing gradients are the scaler's to skip
         skip = bool(gather(torch.tensor([float(stage is not None)], device=self.accelerator.device)).any())
-        self._nonfinite_stage = None
         interval = self._metrics["train"]["nonfinite_steps"]
         interval[:] = [(interval[0] if interval else 0.0) + skip]  # a count per log, not an average
         if not skip:
             self._consecutive_nonfinite_steps = 0
             return
-        for parameter in model.parameters():
-            if scaler is not None and parameter.requires_grad:
-                parameter.grad = torch.full_like(parameter, float("nan"))
-            else:
-                parameter.grad = None
+        self._skip_update(model)
         self._consecutive_nonfinite_steps += 1
-        streak_start = (
-            self.state.global_step + 1 - self._consecutive_nonfinite_steps
-        )  # steps before this streak
-        cause = nonfinite_cause(stage or "gradients", self.args, streak_start, nonfinite_parameters(model))
+        steps_before = self.state.global_step + 1 - self._consecutive_nonfinite_steps
+        cause = nonfinite_cause(stage or "gradients", self.args, steps_before, nonfinite_parameters(model))
         limit = self.args.max_consecutive_nonfinite_steps
         logger.warning(
             f"Step {self.state.global_step + 1} skipped: non-finite {stage or 'values on another process'} "
@@ -987,9 +977,20 @@ class DiffusionGRPOTrainer(Trainer):
             raise NonFiniteTrainingError(
                 f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
                 f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
-                f"are kept.{self._save_before_stopping()} Likely cause: {cause} (`max_consecutive_nonfinite_steps` "
-                "sets how many are tolerated.)"
+                f"are kept.{self._save_before_stopping()} Likely cause: {cause} "
+                "(`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
             )
+
+    def _skip_update(self, model: torch.nn.Module) -> None:
+        """Make the coming ``optimizer.step()`` a no-op. Every gradient is dropped (``p.grad = None``): torch's
+        optimizers skip such parameters, so the weights *and* AdamW's moments and step counts stay as they were.
+        Under fp16's ``GradScaler`` (which refuses a step without gradients) they are made NaN instead, and the
+        scaler skips the step as it does its own overflows."""
+        for parameter in model.parameters():
+            if self.accelerator.scaler is not None and parameter.requires_grad:
+                parameter.grad = torch.full_like(parameter, float("nan"))
+            else:
+                parameter.grad = None
 
     def _save_before_stopping(self) -> str:
         """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
