@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import threading
@@ -161,8 +160,3 @@ def nonfinite_cause(stage: str, args: Any, global_step: int, bad_weights: list[s
         f"the policy loss or its gradients overflowed: lower {lr}, keep `max_grad_norm` > 0 (now {clip:g}), and "
         "use bf16 rather than fp16."
     )
-
-
-def is_finite_number(value: Any) -> bool:
-    """Whether ``value`` (a float or a 0-d tensor) is neither NaN nor ±inf."""
-    return math.isfinite(float(value))
