@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO), with NaN rewards left out of every statistic."""
+"""Group-relative advantages (GRPO), with NaN and ±inf rewards left out of every statistic."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def nan_std(values: torch.Tensor, dim: int | None = None, keepdim: bool = False)
     return std if keepdim or dim is None else std.squeeze(dim)
 
 
+def invalid_to_nan(rewards: torch.Tensor) -> torch.Tensor:
+    """``rewards`` with every NaN and ±inf as NaN: an infinite reward is no value to average (it would make its
+    group's mean infinite), so it is a missing sample, like ``None``."""
+    return torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, float("nan")))
+
+
 def group_advantages(
     rewards: torch.Tensor,
     num_generations: int,
@@ -30,11 +36,12 @@ def group_advantages(
     """``A_i^j = (R_i^j − R̄_i) / (std + eps)``, clamped to ``±clip``.
 
     ``rewards`` is ``(N · G,)`` with the G samples of a group consecutive. ``std`` is the group's
-    (``"group"``), the whole batch's (``"batch"``) or 1 (``"none"``). NaN rewards get advantage 0
-    and are left out of the means and standard deviations.
+    (``"group"``), the whole batch's (``"batch"``) or 1 (``"none"``). NaN and ±inf rewards get
+    advantage 0 and are left out of the means and standard deviations.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"Unknown scale_rewards {scale_rewards!r}; choose one of {SCALE_REWARDS}.")
+    rewards = invalid_to_nan(rewards)
     grouped = rewards.reshape(-1, num_generations)
     centred = grouped - grouped.nanmean(dim=1, keepdim=True)
     if scale_rewards == "group":
@@ -55,7 +62,7 @@ def combine_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn several rewards ``(B, F)`` into one reward and one advantage per sample.
 
-    ``sum_then_normalize``: ``R = Σ_f w_f R_f`` (NaN terms skipped; all-NaN stays NaN), then
+    ``sum_then_normalize``: ``R = Σ_f w_f R_f`` (NaN and ±inf terms skipped; none left: NaN), then
     advantages of R. ``normalize_then_sum``: ``A = Σ_f w_f A(R_f)``, then clamped.
     Returns ``(reward, advantage)``, both ``(B,)``.
     """
@@ -63,6 +70,7 @@ def combine_rewards(
         raise ValueError(
             f"Unknown multi_objective_aggregation {aggregation!r}; choose one of {AGGREGATIONS}."
         )
+    rewards_per_func = invalid_to_nan(rewards_per_func)
     weighted = rewards_per_func * weights.to(rewards_per_func)
     all_missing = torch.isnan(rewards_per_func).all(dim=1)
     reward = weighted.nansum(dim=1).masked_fill(all_missing, float("nan"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,13 +11,22 @@ from transformers import TrainingArguments
 
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
 from ..core.sde import SDE_TYPES
-from ..core.timesteps import TIMESTEP_SELECTIONS
+from ..core.timesteps import TIMESTEP_SELECTIONS, window_starts
+
+logger = logging.getLogger(__name__)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise a ``ValueError`` naming the field and its valid values when ``value`` is not one of them."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+
+
+def check_range(name: str, value: float, valid: bool, expected: str, hint: str = "") -> None:
+    """Raise a ``ValueError`` naming the field, the range it must lie in and what it got, when ``valid`` is
+    false or ``value`` is NaN or infinite."""
+    if not valid or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be {expected}; got {value!r}.{' ' + hint if hint else ''}")
 
 
 @dataclass
@@ -179,12 +190,30 @@ class DiffusionGRPOConfig(TrainingArguments):
     )
     num_images_to_log: int = field(default=8, metadata={"help": "How many samples to log."})
 
+    # -- reliability -----------------------------------------------------------------------------------
+    reward_timeout: float | None = field(
+        default=600.0,
+        metadata={
+            "help": "Seconds one call of a reward function may take before training stops with an error naming "
+            "it (a hung reward server would otherwise hang the run). None waits forever."
+        },
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "help": "Optimizer steps whose samples, loss or gradients are NaN/inf are skipped (the weights and the "
+            "optimizer state stay as they were) and counted in the `nonfinite_steps` metric; this many in a "
+            "row stop training with an error naming the likely cause."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
+        self._check_grpo_ranges()
         if self.num_generations < 2:
             raise ValueError(
                 f"`num_generations` must be at least 2 to form groups; got {self.num_generations}."
@@ -200,6 +229,7 @@ class DiffusionGRPOConfig(TrainingArguments):
             )
         if self.sde_window_range is None:
             self.sde_window_range = [0, max(1, self.num_inference_steps // 2)]
+        self._check_sde_window_range()
         global_batch = self.per_device_train_batch_size * self.world_size
         if global_batch % self.num_generations:
             raise ValueError(
@@ -207,4 +237,75 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"{global_batch} samples) must be divisible by `num_generations` ({self.num_generations}). "
                 f"Choose a `per_device_train_batch_size` that is a multiple of {self.num_generations}, "
                 "or a `num_generations` that divides it."
+            )
+
+    def _check_grpo_ranges(self) -> None:
+        """Refuse out-of-range hyper-parameters before any model is loaded (a negative ``epsilon`` clips every
+        sample, ``noise_level = 0`` makes every log-probability NaN, ...); warn on a learning rate ≤ 0."""
+        check_range("epsilon", self.epsilon, self.epsilon >= 0, "≥ 0 (diffusion GRPO uses ~1e-4)")
+        check_range("beta", self.beta, self.beta >= 0, "≥ 0 (0 disables the KL term)")
+        check_range(
+            "adv_clip_max", self.adv_clip_max, self.adv_clip_max > 0, "> 0 (advantages are clamped to ±it)"
+        )
+        check_range(
+            "noise_level",
+            self.noise_level,
+            self.noise_level > 0,
+            "> 0",
+            "It is the SDE's noise scale: at 0 the sampler is deterministic and every log-probability is NaN "
+            "(use 0.7 for flow_grpo and cps, 0.3 for dance_grpo).",
+        )
+        check_range(
+            "num_inference_steps", self.num_inference_steps, self.num_inference_steps >= 1, "at least 1"
+        )
+        check_range("guidance_scale", self.guidance_scale, self.guidance_scale >= 0, "≥ 0 (1 disables CFG)")
+        if self.max_steps == 0:
+            raise ValueError("`max_steps` must be positive (or -1 to train for `num_train_epochs`); got 0.")
+        if self.reward_timeout is not None:
+            check_range(
+                "reward_timeout",
+                self.reward_timeout,
+                self.reward_timeout > 0,
+                "> 0 seconds, or None to wait forever",
+            )
+        if self.max_consecutive_nonfinite_steps < 1:
+            raise ValueError(
+                f"`max_consecutive_nonfinite_steps` must be at least 1; got {self.max_consecutive_nonfinite_steps}."
+            )
+        if self.reward_weights is not None:
+            if not all(math.isfinite(w) for w in self.reward_weights):
+                raise ValueError(f"`reward_weights` must all be finite; got {self.reward_weights}.")
+            if self.reward_weights and not any(self.reward_weights):
+                raise ValueError(
+                    f"`reward_weights` are all zero ({self.reward_weights}): every advantage would be 0 and nothing "
+                    "would train. Give at least one reward a non-zero weight."
+                )
+        if not math.isfinite(self.learning_rate):
+            raise ValueError(f"`learning_rate` must be a finite number; got {self.learning_rate}.")
+        if self.per_device_train_batch_size < 1:
+            raise ValueError(
+                f"`per_device_train_batch_size` must be at least 1 (a multiple of `num_generations`); got "
+                f"{self.per_device_train_batch_size}."
+            )
+        if not self.learning_rate > 0:
+            logger.warning(f"`learning_rate` is {self.learning_rate}: the weights will not be trained.")
+
+    def _check_sde_window_range(self) -> None:
+        """The SDE window must be able to start inside sampling: ``0 ≤ low < high`` and ``low`` at most the last
+        start that leaves ``sde_window_size`` stochastic steps before the end."""
+        if self.sde_window_size <= 0:
+            return
+        if len(self.sde_window_range) != 2:
+            raise ValueError(
+                f"`sde_window_range` must be two integers [low, high); got {self.sde_window_range}."
+            )
+        low, high = self.sde_window_range
+        last = window_starts(
+            self.sde_window_size, (0, self.num_inference_steps), self.num_inference_steps, self.sde_type
+        )[-1]
+        if not 0 <= low < high or low > last:
+            raise ValueError(
+                f"`sde_window_range` {self.sde_window_range} does not fit {self.num_inference_steps} sampling steps "
+                f"with sde_window_size={self.sde_window_size} ({self.sde_type}): it needs 0 ≤ low < high and low ≤ "
+                f"{last}. Use e.g. [0, {last + 1}], or raise `num_inference_steps`."
             )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import numbers
 import os
 import shutil
 import time
@@ -46,6 +48,15 @@ from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .guards import (
+    NonFiniteTrainingError,
+    RewardTimeoutError,
+    call_with_timeout,
+    check_flow_matching_sigmas,
+    check_writable_dir,
+    nonfinite_cause,
+    nonfinite_parameters,
+)
 from .logging_utils import captioned_grid, log_samples
 
 logger = logging.getLogger(__name__)
@@ -89,6 +100,15 @@ class EpochSeededRepeatSampler(RepeatSampler):
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + self.epoch)
         return super().__iter__()
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,9 +216,16 @@ class DiffusionGRPOTrainer(Trainer):
         peft_config: LoraConfig | None = None,
     ):
         args = self._resolve_args(model, args)
+        if args.should_save:
+            check_writable_dir(args.output_dir)
         self.reward_funcs = [
             resolve_reward(r) for r in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])
         ]
+        if not self.reward_funcs:
+            raise ValueError(
+                "`reward_funcs` is empty: give at least one reward function (a registered name such as "
+                "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
+            )
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
         self.reward_weights = self._check_reward_weights(args.reward_weights)
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
@@ -220,6 +247,7 @@ class DiffusionGRPOTrainer(Trainer):
         self.is_peft = peft_config is not None
         denoiser = self._prepare_denoiser(peft_config, args)
         self._check_resolution(args)
+        self._check_scheduler(args)
         self._check_trained_steps(args)
         self._enable_vae_memory_options(args)
 
@@ -246,6 +274,8 @@ class DiffusionGRPOTrainer(Trainer):
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._negative_embeds: PromptEmbeds | None = None
+        self._nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
+        self._consecutive_nonfinite_steps = 0
 
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
@@ -327,6 +357,15 @@ class DiffusionGRPOTrainer(Trainer):
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
+
+    def _check_scheduler(self, args: DiffusionGRPOConfig) -> None:
+        """The SDE samplers need a flow-matching schedule: another scheduler (DDIM, SD1/SDXL's Euler) is refused
+        now, by name, rather than with an ``AttributeError`` or NaN log-probs after sampling."""
+        check_flow_matching_sigmas(
+            lambda: self.adapter.sigmas(args.num_inference_steps, self.latent_shape),
+            self.pipeline.scheduler,
+            args.num_inference_steps,
+        )
 
     def _check_trained_steps(self, args: DiffusionGRPOConfig) -> None:
         """Refuse, before any sampling, an SDE window that could fall where the trained denoiser never
@@ -567,8 +606,9 @@ class DiffusionGRPOTrainer(Trainer):
         self, prompts: list[str], samples: torch.Tensor, inputs: list[dict[str, Any]]
     ) -> torch.Tensor:
         """Call every reward function; returns ``(B, F)`` float32 on the training device, NaN where a
-        reward gave ``None`` or NaN. A reward that raises, returns the wrong length, or only NaN is an
-        error naming it.
+        reward gave ``None``, NaN or ±inf (±inf is counted in ``rewards/<name>/num_inf``). A reward that
+        raises, returns the wrong length or type, only invalid values, or does not return within
+        ``reward_timeout`` seconds is an error naming it.
 
         Plain functions run one after the other; ``async`` reward functions (as in TRL) run
         concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>``.
@@ -592,7 +632,20 @@ class DiffusionGRPOTrainer(Trainer):
             self._check_reward_output(outputs[i], name, len(prompts))
             for i, name in enumerate(self.reward_names)
         ]
-        return torch.stack(scores, dim=1).to(self.accelerator.device)
+        return self._drop_infinite_rewards(torch.stack(scores, dim=1)).to(self.accelerator.device)
+
+    def _drop_infinite_rewards(self, scores: torch.Tensor) -> torch.Tensor:
+        """±inf is no reward value (it would make its group's mean infinite and every group-mate's advantage
+        ±adv_clip_max): such a sample is left out like ``None``, and counted in ``rewards/<name>/num_inf``."""
+        infinite = torch.isinf(scores)
+        for f, name in enumerate(self.reward_names):
+            self._metrics["train"][f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
+        if infinite.any():
+            logger.warning(
+                f"Reward(s) {[n for f, n in enumerate(self.reward_names) if infinite[:, f].any()]} returned ±inf for "
+                f"{int(infinite.sum())} sample(s); they are left out of the advantages like None."
+            )
+        return scores.masked_fill(infinite, float("nan"))
 
     @contextlib.contextmanager
     def _reward_call(self, index: int) -> Iterator[None]:
@@ -610,35 +663,69 @@ class DiffusionGRPOTrainer(Trainer):
 
     def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
         with self._reward_call(index):
-            return func(**kwargs)
+            finished, result = call_with_timeout(func, kwargs, self.args.reward_timeout)
+        if not finished:
+            raise self._reward_timeout_error(index, still_running=True)
+        return result
 
     async def _call_async_rewards(self, indices: list[int], kwargs: dict[str, Any]) -> dict[int, Any]:
+        timed_out = object()
+
         async def call(index: int) -> Any:
             with self._reward_call(index):
-                return await self.reward_funcs[index](**kwargs)
+                try:
+                    return await asyncio.wait_for(
+                        self.reward_funcs[index](**kwargs), self.args.reward_timeout
+                    )
+                except asyncio.TimeoutError:
+                    return timed_out
 
-        results = await asyncio.gather(*(call(i) for i in indices))
-        return dict(zip(indices, results))
+        results = dict(zip(indices, await asyncio.gather(*(call(i) for i in indices))))
+        for index, result in results.items():
+            if result is timed_out:
+                raise self._reward_timeout_error(index, still_running=False)
+        return results
+
+    def _reward_timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
+        """The error of a reward that did not return within ``reward_timeout`` seconds, once the weights trained
+        so far are saved (:meth:`_save_before_stopping`)."""
+        left = (
+            " Python cannot stop a running thread: the call goes on in the background until this process exits."
+            if still_running
+            else " It was cancelled."
+        )
+        saved = self._save_before_stopping()
+        return RewardTimeoutError(
+            f"The reward function {self.reward_names[index]!r} did not return within reward_timeout="
+            f"{self.args.reward_timeout:g} s, so training stops at step {self.state.global_step} (the checkpoints "
+            f"already written are kept).{saved}{left} Check the reward (a server that no longer answers?), or "
+            "raise `reward_timeout` (None waits forever)."
+        )
 
     @staticmethod
     def _check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
-        if isinstance(output, torch.Tensor):
-            output = output.detach().float().reshape(-1).cpu().tolist()
-        try:
-            values = [float("nan") if v is None else float(v) for v in output]
-        except TypeError as error:
+        if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
+            output = torch.as_tensor(output).detach().float().reshape(-1).cpu().tolist()
+        if not isinstance(output, (list, tuple)):
             raise TypeError(
                 f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
-                f"{type(output).__name__}."
-            ) from error
+                f"{type(output).__name__} {_short_repr(output)}."
+            )
+        for i, v in enumerate(output):
+            if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
+                raise TypeError(
+                    f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
+                    "must return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8]."
+                )
+        values = [float("nan") if v is None else float(v) for v in output]
         if len(values) != expected:
             raise ValueError(
                 f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
                 "return exactly one value (a float, or None to skip) per sample."
             )
         tensor = torch.tensor(values, dtype=torch.float32)
-        if torch.isnan(tensor).all():
-            raise ValueError(f"The reward function {name!r} returned only None/NaN for the whole batch.")
+        if not torch.isfinite(tensor).any():
+            raise ValueError(f"The reward function {name!r} returned only None/NaN/inf for the whole batch.")
         return tensor
 
     def compute_advantages(
@@ -719,6 +806,8 @@ class DiffusionGRPOTrainer(Trainer):
             torch.Generator().manual_seed(self._generation_seed() + 7),
         )
         rollouts.train_steps = trainable[selected.to(trainable.device)]
+        if not self._rollouts_are_finite(rollouts):
+            return rollouts  # not scored: no advantages, so training_step skips this step
         self._score(rollouts, inputs)
         if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
             log_samples(self, rollouts)
@@ -806,6 +895,8 @@ class DiffusionGRPOTrainer(Trainer):
         if self._micro_step % self.args.num_iterations == 0 or self._rollouts is None:
             self._rollouts = self._make_rollouts(inputs)
         rollouts = self._rollouts
+        if rollouts.advantages is None:  # non-finite samples or log-probs: nothing to learn from them
+            return torch.tensor(float("nan"), device=self.accelerator.device)
         num_trained = rollouts.train_steps.shape[1]
         scale = num_trained * self.current_gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}  # detached running sums: one device sync per metric, not per step
@@ -834,6 +925,8 @@ class DiffusionGRPOTrainer(Trainer):
         for name in ("policy_loss", "clip_ratio", "kl"):
             if name in sums:
                 self._metrics["train"][name].append(sums[name].item())
+        if not math.isfinite(sums["loss"].item()):
+            self._nonfinite_stage = self._nonfinite_stage or "loss"
         return sums["loss"] / self.current_gradient_accumulation_steps
 
     def train(
@@ -887,6 +980,101 @@ class DiffusionGRPOTrainer(Trainer):
             world_size=self.args.world_size,
         )
         return str(resume_from_checkpoint)
+
+    # ------------------------------------------------------------------------------------------------
+    # Finite updates: NaN/inf never reaches the weights, the optimizer state or a saved file
+    # ------------------------------------------------------------------------------------------------
+    def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
+        """Whether every process's samples and stored log-probs are finite (all processes take the same
+        decision). When not, the stage is recorded for :meth:`_guard_update` and the rewards are not called:
+        they would score NaN images, and be blamed for it."""
+        local = torch.stack(
+            [torch.isfinite(rollouts.samples).all(), torch.isfinite(rollouts.log_probs).all()]
+        )
+        samples_finite, log_probs_finite = (
+            gather(local[None].float().to(self.accelerator.device)).min(dim=0).values
+        )
+        if samples_finite and log_probs_finite:
+            return True
+        self._nonfinite_stage = self._nonfinite_stage or ("log_probs" if samples_finite else "samples")
+        return False
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        """``Trainer`` computes the global gradient norm just before ``optimizer.step()``; the step is then
+        guarded (:meth:`_guard_update`)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._guard_update(model, grad_norm)
+        return grad_norm
+
+    def _guard_update(self, model: torch.nn.Module, grad_norm: Any) -> None:
+        """Let the coming optimizer step through only if this step's samples, log-probs, loss and gradients
+        were all finite on every process; otherwise skip it (:meth:`_skip_update`). Skipped steps are counted
+        in the ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row
+        raise :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause."""
+        stage, self._nonfinite_stage = self._nonfinite_stage, None
+        if stage is None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
+            stage = "gradients"  # under fp16's GradScaler, overflowing gradients are the scaler's to skip
+        skip = bool(gather(torch.tensor([float(stage is not None)], device=self.accelerator.device)).any())
+        interval = self._metrics["train"]["nonfinite_steps"]
+        interval[:] = [(interval[0] if interval else 0.0) + skip]  # a count per log, not an average
+        if not skip:
+            self._consecutive_nonfinite_steps = 0
+            return
+        self._skip_update(model)
+        self._consecutive_nonfinite_steps += 1
+        steps_before = self.state.global_step + 1 - self._consecutive_nonfinite_steps
+        cause = nonfinite_cause(stage or "gradients", self.args, steps_before, nonfinite_parameters(model))
+        limit = self.args.max_consecutive_nonfinite_steps
+        logger.warning(
+            f"Step {self.state.global_step + 1} skipped: non-finite {stage or 'values on another process'} "
+            f"({self._consecutive_nonfinite_steps}/{limit} in a row); likely cause: {cause}"
+        )
+        if self._consecutive_nonfinite_steps >= limit:
+            raise NonFiniteTrainingError(
+                f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
+                f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
+                f"are kept.{self._save_before_stopping()} Likely cause: {cause} "
+                "(`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
+            )
+
+    def _skip_update(self, model: torch.nn.Module) -> None:
+        """Make the coming ``optimizer.step()`` a no-op. Every gradient is dropped (``p.grad = None``): torch's
+        optimizers skip such parameters, so the weights *and* AdamW's moments and step counts stay as they were.
+        Under fp16's ``GradScaler`` (which refuses a step without gradients) they are made NaN instead, and the
+        scaler skips the step as it does its own overflows."""
+        for parameter in model.parameters():
+            if self.accelerator.scaler is not None and parameter.requires_grad:
+                parameter.grad = torch.full_like(parameter, float("nan"))
+            else:
+                parameter.grad = None
+
+    def _save_before_stopping(self) -> str:
+        """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
+        that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error.
+
+        Only finite weights are saved, and only in a single-process run: saving may need every process, and
+        the others may be waiting elsewhere (they stop when this one exits)."""
+        if self.accelerator.num_processes > 1 or not self.args.should_save:
+            return ""
+        directory = os.path.join(self.args.output_dir, f"stopped-at-step-{self.state.global_step}")
+        try:
+            self.save_model(directory, _internal_call=True)  # internal: not pushed to the Hub
+        except Exception as error:  # the error that stops the run is the one to report
+            logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
+            return ""
+        return f" The weights trained so far were saved to {directory}."
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never
+        written, so the last checkpoint written stays the last good one."""
+        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
+        if bad:
+            raise NonFiniteTrainingError(
+                f"Refusing to save to {output_dir or self.args.output_dir}: the weights {bad} are NaN/inf. "
+                f"Likely cause: {nonfinite_cause('gradients', self.args, self.state.global_step, bad)} Resume "
+                "from the last checkpoint (`resume_from_checkpoint=True`) with that fixed."
+            )
+        super().save_model(output_dir, _internal_call=_internal_call)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving

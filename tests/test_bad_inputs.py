@@ -1,0 +1,598 @@
+"""Bad input and faults: every refusal names the culprit and the fix, comes before sampling where it can, and
+no run ends silently wrong, hung, or with a non-finite or lost file (issue 12).
+
+Table-driven: each case is one row; the API and the command line are both exercised."""
+
+import asyncio
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from safetensors.torch import load_file
+from test_trainer import PROMPTS, logged, make_config, make_trainer
+from transformers import TrainerCallback
+
+from trl_visual import DiffusionGRPOTrainer
+from trl_visual.cli import main
+from trl_visual.core.advantages import combine_rewards, group_advantages
+from trl_visual.testing import tiny_sd3_pipeline
+from trl_visual.trainer.guards import NonFiniteTrainingError, RewardTimeoutError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "examples", "configs", "tiny_quickstart.yaml")
+LORA = "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture
+def sampling_calls(monkeypatch):
+    """Counts calls of the trainer's sampler: a check that passes "before sampling" leaves it at 0."""
+    calls = {"n": 0}
+    original = DiffusionGRPOTrainer.sample
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionGRPOTrainer, "sample", counting)
+    return calls
+
+
+def checkpoint_tensors(directory):
+    """Every tensor a checkpoint (or a final save) holds: the LoRA and AdamW's state."""
+    tensors = dict(load_file(os.path.join(directory, LORA)))
+    optimizer = os.path.join(directory, "optimizer.pt")
+    if os.path.exists(optimizer):
+        for index, state in torch.load(optimizer, weights_only=False)["state"].items():
+            tensors.update({f"optimizer.{index}.{key}": value for key, value in state.items()})
+    return tensors
+
+
+def assert_saved_files_are_finite(output_dir):
+    """Every LoRA file under ``output_dir`` (checkpoints and final save) and its optimizer state is finite."""
+    found = 0
+    for root, _, files in os.walk(output_dir):
+        if LORA in files:
+            found += 1
+            for key, value in checkpoint_tensors(root).items():
+                assert torch.isfinite(value.float()).all(), f"{root}: {key} is not finite"
+    return found
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hyper-parameters out of range: refused by the config, naming the field and its range
+# ------------------------------------------------------------------------------------------------------------
+CONFIG_CASES = [
+    ({"epsilon": -0.1}, r"`epsilon` must be ≥ 0"),
+    ({"epsilon": float("nan")}, r"`epsilon` must be ≥ 0.*nan"),
+    ({"beta": -0.01}, r"`beta` must be ≥ 0"),
+    ({"adv_clip_max": 0.0}, r"`adv_clip_max` must be > 0"),
+    ({"noise_level": 0.0}, r"`noise_level` must be > 0.*log-probability is NaN"),
+    ({"noise_level": -0.7}, r"`noise_level` must be > 0"),
+    ({"num_inference_steps": 0}, r"`num_inference_steps` must be at least 1; got 0"),
+    ({"guidance_scale": -1.0}, r"`guidance_scale` must be ≥ 0"),
+    ({"max_steps": 0}, r"`max_steps` must be positive \(or -1"),
+    ({"learning_rate": float("nan")}, r"`learning_rate` must be a finite number"),
+    ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be at least 1"),
+    ({"reward_weights": [0.0, 0.0]}, r"`reward_weights` are all zero"),
+    ({"reward_weights": [1.0, float("inf")]}, r"`reward_weights` must all be finite"),
+    ({"reward_timeout": 0}, r"`reward_timeout` must be > 0 seconds, or None"),
+    ({"max_consecutive_nonfinite_steps": 0}, r"`max_consecutive_nonfinite_steps` must be at least 1"),
+    (
+        {"sde_window_size": 2, "sde_window_range": [8, 10]},
+        r"`sde_window_range` \[8, 10\] does not fit 4 sampling steps.*Use e.g. \[0, 3\]",
+    ),
+    ({"sde_window_size": 2, "sde_window_range": [2, 1]}, r"`sde_window_range` \[2, 1\] does not fit"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CONFIG_CASES, ids=lambda v: str(v)[:40])
+def test_out_of_range_settings_are_refused_by_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **overrides)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_the_sde_window_range_limit_is_inclusive(tmp_path):
+    """The last start that still fits a window of 2 in 4 flow_grpo steps is 2: [2, 3) is accepted and samples."""
+    config = make_config(tmp_path, sde_window_size=2, sde_window_range=[2, 3])
+    assert config.sde_window_range == [2, 3]
+
+
+def test_a_non_positive_learning_rate_is_only_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        make_config(tmp_path, learning_rate=0.0)
+    assert "`learning_rate` is 0.0" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Refused when the trainer is built: before any sampling
+# ------------------------------------------------------------------------------------------------------------
+def pipeline_with(scheduler):
+    pipeline = tiny_sd3_pipeline()
+    pipeline.scheduler = scheduler
+    return pipeline
+
+
+TRAINER_CASES = [
+    (
+        "no reward",
+        dict(reward=[]),
+        ValueError,
+        r"`reward_funcs` is empty: give at least one reward function",
+    ),
+    (
+        "Euler scheduler (not flow matching)",
+        dict(model=lambda: pipeline_with(EulerDiscreteScheduler())),
+        ValueError,
+        r"scheduler is EulerDiscreteScheduler.*flow-matching.*FlowMatchEulerDiscreteScheduler",
+    ),
+    (
+        "DDIM scheduler",
+        dict(model=lambda: pipeline_with(DDIMScheduler())),
+        ValueError,
+        r"scheduler is DDIMScheduler.*FlowMatchEulerDiscreteScheduler.*no flow-matching sigmas",
+    ),
+    (
+        "weights that do not match the rewards",
+        dict(reward=["red_channel"], reward_weights=[1.0, 2.0]),
+        ValueError,
+        r"`reward_weights` has 2 values but there are 1 reward functions \(red_channel\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "settings", "error", "message"), TRAINER_CASES, ids=[c[0] for c in TRAINER_CASES]
+)
+def test_bad_trainer_inputs_are_refused_before_sampling(
+    tmp_path, sampling_calls, case, settings, error, message
+):
+    settings = dict(settings)
+    if callable(settings.get("model")):
+        settings["model"] = settings["model"]()
+    with pytest.raises(error, match=message):
+        make_trainer(tmp_path, **settings).train()
+    assert sampling_calls["n"] == 0
+
+
+@pytest.fixture
+def immutable_dir(tmp_path):
+    """A folder nobody may write into, root included (``chattr +i``; root ignores ``chmod``)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not available")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("this file system does not support chattr +i")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["output_dir itself", "a folder to create inside it"])
+def test_an_unwritable_output_dir_is_refused_at_construction(tmp_path, immutable_dir, sampling_calls, inside):
+    """With ``save_strategy: "no"`` (the quick start's) it used to be found only at the final save, losing the run."""
+    output_dir = immutable_dir / "run" if inside else immutable_dir
+    config = make_config(tmp_path, save_strategy="no")
+    config.output_dir = str(output_dir)
+    with pytest.raises(
+        PermissionError, match=rf"`output_dir` '{output_dir}' is not writable.*Choose another"
+    ):
+        DiffusionGRPOTrainer("tiny:sd3", "red_channel", args=config, train_dataset=_prompts())
+    assert sampling_calls["n"] == 0
+
+
+def _prompts():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": PROMPTS})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reward outputs: the error names the reward; ±inf is an invalid sample, not a value
+# ------------------------------------------------------------------------------------------------------------
+def reward_returning(value):
+    def bad_reward(prompts, images, **kwargs):
+        return value(len(prompts)) if callable(value) else value
+
+    return bad_reward
+
+
+REWARD_CASES = [
+    (
+        "strings",
+        lambda n: ["good"] * n,
+        TypeError,
+        r"'bad_reward' returned str 'good' for sample 0.*one float",
+    ),
+    (
+        "dicts",
+        lambda n: [{"score": 1.0}] * n,
+        TypeError,
+        r"'bad_reward' returned dict \{'score': 1.0\} for sample 0",
+    ),
+    ("a dict", {"score": [1.0] * 8}, TypeError, r"'bad_reward' must return a list of floats.*got dict"),
+    ("a string", "0.5", TypeError, r"'bad_reward' must return a list of floats.*got str '0.5'"),
+    ("a float", 0.5, TypeError, r"'bad_reward' must return a list of floats.*got float"),
+    ("only inf", lambda n: [math.inf] * n, ValueError, r"'bad_reward' returned only None/NaN/inf"),
+    (
+        "the wrong length",
+        lambda n: [0.0] * (n - 1),
+        ValueError,
+        r"'bad_reward' returned 7 values for 8 samples",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "output", "error", "message"), REWARD_CASES, ids=[c[0] for c in REWARD_CASES]
+)
+def test_bad_reward_outputs_name_the_reward(tmp_path, case, output, error, message):
+    trainer = make_trainer(tmp_path, reward=reward_returning(output), max_steps=1)
+    with pytest.raises(error, match=message):
+        trainer.train()
+
+
+def test_tensors_and_scalar_tensors_are_valid_reward_outputs(tmp_path):
+    rewards = [
+        reward_returning(lambda n: torch.rand(n)),
+        reward_returning(lambda n: [torch.tensor(0.5)] * n),
+    ]
+    trainer = make_trainer(tmp_path, reward=rewards, max_steps=1)
+    trainer.train()
+    assert math.isfinite(logged(trainer, "reward")[0])
+
+
+def test_an_infinite_reward_does_not_corrupt_its_group():
+    """One +inf in a group used to make the group mean inf and give the finite group-mates −adv_clip_max; now it
+    is left out like NaN: the others get exactly the advantages of the group without it."""
+    rewards = torch.tensor([math.inf, 1.0, 2.0, 3.0, 0.5, -math.inf, 1.5, 2.5])
+    advantages = group_advantages(rewards, num_generations=4)
+    without = group_advantages(torch.tensor([math.nan, 1.0, 2.0, 3.0, 0.5, math.nan, 1.5, 2.5]), 4)
+    assert torch.isfinite(advantages).all()
+    assert advantages[0] == 0 and advantages[5] == 0
+    torch.testing.assert_close(advantages, without)
+    assert advantages[3] > 0 > advantages[1]  # the finite samples keep their order, not −5 for all
+    reward, combined = combine_rewards(rewards[:, None], torch.ones(1), 4)
+    assert math.isnan(reward[0]) and math.isnan(reward[5])
+    torch.testing.assert_close(combined, without)
+
+
+def test_an_infinite_reward_is_counted_and_left_out_in_training(tmp_path):
+    def sometimes_inf(prompts, images, **kwargs):
+        return [math.inf if i == 0 else float(images[i].mean()) for i in range(len(prompts))]
+
+    trainer = make_trainer(tmp_path, reward=sometimes_inf, max_steps=2)
+    trainer.train()
+    assert logged(trainer, "rewards/sometimes_inf/num_inf") == [1.0, 1.0]
+    assert all(math.isfinite(r) for r in logged(trainer, "reward"))
+    assert logged(trainer, "nonfinite_steps") == [0.0, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reward timeouts: a reward that never returns stops the run with an error naming it, and keeps checkpoints
+# ------------------------------------------------------------------------------------------------------------
+def hanging_after(calls_before_hang, is_async):
+    calls = {"n": 0}
+    never = threading.Event()
+
+    def check():
+        calls["n"] += 1
+        return calls["n"] > calls_before_hang
+
+    if is_async:
+
+        async def hung_reward(prompts, images, **kwargs):
+            if check():
+                await asyncio.Event().wait()
+            return [float(x) for x in images.mean(dim=(1, 2, 3))]
+
+    else:
+
+        def hung_reward(prompts, images, **kwargs):
+            if check():
+                never.wait(60)  # far longer than the timeout; a daemon thread, so it never holds pytest up
+            return [float(x) for x in images.mean(dim=(1, 2, 3))]
+
+    return hung_reward
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["thread", "async"])
+def test_a_hung_reward_times_out_naming_it_and_keeps_the_checkpoint(tmp_path, is_async):
+    trainer = make_trainer(
+        tmp_path,
+        reward=hanging_after(1, is_async),
+        reward_timeout=0.5,
+        max_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    start = time.perf_counter()
+    with pytest.raises(
+        RewardTimeoutError, match=r"'hung_reward' did not return within reward_timeout=0.5 s"
+    ) as info:
+        trainer.train()
+    assert time.perf_counter() - start < 30
+    assert ("cannot stop a running thread" in str(info.value)) != is_async
+    assert "raise `reward_timeout` (None waits forever)" in str(info.value)
+    out = tmp_path / "out"
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1"]
+    assert f"saved to {out / 'stopped-at-step-1'}" in str(info.value)  # what step 1 trained is not lost
+    assert load_file(out / "stopped-at-step-1" / LORA).keys() == load_file(out / "checkpoint-1" / LORA).keys()
+    assert assert_saved_files_are_finite(out) == 2
+
+
+def test_no_timeout_waits_in_the_calling_thread(tmp_path):
+    threads = []
+
+    def where(prompts, images, **kwargs):
+        threads.append(threading.current_thread())
+        return [0.0] * len(prompts)
+
+    make_trainer(tmp_path, reward=where, reward_timeout=None, max_steps=1).train()
+    assert threads == [threading.main_thread()]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Finite updates: a NaN/inf step never reaches the weights, AdamW's state or a saved file
+# ------------------------------------------------------------------------------------------------------------
+class NaNLossTrainer(DiffusionGRPOTrainer):
+    """Makes the policy loss NaN on the optimizer steps listed in ``nan_steps`` (0-based)."""
+
+    nan_steps: tuple[int, ...] = ()
+
+    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+        loss, clipped = super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        if self.state.global_step in self.nan_steps:
+            loss = loss * float("nan")
+        return loss, clipped
+
+
+def test_a_nan_step_is_skipped_without_touching_weights_or_optimizer_state(tmp_path):
+    NaNLossTrainer.nan_steps = (1,)
+    trainer = make_trainer(
+        tmp_path,
+        trainer_class=NaNLossTrainer,
+        max_steps=3,
+        learning_rate=3e-2,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    trainer.train()
+    assert logged(trainer, "nonfinite_steps") == [0.0, 1.0, 0.0]
+    out = tmp_path / "out"
+    first, second, third = (checkpoint_tensors(out / f"checkpoint-{n}") for n in (1, 2, 3))
+    assert first.keys() == second.keys()
+    for key in first:  # the NaN step changed neither the LoRA nor AdamW's moments and step counts
+        assert torch.equal(first[key], second[key]), key
+    assert any(not torch.equal(second[k], third[k]) for k in second)  # the next step trained
+    assert assert_saved_files_are_finite(out) == 3
+
+
+def test_consecutive_nan_steps_stop_with_the_likely_cause(tmp_path):
+    NaNLossTrainer.nan_steps = (1, 2, 3)
+    trainer = make_trainer(
+        tmp_path,
+        trainer_class=NaNLossTrainer,
+        max_steps=6,
+        max_consecutive_nonfinite_steps=3,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"3 optimizer steps in a row.*Likely cause: the policy loss"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    out = tmp_path / "out"
+    assert assert_saved_files_are_finite(out) == 4  # checkpoint-1 to -3, and the weights saved when stopping
+    stopped, first = load_file(out / "stopped-at-step-3" / LORA), load_file(out / "checkpoint-1" / LORA)
+    assert all(torch.equal(stopped[k], first[k]) for k in first)  # the three NaN steps changed nothing
+
+
+def test_nonfinite_samples_are_never_scored_and_blame_the_model(tmp_path):
+    """NaN samples used to reach the reward, which was then blamed for returning NaN."""
+    scored = []
+
+    def counted(prompts, images, **kwargs):
+        scored.append(len(prompts))
+        return [0.0] * len(prompts)
+
+    trainer = make_trainer(tmp_path, reward=counted, max_steps=5)
+    trainer.adapter.decode = lambda latents: torch.full((len(latents), 3, 32, 32), float("nan"))
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"model's own predictions are non-finite before any update"
+    ):
+        trainer.train()
+    assert scored == []
+
+
+def test_nan_log_probs_blame_the_noise_level(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=5)
+    trainer.args.noise_level = 0.0  # what the config now refuses, forced past it
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"log-probabilities are non-finite.*`noise_level` \(0.0\) must be > 0"
+    ):
+        trainer.train()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "good"))
+    parameter = next(p for n, p in trainer.model.named_parameters() if "lora" in n)
+    with torch.no_grad():
+        parameter[0, 0] = float("inf")
+    with pytest.raises(
+        NonFiniteTrainingError, match=r"Refusing to save.*are NaN/inf.*resume_from_checkpoint"
+    ):
+        trainer.save_model(str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command line: the issue's reproductions
+# ------------------------------------------------------------------------------------------------------------
+def run_cli(argv, capsys):
+    """``main(argv)`` in this process: its exit status and the error text, whether the command line reports the
+    error itself (a message and a non-zero status) or lets the exception propagate (status 1, as Python's)."""
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code if isinstance(exit.code, int) else 1
+        text = "" if isinstance(exit.code, int) else str(exit.code)
+    except Exception as error:
+        status, text = 1, f"{type(error).__name__}: {error}"
+    else:
+        text = ""
+    captured = capsys.readouterr()
+    return status, text + captured.err + captured.out
+
+
+def cli_args(tmp_path, *flags):
+    return [
+        "grpo",
+        "--config",
+        QUICKSTART,
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--report_to",
+        "none",
+        *flags,
+    ]
+
+
+def test_cli_noise_level_zero_exits_nonzero_before_loading_anything(tmp_path):
+    """The issue's first command, as a user runs it: a non-zero exit status and a message naming the field,
+    before the output folder exists."""
+    command = [
+        sys.executable,
+        "-m",
+        "trl_visual.cli",
+        *cli_args(tmp_path, "--noise_level", "0", "--max_steps", "3"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0
+    assert "`noise_level` must be > 0" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+CLI_CASES = [
+    (["--num_inference_steps", "0"], r"`num_inference_steps` must be at least 1"),
+    (["--epsilon", "-1"], r"`epsilon` must be ≥ 0"),
+    (["--noise_level", "-0.5"], r"`noise_level` must be > 0"),
+    (["--learning_rate", "nan"], r"`learning_rate` must be a finite number"),
+    (["--reward_timeout", "-1"], r"`reward_timeout` must be > 0 seconds, or None"),
+    (["--sde_window_size", "2", "--sde_window_range", "5", "9"], r"`sde_window_range` \[5, 9\]"),
+    (["--reward_weights", "0"], r"`reward_weights` are all zero"),
+    (["--reward_funcs"], r"argument --reward_funcs.*: expected at least one argument"),
+    (["--reward_funcs", "no_such_reward"], r"Unknown reward 'no_such_reward'"),
+]
+
+
+@pytest.mark.parametrize(("flags", "message"), CLI_CASES, ids=lambda v: str(v)[:30])
+def test_cli_bad_flags_are_refused_before_sampling(tmp_path, capsys, sampling_calls, flags, message):
+    status, text = run_cli(cli_args(tmp_path, *flags), capsys)
+    assert status != 0
+    assert re.search(message, text), text[-2000:]
+    assert sampling_calls["n"] == 0
+    assert not (tmp_path / "run").exists()  # refused before the trainer was built
+
+
+def test_cli_empty_reward_list_in_yaml_names_reward_funcs(tmp_path, capsys, sampling_calls):
+    with open(QUICKSTART) as handle:
+        config = yaml.safe_load(handle)
+    config.update(reward_funcs=[], output_dir=str(tmp_path / "run"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status, text = run_cli(["grpo", "--config", str(path)], capsys)
+    assert status != 0
+    assert "`reward_funcs` is empty" in text
+    assert sampling_calls["n"] == 0
+
+
+def test_cli_unwritable_output_dir_is_refused_before_loading_the_model(immutable_dir, capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr("trl_visual.trainer.diffusion_grpo_trainer.load_pipeline", lambda *a: loads.append(a))
+    argv = ["grpo", "--config", QUICKSTART, "--output_dir", str(immutable_dir / "run"), "--report_to", "none"]
+    status, text = run_cli(argv, capsys)
+    assert status != 0
+    assert re.search(rf"`output_dir` '{immutable_dir / 'run'}' is not writable", text)
+    assert loads == []
+
+
+def test_cli_huge_learning_rate_never_leaves_a_non_finite_checkpoint(tmp_path, capsys):
+    """``--learning_rate 1e6`` with a checkpoint at every step: the overflowing steps are skipped and counted,
+    and every checkpoint and the final save hold finite weights and optimizer state."""
+    flags = ["--learning_rate", "1e6", "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1"]
+    flags += ["--per_device_train_batch_size", "8", "--num_generations", "4"]
+    status, text = run_cli(cli_args(tmp_path, *flags), capsys)
+    run = tmp_path / "run"
+    assert status == 0 or "learning_rate" in text  # finished, or stopped naming the learning rate
+    assert assert_saved_files_are_finite(run) >= 1
+    assert any(p.startswith("checkpoint") for p in os.listdir(run))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# kill -9 in the middle of a run, then resume: bitwise the same weights as a run never interrupted
+# ------------------------------------------------------------------------------------------------------------
+class KillAt(TrainerCallback):
+    """``kill -9`` this process at the start of optimizer step ``step`` (after the checkpoint before it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+KILLED_RUN = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import pathlib
+from test_bad_inputs import KillAt, RESUME_SETTINGS
+from test_trainer import make_trainer
+trainer = make_trainer(pathlib.Path({tmp!r}), **RESUME_SETTINGS)
+trainer.add_callback(KillAt(3))
+trainer.train()
+"""
+
+RESUME_SETTINGS = dict(save_strategy="steps", save_steps=1, learning_rate=3e-2, max_steps=4, seed=5)
+
+
+def test_resume_after_kill_9_is_bitwise_identical(tmp_path):
+    straight = make_trainer(tmp_path / "straight", **RESUME_SETTINGS)
+    straight.train()
+    straight.save_model(str(tmp_path / "straight" / "final"))
+
+    killed = tmp_path / "killed"
+    script = KILLED_RUN.format(tests=os.path.join(REPO, "tests"), tmp=str(killed))
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert sorted(p for p in os.listdir(killed / "out") if p.startswith("checkpoint")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    resumed = make_trainer(killed, **RESUME_SETTINGS)
+    resumed.train(resume_from_checkpoint=True)
+    resumed.save_model(str(killed / "final"))
+
+    a, b = load_file(tmp_path / "straight" / "final" / LORA), load_file(killed / "final" / LORA)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert logged(resumed, "reward") == logged(straight, "reward")

@@ -1,0 +1,162 @@
+"""Guards that keep a run from failing silently, hanging, or losing what it trained.
+
+* :func:`check_writable_dir`: ``output_dir`` is writable, checked when the trainer is built rather than at
+  the final save;
+* :func:`check_flow_matching_sigmas`: the pipeline's scheduler gives a flow-matching schedule
+  ``1 ≥ σ_0 > … > σ_T = 0``, the only kind the SDE samplers of :mod:`trl_visual.core.sde` are written for;
+* :func:`call_with_timeout`: a synchronous reward call that gives up waiting after ``timeout`` seconds;
+* :func:`nonfinite_parameters` and :func:`nonfinite_cause`: which weights are NaN/inf, and what most likely
+  made a training step non-finite, so that the error names the setting to change.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: where a non-finite value was first seen in a training step, from the earliest stage to the latest
+NONFINITE_STAGES = ("samples", "log_probs", "loss", "gradients")
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many optimizer steps in a row had NaN/inf samples, losses or gradients; or the weights to save are
+    non-finite."""
+
+
+class RewardTimeoutError(TimeoutError):
+    """A reward function did not return within ``reward_timeout`` seconds."""
+
+
+def check_writable_dir(path: str, field: str = "output_dir") -> None:
+    """Create ``path`` if needed and write (then delete) a probe file in it.
+
+    Raises:
+        PermissionError: naming ``field``, the folder and the fix, when either fails.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".trl-visual-write-test-"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"`{field}` {os.path.abspath(path)!r} is not writable ({error.strerror or error}): checkpoints and the "
+            f"trained weights could not be saved there, and the run would be lost at its first save. Choose "
+            f"another `{field}`, or make that folder writable."
+        ) from error
+
+
+def check_flow_matching_sigmas(
+    get_sigmas: Callable[[], torch.Tensor], scheduler: Any, num_steps: int
+) -> None:
+    """Check that ``get_sigmas()`` (the adapter's schedule for ``num_steps`` steps) is a flow-matching one:
+    ``num_steps + 1`` values, decreasing, in ``[0, 1]``, ending at 0.
+
+    Raises:
+        ValueError: naming the scheduler's class and the fix, before anything is sampled.
+    """
+    name = type(scheduler).__name__
+    fix = (
+        f"The pipeline's scheduler is {name}, but trl_visual's samplers need a flow-matching scheduler "
+        "(σ from 1 down to 0, velocity prediction). Set one before training, e.g. "
+        "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder='scheduler')` "
+        "with the model's original scheduler, or `FlowMatchEulerDiscreteScheduler(shift=3.0)` for SD3."
+    )
+    try:
+        sigmas = get_sigmas().float()
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{fix} (It gave no flow-matching sigmas: {type(error).__name__}: {error}.)"
+        ) from error
+    valid = (
+        sigmas.numel() == num_steps + 1
+        and bool(torch.isfinite(sigmas).all())
+        and float(sigmas.max()) <= 1 + 1e-6
+        and float(sigmas[-1]) == 0.0
+        and bool((sigmas[1:] < sigmas[:-1]).all())
+    )
+    if not valid:
+        shown = [round(v, 3) for v in sigmas.tolist()[:4]]
+        raise ValueError(
+            f"{fix} (Its sigmas start {shown}, not a decreasing schedule in [0, 1] ending at 0.)"
+        )
+
+
+def call_with_timeout(
+    func: Callable[..., Any], kwargs: dict[str, Any], timeout: float | None
+) -> tuple[bool, Any]:
+    """Call ``func(**kwargs)``; return ``(True, result)``, or ``(False, None)`` when it has not returned after
+    ``timeout`` seconds (``None``: wait forever, in the calling thread). An exception it raises is re-raised.
+
+    With a timeout the call runs in a daemon thread. Python cannot stop a thread, so a call that timed out
+    keeps running in the background until the process exits (a daemon thread never holds the exit up).
+    """
+    if timeout is None:
+        return True, func(**kwargs)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = func(**kwargs)
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name=f"reward-{getattr(func, '__name__', 'call')}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return False, None
+    if "error" in outcome:
+        raise outcome["error"]
+    return True, outcome["result"]
+
+
+def nonfinite_parameters(module: torch.nn.Module, limit: int = 3) -> list[str]:
+    """Names of up to ``limit`` trainable parameters holding a NaN or ±inf."""
+    names = []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad and not bool(torch.isfinite(parameter.detach()).all()):
+            names.append(name)
+            if len(names) == limit:
+                break
+    return names
+
+
+def nonfinite_cause(stage: str, args: Any, global_step: int, bad_weights: list[str]) -> str:
+    """The likely cause of a non-finite training step, and what to change.
+
+    ``stage`` is where the non-finite value first appeared (one of :data:`NONFINITE_STAGES`), ``global_step``
+    how many optimizer steps came before the non-finite ones; ``bad_weights`` are trainable parameters that are
+    already non-finite (:func:`nonfinite_parameters`).
+    """
+    lr = f"`learning_rate` ({args.learning_rate:g})"
+    if bad_weights:
+        return (
+            f"the trained weights themselves are non-finite ({', '.join(bad_weights)}): an update overflowed. "
+            f"Lower {lr}, keep `max_grad_norm` > 0, and train in float32 or bf16 rather than fp16."
+        )
+    if stage == "samples" and global_step == 0:
+        return (
+            "the model's own predictions are non-finite before any update: check the pipeline's dtype (fp16 "
+            "overflows: load it in bfloat16 or float32) and that its scheduler is a flow-matching one."
+        )
+    if stage == "samples":
+        return (
+            f"the samples became non-finite after {global_step} optimizer step(s): {lr} is probably too high for this "
+            "model; lower it (and keep `max_grad_norm` > 0)."
+        )
+    if stage == "log_probs":
+        return (
+            f"the sampler's log-probabilities are non-finite while the samples are not: `noise_level` "
+            f"({args.noise_level}) must be > 0 and the scheduler's sigmas must lie in [0, 1] (a flow-matching "
+            f"scheduler), so that every stochastic step (`sde_type` {args.sde_type!r}) has a positive variance."
+        )
+    clip = args.max_grad_norm
+    return (
+        f"the policy loss or its gradients overflowed: lower {lr}, keep `max_grad_norm` > 0 (now {clip:g}), and "
+        "use bf16 rather than fp16."
+    )
