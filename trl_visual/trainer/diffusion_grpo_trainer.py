@@ -12,12 +12,14 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
@@ -39,7 +41,14 @@ from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
-from .logging_utils import captioned_grid, log_samples, to_pil
+from .logging_utils import (
+    PendingMedia,
+    SampleBatch,
+    captioned_grid,
+    log_samples,
+    make_config_readable_by_trackers,
+    to_pil,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +253,8 @@ class DiffusionGRPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self._metric_mode = "train"  # where reward timings go: "eval" while evaluate() runs
+        self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._negative_embeds: PromptEmbeds | None = None
@@ -302,15 +313,23 @@ class DiffusionGRPOTrainer(Trainer):
             )
 
     def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
-        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it."""
+        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
+
+        The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
+        as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
+        a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
+        dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
         for module in self.adapter.frozen_modules:
             module.requires_grad_(False).eval()
         denoiser = self.adapter.denoiser
+        self.weight_dtype = next(denoiser.parameters()).dtype  # the loading dtype, also the LoRA export dtype
         if peft_config is not None:
             denoiser.requires_grad_(False)
             denoiser.add_adapter(peft_config)
         else:
             denoiser.requires_grad_(True)
+        cast_training_params(denoiser, dtype=torch.float32)
+        make_config_readable_by_trackers(denoiser)
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             denoiser.enable_gradient_checkpointing()
             # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
@@ -603,7 +622,7 @@ class DiffusionGRPOTrainer(Trainer):
                 f"The reward function {name!r} raised {type(error).__name__}: {error}"
             ) from error
         finally:
-            self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
+            self._metrics[self._metric_mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
 
     def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
         with self._reward_call(index):
@@ -716,14 +735,10 @@ class DiffusionGRPOTrainer(Trainer):
         )
         rollouts.train_steps = trainable[selected.to(trainable.device)]
         self._score(rollouts, inputs)
-        if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
-            log_samples(self, rollouts)
+        if self.args.log_images and self.accelerator.is_main_process:
+            samples = SampleBatch.of(rollouts, self.args.num_images_to_log)
+            self._pending_media.add("samples", self.state.global_step, partial(log_samples, self, samples))
         return rollouts
-
-    def _is_logging_step(self) -> bool:
-        steps = self.args.logging_steps
-        steps = steps if steps >= 1 else max(1, int(steps * max(self.state.max_steps, 1)))
-        return self.state.global_step % int(steps) == 0
 
     def objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
@@ -851,31 +866,39 @@ class DiffusionGRPOTrainer(Trainer):
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         rewards = []
         batch = self.args.per_device_eval_batch_size
-        for start in range(0, len(shard), batch):
-            rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
-            prompts = [row[self.args.prompt_column] for row in rows]
-            ids = torch.arange(start, start + len(rows))
-            rollouts = self.sample(
-                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
-            )
-            rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
+        self._metric_mode = "eval"
+        try:
+            for start in range(0, len(shard), batch):
+                rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
+                prompts = [row[self.args.prompt_column] for row in rows]
+                ids = torch.arange(start, start + len(rows))
+                rollouts = self.sample(
+                    prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
+                )
+                rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
+        finally:
+            self._metric_mode = "train"
         rewards_per_func = gather(torch.cat(rewards))
         total = (rewards_per_func * self.reward_weights.to(rewards_per_func)).nansum(dim=1)
         metrics = {f"{metric_key_prefix}_reward": total.mean().item()}
         for f, name in enumerate(self.reward_names):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
-        self.log(metrics)
+        timings = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
+        self.log({**metrics, **timings})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averages of the metrics gathered since the last log (TRL's way)."""
+        """Add the averages of the metrics gathered since the last log (TRL's way); after a train log, send the
+        step's sample grids, so that they land under the same step as its metrics."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         logs = dict(logs)  # Trainer.log adds keys: never touch the caller's dict
         if mode == "train":
             logs.update({k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+        if mode == "train":
+            self._pending_media.flush()
 
     @torch.no_grad()
     def _sample_grid(self, prompts: list[str], reference: bool) -> Image.Image:
@@ -997,13 +1020,22 @@ class DiffusionGRPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_peft:
-            layers = get_peft_model_state_dict(denoiser)
+            layers = self._lora_layers_to_save(denoiser, output_dir)
             type(self.pipeline).save_lora_weights(
                 output_dir, **{f"{self.adapter.denoiser_name}_lora_layers": layers}, safe_serialization=True
             )
         else:
             denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _lora_layers_to_save(self, denoiser: torch.nn.Module, output_dir: str) -> dict[str, torch.Tensor]:
+        """The LoRA weights to write: float32 in ``checkpoint-N`` folders, so that resuming is exact, and in the
+        dtype the pipeline was loaded in everywhere else (``save_model``, ``push_to_hub``), as diffusers'
+        training scripts export a LoRA by default (without ``--upcast_before_saving``)."""
+        layers = get_peft_model_state_dict(denoiser)
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            return layers
+        return {name: tensor.to(self.weight_dtype) for name, tensor in layers.items()}
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
