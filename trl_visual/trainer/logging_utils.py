@@ -243,8 +243,9 @@ def _sink_of(callback: Any) -> Callable[[Any, Media, int], None] | None:
 
 def send_media(trainer: DiffusionGRPOTrainer, media: Media) -> None:
     """Send ``media`` to every active tracker at the trainer's current step: tensorboard (images, or a video's
-    frames, and the captions as text), wandb and trackio (captioned images, or the GIF as a video), MLflow (the
-    captioned grid as a step image, or the GIF as an artifact). Comet and the others get none."""
+    frames, and the captions as text), wandb (captioned images, or the GIF as a video), trackio (the captioned
+    grid, or the GIF as a video), MLflow (the grid as a step image, or the GIF as an artifact). Comet and the
+    other trackers get the metrics only."""
     for callback in trainer.callback_handler.callbacks:
         sink = _sink_of(callback)
         if sink is not None:
