@@ -146,11 +146,9 @@ def test_evaluation_reward_timings_are_eval_metrics(tmp_path):
 # -- every tracker, for real -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory):
-    """Two logged steps with ``report_to="all"`` (transformers 4's default) in a fresh process whose HOME,
-    working folder and every tracker folder are in the temp folder, so nothing is written elsewhere."""
-    root = tmp_path_factory.mktemp("trackers")
+def run_with_trackers(root: Path, model: str = "sd3") -> dict:
+    """Train with ``report_to="all"`` (transformers 4's default) in a fresh process whose HOME, working folder and
+    every tracker folder are in ``root``, so nothing is written elsewhere and nothing reaches the network."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -172,7 +170,7 @@ def tracked_run(tmp_path_factory):
     }
     (root / "home").mkdir()
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(root / "out"), "all"],
+        [sys.executable, str(SCRIPT), str(root / "out"), "all", model],
         cwd=root,
         env=env,
         capture_output=True,
@@ -180,7 +178,36 @@ def tracked_run(tmp_path_factory):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return root, json.loads((root / "out" / "result.json").read_text())
+    return json.loads((root / "out" / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """Two logged steps of tiny:sd3 with sample images, reported to every installed tracker."""
+    root = tmp_path_factory.mktemp("trackers")
+    return root, run_with_trackers(root)
+
+
+def wandb_records(root: Path) -> tuple[Path, list[dict]]:
+    """The offline run's folder and its records, read back with wandb's own reader (``wandb leet inspect``)."""
+    (run_file,) = root.glob("wandb/offline-run-*/run-*.wandb")
+    inspected = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(root / "home"), "WANDB_MODE": "offline"},
+    )
+    return run_file.parent, [
+        json.loads(line) for line in inspected.stdout.splitlines() if line.startswith("{")
+    ]
+
+
+def trackio_rows(root: Path) -> list[dict]:
+    with sqlite3.connect(
+        root / "trackio" / "huggingface.db"
+    ) as connection:  # project: TrainingArguments.project
+        return [json.loads(metrics) for (metrics,) in connection.execute("SELECT metrics FROM metrics")]
 
 
 def logged_rewards(result) -> dict[int, float]:
@@ -213,15 +240,7 @@ def test_tensorboard_gets_the_metrics_and_images(tracked_run):
 def test_wandb_offline_run_gets_the_metrics_and_images(tracked_run):
     pytest.importorskip("wandb")
     root, result = tracked_run
-    (run_file,) = root.glob("wandb/offline-run-*/run-*.wandb")
-    inspected = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HOME": str(root / "home"), "WANDB_MODE": "offline"},
-    )
-    records = [json.loads(line) for line in inspected.stdout.splitlines() if line.startswith("{")]
+    run_dir, records = wandb_records(root)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     rewards = {item["train/global_step"]: item["train/reward"] for item in history if "train/reward" in item}
     assert rewards == pytest.approx(logged_rewards(result))
@@ -230,7 +249,7 @@ def test_wandb_offline_run_gets_the_metrics_and_images(tracked_run):
     for item in samples.values():
         assert item["samples.count"] == 4 and len(item["samples.captions"]) == 4
         for name in item["samples.filenames"]:
-            assert (run_file.parent / "files" / name).stat().st_size > 0
+            assert (run_dir / "files" / name).stat().st_size > 0
     config = {k: v for r in records if r["type"] == "config" for k, v in r["config"]["update"].items()}
     assert config["num_layers"] == 2  # the denoiser's config, through to_dict()
 
@@ -256,9 +275,7 @@ def test_mlflow_file_store_gets_the_metrics_and_images(tracked_run, monkeypatch)
 def test_trackio_local_database_gets_the_metrics_and_images(tracked_run):
     pytest.importorskip("trackio")
     root, result = tracked_run
-    database = root / "trackio" / "huggingface.db"  # the project: TrainingArguments.project
-    with sqlite3.connect(database) as connection:
-        rows = [json.loads(metrics) for (metrics,) in connection.execute("SELECT metrics FROM metrics")]
+    rows = trackio_rows(root)
     rewards = {row["train/global_step"]: row["train/reward"] for row in rows if "train/reward" in row}
     assert rewards == pytest.approx(logged_rewards(result))
     samples = {row["train/global_step"]: row["samples"] for row in rows if "samples" in row}
@@ -274,3 +291,29 @@ def test_trackers_write_only_where_they_are_told(tracked_run):
     root, _ = tracked_run
     allowed = {"home", "out", "wandb", "trackio", "mlruns", "wandb-cache", "wandb-config", "wandb-data"}
     assert {p.name for p in root.iterdir()} <= allowed
+
+
+def test_sample_videos_reach_every_tracker(tmp_path, monkeypatch):
+    """One step of tiny:wan: the animated grid GIF reaches wandb and trackio as a video and MLflow as an
+    artifact, and its frames reach tensorboard, all under step 1."""
+    for package in ("tensorboard", "wandb", "mlflow", "trackio"):
+        pytest.importorskip(package)
+    from mlflow.tracking import MlflowClient
+
+    run_with_trackers(tmp_path, "wan")
+    assert [e.step for e in tensorboard_events(tmp_path / "out").Images("samples/frames")] == [1]
+    run_dir, records = wandb_records(tmp_path)
+    (video,) = [
+        r["history"]["item"]
+        for r in records
+        if r["type"] == "history" and "samples.path" in r["history"]["item"]
+    ]
+    assert video["samples._type"] == "video-file" and video["train/global_step"] == 1
+    assert (run_dir / "files" / video["samples.path"]).stat().st_size > 0
+    (sample,) = [row for row in trackio_rows(tmp_path) if "samples" in row]
+    assert sample["samples"]["_type"] == "trackio.video" and sample["train/global_step"] == 1
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    (run,) = client.search_runs(experiment_ids=["0"])
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000001.gif"]
