@@ -253,7 +253,6 @@ class DiffusionGRPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self._metric_mode = "train"  # where reward timings go: "eval" while evaluate() runs
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
@@ -612,9 +611,10 @@ class DiffusionGRPOTrainer(Trainer):
 
     @contextlib.contextmanager
     def _reward_call(self, index: int) -> Iterator[None]:
-        """Around one reward call: its time goes to ``timing/reward/<name>``, and an exception it raises is
-        re-raised naming the reward."""
+        """Around one reward call: its time goes to ``timing/reward/<name>`` (of the eval metrics while the model is
+        in eval mode, in ``evaluate()``), and an exception it raises is re-raised naming the reward."""
         name, start = self.reward_names[index], time.perf_counter()
+        mode = "train" if self.model.training else "eval"
         try:
             yield
         except Exception as error:
@@ -622,7 +622,7 @@ class DiffusionGRPOTrainer(Trainer):
                 f"The reward function {name!r} raised {type(error).__name__}: {error}"
             ) from error
         finally:
-            self._metrics[self._metric_mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
+            self._metrics[mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
 
     def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
         with self._reward_call(index):
@@ -866,18 +866,15 @@ class DiffusionGRPOTrainer(Trainer):
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         rewards = []
         batch = self.args.per_device_eval_batch_size
-        self._metric_mode = "eval"
-        try:
-            for start in range(0, len(shard), batch):
-                rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
-                prompts = [row[self.args.prompt_column] for row in rows]
-                ids = torch.arange(start, start + len(rows))
-                rollouts = self.sample(
-                    prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
-                )
-                rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
-        finally:
-            self._metric_mode = "train"
+        self._metrics["eval"].clear()  # from here, the reward timings of this evaluation (model in eval mode)
+        for start in range(0, len(shard), batch):
+            rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
+            prompts = [row[self.args.prompt_column] for row in rows]
+            ids = torch.arange(start, start + len(rows))
+            rollouts = self.sample(
+                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
+            )
+            rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
         rewards_per_func = gather(torch.cat(rewards))
         total = (rewards_per_func * self.reward_weights.to(rewards_per_func)).nansum(dim=1)
         metrics = {f"{metric_key_prefix}_reward": total.mean().item()}
