@@ -423,8 +423,8 @@ def test_vae_slicing_without_support_is_reported(tmp_path, monkeypatch, caplog):
 def test_video_samples_are_logged_as_a_gif(tmp_path):
     trainer = make_trainer(tmp_path, "wan", log_images=True, num_images_to_log=4, max_steps=1)
     trainer.train()
-    assert os.listdir(tmp_path / "out" / "samples") == ["step_000000.gif"]
-    with Image.open(tmp_path / "out" / "samples" / "step_000000.gif") as gif:
+    assert os.listdir(tmp_path / "out" / "samples") == ["step_000001.gif"]
+    with Image.open(tmp_path / "out" / "samples" / "step_000001.gif") as gif:
         assert gif.n_frames == 5
 
 

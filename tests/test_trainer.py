@@ -184,7 +184,7 @@ def test_log_images_writes_a_grid(tmp_path):
     trainer = make_trainer(tmp_path, log_images=True, num_images_to_log=4, max_steps=1)
     trainer.train()
     files = os.listdir(tmp_path / "out" / "samples")
-    assert files == ["step_000000.png"]
+    assert files == ["step_000001.png"]  # filed under the step whose metrics it shows
 
 
 def test_metrics_use_trl_names(tmp_path):

@@ -223,7 +223,7 @@ def test_on_policy_every_position_ratio_is_one_and_maps_are_logged(tmp_path, din
     trainer.train()
     assert logged(trainer, "clip_ratio") == [0.0, 0.0]
     assert trainer.max_position_log_ratio < 1e-5
-    assert os.path.exists(tmp_path / "samples" / "vipo_maps_step_000000.png")
+    assert os.path.exists(tmp_path / "samples" / "vipo_maps_step_000001.png")
 
 
 def test_vipo_raises_the_red_channel_reward(tmp_path, dinov2_path):

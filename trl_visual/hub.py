@@ -74,17 +74,27 @@ def lora_adapter_metadata(denoiser: torch.nn.Module, adapter_name: str = "defaul
     return denoiser.peft_config[adapter_name].to_dict()
 
 
-def save_lora(pipeline_class: type, output_dir: str, denoiser: torch.nn.Module, denoiser_name: str) -> None:
+def save_lora(
+    pipeline_class: type,
+    output_dir: str,
+    denoiser: torch.nn.Module,
+    denoiser_name: str,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``output_dir/pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``.
 
     Keys are prefixed with ``denoiser_name`` and the adapter's config goes into the file's metadata, so
     ``pipe.load_lora_weights(output_dir)`` rebuilds the adapter at its trained scale ``lora_alpha / r``
     (``rank_pattern``, ``alpha_pattern``, rsLoRA and DoRA included) instead of assuming ``lora_alpha = r``.
+    The weights are written in ``dtype`` (``None``: as trained).
     """
+    layers = get_peft_model_state_dict(denoiser)
+    if dtype is not None:
+        layers = {name: tensor.to(dtype) for name, tensor in layers.items()}
     pipeline_class.save_lora_weights(
         output_dir,
         **{
-            f"{denoiser_name}_lora_layers": get_peft_model_state_dict(denoiser),
+            f"{denoiser_name}_lora_layers": layers,
             f"{denoiser_name}_lora_adapter_metadata": lora_adapter_metadata(denoiser),
         },
         weight_name=LORA_WEIGHTS_NAME,

@@ -13,12 +13,14 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
@@ -57,7 +59,13 @@ from .guards import (
     nonfinite_cause,
     nonfinite_parameters,
 )
-from .logging_utils import captioned_grid, log_samples
+from .logging_utils import (
+    PendingMedia,
+    SampleBatch,
+    captioned_grid,
+    log_samples,
+    make_config_readable_by_trackers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +279,7 @@ class DiffusionGRPOTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._negative_embeds: PromptEmbeds | None = None
@@ -333,15 +342,23 @@ class DiffusionGRPOTrainer(Trainer):
             )
 
     def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
-        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it."""
+        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
+
+        The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
+        as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
+        a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
+        dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
         for module in self.adapter.frozen_modules:
             module.requires_grad_(False).eval()
         denoiser = self.adapter.denoiser
+        self.weight_dtype = next(denoiser.parameters()).dtype  # the loading dtype, also the LoRA export dtype
         if peft_config is not None:
             denoiser.requires_grad_(False)
             denoiser.add_adapter(peft_config)
         else:
             denoiser.requires_grad_(True)
+        cast_training_params(denoiser, dtype=torch.float32)
+        make_config_readable_by_trackers(denoiser)
         if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
             denoiser.enable_gradient_checkpointing()
             # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
@@ -649,9 +666,10 @@ class DiffusionGRPOTrainer(Trainer):
 
     @contextlib.contextmanager
     def _reward_call(self, index: int) -> Iterator[None]:
-        """Around one reward call: its time goes to ``timing/reward/<name>``, and an exception it raises is
-        re-raised naming the reward."""
+        """Around one reward call: its time goes to ``timing/reward/<name>`` (of the eval metrics while the model is
+        in eval mode, in ``evaluate()``), and an exception it raises is re-raised naming the reward."""
         name, start = self.reward_names[index], time.perf_counter()
+        mode = "train" if self.model.training else "eval"
         try:
             yield
         except Exception as error:
@@ -659,7 +677,7 @@ class DiffusionGRPOTrainer(Trainer):
                 f"The reward function {name!r} raised {type(error).__name__}: {error}"
             ) from error
         finally:
-            self._metrics["train"][f"timing/reward/{name}"].append(time.perf_counter() - start)
+            self._metrics[mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
 
     def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
         with self._reward_call(index):
@@ -809,14 +827,10 @@ class DiffusionGRPOTrainer(Trainer):
         if not self._rollouts_are_finite(rollouts):
             return rollouts  # not scored: no advantages, so training_step skips this step
         self._score(rollouts, inputs)
-        if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
-            log_samples(self, rollouts)
+        if self.args.log_images and self.accelerator.is_main_process:
+            samples = SampleBatch.of(rollouts, self.args.num_images_to_log)
+            self._pending_media.add("samples", self.state.global_step, partial(log_samples, self, samples))
         return rollouts
-
-    def _is_logging_step(self) -> bool:
-        steps = self.args.logging_steps
-        steps = steps if steps >= 1 else max(1, int(steps * max(self.state.max_steps, 1)))
-        return self.state.global_step % int(steps) == 0
 
     def objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
@@ -1095,6 +1109,7 @@ class DiffusionGRPOTrainer(Trainer):
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         rewards = []
         batch = self.args.per_device_eval_batch_size
+        self._metrics["eval"].clear()  # from here, the reward timings of this evaluation (model in eval mode)
         for start in range(0, len(shard), batch):
             rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
             prompts = [row[self.args.prompt_column] for row in rows]
@@ -1108,18 +1123,22 @@ class DiffusionGRPOTrainer(Trainer):
         metrics = {f"{metric_key_prefix}_reward": total.mean().item()}
         for f, name in enumerate(self.reward_names):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
-        self.log(metrics)
+        timings = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
+        self.log({**metrics, **timings})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averages of the metrics gathered since the last log (TRL's way)."""
+        """Add the averages of the metrics gathered since the last log (TRL's way); after a train log, send the
+        step's sample grids, so that they land under the same step as its metrics."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         logs = dict(logs)  # Trainer.log adds keys: never touch the caller's dict
         if mode == "train":
             logs.update({k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+        if mode == "train":
+            self._pending_media.flush()
 
     #: how many distinct training prompts the model card shows
     _card_num_prompts = 4
@@ -1336,10 +1355,25 @@ class DiffusionGRPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_peft:
-            save_lora(type(self.pipeline), output_dir, denoiser, self.adapter.denoiser_name)
+            save_lora(
+                type(self.pipeline),
+                output_dir,
+                denoiser,
+                self.adapter.denoiser_name,
+                dtype=self._lora_save_dtype(output_dir),
+            )
         else:
             denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _lora_save_dtype(self, output_dir: str) -> torch.dtype | None:
+        """The dtype of the LoRA weights written to ``output_dir``: as trained (float32) in ``checkpoint-N``
+        folders, so that resuming is exact, and the dtype the pipeline was loaded in everywhere else
+        (``save_model``, ``push_to_hub``), as diffusers' training scripts export a LoRA by default (without
+        ``--upcast_before_saving``)."""
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            return None
+        return self.weight_dtype
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None

@@ -1,19 +1,27 @@
-"""Sending sample images and videos, with their prompts and rewards, to the loggers and to disk.
+"""Sending sample images and videos, with their prompts and rewards, to the trackers and to disk; and making a
+diffusers model's config readable by transformers' tracker callbacks.
 
-Images: a captioned grid PNG in ``output_dir/samples/`` and the images to tensorboard, wandb and trackio.
-Videos (``(B, T, 3, H, W)`` samples): an animated captioned grid GIF in ``output_dir/samples/`` (diffusers'
-``export_to_gif``: Pillow only, so no torchvision, moviepy or ffmpeg is needed), the GIF to wandb and trackio as a video, and the
-grid's frames to tensorboard as an image sequence (tensorboard's ``add_video`` needs moviepy).
+Images: a captioned grid PNG in ``output_dir/samples/``, the images to tensorboard, wandb and trackio, the grid to
+MLflow. Videos (``(B, T, 3, H, W)`` samples): an animated captioned grid GIF in ``output_dir/samples/``
+(diffusers' ``export_to_gif``: Pillow only, so no torchvision, moviepy or ffmpeg is needed), the GIF to wandb and
+trackio as a video and to MLflow as an artifact, and the grid's frames to tensorboard as an image sequence
+(tensorboard's ``add_video`` needs moviepy). Media wait in a :class:`PendingMedia` until their step's metrics
+are logged, and go out under that step.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import export_to_gif, make_image_grid
 from PIL import Image, ImageDraw
 
@@ -64,68 +72,201 @@ def video_grid_frames(videos: torch.Tensor, captions: list[str], columns: int = 
     ]
 
 
-def _callback_of(trainer: DiffusionGRPOTrainer, class_name: str) -> Any:
-    return next((cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == class_name), None)
+# -- a diffusers model config that transformers' trackers can read ---------------------------------------------
+def _plain(value: Any) -> Any:
+    """A config value as plain JSON data (as diffusers' ``ConfigMixin.to_json_string`` saves it)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return value.as_posix()
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        return _plain(value.to_dict())
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
-def _captions(rollouts: Rollouts, count: int) -> list[str]:
-    rewards = rollouts.rewards[:count].tolist() if rollouts.rewards is not None else [float("nan")] * count
-    return [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+class TrackerReadableConfig(FrozenDict):
+    """A diffusers model's config (a ``FrozenDict``) that also answers what transformers' logging integrations
+    ask of a ``PretrainedConfig``: ``to_dict()`` (wandb, trackio, MLflow, Comet, Neptune, SwanLab) and
+    ``to_json_string()`` (tensorboard). diffusers still sees the ``FrozenDict`` it made."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON data."""
+        return {key: _plain(value) for key, value in self.items()}
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as indented JSON (``use_diff`` is accepted for ``PretrainedConfig``'s signature)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
 
 
-def log_samples(trainer: DiffusionGRPOTrainer, rollouts: Rollouts) -> str:
-    """Write the samples with their prompts and rewards to ``output_dir/samples/`` and the active loggers
-    (tensorboard, wandb, trackio): a captioned grid PNG for images, an animated grid GIF for videos.
-    Returns the written file's path."""
-    count = min(trainer.args.num_images_to_log, len(rollouts.prompts))
-    captions = _captions(rollouts, count)
-    step = trainer.state.global_step
+def make_config_readable_by_trackers(model: torch.nn.Module) -> None:
+    """Give a diffusers model a :class:`TrackerReadableConfig`, so ``report_to`` works with every tracker.
+
+    ``Trainer`` hands its model to the tracker callbacks, which read ``model.config`` as if it were a
+    transformers config: tensorboard's callback calls ``to_json_string()`` and a diffusers ``FrozenDict`` has
+    none, so training crashed before its first step. diffusers keeps the config in ``_internal_dict``."""
+    config = getattr(model, "_internal_dict", None)
+    if isinstance(config, FrozenDict) and not isinstance(config, TrackerReadableConfig):
+        model._internal_dict = TrackerReadableConfig(config)
+
+
+# -- what a logging step shows ---------------------------------------------------------------------------------
+@dataclass
+class SampleBatch:
+    """The first samples of a batch of rollouts with their prompts and rewards: what a logging step shows.
+
+    A small copy, so that the rollouts themselves are not kept alive until the step's metrics are logged."""
+
+    prompts: list[str]
+    samples: torch.Tensor
+    rewards: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, rollouts: Rollouts | SampleBatch, count: int) -> SampleBatch:
+        """The first ``count`` samples of ``rollouts`` (anything with ``prompts``, ``samples`` and ``rewards``)."""
+        count = min(count, len(rollouts.prompts))
+        rewards = rollouts.rewards[:count].detach().clone() if rollouts.rewards is not None else None
+        return cls(list(rollouts.prompts[:count]), rollouts.samples[:count].detach().clone(), rewards)
+
+    def captions(self) -> list[str]:
+        """``"<prompt> | <reward>"`` per sample (``nan`` before the rewards are known)."""
+        rewards = self.rewards.tolist() if self.rewards is not None else [float("nan")] * len(self.prompts)
+        return [f"{prompt} | {reward:.3g}" for prompt, reward in zip(self.prompts, rewards)]
+
+
+class PendingMedia:
+    """Media made while an optimizer step runs, held until that step's metrics are logged.
+
+    Rollouts are sampled before the optimizer step, but ``Trainer`` logs a step's metrics after it, under the
+    incremented ``state.global_step``. Sending the samples when they are made would file them under the previous
+    step; queued here and sent from :meth:`DiffusionGRPOTrainer.log`, they land under the step of the metrics they
+    explain. Per name, the first media of a step are kept (one grid per logging step, also with gradient
+    accumulation), and a newer step's replace an older step's that were never sent.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, tuple[int, Callable[[], object]]] = {}
+
+    def add(self, name: str, made_in_step: int, send: Callable[[], object]) -> None:
+        """Keep ``send`` (a call that writes and sends the media) for the next log."""
+        kept = self._waiting.get(name)
+        if kept is None or kept[0] != made_in_step:
+            self._waiting[name] = (made_in_step, send)
+
+    def flush(self) -> None:
+        """Send everything waiting (at the trainer's current step) and forget it."""
+        waiting, self._waiting = self._waiting, {}
+        for _, send in waiting.values():
+            send()
+
+
+# -- sending media to the trackers -----------------------------------------------------------------------------
+@dataclass
+class Media:
+    """Images (or a video's grid frames) to send under ``key``, with their captions and the file written for
+    them in ``output_dir/samples/``; ``grid`` is the captioned grid of an image batch (``None`` for a video)."""
+
+    key: str
+    images: list[Image.Image]
+    captions: list[str]
+    path: str
+    grid: Image.Image | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.grid is None
+
+
+def _to_tensorboard(callback: Any, media: Media, step: int) -> None:
+    writer = getattr(callback, "tb_writer", None)
+    if writer is None:
+        return
+    pixels = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in media.images])
+    writer.add_images(f"{media.key}/frames" if media.is_video else media.key, pixels, step)
+    writer.add_text(f"{media.key}/captions", "\n\n".join(media.captions), step)
+    writer.flush()
+
+
+def _to_wandb(callback: Any, media: Media, step: int) -> None:
+    import wandb
+
+    if wandb.run is None:
+        return
+    if media.is_video:
+        value: Any = wandb.Video(media.path, caption="\n".join(media.captions), format="gif")
+    else:
+        value = [wandb.Image(image, caption=caption) for image, caption in zip(media.images, media.captions)]
+    # the x-axis transformers' WandbCallback declares for every key (define_metric(step_metric=...))
+    wandb.log({media.key: value, "train/global_step": step})
+
+
+def _to_trackio(callback: Any, media: Media, step: int) -> None:
+    import trackio
+
+    # trackio takes one image or video per key, not a list: the captioned grid, or the GIF
+    caption = "\n".join(media.captions)
+    value = (
+        trackio.Video(media.path, caption=caption)
+        if media.is_video
+        else trackio.Image(media.grid, caption=caption)
+    )
+    trackio.log({media.key: value, "train/global_step": step})
+
+
+def _to_mlflow(callback: Any, media: Media, step: int) -> None:
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    if media.is_video:
+        mlflow.log_artifact(media.path, artifact_path=media.key)
+    else:
+        mlflow.log_image(media.grid, key=media.key, step=step)
+
+
+#: transformers' logging callbacks (by class name, so that no tracker is imported) → how media reach them
+MEDIA_SINKS: dict[str, Callable[[Any, Media, int], None]] = {
+    "TensorBoardCallback": _to_tensorboard,
+    "WandbCallback": _to_wandb,
+    "TrackioCallback": _to_trackio,
+    "MLflowCallback": _to_mlflow,
+}
+
+
+def _sink_of(callback: Any) -> Callable[[Any, Media, int], None] | None:
+    return next((MEDIA_SINKS[c.__name__] for c in type(callback).__mro__ if c.__name__ in MEDIA_SINKS), None)
+
+
+def send_media(trainer: DiffusionGRPOTrainer, media: Media) -> None:
+    """Send ``media`` to every active tracker at the trainer's current step: tensorboard (images, or a video's
+    frames, and the captions as text), wandb (captioned images, or the GIF as a video), trackio (the captioned
+    grid, or the GIF as a video), MLflow (the grid as a step image, or the GIF as an artifact). Comet and the
+    other trackers get the metrics only."""
+    for callback in trainer.callback_handler.callbacks:
+        sink = _sink_of(callback)
+        if sink is not None:
+            sink(callback, media, trainer.state.global_step)
+
+
+def log_samples(trainer: DiffusionGRPOTrainer, batch: Rollouts | SampleBatch) -> str:
+    """Write the samples with their prompts and rewards to ``output_dir/samples/step_<global step>`` and send
+    them to the active trackers (:func:`send_media`): a captioned grid PNG for images, an animated grid GIF for
+    videos. Returns the written file's path."""
+    batch = SampleBatch.of(batch, trainer.args.num_images_to_log)
+    captions = batch.captions()
     folder = os.path.join(trainer.args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    if rollouts.samples.ndim == 5:
-        return _log_videos(trainer, rollouts.samples[:count], captions, folder, step)
-    images = [to_pil(rollouts.samples[i]) for i in range(count)]
-    path = os.path.join(folder, f"step_{step:06d}.png")
-    grid = captioned_grid(images, captions)
-    grid.save(path)
-
-    tensorboard = _callback_of(trainer, "TensorBoardCallback")
-    if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-        # np.array copies: a PIL image's own buffer is read-only, which torch.from_numpy warns about
-        pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
-        tensorboard.tb_writer.add_images("samples", pixels, step)
-        tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
-    if _callback_of(trainer, "WandbCallback") is not None:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.log({"samples": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
-    if _callback_of(trainer, "TrackioCallback") is not None:
-        import trackio
-
-        trackio.log({"samples": [trackio.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step)
-    return path
-
-
-def _log_videos(
-    trainer: DiffusionGRPOTrainer, videos: torch.Tensor, captions: list[str], folder: str, step: int
-) -> str:
-    """Videos: an animated grid GIF on disk, sent as a video to wandb/trackio, as frames to tensorboard."""
-    frames = video_grid_frames(videos, captions)
-    path = export_to_gif(frames, os.path.join(folder, f"step_{step:06d}.gif"), fps=GIF_FPS)
-    caption = "\n".join(captions)
-    tensorboard = _callback_of(trainer, "TensorBoardCallback")
-    if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-        pixels = torch.stack([torch.from_numpy(np.array(frame)).permute(2, 0, 1) for frame in frames])
-        tensorboard.tb_writer.add_images("samples/frames", pixels, step)
-        tensorboard.tb_writer.add_text("samples/captions", "\n\n".join(captions), step)
-    if _callback_of(trainer, "WandbCallback") is not None:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.log({"samples": wandb.Video(path, caption=caption, format="gif")}, step=step)
-    if _callback_of(trainer, "TrackioCallback") is not None:
-        import trackio
-
-        trackio.log({"samples": trackio.Video(path, caption=caption)}, step=step)
-    return path
+    stem = os.path.join(folder, f"step_{trainer.state.global_step:06d}")
+    if batch.samples.ndim == 5:
+        frames = video_grid_frames(batch.samples, captions)
+        media = Media("samples", frames, captions, export_to_gif(frames, f"{stem}.gif", fps=GIF_FPS))
+    else:
+        images = [to_pil(sample) for sample in batch.samples]
+        grid = captioned_grid(images, captions)
+        grid.save(f"{stem}.png")
+        media = Media("samples", images, captions, f"{stem}.png", grid)
+    send_media(trainer, media)
+    return media.path

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
-from PIL import Image
 from transformers import TrainerCallback
 
 from ..backbones import VisionBackbone
@@ -21,7 +20,7 @@ from ..core.policy_loss import clipped_policy_loss
 from ..core.vipo import perceptual_map, perceptual_video_map, pool_to_tokens
 from ..rewards import RewardFunc
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
-from .logging_utils import captioned_grid, to_pil
+from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
 from .vipo_config import ViPOConfig
 
 MAPS_KEY = "vipo_maps"
@@ -301,8 +300,12 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         maps, fallback = self.compute_maps(rollouts.samples)
         rollouts.extras[MAPS_KEY] = maps
         self._log_map_metrics(maps, fallback)
-        if self.args.log_images and self.accelerator.is_main_process and self._is_logging_step():
-            self.log_map_overlays(rollouts, maps)
+        if self.args.log_images and self.accelerator.is_main_process:
+            count = self.args.num_images_to_log
+            send = partial(
+                self.log_map_overlays, SampleBatch.of(rollouts, count), maps[:count].detach().clone()
+            )
+            self._pending_media.add("vipo/maps", self.state.global_step, send)
         if self.args.map_target == "reward":
             return self._reward_target_advantages(rollouts.rewards, self._loss_maps(maps))
         return self.apply_maps(advantages, maps)
@@ -342,7 +345,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     # ------------------------------------------------------------------------------------------------
     # Seeing the maps
     # ------------------------------------------------------------------------------------------------
-    def log_map_overlays(self, rollouts: Rollouts, maps: torch.Tensor) -> str:
+    def log_map_overlays(self, rollouts: Rollouts | SampleBatch, maps: torch.Tensor) -> str:
         """Each logged sample beside its map as a heat-map overlay: a PNG in ``output_dir/samples/`` and
         images for the active loggers. Video: the first frame and the first latent frame's map."""
         count = min(self.args.num_images_to_log, len(rollouts.prompts))
@@ -352,34 +355,12 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             heat = maps[i] if maps.ndim == 3 else maps[i, 0]
             pairs.append(torch.cat([image.float().clamp(0, 1), heat_overlay(image, heat)], dim=-1))
         images = [to_pil(pair) for pair in pairs]
-        rewards = (
-            rollouts.rewards[:count].tolist() if rollouts.rewards is not None else [float("nan")] * count
-        )
-        captions = [f"{p} | {r:.3g}" for p, r in zip(rollouts.prompts[:count], rewards)]
+        captions = SampleBatch.of(rollouts, count).captions()
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"vipo_maps_step_{step:06d}.png")
-        captioned_grid(images, captions, columns=2).save(path)
-        self._send_overlays(images, captions, step)
+        grid = captioned_grid(images, captions, columns=2)
+        grid.save(path)
+        send_media(self, Media("vipo/maps", images, captions, path, grid))
         return path
-
-    def _send_overlays(self, images: list[Image.Image], captions: list[str], step: int) -> None:
-        callbacks = {type(cb).__name__: cb for cb in self.callback_handler.callbacks}
-        tensorboard = callbacks.get("TensorBoardCallback")
-        if tensorboard is not None and getattr(tensorboard, "tb_writer", None) is not None:
-            pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
-            tensorboard.tb_writer.add_images("vipo/maps", pixels, step)
-        if "WandbCallback" in callbacks:
-            import wandb
-
-            if wandb.run is not None:
-                wandb.log(
-                    {"vipo/maps": [wandb.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step
-                )
-        if "TrackioCallback" in callbacks:
-            import trackio
-
-            trackio.log(
-                {"vipo/maps": [trackio.Image(im, caption=c) for im, c in zip(images, captions)]}, step=step
-            )
