@@ -268,7 +268,7 @@ def test_mlflow_file_store_gets_the_metrics_and_images(tracked_run, monkeypatch)
     assert {m.step: m.value for m in history} == pytest.approx(logged_rewards(result))
     assert run.data.params["num_layers"] == "2"  # the denoiser's config, through to_dict()
     names = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
-    image_steps = sorted(int(m[1]) for n in names if (m := re.search(r"samples\+step\+(\d+)\+.*\d\.png$", n)))
+    image_steps = sorted(int(m[1]) for n in names if (m := re.search(r"samples\+step\+(\d+)\+.*\.png$", n)))
     assert image_steps == [1, 2], names
 
 
