@@ -83,7 +83,7 @@ class FluxAdapter(DiffusionAdapter):
     def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
         return int(latent_shape[0])
 
-    def sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    def scheduler_sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """``linspace(1, 1/T, T)`` with the dynamic shift, as ``FluxPipeline.__call__`` sets them."""
         config = self._scheduler.config
         kwargs: dict[str, Any] = {}

@@ -344,7 +344,7 @@ class DiffusionGRPOTrainer(Trainer):
         predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
         nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
         num_steps = args.num_inference_steps
-        sigmas = self.adapter.sigmas(num_steps, self.latent_shape)[:-1]
+        sigmas = self.adapter.sigmas(num_steps, self.latent_shape, args.time_shift)[:-1]
         trained = self.adapter.trains_at(sigmas).nonzero().flatten().tolist()
         if len(trained) == num_steps:
             return
@@ -464,6 +464,14 @@ class DiffusionGRPOTrainer(Trainer):
         offset = self.accelerator.process_index * self.args.per_device_train_batch_size
         return noise[offset : offset + len(group_ids)]
 
+    def sampling_sigmas(self) -> torch.Tensor:
+        """The T + 1 values ``σ_0 = 1 > … > σ_T = 0`` every rollout samples on (``T = num_inference_steps``).
+
+        ``time_shift=None``: the model's own scheduler. ``time_shift=s``: ``σ' = sσ / (1 + (s − 1)σ)`` on
+        ``linspace(1, 0, T + 1)``, the papers' released samplers (see :meth:`DiffusionAdapter.sigmas`).
+        """
+        return self.adapter.sigmas(self.args.num_inference_steps, self.latent_shape, self.args.time_shift)
+
     @torch.no_grad()
     def sample(
         self,
@@ -497,7 +505,7 @@ class DiffusionGRPOTrainer(Trainer):
             if stochastic
             else []
         )
-        sigmas = adapter.sigmas(num_steps, self.latent_shape).to(device)
+        sigmas = self.sampling_sigmas().to(device)
         embeds = {**self._encode(prompts), **(self.adapter.encode_conditioning(rows) if rows else {})}
         negative = self._negative(len(prompts)) if self._use_cfg(training) else None
 
