@@ -152,10 +152,24 @@ def test_sample_level_equals_grpo_with_advantages_scaled_by_mean_map(trainer, mo
 
 
 def test_mean_one_normalization_keeps_the_mean_advantage(trainer, monkeypatch):
+    """Below the clamp (|A| · max M < adv_clip_max), a mean-one map keeps each sample's mean advantage."""
     monkeypatch.setattr(trainer.args, "map_normalization", "mean_one")
-    advantages = torch.randn(8)
+    advantages = 0.1 * torch.randn(8)
     expanded = trainer.expand_advantages(advantages, rollouts_with(torch.rand(8, 3, 32, 32)))
     torch.testing.assert_close(expanded.flatten(1).mean(dim=1), advantages)
+
+
+def test_mean_one_advantage_maps_are_clamped_again(trainer, monkeypatch):
+    """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` per position, as the released code does: a mean-one map peaks
+    above 1, so large advantages would otherwise leave the clip range."""
+    monkeypatch.setattr(trainer.args, "map_normalization", "mean_one")
+    samples = torch.rand(8, 3, 32, 32)
+    maps, _ = trainer.compute_maps(samples)
+    advantages = torch.tensor([5.0, -5.0, 4.0, -3.0, 2.0, 1.0, 0.5, -0.5])
+    assert (advantages[:2, None] * maps[:2].flatten(1)).abs().max() > 6  # the clamp has work to do
+    expanded = trainer.expand_advantages(advantages, rollouts_with(samples))
+    assert expanded.abs().max() <= trainer.args.adv_clip_max
+    torch.testing.assert_close(expanded, (advantages[:, None, None] * maps).clamp(-5, 5))
 
 
 def test_reward_target_normalizes_each_position_within_groups():

@@ -312,9 +312,15 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         return maps.flatten(1).mean(dim=1) if self.args.dense_level == "sample" else maps
 
     def apply_maps(self, advantages: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """``A(p) = M(p) · A`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the sample level)."""
+        """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the
+        sample level).
+
+        The clamp is applied again after the maps, per position, as the released code does: a ``"mean_one"``
+        map peaks at 3–5, so without it ``|A(p)|`` would reach ~15 where ``|A| ≤ adv_clip_max`` was meant.
+        """
         maps = self._loss_maps(maps)
-        return advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+        shaped = advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+        return shaped.clamp(-self.args.adv_clip_max, self.args.adv_clip_max)
 
     def _reward_target_advantages(self, local_rewards: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Group statistics need whole groups: gather rewards and maps, compute, keep this process's rows."""
