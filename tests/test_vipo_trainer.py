@@ -172,6 +172,21 @@ def test_mean_one_advantage_maps_are_clamped_again(trainer, monkeypatch):
     torch.testing.assert_close(expanded, (advantages[:, None, None] * maps).clamp(-5, 5))
 
 
+def test_released_map_variant_reaches_the_maps(trainer, monkeypatch):
+    """``map_variant="released"``: the trainer's maps are ``perceptual_map(..., variant="released")`` of the
+    backbone features; a ``sign_rule`` beside it is refused, since the released variant fixes the sign."""
+    samples = torch.rand(4, 3, 32, 32)
+    features = trainer._features(samples)
+    default, _ = trainer.compute_maps(samples)
+    monkeypatch.setattr(trainer.args, "map_variant", "released")
+    released, _ = trainer.compute_maps(samples)
+    expected, _ = perceptual_map(features, trainer.position_grid, variant="released")
+    torch.testing.assert_close(released, expected)
+    assert (released - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sign_rule='skew'.*map_variant='released'"):
+        ViPOConfig(output_dir="/tmp/x", report_to="none", map_variant="released", sign_rule="skew")
+
+
 def test_reward_target_normalizes_each_position_within_groups():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 5.0, 2.0])
     maps = torch.rand(8, 3, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES
+from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES, VARIANTS
 from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
 
 MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
@@ -57,6 +57,16 @@ class ViPOConfig(DiffusionGRPOConfig):
             "'reference' (the released code: more negative = subject, which depends on the solver's sign)."
         },
     )
+    map_variant: str = field(
+        default="default",
+        metadata={
+            "help": "'default': this library's map (the `sign_rule` above; video frames resampled with the end frames "
+            "aligned, as causal video VAEs line them up). 'released': the authors' released map, reproduced to 1e-4: "
+            "PCA signed like scikit-learn >= 1.5 then more negative = subject, +1e-8 min-max denominators, scipy's "
+            "gaussian_filter (reflect, truncate 4), trilinear align_corners=False time resampling. `sign_rule` is "
+            "then unused."
+        },
+    )
     smoothing_sigma: float = field(
         default=1.0, metadata={"help": "σ of the spatial Gaussian smoothing, in backbone patches (0: none)."}
     )
@@ -90,6 +100,12 @@ class ViPOConfig(DiffusionGRPOConfig):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("sign_rule", self.sign_rule, SIGN_RULES)
         check_choice("map_normalization", self.map_normalization, NORMALIZATIONS)
+        check_choice("map_variant", self.map_variant, VARIANTS)
+        if self.map_variant == "released" and self.sign_rule != "border":
+            raise ValueError(
+                f"`sign_rule={self.sign_rule!r}` has no effect with map_variant='released', which signs the PCA "
+                "components as the released code does. Drop `sign_rule`, or use map_variant='default'."
+            )
         check_choice("map_target", self.map_target, MAP_TARGETS)
         check_choice("dense_level", self.dense_level, DENSE_LEVELS)
         if self.pca_components < 1:

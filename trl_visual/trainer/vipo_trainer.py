@@ -238,6 +238,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             smoothing_sigma=args.smoothing_sigma,
             sign_rule=args.sign_rule,
             normalization=args.map_normalization,
+            variant=args.map_variant,
         )
         if len(self.position_grid) == 3:
             return perceptual_video_map(
