@@ -115,7 +115,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Time shift s of the sampling schedule: σ' = sσ / (1 + (s − 1)σ) on linspace(1, 0, T + 1), as the "
-            "papers' released samplers do (BPGO 5; ViPO 3 on FLUX, 8 on Wan). None: the model's own scheduler "
+            "papers' released samplers do (5 in BPGO's reference runs). None: the model's own scheduler "
             "and shift (FLUX's depends on the resolution). See `DiffusionGRPOTrainer.sampling_sigmas()`."
         },
     )
