@@ -187,6 +187,26 @@ def test_released_map_variant_reaches_the_maps(trainer, monkeypatch):
         ViPOConfig(output_dir="/tmp/x", report_to="none", map_variant="released", sign_rule="skew")
 
 
+@pytest.mark.parametrize(
+    "bf16, backbone_dtype, expected",
+    [(True, None, torch.bfloat16), (True, "float32", torch.float32), (False, "bfloat16", torch.bfloat16)],
+)
+def test_backbone_dtype_overrides_the_training_precision(dinov2_path, bf16, backbone_dtype, expected):
+    """``backbone_dtype="float32"`` keeps DINOv2 in float32 under bf16 training, as the released code does; unset,
+    the backbone follows the training precision. (Arguments as a namespace: bf16 configs refuse a CPU.)"""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        aggregation="weighted", backbone=dinov2_path, backbone_image_size=None, bf16=bf16, fp16=False,
+        backbone_dtype=backbone_dtype,
+    )  # fmt: skip
+    backbone = ViPOTrainer._build_backbone(None, args)
+    assert {p.dtype for p in backbone.parameters()} == {expected}
+    assert backbone(torch.rand(1, 3, 28, 28)).dtype == torch.float32
+    with pytest.raises(ValueError, match="backbone_dtype"):
+        ViPOConfig(output_dir="/tmp/x", report_to="none", backbone_dtype="fp32")
+
+
 def test_reward_target_normalizes_each_position_within_groups():
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, -1.0, 0.0, 5.0, 2.0])
     maps = torch.rand(8, 3, 2)

@@ -9,6 +9,7 @@ from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
 
 MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
 DENSE_LEVELS: tuple[str, ...] = ("position", "sample")
+BACKBONE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -37,6 +38,14 @@ class ViPOConfig(DiffusionGRPOConfig):
         metadata={
             "help": "Shorter side the backbone sees (rounded to its patch size). Default: the decoded image's "
             "own size, as in the paper."
+        },
+    )
+    backbone_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Precision of a backbone loaded from `backbone`: 'float32', 'bfloat16' or 'float16'. None: the "
+            "training precision (bfloat16 with bf16=True, float16 with fp16=True, else float32). The released code "
+            "runs DINOv2 in float32 even when training in bf16; its features come out float32 either way."
         },
     )
     pca_components: int = field(
@@ -100,6 +109,8 @@ class ViPOConfig(DiffusionGRPOConfig):
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("sign_rule", self.sign_rule, SIGN_RULES)
         check_choice("map_normalization", self.map_normalization, NORMALIZATIONS)
+        if self.backbone_dtype is not None:
+            check_choice("backbone_dtype", self.backbone_dtype, BACKBONE_DTYPES)
         check_choice("map_variant", self.map_variant, VARIANTS)
         if self.map_variant == "released" and self.sign_rule != "border":
             raise ValueError(

@@ -161,9 +161,19 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         if isinstance(source, VisionBackbone):
             return ViPOTrainer._with_image_size(source, args.backbone_image_size)
         kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
-        if isinstance(source, (str, os.PathLike)) and (args.bf16 or args.fp16):
-            kwargs["dtype"] = torch.bfloat16 if args.bf16 else torch.float16
+        dtype = ViPOTrainer._backbone_dtype(args)
+        if isinstance(source, (str, os.PathLike)) and dtype is not None:
+            kwargs["dtype"] = dtype
         return VisionBackbone(source, **kwargs)
+
+    @staticmethod
+    def _backbone_dtype(args: ViPOConfig) -> torch.dtype | None:
+        """``backbone_dtype`` when set, else the training precision (``None``: the checkpoint's own, float32)."""
+        if getattr(args, "backbone_dtype", None) is not None:
+            return getattr(torch, args.backbone_dtype)
+        if args.bf16 or args.fp16:
+            return torch.bfloat16 if args.bf16 else torch.float16
+        return None
 
     @staticmethod
     def _with_image_size(backbone: VisionBackbone, image_size: int | None) -> VisionBackbone:
