@@ -195,3 +195,22 @@ def test_released_recipe_names_its_source_and_explains_every_change(name):
         if value != defaults[key] and not comment:
             unexplained.append(key)
     assert not unexplained, f"{name}: values that differ from the defaults without a comment: {unexplained}"
+
+
+def test_exclude_last_step_never_trains_the_step_landing_on_zero(tmp_path):
+    """``exclude_last_step``: the released BPGO code trains ``int(0.6 · 15) = 9`` of the first 15 of 16 steps and
+    never the last; here the same count comes out, and the last step (σ' = 0) is never among the trained ones."""
+    rows = [{"prompt": p} for p in ("a cat", "a cat", "a dog", "a dog")]
+    trainer = tiny_trainer(
+        tmp_path, "sd3", num_inference_steps=16, timestep_fraction=0.6, timestep_selection="random",
+        exclude_last_step=True, time_shift=5.0,
+    )  # fmt: skip
+    rollouts = trainer._make_rollouts(rows)
+    assert rollouts.train_steps.shape == (4, 9)
+    assert (rollouts.train_steps < 15).all()
+    assert (rollouts.sigmas_next[rollouts.train_steps] > 0).all()
+    trainer.args.exclude_last_step = False
+    trainer.args.timestep_fraction = 1.0
+    assert (
+        (trainer._make_rollouts(rows).train_steps == 15).any(dim=1).all()
+    )  # without it, every sample trains it

@@ -148,6 +148,13 @@ class DiffusionGRPOConfig(TrainingArguments):
             "help": "'ordered': the first steps (Flow-GRPO); 'random': a random subset per sample (DanceGRPO)."
         },
     )
+    exclude_last_step: bool = field(
+        default=False,
+        metadata={
+            "help": "Never train the last sampling step (the one landing on σ = 0); it is still sampled. BPGO's "
+            "released code does this: with 16 steps and timestep_fraction 0.6 it trains 9 of the first 15."
+        },
+    )
     sde_window_size: int = field(
         default=0,
         metadata={
@@ -195,6 +202,10 @@ class DiffusionGRPOConfig(TrainingArguments):
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"`timestep_fraction` must be in (0, 1]; got {self.timestep_fraction}.")
+        if self.exclude_last_step and self.num_inference_steps < 2:
+            raise ValueError(
+                "`exclude_last_step` needs `num_inference_steps` >= 2: with one step there is nothing left to train."
+            )
         if self.time_shift is not None and not self.time_shift > 0:
             raise ValueError(
                 f"`time_shift` must be positive (3 to 8 in the papers' released runs), or None for the model's own "

@@ -727,7 +727,15 @@ class DiffusionGRPOTrainer(Trainer):
                 "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
             )
         # positions, among the stochastic steps, where the trained denoiser predicts (all but a frozen expert's)
-        trainable = self.adapter.trains_at(rollouts.sigmas).nonzero().flatten()
+        trains = self.adapter.trains_at(rollouts.sigmas)
+        if self.args.exclude_last_step:  # the released BPGO code never trains the step landing on σ = 0
+            trains &= rollouts.sigmas_next > 0
+        trainable = trains.nonzero().flatten()
+        if len(trainable) == 0:
+            raise RuntimeError(
+                "No sampled stochastic step can be trained (`exclude_last_step` leaves none in this SDE window): "
+                "widen `sde_window_size`, move `sde_window_range` earlier, or set `exclude_last_step=False`."
+            )
         selected = select_train_timesteps(
             trainable.tolist(),
             len(prompts),
