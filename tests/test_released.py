@@ -4,6 +4,7 @@ samplers, and the released recipes (examples/configs/*_released.yaml)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from PIL import Image
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.cli import ModelArguments, ScriptArguments, load_command, parse_args
+from trl_visual.core.advantages import group_advantages
+from trl_visual.core.bpgo import batch_reward_scale, crt_transform_paper
 from trl_visual.models import get_adapter
 from trl_visual.models.base import shift_sigmas
 from trl_visual.testing import load_tiny_pipeline
@@ -214,3 +217,43 @@ def test_exclude_last_step_never_trains_the_step_landing_on_zero(tmp_path):
     assert (
         (trainer._make_rollouts(rows).train_steps == 15).any(dim=1).all()
     )  # without it, every sample trains it
+
+
+# ------------------------------------------------------------------------------------------------------
+# CRT with a scale-free contrast
+# ------------------------------------------------------------------------------------------------------
+def test_crt_paper_contrast_in_batch_stds_by_hand():
+    """``R̃ = [λ (R − R_prior) / s + 1{R > R_prior}] · exp(R)``: R = 0, 1, 2, prior 1, λ = 2, s = 0.5 gives
+    ``[2·(−2) + 0, 0 + 0, 2·2 + 1] · exp(R) = [−4, 0, 5 e²]``."""
+    out = crt_transform_paper(torch.tensor([[0.0, 1.0, 2.0]]), torch.tensor([1.0]), lam=2.0, scale=0.5)
+    torch.testing.assert_close(out, torch.tensor([[-4.0, 0.0, 5.0 * math.exp(2.0)]]))
+
+
+def test_bpgo_crt_delta_scale_reaches_the_auxiliary_advantages(tmp_path):
+    """``crt_delta_scale="batch_std"``: the auxiliary CRT advantages are those of R̃ with the contrast divided by
+    the batch's reward std; ``"none"`` keeps the literal Eq. 4 (different advantages on the same rewards)."""
+    from trl_visual.trainer.bpgo_config import BPGOConfig
+    from trl_visual.trainer.bpgo_trainer import BPGOTrainer
+
+    rows = [{"prompt": p, "prior": 0.5} for p in ["a cat"] * 4 + ["a dog"] * 4]
+    rewards = torch.tensor([0.2, 0.45, 0.55, 0.9, 0.3, 0.48, 0.6, 0.7])[:, None]
+    settings = dict(
+        output_dir=str(tmp_path), num_generations=4, per_device_train_batch_size=8, max_steps=1, height=32,
+        width=32, num_inference_steps=2, max_sequence_length=16, guidance_scale=1.0, report_to="none",
+        prior_source="column", crt_mode="auxiliary", crt_lambda=1.0, ras_mode="none",
+    )  # fmt: skip
+    trainer = BPGOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=BPGOConfig(**settings, crt_delta_scale="batch_std"),
+        train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"], "prior": [0.5, 0.5]}),
+    )
+    scaled = trainer.compute_advantages(rewards, rows)["crt_advantages"]
+    grouped = rewards.view(2, 4)
+    transformed = crt_transform_paper(grouped, torch.tensor([0.5, 0.5]), 1.0, batch_reward_scale(grouped))
+    torch.testing.assert_close(scaled, group_advantages(transformed.reshape(-1), 4, "group", clip=5.0))
+    trainer.args.crt_delta_scale = "none"
+    literal = trainer.compute_advantages(rewards, rows)["crt_advantages"]
+    assert (literal - scaled).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="crt_delta_scale"):
+        BPGOConfig(**settings, crt_delta_scale="std")

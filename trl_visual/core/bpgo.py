@@ -226,10 +226,17 @@ def ras_weights_posterior(
     return w.to(rewards.dtype)
 
 
-def crt_transform_paper(rewards: Tensor, priors: Tensor | float, lam: float) -> Tensor:
+def crt_transform_paper(
+    rewards: Tensor, priors: Tensor | float, lam: float, scale: Tensor | float | None = None
+) -> Tensor:
     """Contrastive Reward Transformation, the **paper's form** (Eq. 4).
 
-    ``R̃_i^j = [λ (R_i^j − R_prior,i) + 1{R_i^j > R_prior,i}] · exp(R_i^j)``
+    ``R̃_i^j = [λ (R_i^j − R_prior,i) / s + 1{R_i^j > R_prior,i}] · exp(R_i^j)``
+
+    ``s = 1`` (``scale=None``) is the paper's literal equation, where λ has the reward's units (λ = 50 suits
+    HPSv2's spread of ~0.02, not PickScore's ~1). ``scale=s`` (e.g. :func:`batch_reward_scale`) measures the
+    contrast in batch reward stds, as the sigmoid RAS can: λ ≈ 1 then weighs it against the step for
+    any reward.
 
     The paper adds an auxiliary GRPO loss on the transformed group (weight ς); λ is not given in the
     paper. For λ > 0: R̃ < 0 below the prior, R̃ = 0 at it, R̃ > 0 above it with a jump of
@@ -240,13 +247,15 @@ def crt_transform_paper(rewards: Tensor, priors: Tensor | float, lam: float) -> 
         rewards: ``(N, G)`` rewards, NaN for missing ones.
         priors: ``(N,)`` prior rewards.
         lam: λ, the weight of the linear contrast.
+        scale: ``s > 0``, the unit of ``R − R_prior``; ``None`` for 1.
 
     Returns:
         ``(N, G)`` transformed rewards.
     """
     prior = _as_column(priors, rewards)
     above = (rewards > prior).to(rewards.dtype)
-    return (lam * (rewards - prior) + above) * torch.exp(rewards)
+    contrast = rewards - prior if scale is None else (rewards - prior) / scale
+    return (lam * contrast + above) * torch.exp(rewards)
 
 
 def crt_transform_reference(
