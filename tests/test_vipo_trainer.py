@@ -9,18 +9,26 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_visual.backbones import BackboneError
+from trl_visual.core.advantages import group_advantages
 from trl_visual.core.vipo import perceptual_map, pool_to_tokens
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
-from trl_visual.trainer.vipo_trainer import ViPOTrainer, dense_policy_loss, reward_map_advantages
+from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer, dense_policy_loss, reward_map_advantages
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EPS = 1e-4
 
 
-def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, config_class=ViPOConfig, **overrides):
+def make_trainer(
+    output_dir,
+    backbone=None,
+    trainer_class=ViPOTrainer,
+    config_class=ViPOConfig,
+    reward="red_channel",
+    **overrides,
+):
     settings = dict(
         output_dir=str(output_dir),
         num_generations=4,
@@ -38,7 +46,7 @@ def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, config_cl
     settings.update(overrides)
     return trainer_class(
         model="tiny:sd3",
-        reward_funcs="red_channel",
+        reward_funcs=reward,
         args=config_class(**settings),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
@@ -205,6 +213,50 @@ def test_backbone_dtype_overrides_the_training_precision(dinov2_path, bf16, back
     assert backbone(torch.rand(1, 3, 28, 28)).dtype == torch.float32
     with pytest.raises(ValueError, match="backbone_dtype"):
         ViPOConfig(output_dir="/tmp/x", report_to="none", backbone_dtype="fp32")
+
+
+def _green(prompts, images, **kwargs):
+    return images[:, 1].mean(dim=(1, 2)).tolist()
+
+
+def test_per_reward_loss_sums_one_clipped_loss_per_reward(dinov2_path, tmp_path):
+    """``multi_objective_loss="per_reward"``: each reward's own group advantages, spread by the same map and
+    re-clamped, each through its own clipped objective, ``L = Σ_f w_f L(M · A_f)``; not the loss of the summed
+    advantages."""
+    trainer = make_trainer(
+        tmp_path, dinov2_path, reward=["red_channel", _green], max_steps=1, num_inference_steps=2,
+        reward_weights=[1.0, 0.5], multi_objective_loss="per_reward",
+    )  # fmt: skip
+    rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    out = trainer.compute_advantages(rewards, [{"prompt": p} for p in PROMPTS * 2])
+    columns = [group_advantages(rewards[:, f], 4) for f in range(2)]
+    torch.testing.assert_close(out["per_reward_advantages"], torch.stack(columns, dim=1))
+
+    samples = torch.rand(8, 3, 32, 32)
+    rollouts = rollouts_with(samples)
+    rollouts.extras["per_reward_advantages"] = out["per_reward_advantages"]
+    combined = trainer.expand_advantages(out["advantages"], rollouts)
+    maps = rollouts.extras[MAPS_KEY]
+    spread = rollouts.extras["per_reward_advantages"]
+    assert spread.shape == (8, 2, 8, 8)
+    torch.testing.assert_close(spread[:, 1], (columns[1][:, None, None] * maps).clamp(-5, 5))
+
+    log_prob, old = log_probs_around((8, *trainer.latent_shape))
+    loss, _ = trainer.policy_loss(log_prob, old, combined, rollouts)
+    expected = (
+        dense_policy_loss(log_prob - old, spread[:, 0], EPS)[0]
+        + 0.5 * dense_policy_loss(log_prob - old, spread[:, 1], EPS)[0]
+    )
+    torch.testing.assert_close(loss, expected)
+    summed, _ = dense_policy_loss(log_prob - old, combined, EPS)
+    assert (loss - summed).abs().max() > 1e-6
+    trainer.train()  # the whole loop carries the per-reward maps through sampling, scoring and the loss
+    losses = logged(trainer, "loss")
+    assert losses and torch.isfinite(torch.tensor(losses)).all()
+    with pytest.raises(ValueError, match="per_reward.*map_target='advantage'"):
+        ViPOConfig(
+            output_dir="/tmp/x", report_to="none", multi_objective_loss="per_reward", map_target="reward"
+        )
 
 
 def test_reward_target_normalizes_each_position_within_groups():

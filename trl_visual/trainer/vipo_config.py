@@ -10,6 +10,7 @@ from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
 MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
 DENSE_LEVELS: tuple[str, ...] = ("position", "sample")
 BACKBONE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+MULTI_OBJECTIVE_LOSSES: tuple[str, ...] = ("sum", "per_reward")
 
 
 @dataclass
@@ -104,6 +105,16 @@ class ViPOConfig(DiffusionGRPOConfig):
         },
     )
 
+    multi_objective_loss: str = field(
+        default="sum",
+        metadata={
+            "help": "With several reward functions: 'sum' (one advantage per sample from "
+            "`multi_objective_aggregation`, one clipped loss) or 'per_reward' (each reward gets its own "
+            "group-relative advantages, maps and clipped loss, L = Σ_f w_f L(M · A_f), with `reward_weights` w_f: "
+            "the released ViPO video code's form). Needs map_target='advantage'."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
@@ -119,6 +130,12 @@ class ViPOConfig(DiffusionGRPOConfig):
             )
         check_choice("map_target", self.map_target, MAP_TARGETS)
         check_choice("dense_level", self.dense_level, DENSE_LEVELS)
+        check_choice("multi_objective_loss", self.multi_objective_loss, MULTI_OBJECTIVE_LOSSES)
+        if self.multi_objective_loss == "per_reward" and self.map_target != "advantage":
+            raise ValueError(
+                "multi_objective_loss='per_reward' needs map_target='advantage': each reward's advantages are "
+                "spread by the maps and get their own clipped loss."
+            )
         if self.pca_components < 1:
             raise ValueError(f"`pca_components` must be at least 1; got {self.pca_components}.")
         for name in ("smoothing_sigma", "temporal_sigma"):

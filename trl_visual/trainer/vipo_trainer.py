@@ -25,6 +25,8 @@ from .logging_utils import captioned_grid, to_pil
 from .vipo_config import ViPOConfig
 
 MAPS_KEY = "vipo_maps"
+#: per-reward advantages ``(B, F)``, then maps ``(B, F, *grid)``, of ``multi_objective_loss="per_reward"``
+PER_REWARD_KEY = "per_reward_advantages"
 
 
 def dense_policy_loss(
@@ -69,6 +71,20 @@ def reward_map_advantages(
     per_position = reward_maps.T.reshape(-1)  # P rows of B: every G consecutive values are one group
     advantages = group_advantages(per_position, num_generations, scale_rewards, clip=clip)
     return advantages.view(flat.shape[1], -1).T.reshape(maps.shape)
+
+
+def per_reward_advantages(
+    rewards_per_func: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """``(B, F)`` group-relative advantages of each reward function on its own: column ``f`` is
+    ``A_f = (R_f − R̄_f,group) / (std + 1e-4)``, clamped (:func:`~trl_visual.core.advantages.group_advantages`)."""
+    columns = rewards_per_func.unbind(dim=1)
+    return torch.stack(
+        [group_advantages(r, num_generations, scale_rewards, clip=clip) for r in columns], dim=1
+    )
 
 
 def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -302,6 +318,19 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     # ------------------------------------------------------------------------------------------------
     # Hooks
     # ------------------------------------------------------------------------------------------------
+    def compute_advantages(
+        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """The parent's advantages; with ``multi_objective_loss="per_reward"`` also each reward's own,
+        ``(B, F)`` under ``PER_REWARD_KEY`` (:func:`per_reward_advantages`)."""
+        out = super().compute_advantages(rewards_per_func, inputs)
+        if self.args.multi_objective_loss == "per_reward":
+            args = self.args
+            out[PER_REWARD_KEY] = per_reward_advantages(
+                rewards_per_func, args.num_generations, args.scale_rewards, args.adv_clip_max
+            )
+        return out
+
     def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
         """Advantage maps ``A(p) = M(p) · A`` ``(B, *grid)`` (:meth:`apply_maps`).
 
@@ -316,6 +345,10 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             self.log_map_overlays(rollouts, maps)
         if self.args.map_target == "reward":
             return self._reward_target_advantages(rollouts.rewards, self._loss_maps(maps))
+        per_reward = rollouts.extras.get(PER_REWARD_KEY)
+        if per_reward is not None:
+            columns = [self.apply_maps(column, maps) for column in per_reward.unbind(dim=1)]
+            rollouts.extras[PER_REWARD_KEY] = torch.stack(columns, dim=1)
         return self.apply_maps(advantages, maps)
 
     def _loss_maps(self, maps: torch.Tensor) -> torch.Tensor:
@@ -355,6 +388,23 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             return super().objective(log_prob, old_log_prob, advantages)
         log_ratio = self.adapter.to_position_grid(log_prob - old_log_prob)
         return dense_policy_loss(log_ratio, advantages, self.args.epsilon)
+
+    def policy_loss(
+        self,
+        log_prob: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        rollouts: Rollouts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``multi_objective_loss="per_reward"``: ``L = Σ_f w_f L(M · A_f)``, one clipped :meth:`objective`
+        per reward function (clipped fraction averaged over them). Otherwise the parent's loss."""
+        per_reward = rollouts.extras.get(PER_REWARD_KEY)
+        if per_reward is None:
+            return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        terms = [self.objective(log_prob, old_log_prob, column) for column in per_reward.unbind(dim=1)]
+        weights = self.reward_weights.to(log_prob.device)
+        loss = sum(weight * term for weight, (term, _) in zip(weights, terms))
+        return loss, torch.stack([clipped for _, clipped in terms]).mean(dim=0)
 
     # ------------------------------------------------------------------------------------------------
     # Seeing the maps
