@@ -398,7 +398,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """With ``multi_objective_loss="per_reward"``: ``L = Σ_f w_f L(M · A_f)``, one clipped :meth:`objective`
         per reward function (clipped fraction averaged over them). Otherwise the parent's loss."""
-        per_reward = rollouts.extras.get(PER_REWARD_KEY)
+        per_reward = getattr(rollouts, "extras", {}).get(PER_REWARD_KEY)
         if per_reward is None:
             return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
         terms = [self.objective(log_prob, old_log_prob, column) for column in per_reward.unbind(dim=1)]
