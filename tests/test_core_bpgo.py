@@ -203,12 +203,20 @@ def test_ras_posterior_clamp():
 
 def test_ras_posterior_nan_rewards_left_out():
     # [1, NaN, 3] with prior 0 must equal [1, 3] with prior 0: 1.4213504 (see the G = 2 test);
-    # [5, NaN]: n = 1, var 0 -> s^2 = 1e-8 -> mean 5 far above prior 0 -> p = 1 -> w = 1.5;
+    # [5, NaN]: n = 1, var 1.0 (released) -> v_post = 1/2, mu_post = 2.5, p = Phi(2.5 / sqrt 0.5) = 0.9997965,
+    #   w = 1.4997965;
     # [NaN, NaN, NaN]: n = 0 -> mu_post = prior, z = 0 -> p = 0.5 -> w = 1
     w_nan = ras_weights_posterior(t([[1.0, NAN, 3.0], [5.0, NAN, NAN], [NAN, NAN, NAN]]), t([0.0, 0.0, 0.0]))
-    close(w_nan, [1.4213504, 1.5, 1.0])
+    close(w_nan, [1.4213504, 1.4997965, 1.0])
     w_ref = ras_weights_posterior(t([[1.0, 3.0]]), t([0.0]))
     assert w_nan[0].item() == pytest.approx(w_ref[0].item(), abs=1e-7)
+
+
+def test_ras_posterior_single_reward_is_not_certain():
+    # released code: a group with one valid reward has variance 1.0, so 0.01 above the prior gives
+    # v_post = 1/2, mu_post = 0.005, p = Phi(0.005 / sqrt 0.5) = 0.5028209 -> w = 1.0028209 (not 1.5)
+    w = ras_weights_posterior(t([[0.01, NAN, NAN, NAN]]), t([0.0]))
+    close(w, [1.0028209])
 
 
 def test_ras_posterior_agrees_in_sign_with_delta():

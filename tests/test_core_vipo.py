@@ -337,3 +337,129 @@ def test_pool_to_tokens():
     torch.testing.assert_close(vipo.pool_to_tokens(m, 2).mean((1, 2)), torch.ones(2))
     with pytest.raises(ValueError, match="multiples of the patch size"):
         vipo.pool_to_tokens(torch.rand(1, 5, 4), 2)
+
+
+# ----------------------------------------------------------------------------- the released variant
+def _released_reference_frame(features, grid, aggregation="weighted", sigma=1.0):
+    """The released per-frame map, written independently with scikit-learn, scipy and PIL (float64 numpy)."""
+    import numpy as np
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter
+    from sklearn.decomposition import PCA
+
+    def minmax(x):
+        return (x - x.min()) / (x.max() - x.min() + 1e-8)
+
+    h, w, d = features.shape
+    flat = features.reshape(h * w, d).astype(np.float64)
+    pca = PCA(n_components=3).fit(flat)
+    z = pca.transform(flat)
+    oriented = [(z[:, j].max() - z[:, j]) / (z[:, j].max() - z[:, j].min() + 1e-8) for j in range(3)]
+    if aggregation == "weighted":
+        s = np.clip(sum(r * o for r, o in zip(pca.explained_variance_ratio_, oriented)), 0, 1)
+    else:  # first_pc
+        s = oriented[0]
+    s = minmax(gaussian_filter(s.reshape(h, w), sigma))
+    resized = Image.fromarray(s.astype(np.float32), mode="F").resize((grid[1], grid[0]), Image.BILINEAR)
+    return minmax(np.asarray(resized, dtype=np.float64)), pca.components_
+
+
+def _released_reference_video(features, grid, temporal_sigma=0.3):
+    """Per-frame maps, then linear resampling along time at ``(t + ½)·F/T − ½`` (clamped), scipy's 1-D Gaussian,
+    min-max over the volume."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter1d
+
+    frames = np.stack([_released_reference_frame(f, grid[1:])[0] for f in features])
+    num_in, num_out = frames.shape[0], grid[0]
+    src = (np.arange(num_out) + 0.5) * num_in / num_out - 0.5
+    resampled = np.apply_along_axis(lambda v: np.interp(src, np.arange(num_in), v), 0, frames)
+    volume = gaussian_filter1d(resampled, temporal_sigma, axis=0)
+    return (volume - volume.min()) / (volume.max() - volume.min() + 1e-8)
+
+
+def _structured_features(generator, h, w, d):
+    """Three blobs along random directions with distinct strengths, plus noise: PCA has clear gaps."""
+    features = 0.3 * torch.randn(h, w, d, generator=generator)
+    for strength in (3.0, 2.0, 1.2):
+        r, c = (
+            torch.randint(0, h - 2, (1,), generator=generator),
+            torch.randint(0, w - 2, (1,), generator=generator),
+        )
+        size = 2 + int(torch.randint(0, 4, (1,), generator=generator))
+        direction = torch.randn(d, generator=generator)
+        features[r : r + size, c : c + size] += strength * direction / direction.norm()
+    return features
+
+
+def test_released_variant_matches_scikit_learn_and_scipy_on_images():
+    """``variant="released"`` equals an independent scikit-learn PCA / scipy ``gaussian_filter`` / PIL resize
+    implementation to 1e-4 on 20 random feature sets (latent grids larger and smaller than the patch grid, and
+    D > N), including the sets where ``sign_rule="reference"`` (−1 on ``eigh``'s sign) inverts the map."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(0)
+    inverted = 0
+    for i in range(20):
+        h, w = (int(v) for v in torch.randint(6, 13, (2,), generator=g))
+        d = [8, 24, 200][i % 3]  # 200 > h·w: the N×N Gram branch of the PCA
+        grid = [(16, 20), (4, 5), (h, w), (9, 7)][i % 4]
+        aggregation = "first_pc" if i % 5 == 4 else "weighted"
+        features = _structured_features(g, h, w, d)
+        expected, _ = _released_reference_frame(features.numpy(), grid, aggregation)
+        ours, fallback = vipo.perceptual_map(
+            features[None], grid, aggregation=aggregation, variant="released"
+        )
+        assert not fallback.any()
+        torch.testing.assert_close(ours[0].double(), torch.from_numpy(expected), atol=1e-4, rtol=0)
+        reference, _ = vipo.perceptual_map(
+            features[None], grid, aggregation=aggregation, sign_rule="reference"
+        )
+        inverted += int((reference - ours).abs().max() > 0.2)
+    assert inverted >= 3  # the old `reference` rule disagreed with the released map on these sets
+
+
+def test_svd_flip_signs_follow_scikit_learn_components():
+    """The signs make each component vector's largest-magnitude entry positive, as ``PCA.components_``."""
+    pytest.importorskip("sklearn")
+    g = torch.Generator().manual_seed(1)
+    for d in (8, 120):
+        features = _structured_features(g, 9, 10, d)
+        _, components = _released_reference_frame(features.numpy(), (9, 10))
+        projections, _ = vipo.pca_projections(features[None], 3)
+        signs = vipo.svd_flip_signs(features[None], projections)[0]
+        x = features.flatten(0, 1).double()
+        x = x - x.mean(dim=0)
+        ours = (x.T @ (projections[0].flatten(1).double() * signs[:, None].double()).T).T
+        ours = ours / ours.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(ours, torch.from_numpy(components), atol=1e-4, rtol=0)
+
+
+def test_released_variant_matches_the_independent_video_path():
+    """Video: released per-frame maps, trilinear ``align_corners=False`` time resampling and a σ = 0.3 scipy
+    Gaussian match the independent implementation (up- and down-sampling in time)."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("scipy")
+    g = torch.Generator().manual_seed(2)
+    for frames, grid in [(5, (2, 8, 6)), (3, (5, 6, 6)), (9, (3, 10, 12))]:
+        features = torch.stack([_structured_features(g, 8, 7, 16) for _ in range(frames)])
+        expected = _released_reference_video(features.numpy(), grid)
+        ours, _ = vipo.perceptual_video_map(features[None], grid, variant="released")
+        torch.testing.assert_close(ours[0].double(), torch.from_numpy(expected), atol=1e-4, rtol=0)
+
+
+def test_gaussian_filter1d_reflect_is_scipys_on_short_axes():
+    """scipy's ``mode="reflect"`` repeats the edge and keeps reflecting when the kernel outgrows the axis."""
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.randn(3, 2, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for sigma in (0.3, 1.0, 2.5):
+        for dim in (1, 2):
+            expected = scipy_ndimage.gaussian_filter1d(x.numpy(), sigma, axis=dim)
+            torch.testing.assert_close(
+                vipo.gaussian_filter1d_reflect(x, sigma, dim), torch.from_numpy(expected)
+            )
+
+
+def test_released_variant_is_checked():
+    with pytest.raises(ValueError, match="variant='paper'.*'released'"):
+        vipo.perceptual_map(torch.randn(1, 4, 4, 6), (4, 4), variant="paper")

@@ -9,18 +9,26 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from trl_visual.backbones import BackboneError
+from trl_visual.core.advantages import group_advantages
 from trl_visual.core.vipo import perceptual_map, pool_to_tokens
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
-from trl_visual.trainer.vipo_trainer import ViPOTrainer, dense_policy_loss, reward_map_advantages
+from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer, dense_policy_loss, reward_map_advantages
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EPS = 1e-4
 
 
-def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, config_class=ViPOConfig, **overrides):
+def make_trainer(
+    output_dir,
+    backbone=None,
+    trainer_class=ViPOTrainer,
+    config_class=ViPOConfig,
+    reward="red_channel",
+    **overrides,
+):
     settings = dict(
         output_dir=str(output_dir),
         num_generations=4,
@@ -38,7 +46,7 @@ def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, config_cl
     settings.update(overrides)
     return trainer_class(
         model="tiny:sd3",
-        reward_funcs="red_channel",
+        reward_funcs=reward,
         args=config_class(**settings),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
@@ -152,10 +160,103 @@ def test_sample_level_equals_grpo_with_advantages_scaled_by_mean_map(trainer, mo
 
 
 def test_mean_one_normalization_keeps_the_mean_advantage(trainer, monkeypatch):
+    """Below the clamp (|A| · max M < adv_clip_max), a mean-one map keeps each sample's mean advantage."""
     monkeypatch.setattr(trainer.args, "map_normalization", "mean_one")
-    advantages = torch.randn(8)
+    advantages = 0.1 * torch.randn(8)
     expanded = trainer.expand_advantages(advantages, rollouts_with(torch.rand(8, 3, 32, 32)))
     torch.testing.assert_close(expanded.flatten(1).mean(dim=1), advantages)
+
+
+def test_mean_one_advantage_maps_are_clamped_again(trainer, monkeypatch):
+    """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` per position, as the released code does: a mean-one map peaks
+    above 1, so large advantages would otherwise leave the clip range."""
+    monkeypatch.setattr(trainer.args, "map_normalization", "mean_one")
+    samples = torch.rand(8, 3, 32, 32)
+    maps, _ = trainer.compute_maps(samples)
+    advantages = torch.tensor([5.0, -5.0, 4.0, -3.0, 2.0, 1.0, 0.5, -0.5])
+    assert (advantages[:2, None] * maps[:2].flatten(1)).abs().max() > 6  # the clamp has work to do
+    expanded = trainer.expand_advantages(advantages, rollouts_with(samples))
+    assert expanded.abs().max() <= trainer.args.adv_clip_max
+    torch.testing.assert_close(expanded, (advantages[:, None, None] * maps).clamp(-5, 5))
+
+
+def test_released_map_variant_reaches_the_maps(trainer, monkeypatch):
+    """``map_variant="released"``: the trainer's maps are ``perceptual_map(..., variant="released")`` of the
+    backbone features; a ``sign_rule`` beside it is refused, since the released variant fixes the sign."""
+    samples = torch.rand(4, 3, 32, 32)
+    features = trainer._features(samples)
+    default, _ = trainer.compute_maps(samples)
+    monkeypatch.setattr(trainer.args, "map_variant", "released")
+    released, _ = trainer.compute_maps(samples)
+    expected, _ = perceptual_map(features, trainer.position_grid, variant="released")
+    torch.testing.assert_close(released, expected)
+    assert (released - default).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sign_rule='skew'.*map_variant='released'"):
+        ViPOConfig(output_dir="/tmp/x", report_to="none", map_variant="released", sign_rule="skew")
+
+
+@pytest.mark.parametrize(
+    "bf16, backbone_dtype, expected",
+    [(True, None, torch.bfloat16), (True, "float32", torch.float32), (False, "bfloat16", torch.bfloat16)],
+)
+def test_backbone_dtype_overrides_the_training_precision(dinov2_path, bf16, backbone_dtype, expected):
+    """``backbone_dtype="float32"`` keeps DINOv2 in float32 under bf16 training, as the released code does; unset,
+    the backbone follows the training precision. (Arguments as a namespace: bf16 configs refuse a CPU.)"""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        aggregation="weighted", backbone=dinov2_path, backbone_image_size=None, bf16=bf16, fp16=False,
+        backbone_dtype=backbone_dtype,
+    )  # fmt: skip
+    backbone = ViPOTrainer._build_backbone(None, args)
+    assert {p.dtype for p in backbone.parameters()} == {expected}
+    assert backbone(torch.rand(1, 3, 28, 28)).dtype == torch.float32
+    with pytest.raises(ValueError, match="backbone_dtype"):
+        ViPOConfig(output_dir="/tmp/x", report_to="none", backbone_dtype="fp32")
+
+
+def _green(prompts, images, **kwargs):
+    return images[:, 1].mean(dim=(1, 2)).tolist()
+
+
+def test_per_reward_loss_sums_one_clipped_loss_per_reward(dinov2_path, tmp_path):
+    """``multi_objective_loss="per_reward"``: each reward's own group advantages, spread by the same map and
+    re-clamped, each through its own clipped objective, ``L = Σ_f w_f L(M · A_f)``; not the loss of the summed
+    advantages."""
+    trainer = make_trainer(
+        tmp_path, dinov2_path, reward=["red_channel", _green], max_steps=1, num_inference_steps=2,
+        reward_weights=[1.0, 0.5], multi_objective_loss="per_reward",
+    )  # fmt: skip
+    rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    out = trainer.compute_advantages(rewards, [{"prompt": p} for p in PROMPTS * 2])
+    columns = [group_advantages(rewards[:, f], 4) for f in range(2)]
+    torch.testing.assert_close(out["per_reward_advantages"], torch.stack(columns, dim=1))
+
+    samples = torch.rand(8, 3, 32, 32)
+    rollouts = rollouts_with(samples)
+    rollouts.extras["per_reward_advantages"] = out["per_reward_advantages"]
+    combined = trainer.expand_advantages(out["advantages"], rollouts)
+    maps = rollouts.extras[MAPS_KEY]
+    spread = rollouts.extras["per_reward_advantages"]
+    assert spread.shape == (8, 2, 8, 8)
+    torch.testing.assert_close(spread[:, 1], (columns[1][:, None, None] * maps).clamp(-5, 5))
+
+    log_prob, old = log_probs_around((8, *trainer.latent_shape))
+    loss, _ = trainer.policy_loss(log_prob, old, combined, rollouts)
+    expected = (
+        dense_policy_loss(log_prob - old, spread[:, 0], EPS)[0]
+        + 0.5 * dense_policy_loss(log_prob - old, spread[:, 1], EPS)[0]
+    )
+    torch.testing.assert_close(loss, expected)
+    summed, _ = dense_policy_loss(log_prob - old, combined, EPS)
+    assert (loss - summed).abs().max() > 1e-6
+    trainer.train()  # the whole loop carries the per-reward maps through sampling, scoring and the loss
+    losses = logged(trainer, "loss")
+    assert losses and torch.isfinite(torch.tensor(losses)).all()
+    with pytest.raises(ValueError, match="per_reward.*map_target='advantage'"):
+        ViPOConfig(
+            output_dir="/tmp/x", report_to="none", multi_objective_loss="per_reward", map_target="reward"
+        )
 
 
 def test_reward_target_normalizes_each_position_within_groups():

@@ -51,6 +51,8 @@ real gaps between group and prior, not just to sampling noise, yet keeps a usefu
 """
 
 POSTERIOR_VAR_EPS: float = 1e-8
+#: Variance the posterior RAS gives a group with fewer than 2 valid rewards (the released code's 1.0).
+SINGLE_REWARD_VAR: float = 1.0
 """Added to the group's sample variance in :func:`ras_weights_posterior` (as the released code does)."""
 
 _SIGMOID_EXP_CLAMP: float = 30.0
@@ -181,7 +183,8 @@ def ras_weights_posterior(
     """RAS weight per group, the **released code's form** ("bayes"): a Normal–Normal posterior.
 
     For group i with ``n`` valid rewards (NaN left out; the released code has ``n = G``), mean
-    ``R̄`` and unbiased variance ``var`` (0 when ``n < 2``):
+    ``R̄`` and unbiased variance ``var`` (1.0 when ``n < 2``, as the released code: a single reward
+    carries no spread and must not count as certain, which ``var = 0`` would make it, ``w → 1 ± α/2``):
 
     - ``s² = var + 1e-8``
     - ``v_post = 1 / (n / s² + 1 / v_0)``
@@ -211,6 +214,7 @@ def ras_weights_posterior(
     r = rewards.to(torch.float64)
     prior = _as_column(priors, r).squeeze(-1)
     n, mean, var = _group_count_mean_var(r)
+    var = torch.where(n >= 2, var, torch.full_like(var, SINGLE_REWARD_VAR))
     mean = torch.where(n > 0, mean, prior)  # n = 0: the data term vanishes; avoid 0 · NaN
     s2 = var + POSTERIOR_VAR_EPS
     precision_data = n / s2
@@ -222,10 +226,17 @@ def ras_weights_posterior(
     return w.to(rewards.dtype)
 
 
-def crt_transform_paper(rewards: Tensor, priors: Tensor | float, lam: float) -> Tensor:
+def crt_transform_paper(
+    rewards: Tensor, priors: Tensor | float, lam: float, scale: Tensor | float | None = None
+) -> Tensor:
     """Contrastive Reward Transformation, the **paper's form** (Eq. 4).
 
-    ``R̃_i^j = [λ (R_i^j − R_prior,i) + 1{R_i^j > R_prior,i}] · exp(R_i^j)``
+    ``R̃_i^j = [λ (R_i^j − R_prior,i) / s + 1{R_i^j > R_prior,i}] · exp(R_i^j)``
+
+    ``s = 1`` (``scale=None``) is the paper's literal equation, where λ has the reward's units (λ = 50 suits
+    HPSv2's spread of ~0.02, not PickScore's ~1). ``scale=s`` (e.g. :func:`batch_reward_scale`) measures the
+    contrast in batch reward stds, as the sigmoid RAS can: λ ≈ 1 then weighs it against the step for
+    any reward.
 
     The paper adds an auxiliary GRPO loss on the transformed group (weight ς); λ is not given in the
     paper. For λ > 0: R̃ < 0 below the prior, R̃ = 0 at it, R̃ > 0 above it with a jump of
@@ -236,13 +247,15 @@ def crt_transform_paper(rewards: Tensor, priors: Tensor | float, lam: float) -> 
         rewards: ``(N, G)`` rewards, NaN for missing ones.
         priors: ``(N,)`` prior rewards.
         lam: λ, the weight of the linear contrast.
+        scale: ``s > 0``, the unit of ``R − R_prior``; ``None`` for 1.
 
     Returns:
         ``(N, G)`` transformed rewards.
     """
     prior = _as_column(priors, rewards)
     above = (rewards > prior).to(rewards.dtype)
-    return (lam * (rewards - prior) + above) * torch.exp(rewards)
+    contrast = rewards - prior if scale is None else (rewards - prior) / scale
+    return (lam * contrast + above) * torch.exp(rewards)
 
 
 def crt_transform_reference(

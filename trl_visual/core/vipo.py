@@ -13,6 +13,13 @@ Ni et al., "Seeing What Matters: Visual Preference Policy Optimization for Visua
 Video: the same per frame, then resampled along time to the latent frame count, a temporal Gaussian,
 and a min-max over the whole ``(T, H, W)`` volume.
 
+``variant="released"`` reproduces the authors' released map instead (see :func:`released_frame_maps`): the
+sign of scikit-learn's PCA, ``+1e-8`` min-max denominators, ``scipy.ndimage.gaussian_filter`` semantics,
+and for video a trilinear (``align_corners=False``) time resampling. Our defaults deviate on purpose:
+the ``border`` sign rule does not depend on the solver's sign (the released map comes out inverted when
+the SVD's sign puts the subject on the positive side), and the time resampling aligns the end frames as
+causal video VAEs do.
+
 Everything is batched over the batch (and frames) on the features' device: no Python loop over images,
 no host synchronisation. A sample whose features are not all finite gets an all-ones map, and the
 top-level functions return a boolean mask of those samples so that the caller can count and warn.
@@ -29,9 +36,17 @@ Aggregation = Literal["weighted", "average", "first_pc", "ones"]
 SignRule = Literal["border", "skew", "reference"]
 Normalization = Literal["minmax", "mean_one"]
 
+Variant = Literal["default", "released"]
+
 AGGREGATIONS: tuple[str, ...] = ("weighted", "average", "first_pc", "ones")
 SIGN_RULES: tuple[str, ...] = ("border", "skew", "reference")
 NORMALIZATIONS: tuple[str, ...] = ("minmax", "mean_one")
+VARIANTS: tuple[str, ...] = ("default", "released")
+
+# The released code's guard in every min-max denominator: ``(x − min) / (max − min + 1e-8)``.
+_RELEASED_EPS = 1e-8
+# scipy.ndimage.gaussian_filter's default kernel radius, in standard deviations.
+_SCIPY_TRUNCATE = 4.0
 
 # Relative size (in units of the projection's standard deviation) below which a sign statistic is
 # treated as a tie and the next rule decides. Symmetric in ``z ↔ −z``, so sign invariance is kept.
@@ -362,6 +377,113 @@ def pool_to_tokens(maps: torch.Tensor, patch_size: int = 2, *, flatten: bool = F
 
 
 # --------------------------------------------------------------------------------------------------
+# The released code's variant
+# --------------------------------------------------------------------------------------------------
+
+
+def released_minmax(x: torch.Tensor, start_dim: int = 1) -> torch.Tensor:
+    """The released min-max, ``x' = (x − min x) / (max x − min x + 10⁻⁸)``, per sample over the dimensions
+    from ``start_dim`` on. A constant sample becomes zeros (where :func:`minmax_normalize` gives ones)."""
+    flat = x.flatten(start_dim)
+    lo = flat.amin(dim=-1, keepdim=True)
+    hi = flat.amax(dim=-1, keepdim=True)
+    return ((flat - lo) / (hi - lo + _RELEASED_EPS)).view_as(x)
+
+
+def svd_flip_signs(features: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    """Signs ``(B, K)`` that orient each principal component as scikit-learn's ``PCA`` does (version ≥ 1.5).
+
+    scikit-learn ≥ 1.5 calls ``svd_flip(U, Vᵀ, u_based_decision=False)`` for every solver: each component
+    vector ``v_j`` is flipped so that its entry of largest magnitude is positive (the first such entry on a
+    tie). ``v_j ∝ Xᵀ z_j`` with a positive factor (``X`` the centred features ``(N, D)``, ``z_j = X v_j``),
+    so the sign is read from ``Xᵀ z_j``, whichever Gram matrix gave ``z_j``. (Before 1.5 scikit-learn
+    decided on ``U``, the largest entry of ``z_j``; that older rule is not the one followed here.)
+
+    Args:
+        features: ``(B, h, w, D)`` patch features.
+        projections: ``(B, K, h, w)`` from :func:`pca_projections`.
+    """
+    x = features.to(projections.dtype).flatten(1, 2)
+    x = x - x.mean(dim=1, keepdim=True)
+    directions = x.transpose(1, 2) @ projections.flatten(2).transpose(1, 2)  # (B, D, K)
+    largest = directions.abs().argmax(dim=1, keepdim=True)
+    return torch.sign(directions.gather(1, largest)).squeeze(1)
+
+
+def _scipy_reflect_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices padding an axis of ``size`` by ``radius`` on both sides the way ``scipy.ndimage``'s
+    ``mode="reflect"`` does (``d c b a | a b c d | d c b a``, the edge repeated), for any radius: the
+    extended axis is periodic with period ``2·size``."""
+    index = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    return torch.where(index < size, index, 2 * size - 1 - index)
+
+
+def gaussian_filter1d_reflect(x: torch.Tensor, sigma: float, dim: int = -1) -> torch.Tensor:
+    """``scipy.ndimage.gaussian_filter1d(x, sigma, axis=dim)`` with its defaults, in torch.
+
+    Kernel ``g(t) ∝ exp(−t² / 2σ²)`` for ``t = −r … r``, ``r = int(4σ + 0.5)`` (``truncate=4``), normalized
+    to sum 1; the axis is extended with ``mode="reflect"`` (:func:`_scipy_reflect_indices`). ``σ ≤ 0``
+    returns the input.
+    """
+    if sigma <= 0:
+        return x
+    radius = int(_SCIPY_TRUNCATE * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    moved = x.movedim(dim, -1)
+    size = moved.shape[-1]
+    padded = moved.index_select(-1, _scipy_reflect_indices(size, radius, x.device))
+    out = torch.nn.functional.conv1d(padded.reshape(-1, 1, size + 2 * radius), kernel.view(1, 1, -1))
+    return out.view(moved.shape).movedim(-1, dim).contiguous()
+
+
+def released_frame_maps(
+    features: torch.Tensor,
+    grid_size: tuple[int, int],
+    components: int = 3,
+    aggregation: Aggregation = "weighted",
+    smoothing_sigma: float = 1.0,
+) -> torch.Tensor:
+    """The released per-image (per-frame) map for finite ``(B, h, w, D)`` features: ``(B, H, W)``.
+
+    With ``m(x) = (x − min) / (max − min + 10⁻⁸)`` (:func:`released_minmax`):
+
+    1. PCA (:func:`pca_projections`; ratios ``λ_j`` over all components), each component signed like
+       scikit-learn (:func:`svd_flip_signs`);
+    2. ``z'_j = (max z_j − z_j) / (max z_j − min z_j + 10⁻⁸)``: the more negative side is the subject;
+    3. ``S = clip(Σ_j λ_j z'_j, 0, 1)`` (or another aggregation, :func:`aggregate_components`);
+    4. ``M = m(resize(m(gaussian_filter(S, σ)), H×W))`` with ``scipy.ndimage.gaussian_filter`` semantics
+       (:func:`gaussian_filter1d_reflect` on both axes) and the bilinear antialiased :func:`resize_map`.
+    """
+    projections, ratios = pca_projections(features, components)
+    signs = svd_flip_signs(features, projections)
+    oriented = released_minmax(-(projections * signs[..., None, None]), start_dim=2)
+    maps = aggregate_components(oriented, ratios, aggregation)
+    maps = gaussian_filter1d_reflect(
+        gaussian_filter1d_reflect(maps, smoothing_sigma, -2), smoothing_sigma, -1
+    )
+    return released_minmax(resize_map(released_minmax(maps), grid_size))
+
+
+def released_video_maps(
+    frame_maps: torch.Tensor, num_frames: int, temporal_sigma: float = 0.3
+) -> torch.Tensor:
+    """The released temporal path: per-frame maps ``(B, F, H, W)`` → ``(B, T, H, W)``.
+
+    Trilinear resampling with ``align_corners=False`` (latent frame ``t`` reads input frame
+    ``(t + ½)·F/T − ½``, clamped to the ends), a temporal Gaussian along T with ``scipy.ndimage`` semantics
+    (:func:`gaussian_filter1d_reflect`), and :func:`released_minmax` over the whole volume.
+    """
+    if frame_maps.shape[1] != num_frames:
+        size = (num_frames, *frame_maps.shape[-2:])
+        frame_maps = torch.nn.functional.interpolate(
+            frame_maps.unsqueeze(1), size=size, mode="trilinear", align_corners=False
+        ).squeeze(1)
+    return released_minmax(gaussian_filter1d_reflect(frame_maps, temporal_sigma, dim=1))
+
+
+# --------------------------------------------------------------------------------------------------
 # Top level
 # --------------------------------------------------------------------------------------------------
 
@@ -373,23 +495,44 @@ def _patch_maps(
     aggregation: Aggregation,
     smoothing_sigma: float,
     sign_rule: SignRule,
+    variant: Variant = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1–4 up to the final normalization for ``(N, h, w, D)`` features: ``(N, H, W)`` maps in [0, 1]
     and the ``(N,)`` finite mask. Non-finite samples are zeroed before the PCA (so the decomposition never
-    sees NaN) and replaced by ones afterwards."""
+    sees NaN) and replaced by ones afterwards. ``variant="released"``: :func:`released_frame_maps`."""
     finite = finite_mask(features)
     n = features.shape[0]
     dtype = _work_dtype(features)
     if aggregation == "ones":
         return torch.ones(n, *grid_size, dtype=dtype, device=features.device), finite
     features = torch.where(finite[:, None, None, None], features, torch.zeros_like(features))
-    projections, ratios = pca_projections(features, components)
-    oriented = orient_projections(projections, sign_rule)
-    maps = aggregate_components(oriented, ratios, aggregation)
-    maps = minmax_normalize(gaussian_blur2d(maps, smoothing_sigma))
-    maps = minmax_normalize(resize_map(maps, grid_size))
+    if variant == "released":
+        maps = released_frame_maps(features, grid_size, components, aggregation, smoothing_sigma)
+    else:
+        projections, ratios = pca_projections(features, components)
+        oriented = orient_projections(projections, sign_rule)
+        maps = aggregate_components(oriented, ratios, aggregation)
+        maps = minmax_normalize(gaussian_blur2d(maps, smoothing_sigma))
+        maps = minmax_normalize(resize_map(maps, grid_size))
     maps = torch.where(finite[:, None, None], maps, torch.ones_like(maps))
     return maps, finite
+
+
+def _final_normalization(
+    maps: torch.Tensor, normalization: Normalization, variant: Variant, start_dim: int = 1
+) -> torch.Tensor:
+    """:func:`normalize_map`, except that a released map is already min-maxed the released way (only
+    ``"mean_one"`` rescales it further)."""
+    if variant == "released":
+        return maps if normalization == "minmax" else mean_one_normalize(maps, start_dim)
+    return normalize_map(maps, normalization, start_dim)
+
+
+def _check_options(aggregation: str, sign_rule: str, normalization: str, variant: str) -> None:
+    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    _check_choice("sign_rule", sign_rule, SIGN_RULES)
+    _check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_choice("variant", variant, VARIANTS)
 
 
 def perceptual_map(
@@ -401,6 +544,7 @@ def perceptual_map(
     smoothing_sigma: float = 1.0,
     sign_rule: SignRule = "border",
     normalization: Normalization = "minmax",
+    variant: Variant = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Perceptual map of each image on the latent grid.
 
@@ -416,19 +560,19 @@ def perceptual_map(
         sign_rule: ``"border"`` (sign-invariant, default), ``"skew"`` or ``"reference"``
             (see :func:`component_signs`).
         normalization: ``"minmax"`` (range [0, 1], the paper) or ``"mean_one"`` (mean 1).
+        variant: ``"default"`` (this library's choices above) or ``"released"``, the authors' released map
+            (:func:`released_frame_maps`; ``sign_rule`` is then scikit-learn's sign, more negative = subject).
 
     Returns:
         ``(maps, fallback)``: ``maps (B, H, W)`` in float32 (float64 for float64 features) on the features'
         device; ``fallback (B,)`` bool, ``True`` where the features were not finite and the map is all ones.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("sign_rule", sign_rule, SIGN_RULES)
-    _check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_options(aggregation, sign_rule, normalization, variant)
     if features.ndim != 4:
         raise ValueError(f"features must be (B, h, w, D), got shape {tuple(features.shape)}.")
     grid = _as_pair(grid_size, "grid_size")
-    maps, finite = _patch_maps(features, grid, components, aggregation, smoothing_sigma, sign_rule)
-    return normalize_map(maps, normalization), ~finite
+    maps, finite = _patch_maps(features, grid, components, aggregation, smoothing_sigma, sign_rule, variant)
+    return _final_normalization(maps, normalization, variant), ~finite
 
 
 def perceptual_video_map(
@@ -441,6 +585,7 @@ def perceptual_video_map(
     temporal_sigma: float = 0.3,
     sign_rule: SignRule = "border",
     normalization: Normalization = "minmax",
+    variant: Variant = "default",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Perceptual map of each video on the latent grid ``(T, H, W)``.
 
@@ -454,13 +599,13 @@ def perceptual_video_map(
         grid_size: latent grid ``(T, H, W)``.
         components, aggregation, smoothing_sigma, sign_rule, normalization: as in :func:`perceptual_map`.
         temporal_sigma: σ of the temporal Gaussian, in latent frames (``0`` disables it).
+        variant: ``"released"``: the released per-frame map and temporal path (:func:`released_video_maps`:
+            trilinear ``align_corners=False`` resampling instead of our end-aligned one).
 
     Returns:
         ``(maps (B, T, H, W), fallback (B,))``; a video with any non-finite feature falls back to all ones.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("sign_rule", sign_rule, SIGN_RULES)
-    _check_choice("normalization", normalization, NORMALIZATIONS)
+    _check_options(aggregation, sign_rule, normalization, variant)
     if features.ndim != 5:
         raise ValueError(f"features must be (B, F, h, w, D), got shape {tuple(features.shape)}.")
     if len(grid_size) != 3:
@@ -469,10 +614,14 @@ def perceptual_video_map(
     grid = _as_pair(tuple(grid_size[1:]), "grid_size[1:]")
     b, f = features.shape[:2]
     frame_maps, _ = _patch_maps(
-        features.flatten(0, 1), grid, components, aggregation, smoothing_sigma, sign_rule
+        features.flatten(0, 1), grid, components, aggregation, smoothing_sigma, sign_rule, variant
     )
     finite = finite_mask(features)
-    maps = gaussian_blur_time(resample_time(frame_maps.view(b, f, *grid), t), temporal_sigma)
-    maps = normalize_map(maps, normalization)
+    frame_maps = frame_maps.view(b, f, *grid)
+    if variant == "released":
+        maps = released_video_maps(frame_maps, t, temporal_sigma)
+    else:
+        maps = gaussian_blur_time(resample_time(frame_maps, t), temporal_sigma)
+    maps = _final_normalization(maps, normalization, variant)
     maps = torch.where(finite[:, None, None, None], maps, torch.ones_like(maps))
     return maps, ~finite

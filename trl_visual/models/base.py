@@ -142,9 +142,21 @@ class DiffusionAdapter:
         """Number of tokens the denoiser sees, for resolution-dependent time shifts."""
         return int(np.prod(latent_shape[1:]))
 
-    def sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
-        """The sampling schedule ``σ_0 = 1 > … > σ_T = 0`` (T + 1 values), with the model's time shift,
-        exactly as the pipeline's own scheduler computes it."""
+    def sigmas(
+        self, num_inference_steps: int, latent_shape: tuple[int, ...], time_shift: float | None = None
+    ) -> torch.Tensor:
+        """The sampling schedule ``σ_0 = 1 > … > σ_T = 0`` (T + 1 values).
+
+        ``time_shift=None``: the model's own time shift, exactly as the pipeline's scheduler computes it
+        (:meth:`scheduler_sigmas`). A number ``s``: the papers' released samplers, the same for every family,
+        ``linspace(1, 0, T + 1)`` warped by :func:`shift_sigmas`.
+        """
+        if time_shift is not None:
+            return shift_sigmas(torch.linspace(1.0, 0.0, num_inference_steps + 1), time_shift)
+        return self.scheduler_sigmas(num_inference_steps, latent_shape)
+
+    def scheduler_sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+        """The T + 1 sampling σ the pipeline's own scheduler sets, with the model's time shift."""
         config = self._scheduler.config
         kwargs: dict[str, Any] = {}
         if config.get("use_dynamic_shifting", False):
@@ -199,3 +211,13 @@ def calculate_shift(image_seq_len: int, config: Any) -> float:
     max_shift = config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * slope + base_shift - slope * base_len
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """The SD3 time shift ``σ' = s σ / (1 + (s − 1) σ)``: ``s > 1`` spends more steps at high noise.
+
+    It keeps ``σ = 0`` and ``σ = 1`` in place; ``s = 1`` is the identity.
+    """
+    if not shift > 0:
+        raise ValueError(f"The time shift must be positive; got {shift}.")
+    return shift * sigmas / (1 + (shift - 1) * sigmas)

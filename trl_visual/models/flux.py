@@ -12,7 +12,8 @@ Conventions followed from ``diffusers.FluxPipeline``:
 - **Initial noise** is drawn as ``(C, h, w)`` and then packed, so a generator gives the same noise as the
   pipeline's ``prepare_latents``.
 - **Schedule.** ``sigmas = linspace(1, 1/T, T)`` shifted by ``μ`` from the packed sequence length (the
-  pipeline's ``calculate_shift``), through the pipeline's own scheduler.
+  pipeline's ``calculate_shift``), through the pipeline's own scheduler (:meth:`FluxAdapter.scheduler_sigmas`);
+  a fixed ``time_shift`` replaces it with the released samplers' schedule (:meth:`DiffusionAdapter.sigmas`).
 - **Timestep** is σ itself (the pipeline passes ``timestep / 1000``; the transformer multiplies by 1000).
 - **Guidance.** FLUX.1-dev is guidance-distilled: its transformer has ``guidance_embeds`` and the pipeline's
   ``guidance_scale`` (3.5 for dev) is fed to that embedding, while true classifier-free guidance is a separate
@@ -89,7 +90,7 @@ class FluxAdapter(DiffusionAdapter):
     def image_seq_len(self, latent_shape: tuple[int, ...]) -> int:
         return int(latent_shape[0])
 
-    def sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    def scheduler_sigmas(self, num_inference_steps: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
         """``linspace(1, 1/T, T)`` with the dynamic shift, as ``FluxPipeline.__call__`` sets them."""
         config = self._scheduler.config
         kwargs: dict[str, Any] = {}

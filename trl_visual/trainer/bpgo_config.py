@@ -130,6 +130,14 @@ class BPGOConfig(DiffusionGRPOConfig):
             "is the released code's contrast weight a = 50."
         },
     )
+    crt_delta_scale: str = field(
+        default="none",
+        metadata={
+            "help": "Unit of R − R_prior in the paper's CRT: 'none' (the literal Eq. 4, λ in reward units: 50 suits "
+            "HPSv2's spread of ~0.02) or 'batch_std' (divided by the std of all rewards of the batch, as "
+            "`ras_delta_scale` does: scale-free, use λ ≈ 1). Only used by `crt_mode='auxiliary'`."
+        },
+    )
     crt_a: float = field(
         default=50.0, metadata={"help": "a of the released code's CRT (`crt_mode='replace'`)."}
     )
@@ -142,6 +150,7 @@ class BPGOConfig(DiffusionGRPOConfig):
         check_choice("prior_source", self.prior_source, PRIOR_SOURCES)
         check_choice("ras_mode", self.ras_mode, RAS_MODES)
         check_choice("ras_delta_scale", self.ras_delta_scale, RAS_DELTA_SCALES)
+        check_choice("crt_delta_scale", self.crt_delta_scale, RAS_DELTA_SCALES)
         check_choice("crt_mode", self.crt_mode, CRT_MODES)
         if self.ras_alpha is None:
             self.ras_alpha = DEFAULT_RAS_ALPHA[self.ras_mode]

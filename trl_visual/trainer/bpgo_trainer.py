@@ -246,7 +246,8 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             out["ras_weight"] = weights.repeat_interleave(G)
         out["advantages"] = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
         if args.crt_mode == "auxiliary":
-            transformed = crt_transform_paper(grouped, priors, args.crt_lambda)
+            scale = batch_reward_scale(grouped) if args.crt_delta_scale == "batch_std" else None
+            transformed = crt_transform_paper(grouped, priors, args.crt_lambda, scale)
             out["crt_advantages"] = group_advantages(
                 transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max
             )

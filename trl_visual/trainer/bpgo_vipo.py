@@ -23,6 +23,11 @@ class BPGOViPOConfig(BPGOConfig, ViPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.multi_objective_loss != "sum":
+            raise ValueError(
+                "BPGOViPOConfig needs multi_objective_loss='sum': BPGO's prior, RAS and CRT act on one combined "
+                "reward per sample."
+            )
         if self.map_target != "advantage":
             raise ValueError(
                 "BPGOViPOConfig needs map_target='advantage': BPGO turns the rewards into advantages (CRT, RAS) "

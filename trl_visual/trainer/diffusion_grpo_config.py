@@ -126,6 +126,14 @@ class DiffusionGRPOConfig(TrainingArguments):
         metadata={"help": "Frames per video (video models only); the model's default when unset."},
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps of each rollout."})
+    time_shift: float | None = field(
+        default=None,
+        metadata={
+            "help": "Time shift s of the sampling schedule: σ' = sσ / (1 + (s − 1)σ) on linspace(1, 0, T + 1), as the "
+            "papers' released samplers do (5 in BPGO's reference runs). None: the model's own scheduler "
+            "and shift (FLUX's depends on the resolution). See `DiffusionGRPOTrainer.sampling_sigmas()`."
+        },
+    )
     guidance_scale: float = field(
         default=4.5, metadata={"help": "Classifier-free guidance scale (1 disables CFG). SD3 uses 4.5."}
     )
@@ -153,6 +161,13 @@ class DiffusionGRPOConfig(TrainingArguments):
         default="ordered",
         metadata={
             "help": "'ordered': the first steps (Flow-GRPO); 'random': a random subset per sample (DanceGRPO)."
+        },
+    )
+    exclude_last_step: bool = field(
+        default=False,
+        metadata={
+            "help": "Never train the last sampling step (the one landing on σ = 0); it is still sampled. BPGO's "
+            "released code does this: with 16 steps and timestep_fraction 0.6 it trains 9 of the first 15."
         },
     )
     sde_window_size: int = field(
@@ -220,6 +235,15 @@ class DiffusionGRPOConfig(TrainingArguments):
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"`timestep_fraction` must be in (0, 1]; got {self.timestep_fraction}.")
+        if self.exclude_last_step and self.num_inference_steps < 2:
+            raise ValueError(
+                "`exclude_last_step` needs `num_inference_steps` >= 2: with one step there is nothing left to train."
+            )
+        if self.time_shift is not None and not self.time_shift > 0:
+            raise ValueError(
+                f"`time_shift` must be positive (3 to 8 in the papers' released runs), or None for the model's own "
+                f"scheduler; got {self.time_shift}."
+            )
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations` must be at least 1; got {self.num_iterations}.")
         if self.sde_window_size >= self.num_inference_steps:

@@ -389,7 +389,7 @@ class DiffusionGRPOTrainer(Trainer):
         predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
         nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
         num_steps = args.num_inference_steps
-        sigmas = self.adapter.sigmas(num_steps, self.latent_shape)[:-1]
+        sigmas = self.adapter.sigmas(num_steps, self.latent_shape, args.time_shift)[:-1]
         trained = self.adapter.trains_at(sigmas).nonzero().flatten().tolist()
         if len(trained) == num_steps:
             return
@@ -511,6 +511,14 @@ class DiffusionGRPOTrainer(Trainer):
         offset = self.accelerator.process_index * self.args.per_device_train_batch_size
         return noise[offset : offset + len(group_ids)]
 
+    def sampling_sigmas(self) -> torch.Tensor:
+        """The T + 1 values ``σ_0 = 1 > … > σ_T = 0`` every rollout samples on (``T = num_inference_steps``).
+
+        ``time_shift=None``: the model's own scheduler. ``time_shift=s``: ``σ' = sσ / (1 + (s − 1)σ)`` on
+        ``linspace(1, 0, T + 1)``, the papers' released samplers (see :meth:`DiffusionAdapter.sigmas`).
+        """
+        return self.adapter.sigmas(self.args.num_inference_steps, self.latent_shape, self.args.time_shift)
+
     @torch.no_grad()
     def sample(
         self,
@@ -544,7 +552,7 @@ class DiffusionGRPOTrainer(Trainer):
             if stochastic
             else []
         )
-        sigmas = adapter.sigmas(num_steps, self.latent_shape).to(device)
+        sigmas = self.sampling_sigmas().to(device)
         embeds = {**self._encode(prompts), **(self.adapter.encode_conditioning(rows) if rows else {})}
         negative = self._negative(len(prompts)) if self._use_cfg(training) else None
 
@@ -815,7 +823,15 @@ class DiffusionGRPOTrainer(Trainer):
                 "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
             )
         # positions, among the stochastic steps, where the trained denoiser predicts (all but a frozen expert's)
-        trainable = self.adapter.trains_at(rollouts.sigmas).nonzero().flatten()
+        trains = self.adapter.trains_at(rollouts.sigmas)
+        if self.args.exclude_last_step:  # the released BPGO code never trains the step landing on σ = 0
+            trains &= rollouts.sigmas_next > 0
+        trainable = trains.nonzero().flatten()
+        if len(trainable) == 0:
+            raise RuntimeError(
+                "No sampled stochastic step can be trained (`exclude_last_step` leaves none in this SDE window): "
+                "widen `sde_window_size`, move `sde_window_range` earlier, or set `exclude_last_step=False`."
+            )
         selected = select_train_timesteps(
             trainable.tolist(),
             len(prompts),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES
+from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES, VARIANTS
 from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
 
 MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
 DENSE_LEVELS: tuple[str, ...] = ("position", "sample")
+BACKBONE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+MULTI_OBJECTIVE_LOSSES: tuple[str, ...] = ("sum", "per_reward")
 
 
 @dataclass
@@ -39,6 +41,14 @@ class ViPOConfig(DiffusionGRPOConfig):
             "own size, as in the paper."
         },
     )
+    backbone_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Precision of a backbone loaded from `backbone`: 'float32', 'bfloat16' or 'float16'. None: the "
+            "training precision (bfloat16 with bf16=True, float16 with fp16=True, else float32). The released code "
+            "runs DINOv2 in float32 even when training in bf16; its features come out float32 either way."
+        },
+    )
     pca_components: int = field(
         default=3, metadata={"help": "K: principal components of the patch features per image (per frame)."}
     )
@@ -55,6 +65,16 @@ class ViPOConfig(DiffusionGRPOConfig):
             "help": "Orientation of each principal component: 'border' (subject away from the image border, "
             "then the minority side; independent of the SVD's sign), 'skew' (minority side only), or "
             "'reference' (the released code: more negative = subject, which depends on the solver's sign)."
+        },
+    )
+    map_variant: str = field(
+        default="default",
+        metadata={
+            "help": "'default': this library's map (the `sign_rule` above; video frames resampled with the end frames "
+            "aligned, as causal video VAEs line them up). 'released': the authors' released map, reproduced to 1e-4: "
+            "PCA signed like scikit-learn >= 1.5 then more negative = subject, +1e-8 min-max denominators, scipy's "
+            "gaussian_filter (reflect, truncate 4), trilinear align_corners=False time resampling. `sign_rule` is "
+            "then unused."
         },
     )
     smoothing_sigma: float = field(
@@ -85,13 +105,37 @@ class ViPOConfig(DiffusionGRPOConfig):
         },
     )
 
+    multi_objective_loss: str = field(
+        default="sum",
+        metadata={
+            "help": "With several reward functions: 'sum' (one advantage per sample from "
+            "`multi_objective_aggregation`, one clipped loss) or 'per_reward' (each reward gets its own "
+            "group-relative advantages, maps and clipped loss, L = Σ_f w_f L(M · A_f), with `reward_weights` w_f: "
+            "the released ViPO video code's form). Needs map_target='advantage'."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
         check_choice("sign_rule", self.sign_rule, SIGN_RULES)
         check_choice("map_normalization", self.map_normalization, NORMALIZATIONS)
+        if self.backbone_dtype is not None:
+            check_choice("backbone_dtype", self.backbone_dtype, BACKBONE_DTYPES)
+        check_choice("map_variant", self.map_variant, VARIANTS)
+        if self.map_variant == "released" and self.sign_rule != "border":
+            raise ValueError(
+                f"`sign_rule={self.sign_rule!r}` has no effect with map_variant='released', which signs the PCA "
+                "components as the released code does. Drop `sign_rule`, or use map_variant='default'."
+            )
         check_choice("map_target", self.map_target, MAP_TARGETS)
         check_choice("dense_level", self.dense_level, DENSE_LEVELS)
+        check_choice("multi_objective_loss", self.multi_objective_loss, MULTI_OBJECTIVE_LOSSES)
+        if self.multi_objective_loss == "per_reward" and self.map_target != "advantage":
+            raise ValueError(
+                "multi_objective_loss='per_reward' needs map_target='advantage': each reward's advantages are "
+                "spread by the maps and get their own clipped loss."
+            )
         if self.pca_components < 1:
             raise ValueError(f"`pca_components` must be at least 1; got {self.pca_components}.")
         for name in ("smoothing_sigma", "temporal_sigma"):

@@ -24,6 +24,8 @@ from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pi
 from .vipo_config import ViPOConfig
 
 MAPS_KEY = "vipo_maps"
+#: per-reward advantages ``(B, F)``, then maps ``(B, F, *grid)``, of ``multi_objective_loss="per_reward"``
+PER_REWARD_KEY = "per_reward_advantages"
 
 
 def dense_policy_loss(
@@ -68,6 +70,20 @@ def reward_map_advantages(
     per_position = reward_maps.T.reshape(-1)  # P rows of B: every G consecutive values are one group
     advantages = group_advantages(per_position, num_generations, scale_rewards, clip=clip)
     return advantages.view(flat.shape[1], -1).T.reshape(maps.shape)
+
+
+def per_reward_advantages(
+    rewards_per_func: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """``(B, F)`` group-relative advantages of each reward function on its own: column ``f`` is
+    ``A_f = (R_f − R̄_f,group) / (std + 1e-4)``, clamped (:func:`~trl_visual.core.advantages.group_advantages`)."""
+    columns = rewards_per_func.unbind(dim=1)
+    return torch.stack(
+        [group_advantages(r, num_generations, scale_rewards, clip=clip) for r in columns], dim=1
+    )
 
 
 def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -160,9 +176,19 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         if isinstance(source, VisionBackbone):
             return ViPOTrainer._with_image_size(source, args.backbone_image_size)
         kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
-        if isinstance(source, (str, os.PathLike)) and (args.bf16 or args.fp16):
-            kwargs["dtype"] = torch.bfloat16 if args.bf16 else torch.float16
+        dtype = ViPOTrainer._backbone_dtype(args)
+        if isinstance(source, (str, os.PathLike)) and dtype is not None:
+            kwargs["dtype"] = dtype
         return VisionBackbone(source, **kwargs)
+
+    @staticmethod
+    def _backbone_dtype(args: ViPOConfig) -> torch.dtype | None:
+        """``backbone_dtype`` when set, else the training precision (``None``: the checkpoint's own, float32)."""
+        if getattr(args, "backbone_dtype", None) is not None:
+            return getattr(torch, args.backbone_dtype)
+        if args.bf16 or args.fp16:
+            return torch.bfloat16 if args.bf16 else torch.float16
+        return None
 
     @staticmethod
     def _with_image_size(backbone: VisionBackbone, image_size: int | None) -> VisionBackbone:
@@ -237,6 +263,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             smoothing_sigma=args.smoothing_sigma,
             sign_rule=args.sign_rule,
             normalization=args.map_normalization,
+            variant=args.map_variant,
         )
         if len(self.position_grid) == 3:
             return perceptual_video_map(
@@ -290,6 +317,19 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     # ------------------------------------------------------------------------------------------------
     # Hooks
     # ------------------------------------------------------------------------------------------------
+    def compute_advantages(
+        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """The parent's advantages; with ``multi_objective_loss="per_reward"`` also each reward's own,
+        ``(B, F)`` under ``PER_REWARD_KEY`` (:func:`per_reward_advantages`)."""
+        out = super().compute_advantages(rewards_per_func, inputs)
+        if self.args.multi_objective_loss == "per_reward":
+            args = self.args
+            out[PER_REWARD_KEY] = per_reward_advantages(
+                rewards_per_func, args.num_generations, args.scale_rewards, args.adv_clip_max
+            )
+        return out
+
     def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
         """Advantage maps ``A(p) = M(p) · A`` ``(B, *grid)`` (:meth:`apply_maps`).
 
@@ -308,6 +348,10 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             self._pending_media.add("vipo/maps", self.state.global_step, send)
         if self.args.map_target == "reward":
             return self._reward_target_advantages(rollouts.rewards, self._loss_maps(maps))
+        per_reward = rollouts.extras.get(PER_REWARD_KEY)
+        if per_reward is not None:
+            columns = [self.apply_maps(column, maps) for column in per_reward.unbind(dim=1)]
+            rollouts.extras[PER_REWARD_KEY] = torch.stack(columns, dim=1)
         return self.apply_maps(advantages, maps)
 
     def _loss_maps(self, maps: torch.Tensor) -> torch.Tensor:
@@ -315,9 +359,15 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         return maps.flatten(1).mean(dim=1) if self.args.dense_level == "sample" else maps
 
     def apply_maps(self, advantages: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """``A(p) = M(p) · A`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the sample level)."""
+        """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the
+        sample level).
+
+        The clamp is applied again after the maps, per position, as the released code does: a ``"mean_one"``
+        map peaks at 3–5, so without it ``|A(p)|`` would reach ~15 where ``|A| ≤ adv_clip_max`` was meant.
+        """
         maps = self._loss_maps(maps)
-        return advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+        shaped = advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+        return shaped.clamp(-self.args.adv_clip_max, self.args.adv_clip_max)
 
     def _reward_target_advantages(self, local_rewards: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Group statistics need whole groups: gather rewards and maps, compute, keep this process's rows."""
@@ -341,6 +391,23 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             return super().objective(log_prob, old_log_prob, advantages)
         log_ratio = self.adapter.to_position_grid(log_prob - old_log_prob)
         return dense_policy_loss(log_ratio, advantages, self.args.epsilon)
+
+    def policy_loss(
+        self,
+        log_prob: torch.Tensor,
+        old_log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        rollouts: Rollouts,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``multi_objective_loss="per_reward"``: ``L = Σ_f w_f L(M · A_f)``, one clipped :meth:`objective`
+        per reward function (clipped fraction averaged over them). Otherwise the parent's loss."""
+        per_reward = getattr(rollouts, "extras", {}).get(PER_REWARD_KEY)
+        if per_reward is None:
+            return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        terms = [self.objective(log_prob, old_log_prob, column) for column in per_reward.unbind(dim=1)]
+        weights = self.reward_weights.to(log_prob.device)
+        loss = sum(weight * term for weight, (term, _) in zip(weights, terms))
+        return loss, torch.stack([clipped for _, clipped in terms]).mean(dim=0)
 
     # ------------------------------------------------------------------------------------------------
     # Seeing the maps
