@@ -2,8 +2,11 @@
 
 import dataclasses
 import os
+import re
+from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
@@ -200,3 +203,66 @@ def test_evaluation_logs_no_images_without_log_images(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.evaluate()
     assert not (tmp_path / "out" / "samples").exists()
+
+
+# -- the external video scorer example of docs/rewards.md ----------------------------------------------------------
+
+
+def docs_video_reward_class():
+    """The `ExternalVideoReward` class exactly as docs/rewards.md shows it (its first code block after the
+    "External video scorers" heading), executed."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "rewards.md").read_text()
+    section = page[page.index("### External video scorers") :]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    namespace: dict = {}
+    exec(compile(code, "docs/rewards.md", "exec"), namespace)
+    return namespace["ExternalVideoReward"]
+
+
+class FakeVideoScorer:
+    """Stands for VideoCLIP-XL / VideoAlign: records what it is given and scores the mean frame brightness."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, tuple, object]] = []
+
+    def __call__(self, prompt, frames):
+        self.seen.append((prompt, frames.shape, frames.dtype))
+        return frames.mean(axis=(1, 2, 3)).tolist()[-1] / 255 + len(prompt)
+
+
+def test_docs_external_video_reward_feeds_the_scorer_uint8_frames():
+    """Frame t of video b has brightness (t + b) / 20: the scorer gets 4 evenly spaced frames (0, 4, 7, 11 of
+    12) per video, as uint8 (T, H, W, 3), with the video's prompt; its numbers come back one per video."""
+    reward_class = docs_video_reward_class()
+    scorer = FakeVideoScorer()
+    reward = reward_class(scorer, num_frames=4, name="fake_video")
+    brightness = (torch.arange(12)[None, :] + torch.arange(2)[:, None]) / 20
+    videos = brightness[:, :, None, None, None].expand(2, 12, 3, 8, 6).contiguous()
+    scores = reward(["a cat", "a big dog"], videos=videos)
+    assert [(p, shape, str(dtype)) for p, shape, dtype in scorer.seen] == [
+        ("a cat", (4, 8, 6, 3), "uint8"),
+        ("a big dog", (4, 8, 6, 3), "uint8"),
+    ]
+    # the last frame picked is frame 11: brightness (11 + b) / 20, quantized to uint8
+    expected = [round((11 + b) / 20 * 255) / 255 + len(p) for b, p in enumerate(["a cat", "a big dog"])]
+    assert scores == pytest.approx(expected)
+    assert reward.__name__ == "fake_video"
+
+
+def test_docs_external_video_reward_as_an_eval_reward_of_a_video_model(tmp_path):
+    """The wrapped scorer runs in evaluate() of the tiny Wan (video) model and lands in eval_rewards/<name>."""
+    scorer = FakeVideoScorer()
+    reward = docs_video_reward_class()(scorer, num_frames=2, name="fake_video")
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:wan",
+        reward_funcs="red_channel",
+        args=make_config(tmp_path, per_device_eval_batch_size=3, num_inference_steps=2),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS}),
+        eval_reward_funcs=reward,
+    )
+    metrics = trainer.evaluate()
+    assert [p for p, _, _ in scorer.seen] == EVAL_PROMPTS
+    assert all(shape[0] == 2 and shape[-1] == 3 for _, shape, _ in scorer.seen)
+    mean_length = sum(len(p) for p in EVAL_PROMPTS) / 3
+    assert mean_length < metrics["eval_rewards/fake_video/mean"] < mean_length + 1
