@@ -114,7 +114,8 @@ class BPGOConfig(DiffusionGRPOConfig):
             "R̃ = [λ (R − R_prior) + 1{R > R_prior}] exp(R), plus `crt_weight` × a GRPO loss on R̃'s "
             "advantages through the same clipped objective), 'replace' (released code, "
             "R̃ = [a (R − R_prior) + 1{R > R_prior}] sigmoid(R / τ) R replaces the rewards before the "
-            "advantages, and RAS reads R̃), or 'none'."
+            "advantages, and RAS reads R̃: refused with `ras_mode='sigmoid'`, whose Δ would compare R̃ with "
+            "the raw prior), or 'none'."
         },
     )
     crt_weight: float = field(
