@@ -376,3 +376,40 @@ def test_scalar_prior_broadcasts_to_every_group():
         crt_transform_paper(rewards, 2.0, lam=1.0),
         crt_transform_paper(rewards, t([2.0, 2.0]), lam=1.0).tolist(),
     )
+
+
+# -- the released pairing: the posterior RAS reads the transformed rewards (issue 13, item 4) ----------------------
+def _groups_near(mean: float, spread: float, num_groups: int = 256, group_size: int = 8):
+    """Rewards ``(N, G)`` and priors ``(N,)`` of one reward model's scale: each group's level and each prior
+    scatter by ``spread`` around ``mean``, and so do the rewards inside a group."""
+    generator = torch.Generator().manual_seed(0)
+    levels = mean + spread * torch.randn(num_groups, 1, generator=generator)
+    priors = mean + spread * torch.randn(num_groups, generator=generator)
+    rewards = levels + spread * torch.randn(num_groups, group_size, generator=generator)
+    return rewards, priors
+
+
+def test_released_posterior_ras_on_transformed_rewards_misjudges_hpsv2_groups():
+    """HPSv2's scale (0.25 ± 0.02), released settings (α 1, v_0 1, a 50, τ 5): read on the raw rewards, every
+    group above its prior gets w > 1; read on R̃ (as the released code does), R̃ ≈ 0.13 (50 Δ + 1) sits
+    below the raw prior for about half of them (measured: 47 %), which get w < 1, mostly the floor 0.5."""
+    rewards, priors = _groups_near(0.25, 0.02)
+    above = rewards.mean(dim=1) > priors
+    raw = ras_weights_posterior(rewards, priors, alpha=1.0, prior_var=1.0)
+    released = ras_weights_posterior(crt_transform_reference(rewards, priors, 50.0, 5.0), priors, 1.0, 1.0)
+    assert (raw[above] > 1).all() and (raw[~above] < 1).all()
+    misjudged = (released[above] < 1).float().mean().item()
+    assert 0.3 < misjudged < 0.7, misjudged
+    assert (released[~above] < 1).all()
+    assert released[above].mean() < raw[above].mean() - 0.2
+
+
+def test_released_posterior_ras_on_transformed_rewards_is_flat_at_pickscore_scale():
+    """PickScore's scale (22 ± 1): R̃ spreads over about ±1000, so the posterior barely moves from the prior
+    and every weight stays near 1 (measured: mean |w − 1| 0.005 vs 0.41 on the raw rewards): RAS is off."""
+    rewards, priors = _groups_near(22.0, 1.0)
+    raw = ras_weights_posterior(rewards, priors, alpha=1.0, prior_var=1.0)
+    released = ras_weights_posterior(crt_transform_reference(rewards, priors, 50.0, 5.0), priors, 1.0, 1.0)
+    assert (raw - 1).abs().mean() > 0.3
+    assert (released - 1).abs().mean() < 0.02
+    assert (released - 1).abs().max() < 0.15

@@ -23,6 +23,7 @@ from .registry import REWARD_REGISTRY, register_reward
 if TYPE_CHECKING:
     from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
     from .hps import HPSv2Reward
+    from .image_reward import ImageRewardReward
     from .video import CLIPVideoScoreReward, FrameAveraged
 
 RewardFunc = Callable[..., Any]
@@ -32,6 +33,7 @@ _LAZY_CLASSES = {
     "CLIPScoreReward": ".clip_rewards",
     "PickScoreReward": ".clip_rewards",
     "HPSv2Reward": ".hps",
+    "ImageRewardReward": ".image_reward",
     "CLIPVideoScoreReward": ".video",
     "FrameAveraged": ".video",
 }
@@ -73,6 +75,7 @@ __all__ = [
     "CLIPVideoScoreReward",
     "FrameAveraged",
     "HPSv2Reward",
+    "ImageRewardReward",
     "PickScoreReward",
     "REWARD_REGISTRY",
     "RewardFunc",

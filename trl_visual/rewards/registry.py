@@ -16,6 +16,7 @@ LAZY_REWARDS: dict[str, str] = {
     "pickscore": "trl_visual.rewards.clip_rewards",
     "aesthetic": "trl_visual.rewards.clip_rewards",
     "hpsv2": "trl_visual.rewards.hps",
+    "imagereward": "trl_visual.rewards.image_reward",
     "clipscore_video": "trl_visual.rewards.video",
 }
 """Built-in reward name → the module that registers it when imported."""

@@ -114,7 +114,8 @@ class BPGOConfig(DiffusionGRPOConfig):
             "R̃ = [λ (R − R_prior) + 1{R > R_prior}] exp(R), plus `crt_weight` × a GRPO loss on R̃'s "
             "advantages through the same clipped objective), 'replace' (released code, "
             "R̃ = [a (R − R_prior) + 1{R > R_prior}] sigmoid(R / τ) R replaces the rewards before the "
-            "advantages, and RAS reads R̃), or 'none'."
+            "advantages, and RAS reads R̃: refused with `ras_mode='sigmoid'`, whose Δ would compare R̃ with "
+            "the raw prior), or 'none'."
         },
     )
     crt_weight: float = field(
@@ -155,6 +156,21 @@ class BPGOConfig(DiffusionGRPOConfig):
         if self.ras_alpha is None:
             self.ras_alpha = DEFAULT_RAS_ALPHA[self.ras_mode]
         self._check_ranges()
+        self._check_ras_reads_raw_rewards()
+
+    def _check_ras_reads_raw_rewards(self) -> None:
+        """Refuse the sigmoid RAS under the released CRT: ``crt_mode="replace"`` hands RAS the transformed rewards
+        R̃, and Eq. 2's ``Δ = mean(R̃) − R_prior`` would compare them with the untransformed prior, a difference in
+        no unit at all. The released code pairs that CRT with the posterior RAS only (whose quirk is measured
+        in ``docs/bpgo.md``)."""
+        if self.ras_mode == "sigmoid" and self.crt_mode == "replace":
+            raise ValueError(
+                "`ras_mode='sigmoid'` cannot be combined with `crt_mode='replace'`: the released CRT replaces the "
+                "rewards R by R̃ = [a (R − R_prior) + 1{R > R_prior}] sigmoid(R / τ) R before RAS reads them, and "
+                "Δ = mean(R̃) − R_prior compares transformed rewards with a raw prior. Use `crt_mode='auxiliary'` "
+                "(the paper's CRT, RAS reads the raw rewards) with the sigmoid RAS, or `ras_mode='posterior'` with "
+                "`crt_mode='replace'` (the released code)."
+            )
 
     def _check_ranges(self) -> None:
         """Numeric fields: each bad value gets an error naming the field and its valid range."""

@@ -124,6 +124,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             None,
         ),
         peft_config: LoraConfig | None = None,
+        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
         self._check_prior_source(train_dataset, args)
@@ -138,6 +139,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
             peft_config=peft_config,
+            eval_reward_funcs=eval_reward_funcs,
         )
 
     # ------------------------------------------------------------------------------------------------

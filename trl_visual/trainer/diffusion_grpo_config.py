@@ -110,6 +110,15 @@ class DiffusionGRPOConfig(TrainingArguments):
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function; all 1 when unset."}
     )
+    eval_reward_funcs: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Rewards scored only by evaluate(), never trained on (the papers' out-of-domain metrics, e.g. "
+            "'imagereward'): registered names or 'module.path:function' / 'path/to/file.py:function'. Each is "
+            "logged as `eval_rewards/<name>/mean` and left out of `eval_reward`. The trainer's "
+            "`eval_reward_funcs` argument (callables too) takes precedence."
+        },
+    )
     multi_objective_aggregation: str = field(
         default="sum_then_normalize",
         metadata={"help": "'sum_then_normalize' (weighted sum, then advantages) or 'normalize_then_sum'."},
@@ -200,7 +209,8 @@ class DiffusionGRPOConfig(TrainingArguments):
     log_images: bool = field(
         default=False,
         metadata={
-            "help": "At each logging step, send samples to the loggers and a grid PNG to output_dir/samples/."
+            "help": "At each logging step, send samples to the loggers and a grid PNG to output_dir/samples/; "
+            "at each evaluation, the first evaluation samples too (`eval_samples`, eval_step_<step>.png)."
         },
     )
     num_images_to_log: int = field(default=8, metadata={"help": "How many samples to log."})

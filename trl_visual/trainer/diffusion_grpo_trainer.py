@@ -222,6 +222,7 @@ class DiffusionGRPOTrainer(Trainer):
             None,
         ),
         peft_config: LoraConfig | None = None,
+        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
         if args.should_save:
@@ -236,6 +237,8 @@ class DiffusionGRPOTrainer(Trainer):
             )
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
         self.reward_weights = self._check_reward_weights(args.reward_weights)
+        self.eval_reward_funcs = self._resolve_eval_rewards(eval_reward_funcs, args)
+        self.eval_reward_names = [reward_name(r) for r in self.eval_reward_funcs]
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             self._check_dataset(dataset, split, args)
         if args.beta > 0 and peft_config is None:
@@ -272,7 +275,7 @@ class DiffusionGRPOTrainer(Trainer):
             optimizers=optimizers,
         )
         self._place_frozen_modules()
-        for reward in self.reward_funcs:
+        for reward in self.reward_funcs + self.eval_reward_funcs:
             if isinstance(reward, torch.nn.Module):
                 reward.to(self.accelerator.device)
         self._metrics: dict[str, dict[str, list[float]]] = {
@@ -311,6 +314,28 @@ class DiffusionGRPOTrainer(Trainer):
                 f"functions ({', '.join(self.reward_names)}); give one weight per reward."
             )
         return torch.tensor(weights, dtype=torch.float32)
+
+    def _resolve_eval_rewards(
+        self, eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None, args: DiffusionGRPOConfig
+    ) -> list[RewardFunc]:
+        """The rewards only :meth:`evaluate` scores: the argument (callables or specs), else the config's
+        ``eval_reward_funcs`` (registered names or ``module.path:function``, as ``--reward_funcs`` takes).
+        A name that is also a training reward's, or given twice, is an error (their metrics would collide)."""
+        # the one parser of reward specs, imported here because the CLI imports the trainers
+        from ..cli import resolve_reward_spec
+
+        specs = args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs
+        specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
+        funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
+        names = [reward_name(func) for func in funcs]
+        clashes = sorted({n for n in names if n in self.reward_names or names.count(n) > 1})
+        if clashes:
+            raise ValueError(
+                f"`eval_reward_funcs` {clashes} share a name with a training reward or with each other, so their "
+                "`eval_rewards/<name>/mean` would collide. A training reward is already scored by evaluate(): "
+                "drop it from `eval_reward_funcs`, or give the callable a distinct `__name__`."
+            )
+        return funcs
 
     @staticmethod
     def _check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
@@ -663,8 +688,9 @@ class DiffusionGRPOTrainer(Trainer):
         """±inf is no reward value (it would make its group's mean infinite and every group-mate's advantage
         ±adv_clip_max): such a sample is left out like ``None``, and counted in ``rewards/<name>/num_inf``."""
         infinite = torch.isinf(scores)
+        mode = "train" if self.model.training else "eval"
         for f, name in enumerate(self.reward_names):
-            self._metrics["train"][f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
+            self._metrics[mode][f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
         if infinite.any():
             logger.warning(
                 f"Reward(s) {[n for f, n in enumerate(self.reward_names) if infinite[:, f].any()]} returned ±inf for "
@@ -1117,32 +1143,63 @@ class DiffusionGRPOTrainer(Trainer):
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
         """Score ``eval_dataset`` with deterministic (ODE) sampling from fixed seeds; metrics get the
-        ``eval_`` prefix. Every evaluation of a run sees the same initial noise."""
+        ``eval_`` prefix. Every evaluation of a run sees the same initial noise.
+
+        ``eval_reward`` is the weighted training reward; every reward, the training ones and the
+        ``eval_reward_funcs`` (scored here only), is logged as ``eval_rewards/<name>/mean``. With
+        ``log_images``, the first ``num_images_to_log`` samples go out as one captioned grid
+        (``eval_samples``) at the current step."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset.")
         self.model.eval()
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
-        rewards = []
+        rewards, shown_prompts, shown_samples = [], [], []
         batch = self.args.per_device_eval_batch_size
         self._metrics["eval"].clear()  # from here, the reward timings of this evaluation (model in eval mode)
-        for start in range(0, len(shard), batch):
-            rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
-            prompts = [row[self.args.prompt_column] for row in rows]
-            ids = torch.arange(start, start + len(rows))
-            rollouts = self.sample(
-                prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
-            )
-            rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
+        with self._scoring_eval_rewards():
+            for start in range(0, len(shard), batch):
+                rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
+                prompts = [row[self.args.prompt_column] for row in rows]
+                ids = torch.arange(start, start + len(rows))
+                rollouts = self.sample(
+                    prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
+                )
+                rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
+                if self.args.log_images and len(shown_prompts) < self.args.num_images_to_log:
+                    shown_prompts += prompts
+                    shown_samples.append(rollouts.samples)
         rewards_per_func = gather(torch.cat(rewards))
-        total = (rewards_per_func * self.reward_weights.to(rewards_per_func)).nansum(dim=1)
-        metrics = {f"{metric_key_prefix}_reward": total.mean().item()}
-        for f, name in enumerate(self.reward_names):
+        metrics = {f"{metric_key_prefix}_reward": self._weighted_reward_sum(rewards_per_func).mean().item()}
+        for f, name in enumerate(self.reward_names + self.eval_reward_names):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
         timings = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
         self.log({**metrics, **timings})
+        if self.args.log_images and self.accelerator.is_main_process:
+            local_reward = self._weighted_reward_sum(torch.cat(rewards))
+            shown = SampleBatch(shown_prompts, torch.cat(shown_samples), local_reward[: len(shown_prompts)])
+            log_samples(
+                self, shown, key=f"{metric_key_prefix}_samples", file_prefix=f"{metric_key_prefix}_step"
+            )
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    @contextlib.contextmanager
+    def _scoring_eval_rewards(self) -> Iterator[None]:
+        """Within, :meth:`compute_rewards` calls the training rewards followed by ``eval_reward_funcs``
+        (columns ``F`` onwards of its output), with the same checks, timeouts and timings."""
+        trained = self.reward_funcs, self.reward_names
+        self.reward_funcs = trained[0] + self.eval_reward_funcs
+        self.reward_names = trained[1] + self.eval_reward_names
+        try:
+            yield
+        finally:
+            self.reward_funcs, self.reward_names = trained
+
+    def _weighted_reward_sum(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """``Σ_f w_f R_f`` per sample over the training rewards (the first columns; NaN counts as 0)."""
+        trained = rewards_per_func[:, : len(self.reward_funcs)]
+        return (trained * self.reward_weights.to(trained)).nansum(dim=1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averages of the metrics gathered since the last log (TRL's way); after a train log, send the

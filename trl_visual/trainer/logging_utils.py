@@ -251,22 +251,27 @@ def send_media(trainer: DiffusionGRPOTrainer, media: Media) -> None:
             sink(callback, media, trainer.state.global_step)
 
 
-def log_samples(trainer: DiffusionGRPOTrainer, batch: Rollouts | SampleBatch) -> str:
-    """Write the samples with their prompts and rewards to ``output_dir/samples/step_<global step>`` and send
-    them to the active trackers (:func:`send_media`): a captioned grid PNG for images, an animated grid GIF for
-    videos. Returns the written file's path."""
+def log_samples(
+    trainer: DiffusionGRPOTrainer,
+    batch: Rollouts | SampleBatch,
+    key: str = "samples",
+    file_prefix: str = "step",
+) -> str:
+    """Write the samples with their prompts and rewards to ``output_dir/samples/<file_prefix>_<global step>``
+    and send them to the active trackers under ``key`` (:func:`send_media`): a captioned grid PNG for images, an
+    animated grid GIF for videos. Returns the written file's path."""
     batch = SampleBatch.of(batch, trainer.args.num_images_to_log)
     captions = batch.captions()
     folder = os.path.join(trainer.args.output_dir, "samples")
     os.makedirs(folder, exist_ok=True)
-    stem = os.path.join(folder, f"step_{trainer.state.global_step:06d}")
+    stem = os.path.join(folder, f"{file_prefix}_{trainer.state.global_step:06d}")
     if batch.samples.ndim == 5:
         frames = video_grid_frames(batch.samples, captions)
-        media = Media("samples", frames, captions, export_to_gif(frames, f"{stem}.gif", fps=GIF_FPS))
+        media = Media(key, frames, captions, export_to_gif(frames, f"{stem}.gif", fps=GIF_FPS))
     else:
         images = [to_pil(sample) for sample in batch.samples]
         grid = captioned_grid(images, captions)
         grid.save(f"{stem}.png")
-        media = Media("samples", images, captions, f"{stem}.png", grid)
+        media = Media(key, images, captions, f"{stem}.png", grid)
     send_media(trainer, media)
     return media.path

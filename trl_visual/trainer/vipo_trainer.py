@@ -144,6 +144,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         ),
         peft_config: LoraConfig | None = None,
         backbone: str | os.PathLike | torch.nn.Module | None = None,
+        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
         self.backbone = self._build_backbone(backbone, args)  # before the pipeline: fail fast
@@ -156,6 +157,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
             peft_config=peft_config,
+            eval_reward_funcs=eval_reward_funcs,
         )
         if self.backbone is not None:
             self.backbone.to(self.accelerator.device)
