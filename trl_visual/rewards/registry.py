@@ -17,6 +17,7 @@ LAZY_REWARDS: dict[str, str] = {
     "aesthetic": "trl_visual.rewards.clip_rewards",
     "hpsv2": "trl_visual.rewards.hps",
     "clipscore_video": "trl_visual.rewards.video",
+    "shapes_adherence": "trl_visual.miniature.reward",
 }
 """Built-in reward name → the module that registers it when imported."""
 
