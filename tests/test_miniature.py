@@ -119,3 +119,20 @@ def test_shapes_features_backbone_gives_a_grid_that_sees_the_object():
     object_patch = features[0, 4, 2]  # centre of the square (row 16, column 9 → patch 4, 2)
     spread = (background - background.mean(0)).norm(dim=-1).max()
     assert (object_patch - background.mean(0)).norm() > 5 * spread
+
+
+def test_sd3_adapter_feeds_tiny_shapes_the_t5_length_it_was_trained_on():
+    from trl_visual.models import get_adapter
+
+    adapter = get_adapter(load_tiny_pipeline("tiny:shapes"))
+    embeds = adapter.encode_prompts(["a red circle"], max_sequence_length=256)  # the trainer's default
+    assert embeds["prompt_embeds"].shape[1] == 12 + 8  # CLIP tokens + T5 tokens, not 12 + 256
+    tiny_sd3 = get_adapter(load_tiny_pipeline("tiny:sd3"))
+    assert tiny_sd3.encode_prompts(["a red car"], max_sequence_length=16)["prompt_embeds"].shape[1] == 77 + 16
+
+
+def test_cli_builds_the_shapes_features_backbone_by_name():
+    from trl_visual.cli import _tiny_backbones
+
+    backbone = _tiny_backbones()["tiny:shapes-features"]()
+    assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8, 64)
