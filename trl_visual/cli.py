@@ -316,6 +316,14 @@ def _tiny_backbone() -> Any:
     return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
 
 
+def _tiny_backbones() -> dict[str, Any]:
+    """Built-in backbone names → builders: the random-weight ``tiny:dinov2`` and the shapes world's pretrained
+    ``tiny:shapes-features`` (:func:`trl_visual.miniature.classifier.shapes_backbone`)."""
+    from .miniature.classifier import shapes_backbone
+
+    return {TINY_BACKBONE: _tiny_backbone, "tiny:shapes-features": shapes_backbone}
+
+
 def _check_local_model(name: str) -> None:
     """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
     if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
@@ -358,9 +366,10 @@ def build_trainer(command: str, script_args: ScriptArguments, config: Any, model
         and backbone.startswith("tiny:")
         and getattr(config, "aggregation", None) != "ones"
     ):
-        if backbone != TINY_BACKBONE:
-            raise ValueError(f"Unknown tiny backbone {backbone!r}; the built-in one is {TINY_BACKBONE!r}.")
-        kwargs["backbone"] = _tiny_backbone()
+        if backbone not in _tiny_backbones():
+            known = ", ".join(_tiny_backbones())
+            raise ValueError(f"Unknown tiny backbone {backbone!r}; the built-in ones are {known}.")
+        kwargs["backbone"] = _tiny_backbones()[backbone]()
     return trainer_class(
         model=model_args.model_name_or_path,
         reward_funcs=rewards,

@@ -128,7 +128,20 @@ def _objects() -> Dataset:
     return Dataset.from_dict({"prompt": list(_OBJECTS)})
 
 
-BUILTIN_PROMPT_SETS = {"drawbench-mini": _drawbench_mini, "objects": _objects}
+def _shapes(detail: str) -> Dataset:
+    """The shapes world's prompts (:mod:`trl_visual.miniature.scenes`), imported on use."""
+    from .miniature import scenes
+
+    prompts = scenes.full_prompts() if detail == "full" else scenes.ambiguous_prompts()
+    return Dataset.from_dict({"prompt": prompts})
+
+
+BUILTIN_PROMPT_SETS = {
+    "drawbench-mini": _drawbench_mini,
+    "objects": _objects,
+    "shapes": lambda: _shapes("full"),
+    "shapes-ambiguous": lambda: _shapes("partial"),
+}
 """Built-in prompt lists, reachable as ``dataset_name="builtin:<name>"``.
 
 - ``drawbench-mini``: 48 prompts written for this project in eight DrawBench-style categories (colors,
@@ -136,6 +149,10 @@ BUILTIN_PROMPT_SETS = {"drawbench-mini": _drawbench_mini, "objects": _objects}
   ``prompt`` and ``category``.
 - ``objects``: 8 short prompts of common objects ("a cat", "a red car", …), column ``prompt``; the quick
   start's set for the tiny offline models.
+- ``shapes``: the 96 full captions of the shapes world ("a small red circle on the left"), for ``tiny:shapes``
+  and the ``shapes_adherence`` reward.
+- ``shapes-ambiguous``: its 102 partial captions ("a red shape", "a big triangle", …, "a shape"), where the
+  reward of a prompt is uncertain: BPGO's setting.
 """
 
 # File extensions and the `datasets` builder that reads them.

@@ -44,6 +44,7 @@ from transformers import (
 )
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD
+from .miniature.pipeline import load_shapes_pipeline
 
 TINY_PREFIX = "tiny:"
 HIDDEN_SIZE = 32
@@ -409,6 +410,7 @@ TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "flux": tiny_flux_pipeline,
     "wan": tiny_wan_pipeline,
     "wan-i2v": tiny_wan_i2v_pipeline,
+    "shapes": load_shapes_pipeline,  # pretrained: the miniature world of trl_visual.miniature
 }
 
 

@@ -17,6 +17,11 @@ class SD3Adapter(DiffusionAdapter):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], max_sequence_length: int = 256) -> PromptEmbeds:
+        """T5 tokens are padded to ``max_sequence_length``, capped at the T5 tokenizer's ``model_max_length``
+        (512 for SD3; 8 for the miniature ``tiny:shapes``, whose denoiser never saw more)."""
+        tokenizer_3 = self.pipeline.tokenizer_3
+        if tokenizer_3 is not None:
+            max_sequence_length = min(max_sequence_length, tokenizer_3.model_max_length)
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,

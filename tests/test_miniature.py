@@ -1,0 +1,138 @@
+"""The miniature world: scenes, prompt sets, the shipped classifier and reward, ``tiny:shapes``, the backbone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from trl_visual.data import load_prompts
+from trl_visual.miniature.classifier import load_classifier, shapes_backbone
+from trl_visual.miniature.evaluate import classifier_accuracy, prompt_following, sample
+from trl_visual.miniature.reward import ShapesAdherence
+from trl_visual.miniature.scenes import (
+    ATTRIBUTES,
+    PromptGrammarError,
+    Scene,
+    parse_prompt,
+    random_caption,
+    render_scene,
+    shapes_dataset,
+)
+from trl_visual.rewards import resolve_reward
+from trl_visual.testing import load_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def reward() -> ShapesAdherence:
+    return ShapesAdherence()
+
+
+def test_scenes_are_deterministic_and_captions_name_their_attributes():
+    first, second = shapes_dataset(16, seed=3), shapes_dataset(16, seed=3)
+    assert first["prompt"] == second["prompt"]
+    assert [list(im.getdata()) for im in first["image"]] == [list(im.getdata()) for im in second["image"]]
+    assert shapes_dataset(16, seed=4)["prompt"] != first["prompt"]
+    for row in first:
+        for name, value in parse_prompt(row["prompt"]).items():
+            assert row[name] == value, (row["prompt"], name)
+    rng = random.Random(0)
+    scene = Scene("blue", "triangle", "big", "bottom")
+    assert parse_prompt(random_caption(scene, rng, "full")) == {
+        "colour": "blue",
+        "shape": "triangle",
+        "size": "big",
+        "position": "bottom",
+    }
+    assert parse_prompt(random_caption(scene, rng, "none")) == {}
+
+
+def test_rendering_puts_the_shape_where_the_caption_says():
+    left = render_scene(Scene("red", "square", "big", "left"))
+    right = render_scene(Scene("red", "square", "big", "right"))
+    redness = lambda image, cols: (image[0] - image[1])[:, cols].mean()  # noqa: E731
+    assert redness(left, slice(0, 16)) > 0.3 > redness(left, slice(16, 32))
+    assert redness(right, slice(16, 32)) > 0.3 > redness(right, slice(0, 16))
+
+
+def test_prompt_sets_load_through_the_cli_loader():
+    full = load_prompts("builtin:shapes")["prompt"]
+    ambiguous = load_prompts("builtin:shapes-ambiguous")["prompt"]
+    assert len(full) == 96 and len(set(full)) == 96
+    assert all(len(parse_prompt(p)) == 4 for p in full)
+    assert all(len(parse_prompt(p)) < 4 for p in ambiguous) and "a shape" in ambiguous
+
+
+def test_a_prompt_outside_the_grammar_is_refused_with_the_fix(reward):
+    with pytest.raises(PromptGrammarError, match="builtin:shapes"):
+        parse_prompt("a cat on a sofa")
+    with pytest.raises(PromptGrammarError):
+        reward(["a red circle", "a purple circle"], torch.zeros(2, 3, 32, 32))
+
+
+def test_shipped_classifier_is_accurate_on_fresh_scenes():
+    accuracy = classifier_accuracy(load_classifier(), num_scenes=256, seed=777)
+    assert min(accuracy.values()) >= 0.95, accuracy
+
+
+def test_adherence_scores_a_matching_scene_above_mismatching_ones(reward):
+    scene = Scene("green", "circle", "small", "top")
+    image = render_scene(scene, torch.Generator().manual_seed(0))[None].expand(4, -1, -1, -1)
+    prompts = [
+        scene.caption(),
+        "a red circle at the top",
+        "a small green square",
+        "a green shape on the left",
+    ]
+    scores = reward(prompts, image)
+    assert scores[0] > 0.8
+    assert max(scores[1:]) < 0.2, scores
+    assert reward(["a shape"], image[:1]) == [1.0]
+    assert resolve_reward("shapes_adherence").__class__ is ShapesAdherence
+
+
+def test_tiny_shapes_loads_offline_and_follows_its_prompts(reward):
+    pipeline = load_tiny_pipeline("tiny:shapes")
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = [
+        Scene(c, s, "big", p).caption()
+        for c in ATTRIBUTES["colour"]
+        for s in ("circle", "square")
+        for p in ("left", "right", "top")
+    ]
+    images = sample(pipeline, prompts, guidance_scale=4.0, num_inference_steps=10)
+    assert images.shape == (len(prompts), 3, 32, 32)
+    following = prompt_following(reward, prompts, images)
+    # chance: colour 1/4, shape 1/3, position 1/4
+    assert following["colour"] >= 0.75 and following["position"] >= 0.6 and following["shape"] >= 0.5, (
+        following
+    )
+
+
+def test_shapes_features_backbone_gives_a_grid_that_sees_the_object():
+    backbone = shapes_backbone()
+    image = render_scene(Scene("yellow", "square", "big", "left"))[None]
+    features = backbone(image)
+    assert features.shape == (1, 8, 8, 64)
+    background = features[0, 1:7, 6]  # right half: empty
+    object_patch = features[0, 4, 2]  # centre of the square (row 16, column 9 → patch 4, 2)
+    spread = (background - background.mean(0)).norm(dim=-1).max()
+    assert (object_patch - background.mean(0)).norm() > 5 * spread
+
+
+def test_sd3_adapter_feeds_tiny_shapes_the_t5_length_it_was_trained_on():
+    from trl_visual.models import get_adapter
+
+    adapter = get_adapter(load_tiny_pipeline("tiny:shapes"))
+    embeds = adapter.encode_prompts(["a red circle"], max_sequence_length=256)  # the trainer's default
+    assert embeds["prompt_embeds"].shape[1] == 12 + 8  # CLIP tokens + T5 tokens, not 12 + 256
+    tiny_sd3 = get_adapter(load_tiny_pipeline("tiny:sd3"))
+    assert tiny_sd3.encode_prompts(["a red car"], max_sequence_length=16)["prompt_embeds"].shape[1] == 77 + 16
+
+
+def test_cli_builds_the_shapes_features_backbone_by_name():
+    from trl_visual.cli import _tiny_backbones
+
+    backbone = _tiny_backbones()["tiny:shapes-features"]()
+    assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8, 64)

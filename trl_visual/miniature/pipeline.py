@@ -1,0 +1,210 @@
+"""``tiny:shapes``: a pretrained miniature Stable Diffusion 3 that draws the scenes of
+:mod:`trl_visual.miniature.scenes` from their captions.
+
+It is the real diffusers ``StableDiffusion3Pipeline`` at small size, so every SD3 code path (the
+:class:`~trl_visual.models.sd3.SD3Adapter`, ``save_lora_weights`` / ``load_lora_weights``) runs on it unchanged:
+
+* ``vae``: an ``AutoencoderKL`` with three levels (16, 32, 32 channels): 32×32 images ↔ 8×8×4 latents, trained
+  on the scenes; its ``shift_factor`` and ``scaling_factor`` are the latents' measured mean and 1/std;
+* ``transformer``: an ``SD3Transformer2DModel`` of 4 joint blocks (4 heads × 32, patch 2, 16 image tokens),
+  trained by flow matching on the scenes' captions with 10 % empty prompts (so classifier-free guidance works);
+* ``text_encoder`` / ``text_encoder_2`` (CLIP with projection) and ``text_encoder_3`` (T5): tiny and *frozen
+  at their random initialisation* (fixed seeds). The denoiser learns to read their embeddings; the text
+  towers themselves were never trained. Their tokenizers are built in memory over the caption vocabulary,
+  one token per word;
+* ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=1.0)`` (no resolution shift at 8×8 latents).
+
+The T5 tokenizer's ``model_max_length`` is 8, the longest caption: the denoiser was trained on 12 CLIP + 8 T5
+text tokens, and the :class:`~trl_visual.models.sd3.SD3Adapter` never pads T5 past its tokenizer's
+``model_max_length``. Calling the pipeline directly, pass ``max_sequence_length=8`` (its default, 256, feeds
+the denoiser 248 padding tokens it never saw).
+
+Only the VAE and transformer weights ship (``trl_visual/miniature/weights/*.safetensors``); the text encoders
+are rebuilt from their seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+from .scenes import VOCABULARY
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+VAE_FILE = "vae.safetensors"
+TRANSFORMER_FILE = "transformer.safetensors"
+T5_MAX_LENGTH = 8
+CLIP_MAX_LENGTH = 12
+CLIP_HIDDEN = 32
+T5_HIDDEN = 64
+TEXT_ENCODER_SEEDS = (101, 102, 103)
+"""Seeds of the two CLIP towers and the T5 tower (frozen at their random initialisation)."""
+
+
+def _bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges under which each of ``words`` becomes one token.
+
+    Each word is run through BPE with the merges found so far (the lowest-ranked adjacent pair merges first);
+    where no known merge applies, the first pair is merged and that merge appended. An appended merge ranks
+    below every earlier one, so it never fires inside a word that was already one token without it.
+    """
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = list(zip(symbols, symbols[1:]))
+            known = [pair for pair in pairs if pair in ranks]
+            pair = min(known, key=ranks.__getitem__) if known else pairs[0]
+            ranks.setdefault(pair, len(ranks))
+            i = pairs.index(pair)
+            symbols[i : i + 2] = [pair[0] + pair[1]]
+    return list(ranks)
+
+
+def word_clip_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer built in memory that turns each of ``words`` into one token."""
+    letters = sorted({c for w in words for c in w})
+    merges = _bpe_merges_for(words)
+    pieces = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    pieces += [a + b for a, b in merges]
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def word_t5_tokenizer(words: tuple[str, ...] = VOCABULARY) -> T5Tokenizer:
+    """A T5 unigram tokenizer over ``words``: one piece per word (and letters as a fallback)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
+    pieces += [(c, -5.0) for c in sorted({c for w in words for c in w})]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=CLIP_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=CLIP_HIDDEN,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _t5_encoder(seed: int, vocab_size: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=T5_HIDDEN,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def build_vae() -> AutoencoderKL:
+    """The miniature VAE architecture (random weights): 32×32×3 ↔ 8×8×4."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_transformer() -> SD3Transformer2DModel:
+    """The miniature denoiser architecture (random weights): 8×8×4 latents, 4 joint blocks of width 128."""
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=T5_HIDDEN,
+        caption_projection_dim=128,
+        pooled_projection_dim=2 * CLIP_HIDDEN,
+        pos_embed_max_size=8,
+    )
+
+
+def build_shapes_pipeline(transformer: SD3Transformer2DModel | None = None, vae: AutoencoderKL | None = None):
+    """A ``StableDiffusion3Pipeline`` of the miniature architecture around ``transformer`` and ``vae`` (random
+    ones when not given), with the frozen text towers and word tokenizers. Every module is in eval mode."""
+    clip_tokenizer, t5_tokenizer = word_clip_tokenizer(), word_t5_tokenizer()
+    clip_seed, clip_seed_2, t5_seed = TEXT_ENCODER_SEEDS
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer if transformer is not None else build_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae if vae is not None else build_vae(),
+        text_encoder=_clip_text_encoder(clip_seed, len(clip_tokenizer)),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_clip_text_encoder(clip_seed_2, len(clip_tokenizer)),
+        tokenizer_2=word_clip_tokenizer(),
+        text_encoder_3=_t5_encoder(t5_seed, len(t5_tokenizer)),
+        tokenizer_3=t5_tokenizer,
+    )
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipeline
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Load ``path`` into ``module``; return the file's metadata."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No miniature weights at {path}. Reinstall trl_visual (the weights ship as package data), or "
+            "train them with `python -m trl_visual.miniature.train`."
+        )
+    module.load_state_dict(load_file(str(path)))
+    with safe_open(str(path), "pt") as handle:
+        return handle.metadata() or {}
+
+
+def load_shapes_pipeline(weights_dir: str | Path | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
+    """``tiny:shapes``: the pretrained miniature SD3, loaded offline from the weights shipped with the package
+    (or from ``weights_dir``). ``seed`` is accepted for the ``tiny:`` loader interface; the weights are fixed."""
+    del seed
+    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    vae, transformer = build_vae(), build_transformer()
+    scaling = _load_weights(vae, weights_dir / VAE_FILE)
+    vae.register_to_config(
+        shift_factor=float(scaling["shift_factor"]), scaling_factor=float(scaling["scaling_factor"])
+    )
+    _load_weights(transformer, weights_dir / TRANSFORMER_FILE)
+    return build_shapes_pipeline(transformer, vae)
