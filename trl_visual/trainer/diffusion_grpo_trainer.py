@@ -47,8 +47,8 @@ from ..hub import (
     write_model_card_files,
 )
 from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
+from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
-from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .guards import (
     NonFiniteTrainingError,
@@ -128,29 +128,6 @@ def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
     positions: dict[str, int] = {}
     inverse = [positions.setdefault(v, len(positions)) for v in values]
     return list(positions), torch.tensor(inverse, dtype=torch.long)
-
-
-def load_pipeline(
-    model: str | DiffusionPipeline, model_init_kwargs: dict[str, Any] | None
-) -> DiffusionPipeline:
-    """A pipeline from a ``tiny:`` name, a Hub id or local path, or the pipeline object itself."""
-    if isinstance(model, DiffusionPipeline):
-        if model_init_kwargs:
-            raise ValueError(
-                "`model_init_kwargs` only applies when `model` is a string, not a pipeline object."
-            )
-        return model
-    if is_tiny_name(model):
-        return load_tiny_pipeline(model)
-    if isinstance(model, str):
-        kwargs = dict(model_init_kwargs or {})
-        dtype = kwargs.get("torch_dtype")
-        if isinstance(dtype, str) and dtype != "auto":
-            kwargs["torch_dtype"] = getattr(torch, dtype)
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
-    raise TypeError(
-        f"`model` must be a model id, a local path or a DiffusionPipeline, not {type(model).__name__}."
-    )
 
 
 class DiffusionGRPOTrainer(Trainer):
