@@ -32,6 +32,7 @@ from ..core.bpgo import (
 from ..rewards import RewardFunc
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
 from .diffusion_grpo_trainer import METHOD_STATE_NAME, DiffusionGRPOTrainer, Rollouts
+from .seeds import prior_estimation_seed
 
 logger = logging.getLogger(__name__)
 
@@ -370,8 +371,8 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         return self._mean_per_prompt(scored, num_rollouts)
 
     def _prior_seed(self, chunk: int) -> int:
-        """Seeds for prior estimation, apart from the training seeds ``seed · 1_000_003 + step``."""
-        return self.args.seed * 7_919 + 500_000_000 + chunk
+        """Seeds for prior estimation, apart from the training seeds (:mod:`trl_visual.trainer.seeds`)."""
+        return prior_estimation_seed(self.args.seed, chunk)
 
     def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """``Σ_f w_f R_f`` with NaN terms skipped (all NaN stays NaN), as GRPO aggregates rewards."""

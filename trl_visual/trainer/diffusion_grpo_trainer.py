@@ -66,6 +66,7 @@ from .logging_utils import (
     log_samples,
     make_config_readable_by_trackers,
 )
+from .seeds import generation_seed, sde_noise_seed, timestep_selection_seed
 
 logger = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ class DiffusionGRPOTrainer(Trainer):
         """One seed per generation round, the same on every process (so shared noise agrees), derived
         from the trainer state alone so that a resumed run samples exactly what the uninterrupted run
         would have."""
-        return self.args.seed * 1_000_003 + self._micro_step // self.args.num_iterations
+        return generation_seed(self.args.seed, self._micro_step // self.args.num_iterations)
 
     def _advance_micro_step(self) -> None:
         """``_micro_step`` counts micro-batches since the start of the run: ``global_step ×
@@ -546,7 +547,7 @@ class DiffusionGRPOTrainer(Trainer):
             )
             prefix_embeds, prefix_negative = embeds, negative
         step_generator = torch.Generator(device=device).manual_seed(
-            seed * 31 + self.accelerator.process_index + 1
+            sde_noise_seed(seed, self.accelerator.process_index)
         )
 
         states, next_states, log_probs = [], [], []
@@ -814,7 +815,7 @@ class DiffusionGRPOTrainer(Trainer):
             len(prompts),
             self.args.timestep_fraction,
             self.args.timestep_selection,
-            torch.Generator().manual_seed(self._generation_seed() + 7),
+            torch.Generator().manual_seed(timestep_selection_seed(self._generation_seed())),
         )
         rollouts.train_steps = trainable[selected.to(trainable.device)]
         if not self._rollouts_are_finite(rollouts):
