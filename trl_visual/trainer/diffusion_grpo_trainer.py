@@ -12,7 +12,6 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -29,9 +28,7 @@ from trl.trainer.utils import RepeatSampler, is_async_callable
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
-from ..core.sde import euler_step, sde_step_with_logprob
 from ..core.timesteps import (
-    sample_window_start,
     select_train_timesteps,
     stochastic_step_indices,
     window_starts,
@@ -46,7 +43,7 @@ from ..hub import (
     save_lora,
     write_model_card_files,
 )
-from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
+from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
@@ -66,33 +63,17 @@ from .logging_utils import (
     log_samples,
     make_config_readable_by_trackers,
 )
-from .seeds import generation_seed, sde_noise_seed, timestep_selection_seed
+from .rollout import (
+    BatchPlacement,
+    PromptEncoder,
+    Rollouts,
+    rescore_transition,
+    sample_rollouts,
+    transition_at,
+)
+from .seeds import generation_seed, timestep_selection_seed
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollouts:
-    """A batch of sampled trajectories: what training needs, on this process only.
-
-    ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
-    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time.
-    """
-
-    prompts: list[str]
-    embeds: PromptEmbeds
-    negative_embeds: PromptEmbeds | None
-    latents: torch.Tensor
-    next_latents: torch.Tensor
-    log_probs: torch.Tensor
-    sigmas: torch.Tensor
-    sigmas_next: torch.Tensor
-    sigma_max: float
-    samples: torch.Tensor
-    train_steps: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class EpochSeededRepeatSampler(RepeatSampler):
@@ -122,13 +103,6 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
-
-
-def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Distinct values in first-seen order, and for each input the index of its value."""
-    positions: dict[str, int] = {}
-    inverse = [positions.setdefault(v, len(positions)) for v in values]
-    return list(positions), torch.tensor(inverse, dtype=torch.long)
 
 
 class DiffusionGRPOTrainer(Trainer):
@@ -260,7 +234,7 @@ class DiffusionGRPOTrainer(Trainer):
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
-        self._negative_embeds: PromptEmbeds | None = None
+        self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
         self._nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
         self._consecutive_nonfinite_steps = 0
 
@@ -440,21 +414,6 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     # Sampling with log-probabilities
     # ------------------------------------------------------------------------------------------------
-    def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode each distinct prompt once, then repeat its embedding for every sample that shares it."""
-        unique, inverse = _unique(prompts)
-        return select_embeds(self.adapter.encode_prompts(unique, self.args.max_sequence_length), inverse)
-
-    def _negative(self, batch_size: int) -> PromptEmbeds:
-        if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
-            self._negative_embeds = self.adapter.encode_prompts(
-                [self.args.negative_prompt], self.args.max_sequence_length
-            )
-        return select_embeds(self._negative_embeds, torch.zeros(batch_size, dtype=torch.long))
-
-    def _use_cfg(self, training: bool) -> bool:
-        return self.args.guidance_scale > 1 and (self.args.cfg_in_training or not training)
-
     def _generation_seed(self) -> int:
         """One seed per generation round, the same on every process (so shared noise agrees), derived
         from the trainer state alone so that a resumed run samples exactly what the uninterrupted run
@@ -471,24 +430,6 @@ class DiffusionGRPOTrainer(Trainer):
         )
         self._micro_in_step += 1
 
-    def _initial_noise(
-        self, group_ids: torch.Tensor, shared: bool, seed: int, training: bool = True
-    ) -> torch.Tensor:
-        """Initial latents for this process's samples, drawn for the whole global batch from one seed so
-        that a group split across processes still gets consistent (and, if ``shared``, equal) noise.
-        Outside training (evaluation, model cards) each sample simply gets its own noise."""
-        if not training:
-            generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-            return self.adapter.prepare_noise(len(group_ids), self.latent_shape, generator)
-        global_batch = self.args.per_device_train_batch_size * self.args.world_size
-        rows = global_batch // self.args.num_generations if shared else global_batch
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-        noise = self.adapter.prepare_noise(rows, self.latent_shape, generator)
-        if shared:
-            return noise[group_ids.to(noise.device)]
-        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
-        return noise[offset : offset + len(group_ids)]
-
     def sampling_sigmas(self) -> torch.Tensor:
         """The T + 1 values ``σ_0 = 1 > … > σ_T = 0`` every rollout samples on (``T = num_inference_steps``).
 
@@ -497,7 +438,13 @@ class DiffusionGRPOTrainer(Trainer):
         """
         return self.adapter.sigmas(self.args.num_inference_steps, self.latent_shape, self.args.time_shift)
 
-    @torch.no_grad()
+    @property
+    def placement(self) -> BatchPlacement:
+        """This process's rows of the global training batch."""
+        return BatchPlacement(
+            self.accelerator.process_index, self.args.world_size, self.args.per_device_train_batch_size
+        )
+
     def sample(
         self,
         prompts: list[str],
@@ -507,96 +454,25 @@ class DiffusionGRPOTrainer(Trainer):
         training: bool = True,
         rows: list[dict[str, Any]] | None = None,
     ) -> Rollouts:
-        """Sample one trajectory per prompt, keeping the stochastic transitions and their log-probs.
-
-        ``group_ids`` are the global group index of each sample. Steps before the first stochastic one
-        (the SDE window's ODE prefix) are computed once per group and then branched to the group's
-        samples, which share their initial noise in that case. ``rows`` are the dataset rows, for
-        conditioning beyond the prompt (see :meth:`DiffusionAdapter.encode_conditioning`).
-        """
-        args, adapter, device = self.args, self.adapter, self.accelerator.device
-        num_steps = args.num_inference_steps
-        window_start = 0
-        if stochastic and args.sde_window_size > 0:
-            window_start = sample_window_start(
-                args.sde_window_size,
-                tuple(args.sde_window_range),
-                num_steps,
-                args.sde_type,
-                torch.Generator().manual_seed(seed),
-            )
-        steps = (
-            stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
-            if stochastic
-            else []
-        )
-        sigmas = self.sampling_sigmas().to(device)
-        embeds = {**self._encode(prompts), **(self.adapter.encode_conditioning(rows) if rows else {})}
-        negative = self._negative(len(prompts)) if self._use_cfg(training) else None
-
-        branch = bool(steps) and steps[0] > 0
-        if branch:  # one trajectory per group until the window opens
-            groups, group_index = torch.unique(group_ids, return_inverse=True)
-            first_rows = torch.stack([(group_index == g).nonzero()[0, 0] for g in range(len(groups))])
-            latents = self._initial_noise(groups, shared=True, seed=seed)
-            prefix_embeds = select_embeds(embeds, first_rows)
-            prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
-        else:
-            latents = self._initial_noise(
-                group_ids, shared=args.init_same_noise, seed=seed, training=training
-            )
-            prefix_embeds, prefix_negative = embeds, negative
-        step_generator = torch.Generator(device=device).manual_seed(
-            sde_noise_seed(seed, self.accelerator.process_index)
-        )
-
-        states, next_states, log_probs = [], [], []
-        with self.compute_loss_context_manager():
-            for i in range(num_steps):
-                if branch and i == steps[0]:
-                    latents = latents[group_index.to(device)]
-                    prefix_embeds, prefix_negative = embeds, negative
-                sigma, sigma_next = sigmas[i].expand(len(latents)), sigmas[i + 1].expand(len(latents))
-                velocity = adapter.velocity(
-                    self.model, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
-                )
-                if i not in steps:
-                    latents = euler_step(latents, velocity, sigma, sigma_next)
-                    continue
-                step = sde_step_with_logprob(
-                    args.sde_type,
-                    latents,
-                    velocity,
-                    sigma,
-                    sigma_next,
-                    args.noise_level,
-                    sigma_max=float(sigmas[1]),
-                    generator=step_generator,
-                )
-                states.append(latents)
-                latents = step.prev_sample
-                next_states.append(latents)
-                log_probs.append(step.log_prob)
-
-        def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return (
-                torch.stack(tensors, 1)
-                if tensors
-                else latents.new_zeros((len(latents), 0, *latents.shape[1:]))
-            )
-
-        index = torch.tensor(steps, dtype=torch.long, device=device)
-        return Rollouts(
-            prompts=prompts,
-            embeds=embeds,
-            negative_embeds=negative,
-            latents=stacked(states),
-            next_latents=stacked(next_states),
-            log_probs=stacked(log_probs),
-            sigmas=sigmas[index],
-            sigmas_next=sigmas[index + 1],
-            sigma_max=float(sigmas[1]),
-            samples=adapter.decode(latents),
+        """Sample one trajectory per prompt with the current policy, keeping the stochastic transitions and
+        their log-probs (:func:`~trl_visual.trainer.rollout.sample_rollouts`). ``group_ids`` are the global
+        group index of each sample; ``rows`` the dataset rows, for conditioning beyond the prompt."""
+        return sample_rollouts(
+            self.adapter,
+            self.model,
+            prompts,
+            group_ids,
+            seed,
+            args=self.args,
+            encoder=self._prompt_encoder,
+            placement=self.placement,
+            sigmas=self.sampling_sigmas(),
+            latent_shape=self.latent_shape,
+            device=self.accelerator.device,
+            stochastic=stochastic,
+            training=training,
+            rows=rows,
+            autocast=self.compute_loss_context_manager,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -760,17 +636,13 @@ class DiffusionGRPOTrainer(Trainer):
         """Hook: the shape of an advantage. GRPO keeps one scalar per sample ``(B,)``; ViPO returns a map."""
         return advantages
 
-    def _local_slice(self) -> slice:
-        start = self.accelerator.process_index * self.args.per_device_train_batch_size
-        return slice(start, start + self.args.per_device_train_batch_size)
-
     def _score(self, rollouts: Rollouts, inputs: list[dict[str, Any]], mode: str = "train") -> None:
         """Rewards on this process, gathered so every group is whole, then advantages for our slice."""
         local_rewards = self.compute_rewards(rollouts.prompts, rollouts.samples, inputs)
         rewards_per_func = gather(local_rewards)
         all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
         computed = self.compute_advantages(rewards_per_func, all_inputs)
-        local = {key: value[self._local_slice()] for key, value in computed.items()}
+        local = {key: value[self.placement.local] for key, value in computed.items()}
         rollouts.rewards = local["reward"]
         advantages = local.pop("advantages")
         rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
@@ -793,7 +665,7 @@ class DiffusionGRPOTrainer(Trainer):
     def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
         prompts = [row[self.args.prompt_column] for row in inputs]
         check_prompt_values(prompts, "a batch of the train_dataset")  # a streaming dataset is only seen here
-        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
+        offset = self.placement.offset
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
         rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
         if rollouts.log_probs.shape[1] == 0:
@@ -861,38 +733,6 @@ class DiffusionGRPOTrainer(Trainer):
         finally:
             unwrapped.enable_adapters()
 
-    def _transition(self, model: torch.nn.Module, rollouts: Rollouts, k: int) -> dict[str, torch.Tensor]:
-        """The k-th trained transition of every sample, as tensors indexed per sample."""
-        rows = torch.arange(len(rollouts.prompts), device=rollouts.latents.device)
-        position = rollouts.train_steps[:, k]
-        return {
-            "latents": rollouts.latents[rows, position],
-            "next_latents": rollouts.next_latents[rows, position],
-            "old_log_prob": rollouts.log_probs[rows, position],
-            "sigma": rollouts.sigmas[position],
-            "sigma_next": rollouts.sigmas_next[position],
-        }
-
-    def _step_distribution(self, model: torch.nn.Module, rollouts: Rollouts, t: dict[str, torch.Tensor]):
-        velocity = self.adapter.velocity(
-            model,
-            t["latents"],
-            t["sigma"],
-            rollouts.embeds,
-            rollouts.negative_embeds,
-            self.args.guidance_scale,
-        )
-        return sde_step_with_logprob(
-            self.args.sde_type,
-            t["latents"],
-            velocity,
-            t["sigma"],
-            t["sigma_next"],
-            self.args.noise_level,
-            sigma_max=rollouts.sigma_max,
-            prev_sample=t["next_latents"],
-        )
-
     def training_step(
         self, model: torch.nn.Module, inputs: list[dict[str, Any]], num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -913,16 +753,18 @@ class DiffusionGRPOTrainer(Trainer):
             sums[name] = sums.get(name, 0) + value.detach().mean() / num_trained
 
         for k in range(num_trained):
-            transition = self._transition(model, rollouts, k)
+            transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
-                step = self._step_distribution(model, rollouts, transition)
+                step = rescore_transition(self.adapter, model, rollouts, transition, self.args)
                 loss, clipped = self.policy_loss(
-                    step.log_prob, transition["old_log_prob"], rollouts.advantages, rollouts
+                    step.log_prob, transition.old_log_prob, rollouts.advantages, rollouts
                 )
                 add("policy_loss", loss)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
-                        reference_step = self._step_distribution(reference, rollouts, transition)
+                        reference_step = rescore_transition(
+                            self.adapter, reference, rollouts, transition, self.args
+                        )
                     kl = gaussian_kl(step.mean, reference_step.mean, step.std).flatten(1).mean(dim=1)
                     loss = loss + self.args.beta * kl
                     add("kl", kl)

@@ -375,7 +375,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         advantages = reward_map_advantages(
             rewards, all_maps, self.args.num_generations, self.args.scale_rewards, self.args.adv_clip_max
         )
-        return advantages[self._local_slice()]
+        return advantages[self.placement.local]
 
     def objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
