@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
-import numbers
 import os
 import shutil
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from functools import partial
@@ -23,7 +20,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from trl.trainer.utils import RepeatSampler, is_async_callable
+from trl.trainer.utils import RepeatSampler
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..core.advantages import combine_rewards, nan_std
@@ -49,8 +46,6 @@ from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .guards import (
     NonFiniteTrainingError,
-    RewardTimeoutError,
-    call_with_timeout,
     check_flow_matching_sigmas,
     check_writable_dir,
     nonfinite_cause,
@@ -63,6 +58,7 @@ from .logging_utils import (
     log_samples,
     make_config_readable_by_trackers,
 )
+from .reward_calls import RewardCaller, drop_infinite_rewards
 from .rollout import (
     BatchPlacement,
     PromptEncoder,
@@ -90,15 +86,6 @@ class EpochSeededRepeatSampler(RepeatSampler):
         if self.shuffle:
             self.generator.manual_seed((self.seed or 0) + self.epoch)
         return super().__iter__()
-
-
-def _is_scalar_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.numel() == 1
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -487,10 +474,11 @@ class DiffusionGRPOTrainer(Trainer):
         """Call every reward function; returns ``(B, F)`` float32 on the training device, NaN where a
         reward gave ``None``, NaN or ±inf (±inf is counted in ``rewards/<name>/num_inf``). A reward that
         raises, returns the wrong length or type, only invalid values, or does not return within
-        ``reward_timeout`` seconds is an error naming it.
+        ``reward_timeout`` seconds is an error naming it (see :mod:`trl_visual.trainer.reward_calls`).
 
         Plain functions run one after the other; ``async`` reward functions (as in TRL) run
-        concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>``.
+        concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>`` (of the
+        eval metrics while the model is in eval mode, in ``evaluate()``).
         """
         kwargs = {
             "prompts": prompts,
@@ -498,115 +486,21 @@ class DiffusionGRPOTrainer(Trainer):
             **self.adapter.reward_inputs(inputs),
             **self._reward_columns(inputs),
         }
-        outputs: dict[int, Any] = {}
-        pending = []
-        for index, func in enumerate(self.reward_funcs):
-            if is_async_callable(func):
-                pending.append(index)
-            else:
-                outputs[index] = self._timed_call(index, func, kwargs)
-        if pending:
-            outputs.update(asyncio.run(self._call_async_rewards(pending, kwargs)))
-        scores = [
-            self._check_reward_output(outputs[i], name, len(prompts))
-            for i, name in enumerate(self.reward_names)
-        ]
-        return self._drop_infinite_rewards(torch.stack(scores, dim=1)).to(self.accelerator.device)
-
-    def _drop_infinite_rewards(self, scores: torch.Tensor) -> torch.Tensor:
-        """±inf is no reward value (it would make its group's mean infinite and every group-mate's advantage
-        ±adv_clip_max): such a sample is left out like ``None``, and counted in ``rewards/<name>/num_inf``."""
-        infinite = torch.isinf(scores)
-        for f, name in enumerate(self.reward_names):
-            self._metrics["train"][f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
-        if infinite.any():
-            logger.warning(
-                f"Reward(s) {[n for f, n in enumerate(self.reward_names) if infinite[:, f].any()]} returned ±inf for "
-                f"{int(infinite.sum())} sample(s); they are left out of the advantages like None."
-            )
-        return scores.masked_fill(infinite, float("nan"))
-
-    @contextlib.contextmanager
-    def _reward_call(self, index: int) -> Iterator[None]:
-        """Around one reward call: its time goes to ``timing/reward/<name>`` (of the eval metrics while the model is
-        in eval mode, in ``evaluate()``), and an exception it raises is re-raised naming the reward."""
-        name, start = self.reward_names[index], time.perf_counter()
         mode = "train" if self.model.training else "eval"
-        try:
-            yield
-        except Exception as error:
-            raise RuntimeError(
-                f"The reward function {name!r} raised {type(error).__name__}: {error}"
-            ) from error
-        finally:
-            self._metrics[mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
-
-    def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
-        with self._reward_call(index):
-            finished, result = call_with_timeout(func, kwargs, self.args.reward_timeout)
-        if not finished:
-            raise self._reward_timeout_error(index, still_running=True)
-        return result
-
-    async def _call_async_rewards(self, indices: list[int], kwargs: dict[str, Any]) -> dict[int, Any]:
-        timed_out = object()
-
-        async def call(index: int) -> Any:
-            with self._reward_call(index):
-                try:
-                    return await asyncio.wait_for(
-                        self.reward_funcs[index](**kwargs), self.args.reward_timeout
-                    )
-                except asyncio.TimeoutError:
-                    return timed_out
-
-        results = dict(zip(indices, await asyncio.gather(*(call(i) for i in indices))))
-        for index, result in results.items():
-            if result is timed_out:
-                raise self._reward_timeout_error(index, still_running=False)
-        return results
-
-    def _reward_timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
-        """The error of a reward that did not return within ``reward_timeout`` seconds, once the weights trained
-        so far are saved (:meth:`_save_before_stopping`)."""
-        left = (
-            " Python cannot stop a running thread: the call goes on in the background until this process exits."
-            if still_running
-            else " It was cancelled."
+        caller = RewardCaller(
+            self.reward_funcs, self.reward_names, self.args.reward_timeout, self._reward_stop_note
         )
-        saved = self._save_before_stopping()
-        return RewardTimeoutError(
-            f"The reward function {self.reward_names[index]!r} did not return within reward_timeout="
-            f"{self.args.reward_timeout:g} s, so training stops at step {self.state.global_step} (the checkpoints "
-            f"already written are kept).{saved}{left} Check the reward (a server that no longer answers?), or "
-            "raise `reward_timeout` (None waits forever)."
+        scores = caller(kwargs, len(prompts), self._metrics[mode])
+        return drop_infinite_rewards(scores, self.reward_names, self._metrics["train"]).to(
+            self.accelerator.device
         )
 
-    @staticmethod
-    def _check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
-        if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
-            output = torch.as_tensor(output).detach().float().reshape(-1).cpu().tolist()
-        if not isinstance(output, (list, tuple)):
-            raise TypeError(
-                f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
-                f"{type(output).__name__} {_short_repr(output)}."
-            )
-        for i, v in enumerate(output):
-            if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
-                raise TypeError(
-                    f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
-                    "must return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8]."
-                )
-        values = [float("nan") if v is None else float(v) for v in output]
-        if len(values) != expected:
-            raise ValueError(
-                f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
-                "return exactly one value (a float, or None to skip) per sample."
-            )
-        tensor = torch.tensor(values, dtype=torch.float32)
-        if not torch.isfinite(tensor).any():
-            raise ValueError(f"The reward function {name!r} returned only None/NaN/inf for the whole batch.")
-        return tensor
+    def _reward_stop_note(self) -> str:
+        """What a reward timeout does to the run, once the weights trained so far are saved."""
+        return (
+            f"training stops at step {self.state.global_step} (the checkpoints already written are kept)."
+            f"{self._save_before_stopping()}"
+        )
 
     def compute_advantages(
         self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
