@@ -16,7 +16,6 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
-from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, get_peft_model_state_dict
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
@@ -27,8 +26,6 @@ from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.timesteps import (
     select_train_timesteps,
-    stochastic_step_indices,
-    window_starts,
 )
 from ..data import check_prompt_values
 from ..hub import (
@@ -46,7 +43,6 @@ from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .guards import (
     NonFiniteTrainingError,
-    check_flow_matching_sigmas,
     check_writable_dir,
     nonfinite_cause,
     nonfinite_parameters,
@@ -56,7 +52,6 @@ from .logging_utils import (
     SampleBatch,
     captioned_grid,
     log_samples,
-    make_config_readable_by_trackers,
 )
 from .reward_calls import RewardCaller, drop_infinite_rewards
 from .rollout import (
@@ -68,6 +63,15 @@ from .rollout import (
     transition_at,
 )
 from .seeds import generation_seed, timestep_selection_seed
+from .setup_checks import (
+    check_columns,
+    check_dataset,
+    check_reward_weights,
+    check_scheduler,
+    check_trained_steps,
+    enable_vae_memory_options,
+    prepare_denoiser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +178,9 @@ class DiffusionGRPOTrainer(Trainer):
                 "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
             )
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
-        self.reward_weights = self._check_reward_weights(args.reward_weights)
+        self.reward_weights = check_reward_weights(args.reward_weights, self.reward_names)
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            self._check_dataset(dataset, split, args)
+            check_dataset(dataset, split, args)
         if args.beta > 0 and peft_config is None:
             raise ValueError(
                 "`beta > 0` needs a `peft_config`: the KL reference is the same network with its LoRA adapter "
@@ -190,13 +194,14 @@ class DiffusionGRPOTrainer(Trainer):
         self.adapter: DiffusionAdapter = get_adapter(pipeline)
         self.pipeline = pipeline
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            self._check_columns(dataset, split, self.adapter.required_columns(args))
+            check_columns(dataset, split, self.adapter.required_columns(args), type(pipeline).__name__)
         self.is_peft = peft_config is not None
-        denoiser = self._prepare_denoiser(peft_config, args)
+        self.weight_dtype = self.adapter.dtype  # the loading dtype, also the LoRA export dtype
+        denoiser = prepare_denoiser(self.adapter, peft_config, args)
         self._check_resolution(args)
-        self._check_scheduler(args)
-        self._check_trained_steps(args)
-        self._enable_vae_memory_options(args)
+        check_scheduler(self.adapter, args, self.latent_shape)
+        check_trained_steps(self.adapter, args, self.latent_shape)
+        enable_vae_memory_options(pipeline, args)
 
         self._staging_dir: str | None = None
         self._card_is_fresh = False
@@ -241,140 +246,13 @@ class DiffusionGRPOTrainer(Trainer):
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
         return args
 
-    def _check_reward_weights(self, weights: list[float] | None) -> torch.Tensor:
-        if weights is None:
-            return torch.ones(len(self.reward_funcs))
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"`reward_weights` has {len(weights)} values but there are {len(self.reward_funcs)} reward "
-                f"functions ({', '.join(self.reward_names)}); give one weight per reward."
-            )
-        return torch.tensor(weights, dtype=torch.float32)
-
-    @staticmethod
-    def _check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
-        if dataset is None:
-            return
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and args.prompt_column not in columns:
-            raise ValueError(
-                f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
-                f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
-            )
-        if columns is not None and hasattr(dataset, "__len__"):
-            check_prompt_values(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
-        if split == "train_dataset" and hasattr(dataset, "__len__"):
-            prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
-            if len(dataset) < prompts_per_step:
-                raise ValueError(
-                    f"The train_dataset has {len(dataset)} prompts but each step needs {prompts_per_step} distinct "
-                    f"prompts (global batch / num_generations). Add prompts or lower the batch size."
-                )
-
-    def _check_columns(self, dataset: Any, split: str, required: list[str]) -> None:
-        columns = getattr(dataset, "column_names", None)
-        missing = [name for name in required if columns is not None and name not in columns]
-        if missing:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} needs the column(s) {missing} in the {split} (its columns: "
-                f"{columns}). Add them, or point the config (e.g. `image_column`) at the right column."
-            )
-
-    def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
-        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
-
-        The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
-        as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
-        a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
-        dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
-        for module in self.adapter.frozen_modules:
-            module.requires_grad_(False).eval()
-        denoiser = self.adapter.denoiser
-        self.weight_dtype = next(denoiser.parameters()).dtype  # the loading dtype, also the LoRA export dtype
-        if peft_config is not None:
-            denoiser.requires_grad_(False)
-            denoiser.add_adapter(peft_config)
-        else:
-            denoiser.requires_grad_(True)
-        cast_training_params(denoiser, dtype=torch.float32)
-        make_config_readable_by_trackers(denoiser)
-        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-            denoiser.enable_gradient_checkpointing()
-            # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
-            # transformers 5 renamed the flag `activation_checkpointing` and keeps the old name as an alias.
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        return denoiser
-
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
+        """The sample size: the config's, else the model's default."""
         default = self.adapter.default_resolution()
         self.height = args.height or default[0]
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
-
-    def _check_scheduler(self, args: DiffusionGRPOConfig) -> None:
-        """The SDE samplers need a flow-matching schedule: another scheduler (DDIM, SD1/SDXL's Euler) is refused
-        now, by name, rather than with an ``AttributeError`` or NaN log-probs after sampling."""
-        check_flow_matching_sigmas(
-            lambda: self.adapter.sigmas(args.num_inference_steps, self.latent_shape),
-            self.pipeline.scheduler,
-            args.num_inference_steps,
-        )
-
-    def _check_trained_steps(self, args: DiffusionGRPOConfig) -> None:
-        """Refuse, before any sampling, an SDE window that could fall where the trained denoiser never
-        predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
-        nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
-        num_steps = args.num_inference_steps
-        sigmas = self.adapter.sigmas(num_steps, self.latent_shape, args.time_shift)[:-1]
-        trained = self.adapter.trains_at(sigmas).nonzero().flatten().tolist()
-        if len(trained) == num_steps:
-            return
-        if not trained:
-            raise ValueError(
-                f"None of the {num_steps} sampling steps uses the trained {self.adapter.denoiser_name}: a frozen "
-                "second expert predicts at every step (check the pipeline's `boundary_ratio`)."
-            )
-        if args.sde_window_size > 0:
-            starts = window_starts(
-                args.sde_window_size, tuple(args.sde_window_range), num_steps, args.sde_type
-            )
-        else:
-            starts = [0]
-        for start in starts:
-            window = stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, start)
-            if not set(window) & set(trained):
-                raise ValueError(
-                    f"With num_inference_steps={num_steps}, the trained {self.adapter.denoiser_name} predicts only "
-                    f"at sampling steps {trained}; the others belong to a frozen second expert (Wan2.2's "
-                    f"transformer_2 below boundary_ratio). The stochastic steps {window} (sde_window_size="
-                    f"{args.sde_window_size}, sde_window_range={args.sde_window_range}) contain none of them, so "
-                    f"they would train nothing. Set `sde_window_range` to [0, {trained[-1] + 1}] or "
-                    "`sde_window_size` to 0, or swap the two experts in the pipeline to train the low-noise one."
-                )
-        logger.info(
-            f"Training only sampling steps {trained} of {num_steps}: the others are predicted by a frozen expert."
-        )
-
-    def _enable_vae_memory_options(self, args: DiffusionGRPOConfig) -> None:
-        """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
-        without the method is reported and decodes as before."""
-        vae = getattr(self.pipeline, "vae", None)
-        for wanted, option, method in (
-            (args.vae_tiling, "vae_tiling", "enable_tiling"),
-            (args.vae_slicing, "vae_slicing", "enable_slicing"),
-        ):
-            if not wanted:
-                continue
-            if hasattr(vae, method):
-                getattr(vae, method)()
-            else:
-                logger.warning(
-                    f"{option}=True has no effect: the pipeline's VAE ({type(vae).__name__}) has no {method}(); "
-                    "decoding runs without it."
-                )
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
