@@ -12,7 +12,8 @@ from trl_visual.backbones import BackboneError
 from trl_visual.core.advantages import group_advantages
 from trl_visual.core.vipo import perceptual_map, pool_to_tokens
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
-from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
+from trl_visual.trainer.rollout import Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
 from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer, dense_policy_loss, reward_map_advantages
 

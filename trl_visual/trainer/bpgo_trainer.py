@@ -19,6 +19,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from .. import __version__
+from ..checkpointing import METHOD_STATE_NAME
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
     batch_reward_scale,
@@ -31,7 +32,8 @@ from ..core.bpgo import (
 )
 from ..rewards import RewardFunc
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
-from .diffusion_grpo_trainer import METHOD_STATE_NAME, DiffusionGRPOTrainer, Rollouts
+from .diffusion_grpo_trainer import DiffusionGRPOTrainer
+from .rollout import Rollouts
 from .seeds import prior_estimation_seed
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import torch
 
 from .bpgo_config import BPGOConfig
 from .bpgo_trainer import BPGOTrainer
-from .diffusion_grpo_trainer import Rollouts
+from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 from .vipo_trainer import MAPS_KEY, ViPOTrainer
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from functools import partial
@@ -16,43 +14,30 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
-from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..core.advantages import combine_rewards, nan_std
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.timesteps import (
     select_train_timesteps,
 )
 from ..data import check_prompt_values
-from ..hub import (
-    CardSample,
-    build_model_card,
-    dataset_repo_id,
-    load_lora_checkpoint,
-    reward_curve_image,
-    save_lora,
-    write_model_card_files,
-)
 from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .guards import (
-    NonFiniteTrainingError,
+    FiniteUpdatesMixin,
     check_writable_dir,
-    nonfinite_cause,
-    nonfinite_parameters,
 )
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
-    captioned_grid,
     log_samples,
 )
+from .model_card import ModelCardMixin
 from .reward_calls import RewardCaller, drop_infinite_rewards
 from .rollout import (
     BatchPlacement,
@@ -62,6 +47,7 @@ from .rollout import (
     sample_rollouts,
     transition_at,
 )
+from .saving import CheckpointSavingMixin
 from .seeds import generation_seed, timestep_selection_seed
 from .setup_checks import (
     check_columns,
@@ -96,7 +82,7 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
 
 
-class DiffusionGRPOTrainer(Trainer):
+class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
     Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
@@ -203,9 +189,6 @@ class DiffusionGRPOTrainer(Trainer):
         check_trained_steps(self.adapter, args, self.latent_shape)
         enable_vae_memory_options(pipeline, args)
 
-        self._staging_dir: str | None = None
-        self._card_is_fresh = False
-        self._card_pictures: dict[str, Any] | None = None
         super().__init__(
             model=denoiser,
             args=args,
@@ -227,8 +210,6 @@ class DiffusionGRPOTrainer(Trainer):
         self._rollouts: Rollouts | None = None
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
-        self._nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
-        self._consecutive_nonfinite_steps = 0
 
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
@@ -574,130 +555,6 @@ class DiffusionGRPOTrainer(Trainer):
         """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).
         BPGO makes its priors here."""
 
-    def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """The checkpoint folder to resume (``True``: the last one in ``output_dir``), checked; ``None`` for
-        a new run."""
-        if resume_from_checkpoint in (None, False):
-            return None
-        if resume_from_checkpoint is True:
-            output_dir = self.args.output_dir
-            found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-            if found is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder. Pass a checkpoint "
-                    "folder, or leave resume_from_checkpoint unset to start a new run."
-                )
-            resume_from_checkpoint = found
-        denoiser = self.accelerator.unwrap_model(self.model)
-        lora = get_peft_model_state_dict(denoiser) if self.is_peft else None
-        check_checkpoint(
-            str(resume_from_checkpoint),
-            lora_shapes={key: tuple(value.shape) for key, value in lora.items()}
-            if lora is not None
-            else None,
-            denoiser_name=self.adapter.denoiser_name,
-            expects_method_state=bool(self.method_state()),
-            weights_only=self.args.resume_weights_only,
-            process_index=self.args.process_index,
-            world_size=self.args.world_size,
-        )
-        return str(resume_from_checkpoint)
-
-    # ------------------------------------------------------------------------------------------------
-    # Finite updates: NaN/inf never reaches the weights, the optimizer state or a saved file
-    # ------------------------------------------------------------------------------------------------
-    def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
-        """Whether every process's samples and stored log-probs are finite (all processes take the same
-        decision). When not, the stage is recorded for :meth:`_guard_update` and the rewards are not called:
-        they would score NaN images, and be blamed for it."""
-        local = torch.stack(
-            [torch.isfinite(rollouts.samples).all(), torch.isfinite(rollouts.log_probs).all()]
-        )
-        samples_finite, log_probs_finite = (
-            gather(local[None].float().to(self.accelerator.device)).min(dim=0).values
-        )
-        if samples_finite and log_probs_finite:
-            return True
-        self._nonfinite_stage = self._nonfinite_stage or ("log_probs" if samples_finite else "samples")
-        return False
-
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        """``Trainer`` computes the global gradient norm just before ``optimizer.step()``; the step is then
-        guarded (:meth:`_guard_update`)."""
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._guard_update(model, grad_norm)
-        return grad_norm
-
-    def _guard_update(self, model: torch.nn.Module, grad_norm: Any) -> None:
-        """Let the coming optimizer step through only if this step's samples, log-probs, loss and gradients
-        were all finite on every process; otherwise skip it (:meth:`_skip_update`). Skipped steps are counted
-        in the ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row
-        raise :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause."""
-        stage, self._nonfinite_stage = self._nonfinite_stage, None
-        if stage is None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
-            stage = "gradients"  # under fp16's GradScaler, overflowing gradients are the scaler's to skip
-        skip = bool(gather(torch.tensor([float(stage is not None)], device=self.accelerator.device)).any())
-        interval = self._metrics["train"]["nonfinite_steps"]
-        interval[:] = [(interval[0] if interval else 0.0) + skip]  # a count per log, not an average
-        if not skip:
-            self._consecutive_nonfinite_steps = 0
-            return
-        self._skip_update(model)
-        self._consecutive_nonfinite_steps += 1
-        steps_before = self.state.global_step + 1 - self._consecutive_nonfinite_steps
-        cause = nonfinite_cause(stage or "gradients", self.args, steps_before, nonfinite_parameters(model))
-        limit = self.args.max_consecutive_nonfinite_steps
-        logger.warning(
-            f"Step {self.state.global_step + 1} skipped: non-finite {stage or 'values on another process'} "
-            f"({self._consecutive_nonfinite_steps}/{limit} in a row); likely cause: {cause}"
-        )
-        if self._consecutive_nonfinite_steps >= limit:
-            raise NonFiniteTrainingError(
-                f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
-                f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
-                f"are kept.{self._save_before_stopping()} Likely cause: {cause} "
-                "(`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
-            )
-
-    def _skip_update(self, model: torch.nn.Module) -> None:
-        """Make the coming ``optimizer.step()`` a no-op. Every gradient is dropped (``p.grad = None``): torch's
-        optimizers skip such parameters, so the weights *and* AdamW's moments and step counts stay as they were.
-        Under fp16's ``GradScaler`` (which refuses a step without gradients) they are made NaN instead, and the
-        scaler skips the step as it does its own overflows."""
-        for parameter in model.parameters():
-            if self.accelerator.scaler is not None and parameter.requires_grad:
-                parameter.grad = torch.full_like(parameter, float("nan"))
-            else:
-                parameter.grad = None
-
-    def _save_before_stopping(self) -> str:
-        """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
-        that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error.
-
-        Only finite weights are saved, and only in a single-process run: saving may need every process, and
-        the others may be waiting elsewhere (they stop when this one exits)."""
-        if self.accelerator.num_processes > 1 or not self.args.should_save:
-            return ""
-        directory = os.path.join(self.args.output_dir, f"stopped-at-step-{self.state.global_step}")
-        try:
-            self.save_model(directory, _internal_call=True)  # internal: not pushed to the Hub
-        except Exception as error:  # the error that stops the run is the one to report
-            logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
-            return ""
-        return f" The weights trained so far were saved to {directory}."
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never
-        written, so the last checkpoint written stays the last good one."""
-        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
-        if bad:
-            raise NonFiniteTrainingError(
-                f"Refusing to save to {output_dir or self.args.output_dir}: the weights {bad} are NaN/inf. "
-                f"Likely cause: {nonfinite_cause('gradients', self.args, self.state.global_step, bad)} Resume "
-                "from the last checkpoint (`resume_from_checkpoint=True`) with that fixed."
-            )
-        super().save_model(output_dir, _internal_call=_internal_call)
-
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving
     # ------------------------------------------------------------------------------------------------
@@ -748,159 +605,6 @@ class DiffusionGRPOTrainer(Trainer):
         if mode == "train":
             self._pending_media.flush()
 
-    #: how many distinct training prompts the model card shows
-    _card_num_prompts = 4
-
-    def _card_rows(self) -> list[dict[str, Any]]:
-        """The first :attr:`_card_num_prompts` dataset rows with distinct prompts (one ``"a photo"`` row
-        without a training set)."""
-        rows: dict[str, dict[str, Any]] = {}
-        for row in self.train_dataset or []:
-            rows.setdefault(row[self.args.prompt_column], row)
-            if len(rows) == self._card_num_prompts:
-                break
-        return list(rows.values()) or [{self.args.prompt_column: "a photo"}]
-
-    def _card_call_kwargs(self, row: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The pipeline's ``__call__`` arguments that sample as the trainer does, deterministically."""
-        return {
-            "height": self.height,
-            "width": self.width,
-            "num_inference_steps": self.args.num_inference_steps,
-            "max_sequence_length": self.args.max_sequence_length,
-            "negative_prompt": self.args.negative_prompt if self.args.guidance_scale > 1 else None,
-            **self.adapter.pipeline_call_kwargs(self.args.guidance_scale, self.num_frames, row),
-        }
-
-    @torch.no_grad()
-    def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
-        """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
-        seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
-        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
-        self.model.eval()
-        self.pipeline.set_progress_bar_config(disable=True)
-        context = self._reference_model(self.model) if reference else contextlib.nullcontext()
-        samples = []
-        with context, self.compute_loss_context_manager():
-            for i, row in enumerate(rows):
-                output = self.pipeline(
-                    prompt=row[self.args.prompt_column],
-                    **self._card_call_kwargs(row),
-                    generator=torch.Generator().manual_seed(self.args.seed + i),
-                    output_type="pil",
-                )
-                samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
-        return samples
-
-    def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
-        """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
-        extension = "gif" if self.adapter.output_kind == "videos" else "png"
-        return [
-            CardSample(
-                row[self.args.prompt_column],
-                self.args.seed + i,
-                f"images/before_{i}.{extension}",
-                f"images/after_{i}.{extension}",
-            )
-            for i, row in enumerate(rows)
-        ]
-
-    def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
-        """The card's files: each prompt's sample before and after, and the two captioned grids."""
-        after = self._card_samples(rows, reference=False)
-        before = self._card_samples(rows, reference=True) if self.is_peft else after
-        prompts = [entry.prompt for entry in gallery]
-        pictures: dict[str, Any] = {}
-        for name, samples in (("before", before), ("after", after)):
-            pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
-            first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
-            pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
-        return pictures
-
-    def _card_settings_values(self) -> dict[str, Any]:
-        """The settings table: the config fields of :attr:`_card_settings` with the resolved size, and the LoRA's."""
-        values = {name: getattr(self.args, name, None) for name in self._card_settings}
-        values.update(height=self.height, width=self.width)
-        values["num_frames"] = self.num_frames if self.adapter.output_kind == "videos" else None
-        if self.is_peft:
-            config = self.accelerator.unwrap_model(self.model).peft_config["default"]
-            values.update(lora_r=config.r, lora_alpha=config.lora_alpha, use_dora=config.use_dora or None)
-        return values
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-        dataset_tags: str | list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write ``README.md`` (made with ``huggingface_hub``'s card tools) and the pictures it shows to
-        ``output_dir``: Hub metadata (``base_model`` only when the base is a Hub repo, ``license``, ``datasets``,
-        a ``widget`` gallery), a snippet that loads the base model and the LoRA, samples before and after
-        training (same prompts and seeds, made by the pipeline's own ``__call__`` so the snippet reproduces
-        them), the reward curve, the settings, tracker links, framework versions and the method's citations.
-
-        ``license`` defaults to the base model's (when its card is on this machine), else ``"other"``;
-        ``dataset_tags`` to the training set's Hub id when it was loaded from the Hub.
-        """
-        if not self.is_world_process_zero():
-            return
-        rows = self._card_rows()
-        gallery = self._card_gallery(rows)
-        if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
-            self._card_pictures = self._card_pictures_for(rows, gallery)
-        rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
-        repo_id = (
-            getattr(self, "hub_model_id", None)
-            or self.args.hub_model_id
-            or model_name
-            or os.path.basename(os.path.abspath(self.args.output_dir))
-        )
-        datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
-        card = build_model_card(
-            model_name=self.base_model_name,
-            repo_id=repo_id,
-            method=self._method_name,
-            pipeline_tag=self.adapter.pipeline_tag,
-            reward_names=self.reward_names,
-            rewards=rewards,
-            settings=self._card_settings_values(),
-            citations=self._citations,
-            samples=gallery,
-            call_kwargs=self._card_call_kwargs(rows[0]),
-            output_kind=self.adapter.output_kind,
-            license=license,
-            datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
-            tags=[tags] if isinstance(tags, str) else (tags or []),
-        )
-        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
-        write_model_card_files(self.args.output_dir, card, pictures)
-
-    def push_to_hub(
-        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
-    ) -> Any:
-        """Save the LoRA and the model card to ``output_dir`` first, then upload the folder. Without network
-        or token the error says so, and the local files stay where they are. ``kwargs`` (``license``,
-        ``dataset_tags``, ``tags``, …) go to :meth:`create_model_card`."""
-        self.save_model(self.args.output_dir, _internal_call=True)
-        card_kwargs = {
-            k: v for k, v in kwargs.items() if k in ("model_name", "tags", "license", "dataset_tags")
-        }
-        self.create_model_card(**card_kwargs)
-        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep its pictures
-        try:
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
-        except Exception as error:
-            raise RuntimeError(
-                f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
-                f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
-                "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
-                "`hf upload`."
-            ) from error
-        finally:
-            self._card_is_fresh, self._card_pictures = False, None
-
     def method_state(self) -> dict[str, Any]:
         """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
         ``torch.save`` as ``trl_visual_state.pt`` in every checkpoint and handed back to
@@ -909,94 +613,3 @@ class DiffusionGRPOTrainer(Trainer):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Hook: restore what :meth:`method_state` returned."""
-
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging_dir or super()._get_output_dir(trial=trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
-        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
-        if self._staging_dir is None:  # pushed once the checkpoint has its final name
-            lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
-            if self.is_world_process_zero() and os.path.isfile(lora):
-                shutil.copy(lora, os.path.join(self.args.output_dir, LORA_WEIGHTS_NAME))
-            super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
-        so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
-        run_dir = super()._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, ".staging")
-        self._staging_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-            state = self.method_state()
-            if state and self.args.should_save:
-                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
-        finally:
-            self._staging_dir = None
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, name), final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(os.path.join(run_dir, name))
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the LoRA in diffusers' format with its adapter config in the file's metadata
-        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
-        denoiser with ``save_pretrained`` when training without LoRA."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        denoiser = self.accelerator.unwrap_model(self.model)
-        if self.is_peft:
-            save_lora(
-                type(self.pipeline),
-                output_dir,
-                denoiser,
-                self.adapter.denoiser_name,
-                dtype=self._lora_save_dtype(output_dir),
-            )
-        else:
-            denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _lora_save_dtype(self, output_dir: str) -> torch.dtype | None:
-        """The dtype of the LoRA weights written to ``output_dir``: as trained (float32) in ``checkpoint-N``
-        folders, so that resuming is exact, and the dtype the pipeline was loaded in everywhere else
-        (``save_model``, ``push_to_hub``), as diffusers' training scripts export a LoRA by default (without
-        ``--upcast_before_saving``)."""
-        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
-            return None
-        return self.weight_dtype
-
-    def _load_from_checkpoint(
-        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
-    ) -> None:
-        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
-        state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
-        if os.path.exists(state_file):
-            self.load_method_state(torch.load(state_file, weights_only=False))
-        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_peft:
-            load_lora_checkpoint(
-                type(self.pipeline), resume_from_checkpoint, denoiser, self.adapter.denoiser_name
-            )
-        else:
-            loaded = type(denoiser).from_pretrained(
-                os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
-            )
-            denoiser.load_state_dict(loaded.state_dict())

@@ -19,8 +19,9 @@ from ..core.advantages import group_advantages
 from ..core.policy_loss import clipped_policy_loss
 from ..core.vipo import perceptual_map, perceptual_video_map, pool_to_tokens
 from ..rewards import RewardFunc
-from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
+from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 
 MAPS_KEY = "vipo_maps"
