@@ -38,6 +38,7 @@ from .logging_utils import (
     log_samples,
 )
 from .model_card import ModelCardMixin
+from .prompt_sampler import EpochSeededRepeatSampler
 from .reward_calls import RewardCaller, drop_infinite_rewards
 from .rollout import (
     BatchPlacement,
@@ -60,22 +61,6 @@ from .setup_checks import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's ``RepeatSampler`` (each prompt ``num_generations`` times in a row, whole groups per global
-    batch), reseeded from ``seed + epoch`` at every epoch so that a resumed run draws the same prompts
-    as an uninterrupted one (``Trainer`` calls :meth:`set_epoch`)."""
-
-    epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            self.generator.manual_seed((self.seed or 0) + self.epoch)
-        return super().__iter__()
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
