@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
-import numbers
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -28,36 +26,22 @@ from ..core.bpgo import (
     prior_delta,
     ras_weights_posterior,
     ras_weights_sigmoid,
-    update_ema_prior,
 )
 from ..rewards import RewardFunc
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+from .bpgo_priors import (
+    PRIOR_CACHE_NAME,
+    BaseModelPriors,
+    check_prior_value,
+    first_row_per_prompt,
+    make_prior_store,
+    mean_per_prompt,
+)
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .rollout import Rollouts
 from .seeds import prior_estimation_seed
 
 logger = logging.getLogger(__name__)
-
-PRIOR_CACHE_NAME = "bpgo_priors.json"
-"""File in ``output_dir`` where ``prior_source="base_model"`` keeps its estimated priors across restarts."""
-
-
-def _check_prior_value(value: Any, where: str) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``where`` when it is not a finite number."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
-        return float(value)
-    raise ValueError(
-        f"The prior of {where} is {value!r}: priors must be finite numbers (no NaN, None or text). Fix the "
-        "value, or use prior_source='base_model' or 'ema' to let the trainer make the priors."
-    )
-
-
-def _first_row_per_prompt(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, dict[str, Any]]:
-    """The first row of each distinct prompt, in first-seen order."""
-    first: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        first.setdefault(row[prompt_column], row)
-    return first
 
 
 class BPGOTrainer(DiffusionGRPOTrainer):
@@ -130,8 +114,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
     ):
         args = self._resolve_args(model, args)
         self._check_prior_source(train_dataset, args)
-        self._ema_priors: dict[str, float] = {}
-        self._estimated_priors: dict[str, float] | None = None
+        self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -170,56 +153,11 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         if hasattr(dataset, "__len__"):
             prompts = dataset[args.prompt_column]
             for i, value in enumerate(dataset[args.prior_column]):
-                _check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
+                check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
 
     # ------------------------------------------------------------------------------------------------
     # Priors
     # ------------------------------------------------------------------------------------------------
-    def _group_priors(self, grouped: torch.Tensor, inputs: list[dict[str, Any]]) -> torch.Tensor:
-        """``(N,)`` priors of the N groups of the global batch (``grouped`` is ``(N, G)``).
-
-        EMA: a prompt seen for the first time gets its own group mean (so Δ = 0 on a first visit).
-        """
-        prompts = [row[self.args.prompt_column] for row in inputs[:: self.args.num_generations]]
-        source = self.args.prior_source
-        if source == "column":
-            rows = inputs[:: self.args.num_generations]
-            values = [
-                _check_prior_value(row.get(self.args.prior_column), f"the row with prompt {p!r}")
-                for row, p in zip(rows, prompts)
-            ]
-        elif source == "base_model":
-            values = [self._estimated_prior(p) for p in prompts]
-        else:
-            values = [self._ema_priors.get(p, math.nan) for p in prompts]
-        priors = torch.tensor(values, dtype=grouped.dtype, device=grouped.device)
-        if source == "ema":
-            priors = torch.where(torch.isnan(priors), grouped.nanmean(dim=1), priors)
-        return priors
-
-    def _estimated_prior(self, prompt: str) -> float:
-        if self._estimated_priors is None:
-            raise RuntimeError(
-                "prior_source='base_model' but no priors were estimated: they are made when `train()` starts."
-            )
-        if prompt not in self._estimated_priors:
-            raise KeyError(f"No estimated prior for the prompt {prompt!r}; was it in the train_dataset?")
-        return self._estimated_priors[prompt]
-
-    def _update_ema_priors(self, prompts: list[str], group_means: torch.Tensor) -> None:
-        """``P' = decay · P + (1 − decay) · R̄`` per prompt (first visit: ``P' = R̄``); a prompt that
-        appears in several groups of one batch is updated once with the mean of its group means."""
-        positions: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            positions.setdefault(prompt, []).append(i)
-        unique = list(positions)
-        means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
-        old = torch.tensor([self._ema_priors.get(p, math.nan) for p in unique], dtype=torch.float64)
-        new = update_ema_prior(old, means, self.args.prior_ema_decay)
-        for prompt, value in zip(unique, new.tolist()):
-            if not math.isnan(value):
-                self._ema_priors[prompt] = value
-
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
     # ------------------------------------------------------------------------------------------------
@@ -235,7 +173,9 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         base = super().compute_advantages(rewards_per_func, inputs)
         reward, advantages = base["reward"], base["advantages"]
         grouped = reward.reshape(-1, G)
-        priors = self._group_priors(grouped, inputs)
+        rows = inputs[::G]
+        prompts = [row[args.prompt_column] for row in rows]
+        priors = self.prior_store.priors(prompts, rows, grouped.nanmean(dim=1))
         signal = grouped  # what RAS reads: the rewards, or the transformed ones under crt_mode="replace"
         if args.crt_mode == "replace":
             self._warn_negative_rewards(grouped)
@@ -255,9 +195,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
                 transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max
             )
         self._log_bpgo_metrics(grouped, priors, weights)
-        if args.prior_source == "ema":
-            prompts = [row[args.prompt_column] for row in inputs[::G]]
-            self._update_ema_priors(prompts, grouped.nanmean(dim=1))
+        self.prior_store.update(prompts, grouped.nanmean(dim=1))
         return out
 
     def _warn_negative_rewards(self, grouped: torch.Tensor) -> None:
@@ -327,7 +265,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         while sampling, so this is the base model whenever it is called; without one it is the current
         weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
         """
-        first_rows = _first_row_per_prompt(list(dataset), self.args.prompt_column)
+        first_rows = first_row_per_prompt(list(dataset), self.args.prompt_column)
         priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
         column = [priors[row] for row in dataset[self.args.prompt_column]]
         if self.args.prior_column in dataset.column_names:
@@ -370,7 +308,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
                 scored.extend(zip(prompts, reward.tolist()))
         if self.accelerator.num_processes > 1:
             scored = gather_object(scored)
-        return self._mean_per_prompt(scored, num_rollouts)
+        return mean_per_prompt(scored, num_rollouts)
 
     def _prior_seed(self, chunk: int) -> int:
         """Seeds for prior estimation, apart from the training seeds (:mod:`trl_visual.trainer.seeds`)."""
@@ -381,20 +319,6 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         weighted = rewards_per_func * self.reward_weights.to(rewards_per_func)
         missing = torch.isnan(rewards_per_func).all(dim=1)
         return weighted.nansum(dim=1).masked_fill(missing, float("nan"))
-
-    @staticmethod
-    def _mean_per_prompt(scored: list[tuple[str, float]], num_rollouts: int) -> dict[str, float]:
-        values: dict[str, list[float]] = {}
-        for prompt, value in scored:
-            if not math.isnan(value):
-                values.setdefault(prompt, []).append(value)
-        missing = sorted({p for p, _ in scored} - set(values))
-        if missing:
-            raise ValueError(
-                f"No valid reward in {num_rollouts} rollouts for the prompts {missing[:5]}: their prior cannot be "
-                "estimated. Raise prior_num_rollouts or check the reward function."
-            )
-        return {prompt: sum(v) / len(v) for prompt, v in values.items()}
 
     def _prior_fingerprint(self) -> dict[str, Any]:
         """Everything the estimated priors depend on, as JSON values; a cache made with a different
@@ -438,62 +362,24 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         }
         return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
-    def _read_prior_cache(self, path: str) -> dict[str, float]:
-        """The cached priors in ``path``, or ``{}`` (estimate again) when there are none, they were made with
-        other settings, or the file is unreadable (truncated by a crash, edited by hand): a warning names it."""
-        if not os.path.exists(path):
-            return {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                cache = json.load(f)
-            fingerprint, priors = cache["fingerprint"], cache["priors"]
-            priors = {
-                prompt: _check_prior_value(value, f"prompt {prompt!r}") for prompt, value in priors.items()
-            }
-        except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
-            logger.warning(
-                "The cached BPGO priors in %s are unreadable (%s: %s); estimating them again and rewriting the file.",
-                path,
-                type(error).__name__,
-                error,
-            )
-            return {}
-        if fingerprint != self._prior_fingerprint():
-            logger.warning(
-                "The cached priors in %s were made with other settings; estimating them again.", path
-            )
-            return {}
-        return priors
-
-    def _write_prior_cache(self, path: str, priors: dict[str, float]) -> None:
-        """Written atomically (temporary file, then rename) by the main process only."""
-        if not self.accelerator.is_main_process:
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            json.dump({"fingerprint": self._prior_fingerprint(), "priors": priors}, f)
-        os.replace(temporary, path)
-
     def _ensure_estimated_priors(self, checkpoint: str | None) -> None:
         """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
         ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
-        if self.args.prior_source != "base_model" or self._estimated_priors is not None:
+        store = self.prior_store
+        if not isinstance(store, BaseModelPriors) or store.values is not None:
             return
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
-            state = torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False)
-            if state.get("estimated_priors"):
-                self._estimated_priors = dict(state["estimated_priors"])
+            store.load_state_dict(torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False))
+            if store.values:
                 return
-        path = os.path.join(self.args.output_dir, PRIOR_CACHE_NAME)
-        priors = self._read_prior_cache(path)
-        first_rows = _first_row_per_prompt(list(self.train_dataset), self.args.prompt_column)
-        missing = {p: row for p, row in first_rows.items() if p not in priors}
-        if missing:
-            logger.info("Estimating BPGO priors for %d prompts from the base model.", len(missing))
-            priors.update(self._estimate_prompt_priors(missing, self.args.prior_num_rollouts))
-            self._write_prior_cache(path, priors)
-        self._estimated_priors = priors
+            store.values = None
+        store.load_or_estimate(
+            os.path.join(self.args.output_dir, PRIOR_CACHE_NAME),
+            self._prior_fingerprint(),
+            first_row_per_prompt(list(self.train_dataset), self.args.prompt_column),
+            lambda missing: self._estimate_prompt_priors(missing, self.args.prior_num_rollouts),
+            write=self.accelerator.is_main_process,
+        )
 
     def _before_train(self, checkpoint: str | None) -> None:
         """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""
@@ -503,14 +389,9 @@ class BPGOTrainer(DiffusionGRPOTrainer):
     # State kept in checkpoints
     # ------------------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
-        """The EMA priors and the estimated priors (see :meth:`load_method_state`)."""
-        return {
-            "ema_priors": dict(self._ema_priors),
-            "estimated_priors": dict(self._estimated_priors) if self._estimated_priors is not None else None,
-        }
+        """The priors of :attr:`prior_store` (EMA or estimated), kept in every checkpoint."""
+        return {"ema_priors": {}, "estimated_priors": None, **self.prior_store.state_dict()}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Restore the priors saved by :meth:`method_state`."""
-        self._ema_priors = dict(state.get("ema_priors") or {})
-        if state.get("estimated_priors") is not None:
-            self._estimated_priors = dict(state["estimated_priors"])
+        self.prior_store.load_state_dict(state)
