@@ -14,7 +14,8 @@ from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.core.policy_loss import clipped_policy_loss
 from trl_visual.rewards.builtin import red_channel
 from trl_visual.trainer.bpgo_config import BPGOConfig
-from trl_visual.trainer.bpgo_trainer import PRIOR_CACHE_NAME, BPGOTrainer
+from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
+from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]

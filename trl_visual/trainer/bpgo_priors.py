@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from .. import __version__
 from ..core.bpgo import update_ema_prior
+from .bpgo_config import PRIOR_SOURCES, BPGOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +222,87 @@ def write_prior_cache(path: str, fingerprint: dict[str, Any], priors: dict[str, 
     with open(temporary, "w") as f:
         json.dump({"fingerprint": fingerprint, "priors": priors}, f)
     os.replace(temporary, path)
+
+
+def check_prior_source(dataset: Any, args: BPGOConfig) -> None:
+    """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
+    can be listed. Both before the pipeline is even loaded."""
+    if dataset is None:
+        return
+    others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
+    if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
+        raise ValueError(
+            "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
+            f"map-style Dataset, not a streaming one; use prior_source={others} instead."
+        )
+    if args.prior_source != "column":
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and args.prior_column not in columns:
+        raise ValueError(
+            f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
+            f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
+            f"`prior_column` to the right name, or use prior_source={others}."
+        )
+    if hasattr(dataset, "__len__"):
+        prompts = dataset[args.prompt_column]
+        for i, value in enumerate(dataset[args.prior_column]):
+            check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Priors
+# ------------------------------------------------------------------------------------------------
+
+
+def base_model_fingerprint(
+    args: BPGOConfig,
+    model_name: str,
+    pipeline: Any,
+    denoiser_dtype: torch.dtype,
+    reward_names: list[str],
+    reward_weights: torch.Tensor,
+    latent_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Everything the estimated priors depend on, as JSON values; a cache made with a different
+    fingerprint is not reused. The estimate samples the base model like a training rollout, from seeds
+    derived from ``seed``, and scores the samples with the weighted rewards: so the model (name, loading
+    options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
+    scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
+    setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
+    package version all count."""
+    fingerprint = {
+        "model": model_name,
+        "pipeline": type(pipeline).__name__,
+        "model_init_kwargs": args.model_init_kwargs or {},
+        "denoiser_dtype": denoiser_dtype,
+        "mixed_precision": [args.bf16, args.fp16],
+        "scheduler": dict(pipeline.scheduler.config),
+        "rewards": reward_names,
+        "reward_weights": reward_weights.tolist(),
+        "num_rollouts": args.prior_num_rollouts,
+        "seed": args.seed,
+        "sampling": [
+            args.num_inference_steps,
+            args.guidance_scale,
+            args.cfg_in_training,
+            list(latent_shape),
+            args.sde_type,
+            args.noise_level,
+            args.sde_window_size,
+            args.sde_window_range,
+            args.negative_prompt,
+            args.max_sequence_length,
+        ],
+        "noise": [
+            args.per_device_train_batch_size,
+            args.world_size,
+            args.num_generations,
+            args.init_same_noise,
+        ],
+        "trl_visual": __version__,
+    }
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
 def make_prior_store(source: str, column: str, ema_decay: float) -> PriorStore:

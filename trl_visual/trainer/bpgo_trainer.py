@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from .. import __version__
-from ..checkpointing import METHOD_STATE_NAME
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
     batch_reward_scale,
@@ -28,23 +21,19 @@ from ..core.bpgo import (
     ras_weights_sigmoid,
 )
 from ..rewards import RewardFunc
-from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+from .bpgo_config import BPGOConfig
+from .bpgo_estimation import BaseModelPriorEstimation
 from .bpgo_priors import (
-    PRIOR_CACHE_NAME,
-    BaseModelPriors,
-    check_prior_value,
-    first_row_per_prompt,
+    check_prior_source,
     make_prior_store,
-    mean_per_prompt,
 )
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .rollout import Rollouts
-from .seeds import prior_estimation_seed
 
 logger = logging.getLogger(__name__)
 
 
-class BPGOTrainer(DiffusionGRPOTrainer):
+class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
     r"""BPGO: GRPO that weighs each group by how it compares with a per-prompt prior reward.
 
     Liu et al., "Learning What to Trust: Bayesian Prior-Guided Optimization for Visual Generation"
@@ -113,7 +102,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         peft_config: LoraConfig | None = None,
     ):
         args = self._resolve_args(model, args)
-        self._check_prior_source(train_dataset, args)
+        check_prior_source(train_dataset, args)
         self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
         super().__init__(
             model=model,
@@ -126,38 +115,6 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             peft_config=peft_config,
         )
 
-    # ------------------------------------------------------------------------------------------------
-    # Checks before training
-    # ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_prior_source(dataset: Dataset | IterableDataset | None, args: BPGOConfig) -> None:
-        """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
-        can be listed. Both before the pipeline is even loaded."""
-        if dataset is None:
-            return
-        others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
-        if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
-            raise ValueError(
-                "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
-                f"map-style Dataset, not a streaming one; use prior_source={others} instead."
-            )
-        if args.prior_source != "column":
-            return
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and args.prior_column not in columns:
-            raise ValueError(
-                f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
-                f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
-                f"`prior_column` to the right name, or use prior_source={others}."
-            )
-        if hasattr(dataset, "__len__"):
-            prompts = dataset[args.prompt_column]
-            for i, value in enumerate(dataset[args.prior_column]):
-                check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
-
-    # ------------------------------------------------------------------------------------------------
-    # Priors
-    # ------------------------------------------------------------------------------------------------
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
     # ------------------------------------------------------------------------------------------------
@@ -252,138 +209,6 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             loss = loss + self.args.crt_weight * auxiliary
             self._metrics["train"]["bpgo/crt_loss"].append(auxiliary.detach().mean().item())
         return loss, clipped
-
-    # ------------------------------------------------------------------------------------------------
-    # Priors from the base model
-    # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def estimate_priors(self, dataset: Dataset, num_rollouts: int | None = None) -> Dataset:
-        """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the
-        base model: ``R_prior = mean_k R(x_k)`` over ``num_rollouts`` (default ``prior_num_rollouts``)
-        rollouts per distinct prompt, sampled like training rollouts (same sampler, steps and guidance)
-        and scored by the trainer's reward functions (weighted sum). With a LoRA the adapter is disabled
-        while sampling, so this is the base model whenever it is called; without one it is the current
-        weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
-        """
-        first_rows = first_row_per_prompt(list(dataset), self.args.prompt_column)
-        priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
-        column = [priors[row] for row in dataset[self.args.prompt_column]]
-        if self.args.prior_column in dataset.column_names:
-            dataset = dataset.remove_columns(self.args.prior_column)
-        return dataset.add_column(self.args.prior_column, column)
-
-    @contextlib.contextmanager
-    def _base_model_weights(self) -> Iterator[None]:
-        """Sample from the base model: the LoRA adapter disabled (nothing to do without LoRA), eval mode."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            if self.is_peft:
-                with self._reference_model(self.model):
-                    yield
-            else:
-                yield
-        finally:
-            self.model.train(was_training)
-
-    def _estimate_prompt_priors(
-        self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
-    ) -> dict[str, float]:
-        """Mean reward of ``num_rollouts`` rollouts per prompt. Rollouts are sampled in chunks of
-        ``per_device_train_batch_size``, chunks shared out over the processes, results gathered."""
-        if num_rollouts < 1:
-            raise ValueError(f"num_rollouts must be at least 1; got {num_rollouts}.")
-        flat = [prompt for prompt in first_rows for _ in range(num_rollouts)]
-        size = self.args.per_device_train_batch_size
-        chunks = list(range(0, len(flat), size))
-        mine = chunks[self.accelerator.process_index :: self.accelerator.num_processes]
-        scored: list[tuple[str, float]] = []
-        with self._base_model_weights():
-            for start in mine:
-                prompts = flat[start : start + size]
-                rows = [first_rows[p] for p in prompts]
-                group_ids = torch.arange(len(prompts)) // self.args.num_generations
-                rollouts = self.sample(prompts, group_ids, seed=self._prior_seed(start // size))
-                reward = self._weighted_reward(self.compute_rewards(prompts, rollouts.samples, rows))
-                scored.extend(zip(prompts, reward.tolist()))
-        if self.accelerator.num_processes > 1:
-            scored = gather_object(scored)
-        return mean_per_prompt(scored, num_rollouts)
-
-    def _prior_seed(self, chunk: int) -> int:
-        """Seeds for prior estimation, apart from the training seeds (:mod:`trl_visual.trainer.seeds`)."""
-        return prior_estimation_seed(self.args.seed, chunk)
-
-    def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """``Σ_f w_f R_f`` with NaN terms skipped (all NaN stays NaN), as GRPO aggregates rewards."""
-        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func)
-        missing = torch.isnan(rewards_per_func).all(dim=1)
-        return weighted.nansum(dim=1).masked_fill(missing, float("nan"))
-
-    def _prior_fingerprint(self) -> dict[str, Any]:
-        """Everything the estimated priors depend on, as JSON values; a cache made with a different
-        fingerprint is not reused. The estimate samples the base model like a training rollout, from seeds
-        derived from ``seed``, and scores the samples with the weighted rewards: so the model (name, loading
-        options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
-        scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
-        setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
-        package version all count."""
-        args = self.args
-        fingerprint = {
-            "model": self.base_model_name,
-            "pipeline": type(self.pipeline).__name__,
-            "model_init_kwargs": args.model_init_kwargs or {},
-            "denoiser_dtype": next(self.adapter.denoiser.parameters()).dtype,
-            "mixed_precision": [args.bf16, args.fp16],
-            "scheduler": dict(self.pipeline.scheduler.config),
-            "rewards": self.reward_names,
-            "reward_weights": self.reward_weights.tolist(),
-            "num_rollouts": args.prior_num_rollouts,
-            "seed": args.seed,
-            "sampling": [
-                args.num_inference_steps,
-                args.guidance_scale,
-                args.cfg_in_training,
-                list(self.latent_shape),
-                args.sde_type,
-                args.noise_level,
-                args.sde_window_size,
-                args.sde_window_range,
-                args.negative_prompt,
-                args.max_sequence_length,
-            ],
-            "noise": [
-                args.per_device_train_batch_size,
-                args.world_size,
-                args.num_generations,
-                args.init_same_noise,
-            ],
-            "trl_visual": __version__,
-        }
-        return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-
-    def _ensure_estimated_priors(self, checkpoint: str | None) -> None:
-        """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
-        ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
-        store = self.prior_store
-        if not isinstance(store, BaseModelPriors) or store.values is not None:
-            return
-        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
-            store.load_state_dict(torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False))
-            if store.values:
-                return
-            store.values = None
-        store.load_or_estimate(
-            os.path.join(self.args.output_dir, PRIOR_CACHE_NAME),
-            self._prior_fingerprint(),
-            first_row_per_prompt(list(self.train_dataset), self.args.prompt_column),
-            lambda missing: self._estimate_prompt_priors(missing, self.args.prior_num_rollouts),
-            write=self.accelerator.is_main_process,
-        )
-
-    def _before_train(self, checkpoint: str | None) -> None:
-        """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""
-        self._ensure_estimated_priors(checkpoint)
 
     # ------------------------------------------------------------------------------------------------
     # State kept in checkpoints
