@@ -137,6 +137,7 @@ def red_plus_one(prompts, images=None, **kwargs):
     return [r + 1.0 for r in red_channel(prompts, images)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ras_mode, crt_mode, prior_source", COMBINATIONS)
 def test_every_mode_combination_raises_the_reward(tmp_path, ras_mode, crt_mode, prior_source):
     """Each RAS × CRT combination (each prior source three times) trains 40 steps at batch 32 and the true

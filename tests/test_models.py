@@ -344,6 +344,7 @@ def test_on_policy_ratio_is_one(tmp_path, model, guidance_scale):
 TRAINING = {"flux": (20, 3e-2, 0.004), "wan": (40, 2e-2, 0.005), "wan-i2v": (40, 2e-2, 0.005)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_grpo_raises_the_reward_and_the_lora_reloads(tmp_path, model):
     """A short LoRA GRPO run on red_channel raises the reward; the saved LoRA, loaded with

@@ -80,6 +80,7 @@ def test_on_policy_ratio_is_one(tmp_path, guidance_scale):
     assert 0 <= trainer.max_log_prob_gap < 1e-5
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_red_channel_reward(tmp_path):
     """40 steps of LoRA GRPO on red_channel. Measured on this configuration: with learning_rate=0 the first-5
     and last-5 step means differ by at most 0.0003 over seeds 1–3 (the run-to-run noise; per-sample reward std

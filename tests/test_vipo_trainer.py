@@ -328,6 +328,7 @@ def test_on_policy_every_position_ratio_is_one_and_maps_are_logged(tmp_path, din
     assert os.path.exists(tmp_path / "samples" / "vipo_maps_step_000001.png")
 
 
+@pytest.mark.slow
 def test_vipo_raises_the_red_channel_reward(tmp_path, dinov2_path):
     """40 steps of LoRA ViPO on red_channel (GRPO's known-good tiny settings). Measured: the first-5-step mean
     is about −0.017 and the last-5 about −0.006; the noise of a 5-step mean is about 0.0005."""
@@ -348,6 +349,7 @@ def test_vipo_raises_the_red_channel_reward(tmp_path, dinov2_path):
     assert all(s > 0.05 for s in logged(trainer, "vipo/map_std"))
 
 
+@pytest.mark.slow
 def test_bpgo_vipo_raises_the_red_channel_reward_and_composes_the_losses(tmp_path, dinov2_path):
     """BPGO (EMA priors, sigmoid RAS, auxiliary CRT) on ViPO's maps: the reward rises as with ViPO, and the
     per-sample loss is w · L_dense(M·A) + ς · L_dense(M·Ã)."""

@@ -39,7 +39,7 @@ from .logging_utils import (
 )
 from .model_card import ModelCardMixin
 from .prompt_sampler import EpochSeededRepeatSampler
-from .reward_calls import RewardCaller, drop_infinite_rewards
+from .reward_calls import RewardCaller, dataset_columns, drop_infinite_rewards
 from .rollout import (
     BatchPlacement,
     PromptEncoder,
@@ -231,6 +231,8 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
+        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch. Overrides a private
+        ``Trainer`` method (checked against transformers 5.23.0)."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededRepeatSampler(
             data_source=dataset,
@@ -309,9 +311,6 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
     # ------------------------------------------------------------------------------------------------
     # Rewards and advantages
     # ------------------------------------------------------------------------------------------------
-    def _reward_columns(self, inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
-        return {key: [row[key] for row in inputs] for key in inputs[0] if key != self.args.prompt_column}
-
     def compute_rewards(
         self, prompts: list[str], samples: torch.Tensor, inputs: list[dict[str, Any]]
     ) -> torch.Tensor:
@@ -328,7 +327,7 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
             "prompts": prompts,
             self.adapter.output_kind: samples,
             **self.adapter.reward_inputs(inputs),
-            **self._reward_columns(inputs),
+            **dataset_columns(inputs, self.args.prompt_column),
         }
         mode = "train" if self.model.training else "eval"
         caller = RewardCaller(

@@ -38,6 +38,11 @@ def _short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def dataset_columns(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, list[Any]]:
+    """The batch's dataset columns other than the prompt, by name: what TRL passes to rewards as keywords."""
+    return {key: [row[key] for row in rows] for key in rows[0] if key != prompt_column}
+
+
 def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
     """``output`` of the reward ``name`` as ``(expected,)`` float32, ``None`` → NaN.
 
