@@ -10,12 +10,12 @@ from peft import LoraConfig
 
 from trl_visual.backbones import BackboneError
 from trl_visual.core.advantages import group_advantages
-from trl_visual.core.vipo import perceptual_map, pool_to_tokens
+from trl_visual.core.vipo import dense_policy_loss, perceptual_map, pool_to_tokens, reward_map_advantages
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
 from trl_visual.trainer.rollout import Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
-from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer, dense_policy_loss, reward_map_advantages
+from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]

@@ -44,7 +44,7 @@ class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
 
     ``L = w · L_dense(M · A) + ς · L_dense(M · Ã)``
 
-    with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.trainer.vipo_trainer.dense_policy_loss`),
+    with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.core.vipo.dense_policy_loss`),
     or GRPO's scalar one on ``mean(M) · A`` with ``dense_level="sample"``.
 
     From :class:`BPGOTrainer`: ``compute_advantages``, the priors (``_before_train``) and the checkpointed
