@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -16,9 +17,6 @@ from trl_visual.rewards.builtin import red_channel
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
-
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 
 
 def make_config(tmp_path, config_class=BPGOConfig, **overrides):
@@ -57,10 +55,6 @@ def make_trainer(
         train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
     )
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def lora_weights(trainer):

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from diffusers import WanPipeline
 from peft import LoraConfig
@@ -26,8 +27,6 @@ from trl_visual.testing import (
 )
 
 MODELS = ["flux", "wan", "wan-i2v"]
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (128, 128, 128)]
 #: FLUX.1-dev's distilled guidance; Wan trains without CFG here (on-policy tests also run it with CFG)
 GUIDANCE = {"flux": 3.5, "wan": 1.0, "wan-i2v": 1.0}
@@ -83,10 +82,6 @@ def make_trainer(
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
         **extra,
     )
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def generate(pipeline, model: str, seed: int = 3) -> torch.Tensor:

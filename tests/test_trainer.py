@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -12,9 +13,6 @@ from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.models import get_adapter, load_pipeline
 from trl_visual.testing import tiny_sd3_pipeline
 from trl_visual.trainer.rollout import BatchPlacement, initial_noise
-
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 
 
 def make_config(tmp_path, **overrides):
@@ -47,10 +45,6 @@ def make_trainer(
         train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS) if peft else None,
     )
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 class RecordingTrainer(DiffusionGRPOTrainer):

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 
@@ -17,8 +18,6 @@ from trl_visual.trainer.rollout import Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
 from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer
 
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EPS = 1e-4
 
 
@@ -59,10 +58,6 @@ def make_trainer(
 def trainer(dinov2_path, tmp_path_factory):
     """One tiny ViPO trainer (SD3 latents 4×8×8) for the hook-level tests."""
     return make_trainer(tmp_path_factory.mktemp("vipo"), backbone=dinov2_path)
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def rollouts_with(samples, rewards=None):
