@@ -207,7 +207,7 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         if crt_advantages is not None:
             auxiliary, _ = self.objective(log_prob, old_log_prob, crt_advantages)
             loss = loss + self.args.crt_weight * auxiliary
-            self._metrics["train"]["bpgo/crt_loss"].append(auxiliary.detach().mean().item())
+            self._loss_terms["bpgo/crt_loss"] = auxiliary.detach()  # logged by training_step, without a sync
         return loss, clipped
 
     # ------------------------------------------------------------------------------------------------

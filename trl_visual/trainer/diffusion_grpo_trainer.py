@@ -18,7 +18,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
-from ..core.advantages import combine_rewards, nan_std
+from ..core.advantages import combine_rewards
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..core.timesteps import (
     select_train_timesteps,
@@ -39,7 +39,7 @@ from .logging_utils import (
 )
 from .model_card import ModelCardMixin
 from .prompt_sampler import EpochSeededRepeatSampler
-from .reward_calls import RewardCaller, dataset_columns, drop_infinite_rewards
+from .reward_calls import RewardCaller, dataset_columns, drop_infinite_rewards, record_reward_metrics
 from .rollout import (
     BatchPlacement,
     PromptEncoder,
@@ -193,6 +193,8 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
         }
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
+        # extra loss terms (BPGO's auxiliary CRT) that policy_loss reports, for training_step to log
+        self._loss_terms: dict[str, torch.Tensor] = {}
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
 
@@ -384,17 +386,13 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
         advantages = local.pop("advantages")
         rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
         rollouts.advantages = self.expand_advantages(advantages, rollouts)
-        self._log_reward_metrics(rewards_per_func, computed["reward"], mode)
-
-    def _log_reward_metrics(self, rewards_per_func: torch.Tensor, reward: torch.Tensor, mode: str) -> None:
-        metrics = self._metrics[mode]
-        for f, name in enumerate(self.reward_names):
-            metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
-            metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
-        group_std = nan_std(reward.reshape(-1, self.args.num_generations), dim=1)
-        metrics["reward"].append(reward.nanmean().item())
-        metrics["reward_std"].append(group_std.mean().item())
-        metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+        record_reward_metrics(
+            self._metrics[mode],
+            rewards_per_func,
+            computed["reward"],
+            self.reward_names,
+            self.args.num_generations,
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -493,10 +491,12 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
             transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
                 step = rescore_transition(self.adapter, model, rollouts, transition, self.args)
+                self._loss_terms = {}
                 loss, clipped = self.policy_loss(
                     step.log_prob, transition.old_log_prob, rollouts.advantages, rollouts
                 )
-                add("policy_loss", loss)
+                for name, term in {"policy_loss": loss, **self._loss_terms}.items():
+                    add(name, term)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
                         reference_step = rescore_transition(
@@ -509,9 +509,8 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
             self.accelerator.backward(loss / scale)
             add("loss", loss)
             add("clip_ratio", clipped)
-        for name in ("policy_loss", "clip_ratio", "kl"):
-            if name in sums:
-                self._metrics["train"][name].append(sums[name].item())
+        for name in sums.keys() - {"loss"}:
+            self._metrics["train"][name].append(sums[name].item())
         if not math.isfinite(sums["loss"].item()):
             self._nonfinite_stage = self._nonfinite_stage or "loss"
         return sums["loss"] / self.current_gradient_accumulation_steps

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import is_async_callable
 
+from ..core.advantages import nan_std
 from ..rewards import RewardFunc
 from .guards import RewardTimeoutError, call_with_timeout
 
@@ -90,6 +91,24 @@ def drop_infinite_rewards(
             f"{int(infinite.sum())} sample(s); they are left out of the advantages like None."
         )
     return scores.masked_fill(infinite, float("nan"))
+
+
+def record_reward_metrics(
+    metrics: dict[str, list[float]],
+    rewards_per_func: torch.Tensor,
+    reward: torch.Tensor,
+    names: list[str],
+    num_generations: int,
+) -> None:
+    """TRL's reward metrics of one global batch: ``rewards/<name>/mean|std`` per reward, then ``reward``,
+    ``reward_std`` (the mean within-group std of the combined reward) and ``frac_reward_zero_std``."""
+    for f, name in enumerate(names):
+        metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
+        metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
+    group_std = nan_std(reward.reshape(-1, num_generations), dim=1)
+    metrics["reward"].append(reward.nanmean().item())
+    metrics["reward_std"].append(group_std.mean().item())
+    metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
 
 
 class RewardCaller:
