@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import TrainerCallback
@@ -14,10 +15,8 @@ from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.core.policy_loss import clipped_policy_loss
 from trl_visual.rewards.builtin import red_channel
 from trl_visual.trainer.bpgo_config import BPGOConfig
-from trl_visual.trainer.bpgo_trainer import PRIOR_CACHE_NAME, BPGOTrainer
-
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
+from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 
 
 def make_config(tmp_path, config_class=BPGOConfig, **overrides):
@@ -58,10 +57,6 @@ def make_trainer(
     )
 
 
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
 def lora_weights(trainer):
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -96,7 +91,9 @@ def test_auxiliary_crt_and_sigmoid_weight_share_one_log_ratio(tmp_path):
     expected = weight * main + 0.25 * clipped_policy_loss(log_ratio, aux, 0.1)[0]
     torch.testing.assert_close(loss, expected)
     assert clipped.tolist() == main_clipped.float().tolist()
-    assert trainer._metrics["train"]["bpgo/crt_loss"]
+    torch.testing.assert_close(
+        trainer._loss_terms["bpgo/crt_loss"], clipped_policy_loss(log_ratio, aux, 0.1)[0]
+    )
 
 
 # -- RAS in a real training step --------------------------------------------------------------------------------
@@ -135,6 +132,7 @@ def red_plus_one(prompts, images=None, **kwargs):
     return [r + 1.0 for r in red_channel(prompts, images)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ras_mode, crt_mode, prior_source", COMBINATIONS)
 def test_every_mode_combination_raises_the_reward(tmp_path, ras_mode, crt_mode, prior_source):
     """Each allowed RAS × CRT combination (sigmoid + replace is refused: test below) trains 40 steps at batch 32 and the true

@@ -20,7 +20,8 @@ from transformers import Trainer
 from trl_visual.checkpointing import CheckpointError, check_checkpoint
 from trl_visual.cli import build_trainer, parse_args
 from trl_visual.trainer import diffusion_grpo_trainer
-from trl_visual.trainer.bpgo_trainer import PRIOR_CACHE_NAME, BPGOTrainer
+from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
+from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
 from trl_visual.trainer.vipo_trainer import ViPOTrainer
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from trl_visual.core.advantages import combine_rewards, group_advantages, nan_std
+from trl_visual.core.advantages import combine_rewards, group_advantages, nan_std, weighted_reward_sum
 from trl_visual.core.policy_loss import clipped_policy_loss, gaussian_kl
 from trl_visual.core.timesteps import (
     num_train_timesteps,
@@ -94,3 +94,11 @@ def test_train_timestep_selection():
     assert random.shape == (64, 5)
     assert all(len(set(row)) == 5 for row in random.tolist())  # no step twice for a sample
     assert len({tuple(row) for row in random.tolist()}) > 1  # samples differ
+
+
+def test_weighted_reward_sum_skips_missing_terms_and_keeps_all_missing_rows_nan():
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, 2.0], [nan, 3.0], [nan, nan]])
+    total = weighted_reward_sum(rewards, torch.tensor([0.5, 2.0]))
+    assert total[:2].tolist() == [0.5 * 1.0 + 2.0 * 2.0, 2.0 * 3.0]
+    assert torch.isnan(total[2])

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from diffusers import WanPipeline
 from peft import LoraConfig
@@ -26,8 +27,6 @@ from trl_visual.testing import (
 )
 
 MODELS = ["flux", "wan", "wan-i2v"]
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (128, 128, 128)]
 #: FLUX.1-dev's distilled guidance; Wan trains without CFG here (on-policy tests also run it with CFG)
 GUIDANCE = {"flux": 3.5, "wan": 1.0, "wan-i2v": 1.0}
@@ -83,10 +82,6 @@ def make_trainer(
         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
         **extra,
     )
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def generate(pipeline, model: str, seed: int = 3) -> torch.Tensor:
@@ -344,6 +339,7 @@ def test_on_policy_ratio_is_one(tmp_path, model, guidance_scale):
 TRAINING = {"flux": (20, 3e-2, 0.004), "wan": (40, 2e-2, 0.005), "wan-i2v": (40, 2e-2, 0.005)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS)
 def test_grpo_raises_the_reward_and_the_lora_reloads(tmp_path, model):
     """A short LoRA GRPO run on red_channel raises the reward; the saved LoRA, loaded with

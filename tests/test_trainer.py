@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from trl_visual.models import get_adapter, load_pipeline
 from trl_visual.testing import tiny_sd3_pipeline
-
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+from trl_visual.trainer.rollout import BatchPlacement, initial_noise
 
 
 def make_config(tmp_path, **overrides):
@@ -47,10 +47,6 @@ def make_trainer(
     )
 
 
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
-
-
 class RecordingTrainer(DiffusionGRPOTrainer):
     """Records how far recomputed log-probs are from the ones stored at sampling time."""
 
@@ -78,6 +74,7 @@ def test_on_policy_ratio_is_one(tmp_path, guidance_scale):
     assert 0 <= trainer.max_log_prob_gap < 1e-5
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_red_channel_reward(tmp_path):
     """40 steps of LoRA GRPO on red_channel. Measured on this configuration: with learning_rate=0 the first-5
     and last-5 step means differ by at most 0.0003 over seeds 1–3 (the run-to-run noise; per-sample reward std
@@ -159,12 +156,34 @@ def test_sde_window_branches_the_ode_prefix_once_per_group(tmp_path):
     assert not torch.equal(rollouts.next_latents[0, 0], rollouts.next_latents[3, 0])  # then they branch
 
 
-def test_init_same_noise_shares_the_initial_latent_within_a_group(tmp_path):
-    trainer = make_trainer(tmp_path, init_same_noise=True)
-    shared = trainer._initial_noise(torch.arange(8) // 4, shared=True, seed=5)
+def test_init_same_noise_shares_the_initial_latent_within_a_group():
+    adapter = get_adapter(load_pipeline("tiny:sd3"))
+    placement = BatchPlacement(process_index=0, num_processes=1, per_device_batch_size=8)
+    kwargs = dict(placement=placement, num_generations=4, device=torch.device("cpu"))
+    shared = initial_noise(
+        adapter, adapter.latent_shape(32, 32), torch.arange(8) // 4, 5, shared=True, **kwargs
+    )
     assert torch.equal(shared[0], shared[3]) and not torch.equal(shared[0], shared[4])
-    independent = trainer._initial_noise(torch.arange(8) // 4, shared=False, seed=5)
+    independent = initial_noise(
+        adapter, adapter.latent_shape(32, 32), torch.arange(8) // 4, 5, shared=False, **kwargs
+    )
     assert not torch.equal(independent[0], independent[1])
+
+
+def test_a_process_draws_its_own_rows_of_the_global_noise():
+    adapter = get_adapter(load_pipeline("tiny:sd3"))
+    shape, device, groups = adapter.latent_shape(32, 32), torch.device("cpu"), torch.arange(4) // 2
+
+    def noise(process_index: int, num_processes: int, ids: torch.Tensor, shared: bool) -> torch.Tensor:
+        placement = BatchPlacement(process_index, num_processes, per_device_batch_size=len(ids))
+        return initial_noise(
+            adapter, shape, ids, 9, placement=placement, num_generations=2, shared=shared, device=device
+        )
+
+    whole = noise(0, 1, torch.arange(8) // 2, shared=False)
+    assert torch.equal(noise(1, 2, groups + 2, shared=False), whole[4:])
+    whole_shared = noise(0, 1, torch.arange(8) // 2, shared=True)
+    assert torch.equal(noise(1, 2, groups + 2, shared=True), whole_shared[4:])
 
 
 def test_evaluation_is_deterministic_and_prefixed(tmp_path):

@@ -5,19 +5,19 @@ import os
 
 import pytest
 import torch
+from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from peft import LoraConfig
 
 from trl_visual.backbones import BackboneError
 from trl_visual.core.advantages import group_advantages
-from trl_visual.core.vipo import perceptual_map, pool_to_tokens
+from trl_visual.core.vipo import dense_policy_loss, perceptual_map, pool_to_tokens, reward_map_advantages
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
-from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
+from trl_visual.trainer.rollout import Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
-from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer, dense_policy_loss, reward_map_advantages
+from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer
 
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 EPS = 1e-4
 
 
@@ -58,10 +58,6 @@ def make_trainer(
 def trainer(dinov2_path, tmp_path_factory):
     """One tiny ViPO trainer (SD3 latents 4×8×8) for the hook-level tests."""
     return make_trainer(tmp_path_factory.mktemp("vipo"), backbone=dinov2_path)
-
-
-def logged(trainer, key):
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
 
 
 def rollouts_with(samples, rewards=None):
@@ -327,6 +323,7 @@ def test_on_policy_every_position_ratio_is_one_and_maps_are_logged(tmp_path, din
     assert os.path.exists(tmp_path / "samples" / "vipo_maps_step_000001.png")
 
 
+@pytest.mark.slow
 def test_vipo_raises_the_red_channel_reward(tmp_path, dinov2_path):
     """40 steps of LoRA ViPO on red_channel (GRPO's known-good tiny settings). Measured: the first-5-step mean
     is about −0.017 and the last-5 about −0.006; the noise of a 5-step mean is about 0.0005."""
@@ -347,6 +344,7 @@ def test_vipo_raises_the_red_channel_reward(tmp_path, dinov2_path):
     assert all(s > 0.05 for s in logged(trainer, "vipo/map_std"))
 
 
+@pytest.mark.slow
 def test_bpgo_vipo_raises_the_red_channel_reward_and_composes_the_losses(tmp_path, dinov2_path):
     """BPGO (EMA priors, sigmoid RAS, auxiliary CRT) on ViPO's maps: the reward rises as with ViPO, and the
     per-sample loss is w · L_dense(M·A) + ς · L_dense(M·Ã)."""

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .core.vipo import as_pair
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -53,15 +55,6 @@ _UNKNOWN_STRIDE_DRY_RUN = 32
 
 class BackboneError(ValueError):
     """A backbone cannot be loaded or its output cannot be read as ``(B, h, w, D)`` patch features."""
-
-
-def _as_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    pair = tuple(int(s) for s in size)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of positive ints, got {size!r}.")
-    return pair  # type: ignore[return-value]
 
 
 def _load_image_processor(name_or_path: str, **kwargs: Any) -> Any | None:
@@ -157,7 +150,7 @@ class VisionBackbone(torch.nn.Module):
         self.image_size = (
             image_size
             if image_size is None or isinstance(image_size, int)
-            else _as_pair(image_size, "image_size")
+            else as_pair(image_size, "image_size")
         )
         if isinstance(self.image_size, int) and self.image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}.")

@@ -43,7 +43,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from .backbones import IMAGENET_MEAN, IMAGENET_STD
+from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .miniature.pipeline import load_shapes_pipeline
 
 TINY_PREFIX = "tiny:"
@@ -329,8 +329,8 @@ def _tiny_clip_image_processor() -> CLIPImageProcessor:
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
         do_convert_rgb=True,
     )
 

@@ -26,6 +26,14 @@ def invalid_to_nan(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, float("nan")))
 
 
+def weighted_reward_sum(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``R = Σ_f w_f R_f`` per sample of ``(B, F)`` rewards, NaN terms skipped; a sample with no reward at all
+    (every term NaN) stays NaN, so that it is left out of the statistics rather than counted as 0."""
+    weighted = rewards_per_func * weights.to(rewards_per_func)
+    all_missing = torch.isnan(rewards_per_func).all(dim=1)
+    return weighted.nansum(dim=1).masked_fill(all_missing, float("nan"))
+
+
 def group_advantages(
     rewards: torch.Tensor,
     num_generations: int,
@@ -71,9 +79,7 @@ def combine_rewards(
             f"Unknown multi_objective_aggregation {aggregation!r}; choose one of {AGGREGATIONS}."
         )
     rewards_per_func = invalid_to_nan(rewards_per_func)
-    weighted = rewards_per_func * weights.to(rewards_per_func)
-    all_missing = torch.isnan(rewards_per_func).all(dim=1)
-    reward = weighted.nansum(dim=1).masked_fill(all_missing, float("nan"))
+    reward = weighted_reward_sum(rewards_per_func, weights)
     if aggregation == "sum_then_normalize":
         return reward, group_advantages(reward, num_generations, scale_rewards, clip=clip)
     per_func = [

@@ -32,6 +32,9 @@ from typing import Literal
 
 import torch
 
+from .advantages import group_advantages
+from .policy_loss import clipped_policy_loss
+
 Aggregation = Literal["weighted", "average", "first_pc", "ones"]
 SignRule = Literal["border", "skew", "reference"]
 Normalization = Literal["minmax", "mean_one"]
@@ -58,7 +61,9 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
-def _as_pair(size: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+def as_pair(size: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    """``size`` as ``(height, width)``: an int is square; anything else must be two positive ints (the error
+    names the argument ``name``)."""
     if isinstance(size, int):
         size = (size, size)
     size = tuple(int(s) for s in size)
@@ -297,7 +302,7 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 
 def resize_map(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Bilinear, antialiased resize of ``(B, h, w)`` maps to ``(B, H, W)`` (``align_corners=False``)."""
-    size = _as_pair(size, "size")
+    size = as_pair(size, "size")
     if tuple(maps.shape[-2:]) == size:
         return maps
     x = maps.unsqueeze(1)
@@ -570,7 +575,7 @@ def perceptual_map(
     _check_options(aggregation, sign_rule, normalization, variant)
     if features.ndim != 4:
         raise ValueError(f"features must be (B, h, w, D), got shape {tuple(features.shape)}.")
-    grid = _as_pair(grid_size, "grid_size")
+    grid = as_pair(grid_size, "grid_size")
     maps, finite = _patch_maps(features, grid, components, aggregation, smoothing_sigma, sign_rule, variant)
     return _final_normalization(maps, normalization, variant), ~finite
 
@@ -611,7 +616,7 @@ def perceptual_video_map(
     if len(grid_size) != 3:
         raise ValueError(f"grid_size must be (T, H, W), got {grid_size!r}.")
     t = int(grid_size[0])
-    grid = _as_pair(tuple(grid_size[1:]), "grid_size[1:]")
+    grid = as_pair(tuple(grid_size[1:]), "grid_size[1:]")
     b, f = features.shape[:2]
     frame_maps, _ = _patch_maps(
         features.flatten(0, 1), grid, components, aggregation, smoothing_sigma, sign_rule, variant
@@ -625,3 +630,61 @@ def perceptual_video_map(
     maps = _final_normalization(maps, normalization, variant)
     maps = torch.where(finite[:, None, None, None], maps, torch.ones_like(maps))
     return maps, ~finite
+
+
+def dense_policy_loss(
+    log_ratio: torch.Tensor, advantage_maps: torch.Tensor, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViPO's clipped objective with one policy ratio per latent position, averaged over positions.
+
+    With ``log_ratio`` the per-element ``log p_θ − log p_old`` viewed as ``(B, C, *grid)`` and
+    ``A(p) = M(p) · A`` the advantage map ``(B, *grid)``:
+
+    ``ρ_p = exp(Σ_c (log p_θ − log p_old)_{c,p})``,
+    ``L = (1/P) Σ_p max(−A(p) ρ_p, −A(p) clip(ρ_p, 1 − ε, 1 + ε))``.
+
+    ``ρ_p`` is the ratio of the joint Gaussian density of the C channels at position ``p``. Returns the
+    loss ``(B,)`` and the fraction of each sample's positions where the clipped term is active ``(B,)``.
+    """
+    if log_ratio.shape[:1] + log_ratio.shape[2:] != advantage_maps.shape:
+        raise ValueError(
+            f"log-ratio grid {tuple(log_ratio.shape)} (B, C, *grid) does not match the advantage maps "
+            f"{tuple(advantage_maps.shape)} (B, *grid)."
+        )
+    loss, clipped = clipped_policy_loss(log_ratio.sum(dim=1), advantage_maps, epsilon)
+    return loss.flatten(1).mean(dim=1), clipped.flatten(1).float().mean(dim=1)
+
+
+def reward_map_advantages(
+    rewards: torch.Tensor,
+    maps: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """The paper's ``map_target="reward"`` ablation: ``R_i(p) = M_i(p) · R_i``, then GRPO advantages at
+    each position, ``A_i(p) = (R_i(p) − mean_j R_j(p)) / (std_j R_j(p) + 1e-4)`` over the group ``j``.
+
+    ``rewards`` ``(B,)`` and ``maps`` ``(B, *grid)`` hold whole groups (B = N·G, groups consecutive);
+    ``scale_rewards`` and ``clip`` as in :func:`trl_visual.core.advantages.group_advantages` (``"batch"``
+    takes the std over every sample and position). Returns ``(B, *grid)``.
+    """
+    flat = maps.flatten(1) if maps.ndim > 1 else maps[:, None]
+    reward_maps = rewards[:, None].to(flat) * flat  # (B, P)
+    per_position = reward_maps.T.reshape(-1)  # P rows of B: every G consecutive values are one group
+    advantages = group_advantages(per_position, num_generations, scale_rewards, clip=clip)
+    return advantages.view(flat.shape[1], -1).T.reshape(maps.shape)
+
+
+def per_reward_advantages(
+    rewards_per_func: torch.Tensor,
+    num_generations: int,
+    scale_rewards: str = "group",
+    clip: float | None = 5.0,
+) -> torch.Tensor:
+    """``(B, F)`` group-relative advantages of each reward function on its own: column ``f`` is
+    ``A_f = (R_f − R̄_f,group) / (std + 1e-4)``, clamped (:func:`~trl_visual.core.advantages.group_advantages`)."""
+    columns = rewards_per_func.unbind(dim=1)
+    return torch.stack(
+        [group_advantages(r, num_generations, scale_rewards, clip=clip) for r in columns], dim=1
+    )

@@ -6,6 +6,7 @@ from diffusers import DiffusionPipeline
 
 from .base import DiffusionAdapter, PromptEmbeds, select_embeds
 from .flux import FluxAdapter
+from .loading import PIPELINE_LOADERS, load_pipeline, register_pipeline_loader
 from .sd3 import SD3Adapter
 from .wan import WanAdapter, WanImageToVideoAdapter
 
@@ -34,11 +35,14 @@ __all__ = [
     "ADAPTERS",
     "DiffusionAdapter",
     "FluxAdapter",
+    "PIPELINE_LOADERS",
     "PromptEmbeds",
     "SD3Adapter",
     "WanAdapter",
     "WanImageToVideoAdapter",
     "get_adapter",
+    "load_pipeline",
     "register_adapter",
+    "register_pipeline_loader",
     "select_embeds",
 ]

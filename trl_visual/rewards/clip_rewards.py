@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trl_visual.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from trl_visual.rewards.registry import register_reward
-
-OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import numbers
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from .. import __version__
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
     batch_reward_scale,
@@ -27,37 +19,21 @@ from ..core.bpgo import (
     prior_delta,
     ras_weights_posterior,
     ras_weights_sigmoid,
-    update_ema_prior,
 )
 from ..rewards import RewardFunc
-from .bpgo_config import PRIOR_SOURCES, BPGOConfig
-from .diffusion_grpo_trainer import METHOD_STATE_NAME, DiffusionGRPOTrainer, Rollouts
+from .bpgo_config import BPGOConfig
+from .bpgo_estimation import BaseModelPriorEstimation
+from .bpgo_priors import (
+    check_prior_source,
+    make_prior_store,
+)
+from .diffusion_grpo_trainer import DiffusionGRPOTrainer
+from .rollout import Rollouts
 
 logger = logging.getLogger(__name__)
 
-PRIOR_CACHE_NAME = "bpgo_priors.json"
-"""File in ``output_dir`` where ``prior_source="base_model"`` keeps its estimated priors across restarts."""
 
-
-def _check_prior_value(value: Any, where: str) -> float:
-    """``value`` as a float, or a ``ValueError`` naming ``where`` when it is not a finite number."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
-        return float(value)
-    raise ValueError(
-        f"The prior of {where} is {value!r}: priors must be finite numbers (no NaN, None or text). Fix the "
-        "value, or use prior_source='base_model' or 'ema' to let the trainer make the priors."
-    )
-
-
-def _first_row_per_prompt(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, dict[str, Any]]:
-    """The first row of each distinct prompt, in first-seen order."""
-    first: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        first.setdefault(row[prompt_column], row)
-    return first
-
-
-class BPGOTrainer(DiffusionGRPOTrainer):
+class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
     r"""BPGO: GRPO that weighs each group by how it compares with a per-prompt prior reward.
 
     Liu et al., "Learning What to Trust: Bayesian Prior-Guided Optimization for Visual Generation"
@@ -127,9 +103,8 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
-        self._check_prior_source(train_dataset, args)
-        self._ema_priors: dict[str, float] = {}
-        self._estimated_priors: dict[str, float] | None = None
+        check_prior_source(train_dataset, args)
+        self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -141,83 +116,6 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             peft_config=peft_config,
             eval_reward_funcs=eval_reward_funcs,
         )
-
-    # ------------------------------------------------------------------------------------------------
-    # Checks before training
-    # ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_prior_source(dataset: Dataset | IterableDataset | None, args: BPGOConfig) -> None:
-        """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
-        can be listed. Both before the pipeline is even loaded."""
-        if dataset is None:
-            return
-        others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
-        if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
-            raise ValueError(
-                "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
-                f"map-style Dataset, not a streaming one; use prior_source={others} instead."
-            )
-        if args.prior_source != "column":
-            return
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and args.prior_column not in columns:
-            raise ValueError(
-                f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
-                f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
-                f"`prior_column` to the right name, or use prior_source={others}."
-            )
-        if hasattr(dataset, "__len__"):
-            prompts = dataset[args.prompt_column]
-            for i, value in enumerate(dataset[args.prior_column]):
-                _check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
-
-    # ------------------------------------------------------------------------------------------------
-    # Priors
-    # ------------------------------------------------------------------------------------------------
-    def _group_priors(self, grouped: torch.Tensor, inputs: list[dict[str, Any]]) -> torch.Tensor:
-        """``(N,)`` priors of the N groups of the global batch (``grouped`` is ``(N, G)``).
-
-        EMA: a prompt seen for the first time gets its own group mean (so Δ = 0 on a first visit).
-        """
-        prompts = [row[self.args.prompt_column] for row in inputs[:: self.args.num_generations]]
-        source = self.args.prior_source
-        if source == "column":
-            rows = inputs[:: self.args.num_generations]
-            values = [
-                _check_prior_value(row.get(self.args.prior_column), f"the row with prompt {p!r}")
-                for row, p in zip(rows, prompts)
-            ]
-        elif source == "base_model":
-            values = [self._estimated_prior(p) for p in prompts]
-        else:
-            values = [self._ema_priors.get(p, math.nan) for p in prompts]
-        priors = torch.tensor(values, dtype=grouped.dtype, device=grouped.device)
-        if source == "ema":
-            priors = torch.where(torch.isnan(priors), grouped.nanmean(dim=1), priors)
-        return priors
-
-    def _estimated_prior(self, prompt: str) -> float:
-        if self._estimated_priors is None:
-            raise RuntimeError(
-                "prior_source='base_model' but no priors were estimated: they are made when `train()` starts."
-            )
-        if prompt not in self._estimated_priors:
-            raise KeyError(f"No estimated prior for the prompt {prompt!r}; was it in the train_dataset?")
-        return self._estimated_priors[prompt]
-
-    def _update_ema_priors(self, prompts: list[str], group_means: torch.Tensor) -> None:
-        """``P' = decay · P + (1 − decay) · R̄`` per prompt (first visit: ``P' = R̄``); a prompt that
-        appears in several groups of one batch is updated once with the mean of its group means."""
-        positions: dict[str, list[int]] = {}
-        for i, prompt in enumerate(prompts):
-            positions.setdefault(prompt, []).append(i)
-        unique = list(positions)
-        means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
-        old = torch.tensor([self._ema_priors.get(p, math.nan) for p in unique], dtype=torch.float64)
-        new = update_ema_prior(old, means, self.args.prior_ema_decay)
-        for prompt, value in zip(unique, new.tolist()):
-            if not math.isnan(value):
-                self._ema_priors[prompt] = value
 
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
@@ -234,7 +132,9 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         base = super().compute_advantages(rewards_per_func, inputs)
         reward, advantages = base["reward"], base["advantages"]
         grouped = reward.reshape(-1, G)
-        priors = self._group_priors(grouped, inputs)
+        rows = inputs[::G]
+        prompts = [row[args.prompt_column] for row in rows]
+        priors = self.prior_store.priors(prompts, rows, grouped.nanmean(dim=1))
         signal = grouped  # what RAS reads: the rewards, or the transformed ones under crt_mode="replace"
         if args.crt_mode == "replace":
             self._warn_negative_rewards(grouped)
@@ -254,9 +154,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
                 transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max
             )
         self._log_bpgo_metrics(grouped, priors, weights)
-        if args.prior_source == "ema":
-            prompts = [row[args.prompt_column] for row in inputs[::G]]
-            self._update_ema_priors(prompts, grouped.nanmean(dim=1))
+        self.prior_store.update(prompts, grouped.nanmean(dim=1))
         return out
 
     def _warn_negative_rewards(self, grouped: torch.Tensor) -> None:
@@ -311,205 +209,16 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         if crt_advantages is not None:
             auxiliary, _ = self.objective(log_prob, old_log_prob, crt_advantages)
             loss = loss + self.args.crt_weight * auxiliary
-            self._metrics["train"]["bpgo/crt_loss"].append(auxiliary.detach().mean().item())
+            self._loss_terms["bpgo/crt_loss"] = auxiliary.detach()  # logged by training_step, without a sync
         return loss, clipped
-
-    # ------------------------------------------------------------------------------------------------
-    # Priors from the base model
-    # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def estimate_priors(self, dataset: Dataset, num_rollouts: int | None = None) -> Dataset:
-        """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the
-        base model: ``R_prior = mean_k R(x_k)`` over ``num_rollouts`` (default ``prior_num_rollouts``)
-        rollouts per distinct prompt, sampled like training rollouts (same sampler, steps and guidance)
-        and scored by the trainer's reward functions (weighted sum). With a LoRA the adapter is disabled
-        while sampling, so this is the base model whenever it is called; without one it is the current
-        weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
-        """
-        first_rows = _first_row_per_prompt(list(dataset), self.args.prompt_column)
-        priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
-        column = [priors[row] for row in dataset[self.args.prompt_column]]
-        if self.args.prior_column in dataset.column_names:
-            dataset = dataset.remove_columns(self.args.prior_column)
-        return dataset.add_column(self.args.prior_column, column)
-
-    @contextlib.contextmanager
-    def _base_model_weights(self) -> Iterator[None]:
-        """Sample from the base model: the LoRA adapter disabled (nothing to do without LoRA), eval mode."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            if self.is_peft:
-                with self._reference_model(self.model):
-                    yield
-            else:
-                yield
-        finally:
-            self.model.train(was_training)
-
-    def _estimate_prompt_priors(
-        self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
-    ) -> dict[str, float]:
-        """Mean reward of ``num_rollouts`` rollouts per prompt. Rollouts are sampled in chunks of
-        ``per_device_train_batch_size``, chunks shared out over the processes, results gathered."""
-        if num_rollouts < 1:
-            raise ValueError(f"num_rollouts must be at least 1; got {num_rollouts}.")
-        flat = [prompt for prompt in first_rows for _ in range(num_rollouts)]
-        size = self.args.per_device_train_batch_size
-        chunks = list(range(0, len(flat), size))
-        mine = chunks[self.accelerator.process_index :: self.accelerator.num_processes]
-        scored: list[tuple[str, float]] = []
-        with self._base_model_weights():
-            for start in mine:
-                prompts = flat[start : start + size]
-                rows = [first_rows[p] for p in prompts]
-                group_ids = torch.arange(len(prompts)) // self.args.num_generations
-                rollouts = self.sample(prompts, group_ids, seed=self._prior_seed(start // size))
-                reward = self._weighted_reward(self.compute_rewards(prompts, rollouts.samples, rows))
-                scored.extend(zip(prompts, reward.tolist()))
-        if self.accelerator.num_processes > 1:
-            scored = gather_object(scored)
-        return self._mean_per_prompt(scored, num_rollouts)
-
-    def _prior_seed(self, chunk: int) -> int:
-        """Seeds for prior estimation, apart from the training seeds ``seed · 1_000_003 + step``."""
-        return self.args.seed * 7_919 + 500_000_000 + chunk
-
-    def _weighted_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """``Σ_f w_f R_f`` with NaN terms skipped (all NaN stays NaN), as GRPO aggregates rewards."""
-        weighted = rewards_per_func * self.reward_weights.to(rewards_per_func)
-        missing = torch.isnan(rewards_per_func).all(dim=1)
-        return weighted.nansum(dim=1).masked_fill(missing, float("nan"))
-
-    @staticmethod
-    def _mean_per_prompt(scored: list[tuple[str, float]], num_rollouts: int) -> dict[str, float]:
-        values: dict[str, list[float]] = {}
-        for prompt, value in scored:
-            if not math.isnan(value):
-                values.setdefault(prompt, []).append(value)
-        missing = sorted({p for p, _ in scored} - set(values))
-        if missing:
-            raise ValueError(
-                f"No valid reward in {num_rollouts} rollouts for the prompts {missing[:5]}: their prior cannot be "
-                "estimated. Raise prior_num_rollouts or check the reward function."
-            )
-        return {prompt: sum(v) / len(v) for prompt, v in values.items()}
-
-    def _prior_fingerprint(self) -> dict[str, Any]:
-        """Everything the estimated priors depend on, as JSON values; a cache made with a different
-        fingerprint is not reused. The estimate samples the base model like a training rollout, from seeds
-        derived from ``seed``, and scores the samples with the weighted rewards: so the model (name, loading
-        options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
-        scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
-        setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
-        package version all count."""
-        args = self.args
-        fingerprint = {
-            "model": self.base_model_name,
-            "pipeline": type(self.pipeline).__name__,
-            "model_init_kwargs": args.model_init_kwargs or {},
-            "denoiser_dtype": next(self.adapter.denoiser.parameters()).dtype,
-            "mixed_precision": [args.bf16, args.fp16],
-            "scheduler": dict(self.pipeline.scheduler.config),
-            "rewards": self.reward_names,
-            "reward_weights": self.reward_weights.tolist(),
-            "num_rollouts": args.prior_num_rollouts,
-            "seed": args.seed,
-            "sampling": [
-                args.num_inference_steps,
-                args.guidance_scale,
-                args.cfg_in_training,
-                list(self.latent_shape),
-                args.sde_type,
-                args.noise_level,
-                args.sde_window_size,
-                args.sde_window_range,
-                args.negative_prompt,
-                args.max_sequence_length,
-            ],
-            "noise": [
-                args.per_device_train_batch_size,
-                args.world_size,
-                args.num_generations,
-                args.init_same_noise,
-            ],
-            "trl_visual": __version__,
-        }
-        return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-
-    def _read_prior_cache(self, path: str) -> dict[str, float]:
-        """The cached priors in ``path``, or ``{}`` (estimate again) when there are none, they were made with
-        other settings, or the file is unreadable (truncated by a crash, edited by hand): a warning names it."""
-        if not os.path.exists(path):
-            return {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                cache = json.load(f)
-            fingerprint, priors = cache["fingerprint"], cache["priors"]
-            priors = {
-                prompt: _check_prior_value(value, f"prompt {prompt!r}") for prompt, value in priors.items()
-            }
-        except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
-            logger.warning(
-                "The cached BPGO priors in %s are unreadable (%s: %s); estimating them again and rewriting the file.",
-                path,
-                type(error).__name__,
-                error,
-            )
-            return {}
-        if fingerprint != self._prior_fingerprint():
-            logger.warning(
-                "The cached priors in %s were made with other settings; estimating them again.", path
-            )
-            return {}
-        return priors
-
-    def _write_prior_cache(self, path: str, priors: dict[str, float]) -> None:
-        """Written atomically (temporary file, then rename) by the main process only."""
-        if not self.accelerator.is_main_process:
-            return
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            json.dump({"fingerprint": self._prior_fingerprint(), "priors": priors}, f)
-        os.replace(temporary, path)
-
-    def _ensure_estimated_priors(self, checkpoint: str | None) -> None:
-        """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
-        ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
-        if self.args.prior_source != "base_model" or self._estimated_priors is not None:
-            return
-        if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
-            state = torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False)
-            if state.get("estimated_priors"):
-                self._estimated_priors = dict(state["estimated_priors"])
-                return
-        path = os.path.join(self.args.output_dir, PRIOR_CACHE_NAME)
-        priors = self._read_prior_cache(path)
-        first_rows = _first_row_per_prompt(list(self.train_dataset), self.args.prompt_column)
-        missing = {p: row for p, row in first_rows.items() if p not in priors}
-        if missing:
-            logger.info("Estimating BPGO priors for %d prompts from the base model.", len(missing))
-            priors.update(self._estimate_prompt_priors(missing, self.args.prior_num_rollouts))
-            self._write_prior_cache(path, priors)
-        self._estimated_priors = priors
-
-    def _before_train(self, checkpoint: str | None) -> None:
-        """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""
-        self._ensure_estimated_priors(checkpoint)
 
     # ------------------------------------------------------------------------------------------------
     # State kept in checkpoints
     # ------------------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
-        """The EMA priors and the estimated priors (see :meth:`load_method_state`)."""
-        return {
-            "ema_priors": dict(self._ema_priors),
-            "estimated_priors": dict(self._estimated_priors) if self._estimated_priors is not None else None,
-        }
+        """The priors of :attr:`prior_store` (EMA or estimated), kept in every checkpoint."""
+        return {"ema_priors": {}, "estimated_priors": None, **self.prior_store.state_dict()}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Restore the priors saved by :meth:`method_state`."""
-        self._ema_priors = dict(state.get("ema_priors") or {})
-        if state.get("estimated_priors") is not None:
-            self._estimated_priors = dict(state["estimated_priors"])
+        self.prior_store.load_state_dict(state)

@@ -8,7 +8,7 @@ import torch
 
 from .bpgo_config import BPGOConfig
 from .bpgo_trainer import BPGOTrainer
-from .diffusion_grpo_trainer import Rollouts
+from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 from .vipo_trainer import MAPS_KEY, ViPOTrainer
 
@@ -44,7 +44,7 @@ class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
 
     ``L = w · L_dense(M · A) + ς · L_dense(M · Ã)``
 
-    with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.trainer.vipo_trainer.dense_policy_loss`),
+    with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.core.vipo.dense_policy_loss`),
     or GRPO's scalar one on ``mean(M) · A`` with ``dense_level="sample"``.
 
     From :class:`BPGOTrainer`: ``compute_advantages``, the priors (``_before_train``) and the checkpointed

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
-import numbers
-import os
-import shutil
-import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,140 +14,60 @@ import torch
 from accelerate.utils import gather, gather_object
 from datasets import Dataset, IterableDataset
 from diffusers import DiffusionPipeline
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
-from trl.trainer.utils import RepeatSampler, is_async_callable
+from trl.trainer.utils import RepeatSampler
 
-from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..core.advantages import combine_rewards, nan_std
+from ..core.advantages import combine_rewards
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
-from ..core.sde import euler_step, sde_step_with_logprob
 from ..core.timesteps import (
-    sample_window_start,
     select_train_timesteps,
-    stochastic_step_indices,
-    window_starts,
 )
 from ..data import check_prompt_values
-from ..hub import (
-    CardSample,
-    build_model_card,
-    dataset_repo_id,
-    load_lora_checkpoint,
-    reward_curve_image,
-    save_lora,
-    write_model_card_files,
-)
-from ..models import DiffusionAdapter, PromptEmbeds, get_adapter, select_embeds
+from ..models import DiffusionAdapter, get_adapter
+from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
-from ..testing import is_tiny_name, load_tiny_pipeline
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .guards import (
-    NonFiniteTrainingError,
-    RewardTimeoutError,
-    call_with_timeout,
-    check_flow_matching_sigmas,
+    FiniteUpdatesMixin,
     check_writable_dir,
-    nonfinite_cause,
-    nonfinite_parameters,
 )
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
-    captioned_grid,
     log_samples,
-    make_config_readable_by_trackers,
+)
+from .model_card import ModelCardMixin
+from .prompt_sampler import EpochSeededRepeatSampler
+from .reward_calls import RewardCaller, dataset_columns, drop_infinite_rewards, record_reward_metrics
+from .rollout import (
+    BatchPlacement,
+    PromptEncoder,
+    Rollouts,
+    rescore_transition,
+    sample_rollouts,
+    transition_at,
+)
+from .saving import CheckpointSavingMixin
+from .seeds import generation_seed, timestep_selection_seed
+from .setup_checks import (
+    check_columns,
+    check_dataset,
+    check_reward_weights,
+    check_scheduler,
+    check_trained_steps,
+    enable_vae_memory_options,
+    prepare_denoiser,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollouts:
-    """A batch of sampled trajectories: what training needs, on this process only.
-
-    ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
-    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time.
-    """
-
-    prompts: list[str]
-    embeds: PromptEmbeds
-    negative_embeds: PromptEmbeds | None
-    latents: torch.Tensor
-    next_latents: torch.Tensor
-    log_probs: torch.Tensor
-    sigmas: torch.Tensor
-    sigmas_next: torch.Tensor
-    sigma_max: float
-    samples: torch.Tensor
-    train_steps: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-class EpochSeededRepeatSampler(RepeatSampler):
-    """TRL's ``RepeatSampler`` (each prompt ``num_generations`` times in a row, whole groups per global
-    batch), reseeded from ``seed + epoch`` at every epoch so that a resumed run draws the same prompts
-    as an uninterrupted one (``Trainer`` calls :meth:`set_epoch`)."""
-
-    epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            self.generator.manual_seed((self.seed or 0) + self.epoch)
-        return super().__iter__()
-
-
-def _is_scalar_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.numel() == 1
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
 
 
-def _unique(values: list[str]) -> tuple[list[str], torch.Tensor]:
-    """Distinct values in first-seen order, and for each input the index of its value."""
-    positions: dict[str, int] = {}
-    inverse = [positions.setdefault(v, len(positions)) for v in values]
-    return list(positions), torch.tensor(inverse, dtype=torch.long)
-
-
-def load_pipeline(
-    model: str | DiffusionPipeline, model_init_kwargs: dict[str, Any] | None
-) -> DiffusionPipeline:
-    """A pipeline from a ``tiny:`` name, a Hub id or local path, or the pipeline object itself."""
-    if isinstance(model, DiffusionPipeline):
-        if model_init_kwargs:
-            raise ValueError(
-                "`model_init_kwargs` only applies when `model` is a string, not a pipeline object."
-            )
-        return model
-    if is_tiny_name(model):
-        return load_tiny_pipeline(model)
-    if isinstance(model, str):
-        kwargs = dict(model_init_kwargs or {})
-        dtype = kwargs.get("torch_dtype")
-        if isinstance(dtype, str) and dtype != "auto":
-            kwargs["torch_dtype"] = getattr(torch, dtype)
-        return DiffusionPipeline.from_pretrained(model, **kwargs)
-    raise TypeError(
-        f"`model` must be a model id, a local path or a DiffusionPipeline, not {type(model).__name__}."
-    )
-
-
-class DiffusionGRPOTrainer(Trainer):
+class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
     Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
@@ -236,11 +150,11 @@ class DiffusionGRPOTrainer(Trainer):
                 "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
             )
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
-        self.reward_weights = self._check_reward_weights(args.reward_weights)
+        self.reward_weights = check_reward_weights(args.reward_weights, self.reward_names)
         self.eval_reward_funcs = self._resolve_eval_rewards(eval_reward_funcs, args)
         self.eval_reward_names = [reward_name(r) for r in self.eval_reward_funcs]
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            self._check_dataset(dataset, split, args)
+            check_dataset(dataset, split, args)
         if args.beta > 0 and peft_config is None:
             raise ValueError(
                 "`beta > 0` needs a `peft_config`: the KL reference is the same network with its LoRA adapter "
@@ -254,17 +168,15 @@ class DiffusionGRPOTrainer(Trainer):
         self.adapter: DiffusionAdapter = get_adapter(pipeline)
         self.pipeline = pipeline
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
-            self._check_columns(dataset, split, self.adapter.required_columns(args))
+            check_columns(dataset, split, self.adapter.required_columns(args), type(pipeline).__name__)
         self.is_peft = peft_config is not None
-        denoiser = self._prepare_denoiser(peft_config, args)
+        self.weight_dtype = self.adapter.dtype  # the loading dtype, also the LoRA export dtype
+        denoiser = prepare_denoiser(self.adapter, peft_config, args)
         self._check_resolution(args)
-        self._check_scheduler(args)
-        self._check_trained_steps(args)
-        self._enable_vae_memory_options(args)
+        check_scheduler(self.adapter, args, self.latent_shape)
+        check_trained_steps(self.adapter, args, self.latent_shape)
+        enable_vae_memory_options(pipeline, args)
 
-        self._staging_dir: str | None = None
-        self._card_is_fresh = False
-        self._card_pictures: dict[str, Any] | None = None
         super().__init__(
             model=denoiser,
             args=args,
@@ -284,10 +196,10 @@ class DiffusionGRPOTrainer(Trainer):
         }
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
+        # extra loss terms (BPGO's auxiliary CRT) that policy_loss reports, for training_step to log
+        self._loss_terms: dict[str, torch.Tensor] = {}
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
-        self._negative_embeds: PromptEmbeds | None = None
-        self._nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
-        self._consecutive_nonfinite_steps = 0
+        self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
 
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
@@ -304,16 +216,6 @@ class DiffusionGRPOTrainer(Trainer):
         if not isinstance(args, cls.config_class):
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
         return args
-
-    def _check_reward_weights(self, weights: list[float] | None) -> torch.Tensor:
-        if weights is None:
-            return torch.ones(len(self.reward_funcs))
-        if len(weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"`reward_weights` has {len(weights)} values but there are {len(self.reward_funcs)} reward "
-                f"functions ({', '.join(self.reward_names)}); give one weight per reward."
-            )
-        return torch.tensor(weights, dtype=torch.float32)
 
     def _resolve_eval_rewards(
         self, eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None, args: DiffusionGRPOConfig
@@ -337,130 +239,13 @@ class DiffusionGRPOTrainer(Trainer):
             )
         return funcs
 
-    @staticmethod
-    def _check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
-        if dataset is None:
-            return
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and args.prompt_column not in columns:
-            raise ValueError(
-                f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
-                f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
-            )
-        if columns is not None and hasattr(dataset, "__len__"):
-            check_prompt_values(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
-        if split == "train_dataset" and hasattr(dataset, "__len__"):
-            prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
-            if len(dataset) < prompts_per_step:
-                raise ValueError(
-                    f"The train_dataset has {len(dataset)} prompts but each step needs {prompts_per_step} distinct "
-                    f"prompts (global batch / num_generations). Add prompts or lower the batch size."
-                )
-
-    def _check_columns(self, dataset: Any, split: str, required: list[str]) -> None:
-        columns = getattr(dataset, "column_names", None)
-        missing = [name for name in required if columns is not None and name not in columns]
-        if missing:
-            raise ValueError(
-                f"{type(self.pipeline).__name__} needs the column(s) {missing} in the {split} (its columns: "
-                f"{columns}). Add them, or point the config (e.g. `image_column`) at the right column."
-            )
-
-    def _prepare_denoiser(self, peft_config: LoraConfig | None, args: DiffusionGRPOConfig) -> torch.nn.Module:
-        """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
-
-        The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
-        as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
-        a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
-        dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
-        for module in self.adapter.frozen_modules:
-            module.requires_grad_(False).eval()
-        denoiser = self.adapter.denoiser
-        self.weight_dtype = next(denoiser.parameters()).dtype  # the loading dtype, also the LoRA export dtype
-        if peft_config is not None:
-            denoiser.requires_grad_(False)
-            denoiser.add_adapter(peft_config)
-        else:
-            denoiser.requires_grad_(True)
-        cast_training_params(denoiser, dtype=torch.float32)
-        make_config_readable_by_trackers(denoiser)
-        if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-            denoiser.enable_gradient_checkpointing()
-            # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
-            # transformers 5 renamed the flag `activation_checkpointing` and keeps the old name as an alias.
-            args.gradient_checkpointing = False
-            if hasattr(args, "activation_checkpointing"):
-                args.activation_checkpointing = False
-        return denoiser
-
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
+        """The sample size: the config's, else the model's default."""
         default = self.adapter.default_resolution()
         self.height = args.height or default[0]
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
-
-    def _check_scheduler(self, args: DiffusionGRPOConfig) -> None:
-        """The SDE samplers need a flow-matching schedule: another scheduler (DDIM, SD1/SDXL's Euler) is refused
-        now, by name, rather than with an ``AttributeError`` or NaN log-probs after sampling."""
-        check_flow_matching_sigmas(
-            lambda: self.adapter.sigmas(args.num_inference_steps, self.latent_shape),
-            self.pipeline.scheduler,
-            args.num_inference_steps,
-        )
-
-    def _check_trained_steps(self, args: DiffusionGRPOConfig) -> None:
-        """Refuse, before any sampling, an SDE window that could fall where the trained denoiser never
-        predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
-        nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
-        num_steps = args.num_inference_steps
-        sigmas = self.adapter.sigmas(num_steps, self.latent_shape, args.time_shift)[:-1]
-        trained = self.adapter.trains_at(sigmas).nonzero().flatten().tolist()
-        if len(trained) == num_steps:
-            return
-        if not trained:
-            raise ValueError(
-                f"None of the {num_steps} sampling steps uses the trained {self.adapter.denoiser_name}: a frozen "
-                "second expert predicts at every step (check the pipeline's `boundary_ratio`)."
-            )
-        if args.sde_window_size > 0:
-            starts = window_starts(
-                args.sde_window_size, tuple(args.sde_window_range), num_steps, args.sde_type
-            )
-        else:
-            starts = [0]
-        for start in starts:
-            window = stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, start)
-            if not set(window) & set(trained):
-                raise ValueError(
-                    f"With num_inference_steps={num_steps}, the trained {self.adapter.denoiser_name} predicts only "
-                    f"at sampling steps {trained}; the others belong to a frozen second expert (Wan2.2's "
-                    f"transformer_2 below boundary_ratio). The stochastic steps {window} (sde_window_size="
-                    f"{args.sde_window_size}, sde_window_range={args.sde_window_range}) contain none of them, so "
-                    f"they would train nothing. Set `sde_window_range` to [0, {trained[-1] + 1}] or "
-                    "`sde_window_size` to 0, or swap the two experts in the pipeline to train the low-noise one."
-                )
-        logger.info(
-            f"Training only sampling steps {trained} of {num_steps}: the others are predicted by a frozen expert."
-        )
-
-    def _enable_vae_memory_options(self, args: DiffusionGRPOConfig) -> None:
-        """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
-        without the method is reported and decodes as before."""
-        vae = getattr(self.pipeline, "vae", None)
-        for wanted, option, method in (
-            (args.vae_tiling, "vae_tiling", "enable_tiling"),
-            (args.vae_slicing, "vae_slicing", "enable_slicing"),
-        ):
-            if not wanted:
-                continue
-            if hasattr(vae, method):
-                getattr(vae, method)()
-            else:
-                logger.warning(
-                    f"{option}=True has no effect: the pipeline's VAE ({type(vae).__name__}) has no {method}(); "
-                    "decoding runs without it."
-                )
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
@@ -473,6 +258,8 @@ class DiffusionGRPOTrainer(Trainer):
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
+        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch. Overrides a private
+        ``Trainer`` method (checked against transformers 5.23.0)."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededRepeatSampler(
             data_source=dataset,
@@ -487,26 +274,11 @@ class DiffusionGRPOTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     # Sampling with log-probabilities
     # ------------------------------------------------------------------------------------------------
-    def _encode(self, prompts: list[str]) -> PromptEmbeds:
-        """Encode each distinct prompt once, then repeat its embedding for every sample that shares it."""
-        unique, inverse = _unique(prompts)
-        return select_embeds(self.adapter.encode_prompts(unique, self.args.max_sequence_length), inverse)
-
-    def _negative(self, batch_size: int) -> PromptEmbeds:
-        if self._negative_embeds is None:  # the text encoders are frozen: encode once per run
-            self._negative_embeds = self.adapter.encode_prompts(
-                [self.args.negative_prompt], self.args.max_sequence_length
-            )
-        return select_embeds(self._negative_embeds, torch.zeros(batch_size, dtype=torch.long))
-
-    def _use_cfg(self, training: bool) -> bool:
-        return self.args.guidance_scale > 1 and (self.args.cfg_in_training or not training)
-
     def _generation_seed(self) -> int:
         """One seed per generation round, the same on every process (so shared noise agrees), derived
         from the trainer state alone so that a resumed run samples exactly what the uninterrupted run
         would have."""
-        return self.args.seed * 1_000_003 + self._micro_step // self.args.num_iterations
+        return generation_seed(self.args.seed, self._micro_step // self.args.num_iterations)
 
     def _advance_micro_step(self) -> None:
         """``_micro_step`` counts micro-batches since the start of the run: ``global_step ×
@@ -518,24 +290,6 @@ class DiffusionGRPOTrainer(Trainer):
         )
         self._micro_in_step += 1
 
-    def _initial_noise(
-        self, group_ids: torch.Tensor, shared: bool, seed: int, training: bool = True
-    ) -> torch.Tensor:
-        """Initial latents for this process's samples, drawn for the whole global batch from one seed so
-        that a group split across processes still gets consistent (and, if ``shared``, equal) noise.
-        Outside training (evaluation, model cards) each sample simply gets its own noise."""
-        if not training:
-            generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-            return self.adapter.prepare_noise(len(group_ids), self.latent_shape, generator)
-        global_batch = self.args.per_device_train_batch_size * self.args.world_size
-        rows = global_batch // self.args.num_generations if shared else global_batch
-        generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
-        noise = self.adapter.prepare_noise(rows, self.latent_shape, generator)
-        if shared:
-            return noise[group_ids.to(noise.device)]
-        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
-        return noise[offset : offset + len(group_ids)]
-
     def sampling_sigmas(self) -> torch.Tensor:
         """The T + 1 values ``σ_0 = 1 > … > σ_T = 0`` every rollout samples on (``T = num_inference_steps``).
 
@@ -544,7 +298,13 @@ class DiffusionGRPOTrainer(Trainer):
         """
         return self.adapter.sigmas(self.args.num_inference_steps, self.latent_shape, self.args.time_shift)
 
-    @torch.no_grad()
+    @property
+    def placement(self) -> BatchPlacement:
+        """This process's rows of the global training batch."""
+        return BatchPlacement(
+            self.accelerator.process_index, self.args.world_size, self.args.per_device_train_batch_size
+        )
+
     def sample(
         self,
         prompts: list[str],
@@ -554,231 +314,63 @@ class DiffusionGRPOTrainer(Trainer):
         training: bool = True,
         rows: list[dict[str, Any]] | None = None,
     ) -> Rollouts:
-        """Sample one trajectory per prompt, keeping the stochastic transitions and their log-probs.
-
-        ``group_ids`` are the global group index of each sample. Steps before the first stochastic one
-        (the SDE window's ODE prefix) are computed once per group and then branched to the group's
-        samples, which share their initial noise in that case. ``rows`` are the dataset rows, for
-        conditioning beyond the prompt (see :meth:`DiffusionAdapter.encode_conditioning`).
-        """
-        args, adapter, device = self.args, self.adapter, self.accelerator.device
-        num_steps = args.num_inference_steps
-        window_start = 0
-        if stochastic and args.sde_window_size > 0:
-            window_start = sample_window_start(
-                args.sde_window_size,
-                tuple(args.sde_window_range),
-                num_steps,
-                args.sde_type,
-                torch.Generator().manual_seed(seed),
-            )
-        steps = (
-            stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
-            if stochastic
-            else []
-        )
-        sigmas = self.sampling_sigmas().to(device)
-        embeds = {**self._encode(prompts), **(self.adapter.encode_conditioning(rows) if rows else {})}
-        negative = self._negative(len(prompts)) if self._use_cfg(training) else None
-
-        branch = bool(steps) and steps[0] > 0
-        if branch:  # one trajectory per group until the window opens
-            groups, group_index = torch.unique(group_ids, return_inverse=True)
-            first_rows = torch.stack([(group_index == g).nonzero()[0, 0] for g in range(len(groups))])
-            latents = self._initial_noise(groups, shared=True, seed=seed)
-            prefix_embeds = select_embeds(embeds, first_rows)
-            prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
-        else:
-            latents = self._initial_noise(
-                group_ids, shared=args.init_same_noise, seed=seed, training=training
-            )
-            prefix_embeds, prefix_negative = embeds, negative
-        step_generator = torch.Generator(device=device).manual_seed(
-            seed * 31 + self.accelerator.process_index + 1
-        )
-
-        states, next_states, log_probs = [], [], []
-        with self.compute_loss_context_manager():
-            for i in range(num_steps):
-                if branch and i == steps[0]:
-                    latents = latents[group_index.to(device)]
-                    prefix_embeds, prefix_negative = embeds, negative
-                sigma, sigma_next = sigmas[i].expand(len(latents)), sigmas[i + 1].expand(len(latents))
-                velocity = adapter.velocity(
-                    self.model, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
-                )
-                if i not in steps:
-                    latents = euler_step(latents, velocity, sigma, sigma_next)
-                    continue
-                step = sde_step_with_logprob(
-                    args.sde_type,
-                    latents,
-                    velocity,
-                    sigma,
-                    sigma_next,
-                    args.noise_level,
-                    sigma_max=float(sigmas[1]),
-                    generator=step_generator,
-                )
-                states.append(latents)
-                latents = step.prev_sample
-                next_states.append(latents)
-                log_probs.append(step.log_prob)
-
-        def stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return (
-                torch.stack(tensors, 1)
-                if tensors
-                else latents.new_zeros((len(latents), 0, *latents.shape[1:]))
-            )
-
-        index = torch.tensor(steps, dtype=torch.long, device=device)
-        return Rollouts(
-            prompts=prompts,
-            embeds=embeds,
-            negative_embeds=negative,
-            latents=stacked(states),
-            next_latents=stacked(next_states),
-            log_probs=stacked(log_probs),
-            sigmas=sigmas[index],
-            sigmas_next=sigmas[index + 1],
-            sigma_max=float(sigmas[1]),
-            samples=adapter.decode(latents),
+        """Sample one trajectory per prompt with the current policy, keeping the stochastic transitions and
+        their log-probs (:func:`~trl_visual.trainer.rollout.sample_rollouts`). ``group_ids`` are the global
+        group index of each sample; ``rows`` the dataset rows, for conditioning beyond the prompt."""
+        return sample_rollouts(
+            self.adapter,
+            self.model,
+            prompts,
+            group_ids,
+            seed,
+            args=self.args,
+            encoder=self._prompt_encoder,
+            placement=self.placement,
+            sigmas=self.sampling_sigmas(),
+            latent_shape=self.latent_shape,
+            device=self.accelerator.device,
+            stochastic=stochastic,
+            training=training,
+            rows=rows,
+            autocast=self.compute_loss_context_manager,
         )
 
     # ------------------------------------------------------------------------------------------------
     # Rewards and advantages
     # ------------------------------------------------------------------------------------------------
-    def _reward_columns(self, inputs: list[dict[str, Any]]) -> dict[str, list[Any]]:
-        return {key: [row[key] for row in inputs] for key in inputs[0] if key != self.args.prompt_column}
-
     def compute_rewards(
         self, prompts: list[str], samples: torch.Tensor, inputs: list[dict[str, Any]]
     ) -> torch.Tensor:
         """Call every reward function; returns ``(B, F)`` float32 on the training device, NaN where a
         reward gave ``None``, NaN or ±inf (±inf is counted in ``rewards/<name>/num_inf``). A reward that
         raises, returns the wrong length or type, only invalid values, or does not return within
-        ``reward_timeout`` seconds is an error naming it.
+        ``reward_timeout`` seconds is an error naming it (see :mod:`trl_visual.trainer.reward_calls`).
 
         Plain functions run one after the other; ``async`` reward functions (as in TRL) run
-        concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>``.
+        concurrently with each other. Each reward's wall time is logged as ``timing/reward/<name>`` (of the
+        eval metrics while the model is in eval mode, in ``evaluate()``).
         """
         kwargs = {
             "prompts": prompts,
             self.adapter.output_kind: samples,
             **self.adapter.reward_inputs(inputs),
-            **self._reward_columns(inputs),
+            **dataset_columns(inputs, self.args.prompt_column),
         }
-        outputs: dict[int, Any] = {}
-        pending = []
-        for index, func in enumerate(self.reward_funcs):
-            if is_async_callable(func):
-                pending.append(index)
-            else:
-                outputs[index] = self._timed_call(index, func, kwargs)
-        if pending:
-            outputs.update(asyncio.run(self._call_async_rewards(pending, kwargs)))
-        scores = [
-            self._check_reward_output(outputs[i], name, len(prompts))
-            for i, name in enumerate(self.reward_names)
-        ]
-        return self._drop_infinite_rewards(torch.stack(scores, dim=1)).to(self.accelerator.device)
-
-    def _drop_infinite_rewards(self, scores: torch.Tensor) -> torch.Tensor:
-        """±inf is no reward value (it would make its group's mean infinite and every group-mate's advantage
-        ±adv_clip_max): such a sample is left out like ``None``, and counted in ``rewards/<name>/num_inf``."""
-        infinite = torch.isinf(scores)
         mode = "train" if self.model.training else "eval"
-        for f, name in enumerate(self.reward_names):
-            self._metrics[mode][f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
-        if infinite.any():
-            logger.warning(
-                f"Reward(s) {[n for f, n in enumerate(self.reward_names) if infinite[:, f].any()]} returned ±inf for "
-                f"{int(infinite.sum())} sample(s); they are left out of the advantages like None."
-            )
-        return scores.masked_fill(infinite, float("nan"))
-
-    @contextlib.contextmanager
-    def _reward_call(self, index: int) -> Iterator[None]:
-        """Around one reward call: its time goes to ``timing/reward/<name>`` (of the eval metrics while the model is
-        in eval mode, in ``evaluate()``), and an exception it raises is re-raised naming the reward."""
-        name, start = self.reward_names[index], time.perf_counter()
-        mode = "train" if self.model.training else "eval"
-        try:
-            yield
-        except Exception as error:
-            raise RuntimeError(
-                f"The reward function {name!r} raised {type(error).__name__}: {error}"
-            ) from error
-        finally:
-            self._metrics[mode][f"timing/reward/{name}"].append(time.perf_counter() - start)
-
-    def _timed_call(self, index: int, func: RewardFunc, kwargs: dict[str, Any]) -> Any:
-        with self._reward_call(index):
-            finished, result = call_with_timeout(func, kwargs, self.args.reward_timeout)
-        if not finished:
-            raise self._reward_timeout_error(index, still_running=True)
-        return result
-
-    async def _call_async_rewards(self, indices: list[int], kwargs: dict[str, Any]) -> dict[int, Any]:
-        timed_out = object()
-
-        async def call(index: int) -> Any:
-            with self._reward_call(index):
-                try:
-                    return await asyncio.wait_for(
-                        self.reward_funcs[index](**kwargs), self.args.reward_timeout
-                    )
-                except asyncio.TimeoutError:
-                    return timed_out
-
-        results = dict(zip(indices, await asyncio.gather(*(call(i) for i in indices))))
-        for index, result in results.items():
-            if result is timed_out:
-                raise self._reward_timeout_error(index, still_running=False)
-        return results
-
-    def _reward_timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
-        """The error of a reward that did not return within ``reward_timeout`` seconds, once the weights trained
-        so far are saved (:meth:`_save_before_stopping`)."""
-        left = (
-            " Python cannot stop a running thread: the call goes on in the background until this process exits."
-            if still_running
-            else " It was cancelled."
+        caller = RewardCaller(
+            self.reward_funcs, self.reward_names, self.args.reward_timeout, self._reward_stop_note
         )
-        saved = self._save_before_stopping()
-        return RewardTimeoutError(
-            f"The reward function {self.reward_names[index]!r} did not return within reward_timeout="
-            f"{self.args.reward_timeout:g} s, so training stops at step {self.state.global_step} (the checkpoints "
-            f"already written are kept).{saved}{left} Check the reward (a server that no longer answers?), or "
-            "raise `reward_timeout` (None waits forever)."
+        scores = caller(kwargs, len(prompts), self._metrics[mode])
+        return drop_infinite_rewards(scores, self.reward_names, self._metrics[mode]).to(
+            self.accelerator.device
         )
 
-    @staticmethod
-    def _check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
-        if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
-            output = torch.as_tensor(output).detach().float().reshape(-1).cpu().tolist()
-        if not isinstance(output, (list, tuple)):
-            raise TypeError(
-                f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
-                f"{type(output).__name__} {_short_repr(output)}."
-            )
-        for i, v in enumerate(output):
-            if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
-                raise TypeError(
-                    f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
-                    "must return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8]."
-                )
-        values = [float("nan") if v is None else float(v) for v in output]
-        if len(values) != expected:
-            raise ValueError(
-                f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
-                "return exactly one value (a float, or None to skip) per sample."
-            )
-        tensor = torch.tensor(values, dtype=torch.float32)
-        if not torch.isfinite(tensor).any():
-            raise ValueError(f"The reward function {name!r} returned only None/NaN/inf for the whole batch.")
-        return tensor
+    def _reward_stop_note(self) -> str:
+        """What a reward timeout does to the run, once the weights trained so far are saved."""
+        return (
+            f"training stops at step {self.state.global_step} (the checkpoints already written are kept)."
+            f"{self._save_before_stopping()}"
+        )
 
     def compute_advantages(
         self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
@@ -808,32 +400,24 @@ class DiffusionGRPOTrainer(Trainer):
         """Hook: the shape of an advantage. GRPO keeps one scalar per sample ``(B,)``; ViPO returns a map."""
         return advantages
 
-    def _local_slice(self) -> slice:
-        start = self.accelerator.process_index * self.args.per_device_train_batch_size
-        return slice(start, start + self.args.per_device_train_batch_size)
-
     def _score(self, rollouts: Rollouts, inputs: list[dict[str, Any]], mode: str = "train") -> None:
         """Rewards on this process, gathered so every group is whole, then advantages for our slice."""
         local_rewards = self.compute_rewards(rollouts.prompts, rollouts.samples, inputs)
         rewards_per_func = gather(local_rewards)
         all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
         computed = self.compute_advantages(rewards_per_func, all_inputs)
-        local = {key: value[self._local_slice()] for key, value in computed.items()}
+        local = {key: value[self.placement.local] for key, value in computed.items()}
         rollouts.rewards = local["reward"]
         advantages = local.pop("advantages")
         rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
         rollouts.advantages = self.expand_advantages(advantages, rollouts)
-        self._log_reward_metrics(rewards_per_func, computed["reward"], mode)
-
-    def _log_reward_metrics(self, rewards_per_func: torch.Tensor, reward: torch.Tensor, mode: str) -> None:
-        metrics = self._metrics[mode]
-        for f, name in enumerate(self.reward_names):
-            metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
-            metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
-        group_std = nan_std(reward.reshape(-1, self.args.num_generations), dim=1)
-        metrics["reward"].append(reward.nanmean().item())
-        metrics["reward_std"].append(group_std.mean().item())
-        metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+        record_reward_metrics(
+            self._metrics[mode],
+            rewards_per_func,
+            computed["reward"],
+            self.reward_names,
+            self.args.num_generations,
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -841,7 +425,7 @@ class DiffusionGRPOTrainer(Trainer):
     def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
         prompts = [row[self.args.prompt_column] for row in inputs]
         check_prompt_values(prompts, "a batch of the train_dataset")  # a streaming dataset is only seen here
-        offset = self.accelerator.process_index * self.args.per_device_train_batch_size
+        offset = self.placement.offset
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
         rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
         if rollouts.log_probs.shape[1] == 0:
@@ -863,7 +447,7 @@ class DiffusionGRPOTrainer(Trainer):
             len(prompts),
             self.args.timestep_fraction,
             self.args.timestep_selection,
-            torch.Generator().manual_seed(self._generation_seed() + 7),
+            torch.Generator().manual_seed(timestep_selection_seed(self._generation_seed())),
         )
         rollouts.train_steps = trainable[selected.to(trainable.device)]
         if not self._rollouts_are_finite(rollouts):
@@ -909,38 +493,6 @@ class DiffusionGRPOTrainer(Trainer):
         finally:
             unwrapped.enable_adapters()
 
-    def _transition(self, model: torch.nn.Module, rollouts: Rollouts, k: int) -> dict[str, torch.Tensor]:
-        """The k-th trained transition of every sample, as tensors indexed per sample."""
-        rows = torch.arange(len(rollouts.prompts), device=rollouts.latents.device)
-        position = rollouts.train_steps[:, k]
-        return {
-            "latents": rollouts.latents[rows, position],
-            "next_latents": rollouts.next_latents[rows, position],
-            "old_log_prob": rollouts.log_probs[rows, position],
-            "sigma": rollouts.sigmas[position],
-            "sigma_next": rollouts.sigmas_next[position],
-        }
-
-    def _step_distribution(self, model: torch.nn.Module, rollouts: Rollouts, t: dict[str, torch.Tensor]):
-        velocity = self.adapter.velocity(
-            model,
-            t["latents"],
-            t["sigma"],
-            rollouts.embeds,
-            rollouts.negative_embeds,
-            self.args.guidance_scale,
-        )
-        return sde_step_with_logprob(
-            self.args.sde_type,
-            t["latents"],
-            velocity,
-            t["sigma"],
-            t["sigma_next"],
-            self.args.noise_level,
-            sigma_max=rollouts.sigma_max,
-            prev_sample=t["next_latents"],
-        )
-
     def training_step(
         self, model: torch.nn.Module, inputs: list[dict[str, Any]], num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -961,16 +513,20 @@ class DiffusionGRPOTrainer(Trainer):
             sums[name] = sums.get(name, 0) + value.detach().mean() / num_trained
 
         for k in range(num_trained):
-            transition = self._transition(model, rollouts, k)
+            transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
-                step = self._step_distribution(model, rollouts, transition)
+                step = rescore_transition(self.adapter, model, rollouts, transition, self.args)
+                self._loss_terms = {}
                 loss, clipped = self.policy_loss(
-                    step.log_prob, transition["old_log_prob"], rollouts.advantages, rollouts
+                    step.log_prob, transition.old_log_prob, rollouts.advantages, rollouts
                 )
-                add("policy_loss", loss)
+                for name, term in {"policy_loss": loss, **self._loss_terms}.items():
+                    add(name, term)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
-                        reference_step = self._step_distribution(reference, rollouts, transition)
+                        reference_step = rescore_transition(
+                            self.adapter, reference, rollouts, transition, self.args
+                        )
                     kl = gaussian_kl(step.mean, reference_step.mean, step.std).flatten(1).mean(dim=1)
                     loss = loss + self.args.beta * kl
                     add("kl", kl)
@@ -978,9 +534,8 @@ class DiffusionGRPOTrainer(Trainer):
             self.accelerator.backward(loss / scale)
             add("loss", loss)
             add("clip_ratio", clipped)
-        for name in ("policy_loss", "clip_ratio", "kl"):
-            if name in sums:
-                self._metrics["train"][name].append(sums[name].item())
+        for name in sums.keys() - {"loss"}:
+            self._metrics["train"][name].append(sums[name].item())
         if not math.isfinite(sums["loss"].item()):
             self._nonfinite_stage = self._nonfinite_stage or "loss"
         return sums["loss"] / self.current_gradient_accumulation_steps
@@ -1007,130 +562,6 @@ class DiffusionGRPOTrainer(Trainer):
     def _before_train(self, checkpoint: str | None) -> None:
         """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).
         BPGO makes its priors here."""
-
-    def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """The checkpoint folder to resume (``True``: the last one in ``output_dir``), checked; ``None`` for
-        a new run."""
-        if resume_from_checkpoint in (None, False):
-            return None
-        if resume_from_checkpoint is True:
-            output_dir = self.args.output_dir
-            found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-            if found is None:
-                raise ValueError(
-                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder. Pass a checkpoint "
-                    "folder, or leave resume_from_checkpoint unset to start a new run."
-                )
-            resume_from_checkpoint = found
-        denoiser = self.accelerator.unwrap_model(self.model)
-        lora = get_peft_model_state_dict(denoiser) if self.is_peft else None
-        check_checkpoint(
-            str(resume_from_checkpoint),
-            lora_shapes={key: tuple(value.shape) for key, value in lora.items()}
-            if lora is not None
-            else None,
-            denoiser_name=self.adapter.denoiser_name,
-            expects_method_state=bool(self.method_state()),
-            weights_only=self.args.resume_weights_only,
-            process_index=self.args.process_index,
-            world_size=self.args.world_size,
-        )
-        return str(resume_from_checkpoint)
-
-    # ------------------------------------------------------------------------------------------------
-    # Finite updates: NaN/inf never reaches the weights, the optimizer state or a saved file
-    # ------------------------------------------------------------------------------------------------
-    def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
-        """Whether every process's samples and stored log-probs are finite (all processes take the same
-        decision). When not, the stage is recorded for :meth:`_guard_update` and the rewards are not called:
-        they would score NaN images, and be blamed for it."""
-        local = torch.stack(
-            [torch.isfinite(rollouts.samples).all(), torch.isfinite(rollouts.log_probs).all()]
-        )
-        samples_finite, log_probs_finite = (
-            gather(local[None].float().to(self.accelerator.device)).min(dim=0).values
-        )
-        if samples_finite and log_probs_finite:
-            return True
-        self._nonfinite_stage = self._nonfinite_stage or ("log_probs" if samples_finite else "samples")
-        return False
-
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        """``Trainer`` computes the global gradient norm just before ``optimizer.step()``; the step is then
-        guarded (:meth:`_guard_update`)."""
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._guard_update(model, grad_norm)
-        return grad_norm
-
-    def _guard_update(self, model: torch.nn.Module, grad_norm: Any) -> None:
-        """Let the coming optimizer step through only if this step's samples, log-probs, loss and gradients
-        were all finite on every process; otherwise skip it (:meth:`_skip_update`). Skipped steps are counted
-        in the ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row
-        raise :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause."""
-        stage, self._nonfinite_stage = self._nonfinite_stage, None
-        if stage is None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
-            stage = "gradients"  # under fp16's GradScaler, overflowing gradients are the scaler's to skip
-        skip = bool(gather(torch.tensor([float(stage is not None)], device=self.accelerator.device)).any())
-        interval = self._metrics["train"]["nonfinite_steps"]
-        interval[:] = [(interval[0] if interval else 0.0) + skip]  # a count per log, not an average
-        if not skip:
-            self._consecutive_nonfinite_steps = 0
-            return
-        self._skip_update(model)
-        self._consecutive_nonfinite_steps += 1
-        steps_before = self.state.global_step + 1 - self._consecutive_nonfinite_steps
-        cause = nonfinite_cause(stage or "gradients", self.args, steps_before, nonfinite_parameters(model))
-        limit = self.args.max_consecutive_nonfinite_steps
-        logger.warning(
-            f"Step {self.state.global_step + 1} skipped: non-finite {stage or 'values on another process'} "
-            f"({self._consecutive_nonfinite_steps}/{limit} in a row); likely cause: {cause}"
-        )
-        if self._consecutive_nonfinite_steps >= limit:
-            raise NonFiniteTrainingError(
-                f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
-                f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
-                f"are kept.{self._save_before_stopping()} Likely cause: {cause} "
-                "(`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
-            )
-
-    def _skip_update(self, model: torch.nn.Module) -> None:
-        """Make the coming ``optimizer.step()`` a no-op. Every gradient is dropped (``p.grad = None``): torch's
-        optimizers skip such parameters, so the weights *and* AdamW's moments and step counts stay as they were.
-        Under fp16's ``GradScaler`` (which refuses a step without gradients) they are made NaN instead, and the
-        scaler skips the step as it does its own overflows."""
-        for parameter in model.parameters():
-            if self.accelerator.scaler is not None and parameter.requires_grad:
-                parameter.grad = torch.full_like(parameter, float("nan"))
-            else:
-                parameter.grad = None
-
-    def _save_before_stopping(self) -> str:
-        """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
-        that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error.
-
-        Only finite weights are saved, and only in a single-process run: saving may need every process, and
-        the others may be waiting elsewhere (they stop when this one exits)."""
-        if self.accelerator.num_processes > 1 or not self.args.should_save:
-            return ""
-        directory = os.path.join(self.args.output_dir, f"stopped-at-step-{self.state.global_step}")
-        try:
-            self.save_model(directory, _internal_call=True)  # internal: not pushed to the Hub
-        except Exception as error:  # the error that stops the run is the one to report
-            logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
-            return ""
-        return f" The weights trained so far were saved to {directory}."
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never
-        written, so the last checkpoint written stays the last good one."""
-        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
-        if bad:
-            raise NonFiniteTrainingError(
-                f"Refusing to save to {output_dir or self.args.output_dir}: the weights {bad} are NaN/inf. "
-                f"Likely cause: {nonfinite_cause('gradients', self.args, self.state.global_step, bad)} Resume "
-                "from the last checkpoint (`resume_from_checkpoint=True`) with that fixed."
-            )
-        super().save_model(output_dir, _internal_call=_internal_call)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving
@@ -1213,159 +644,6 @@ class DiffusionGRPOTrainer(Trainer):
         if mode == "train":
             self._pending_media.flush()
 
-    #: how many distinct training prompts the model card shows
-    _card_num_prompts = 4
-
-    def _card_rows(self) -> list[dict[str, Any]]:
-        """The first :attr:`_card_num_prompts` dataset rows with distinct prompts (one ``"a photo"`` row
-        without a training set)."""
-        rows: dict[str, dict[str, Any]] = {}
-        for row in self.train_dataset or []:
-            rows.setdefault(row[self.args.prompt_column], row)
-            if len(rows) == self._card_num_prompts:
-                break
-        return list(rows.values()) or [{self.args.prompt_column: "a photo"}]
-
-    def _card_call_kwargs(self, row: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The pipeline's ``__call__`` arguments that sample as the trainer does, deterministically."""
-        return {
-            "height": self.height,
-            "width": self.width,
-            "num_inference_steps": self.args.num_inference_steps,
-            "max_sequence_length": self.args.max_sequence_length,
-            "negative_prompt": self.args.negative_prompt if self.args.guidance_scale > 1 else None,
-            **self.adapter.pipeline_call_kwargs(self.args.guidance_scale, self.num_frames, row),
-        }
-
-    @torch.no_grad()
-    def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
-        """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
-        seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
-        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
-        self.model.eval()
-        self.pipeline.set_progress_bar_config(disable=True)
-        context = self._reference_model(self.model) if reference else contextlib.nullcontext()
-        samples = []
-        with context, self.compute_loss_context_manager():
-            for i, row in enumerate(rows):
-                output = self.pipeline(
-                    prompt=row[self.args.prompt_column],
-                    **self._card_call_kwargs(row),
-                    generator=torch.Generator().manual_seed(self.args.seed + i),
-                    output_type="pil",
-                )
-                samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
-        return samples
-
-    def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
-        """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
-        extension = "gif" if self.adapter.output_kind == "videos" else "png"
-        return [
-            CardSample(
-                row[self.args.prompt_column],
-                self.args.seed + i,
-                f"images/before_{i}.{extension}",
-                f"images/after_{i}.{extension}",
-            )
-            for i, row in enumerate(rows)
-        ]
-
-    def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
-        """The card's files: each prompt's sample before and after, and the two captioned grids."""
-        after = self._card_samples(rows, reference=False)
-        before = self._card_samples(rows, reference=True) if self.is_peft else after
-        prompts = [entry.prompt for entry in gallery]
-        pictures: dict[str, Any] = {}
-        for name, samples in (("before", before), ("after", after)):
-            pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
-            first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
-            pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
-        return pictures
-
-    def _card_settings_values(self) -> dict[str, Any]:
-        """The settings table: the config fields of :attr:`_card_settings` with the resolved size, and the LoRA's."""
-        values = {name: getattr(self.args, name, None) for name in self._card_settings}
-        values.update(height=self.height, width=self.width)
-        values["num_frames"] = self.num_frames if self.adapter.output_kind == "videos" else None
-        if self.is_peft:
-            config = self.accelerator.unwrap_model(self.model).peft_config["default"]
-            values.update(lora_r=config.r, lora_alpha=config.lora_alpha, use_dora=config.use_dora or None)
-        return values
-
-    def create_model_card(
-        self,
-        model_name: str | None = None,
-        tags: str | list[str] | None = None,
-        license: str | None = None,
-        dataset_tags: str | list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Write ``README.md`` (made with ``huggingface_hub``'s card tools) and the pictures it shows to
-        ``output_dir``: Hub metadata (``base_model`` only when the base is a Hub repo, ``license``, ``datasets``,
-        a ``widget`` gallery), a snippet that loads the base model and the LoRA, samples before and after
-        training (same prompts and seeds, made by the pipeline's own ``__call__`` so the snippet reproduces
-        them), the reward curve, the settings, tracker links, framework versions and the method's citations.
-
-        ``license`` defaults to the base model's (when its card is on this machine), else ``"other"``;
-        ``dataset_tags`` to the training set's Hub id when it was loaded from the Hub.
-        """
-        if not self.is_world_process_zero():
-            return
-        rows = self._card_rows()
-        gallery = self._card_gallery(rows)
-        if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
-            self._card_pictures = self._card_pictures_for(rows, gallery)
-        rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
-        repo_id = (
-            getattr(self, "hub_model_id", None)
-            or self.args.hub_model_id
-            or model_name
-            or os.path.basename(os.path.abspath(self.args.output_dir))
-        )
-        datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
-        card = build_model_card(
-            model_name=self.base_model_name,
-            repo_id=repo_id,
-            method=self._method_name,
-            pipeline_tag=self.adapter.pipeline_tag,
-            reward_names=self.reward_names,
-            rewards=rewards,
-            settings=self._card_settings_values(),
-            citations=self._citations,
-            samples=gallery,
-            call_kwargs=self._card_call_kwargs(rows[0]),
-            output_kind=self.adapter.output_kind,
-            license=license,
-            datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
-            tags=[tags] if isinstance(tags, str) else (tags or []),
-        )
-        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
-        write_model_card_files(self.args.output_dir, card, pictures)
-
-    def push_to_hub(
-        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
-    ) -> Any:
-        """Save the LoRA and the model card to ``output_dir`` first, then upload the folder. Without network
-        or token the error says so, and the local files stay where they are. ``kwargs`` (``license``,
-        ``dataset_tags``, ``tags``, …) go to :meth:`create_model_card`."""
-        self.save_model(self.args.output_dir, _internal_call=True)
-        card_kwargs = {
-            k: v for k, v in kwargs.items() if k in ("model_name", "tags", "license", "dataset_tags")
-        }
-        self.create_model_card(**card_kwargs)
-        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep its pictures
-        try:
-            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
-        except Exception as error:
-            raise RuntimeError(
-                f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
-                f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
-                "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
-                "`hf upload`."
-            ) from error
-        finally:
-            self._card_is_fresh, self._card_pictures = False, None
-
     def method_state(self) -> dict[str, Any]:
         """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
         ``torch.save`` as ``trl_visual_state.pt`` in every checkpoint and handed back to
@@ -1374,94 +652,3 @@ class DiffusionGRPOTrainer(Trainer):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Hook: restore what :meth:`method_state` returned."""
-
-    def _get_output_dir(self, trial: Any) -> str:
-        return self._staging_dir or super()._get_output_dir(trial=trial)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
-        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
-        if self._staging_dir is None:  # pushed once the checkpoint has its final name
-            lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
-            if self.is_world_process_zero() and os.path.isfile(lora):
-                shutil.copy(lora, os.path.join(self.args.output_dir, LORA_WEIGHTS_NAME))
-            super()._push_from_checkpoint(checkpoint_folder)
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
-        so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
-        run_dir = super()._get_output_dir(trial=trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = os.path.join(run_dir, ".staging")
-        self._staging_dir = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-            state = self.method_state()
-            if state and self.args.should_save:
-                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
-        finally:
-            self._staging_dir = None
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, name), final)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(os.path.join(run_dir, name))
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the LoRA in diffusers' format with its adapter config in the file's metadata
-        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
-        denoiser with ``save_pretrained`` when training without LoRA."""
-        output_dir = output_dir or self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        denoiser = self.accelerator.unwrap_model(self.model)
-        if self.is_peft:
-            save_lora(
-                type(self.pipeline),
-                output_dir,
-                denoiser,
-                self.adapter.denoiser_name,
-                dtype=self._lora_save_dtype(output_dir),
-            )
-        else:
-            denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _lora_save_dtype(self, output_dir: str) -> torch.dtype | None:
-        """The dtype of the LoRA weights written to ``output_dir``: as trained (float32) in ``checkpoint-N``
-        folders, so that resuming is exact, and the dtype the pipeline was loaded in everywhere else
-        (``save_model``, ``push_to_hub``), as diffusers' training scripts export a LoRA by default (without
-        ``--upcast_before_saving``)."""
-        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
-            return None
-        return self.weight_dtype
-
-    def _load_from_checkpoint(
-        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
-    ) -> None:
-        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
-        state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
-        if os.path.exists(state_file):
-            self.load_method_state(torch.load(state_file, weights_only=False))
-        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if self.is_peft:
-            load_lora_checkpoint(
-                type(self.pipeline), resume_from_checkpoint, denoiser, self.adapter.denoiser_name
-            )
-        else:
-            loaded = type(denoiser).from_pretrained(
-                os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
-            )
-            denoiser.load_state_dict(loaded.state_dict())

@@ -26,7 +26,8 @@ from diffusers.utils import export_to_gif, make_image_grid
 from PIL import Image, ImageDraw
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+    from .diffusion_grpo_trainer import DiffusionGRPOTrainer
+    from .rollout import Rollouts
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

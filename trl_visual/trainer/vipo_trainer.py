@@ -15,75 +15,23 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from ..backbones import VisionBackbone
-from ..core.advantages import group_advantages
-from ..core.policy_loss import clipped_policy_loss
-from ..core.vipo import perceptual_map, perceptual_video_map, pool_to_tokens
+from ..core.vipo import (
+    dense_policy_loss,
+    per_reward_advantages,
+    perceptual_map,
+    perceptual_video_map,
+    pool_to_tokens,
+    reward_map_advantages,
+)
 from ..rewards import RewardFunc
-from .diffusion_grpo_trainer import DiffusionGRPOTrainer, Rollouts
+from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
+from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 
 MAPS_KEY = "vipo_maps"
 #: per-reward advantages ``(B, F)``, then maps ``(B, F, *grid)``, of ``multi_objective_loss="per_reward"``
 PER_REWARD_KEY = "per_reward_advantages"
-
-
-def dense_policy_loss(
-    log_ratio: torch.Tensor, advantage_maps: torch.Tensor, epsilon: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ViPO's clipped objective with one policy ratio per latent position, averaged over positions.
-
-    With ``log_ratio`` the per-element ``log p_θ − log p_old`` viewed as ``(B, C, *grid)`` and
-    ``A(p) = M(p) · A`` the advantage map ``(B, *grid)``:
-
-    ``ρ_p = exp(Σ_c (log p_θ − log p_old)_{c,p})``,
-    ``L = (1/P) Σ_p max(−A(p) ρ_p, −A(p) clip(ρ_p, 1 − ε, 1 + ε))``.
-
-    ``ρ_p`` is the ratio of the joint Gaussian density of the C channels at position ``p``. Returns the
-    loss ``(B,)`` and the fraction of each sample's positions where the clipped term is active ``(B,)``.
-    """
-    if log_ratio.shape[:1] + log_ratio.shape[2:] != advantage_maps.shape:
-        raise ValueError(
-            f"log-ratio grid {tuple(log_ratio.shape)} (B, C, *grid) does not match the advantage maps "
-            f"{tuple(advantage_maps.shape)} (B, *grid)."
-        )
-    loss, clipped = clipped_policy_loss(log_ratio.sum(dim=1), advantage_maps, epsilon)
-    return loss.flatten(1).mean(dim=1), clipped.flatten(1).float().mean(dim=1)
-
-
-def reward_map_advantages(
-    rewards: torch.Tensor,
-    maps: torch.Tensor,
-    num_generations: int,
-    scale_rewards: str = "group",
-    clip: float | None = 5.0,
-) -> torch.Tensor:
-    """The paper's ``map_target="reward"`` ablation: ``R_i(p) = M_i(p) · R_i``, then GRPO advantages at
-    each position, ``A_i(p) = (R_i(p) − mean_j R_j(p)) / (std_j R_j(p) + 1e-4)`` over the group ``j``.
-
-    ``rewards`` ``(B,)`` and ``maps`` ``(B, *grid)`` hold whole groups (B = N·G, groups consecutive);
-    ``scale_rewards`` and ``clip`` as in :func:`trl_visual.core.advantages.group_advantages` (``"batch"``
-    takes the std over every sample and position). Returns ``(B, *grid)``.
-    """
-    flat = maps.flatten(1) if maps.ndim > 1 else maps[:, None]
-    reward_maps = rewards[:, None].to(flat) * flat  # (B, P)
-    per_position = reward_maps.T.reshape(-1)  # P rows of B: every G consecutive values are one group
-    advantages = group_advantages(per_position, num_generations, scale_rewards, clip=clip)
-    return advantages.view(flat.shape[1], -1).T.reshape(maps.shape)
-
-
-def per_reward_advantages(
-    rewards_per_func: torch.Tensor,
-    num_generations: int,
-    scale_rewards: str = "group",
-    clip: float | None = 5.0,
-) -> torch.Tensor:
-    """``(B, F)`` group-relative advantages of each reward function on its own: column ``f`` is
-    ``A_f = (R_f − R̄_f,group) / (std + 1e-4)``, clamped (:func:`~trl_visual.core.advantages.group_advantages`)."""
-    columns = rewards_per_func.unbind(dim=1)
-    return torch.stack(
-        [group_advantages(r, num_generations, scale_rewards, clip=clip) for r in columns], dim=1
-    )
 
 
 def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
@@ -377,7 +325,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         advantages = reward_map_advantages(
             rewards, all_maps, self.args.num_generations, self.args.scale_rewards, self.args.adv_clip_max
         )
-        return advantages[self._local_slice()]
+        return advantages[self.placement.local]
 
     def objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor

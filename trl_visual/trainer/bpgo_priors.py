@@ -1,0 +1,314 @@
+"""BPGO's per-prompt prior rewards ``R_prior``: one store per source, one interface.
+
+=====================  ==============================================================================
+``prior_source``       store
+=====================  ==============================================================================
+``"column"``           :class:`ColumnPriors`: a numeric dataset column, checked before training
+``"ema"``              :class:`EMAPriors`: ``P' = decay · P + (1 − decay) · R̄`` of each prompt's group means
+``"base_model"``       :class:`BaseModelPriors`: the base model's mean reward, estimated when training
+                       starts and cached in ``output_dir/bpgo_priors.json``
+=====================  ==============================================================================
+
+Every store answers :meth:`PriorStore.priors` for the groups of a batch, learns from a batch with
+:meth:`PriorStore.update`, and round-trips through checkpoints with ``state_dict`` / ``load_state_dict`` (like
+ddpo-pytorch's per-prompt stat tracker, typed and checkpointed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..core.bpgo import update_ema_prior
+from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+
+logger = logging.getLogger(__name__)
+
+PRIOR_CACHE_NAME = "bpgo_priors.json"
+"""File in ``output_dir`` where ``prior_source="base_model"`` keeps its estimated priors across restarts."""
+
+
+def check_prior_value(value: Any, where: str) -> float:
+    """``value`` as a float, or a ``ValueError`` naming ``where`` when it is not a finite number."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value)):
+        return float(value)
+    raise ValueError(
+        f"The prior of {where} is {value!r}: priors must be finite numbers (no NaN, None or text). Fix the "
+        "value, or use prior_source='base_model' or 'ema' to let the trainer make the priors."
+    )
+
+
+def first_row_per_prompt(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, dict[str, Any]]:
+    """The first row of each distinct prompt, in first-seen order."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(row[prompt_column], row)
+    return first
+
+
+def mean_per_prompt(scored: list[tuple[str, float]], num_rollouts: int) -> dict[str, float]:
+    """Each prompt's mean over its non-NaN rewards; a prompt without any is an error naming it."""
+    values: dict[str, list[float]] = {}
+    for prompt, value in scored:
+        if not math.isnan(value):
+            values.setdefault(prompt, []).append(value)
+    missing = sorted({p for p, _ in scored} - set(values))
+    if missing:
+        raise ValueError(
+            f"No valid reward in {num_rollouts} rollouts for the prompts {missing[:5]}: their prior cannot be "
+            "estimated. Raise prior_num_rollouts or check the reward function."
+        )
+    return {prompt: sum(v) / len(v) for prompt, v in values.items()}
+
+
+class PriorStore:
+    """The interface of a prior source. ``prompts`` are the prompts of the N groups of a global batch, ``rows``
+    their first dataset rows, ``group_means`` ``(N,)`` their mean rewards."""
+
+    def priors(
+        self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
+    ) -> torch.Tensor:
+        """``(N,)`` priors, same dtype and device as ``group_means``."""
+        raise NotImplementedError
+
+    def update(self, prompts: list[str], group_means: torch.Tensor) -> None:
+        """Learn from a batch after its advantages are computed (only the EMA does)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this store."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+class ColumnPriors(PriorStore):
+    """Priors read from the ``column`` of each group's dataset row."""
+
+    def __init__(self, column: str):
+        self.column = column
+
+    def priors(
+        self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
+    ) -> torch.Tensor:
+        values = [
+            check_prior_value(row.get(self.column), f"the row with prompt {p!r}")
+            for row, p in zip(rows, prompts)
+        ]
+        return torch.tensor(values, dtype=group_means.dtype, device=group_means.device)
+
+
+class EMAPriors(PriorStore):
+    """``P' = decay · P + (1 − decay) · R̄`` per prompt. A prompt seen for the first time gets its own group mean
+    as prior (so ``Δ = 0`` on a first visit)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.values: dict[str, float] = {}
+
+    def priors(
+        self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
+    ) -> torch.Tensor:
+        values = [self.values.get(p, math.nan) for p in prompts]
+        priors = torch.tensor(values, dtype=group_means.dtype, device=group_means.device)
+        return torch.where(torch.isnan(priors), group_means, priors)
+
+    def update(self, prompts: list[str], group_means: torch.Tensor) -> None:
+        """A prompt that appears in several groups of one batch is updated once with the mean of its group
+        means (first visit: ``P' = R̄``)."""
+        positions: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            positions.setdefault(prompt, []).append(i)
+        unique = list(positions)
+        means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
+        old = torch.tensor([self.values.get(p, math.nan) for p in unique], dtype=torch.float64)
+        new = update_ema_prior(old, means, self.decay)
+        for prompt, value in zip(unique, new.tolist()):
+            if not math.isnan(value):
+                self.values[prompt] = value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema_priors": dict(self.values)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.values = dict(state.get("ema_priors") or {})
+
+
+class BaseModelPriors(PriorStore):
+    """The base model's mean reward per prompt, made once before training (:meth:`load_or_estimate`)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] | None = None
+
+    def priors(
+        self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
+    ) -> torch.Tensor:
+        values = [self._prior(p) for p in prompts]
+        return torch.tensor(values, dtype=group_means.dtype, device=group_means.device)
+
+    def _prior(self, prompt: str) -> float:
+        if self.values is None:
+            raise RuntimeError(
+                "prior_source='base_model' but no priors were estimated: they are made when `train()` starts."
+            )
+        if prompt not in self.values:
+            raise KeyError(f"No estimated prior for the prompt {prompt!r}; was it in the train_dataset?")
+        return self.values[prompt]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimated_priors": dict(self.values) if self.values is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("estimated_priors") is not None:
+            self.values = dict(state["estimated_priors"])
+
+    def load_or_estimate(
+        self,
+        path: str,
+        fingerprint: dict[str, Any],
+        first_rows: dict[str, dict[str, Any]],
+        estimate: Callable[[dict[str, dict[str, Any]]], dict[str, float]],
+        write: bool,
+    ) -> None:
+        """Priors from the cache at ``path`` (when made with the same ``fingerprint``), ``estimate``-d now for
+        the prompts of ``first_rows`` it lacks, and the cache rewritten (when ``write``: the main process)."""
+        priors = read_prior_cache(path, fingerprint)
+        missing = {p: row for p, row in first_rows.items() if p not in priors}
+        if missing:
+            logger.info("Estimating BPGO priors for %d prompts from the base model.", len(missing))
+            priors.update(estimate(missing))
+            if write:
+                write_prior_cache(path, fingerprint, priors)
+        self.values = priors
+
+
+def read_prior_cache(path: str, fingerprint: dict[str, Any]) -> dict[str, float]:
+    """The cached priors in ``path``, or ``{}`` (estimate again) when there are none, they were made with other
+    settings (another ``fingerprint``), or the file is unreadable (truncated by a crash, edited by hand): a
+    warning names it."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+        cached_fingerprint, priors = cache["fingerprint"], cache["priors"]
+        priors = {prompt: check_prior_value(value, f"prompt {prompt!r}") for prompt, value in priors.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        logger.warning(
+            "The cached BPGO priors in %s are unreadable (%s: %s); estimating them again and rewriting the file.",
+            path,
+            type(error).__name__,
+            error,
+        )
+        return {}
+    if cached_fingerprint != fingerprint:
+        logger.warning("The cached priors in %s were made with other settings; estimating them again.", path)
+        return {}
+    return priors
+
+
+def write_prior_cache(path: str, fingerprint: dict[str, Any], priors: dict[str, float]) -> None:
+    """Written atomically: a temporary file, then renamed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump({"fingerprint": fingerprint, "priors": priors}, f)
+    os.replace(temporary, path)
+
+
+def check_prior_source(dataset: Any, args: BPGOConfig) -> None:
+    """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
+    can be listed. Both before the pipeline is even loaded."""
+    if dataset is None:
+        return
+    others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
+    if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
+        raise ValueError(
+            "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
+            f"map-style Dataset, not a streaming one; use prior_source={others} instead."
+        )
+    if args.prior_source != "column":
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and args.prior_column not in columns:
+        raise ValueError(
+            f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
+            f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
+            f"`prior_column` to the right name, or use prior_source={others}."
+        )
+    if hasattr(dataset, "__len__"):
+        prompts = dataset[args.prompt_column]
+        for i, value in enumerate(dataset[args.prior_column]):
+            check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Priors
+# ------------------------------------------------------------------------------------------------
+
+
+def base_model_fingerprint(
+    args: BPGOConfig,
+    model_name: str,
+    pipeline: Any,
+    denoiser_dtype: torch.dtype,
+    reward_names: list[str],
+    reward_weights: torch.Tensor,
+    latent_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Everything the estimated priors depend on, as JSON values; a cache made with a different
+    fingerprint is not reused. The estimate samples the base model like a training rollout, from seeds
+    derived from ``seed``, and scores the samples with the weighted rewards: so the model (name, loading
+    options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
+    scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
+    setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
+    package version all count."""
+    fingerprint = {
+        "model": model_name,
+        "pipeline": type(pipeline).__name__,
+        "model_init_kwargs": args.model_init_kwargs or {},
+        "denoiser_dtype": denoiser_dtype,
+        "mixed_precision": [args.bf16, args.fp16],
+        "scheduler": dict(pipeline.scheduler.config),
+        "rewards": reward_names,
+        "reward_weights": reward_weights.tolist(),
+        "num_rollouts": args.prior_num_rollouts,
+        "seed": args.seed,
+        "sampling": [
+            args.num_inference_steps,
+            args.guidance_scale,
+            args.cfg_in_training,
+            list(latent_shape),
+            args.sde_type,
+            args.noise_level,
+            args.sde_window_size,
+            args.sde_window_range,
+            args.negative_prompt,
+            args.max_sequence_length,
+        ],
+        "noise": [
+            args.per_device_train_batch_size,
+            args.world_size,
+            args.num_generations,
+            args.init_same_noise,
+        ],
+        "trl_visual": __version__,
+    }
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def make_prior_store(source: str, column: str, ema_decay: float) -> PriorStore:
+    """The store of ``prior_source`` ``source``."""
+    if source == "column":
+        return ColumnPriors(column)
+    if source == "ema":
+        return EMAPriors(ema_decay)
+    return BaseModelPriors()

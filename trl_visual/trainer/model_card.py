@@ -1,0 +1,179 @@
+"""The model card and the push to the Hub.
+
+Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
+``create_model_card`` and ``push_to_hub`` it replaces (checked against transformers 5.23.0). The card itself
+(metadata, text, pictures) is made by :mod:`trl_visual.hub`; this mixin gathers what the run knows: its
+prompts, samples before and after training from the pipeline's own ``__call__``, rewards and settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from ..hub import CardSample, build_model_card, dataset_repo_id, reward_curve_image, write_model_card_files
+from .logging_utils import captioned_grid
+
+
+class ModelCardMixin:
+    """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline`` and the run's
+    ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
+
+    _card_is_fresh = False
+    _card_pictures: dict[str, Any] | None = None
+
+    #: how many distinct training prompts the model card shows
+    _card_num_prompts = 4
+
+    def _card_rows(self) -> list[dict[str, Any]]:
+        """The first :attr:`_card_num_prompts` dataset rows with distinct prompts (one ``"a photo"`` row
+        without a training set)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for row in self.train_dataset or []:
+            rows.setdefault(row[self.args.prompt_column], row)
+            if len(rows) == self._card_num_prompts:
+                break
+        return list(rows.values()) or [{self.args.prompt_column: "a photo"}]
+
+    def _card_call_kwargs(self, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The pipeline's ``__call__`` arguments that sample as the trainer does, deterministically."""
+        return {
+            "height": self.height,
+            "width": self.width,
+            "num_inference_steps": self.args.num_inference_steps,
+            "max_sequence_length": self.args.max_sequence_length,
+            "negative_prompt": self.args.negative_prompt if self.args.guidance_scale > 1 else None,
+            **self.adapter.pipeline_call_kwargs(self.args.guidance_scale, self.num_frames, row),
+        }
+
+    @torch.no_grad()
+    def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
+        """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
+        seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
+        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
+        self.model.eval()
+        self.pipeline.set_progress_bar_config(disable=True)
+        context = self._reference_model(self.model) if reference else contextlib.nullcontext()
+        samples = []
+        with context, self.compute_loss_context_manager():
+            for i, row in enumerate(rows):
+                output = self.pipeline(
+                    prompt=row[self.args.prompt_column],
+                    **self._card_call_kwargs(row),
+                    generator=torch.Generator().manual_seed(self.args.seed + i),
+                    output_type="pil",
+                )
+                samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
+        return samples
+
+    def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
+        """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
+        extension = "gif" if self.adapter.output_kind == "videos" else "png"
+        return [
+            CardSample(
+                row[self.args.prompt_column],
+                self.args.seed + i,
+                f"images/before_{i}.{extension}",
+                f"images/after_{i}.{extension}",
+            )
+            for i, row in enumerate(rows)
+        ]
+
+    def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
+        """The card's files: each prompt's sample before and after, and the two captioned grids."""
+        after = self._card_samples(rows, reference=False)
+        before = self._card_samples(rows, reference=True) if self.is_peft else after
+        prompts = [entry.prompt for entry in gallery]
+        pictures: dict[str, Any] = {}
+        for name, samples in (("before", before), ("after", after)):
+            pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
+            first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
+            pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
+        return pictures
+
+    def _card_settings_values(self) -> dict[str, Any]:
+        """The settings table: the config fields of :attr:`_card_settings` with the resolved size, and the LoRA's."""
+        values = {name: getattr(self.args, name, None) for name in self._card_settings}
+        values.update(height=self.height, width=self.width)
+        values["num_frames"] = self.num_frames if self.adapter.output_kind == "videos" else None
+        if self.is_peft:
+            config = self.accelerator.unwrap_model(self.model).peft_config["default"]
+            values.update(lora_r=config.r, lora_alpha=config.lora_alpha, use_dora=config.use_dora or None)
+        return values
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        tags: str | list[str] | None = None,
+        license: str | None = None,
+        dataset_tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``README.md`` (made with ``huggingface_hub``'s card tools) and the pictures it shows to
+        ``output_dir``: Hub metadata (``base_model`` only when the base is a Hub repo, ``license``, ``datasets``,
+        a ``widget`` gallery), a snippet that loads the base model and the LoRA, samples before and after
+        training (same prompts and seeds, made by the pipeline's own ``__call__`` so the snippet reproduces
+        them), the reward curve, the settings, tracker links, framework versions and the method's citations.
+
+        ``license`` defaults to the base model's (when its card is on this machine), else ``"other"``;
+        ``dataset_tags`` to the training set's Hub id when it was loaded from the Hub.
+        """
+        if not self.is_world_process_zero():
+            return
+        rows = self._card_rows()
+        gallery = self._card_gallery(rows)
+        if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
+            self._card_pictures = self._card_pictures_for(rows, gallery)
+        rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
+        repo_id = (
+            getattr(self, "hub_model_id", None)
+            or self.args.hub_model_id
+            or model_name
+            or os.path.basename(os.path.abspath(self.args.output_dir))
+        )
+        datasets = [dataset_tags] if isinstance(dataset_tags, str) else dataset_tags
+        card = build_model_card(
+            model_name=self.base_model_name,
+            repo_id=repo_id,
+            method=self._method_name,
+            pipeline_tag=self.adapter.pipeline_tag,
+            reward_names=self.reward_names,
+            rewards=rewards,
+            settings=self._card_settings_values(),
+            citations=self._citations,
+            samples=gallery,
+            call_kwargs=self._card_call_kwargs(rows[0]),
+            output_kind=self.adapter.output_kind,
+            license=license,
+            datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
+            tags=[tags] if isinstance(tags, str) else (tags or []),
+        )
+        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
+        write_model_card_files(self.args.output_dir, card, pictures)
+
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
+    ) -> Any:
+        """Save the LoRA and the model card to ``output_dir`` first, then upload the folder. Without network
+        or token the error says so, and the local files stay where they are. ``kwargs`` (``license``,
+        ``dataset_tags``, ``tags``, …) go to :meth:`create_model_card`."""
+        self.save_model(self.args.output_dir, _internal_call=True)
+        card_kwargs = {
+            k: v for k, v in kwargs.items() if k in ("model_name", "tags", "license", "dataset_tags")
+        }
+        self.create_model_card(**card_kwargs)
+        self._card_is_fresh = True  # Trainer.push_to_hub asks for the card again: keep its pictures
+        try:
+            return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
+        except Exception as error:
+            raise RuntimeError(
+                f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
+                f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
+                "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
+                "`hf upload`."
+            ) from error
+        finally:
+            self._card_is_fresh, self._card_pictures = False, None

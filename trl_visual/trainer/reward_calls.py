@@ -1,0 +1,197 @@
+"""Calling the reward functions: timing, timeouts, async rewards, and checking what they return.
+
+A reward is any callable ``f(prompts, images | videos, **columns) -> list[float | None]`` (see
+:mod:`trl_visual.rewards`). :class:`RewardCaller` calls every reward of a run on one batch and returns a
+``(B, F)`` float32 tensor, NaN where a reward gave ``None``; :func:`drop_infinite_rewards` then leaves ±inf out
+like ``None``. A reward that raises, returns the wrong length or type, only invalid values, or does not return
+within ``reward_timeout`` seconds is an error naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import numbers
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from trl.trainer.utils import is_async_callable
+
+from ..core.advantages import nan_std
+from ..rewards import RewardFunc
+from .guards import RewardTimeoutError, call_with_timeout
+
+logger = logging.getLogger(__name__)
+
+#: where a reward's wall time is logged, per reward name
+TIMING_METRIC = "timing/reward/{name}"
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def dataset_columns(rows: list[dict[str, Any]], prompt_column: str) -> dict[str, list[Any]]:
+    """The batch's dataset columns other than the prompt, by name: what TRL passes to rewards as keywords."""
+    return {key: [row[key] for row in rows] for key in rows[0] if key != prompt_column}
+
+
+def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
+    """``output`` of the reward ``name`` as ``(expected,)`` float32, ``None`` → NaN.
+
+    Raises:
+        TypeError: not a list/tensor/array of floats or ``None``.
+        ValueError: the wrong number of values, or none of them finite.
+    """
+    if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
+        output = torch.as_tensor(output).detach().float().reshape(-1).cpu().tolist()
+    if not isinstance(output, (list, tuple)):
+        raise TypeError(
+            f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
+            f"{type(output).__name__} {_short_repr(output)}."
+        )
+    for i, v in enumerate(output):
+        if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
+            raise TypeError(
+                f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
+                "must return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8]."
+            )
+    values = [float("nan") if v is None else float(v) for v in output]
+    if len(values) != expected:
+        raise ValueError(
+            f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
+            "return exactly one value (a float, or None to skip) per sample."
+        )
+    tensor = torch.tensor(values, dtype=torch.float32)
+    if not torch.isfinite(tensor).any():
+        raise ValueError(f"The reward function {name!r} returned only None/NaN/inf for the whole batch.")
+    return tensor
+
+
+def drop_infinite_rewards(
+    scores: torch.Tensor, names: list[str], metrics: dict[str, list[float]]
+) -> torch.Tensor:
+    """±inf is no reward value (it would make its group's mean infinite and every group-mate's advantage
+    ±adv_clip_max): such a sample is left out like ``None`` (NaN), and counted in ``rewards/<name>/num_inf``
+    of ``metrics``."""
+    infinite = torch.isinf(scores)
+    for f, name in enumerate(names):
+        metrics[f"rewards/{name}/num_inf"].append(float(infinite[:, f].sum()))
+    if infinite.any():
+        logger.warning(
+            f"Reward(s) {[n for f, n in enumerate(names) if infinite[:, f].any()]} returned ±inf for "
+            f"{int(infinite.sum())} sample(s); they are left out of the advantages like None."
+        )
+    return scores.masked_fill(infinite, float("nan"))
+
+
+def record_reward_metrics(
+    metrics: dict[str, list[float]],
+    rewards_per_func: torch.Tensor,
+    reward: torch.Tensor,
+    names: list[str],
+    num_generations: int,
+) -> None:
+    """TRL's reward metrics of one global batch: ``rewards/<name>/mean|std`` per reward, then ``reward``,
+    ``reward_std`` (the mean within-group std of the combined reward) and ``frac_reward_zero_std``."""
+    for f, name in enumerate(names):
+        metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
+        metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
+    group_std = nan_std(reward.reshape(-1, num_generations), dim=1)
+    metrics["reward"].append(reward.nanmean().item())
+    metrics["reward_std"].append(group_std.mean().item())
+    metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+
+
+class RewardCaller:
+    """Calls every reward of a run on one batch. Plain functions run one after the other; ``async`` ones (as in
+    TRL) run concurrently with each other, each within ``timeout`` seconds (``None``: no limit).
+
+    ``stop_note()`` is called when a reward times out, before the error is raised: it says what happens to the
+    run (``"training stops at step N …"``) and may save the weights trained so far.
+    """
+
+    def __init__(
+        self,
+        reward_funcs: list[RewardFunc],
+        names: list[str],
+        timeout: float | None,
+        stop_note: Callable[[], str],
+    ):
+        self.reward_funcs, self.names, self.timeout, self.stop_note = reward_funcs, names, timeout, stop_note
+
+    def __call__(
+        self, kwargs: dict[str, Any], batch_size: int, metrics: dict[str, list[float]]
+    ) -> torch.Tensor:
+        """``(batch_size, F)`` float32 scores (±inf kept) of ``f(**kwargs)`` for every reward ``f``; wall times
+        go to ``metrics[timing/reward/<name>]``."""
+        outputs: dict[int, Any] = {}
+        pending = []
+        for index, func in enumerate(self.reward_funcs):
+            if is_async_callable(func):
+                pending.append(index)
+            else:
+                outputs[index] = self._call_sync(index, kwargs, metrics)
+        if pending:
+            outputs.update(asyncio.run(self._call_async(pending, kwargs, metrics)))
+        scores = [check_reward_output(outputs[i], name, batch_size) for i, name in enumerate(self.names)]
+        return torch.stack(scores, dim=1)
+
+    @contextlib.contextmanager
+    def _timed(self, index: int, metrics: dict[str, list[float]]) -> Iterator[None]:
+        """Around one reward call: its time goes to ``metrics``, and an exception it raises is re-raised naming
+        the reward."""
+        name, start = self.names[index], time.perf_counter()
+        try:
+            yield
+        except Exception as error:
+            raise RuntimeError(
+                f"The reward function {name!r} raised {type(error).__name__}: {error}"
+            ) from error
+        finally:
+            metrics[TIMING_METRIC.format(name=name)].append(time.perf_counter() - start)
+
+    def _call_sync(self, index: int, kwargs: dict[str, Any], metrics: dict[str, list[float]]) -> Any:
+        with self._timed(index, metrics):
+            finished, result = call_with_timeout(self.reward_funcs[index], kwargs, self.timeout)
+        if not finished:
+            raise self._timeout_error(index, still_running=True)
+        return result
+
+    async def _call_async(
+        self, indices: list[int], kwargs: dict[str, Any], metrics: dict[str, list[float]]
+    ) -> dict[int, Any]:
+        timed_out = object()
+
+        async def call(index: int) -> Any:
+            with self._timed(index, metrics):
+                try:
+                    return await asyncio.wait_for(self.reward_funcs[index](**kwargs), self.timeout)
+                except asyncio.TimeoutError:
+                    return timed_out
+
+        results = dict(zip(indices, await asyncio.gather(*(call(i) for i in indices))))
+        for index, result in results.items():
+            if result is timed_out:
+                raise self._timeout_error(index, still_running=False)
+        return results
+
+    def _timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
+        left = (
+            " Python cannot stop a running thread: the call goes on in the background until this process exits."
+            if still_running
+            else " It was cancelled."
+        )
+        return RewardTimeoutError(
+            f"The reward function {self.names[index]!r} did not return within reward_timeout="
+            f"{self.timeout:g} s, so {self.stop_note()}{left} Check the reward (a server that no longer "
+            "answers?), or raise `reward_timeout` (None waits forever)."
+        )

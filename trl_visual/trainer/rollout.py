@@ -1,0 +1,302 @@
+"""The rollout engine: sampling trajectories with the log-probability of every stochastic transition.
+
+A function over an adapter (:class:`~trl_visual.models.DiffusionAdapter`) and a denoiser, testable without a
+``Trainer``. One rollout of a batch of prompts:
+
+1. encode each distinct prompt once (:class:`PromptEncoder`) and, under CFG, the negative prompt once per run;
+2. draw the initial noise for the whole global batch from one seed (:func:`initial_noise`), so that a group
+   split over processes gets consistent noise, shared within the group when asked;
+3. integrate ``σ_0 = 1 → σ_T = 0``: Euler (ODE) steps outside the SDE window, and inside it the stochastic
+   steps of :func:`trl_visual.core.sde.sde_step_with_logprob`, keeping ``x_k``, ``x_{k+1}`` and
+   ``log p(x_{k+1} | x_k)``. Steps before the window are computed once per group and then branched;
+4. decode the final latents.
+
+Training re-scores a stored :class:`Transition` with :func:`rescore_transition`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
+from ..core.timesteps import sample_window_start, stochastic_step_indices
+from ..models import DiffusionAdapter, PromptEmbeds, select_embeds
+from .diffusion_grpo_config import DiffusionGRPOConfig
+from .seeds import sde_noise_seed
+
+
+@dataclass
+class Rollouts:
+    """A batch of sampled trajectories: what training needs, on this process only.
+
+    ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
+    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time.
+    """
+
+    prompts: list[str]
+    embeds: PromptEmbeds
+    negative_embeds: PromptEmbeds | None
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    log_probs: torch.Tensor
+    sigmas: torch.Tensor
+    sigmas_next: torch.Tensor
+    sigma_max: float
+    samples: torch.Tensor
+    train_steps: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One stored stochastic step of every sample: ``x_k → x_{k+1}`` at ``σ_k → σ_{k+1}``, with the log-prob
+    ``log p_old(x_{k+1} | x_k)`` (per element) it had when it was sampled."""
+
+    latents: torch.Tensor
+    next_latents: torch.Tensor
+    old_log_prob: torch.Tensor
+    sigma: torch.Tensor
+    sigma_next: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BatchPlacement:
+    """Where this process's samples sit in the global batch: rows ``offset : offset + per_device_batch_size``."""
+
+    process_index: int
+    num_processes: int
+    per_device_batch_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.per_device_batch_size * self.num_processes
+
+    @property
+    def offset(self) -> int:
+        return self.process_index * self.per_device_batch_size
+
+    @property
+    def local(self) -> slice:
+        """This process's rows of a tensor over the global batch."""
+        return slice(self.offset, self.offset + self.per_device_batch_size)
+
+
+def unique_in_order(values: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Distinct values in first-seen order, and for each input the index of its value."""
+    positions: dict[str, int] = {}
+    inverse = [positions.setdefault(v, len(positions)) for v in values]
+    return list(positions), torch.tensor(inverse, dtype=torch.long)
+
+
+class PromptEncoder:
+    """Prompt embeddings for a batch, encoding each distinct prompt once; the negative prompt is encoded once
+    per run (the text encoders are frozen)."""
+
+    def __init__(self, adapter: DiffusionAdapter, max_sequence_length: int, negative_prompt: str):
+        self.adapter = adapter
+        self.max_sequence_length = max_sequence_length
+        self.negative_prompt = negative_prompt
+        self._negative: PromptEmbeds | None = None
+
+    def __call__(self, prompts: list[str]) -> PromptEmbeds:
+        unique, inverse = unique_in_order(prompts)
+        return select_embeds(self.adapter.encode_prompts(unique, self.max_sequence_length), inverse)
+
+    def negative(self, batch_size: int) -> PromptEmbeds:
+        """The negative prompt's embedding, repeated ``batch_size`` times."""
+        if self._negative is None:
+            self._negative = self.adapter.encode_prompts([self.negative_prompt], self.max_sequence_length)
+        return select_embeds(self._negative, torch.zeros(batch_size, dtype=torch.long))
+
+
+def uses_cfg(args: DiffusionGRPOConfig, training: bool) -> bool:
+    """Whether sampling runs classifier-free guidance: ``guidance_scale > 1``, and in training only with
+    ``cfg_in_training``."""
+    return args.guidance_scale > 1 and (args.cfg_in_training or not training)
+
+
+def initial_noise(
+    adapter: DiffusionAdapter,
+    latent_shape: tuple[int, ...],
+    group_ids: torch.Tensor,
+    seed: int,
+    *,
+    placement: BatchPlacement,
+    num_generations: int,
+    shared: bool,
+    device: torch.device,
+    training: bool = True,
+) -> torch.Tensor:
+    """Initial latents for this process's samples, drawn for the whole global batch from one seed so that a
+    group split across processes still gets consistent (and, if ``shared``, equal) noise; ``group_ids`` are
+    the samples' global group indices. Outside training (evaluation, model cards) each sample simply gets its
+    own noise."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if not training:
+        return adapter.prepare_noise(len(group_ids), latent_shape, generator)
+    global_batch = placement.global_batch_size
+    rows = global_batch // num_generations if shared else global_batch
+    noise = adapter.prepare_noise(rows, latent_shape, generator)
+    if shared:
+        return noise[group_ids.to(noise.device)]
+    return noise[placement.offset : placement.offset + len(group_ids)]
+
+
+def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool) -> list[int]:
+    """The sampling steps that are stochastic this round: the SDE window, placed from ``seed``."""
+    if not stochastic:
+        return []
+    num_steps, window_start = args.num_inference_steps, 0
+    if args.sde_window_size > 0:
+        window_start = sample_window_start(
+            args.sde_window_size,
+            tuple(args.sde_window_range),
+            num_steps,
+            args.sde_type,
+            torch.Generator().manual_seed(seed),
+        )
+    return stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
+
+
+def _stacked(tensors: list[torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    """``(B, K, ...)`` from K tensors ``(B, ...)``; ``(B, 0, ...)`` when there are none."""
+    return torch.stack(tensors, 1) if tensors else latents.new_zeros((len(latents), 0, *latents.shape[1:]))
+
+
+@torch.no_grad()
+def sample_rollouts(
+    adapter: DiffusionAdapter,
+    denoiser: torch.nn.Module,
+    prompts: list[str],
+    group_ids: torch.Tensor,
+    seed: int,
+    *,
+    args: DiffusionGRPOConfig,
+    encoder: PromptEncoder,
+    placement: BatchPlacement,
+    sigmas: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    stochastic: bool = True,
+    training: bool = True,
+    rows: list[dict[str, Any]] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Rollouts:
+    """Sample one trajectory per prompt on the ``T + 1`` values of ``sigmas``, keeping the stochastic
+    transitions and their log-probs.
+
+    ``group_ids`` are the global group index of each sample. Steps before the first stochastic one (the SDE
+    window's ODE prefix) are computed once per group and then branched to the group's samples, which share
+    their initial noise in that case. ``rows`` are the dataset rows, for conditioning beyond the prompt (see
+    :meth:`DiffusionAdapter.encode_conditioning`); ``autocast`` is the context the denoiser runs in.
+    """
+    num_steps = args.num_inference_steps
+    steps = _stochastic_steps(args, seed, stochastic)
+    sigmas = sigmas.to(device)
+    embeds = {**encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
+    negative = encoder.negative(len(prompts)) if uses_cfg(args, training) else None
+    noise = {"placement": placement, "num_generations": args.num_generations, "device": device}
+
+    branch = bool(steps) and steps[0] > 0
+    if branch:  # one trajectory per group until the window opens
+        groups, group_index = torch.unique(group_ids, return_inverse=True)
+        first_rows = torch.stack([(group_index == g).nonzero()[0, 0] for g in range(len(groups))])
+        latents = initial_noise(adapter, latent_shape, groups, seed, shared=True, **noise)
+        prefix_embeds = select_embeds(embeds, first_rows)
+        prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
+    else:
+        latents = initial_noise(
+            adapter, latent_shape, group_ids, seed, shared=args.init_same_noise, training=training, **noise
+        )
+        prefix_embeds, prefix_negative = embeds, negative
+    step_generator = torch.Generator(device=device).manual_seed(sde_noise_seed(seed, placement.process_index))
+
+    states, next_states, log_probs = [], [], []
+    with autocast():
+        for i in range(num_steps):
+            if branch and i == steps[0]:
+                latents = latents[group_index.to(device)]
+                prefix_embeds, prefix_negative = embeds, negative
+            sigma, sigma_next = sigmas[i].expand(len(latents)), sigmas[i + 1].expand(len(latents))
+            velocity = adapter.velocity(
+                denoiser, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
+            )
+            if i not in steps:
+                latents = euler_step(latents, velocity, sigma, sigma_next)
+                continue
+            step = sde_step_with_logprob(
+                args.sde_type,
+                latents,
+                velocity,
+                sigma,
+                sigma_next,
+                args.noise_level,
+                sigma_max=float(sigmas[1]),
+                generator=step_generator,
+            )
+            states.append(latents)
+            latents = step.prev_sample
+            next_states.append(latents)
+            log_probs.append(step.log_prob)
+
+    index = torch.tensor(steps, dtype=torch.long, device=device)
+    return Rollouts(
+        prompts=prompts,
+        embeds=embeds,
+        negative_embeds=negative,
+        latents=_stacked(states, latents),
+        next_latents=_stacked(next_states, latents),
+        log_probs=_stacked(log_probs, latents),
+        sigmas=sigmas[index],
+        sigmas_next=sigmas[index + 1],
+        sigma_max=float(sigmas[1]),
+        samples=adapter.decode(latents),
+    )
+
+
+def transition_at(rollouts: Rollouts, k: int) -> Transition:
+    """The k-th trained transition of every sample (``rollouts.train_steps[:, k]``)."""
+    rows = torch.arange(len(rollouts.prompts), device=rollouts.latents.device)
+    position = rollouts.train_steps[:, k]
+    return Transition(
+        latents=rollouts.latents[rows, position],
+        next_latents=rollouts.next_latents[rows, position],
+        old_log_prob=rollouts.log_probs[rows, position],
+        sigma=rollouts.sigmas[position],
+        sigma_next=rollouts.sigmas_next[position],
+    )
+
+
+def rescore_transition(
+    adapter: DiffusionAdapter,
+    denoiser: torch.nn.Module,
+    rollouts: Rollouts,
+    transition: Transition,
+    args: DiffusionGRPOConfig,
+) -> SDEStep:
+    """The current policy's Gaussian for a stored transition: its mean, std and ``log p_θ(x_{k+1} | x_k)``."""
+    velocity = adapter.velocity(
+        denoiser,
+        transition.latents,
+        transition.sigma,
+        rollouts.embeds,
+        rollouts.negative_embeds,
+        args.guidance_scale,
+    )
+    return sde_step_with_logprob(
+        args.sde_type,
+        transition.latents,
+        velocity,
+        transition.sigma,
+        transition.sigma_next,
+        args.noise_level,
+        sigma_max=rollouts.sigma_max,
+        prev_sample=transition.next_latents,
+    )

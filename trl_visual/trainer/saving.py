@@ -1,0 +1,152 @@
+"""Saving and loading what a run trained: the LoRA in diffusers' format, atomic checkpoints, resuming.
+
+Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
+private saving methods it extends. Each override does its own work around ``super()``; they were checked
+against transformers 5.23.0 (re-check them when the pin moves):
+
+* ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file;
+* ``_save_checkpoint`` stages the checkpoint and renames it into place, so a crash never leaves half of one;
+* ``_get_output_dir`` points ``Trainer``'s checkpoint writing at the staging folder while it saves;
+* ``_push_from_checkpoint`` adds the LoRA file to what ``Trainer`` uploads;
+* ``_load_from_checkpoint`` loads the LoRA (and the method's state) back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
+from ..hub import load_lora_checkpoint, save_lora
+
+
+class CheckpointSavingMixin:
+    """LoRA export, atomic checkpoints and resuming, for a trainer with ``adapter``, ``pipeline``, ``is_peft``,
+    ``weight_dtype`` and the :meth:`method_state` / :meth:`load_method_state` hooks."""
+
+    _staging_dir: str | None = None
+
+    def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
+        """The checkpoint folder to resume (``True``: the last one in ``output_dir``), checked; ``None`` for
+        a new run."""
+        if resume_from_checkpoint in (None, False):
+            return None
+        if resume_from_checkpoint is True:
+            output_dir = self.args.output_dir
+            found = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+            if found is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {output_dir} holds no checkpoint-N folder. Pass a checkpoint "
+                    "folder, or leave resume_from_checkpoint unset to start a new run."
+                )
+            resume_from_checkpoint = found
+        denoiser = self.accelerator.unwrap_model(self.model)
+        lora = get_peft_model_state_dict(denoiser) if self.is_peft else None
+        check_checkpoint(
+            str(resume_from_checkpoint),
+            lora_shapes={key: tuple(value.shape) for key, value in lora.items()}
+            if lora is not None
+            else None,
+            denoiser_name=self.adapter.denoiser_name,
+            expects_method_state=bool(self.method_state()),
+            weights_only=self.args.resume_weights_only,
+            process_index=self.args.process_index,
+            world_size=self.args.world_size,
+        )
+        return str(resume_from_checkpoint)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial=trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
+        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
+        if self._staging_dir is None:  # pushed once the checkpoint has its final name
+            lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
+            if self.is_world_process_zero() and os.path.isfile(lora):
+                shutil.copy(lora, os.path.join(self.args.output_dir, LORA_WEIGHTS_NAME))
+            super()._push_from_checkpoint(checkpoint_folder)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
+        so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
+        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
+        run_dir = super()._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_root = os.path.join(run_dir, ".staging")
+        self._staging_dir = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+            state = self.method_state()
+            if state and self.args.should_save:
+                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+        finally:
+            self._staging_dir = None
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging_root, name), final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(os.path.join(run_dir, name))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the LoRA in diffusers' format with its adapter config in the file's metadata
+        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
+        denoiser with ``save_pretrained`` when training without LoRA."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if self.is_peft:
+            save_lora(
+                type(self.pipeline),
+                output_dir,
+                denoiser,
+                self.adapter.denoiser_name,
+                dtype=self._lora_save_dtype(output_dir),
+            )
+        else:
+            denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _lora_save_dtype(self, output_dir: str) -> torch.dtype | None:
+        """The dtype of the LoRA weights written to ``output_dir``: as trained (float32) in ``checkpoint-N``
+        folders, so that resuming is exact, and the dtype the pipeline was loaded in everywhere else
+        (``save_model``, ``push_to_hub``), as diffusers' training scripts export a LoRA by default (without
+        ``--upcast_before_saving``)."""
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            return None
+        return self.weight_dtype
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
+        state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
+        if os.path.exists(state_file):
+            self.load_method_state(torch.load(state_file, weights_only=False))
+        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if self.is_peft:
+            load_lora_checkpoint(
+                type(self.pipeline), resume_from_checkpoint, denoiser, self.adapter.denoiser_name
+            )
+        else:
+            loaded = type(denoiser).from_pretrained(
+                os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
+            )
+            denoiser.load_state_dict(loaded.state_dict())

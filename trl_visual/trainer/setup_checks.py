@@ -1,0 +1,163 @@
+"""The trainer's set-up: input checks that run before any expensive work, and preparing the denoiser.
+
+Every check raises an error that names the problem and the fix while the trainer is being built, rather than
+after a rollout has been paid for.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from ..core.timesteps import stochastic_step_indices, window_starts
+from ..data import check_prompt_values
+from ..models import DiffusionAdapter
+from .diffusion_grpo_config import DiffusionGRPOConfig
+from .guards import check_flow_matching_sigmas
+from .logging_utils import make_config_readable_by_trackers
+
+logger = logging.getLogger(__name__)
+
+
+def check_reward_weights(weights: list[float] | None, reward_names: list[str]) -> torch.Tensor:
+    """One weight per reward (``None``: all 1), as a float32 tensor."""
+    if weights is None:
+        return torch.ones(len(reward_names))
+    if len(weights) != len(reward_names):
+        raise ValueError(
+            f"`reward_weights` has {len(weights)} values but there are {len(reward_names)} reward "
+            f"functions ({', '.join(reward_names)}); give one weight per reward."
+        )
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
+    """The prompt column exists and holds non-empty strings; the training set has enough prompts for a step."""
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and args.prompt_column not in columns:
+        raise ValueError(
+            f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
+            f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
+        )
+    if columns is not None and hasattr(dataset, "__len__"):
+        check_prompt_values(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
+    if split == "train_dataset" and hasattr(dataset, "__len__"):
+        prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
+        if len(dataset) < prompts_per_step:
+            raise ValueError(
+                f"The train_dataset has {len(dataset)} prompts but each step needs {prompts_per_step} distinct "
+                f"prompts (global batch / num_generations). Add prompts or lower the batch size."
+            )
+
+
+def check_columns(dataset: Any, split: str, required: list[str], pipeline_name: str) -> None:
+    """The columns the pipeline family needs beyond the prompt (Wan I2V's conditioning image) exist."""
+    columns = getattr(dataset, "column_names", None)
+    missing = [name for name in required if columns is not None and name not in columns]
+    if missing:
+        raise ValueError(
+            f"{pipeline_name} needs the column(s) {missing} in the {split} (its columns: "
+            f"{columns}). Add them, or point the config (e.g. `image_column`) at the right column."
+        )
+
+
+def prepare_denoiser(
+    adapter: DiffusionAdapter, peft_config: LoraConfig | None, args: DiffusionGRPOConfig
+) -> torch.nn.Module:
+    """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
+
+    The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
+    as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
+    a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
+    dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
+    for module in adapter.frozen_modules:
+        module.requires_grad_(False).eval()
+    denoiser = adapter.denoiser
+    if peft_config is not None:
+        denoiser.requires_grad_(False)
+        denoiser.add_adapter(peft_config)
+    else:
+        denoiser.requires_grad_(True)
+    cast_training_params(denoiser, dtype=torch.float32)
+    make_config_readable_by_trackers(denoiser)
+    if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
+        denoiser.enable_gradient_checkpointing()
+        # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
+        # transformers 5 renamed the flag `activation_checkpointing` and keeps the old name as an alias.
+        args.gradient_checkpointing = False
+        if hasattr(args, "activation_checkpointing"):
+            args.activation_checkpointing = False
+    return denoiser
+
+
+def check_scheduler(
+    adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
+) -> None:
+    """The SDE samplers need a flow-matching schedule: another scheduler (DDIM, SD1/SDXL's Euler) is refused
+    now, by name, rather than with an ``AttributeError`` or NaN log-probs after sampling."""
+    check_flow_matching_sigmas(
+        lambda: adapter.sigmas(args.num_inference_steps, latent_shape),
+        adapter.pipeline.scheduler,
+        args.num_inference_steps,
+    )
+
+
+def check_trained_steps(
+    adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
+) -> None:
+    """Refuse, before any sampling, an SDE window that could fall where the trained denoiser never
+    predicts (Wan2.2 A14B's frozen low-noise expert): such a step would cost a full rollout and train
+    nothing. Only steps where :meth:`DiffusionAdapter.trains_at` holds are ever trained."""
+    num_steps = args.num_inference_steps
+    sigmas = adapter.sigmas(num_steps, latent_shape, args.time_shift)[:-1]
+    trained = adapter.trains_at(sigmas).nonzero().flatten().tolist()
+    if len(trained) == num_steps:
+        return
+    if not trained:
+        raise ValueError(
+            f"None of the {num_steps} sampling steps uses the trained {adapter.denoiser_name}: a frozen "
+            "second expert predicts at every step (check the pipeline's `boundary_ratio`)."
+        )
+    if args.sde_window_size > 0:
+        starts = window_starts(args.sde_window_size, tuple(args.sde_window_range), num_steps, args.sde_type)
+    else:
+        starts = [0]
+    for start in starts:
+        window = stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, start)
+        if not set(window) & set(trained):
+            raise ValueError(
+                f"With num_inference_steps={num_steps}, the trained {adapter.denoiser_name} predicts only "
+                f"at sampling steps {trained}; the others belong to a frozen second expert (Wan2.2's "
+                f"transformer_2 below boundary_ratio). The stochastic steps {window} (sde_window_size="
+                f"{args.sde_window_size}, sde_window_range={args.sde_window_range}) contain none of them, so "
+                f"they would train nothing. Set `sde_window_range` to [0, {trained[-1] + 1}] or "
+                "`sde_window_size` to 0, or swap the two experts in the pipeline to train the low-noise one."
+            )
+    logger.info(
+        f"Training only sampling steps {trained} of {num_steps}: the others are predicted by a frozen expert."
+    )
+
+
+def enable_vae_memory_options(pipeline: Any, args: DiffusionGRPOConfig) -> None:
+    """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
+    without the method is reported and decodes as before."""
+    vae = getattr(pipeline, "vae", None)
+    for wanted, option, method in (
+        (args.vae_tiling, "vae_tiling", "enable_tiling"),
+        (args.vae_slicing, "vae_slicing", "enable_slicing"),
+    ):
+        if not wanted:
+            continue
+        if hasattr(vae, method):
+            getattr(vae, method)()
+        else:
+            logger.warning(
+                f"{option}=True has no effect: the pipeline's VAE ({type(vae).__name__}) has no {method}(); "
+                "decoding runs without it."
+            )
