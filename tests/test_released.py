@@ -116,7 +116,13 @@ RECIPES = {
     "bpgo_flux_released.yaml": ("bpgo", {**BPGO_RELEASED, "num_generations": 12, "noise_level": 0.3}),
     "vipo_flux_released.yaml": (
         "vipo",
-        {**VIPO_MAP, "map_variant": "released", "dense_level": "sample", "noise_level": 0.3},
+        {
+            **VIPO_MAP,
+            "map_variant": "released",
+            "dense_level": "sample",
+            "noise_level": 0.3,
+            "time_shift": 3.0,
+        },
     ),
     "vipo_wan_released.yaml": (
         "vipo",
@@ -126,6 +132,7 @@ RECIPES = {
             "dense_level": "position",
             "temporal_sigma": 0.3,
             "noise_level": 0.25,
+            "time_shift": 8.0,
         },
     ),
     "flux_hpsv2_bpgo.yaml": (
