@@ -28,6 +28,7 @@ from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .evaluation import EvaluationMixin
 from .guards import (
     FiniteUpdatesMixin,
     check_writable_dir,
@@ -39,7 +40,13 @@ from .logging_utils import (
 )
 from .model_card import ModelCardMixin
 from .prompt_sampler import EpochSeededRepeatSampler
-from .reward_calls import RewardCaller, dataset_columns, drop_infinite_rewards, record_reward_metrics
+from .reward_calls import (
+    RewardCaller,
+    dataset_columns,
+    drop_infinite_rewards,
+    record_reward_metrics,
+    resolve_eval_rewards,
+)
 from .rollout import (
     BatchPlacement,
     PromptEncoder,
@@ -67,7 +74,9 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return features
 
 
-class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer):
+class DiffusionGRPOTrainer(
+    EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer
+):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
     Each step samples ``num_generations`` trajectories per prompt with a stochastic sampler that keeps
@@ -151,7 +160,9 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
             )
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_names)
-        self.eval_reward_funcs = self._resolve_eval_rewards(eval_reward_funcs, args)
+        self.eval_reward_funcs = resolve_eval_rewards(
+            args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs, self.reward_names
+        )
         self.eval_reward_names = [reward_name(r) for r in self.eval_reward_funcs]
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             check_dataset(dataset, split, args)
@@ -216,28 +227,6 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
         if not isinstance(args, cls.config_class):
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
         return args
-
-    def _resolve_eval_rewards(
-        self, eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None, args: DiffusionGRPOConfig
-    ) -> list[RewardFunc]:
-        """The rewards only :meth:`evaluate` scores: the argument (callables or specs), else the config's
-        ``eval_reward_funcs`` (registered names or ``module.path:function``, as ``--reward_funcs`` takes).
-        A name that is also a training reward's, or given twice, is an error (their metrics would collide)."""
-        # the one parser of reward specs, imported here because the CLI imports the trainers
-        from ..cli import resolve_reward_spec
-
-        specs = args.eval_reward_funcs if eval_reward_funcs is None else eval_reward_funcs
-        specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
-        funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
-        names = [reward_name(func) for func in funcs]
-        clashes = sorted({n for n in names if n in self.reward_names or names.count(n) > 1})
-        if clashes:
-            raise ValueError(
-                f"`eval_reward_funcs` {clashes} share a name with a training reward or with each other, so their "
-                "`eval_rewards/<name>/mean` would collide. A training reward is already scored by evaluate(): "
-                "drop it from `eval_reward_funcs`, or give the callable a distinct `__name__`."
-            )
-        return funcs
 
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
         """The sample size: the config's, else the model's default."""
@@ -566,72 +555,6 @@ class DiffusionGRPOTrainer(ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesM
     # ------------------------------------------------------------------------------------------------
     # Evaluation, logging, saving
     # ------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(
-        self,
-        eval_dataset: Dataset | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> dict[str, float]:
-        """Score ``eval_dataset`` with deterministic (ODE) sampling from fixed seeds; metrics get the
-        ``eval_`` prefix. Every evaluation of a run sees the same initial noise.
-
-        ``eval_reward`` is the weighted training reward; every reward, the training ones and the
-        ``eval_reward_funcs`` (scored here only), is logged as ``eval_rewards/<name>/mean``. With
-        ``log_images``, the first ``num_images_to_log`` samples go out as one captioned grid
-        (``eval_samples``) at the current step."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset.")
-        self.model.eval()
-        shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
-        rewards, shown_prompts, shown_samples = [], [], []
-        batch = self.args.per_device_eval_batch_size
-        self._metrics["eval"].clear()  # from here, the reward timings of this evaluation (model in eval mode)
-        with self._scoring_eval_rewards():
-            for start in range(0, len(shard), batch):
-                rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
-                prompts = [row[self.args.prompt_column] for row in rows]
-                ids = torch.arange(start, start + len(rows))
-                rollouts = self.sample(
-                    prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
-                )
-                rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
-                if self.args.log_images and len(shown_prompts) < self.args.num_images_to_log:
-                    shown_prompts += prompts
-                    shown_samples.append(rollouts.samples)
-        rewards_per_func = gather(torch.cat(rewards))
-        metrics = {f"{metric_key_prefix}_reward": self._weighted_reward_sum(rewards_per_func).mean().item()}
-        for f, name in enumerate(self.reward_names + self.eval_reward_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
-        timings = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
-        self.log({**metrics, **timings})
-        if self.args.log_images and self.accelerator.is_main_process:
-            local_reward = self._weighted_reward_sum(torch.cat(rewards))
-            shown = SampleBatch(shown_prompts, torch.cat(shown_samples), local_reward[: len(shown_prompts)])
-            log_samples(
-                self, shown, key=f"{metric_key_prefix}_samples", file_prefix=f"{metric_key_prefix}_step"
-            )
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    @contextlib.contextmanager
-    def _scoring_eval_rewards(self) -> Iterator[None]:
-        """Within, :meth:`compute_rewards` calls the training rewards followed by ``eval_reward_funcs``
-        (columns ``F`` onwards of its output), with the same checks, timeouts and timings."""
-        trained = self.reward_funcs, self.reward_names
-        self.reward_funcs = trained[0] + self.eval_reward_funcs
-        self.reward_names = trained[1] + self.eval_reward_names
-        try:
-            yield
-        finally:
-            self.reward_funcs, self.reward_names = trained
-
-    def _weighted_reward_sum(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """``Σ_f w_f R_f`` per sample over the training rewards (the first columns; NaN counts as 0)."""
-        trained = rewards_per_func[:, : len(self.reward_funcs)]
-        return (trained * self.reward_weights.to(trained)).nansum(dim=1)
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averages of the metrics gathered since the last log (TRL's way); after a train log, send the
         step's sample grids, so that they land under the same step as its metrics."""

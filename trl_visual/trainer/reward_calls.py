@@ -21,7 +21,7 @@ import torch
 from trl.trainer.utils import is_async_callable
 
 from ..core.advantages import nan_std
-from ..rewards import RewardFunc
+from ..rewards import RewardFunc, reward_name
 from .guards import RewardTimeoutError, call_with_timeout
 
 logger = logging.getLogger(__name__)
@@ -195,3 +195,25 @@ class RewardCaller:
             f"{self.timeout:g} s, so {self.stop_note()}{left} Check the reward (a server that no longer "
             "answers?), or raise `reward_timeout` (None waits forever)."
         )
+
+
+def resolve_eval_rewards(
+    specs: RewardFunc | str | list[RewardFunc | str] | None, training_names: list[str]
+) -> list[RewardFunc]:
+    """The rewards only ``evaluate()`` scores, from callables or specs (registered names or
+    ``module.path:function``, as ``--reward_funcs`` takes). A name that is also a training reward's, or given
+    twice, is an error: their ``eval_rewards/<name>/mean`` would collide."""
+    # the one parser of reward specs, imported here because the CLI imports the trainers
+    from ..cli import resolve_reward_spec
+
+    specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
+    funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
+    names = [reward_name(func) for func in funcs]
+    clashes = sorted({n for n in names if n in training_names or names.count(n) > 1})
+    if clashes:
+        raise ValueError(
+            f"`eval_reward_funcs` {clashes} share a name with a training reward or with each other, so their "
+            "`eval_rewards/<name>/mean` would collide. A training reward is already scored by evaluate(): "
+            "drop it from `eval_reward_funcs`, or give the callable a distinct `__name__`."
+        )
+    return funcs
