@@ -60,7 +60,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def sd35_medium() -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
 
     return {
         "denoiser": SD3Transformer2DModel(
@@ -79,20 +79,12 @@ def sd35_medium() -> dict[str, torch.nn.Module]:
             qk_norm="rms_norm",
         ),
         "text encoders (CLIP-L, CLIP-G, T5-XXL)": _clip_l_g_t5(),
-        "vae": AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-        ),
+        "vae": _sd3_flux_vae(),
     }
 
 
 def flux_dev() -> dict[str, torch.nn.Module]:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     return {
         "denoiser": FluxTransformer2DModel(
@@ -107,15 +99,7 @@ def flux_dev() -> dict[str, torch.nn.Module]:
             guidance_embeds=True,
         ),
         "text encoders (CLIP-L, T5-XXL)": _clip_l_g_t5(with_clip_g=False),
-        "vae": AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-        ),
+        "vae": _sd3_flux_vae(),
     }
 
 
@@ -151,6 +135,21 @@ def wan_1_3b() -> dict[str, torch.nn.Module]:
         ),
         "vae": AutoencoderKLWan(base_dim=96, z_dim=16),
     }
+
+
+def _sd3_flux_vae() -> torch.nn.Module:
+    """The 16-channel ``AutoencoderKL`` that SD3/SD3.5 and FLUX.1 share."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=16,
+    )
 
 
 def _clip_l_g_t5(with_clip_g: bool = True) -> torch.nn.Module:
