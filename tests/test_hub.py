@@ -170,7 +170,7 @@ def check_valid(card):
 @pytest.mark.parametrize(
     "where, expected_base, loads",
     [
-        ("tiny:sd3", None, 'load_tiny_pipeline("tiny:sd3")'),
+        ("tiny:sd3", None, 'load_pipeline("tiny:sd3")'),
         (
             "hub",
             "stabilityai/stable-diffusion-3.5-medium",

@@ -366,7 +366,7 @@ def usage_snippet(
 ) -> str:
     """Python that loads the base model and this LoRA and makes ``sample``'s picture.
 
-    The base model is loaded by Hub id when it has one, rebuilt with ``trl_visual.testing`` for a ``tiny:``
+    The base model is loaded by Hub id when it has one, rebuilt with ``trl_visual.models.load_pipeline`` for a ``tiny:``
     model, and otherwise left as a path for the reader to fill in. ``call_kwargs`` are the pipeline's keyword
     arguments; a conditioning ``image`` becomes a ``load_image`` call.
     """
@@ -374,8 +374,10 @@ def usage_snippet(
     if base_model:
         load = f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float32)'
     elif model_name.startswith("tiny:"):
-        imports = ["from trl_visual.testing import load_tiny_pipeline"]
-        load = f'pipe = load_tiny_pipeline("{model_name}")  # the random-weight test model this LoRA was trained on'
+        imports = ["from trl_visual.models import load_pipeline"]
+        load = (
+            f'pipe = load_pipeline("{model_name}")  # trl_visual\'s built-in model this LoRA was trained on'
+        )
     else:
         load = (
             "# the base model this LoRA was trained on (a local folder that names no Hub repo)\n"
