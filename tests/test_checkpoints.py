@@ -135,7 +135,7 @@ def test_model_card_and_offline_push(tmp_path):
     assert [entry["output"]["url"] for entry in metadata["widget"]] == [
         f"images/after_{i}.png" for i in range(4)
     ]
-    assert 'pipe = load_tiny_pipeline("tiny:sd3")' in text
+    assert 'pipe = load_pipeline("tiny:sd3")' in text
     assert metadata["library_name"] == "diffusers"
     assert metadata["pipeline_tag"] == "text-to-image"
     assert {"trl-visual", "grpo", "lora"} <= set(metadata["tags"])
