@@ -118,20 +118,18 @@ class CheckpointSavingMixin:
                 output_dir,
                 denoiser,
                 self.adapter.denoiser_name,
-                dtype=self._lora_save_dtype(output_dir),
+                dtype=self._lora_save_dtype(),
             )
         else:
             denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
-    def _lora_save_dtype(self, output_dir: str) -> torch.dtype | None:
-        """The dtype of the LoRA weights written to ``output_dir``: as trained (float32) in ``checkpoint-N``
-        folders, so that resuming is exact, and the dtype the pipeline was loaded in everywhere else
-        (``save_model``, ``push_to_hub``), as diffusers' training scripts export a LoRA by default (without
-        ``--upcast_before_saving``)."""
-        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
-            return None
-        return self.weight_dtype
+    def _lora_save_dtype(self) -> torch.dtype | None:
+        """The dtype of the LoRA weights being written: as trained (float32) while a checkpoint is written
+        (:meth:`_save_checkpoint` sets ``_staging_dir``), so that resuming is exact, and the dtype the pipeline
+        was loaded in everywhere else (``save_model``, ``push_to_hub``), as diffusers' training scripts export a
+        LoRA by default (without ``--upcast_before_saving``)."""
+        return None if self._staging_dir is not None else self.weight_dtype
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
