@@ -61,3 +61,7 @@ trainer.recorded.update(
 )
 with open(f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.json", "w") as handle:
     json.dump(trainer.recorded, handle)
+# Tear the gloo group down before exit: left to interpreter shutdown, a rank can abort now and then
+# ("terminate called without an active exception") after all its work is done.
+trainer.accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
