@@ -1,0 +1,258 @@
+"""trl_visual, live on a CPU: train GRPO, BPGO or ViPO on the miniature world and watch it learn.
+
+A Gradio app for a free CPU Space (2 vCPU, 16 GB). The run is the library's own trainer (``make_demo_trainer``
+builds a ``DiffusionGRPOTrainer``, ``BPGOTrainer`` or ``ViPOTrainer`` on ``tiny:shapes``); a
+``LiveProgressCallback`` streams its reward curve, samples, ViPO maps and BPGO weights here. Runs are bounded
+in steps and time, and one runs at a time (a queue with concurrency 1). At the end the LoRA can be downloaded,
+or pushed to the Hub with the visitor's token.
+
+Run locally: ``python app.py`` (``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` choose where it listens).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import torch
+from huggingface_hub import HfApi
+from PIL import Image
+
+from trl_visual.demo import METHODS, LiveProgressCallback, LiveUpdate, make_demo_trainer
+from trl_visual.miniature.scenes import PromptGrammarError, parse_prompt
+
+# -- settings: the one place to change what the Space trains ---------------------------------------------------
+#: config fields over ``trl_visual.demo.SHAPES_SETTINGS`` (which the notebooks share); e.g. {"learning_rate": 3e-4}
+SETTINGS: dict[str, Any] = {}
+#: the rewards a visitor may pick (registered names); ``shapes_adherence`` judges whether an image follows its prompt
+REWARDS = ["shapes_adherence", "red_channel", "jpeg_compressibility"]
+DEFAULT_PROMPTS = (
+    "a red circle on the left\na blue square at the top\na big green triangle\na small yellow shape"
+)
+DEFAULT_STEPS = 20
+#: bounds of one run on a free CPU Space
+MAX_STEPS = 60
+MAX_PROMPTS = 8
+TIME_LIMIT_S = 300
+#: the first prompts are sampled every SAMPLE_EVERY steps (always from the same seed)
+WATCHED_PROMPTS = 4
+SAMPLE_EVERY = 5
+#: how big the 32×32 samples are shown (nearest-neighbour upscaling keeps the pixels sharp)
+DISPLAY_SIZE = 128
+
+torch.set_num_threads(1)  # the miniature model runs fastest on one thread; the second vCPU serves the page
+
+
+# -- input checks (before any model is loaded) -----------------------------------------------------------------
+def check_request(method: str, reward: str, prompts_text: str, steps: Any) -> tuple[list[str], int]:
+    """The prompts (one per line) and the step count, or a ``gr.Error`` naming what is wrong and the fix."""
+    if method not in METHODS:
+        raise gr.Error(f"Unknown method {method!r}: pick one of {', '.join(METHODS)}.")
+    if reward not in REWARDS:
+        raise gr.Error(f"Unknown reward {reward!r}: pick one of {', '.join(REWARDS)}.")
+    prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise gr.Error("No prompts: type at least one, one per line, e.g. 'a red circle on the left'.")
+    if len(prompts) > MAX_PROMPTS:
+        raise gr.Error(
+            f"{len(prompts)} prompts: this Space trains on at most {MAX_PROMPTS}; remove some lines."
+        )
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except PromptGrammarError as error:
+            raise gr.Error(f"The miniature model cannot read {prompt!r}: {error}") from error
+    try:
+        value = float(steps)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value.is_integer():
+        raise gr.Error(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}.")
+    count = int(value)
+    if not 1 <= count <= MAX_STEPS:
+        raise gr.Error(
+            f"{count} steps: a run here takes 1 to {MAX_STEPS} steps (a free CPU Space is shared). For longer runs "
+            "use the quickstart notebook or `trl-visual grpo --model_name_or_path tiny:shapes`."
+        )
+    return prompts, count
+
+
+# -- what the page shows ---------------------------------------------------------------------------------------
+def _enlarged(image: Image.Image) -> Image.Image:
+    scale = max(1, DISPLAY_SIZE // image.height)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+def gallery_items(update: LiveUpdate) -> list[tuple[Image.Image, str]]:
+    """The watched prompts' samples, captioned with the prompt, the reward and the step."""
+    return [
+        (_enlarged(image), f"{prompt} | reward {reward:.2f} | step {update.step}")
+        for image, prompt, reward in zip(update.images, update.prompts, update.sample_rewards)
+    ]
+
+
+def reward_frame(update: LiveUpdate) -> pd.DataFrame:
+    """The reward curve as the plot's data: the mean reward of each logged step."""
+    return pd.DataFrame(update.rewards, columns=["step", "reward"])
+
+
+def weights_frame(update: LiveUpdate) -> pd.DataFrame:
+    """BPGO's latest RAS weight of each training prompt (> 1: the group beat its prior and counts more)."""
+    rows = sorted(update.ras_weights.items(), key=lambda item: -item[1])
+    return pd.DataFrame(rows, columns=["prompt", "RAS weight"])
+
+
+def status_text(update: LiveUpdate, method: str) -> str:
+    if not update.finished:
+        last = f", reward {update.rewards[-1][1]:.3f}" if update.rewards else ""
+        return f"**{method}**: step {update.step} of {update.max_steps}{last}"
+    ending = f" ({update.stop_reason})" if update.stop_reason else ""
+    return f"**{method}**: done after {update.step} steps{ending}. Download the LoRA below, or push it to the Hub."
+
+
+# -- training --------------------------------------------------------------------------------------------------
+def _train_and_save(trainer: Any, errors: list[BaseException]) -> None:
+    """Train, then write the LoRA (diffusers' format) and its model card to ``output_dir``, even when stopped early."""
+    try:
+        trainer.train()
+        trainer.save_model(trainer.args.output_dir)
+        trainer.create_model_card()
+    except BaseException as error:  # noqa: BLE001 - handed to the page, which shows it
+        errors.append(error)
+
+
+def train(
+    method: str,
+    reward: str,
+    prompts_text: str,
+    steps: Any,
+    progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio is asked for a progress bar
+) -> Iterator[tuple[Any, ...]]:
+    """Train live: yields (status, samples, reward curve, ViPO maps, BPGO weights, LoRA file, run folder)."""
+    prompts, steps = check_request(method, reward, prompts_text, steps)
+    output_dir = tempfile.mkdtemp(prefix=f"trl-visual-{method.lower()}-")
+    trainer = make_demo_trainer(method, prompts, output_dir, reward=reward, max_steps=steps, **SETTINGS)
+    updates: queue.Queue[LiveUpdate] = queue.Queue()
+    watcher = LiveProgressCallback(
+        trainer, prompts[:WATCHED_PROMPTS], updates.put, sample_every=SAMPLE_EVERY, time_limit=TIME_LIMIT_S
+    )
+    trainer.add_callback(watcher)
+    errors: list[BaseException] = []
+    worker = threading.Thread(target=_train_and_save, args=(trainer, errors), daemon=True)
+    worker.start()
+    shown = None
+    try:
+        while worker.is_alive() or not updates.empty():
+            try:
+                update = updates.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            progress((update.step, update.max_steps), desc="training", unit="steps")
+            shown = (
+                status_text(update, method),
+                gallery_items(update),
+                reward_frame(update),
+                [(_enlarged(image), prompt) for image, prompt in zip(update.overlays, update.prompts)],
+                weights_frame(update),
+                None,
+                None,
+            )
+            yield shown
+        worker.join()
+    finally:  # the visitor left or pressed Stop: end the run at the next step, keeping what it trained
+        watcher.request_stop()
+    if errors:
+        raise gr.Error(f"Training failed: {type(errors[0]).__name__}: {errors[0]}")
+    lora = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
+    yield (*shown[:5], lora, output_dir)
+
+
+def push(run_folder: str | None, repo_id: str, token: str) -> str:
+    """Upload the run's folder (LoRA and model card) to ``repo_id`` with the visitor's token."""
+    if not run_folder or not os.path.isdir(run_folder):
+        raise gr.Error("Nothing to push yet: train first, then push.")
+    repo_id, token = (repo_id or "").strip(), (token or "").strip()
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise gr.Error(f"Repository {repo_id!r}: write it as 'your-name/model-name'.")
+    if not token:
+        raise gr.Error(
+            "No token: paste a Hugging Face token with write access (huggingface.co/settings/tokens)."
+        )
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=run_folder, commit_message="LoRA trained with trl_visual"
+        )
+    except Exception as error:  # noqa: BLE001 - shown to the visitor; the files stay downloadable
+        raise gr.Error(
+            f"Push failed ({type(error).__name__}: {error}). The LoRA is still downloadable."
+        ) from error
+    return f"Pushed to https://huggingface.co/{repo_id}: load it with `pipe.load_lora_weights({repo_id!r})`."
+
+
+# -- the page --------------------------------------------------------------------------------------------------
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="trl_visual: RL post-training, live") as demo:
+        gr.Markdown(
+            "# trl_visual: RL post-training of a diffusion model, live on a CPU\n"
+            "A miniature pretrained SD3 (`tiny:shapes`, 32×32 images of one coloured shape) trained with "
+            "[trl_visual](https://github.com/trl-visual/trl_visual)'s trainers. Pick a method, a reward and a few "
+            "prompts (grammar: `a [small|big] [red|green|blue|yellow] (circle|square|triangle|shape) "
+            "[on the left|on the right|at the top|at the bottom]`), then press Train. "
+            f"At most {MAX_STEPS} steps and {TIME_LIMIT_S // 60} minutes per run; one run at a time."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                method = gr.Radio(list(METHODS), value="GRPO", label="Method", elem_id="method")
+                reward = gr.Dropdown(REWARDS, value=REWARDS[0], label="Reward", elem_id="reward")
+                prompts = gr.Textbox(
+                    DEFAULT_PROMPTS, lines=5, label="Prompts (one per line)", elem_id="prompts"
+                )
+                steps = gr.Number(DEFAULT_STEPS, precision=0, label=f"Steps (1–{MAX_STEPS})", elem_id="steps")
+                start = gr.Button("Train", variant="primary", elem_id="train")
+            with gr.Column(scale=2):
+                status = gr.Markdown("Press **Train** to start.", elem_id="status")
+                samples = gr.Gallery(
+                    label="Samples (same seeds every time)",
+                    columns=4,
+                    object_fit="contain",
+                    elem_id="samples",
+                )
+                curve = gr.LinePlot(x="step", y="reward", title="Mean reward per step", elem_id="curve")
+        with gr.Row():
+            maps = gr.Gallery(
+                label="ViPO: samples and their perceptual maps",
+                columns=2,
+                object_fit="contain",
+                elem_id="maps",
+            )
+            weights = gr.Dataframe(label="BPGO: RAS weight per prompt", elem_id="weights")
+        with gr.Row():
+            lora = gr.File(label="LoRA (diffusers format: pipe.load_lora_weights)", elem_id="lora")
+            run_folder = gr.State(None)
+            with gr.Column():
+                repo_id = gr.Textbox(label="Hub repository", placeholder="your-name/tiny-shapes-grpo")
+                token = gr.Textbox(label="Hugging Face token (write)", type="password")
+                push_button = gr.Button("Push to the Hub")
+                pushed = gr.Markdown()
+        start.click(
+            train,
+            [method, reward, prompts, steps],
+            [status, samples, curve, maps, weights, lora, run_folder],
+            concurrency_limit=1,
+            concurrency_id="train",
+        )
+        push_button.click(push, [run_folder, repo_id, token], pushed)
+    demo.queue(default_concurrency_limit=1, max_size=16)
+    return demo
+
+
+if __name__ == "__main__":
+    build_demo().launch()
