@@ -75,6 +75,30 @@ def test_push_refuses_before_training_and_without_token(tmp_path):
         app.push(str(tmp_path), "me/model", "  ")
 
 
+def test_push_uploads_the_run_folder_with_the_visitors_token(tmp_path, monkeypatch):
+    app = load_app()
+    calls = []
+
+    class FakeHub:  # records what the Space asks of huggingface_hub.HfApi (no network here)
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, exist_ok):
+            calls.append(("create_repo", repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, folder_path))
+
+    monkeypatch.setattr(app, "HfApi", FakeHub)
+    message = app.push(str(tmp_path), " me/tiny-shapes ", " hf_secret ")
+    assert calls == [
+        ("token", "hf_secret"),
+        ("create_repo", "me/tiny-shapes", True),
+        ("upload_folder", "me/tiny-shapes", str(tmp_path)),
+    ]
+    assert "load_lora_weights('me/tiny-shapes')" in message
+
+
 # -- in the browser --------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:

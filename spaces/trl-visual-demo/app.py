@@ -165,8 +165,9 @@ def train(
             )
             yield shown
         worker.join()
-    finally:  # the visitor left or pressed Stop: end the run at the next step, keeping what it trained
+    finally:  # the visitor left: end the run after the current step (its LoRA is still saved), before the next run
         watcher.request_stop()
+        worker.join()
     if errors:
         raise gr.Error(f"Training failed: {type(errors[0]).__name__}: {errors[0]}")
     lora = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
