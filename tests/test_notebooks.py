@@ -35,7 +35,8 @@ def test_stored_without_outputs(name):
     for i, cell in enumerate(notebook["cells"]):
         if cell["cell_type"] == "code":
             assert cell["outputs"] == [], (
-                f"{name}, cell {i}: outputs are stored; clear them before committing"
+                f"{name}, cell {i}: outputs are stored; clear them before committing (Jupyter: Edit → Clear "
+                "Outputs of All Cells, or `jupyter nbconvert --clear-output --inplace`)"
             )
             assert cell["execution_count"] is None, f"{name}, cell {i}: an execution count is stored"
     assert "widgets" not in notebook["metadata"], f"{name}: widget state is stored"

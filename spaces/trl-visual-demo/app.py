@@ -104,7 +104,10 @@ def reward_frame(update: LiveUpdate) -> pd.DataFrame:
 
 def weights_frame(update: LiveUpdate) -> pd.DataFrame:
     """BPGO's latest RAS weight of each training prompt (> 1: the group beat its prior and counts more)."""
-    rows = sorted(update.ras_weights.items(), key=lambda item: -item[1])
+    rows = [
+        (prompt, round(weight, 3))
+        for prompt, weight in sorted(update.ras_weights.items(), key=lambda item: -item[1])
+    ]
     return pd.DataFrame(rows, columns=["prompt", "RAS weight"])
 
 
