@@ -17,7 +17,8 @@ from trl_visual.testing import tiny_sd3_pipeline
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "two_process_grpo.py")
 
 
-def test_a_group_split_across_two_processes_is_scored_as_one(tmp_path):
+def run_two_processes(script, out, port):
+    """``torchrun --nproc_per_node 2 script out``: two CPU ranks over gloo, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
         sys.executable,
@@ -26,12 +27,16 @@ def test_a_group_split_across_two_processes_is_scored_as_one(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29531",
-        SCRIPT,
-        str(tmp_path),
+        str(port),
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*command, script, str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_group_split_across_two_processes_is_scored_as_one(tmp_path):
+    run_two_processes(SCRIPT, tmp_path, 29531)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     # both ranks see the same 8 gathered rewards, in rank order, and the same prompt for the whole group
@@ -84,24 +89,7 @@ def engine_runs(tmp_path_factory):
     """ddp_accumulation.py on 2 processes (DDP over gloo, then the FSDP2 gathering), and in this process on 1,
     with the same global batch and the same samples."""
     two = tmp_path_factory.mktemp("two_processes")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-    ]
-    result = subprocess.run(
-        [*command, os.path.join(SCRIPTS, "ddp_accumulation.py"), str(two)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_two_processes(os.path.join(SCRIPTS, "ddp_accumulation.py"), two, 29533)
     one = tmp_path_factory.mktemp("one_process")
     sys.path.insert(0, SCRIPTS)
     try:

@@ -19,8 +19,8 @@ from .logging_utils import captioned_grid
 
 
 class ModelCardMixin:
-    """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline`` and the run's
-    ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
+    """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline``, ``shards_parameters``
+    and the run's ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
 
     _card_is_fresh = False
     _card_pictures: dict[str, Any] | None = None
