@@ -15,8 +15,10 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from test_trainer import make_config, make_trainer
+from transformers import Trainer
 
 from trl_visual.cli import main
 from trl_visual.launcher import (
@@ -100,6 +102,11 @@ def test_main_hands_the_command_to_accelerate_launch(monkeypatch):
     assert main(["grpo", "--accelerate_config", "zero3", "--config", "run.yaml"]) == 0
     assert launched[0].config_file == str(shipped_config_path("zero3"))
     assert launched[0].training_script_args == ["grpo", "--config", "run.yaml"]
+
+
+def test_usage_points_at_the_engines(capsys):
+    assert main([]) == 2
+    assert "--accelerate_config multi_gpu|fsdp|zero2|zero3|FILE" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -295,3 +302,33 @@ def test_model_card_samples_on_every_rank_only_when_the_weights_are_sharded(tmp_
     trainer.create_model_card()
     assert bool(sampled) == shards
     assert not os.path.exists(os.path.join(trainer.args.output_dir, "README.md"))
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed", None])
+def test_resume_loads_what_the_engine_does_not(tmp_path, monkeypatch, engine):
+    """Under FSDP the LoRA is loaded into the model before the engine shards it (``Trainer`` would load it into
+    the shards after); under DeepSpeed, which restores the weights from its own folder, the method's state is
+    loaded after the wrapping. Elsewhere ``Trainer`` loads both before (``_prepare_for_training`` adds nothing)."""
+    make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-1).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-1")
+    torch.save({"prior": 1.0}, os.path.join(checkpoint, "trl_visual_state.pt"))
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = engine == "fsdp", engine == "deepspeed"
+    events = []
+
+    def engine_wrapping(self, max_steps, train_dataloader, resume_from_checkpoint):
+        lora = get_peft_model_state_dict(self.model)
+        events.append(("wrap", {key: value.clone() for key, value in lora.items()}))
+        if self.is_fsdp_enabled:  # what Trainer does under FSDP once the model is sharded
+            self._load_from_checkpoint(resume_from_checkpoint, self.model)
+        return self.model, train_dataloader
+
+    monkeypatch.setattr(Trainer, "_prepare_for_training", engine_wrapping)
+    monkeypatch.setattr(trainer, "load_method_state", lambda state: events.append(("method_state", state)))
+    trainer._prepare_for_training(1, None, checkpoint)
+    saved = load_file(os.path.join(checkpoint, "pytorch_lora_weights.safetensors"))
+    wrapped_lora = events[0][1]
+    loaded_before = all(torch.equal(wrapped_lora[key], saved["transformer." + key]) for key in wrapped_lora)
+    assert loaded_before == (engine == "fsdp")
+    method_states = [event for event in events if event[0] == "method_state"]
+    assert method_states == ([] if engine is None else [("method_state", {"prior": 1.0})])

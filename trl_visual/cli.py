@@ -662,6 +662,8 @@ def _usage() -> str:
     lines += [
         "",
         "Flags of one command: trl-visual grpo --help (all of them: --help-all). Docs: docs/cli.md.",
+        "Several GPUs: add --accelerate_config multi_gpu|fsdp|zero2|zero3|FILE [--num_processes N]. Docs: "
+        "docs/distributed.md.",
     ]
     return "\n".join(lines)
 
