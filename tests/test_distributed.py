@@ -129,6 +129,11 @@ def test_ddp_save_then_resume_gives_the_uninterrupted_lora(engine_runs):
     assert max_difference(lora_file(two / "a"), lora_file(two / "b")) == 0
 
 
+def test_ddp_model_card_is_written_by_rank_zero_without_hanging_the_others(engine_runs):
+    _, two = engine_runs
+    assert "samples_after.png" in (two / "run" / "README.md").read_text()
+
+
 def test_lora_gathered_from_fsdp2_shards_is_the_whole_one(engine_runs):
     """Read from the sharded model itself, every LoRA tensor is a shard; gathered as ``Trainer.save_model`` does
     under FSDP2 and written by ``save_lora``, it is the unsharded LoRA, and loads into a fresh pipeline."""

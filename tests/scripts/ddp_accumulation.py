@@ -9,7 +9,7 @@ Under 2 processes it ends with fsdp2_lora.py's check of the LoRA gathered from F
 
 Run "a" trains 2 optimizer steps of 2 micro-steps, each micro-step taking 2 backwards (one per trained timestep),
 checkpointing after step 1; run "b" resumes that checkpoint in a fresh trainer and trains step 2. Both final
-LoRAs are saved with `save_model`. Each rank writes what it counted: backwards, and DDP's gradient all-reduces
+LoRAs are saved with `save_model`; run "a" also writes its model card. Each rank writes what it counted: backwards, and DDP's gradient all-reduces
 (a communication hook counts them)."""
 
 import contextlib
@@ -133,6 +133,8 @@ def main(out: str, resume: bool = True) -> None:
         straight = trainer(out, world)
         straight.train()
         straight.save_model(os.path.join(out, "a"))
+        straight.create_model_card()  # rank 0 samples alone under DDP: no collective may hide in it
+        straight.accelerator.wait_for_everyone()
         if resume:
             resumed = trainer(out, world)
             resumed.train(resume_from_checkpoint=os.path.join(out, "run", "checkpoint-1"))
