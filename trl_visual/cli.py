@@ -696,18 +696,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "env":
         print(env_report())
         return 0
+    launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
     try:
         if FULL_HELP_FLAG in argv[1:] or any(flag in argv[1:] for flag in HELP_FLAGS):
             print(command_help(argv[0], full=FULL_HELP_FLAG in argv[1:]), end="")
             return 0
-        if wants_launch(argv[1:]):
+        if launching:
             _check_command(argv[0])
             launch_args = accelerate_launch_args(argv)
         else:
             trainer = prepare(argv)
     except _user_errors() as error:
         return _fail(error)
-    if wants_launch(argv[1:]):
+    if launching:
         run_accelerate_launch(launch_args)  # every process runs `python -m trl_visual.cli` without the flags
     else:
         train(trainer)
