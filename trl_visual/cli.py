@@ -32,6 +32,12 @@ transformers. ``trl-visual env`` prints the versions to paste into a bug report.
 A mistake in the arguments, the YAML file, the prompt set or a reward spec (a ``ValueError``,
 ``TypeError`` or missing file raised before training starts) is printed as one line,
 ``trl-visual: error: <message>``, with exit status 2; an error raised during training keeps its traceback.
+
+``--accelerate_config NAME|PATH`` (a shipped config: ``multi_gpu``, ``fsdp``, ``zero2``, ``zero3``, or an
+``accelerate config`` file) and the launch flags ``--num_processes``, ``--num_machines``, ``--machine_rank``,
+``--main_process_ip``, … re-launch the command through ``accelerate launch`` (:mod:`trl_visual.launcher`)::
+
+    trl-visual grpo --accelerate_config zero2 --num_processes 4 --config examples/configs/sd35_pickscore_grpo.yaml
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .launcher import accelerate_launch_args, run_accelerate_launch, wants_launch
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -654,6 +662,8 @@ def _usage() -> str:
     lines += [
         "",
         "Flags of one command: trl-visual grpo --help (all of them: --help-all). Docs: docs/cli.md.",
+        "Several GPUs: add --accelerate_config multi_gpu|fsdp|zero2|zero3|FILE [--num_processes N]. Docs: "
+        "docs/distributed.md.",
     ]
     return "\n".join(lines)
 
@@ -686,14 +696,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "env":
         print(env_report())
         return 0
+    launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
     try:
         if FULL_HELP_FLAG in argv[1:] or any(flag in argv[1:] for flag in HELP_FLAGS):
             print(command_help(argv[0], full=FULL_HELP_FLAG in argv[1:]), end="")
             return 0
-        trainer = prepare(argv)
+        if launching:
+            _check_command(argv[0])
+            launch_args = accelerate_launch_args(argv)
+        else:
+            trainer = prepare(argv)
     except _user_errors() as error:
         return _fail(error)
-    train(trainer)
+    if launching:
+        run_accelerate_launch(launch_args)  # every process runs `python -m trl_visual.cli` without the flags
+    else:
+        train(trainer)
     return 0
 
 

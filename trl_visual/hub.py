@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from diffusers.utils import export_to_gif
-from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub import ModelCard, ModelCardData, save_torch_state_dict, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -80,15 +80,18 @@ def save_lora(
     denoiser: torch.nn.Module,
     denoiser_name: str,
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``output_dir/pytorch_lora_weights.safetensors`` with the pipeline class's own ``save_lora_weights``.
 
     Keys are prefixed with ``denoiser_name`` and the adapter's config goes into the file's metadata, so
     ``pipe.load_lora_weights(output_dir)`` rebuilds the adapter at its trained scale ``lora_alpha / r``
     (``rank_pattern``, ``alpha_pattern``, rsLoRA and DoRA included) instead of assuming ``lora_alpha = r``.
-    The weights are written in ``dtype`` (``None``: as trained).
+    The weights are written in ``dtype`` (``None``: as trained). They are taken from ``state_dict`` when given
+    (the full state dict an engine gathered from its shards; peft picks the adapter's keys out of it), else from
+    ``denoiser`` itself.
     """
-    layers = get_peft_model_state_dict(denoiser)
+    layers = get_peft_model_state_dict(denoiser, state_dict=state_dict)
     if dtype is not None:
         layers = {name: tensor.to(dtype) for name, tensor in layers.items()}
     pipeline_class.save_lora_weights(
@@ -100,6 +103,14 @@ def save_lora(
         weight_name=LORA_WEIGHTS_NAME,
         safe_serialization=True,
     )
+
+
+def save_full_denoiser(denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor], folder: str) -> None:
+    """Write a fully trained denoiser from ``state_dict`` (gathered by an engine from its shards) as
+    ``save_pretrained`` would: the config, and the weights in safetensors shards with their index, loadable with
+    ``from_pretrained(folder)``."""
+    denoiser.save_config(folder)
+    save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
 
 
 def _unprefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .engines import EnginesMixin
 from .evaluation import EvaluationMixin
 from .guards import (
     FiniteUpdatesMixin,
@@ -75,7 +76,7 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
-    EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer
+    EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, EnginesMixin, FiniteUpdatesMixin, Trainer
 ):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
@@ -495,13 +496,13 @@ class DiffusionGRPOTrainer(
         if rollouts.advantages is None:  # non-finite samples or log-probs: nothing to learn from them
             return torch.tensor(float("nan"), device=self.accelerator.device)
         num_trained = rollouts.train_steps.shape[1]
-        scale = num_trained * self.current_gradient_accumulation_steps
+        scale = self._backward_scale(num_trained)
         sums: dict[str, torch.Tensor] = {}  # detached running sums: one device sync per metric, not per step
 
         def add(name: str, value: torch.Tensor) -> None:
             sums[name] = sums.get(name, 0) + value.detach().mean() / num_trained
 
-        for k in range(num_trained):
+        for k in self._backward_steps(model, num_trained):  # gradients reduced at the window's last backward
             transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
                 step = rescore_transition(self.adapter, model, rollouts, transition, self.args)

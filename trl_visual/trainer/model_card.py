@@ -19,8 +19,8 @@ from .logging_utils import captioned_grid
 
 
 class ModelCardMixin:
-    """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline`` and the run's
-    ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
+    """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline``, ``shards_parameters``
+    and the run's ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
 
     _card_is_fresh = False
     _card_pictures: dict[str, Any] | None = None
@@ -120,13 +120,18 @@ class ModelCardMixin:
 
         ``license`` defaults to the base model's (when its card is on this machine), else ``"other"``;
         ``dataset_tags`` to the training set's Hub id when it was loaded from the Hub.
+
+        Rank 0 writes. When the engine shards the weights (FSDP, ZeRO-3) every forward is a collective, so every
+        rank must call this: all of them sample the card's pictures together, then the others return.
         """
-        if not self.is_world_process_zero():
+        if not (self.is_world_process_zero() or self.shards_parameters):
             return
         rows = self._card_rows()
         gallery = self._card_gallery(rows)
         if not (self._card_is_fresh and self._card_pictures):  # push_to_hub asks twice: sample once
             self._card_pictures = self._card_pictures_for(rows, gallery)
+        if not self.is_world_process_zero():
+            return
         rewards = [entry["reward"] for entry in self.state.log_history if "reward" in entry]
         repo_id = (
             getattr(self, "hub_model_id", None)

@@ -4,11 +4,15 @@ Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`tran
 private saving methods it extends. Each override does its own work around ``super()``; they were checked
 against transformers 5.23.0 (re-check them when the pin moves):
 
-* ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file;
+* ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file,
+  taken from the state dict ``Trainer.save_model`` gathered (FSDP's full state dict, ZeRO-3's 16-bit one);
 * ``_save_checkpoint`` stages the checkpoint and renames it into place, so a crash never leaves half of one;
 * ``_get_output_dir`` points ``Trainer``'s checkpoint writing at the staging folder while it saves;
 * ``_push_from_checkpoint`` adds the LoRA file to what ``Trainer`` uploads;
-* ``_load_from_checkpoint`` loads the LoRA (and the method's state) back.
+* ``_load_from_checkpoint`` loads the LoRA (and the method's state) back;
+* ``_prepare_for_training`` loads them around the engine's wrapping where ``Trainer`` would not: under FSDP the
+  weights before the model is sharded (so that each rank reads the whole file), under DeepSpeed the method's
+  state (DeepSpeed restores the weights and the optimizer from its own ``global_step*`` folder).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from peft import get_peft_model_state_dict
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..hub import load_lora_checkpoint, save_lora
+from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
 
 
 class CheckpointSavingMixin:
@@ -106,7 +110,11 @@ class CheckpointSavingMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the LoRA in diffusers' format with its adapter config in the file's metadata
         (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
-        denoiser with ``save_pretrained`` when training without LoRA."""
+        denoiser when training without LoRA. Rank 0 writes.
+
+        ``state_dict`` is what ``Trainer.save_model`` gathered on every rank when the engine shards the weights
+        (FSDP's full state dict, ZeRO-3's 16-bit one): the weights are taken from it, since the live model then
+        holds only this rank's shards. Without it (one process, DDP, ZeRO-2) they are the live model's."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -119,7 +127,10 @@ class CheckpointSavingMixin:
                 denoiser,
                 self.adapter.denoiser_name,
                 dtype=self._lora_save_dtype(),
+                state_dict=state_dict,
             )
+        elif state_dict is not None:
+            save_full_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
         else:
             denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
@@ -131,14 +142,34 @@ class CheckpointSavingMixin:
         LoRA by default (without ``--upcast_before_saving``)."""
         return None if self._staging_dir is not None else self.weight_dtype
 
+    def _prepare_for_training(
+        self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None
+    ):
+        """``Trainer``'s wrapping of the model by the engine, with what it does not load on resume under FSDP
+        (the weights, into the model before it is sharded) and DeepSpeed (the method's state)."""
+        if resume_from_checkpoint is not None and self.is_fsdp_enabled:
+            self._load_trained_weights(resume_from_checkpoint, self.model)
+        prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        if resume_from_checkpoint is not None and self.is_deepspeed_enabled:
+            self._load_method_state_from(resume_from_checkpoint)
+        return prepared
+
+    def _load_method_state_from(self, checkpoint: str) -> None:
+        state_file = os.path.join(checkpoint, METHOD_STATE_NAME)
+        if os.path.exists(state_file):
+            self.load_method_state(torch.load(state_file, weights_only=False))
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
-        state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
-        if os.path.exists(state_file):
-            self.load_method_state(torch.load(state_file, weights_only=False))
-        denoiser = self.accelerator.unwrap_model(model if model is not None else self.model)
+        """Load the denoiser's trained weights (and the method's state) back from a checkpoint. Under FSDP
+        ``Trainer`` calls this after sharding the model: the weights are in already (:meth:`_prepare_for_training`)."""
+        self._load_method_state_from(resume_from_checkpoint)
+        if not self.is_fsdp_enabled:
+            self._load_trained_weights(resume_from_checkpoint, model if model is not None else self.model)
+
+    def _load_trained_weights(self, resume_from_checkpoint: str, model: torch.nn.Module) -> None:
+        denoiser = self.accelerator.unwrap_model(model)
         if self.is_peft:
             load_lora_checkpoint(
                 type(self.pipeline), resume_from_checkpoint, denoiser, self.adapter.denoiser_name

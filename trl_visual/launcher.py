@@ -1,0 +1,123 @@
+"""``trl-visual <command> --accelerate_config NAME|PATH``: re-launch the command through ``accelerate launch``.
+
+The command line of a run stays the one command a user types; ``--accelerate_config`` picks the engine. The
+value is the name of a config shipped in ``trl_visual/accelerate_configs/`` (:data:`SHIPPED_CONFIGS`) or the
+path of the user's own ``accelerate config`` file. The launch itself is accelerate's: its own parser reads the
+launch flags, and its own ``launch_command`` starts the processes, which run ``python -m trl_visual.cli`` with
+the remaining arguments. So::
+
+    trl-visual grpo --accelerate_config zero2 --num_processes 4 --config run.yaml
+
+runs exactly what this runs::
+
+    accelerate launch --config_file <trl_visual>/accelerate_configs/zero2.yaml --num_processes 4 \\
+        -m trl_visual.cli grpo --config run.yaml
+
+The launch flags of :data:`LAUNCH_FLAGS` (process count, machines, the main node's address) may stand
+anywhere on the command line; they override the config file, as they do for ``accelerate launch`` (alone,
+without ``--accelerate_config``, they apply to accelerate's default config, the one ``accelerate config``
+wrote).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+ACCELERATE_CONFIG_FLAG = "--accelerate_config"
+
+#: shipped config name → what it runs (the file is ``trl_visual/accelerate_configs/<name>.yaml``)
+SHIPPED_CONFIGS: dict[str, str] = {
+    "multi_gpu": "DDP: the whole model on every GPU",
+    "fsdp": "FSDP2: the denoiser's weights sharded across the GPUs",
+    "zero2": "DeepSpeed ZeRO-2: optimizer states and gradients partitioned",
+    "zero3": "DeepSpeed ZeRO-3: weights, gradients and optimizer states partitioned",
+}
+
+#: ``accelerate launch`` flags (taking a value) accepted next to ``--accelerate_config``
+LAUNCH_FLAGS = (
+    "--num_processes",
+    "--num_machines",
+    "--machine_rank",
+    "--main_process_ip",
+    "--main_process_port",
+    "--rdzv_backend",
+    "--mixed_precision",
+    "--gpu_ids",
+)
+
+
+def shipped_config_path(name: str) -> Path:
+    """The file of the shipped config ``name`` (it may not exist)."""
+    return Path(str(resources.files("trl_visual").joinpath("accelerate_configs", f"{name}.yaml")))
+
+
+def resolve_accelerate_config(value: str) -> Path:
+    """The accelerate config file that ``--accelerate_config value`` means: an existing file, else a shipped
+    config of that name.
+
+    Raises:
+        ValueError: neither a file nor a shipped name (the message lists the shipped names).
+    """
+    if Path(value).is_file():
+        return Path(value)
+    if value in SHIPPED_CONFIGS:
+        return shipped_config_path(value)
+    raise ValueError(
+        f"--accelerate_config {value!r} is neither a file nor a shipped config; use one of "
+        f"{', '.join(SHIPPED_CONFIGS)}, or the path of a file written by `accelerate config`."
+    )
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split ``[command, *flags]`` into ``accelerate launch`` arguments (``--config_file FILE`` and the
+    :data:`LAUNCH_FLAGS` given) and the command's own arguments. ``--flag=value`` spellings are accepted.
+
+    Raises:
+        ValueError: a launch flag (or ``--accelerate_config``) without a value, or a config that cannot be
+            resolved (:func:`resolve_accelerate_config`).
+    """
+    launch: list[str] = []
+    command: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        flag, has_inline_value, inline_value = args[i].partition("=")
+        if flag != ACCELERATE_CONFIG_FLAG and flag not in LAUNCH_FLAGS:
+            command.append(args[i])
+            i += 1
+            continue
+        if has_inline_value:
+            value, i = inline_value, i + 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            value, i = args[i + 1], i + 2
+        else:
+            raise ValueError(f"{flag} needs a value.")
+        if flag == ACCELERATE_CONFIG_FLAG:
+            launch[:0] = ["--config_file", str(resolve_accelerate_config(value))]
+        else:
+            launch += [flag, value]
+    return launch, command
+
+
+def accelerate_launch_args(argv: Sequence[str]) -> list[str]:
+    """The full ``accelerate launch`` argument list that runs ``[command, *flags]`` as a module on every
+    process: ``[--config_file FILE, *launch flags, -m, trl_visual.cli, command, *flags]``."""
+    launch, command = split_launch_args(argv)
+    return [*launch, "-m", "trl_visual.cli", *command]
+
+
+def wants_launch(flags: Sequence[str]) -> bool:
+    """Whether a command's flags ask for ``accelerate launch``: ``--accelerate_config`` or a launch flag."""
+    names = {flag.partition("=")[0] for flag in flags}
+    return bool(names & {ACCELERATE_CONFIG_FLAG, *LAUNCH_FLAGS})
+
+
+def run_accelerate_launch(launch_args: Sequence[str]) -> None:
+    """Parse ``launch_args`` (from :func:`accelerate_launch_args`) with accelerate's own ``launch`` parser and
+    run its ``launch_command``, which starts the processes and waits for them (a failed rank ends the launch
+    with its exit status)."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    launch_command(launch_command_parser().parse_args(list(launch_args)))
