@@ -238,6 +238,26 @@ def test_8bit_adamw_is_accepted_or_refused_naming_the_package(tmp_path):
     assert make_config(tmp_path, optim="adamw_torch").optim == "adamw_torch"
 
 
+@pytest.mark.skipif(missing_package("bitsandbytes"), reason="bitsandbytes is not installed here")
+def test_8bit_adamw_trains_with_8bit_moments(tmp_path):
+    """`optim="adamw_bnb_8bit"` reaches Trainer's optimizer: bitsandbytes' AdamW with 8-bit moments (uint8) for
+    every LoRA matrix of at least 4,096 elements (r = 128 here; smaller ones bitsandbytes keeps in float32)."""
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=make_config(tmp_path, optim="adamw_bnb_8bit", max_steps=1, learning_rate=1e-2),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        peft_config=LoraConfig(r=128, lora_alpha=128, target_modules=["to_q", "to_k", "to_v"]),
+    )
+    before = [p.detach().clone() for p in trainable_parameters(trainer.model)]
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    moments = [state["state1"] for state in optimizer.state.values()]
+    assert moments and all(m.dtype == torch.uint8 for m in moments)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable_parameters(trainer.model)))
+
+
 QUANTIZATION = {
     "quant_backend": "bitsandbytes_4bit",
     "quant_kwargs": {
