@@ -375,7 +375,7 @@ def test_checkpoint_without_ema_state_is_refused_unless_weights_only(tmp_path):
     assert trainer.ema.optimization_step == 1  # restarted at the resumed weights, then one step
 
 
-def test_evaluation_and_export_use_the_ema_weights(tmp_path):
+def test_evaluation_card_and_export_use_the_ema_weights(tmp_path):
     seen = []
     trainer, _ = ema_trainer(tmp_path, max_steps=3, eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}))
 
@@ -390,6 +390,14 @@ def test_evaluation_and_export_use_the_ema_weights(tmp_path):
     trainer.evaluate()
     assert seen and all(torch.equal(a, b) for a, b in zip(seen[0], trainer.ema.shadow_params))
     assert all(torch.equal(a, b) for a, b in zip(trainable_parameters(trainer.model), trained))  # restored
+
+    during_card = []
+    trainer.model.register_forward_pre_hook(
+        lambda m, args: during_card.append(trainable_parameters(m)[0].detach().clone())
+    )
+    trainer._card_samples([{"prompt": "a cat"}], reference=False)  # the model card's "after" pictures
+    assert during_card and all(torch.equal(w, trainer.ema.shadow_params[0]) for w in during_card)
+    assert torch.equal(trainable_parameters(trainer.model)[0], trained[0])
 
     trainer.save_model(str(tmp_path / "export"))
     exported = load_file(os.path.join(tmp_path / "export", "pytorch_lora_weights.safetensors"))

@@ -8,7 +8,8 @@ with ``d_1 = 0`` (``θ̄`` starts at the first trained weights): diffusers' warm
 follow the early steps closely and reach ``ema_decay`` after ``(10 d − 1) / (1 − d)`` steps. Only the
 trainable parameters are averaged (the LoRA, or the whole denoiser without one), in float32.
 
-Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` first, before :class:`EvaluationMixin`: evaluation,
+A step that the non-finite guard skips leaves the weights as they were; the average still takes its step
+towards them. Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` first, before :class:`EvaluationMixin`: evaluation,
 the model card's samples and the exported weights (``save_model`` outside a checkpoint, ``push_to_hub``) use
 the average; checkpoints keep the trained weights and the average's state (``ema_state.pt``), so resuming
 continues both exactly.
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from diffusers.training_utils import EMAModel
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..checkpointing import CheckpointError
 
@@ -61,6 +63,12 @@ class EMAMixin:
         """Start the average at ``denoiser``'s trainable weights and step it after every optimizer step."""
         if not self.args.use_ema:
             return
+        if getattr(self, "is_fsdp_enabled", False) or is_deepspeed_zero3_enabled():
+            raise ValueError(
+                "`use_ema=True` is not supported with FSDP or DeepSpeed ZeRO-3 yet: each process holds a shard of "
+                "the trained weights, and the average would be of shards. Use DDP or ZeRO-1/2 (LoRA weights are "
+                "small enough to replicate), or set `use_ema=False`."
+            )
         self._ema_parameters = trainable_parameters(denoiser)
         self.ema = EMAModel(self._ema_parameters, decay=self.args.ema_decay)
         self.add_callback(EMAUpdateCallback(self.ema, self._ema_parameters))
