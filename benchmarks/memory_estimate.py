@@ -14,14 +14,19 @@ YAML settings the script estimates, per config:
   ``B`` trajectories of ``T`` steps (× 2 with CFG) and trains ``round(f · T)`` of them (forward + backward
   ≈ 3 × forward, × 2 again with CFG in training).
 
-These are **estimates**: activations, the VAE decode, rewards and kernel efficiency are not measured
-(activations with gradient checkpointing are a few GB at these sizes). Replace them with measured figures
+A second table (``--memory``, also printed by default) gives, per family, the parameters, the LoRA, the
+optimizer state (LoRA and full fine-tuning, AdamW in float32 and 8-bit) and an activation estimate for one
+trained timestep with and without gradient checkpointing (:func:`activation_bytes` states the formula).
+
+These are **estimates**: the VAE decode, rewards and kernel efficiency are not measured
+and activations follow a formula, not a profile. Replace them with measured figures
 from a GPU run (``benchmarks/step_time.py`` on the device) when available.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -50,10 +55,14 @@ class Setting:
 
 SETTINGS = [
     Setting("sd35_pickscore_grpo.yaml", "sd35-medium", 512, 512, 1, 8, 4, 10, 1.0, True, 32),
+    Setting("sd35_pickscore_grpo.yaml with SD3.5-Large", "sd35-large", 512, 512, 1, 8, 4, 10, 1.0, True, 32),
     Setting(
         "flux_hpsv2_bpgo.yaml / flux_hpsv2_vipo.yaml", "flux-dev", 512, 512, 1, 12, 4, 16, 0.6, False, 32
     ),
     Setting("wan_video_bpgo.yaml", "wan2.1-t2v-1.3b", 480, 832, 33, 8, 4, 16, 0.6, True, 32),
+    Setting(
+        "wan_video_bpgo.yaml with Wan2.1-T2V-14B", "wan2.1-t2v-14b", 480, 832, 33, 8, 4, 16, 0.6, True, 32
+    ),
 ]
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -83,6 +92,29 @@ def sd35_medium() -> dict[str, torch.nn.Module]:
     }
 
 
+def sd35_large() -> dict[str, torch.nn.Module]:
+    from diffusers import SD3Transformer2DModel
+
+    return {
+        "denoiser": SD3Transformer2DModel(
+            sample_size=128,
+            patch_size=2,
+            in_channels=16,
+            num_layers=38,
+            attention_head_dim=64,
+            num_attention_heads=38,
+            joint_attention_dim=4096,
+            caption_projection_dim=2432,
+            pooled_projection_dim=2048,
+            out_channels=16,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+        ),
+        "text encoders (CLIP-L, CLIP-G, T5-XXL)": _clip_l_g_t5(),
+        "vae": _sd3_flux_vae(),
+    }
+
+
 def flux_dev() -> dict[str, torch.nn.Module]:
     from diffusers import FluxTransformer2DModel
 
@@ -104,20 +136,29 @@ def flux_dev() -> dict[str, torch.nn.Module]:
 
 
 def wan_1_3b() -> dict[str, torch.nn.Module]:
+    return _wan(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+
+
+def wan_14b() -> dict[str, torch.nn.Module]:
+    return _wan(num_attention_heads=40, ffn_dim=13824, num_layers=40)
+
+
+def _wan(num_attention_heads: int, ffn_dim: int, num_layers: int) -> dict[str, torch.nn.Module]:
+    """Wan2.1 text-to-video: the sizes that differ between 1.3B and 14B, the rest shared."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     return {
         "denoiser": WanTransformer3DModel(
             patch_size=(1, 2, 2),
-            num_attention_heads=12,
+            num_attention_heads=num_attention_heads,
             attention_head_dim=128,
             in_channels=16,
             out_channels=16,
             text_dim=4096,
             freq_dim=256,
-            ffn_dim=8960,
-            num_layers=30,
+            ffn_dim=ffn_dim,
+            num_layers=num_layers,
             cross_attn_norm=True,
             qk_norm="rms_norm_across_heads",
             eps=1e-6,
@@ -188,7 +229,22 @@ def _clip_l_g_t5(with_clip_g: bool = True) -> torch.nn.Module:
     return torch.nn.ModuleList(encoders)
 
 
-BUILDERS = {"sd35-medium": sd35_medium, "flux-dev": flux_dev, "wan2.1-t2v-1.3b": wan_1_3b}
+BUILDERS = {
+    "sd35-medium": sd35_medium,
+    "sd35-large": sd35_large,
+    "flux-dev": flux_dev,
+    "wan2.1-t2v-1.3b": wan_1_3b,
+    "wan2.1-t2v-14b": wan_14b,
+}
+
+#: attention width ``d`` and number of transformer blocks of each family's denoiser
+DENOISER_SHAPES = {
+    "sd35-medium": (24 * 64, 24),
+    "sd35-large": (38 * 64, 38),
+    "flux-dev": (24 * 128, 19 + 38),
+    "wan2.1-t2v-1.3b": (12 * 128, 30),
+    "wan2.1-t2v-14b": (40 * 128, 40),
+}
 
 
 def _tie_embeddings(module: torch.nn.Module) -> None:
@@ -215,11 +271,60 @@ def lora_parameters(denoiser: torch.nn.Module, rank: int) -> int:
 def denoiser_tokens(setting: Setting) -> tuple[int, int, int]:
     """Image/video tokens, attention width ``d`` and layers of the denoiser at the config's resolution."""
     h, w = setting.height // 16, setting.width // 16  # VAE factor 8, patch 2
-    if setting.family == "wan2.1-t2v-1.3b":
-        return (setting.num_frames - 1) // 4 * h * w + h * w, 12 * 128, 30
+    width, layers = DENOISER_SHAPES[setting.family]
+    if setting.family.startswith("wan"):
+        return (setting.num_frames - 1) // 4 * h * w + h * w, width, layers
     if setting.family == "flux-dev":
-        return h * w + 512, 24 * 128, 19 + 38  # image tokens + T5 tokens in the joint stream
-    return h * w + 333, 24 * 64, 24  # image tokens + 77 CLIP + 256 T5 tokens
+        return h * w + 512, width, layers  # image tokens + T5 tokens in the joint stream
+    return h * w + 333, width, layers  # image tokens + 77 CLIP + 256 T5 tokens
+
+
+#: bytes of activations a transformer block keeps for its backward, per token and unit of width, in bf16 with
+#: fused (flash / SDPA) attention: Korthikanti et al. (2022)'s ``34 s h`` per block and sample
+ACTIVATION_BYTES_PER_TOKEN_WIDTH = 34
+#: with gradient checkpointing each block keeps only its bf16 input (``2 s h``) and one block is recomputed
+CHECKPOINTED_BYTES_PER_TOKEN_WIDTH = 2
+
+
+def activation_bytes(setting: Setting, checkpointing: bool) -> float:
+    """Activations held for one backward (one trained timestep of a micro-batch):
+
+    ``A = 34 · s · d · L · b`` without gradient checkpointing, and ``A = (2 · L + 34) · s · d · b`` with it
+    (every block's input, plus one block's activations while it is recomputed), for ``s`` tokens of width ``d``,
+    ``L`` blocks and ``b = per_device_train_batch_size`` inputs, doubled with CFG in training (both branches
+    go through the forward). The MLP ratio is taken as 4 (Wan's is 5.8 and FLUX's single blocks fuse attention and
+    MLP: ± 30 %); text-encoder, VAE and reward activations are not included.
+    """
+    tokens, width, layers = denoiser_tokens(setting)
+    inputs = setting.batch * (2 if setting.cfg else 1)
+    per_block = ACTIVATION_BYTES_PER_TOKEN_WIDTH * tokens * width * inputs
+    if not checkpointing:
+        return per_block * layers
+    return CHECKPOINTED_BYTES_PER_TOKEN_WIDTH * tokens * width * inputs * layers + per_block
+
+
+def memory(setting: Setting) -> dict[str, float]:
+    """Parameter counts and memory (bytes) of one family at one config (see :func:`memory_table`)."""
+    with init_empty_weights():
+        parts = BUILDERS[setting.family]()
+    for module in parts.values():
+        _tie_embeddings(module)
+    params = {name: count(module) for name, module in parts.items()}
+    denoiser = params["denoiser"]
+    text = sum(n for name, n in params.items() if name.startswith("text encoder"))
+    lora = lora_parameters(parts["denoiser"], setting.lora_rank)
+    return {
+        **{f"params/{name}": n for name, n in params.items()},
+        "params/text": text,
+        "lora": lora,
+        "weights": 2 * sum(params.values()),
+        "weights_text_offloaded": 2 * (sum(params.values()) - text),
+        "lora_training": 16 * lora,  # fp32 weight, gradient, two AdamW moments
+        "full_adamw": 8 * denoiser,  # two fp32 moments; + 4 (fp32 gradient) + 4 (fp32 master) on top
+        "full_adamw_8bit": 2 * denoiser,
+        "activations": activation_bytes(setting, checkpointing=False),
+        "activations_checkpointed": activation_bytes(setting, checkpointing=True),
+    }
 
 
 def estimate(setting: Setting) -> dict[str, float]:
@@ -244,7 +349,31 @@ def estimate(setting: Setting) -> dict[str, float]:
     }
 
 
+def memory_table() -> None:
+    """Per family: parameters, LoRA, optimizer state, activations with and without gradient checkpointing."""
+    gib = 1024**3
+    print(
+        "| family (config) | parameters: denoiser / text encoders / VAE | bf16 weights (text encoders on CPU) "
+        "| LoRA r=32: params, fp32 + grad + AdamW | full FT AdamW moments: fp32 / 8-bit "
+        "| activations, 1 trained step: no GC / GC |"
+    )
+    print("|---|---|---|---|---|---|")
+    for setting in SETTINGS:
+        m = memory(setting)
+        parts = [n for name, n in m.items() if name.startswith("params/") and name != "params/text"]
+        print(
+            f"| {setting.family} (`{setting.yaml}`) | {' / '.join(f'{n / 1e9:.2f} B' for n in parts)} "
+            f"| {m['weights'] / gib:.1f} GiB ({m['weights_text_offloaded'] / gib:.1f} GiB) "
+            f"| {m['lora'] / 1e6:.1f} M, {m['lora_training'] / gib:.2f} GiB "
+            f"| {m['full_adamw'] / gib:.0f} / {m['full_adamw_8bit'] / gib:.0f} GiB "
+            f"| {m['activations'] / gib:.0f} / {m['activations_checkpointed'] / gib:.1f} GiB |"
+        )
+
+
 def main() -> None:
+    if "--memory" in sys.argv:
+        memory_table()
+        return
     print(f"Estimates (meta-device parameter counts; {ASSUMED_TFLOPS:.0f} TFLOP/s bf16 assumed)\n")
     print("| config | model parameters | bf16 weights | LoRA r=32 (fp32 + AdamW) | est. s / optimizer step |")
     print("|---|---|---|---|---|")
@@ -255,6 +384,8 @@ def main() -> None:
             f"| `{setting.yaml}` | {params} | {e['weights_gib']:.1f} GiB | "
             f"{e['lora_params'] / 1e6:.1f} M, {e['lora_gib']:.2f} GiB | ~{math.ceil(e['step_seconds'])} |"
         )
+    print("\nMemory per family (meta-device parameter counts; activations: see activation_bytes)\n")
+    memory_table()
 
 
 if __name__ == "__main__":

@@ -126,17 +126,20 @@ def sde_step_with_logprob(
     sigma_max: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> SDEStep:
     """One stochastic step and the per-element log-probability of its result.
 
     Draws ``x' = μ + s ε`` (or scores the given ``prev_sample``), in float32 whatever the model's dtype,
-    so that a transition recomputed with unchanged weights gives exactly the stored log-prob.
+    so that a transition recomputed with unchanged weights gives exactly the stored log-prob. ``ε`` is drawn
+    from ``generator``, unless ``noise`` gives it (drawn elsewhere, as chunked sampling does).
     """
     latents32, velocity32 = latents.float(), velocity.float()
     mean, std = sde_mean_std(sde_type, latents32, velocity32, sigma, sigma_next, noise_level, sigma_max)
     std = std.expand_as(mean)
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         prev_sample = mean + std * noise
     prev_sample = prev_sample.float()
     return SDEStep(prev_sample, mean, std, gaussian_log_prob(prev_sample, mean, std))

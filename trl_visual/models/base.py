@@ -70,8 +70,24 @@ class DiffusionAdapter:
         ]
 
     @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders (its ``text_encoder*`` components), by component name."""
+        return {
+            name: module
+            for name, module in self.pipeline.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        }
+
+    @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where prompts are encoded: the text encoders' device (the CPU when they are offloaded), which
+        :meth:`encode_prompts` passes to the pipeline's encoding."""
+        encoder = next(iter(self.text_encoders.values()), None)
+        return next(encoder.parameters()).device if encoder is not None else self.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -79,7 +95,8 @@ class DiffusionAdapter:
 
     # -- to implement -----------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], max_sequence_length: int) -> PromptEmbeds:
-        """Encode ``prompts`` (one row per prompt) into the tensors :meth:`forward_denoiser` needs."""
+        """Encode ``prompts`` (one row per prompt) into the tensors :meth:`forward_denoiser` needs, on
+        :attr:`text_encoder_device` (the trainer moves them to the denoiser's device)."""
         raise NotImplementedError
 
     def encode_conditioning(self, rows: list[dict[str, Any]]) -> PromptEmbeds:

@@ -66,7 +66,10 @@ class FluxAdapter(DiffusionAdapter):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], max_sequence_length: int = 512) -> PromptEmbeds:
         prompt_embeds, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=max_sequence_length
+            prompt=prompts,
+            prompt_2=None,
+            device=self.text_encoder_device,
+            max_sequence_length=max_sequence_length,
         )
         return {"prompt_embeds": prompt_embeds.to(self.dtype), "pooled_prompt_embeds": pooled.to(self.dtype)}
 

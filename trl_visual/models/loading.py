@@ -54,12 +54,25 @@ def _resolve_dtype(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _resolve_quantization(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``quantization_config`` as a dict (as a YAML file gives it: ``quant_backend``, ``quant_kwargs``,
+    ``components_to_quantize``) → diffusers' ``PipelineQuantizationConfig``, which quantises the named frozen
+    components as they load (QLoRA-style: a 4-bit base under a LoRA trained in float32)."""
+    config = kwargs.get("quantization_config")
+    if isinstance(config, dict):
+        from diffusers import PipelineQuantizationConfig
+
+        kwargs["quantization_config"] = PipelineQuantizationConfig(**config)
+    return kwargs
+
+
 def load_pipeline(
     model: str | DiffusionPipeline, model_init_kwargs: dict[str, Any] | None = None
 ) -> DiffusionPipeline:
     """A pipeline from a registered name (``tiny:sd3``), a Hub id or local path, or the pipeline object itself.
 
-    ``model_init_kwargs`` go to ``DiffusionPipeline.from_pretrained`` and only apply to a Hub id or path.
+    ``model_init_kwargs`` go to ``DiffusionPipeline.from_pretrained`` and only apply to a Hub id or path;
+    ``torch_dtype`` and ``quantization_config`` may be given in their YAML forms (a string, a dict).
     """
     if isinstance(model, DiffusionPipeline):
         if model_init_kwargs:
@@ -71,7 +84,8 @@ def load_pipeline(
     if loader is not None:
         return loader(model)
     if isinstance(model, str):
-        return DiffusionPipeline.from_pretrained(model, **_resolve_dtype(dict(model_init_kwargs or {})))
+        kwargs = _resolve_quantization(_resolve_dtype(dict(model_init_kwargs or {})))
+        return DiffusionPipeline.from_pretrained(model, **kwargs)
     raise TypeError(
         f"`model` must be a model id, a local path or a DiffusionPipeline, not {type(model).__name__}."
     )

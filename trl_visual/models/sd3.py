@@ -26,7 +26,7 @@ class SD3Adapter(DiffusionAdapter):
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
-            device=self.device,
+            device=self.text_encoder_device,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )

@@ -61,7 +61,10 @@ class WanAdapter(DiffusionAdapter):
         ``ftfy`` without checking that it is installed, the text-to-video one checks.
         """
         embeds = WanPipeline._get_t5_prompt_embeds(
-            self.pipeline, prompt=prompts, max_sequence_length=max_sequence_length, device=self.device
+            self.pipeline,
+            prompt=prompts,
+            max_sequence_length=max_sequence_length,
+            device=self.text_encoder_device,
         )
         return {"prompt_embeds": embeds.to(self.dtype)}
 

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
 from ..core.sde import SDE_TYPES
 from ..core.timesteps import TIMESTEP_SELECTIONS, window_starts
+from .memory import check_optimizer_package, check_quantization_package
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,11 @@ class DiffusionGRPOConfig(TrainingArguments):
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
         metadata={
-            "help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a string."
+            "help": "Keyword arguments for `DiffusionPipeline.from_pretrained` when `model` is a string. A frozen "
+            "base quantised as it loads (QLoRA-style) is `quantization_config`: diffusers' "
+            "`PipelineQuantizationConfig` or its dict form, e.g. {quant_backend: bitsandbytes_4bit, quant_kwargs: "
+            "{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}, "
+            "components_to_quantize: [transformer, text_encoder_2]}; its backend's package must be installed."
         },
     )
     prompt_column: str = field(
@@ -196,7 +201,69 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=False, metadata={"help": "All samples of a group start from the same noise (DanceGRPO)."}
     )
 
-    # -- memory --------------------------------------------------------------------------------------
+    # -- memory (see docs/distributed.md, "Memory") ------------------------------------------------
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per sampling chunk on each device: the `per_device_train_batch_size` samples of a "
+            "rollout (and each evaluation batch) are drawn and decoded in chunks of this many, then concatenated, "
+            "so sampling holds one chunk's activations while training keeps its micro-batch. Every sample gets "
+            "the noise it gets in one chunk: results change only by float rounding. Must divide "
+            "`per_device_train_batch_size`; None samples the whole batch at once. (TRL's GRPOConfig counts "
+            "the samples of a generation round over all processes with this name; here a round is always "
+            "the global batch, and the field sets how it is split on a device.)"
+        },
+    )
+    offload_text_encoders: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the text encoders (`text_encoder*`: T5-XXL is 4.7 B parameters) in CPU memory and "
+            "encode prompts there; only the embeddings go to the accelerator. Pair it with "
+            "`cache_prompt_embeds` so each prompt is encoded once. The model card's samples move them to the "
+            "accelerator for the pipeline's own call and back."
+        },
+    )
+    cache_prompt_embeds: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each prompt's embeddings in CPU memory (least recently used dropped beyond "
+            "`prompt_embeds_cache_size`), so a prompt is encoded once per run, not once per step (DanceGRPO "
+            "precomputes them). Prompts are then encoded one at a time, so an embedding never depends on "
+            "which prompts shared its batch."
+        },
+    )
+    prompt_embeds_cache_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Prompts whose embeddings `cache_prompt_embeds` keeps: about 2.7 MB each for SD3 (333 "
+            "tokens × 4096 in bf16), 4 MB for FLUX and Wan (512 T5 tokens)."
+        },
+    )
+    vae_decode_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Decode at most this many samples per VAE call (the decoder's activations dominate decoding "
+            "memory, for video most of all). None: a whole sampling chunk at once. `vae_slicing` is the VAE's "
+            "own one-at-a-time equivalent."
+        },
+    )
+    # -- EMA of the trained weights -----------------------------------------------------------------
+    use_ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights (diffusers' `EMAModel`, float32, "
+            "stepped after every optimizer step): evaluation, the model card's samples and the exported LoRA "
+            "(`save_model`, `push_to_hub`) use it; checkpoints keep the trained weights and the average "
+            "(`ema_state.pt`). Costs one more float32 copy of the trainable weights."
+        },
+    )
+    ema_decay: float = field(
+        default=0.999,
+        metadata={
+            "help": "Decay d of the EMA: θ̄ ← d_t θ̄ + (1 − d_t) θ with d_t = min(d, (1 + s) / (10 + s)) at "
+            "optimizer step s + 1 (diffusers' warm-up; d_1 = 0). 0.999 averages over ~1,000 steps."
+        },
+    )
     vae_tiling: bool = field(
         default=False,
         metadata={"help": "Decode with the VAE's tiling, where the pipeline offers it (videos)."},
@@ -264,6 +331,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         if self.sde_window_range is None:
             self.sde_window_range = [0, max(1, self.num_inference_steps // 2)]
         self._check_sde_window_range()
+        self._check_memory_options()
         global_batch = self.per_device_train_batch_size * self.world_size
         if global_batch % self.num_generations:
             raise ValueError(
@@ -271,6 +339,29 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"{global_batch} samples) must be divisible by `num_generations` ({self.num_generations}). "
                 f"Choose a `per_device_train_batch_size` that is a multiple of {self.num_generations}, "
                 "or a `num_generations` that divides it."
+            )
+
+    def _check_memory_options(self) -> None:
+        """Chunk sizes that are positive and split the per-device batch evenly; a cache that holds something."""
+        for name in ("generation_batch_size", "vae_decode_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}` must be at least 1, or None for the whole batch; got {value}.")
+        chunk, batch = self.generation_batch_size, self.per_device_train_batch_size
+        if chunk is not None and batch % chunk:
+            divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+            raise ValueError(
+                f"`generation_batch_size` ({chunk}) must divide `per_device_train_batch_size` ({batch}) so that "
+                f"every sampling chunk is full; choose one of {divisors}, or None to sample the batch at once."
+            )
+        check_optimizer_package(self.optim)
+        check_quantization_package(self.model_init_kwargs)
+        if self.use_ema:
+            check_range("ema_decay", self.ema_decay, 0 < self.ema_decay < 1, "in (0, 1) (0.999 is usual)")
+        if self.cache_prompt_embeds and self.prompt_embeds_cache_size < 1:
+            raise ValueError(
+                f"`prompt_embeds_cache_size` must be at least 1 with `cache_prompt_embeds`; got "
+                f"{self.prompt_embeds_cache_size}."
             )
 
     def _check_grpo_ranges(self) -> None:

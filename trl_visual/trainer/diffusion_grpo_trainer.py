@@ -28,6 +28,7 @@ from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .ema import EMAMixin
 from .engines import EnginesMixin
 from .evaluation import EvaluationMixin
 from .guards import (
@@ -39,6 +40,7 @@ from .logging_utils import (
     SampleBatch,
     log_samples,
 )
+from .memory import place_frozen_modules
 from .model_card import ModelCardMixin
 from .prompt_sampler import EpochSeededRepeatSampler
 from .reward_calls import (
@@ -76,7 +78,7 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
-    EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, EnginesMixin, FiniteUpdatesMixin, Trainer
+    EMAMixin, EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, EnginesMixin, FiniteUpdatesMixin, Trainer
 ):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
@@ -199,6 +201,7 @@ class DiffusionGRPOTrainer(
             optimizers=optimizers,
         )
         self._place_frozen_modules()
+        self._setup_ema(denoiser)
         for reward in self.reward_funcs + self.eval_reward_funcs:
             if isinstance(reward, torch.nn.Module):
                 reward.to(self.accelerator.device)
@@ -211,7 +214,12 @@ class DiffusionGRPOTrainer(
         # extra loss terms (BPGO's auxiliary CRT) that policy_loss reports, for training_step to log
         self._loss_terms: dict[str, torch.Tensor] = {}
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
-        self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
+        self._prompt_encoder = PromptEncoder(
+            self.adapter,
+            args.max_sequence_length,
+            args.negative_prompt,
+            cache_size=args.prompt_embeds_cache_size if args.cache_prompt_embeds else 0,
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
@@ -239,10 +247,7 @@ class DiffusionGRPOTrainer(
 
     def _place_frozen_modules(self) -> None:
         dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-        # No `dtype=None` keyword: diffusers' `ModelMixin.to` warns about float32 modules whenever one is passed
-        cast = {} if dtype is None else {"dtype": dtype}
-        for module in self.adapter.frozen_modules:
-            module.to(self.accelerator.device, **cast)
+        place_frozen_modules(self.adapter, self.accelerator.device, dtype, self.args.offload_text_encoders)
 
     # ------------------------------------------------------------------------------------------------
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt

@@ -16,6 +16,7 @@ import torch
 
 from ..hub import CardSample, build_model_card, dataset_repo_id, reward_curve_image, write_model_card_files
 from .logging_utils import captioned_grid
+from .memory import text_encoders_on
 
 
 class ModelCardMixin:
@@ -58,7 +59,8 @@ class ModelCardMixin:
         self.pipeline.set_progress_bar_config(disable=True)
         context = self._reference_model(self.model) if reference else contextlib.nullcontext()
         samples = []
-        with context, self.compute_loss_context_manager():
+        on_device = text_encoders_on(self.adapter, self.accelerator.device)  # offloaded ones come and go back
+        with context, on_device, self.compute_loss_context_manager():
             for i, row in enumerate(rows):
                 output = self.pipeline(
                     prompt=row[self.args.prompt_column],

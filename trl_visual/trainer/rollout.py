@@ -17,6 +17,7 @@ Training re-scores a stored :class:`Transition` with :func:`rescore_transition`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
 from ..core.timesteps import sample_window_start, stochastic_step_indices
 from ..models import DiffusionAdapter, PromptEmbeds, select_embeds
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .memory import PromptEmbedsCache, decode_in_batches
 from .seeds import sde_noise_seed
 
 
@@ -96,24 +98,40 @@ def unique_in_order(values: list[str]) -> tuple[list[str], torch.Tensor]:
 
 
 class PromptEncoder:
-    """Prompt embeddings for a batch, encoding each distinct prompt once; the negative prompt is encoded once
-    per run (the text encoders are frozen)."""
+    """Prompt embeddings for a batch, on the denoiser's device, encoding each distinct prompt once; the
+    negative prompt is encoded once per run (the text encoders are frozen).
 
-    def __init__(self, adapter: DiffusionAdapter, max_sequence_length: int, negative_prompt: str):
+    With ``cache_size > 0`` the embeddings of the last ``cache_size`` prompts are kept in CPU memory
+    (:class:`~trl_visual.trainer.memory.PromptEmbedsCache`), so a prompt is encoded once per run.
+    """
+
+    def __init__(
+        self, adapter: DiffusionAdapter, max_sequence_length: int, negative_prompt: str, cache_size: int = 0
+    ):
         self.adapter = adapter
         self.max_sequence_length = max_sequence_length
         self.negative_prompt = negative_prompt
+        self.cache = PromptEmbedsCache(cache_size) if cache_size else None
         self._negative: PromptEmbeds | None = None
 
     def __call__(self, prompts: list[str]) -> PromptEmbeds:
         unique, inverse = unique_in_order(prompts)
-        return select_embeds(self.adapter.encode_prompts(unique, self.max_sequence_length), inverse)
+        return select_embeds(self._encode(unique, self.cache), inverse)
 
     def negative(self, batch_size: int) -> PromptEmbeds:
         """The negative prompt's embedding, repeated ``batch_size`` times."""
         if self._negative is None:
-            self._negative = self.adapter.encode_prompts([self.negative_prompt], self.max_sequence_length)
+            self._negative = self._encode([self.negative_prompt])
         return select_embeds(self._negative, torch.zeros(batch_size, dtype=torch.long))
+
+    def _encode(self, prompts: list[str], cache: PromptEmbedsCache | None = None) -> PromptEmbeds:
+        """``prompts``' embeddings (through ``cache`` when given), moved to the denoiser's device."""
+
+        def encode(batch: list[str]) -> PromptEmbeds:
+            return self.adapter.encode_prompts(batch, self.max_sequence_length)
+
+        embeds = encode(prompts) if cache is None else cache.embeds(prompts, encode)
+        return {key: value.to(self.adapter.device) for key, value in embeds.items()}
 
 
 def uses_cfg(args: DiffusionGRPOConfig, training: bool) -> bool:
@@ -133,20 +151,23 @@ def initial_noise(
     shared: bool,
     device: torch.device,
     training: bool = True,
+    start: int = 0,
 ) -> torch.Tensor:
     """Initial latents for this process's samples, drawn for the whole global batch from one seed so that a
     group split across processes still gets consistent (and, if ``shared``, equal) noise; ``group_ids`` are
     the samples' global group indices. Outside training (evaluation, model cards) each sample simply gets its
-    own noise."""
+    own noise. ``start`` is the index of the first of these samples among this process's, so that a chunk of
+    a batch sampled in chunks gets the rows the whole batch would give it."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if not training:
-        return adapter.prepare_noise(len(group_ids), latent_shape, generator)
+        return adapter.prepare_noise(start + len(group_ids), latent_shape, generator)[start:]
     global_batch = placement.global_batch_size
     rows = global_batch // num_generations if shared else global_batch
     noise = adapter.prepare_noise(rows, latent_shape, generator)
     if shared:
         return noise[group_ids.to(noise.device)]
-    return noise[placement.offset : placement.offset + len(group_ids)]
+    first = placement.offset + start
+    return noise[first : first + len(group_ids)]
 
 
 def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool) -> list[int]:
@@ -168,6 +189,63 @@ def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool) ->
 def _stacked(tensors: list[torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
     """``(B, K, ...)`` from K tensors ``(B, ...)``; ``(B, 0, ...)`` when there are none."""
     return torch.stack(tensors, 1) if tensors else latents.new_zeros((len(latents), 0, *latents.shape[1:]))
+
+
+class StepNoise:
+    """The SDE noise ``ε`` of one rollout on this process, from one generator: at each stochastic step a
+    standard normal draw for the whole local batch of ``batch_size`` samples, of which a chunk keeps its
+    ``rows``. A batch sampled in chunks thus draws exactly the noise it draws in one piece."""
+
+    def __init__(self, seed: int, device: torch.device, batch_size: int, rows: slice):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.batch_size = batch_size
+        self.rows = rows
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """``ε`` for this chunk's ``latents``, float32."""
+        shape = (self.batch_size, *latents.shape[1:])
+        return torch.randn(shape, generator=self.generator, device=latents.device, dtype=torch.float32)[
+            self.rows
+        ]
+
+
+#: fields of :class:`Rollouts` that describe the sampling schedule, not a sample: the same in every chunk
+SCHEDULE_FIELDS = ("sigmas", "sigmas_next", "sigma_max")
+
+
+def _joined(parts: list[Any]) -> Any:
+    """Per-sample values of consecutive chunks joined along the batch: tensors concatenated, lists chained,
+    dicts key by key; ``None`` stays ``None``."""
+    first = parts[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, list):
+        return [value for part in parts for value in part]
+    if isinstance(first, dict):
+        return {key: _joined([part[key] for part in parts]) for key in first}
+    raise TypeError(f"Cannot join rollout values of type {type(first).__name__} along the batch.")
+
+
+def concat_rollouts(chunks: list[Rollouts]) -> Rollouts:
+    """The rollouts of consecutive chunks of a batch as one: every per-sample field joined along the batch,
+    the schedule's fields (:data:`SCHEDULE_FIELDS`) taken from the first chunk."""
+    if len(chunks) == 1:
+        return chunks[0]
+    values = {
+        spec.name: getattr(chunks[0], spec.name)
+        if spec.name in SCHEDULE_FIELDS
+        else _joined([getattr(chunk, spec.name) for chunk in chunks])
+        for spec in dataclasses.fields(Rollouts)
+    }
+    return Rollouts(**values)
+
+
+def generation_chunks(batch_size: int, chunk_size: int | None) -> list[slice]:
+    """Consecutive slices of at most ``chunk_size`` samples covering a batch (one slice when ``None``)."""
+    size = chunk_size or batch_size
+    return [slice(start, min(start + size, batch_size)) for start in range(0, batch_size, size)]
 
 
 @torch.no_grad()
@@ -196,12 +274,65 @@ def sample_rollouts(
     window's ODE prefix) are computed once per group and then branched to the group's samples, which share
     their initial noise in that case. ``rows`` are the dataset rows, for conditioning beyond the prompt (see
     :meth:`DiffusionAdapter.encode_conditioning`); ``autocast`` is the context the denoiser runs in.
+
+    The prompts are encoded once for the whole batch; the samples are then drawn in chunks of
+    ``args.generation_batch_size`` (all at once when it is ``None``), so that sampling and decoding hold one
+    chunk's activations, and the chunks' rollouts are concatenated. Every sample gets the initial and SDE noise
+    it gets in one chunk (:class:`StepNoise`), so chunking changes results only by float rounding.
     """
+    embeds = {**encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
+    negative = encoder.negative(len(prompts)) if uses_cfg(args, training) else None
+    chunks = [
+        _sample_chunk(
+            adapter,
+            denoiser,
+            group_ids,
+            seed,
+            chunk,
+            prompts=prompts,
+            embeds=embeds,
+            negative=negative,
+            args=args,
+            placement=placement,
+            sigmas=sigmas,
+            latent_shape=latent_shape,
+            device=device,
+            stochastic=stochastic,
+            training=training,
+            autocast=autocast,
+        )
+        for chunk in generation_chunks(len(prompts), args.generation_batch_size)
+    ]
+    return concat_rollouts(chunks)
+
+
+def _sample_chunk(
+    adapter: DiffusionAdapter,
+    denoiser: torch.nn.Module,
+    group_ids: torch.Tensor,
+    seed: int,
+    chunk: slice,
+    *,
+    prompts: list[str],
+    embeds: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    args: DiffusionGRPOConfig,
+    placement: BatchPlacement,
+    sigmas: torch.Tensor,
+    latent_shape: tuple[int, ...],
+    device: torch.device,
+    stochastic: bool,
+    training: bool,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> Rollouts:
+    """The rollouts of the samples ``chunk`` of a batch (see :func:`sample_rollouts`)."""
     num_steps = args.num_inference_steps
     steps = _stochastic_steps(args, seed, stochastic)
     sigmas = sigmas.to(device)
-    embeds = {**encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
-    negative = encoder.negative(len(prompts)) if uses_cfg(args, training) else None
+    batch_size, prompts, group_ids = len(prompts), prompts[chunk], group_ids[chunk]
+    chunk_rows = torch.arange(batch_size)[chunk]
+    embeds = select_embeds(embeds, chunk_rows)
+    negative = select_embeds(negative, chunk_rows) if negative is not None else None
     noise = {"placement": placement, "num_generations": args.num_generations, "device": device}
 
     branch = bool(steps) and steps[0] > 0
@@ -213,10 +344,17 @@ def sample_rollouts(
         prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
     else:
         latents = initial_noise(
-            adapter, latent_shape, group_ids, seed, shared=args.init_same_noise, training=training, **noise
+            adapter,
+            latent_shape,
+            group_ids,
+            seed,
+            shared=args.init_same_noise,
+            training=training,
+            start=chunk.start,
+            **noise,
         )
         prefix_embeds, prefix_negative = embeds, negative
-    step_generator = torch.Generator(device=device).manual_seed(sde_noise_seed(seed, placement.process_index))
+    step_noise = StepNoise(sde_noise_seed(seed, placement.process_index), device, batch_size, chunk)
 
     states, next_states, log_probs = [], [], []
     with autocast():
@@ -239,7 +377,7 @@ def sample_rollouts(
                 sigma_next,
                 args.noise_level,
                 sigma_max=float(sigmas[1]),
-                generator=step_generator,
+                noise=step_noise(latents),
             )
             states.append(latents)
             latents = step.prev_sample
@@ -257,7 +395,7 @@ def sample_rollouts(
         sigmas=sigmas[index],
         sigmas_next=sigmas[index + 1],
         sigma_max=float(sigmas[1]),
-        samples=adapter.decode(latents),
+        samples=decode_in_batches(adapter, latents, args.vae_decode_batch_size),
     )
 
 

@@ -31,7 +31,8 @@ from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
 
 class CheckpointSavingMixin:
     """LoRA export, atomic checkpoints and resuming, for a trainer with ``adapter``, ``pipeline``, ``is_peft``,
-    ``weight_dtype`` and the :meth:`method_state` / :meth:`load_method_state` hooks."""
+    ``weight_dtype``, the :meth:`method_state` / :meth:`load_method_state` hooks and
+    :class:`~trl_visual.trainer.ema.EMAMixin`'s ``_save_ema_state`` / ``_load_ema_state``."""
 
     _staging_dir: str | None = None
 
@@ -89,6 +90,7 @@ class CheckpointSavingMixin:
             state = self.method_state()
             if state and self.args.should_save:
                 torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+            self._save_ema_state(os.path.join(staging_root, name))
         finally:
             self._staging_dir = None
         if self.args.should_save:
@@ -179,3 +181,4 @@ class CheckpointSavingMixin:
                 os.path.join(resume_from_checkpoint, self.adapter.denoiser_name)
             )
             denoiser.load_state_dict(loaded.state_dict())
+        self._load_ema_state(resume_from_checkpoint)

@@ -1,0 +1,178 @@
+"""Memory options for large models (12B–14B denoisers beside a 4.7B T5): where the frozen modules live, a cache
+of prompt embeddings, decoding in batches, and early checks of the optional 8-bit and quantisation libraries.
+
+Sampling in chunks (``generation_batch_size``) lives in :mod:`trl_visual.trainer.rollout`, the EMA of the
+trained weights in :mod:`trl_visual.trainer.ema`. ``docs/distributed.md`` ("Memory") says what each option
+saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from ..models import DiffusionAdapter, PromptEmbeds
+
+#: ``TrainingArguments.optim`` values that need the ``bitsandbytes`` package (transformers 5.23.0's list)
+BITSANDBYTES_OPTIMIZERS = (
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+    "ademamix",
+    "ademamix_8bit",
+    "paged_ademamix_32bit",
+    "paged_ademamix_8bit",
+    "lion_32bit",
+    "lion_8bit",
+    "paged_lion_32bit",
+    "paged_lion_8bit",
+    "rmsprop_bnb",
+    "rmsprop_bnb_8bit",
+    "rmsprop_bnb_32bit",
+)
+#: the package each of diffusers' ``PipelineQuantizationConfig`` backends needs
+QUANTIZATION_PACKAGES = {
+    "bitsandbytes_4bit": "bitsandbytes",
+    "bitsandbytes_8bit": "bitsandbytes",
+    "torchao": "torchao",
+    "quanto": "optimum.quanto",
+    "gguf": "gguf",
+}
+
+
+def place_frozen_modules(
+    adapter: DiffusionAdapter,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    offload_text_encoders: bool = False,
+) -> None:
+    """Move every frozen module (text encoders, VAE, …) to ``device``, cast to ``dtype`` when given; with
+    ``offload_text_encoders`` the text encoders go to the CPU instead. A quantised module keeps its dtype
+    (its weights are packed integers, which ``.to(dtype)`` refuses)."""
+    text_encoders = set(map(id, adapter.text_encoders.values()))
+    for module in adapter.frozen_modules:
+        target = torch.device("cpu") if offload_text_encoders and id(module) in text_encoders else device
+        # No `dtype=None` keyword: diffusers' `ModelMixin.to` warns about float32 modules whenever one is passed
+        cast = {} if dtype is None or _is_quantized(module) else {"dtype": dtype}
+        module.to(target, **cast)
+
+
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """Whether diffusers or transformers loaded ``module`` with a ``quantization_config``."""
+    return bool(getattr(module, "is_quantized", False) or getattr(module, "hf_quantizer", None))
+
+
+@contextlib.contextmanager
+def text_encoders_on(adapter: DiffusionAdapter, device: torch.device) -> Iterator[None]:
+    """Within, the text encoders are on ``device`` (for the pipeline's own ``__call__``, which encodes where the
+    denoiser runs); those that were elsewhere (offloaded to the CPU) go back afterwards."""
+    moved = {name: module for name, module in adapter.text_encoders.items() if _device_of(module) != device}
+    homes = {name: _device_of(module) for name, module in moved.items()}
+    for module in moved.values():
+        module.to(device)
+    try:
+        yield
+    finally:
+        for name, module in moved.items():
+            module.to(homes[name])
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class PromptEmbedsCache:
+    """The embeddings of the most recently used prompts, held in CPU memory; beyond ``max_size`` prompts the
+    least recently used is dropped.
+
+    Each prompt is encoded alone (a batch of one), so that its embedding never depends on which prompts
+    shared its batch: a resumed run, whose cache starts empty, gets the embeddings the uninterrupted run had.
+    """
+
+    def __init__(self, max_size: int):
+        if max_size < 1:
+            raise ValueError(
+                f"A prompt-embedding cache must hold at least one prompt; got max_size={max_size}."
+            )
+        self.max_size = max_size
+        self._entries: OrderedDict[str, PromptEmbeds] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._entries
+
+    def embeds(self, prompts: list[str], encode: Callable[[list[str]], PromptEmbeds]) -> PromptEmbeds:
+        """The embeddings of ``prompts``, one row each in order, on the CPU; ``encode`` (a list of prompts →
+        their embeddings) is called once for each prompt that is not cached."""
+        rows = [self._entry(prompt, encode) for prompt in prompts]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+
+    def _entry(self, prompt: str, encode: Callable[[list[str]], PromptEmbeds]) -> PromptEmbeds:
+        if prompt in self._entries:
+            self._entries.move_to_end(prompt)
+            return self._entries[prompt]
+        entry = {key: value.to("cpu") for key, value in encode([prompt]).items()}
+        self._entries[prompt] = entry
+        while len(self._entries) > self.max_size:
+            self._entries.popitem(last=False)
+        return entry
+
+
+def decode_in_batches(
+    adapter: DiffusionAdapter, latents: torch.Tensor, batch_size: int | None
+) -> torch.Tensor:
+    """:meth:`DiffusionAdapter.decode` on at most ``batch_size`` latents at a time (all at once when ``None``),
+    the pixels concatenated: the decoder's activations are one batch's."""
+    if batch_size is None or batch_size >= len(latents):
+        return adapter.decode(latents)
+    return torch.cat([adapter.decode(part) for part in latents.split(batch_size)])
+
+
+def missing_package(module_name: str) -> bool:
+    """Whether ``module_name`` (``"optimum.quanto"`` for a sub-package) cannot be imported here."""
+    try:
+        return importlib.util.find_spec(module_name) is None
+    except ModuleNotFoundError:  # the parent package is missing
+        return True
+
+
+def check_optimizer_package(optim: Any) -> None:
+    """Refuse a bitsandbytes optimizer (``optim="adamw_bnb_8bit"``) when bitsandbytes is not installed, before
+    any model is loaded (``Trainer`` would only say so when it builds the optimizer)."""
+    name = getattr(optim, "value", optim)
+    if name in BITSANDBYTES_OPTIMIZERS and missing_package("bitsandbytes"):
+        raise ImportError(
+            f"`optim={name!r}` needs the bitsandbytes package, which is not installed: `pip install bitsandbytes` "
+            "(8-bit AdamW keeps AdamW's two moments in 8 bits, 2 bytes a trainable parameter instead of 8), or "
+            "use `optim='adamw_torch'`."
+        )
+
+
+def quantization_backend(quantization_config: Any) -> str | None:
+    """The backend name of a ``quantization_config`` (diffusers' ``PipelineQuantizationConfig`` or its dict
+    form ``{"quant_backend": …, "quant_kwargs": …, "components_to_quantize": …}``), or ``None`` without one."""
+    if quantization_config is None:
+        return None
+    if isinstance(quantization_config, dict):
+        return quantization_config.get("quant_backend")
+    return getattr(quantization_config, "quant_backend", None)
+
+
+def check_quantization_package(model_init_kwargs: dict[str, Any] | None) -> None:
+    """Refuse a ``quantization_config`` whose backend's package is missing, before anything is downloaded."""
+    backend = quantization_backend((model_init_kwargs or {}).get("quantization_config"))
+    package = QUANTIZATION_PACKAGES.get(backend or "")
+    if package is not None and missing_package(package):
+        raise ImportError(
+            f"`model_init_kwargs.quantization_config` uses the {backend!r} backend, which needs the "
+            f"{package.split('.')[0]} package: `pip install {package.replace('.', '-')}`, or drop "
+            "`quantization_config` to load the base model unquantised."
+        )
