@@ -78,7 +78,13 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
-    EMAMixin, EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, EnginesMixin, FiniteUpdatesMixin, Trainer
+    EMAMixin,
+    EvaluationMixin,
+    ModelCardMixin,
+    CheckpointSavingMixin,
+    EnginesMixin,
+    FiniteUpdatesMixin,
+    Trainer,
 ):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
