@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import trl_visual.trainer.rollout as rollout
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
-from trl_visual.core.sde import sde_mean_std, sde_step_with_logprob
 
 GLOBAL_BATCH = 8
 
@@ -41,35 +40,21 @@ def global_batch_noise(rank: int) -> Iterator[None]:
     """Make the rollouts independent of the process layout: one SDE-noise seed for all processes, each drawing
     the noise of the whole global batch and keeping its own rows."""
 
-    def step(sde_type, latents, velocity, sigma, sigma_next, noise_level, *, sigma_max=1.0, **kwargs):
-        if kwargs.get("prev_sample") is not None:  # rescoring a stored transition
-            return sde_step_with_logprob(
-                sde_type, latents, velocity, sigma, sigma_next, noise_level, sigma_max=sigma_max, **kwargs
-            )
-        mean, std = sde_mean_std(
-            sde_type, latents.float(), velocity.float(), sigma, sigma_next, noise_level, sigma_max
-        )
-        noise = torch.randn((GLOBAL_BATCH, *mean.shape[1:]), generator=kwargs["generator"])
-        rows = noise[rank * len(mean) : (rank + 1) * len(mean)]
-        prev_sample = mean + std.expand_as(mean) * rows
-        return sde_step_with_logprob(
-            sde_type,
-            latents,
-            velocity,
-            sigma,
-            sigma_next,
-            noise_level,
-            sigma_max=sigma_max,
-            prev_sample=prev_sample,
-        )
+    class GlobalBatchNoise(rollout.StepNoise):
+        """Draws the noise of the whole global batch and keeps this rank's rows of it."""
 
-    saved = rollout.sde_noise_seed, rollout.sde_step_with_logprob
+        def __init__(self, seed: int, device: torch.device, batch_size: int, rows: slice):
+            first, stop, _ = rows.indices(batch_size)
+            offset = rank * batch_size
+            super().__init__(seed, device, GLOBAL_BATCH, slice(offset + first, offset + stop))
+
+    saved = rollout.sde_noise_seed, rollout.StepNoise
     rollout.sde_noise_seed = lambda round_seed, process_index: round_seed
-    rollout.sde_step_with_logprob = step
+    rollout.StepNoise = GlobalBatchNoise
     try:
         yield
     finally:
-        rollout.sde_noise_seed, rollout.sde_step_with_logprob = saved
+        rollout.sde_noise_seed, rollout.StepNoise = saved
 
 
 class Counting(DiffusionGRPOTrainer):
