@@ -350,11 +350,11 @@ class NaNLossTrainer(DiffusionGRPOTrainer):
 
     nan_steps: tuple[int, ...] = ()
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
-        loss, clipped = super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+    def policy_loss(self, log_prob, old_log_prob, advantages):
+        result = super().policy_loss(log_prob, old_log_prob, advantages)
         if self.state.global_step in self.nan_steps:
-            loss = loss * float("nan")
-        return loss, clipped
+            result.loss = result.loss * float("nan")
+        return result
 
 
 def test_a_nan_step_is_skipped_without_touching_weights_or_optimizer_state(tmp_path):

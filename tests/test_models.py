@@ -309,10 +309,10 @@ class RecordingTrainer(DiffusionGRPOTrainer):
 
     max_log_prob_gap = 0.0
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+    def policy_loss(self, log_prob, old_log_prob, advantages):
         gap = (log_prob.detach() - old_log_prob).abs().max().item()
         self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        return super().policy_loss(log_prob, old_log_prob, advantages)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from peft import LoraConfig
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.models import get_adapter, load_pipeline
 from trl_visual.testing import tiny_sd3_pipeline
+from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 from trl_visual.trainer.rollout import BatchPlacement, initial_noise
 
 
@@ -52,10 +53,41 @@ class RecordingTrainer(DiffusionGRPOTrainer):
 
     max_log_prob_gap = 0.0
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+    def policy_loss(self, log_prob, old_log_prob, advantages):
         gap = (log_prob.detach() - old_log_prob).abs().max().item()
         self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        return super().policy_loss(log_prob, old_log_prob, advantages)
+
+
+def test_objective_is_a_deprecated_alias_of_clipped_objective(tmp_path):
+    """``objective`` (renamed ``clipped_objective``) still answers for one release, with a FutureWarning."""
+    trainer = make_trainer(tmp_path)
+    log_prob, old, advantages = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4)
+    expected = trainer.clipped_objective(log_prob, old, advantages)
+    with pytest.warns(FutureWarning, match="renamed `clipped_objective`"):
+        loss, clipped = trainer.objective(log_prob, old, advantages)
+    assert torch.equal(loss, expected[0]) and torch.equal(clipped, expected[1])
+
+
+def test_grpo_policy_loss_is_one_clipped_objective_with_no_extra_terms(tmp_path):
+    """GRPO's policy_loss is L(A); a weight and auxiliary objectives, when given, make it w·L(A) + Σ c·L(A_j)."""
+    trainer = make_trainer(tmp_path)
+    log_prob, old, advantages = 1e-3 * torch.randn(4, 3), torch.zeros(4, 3), torch.randn(4)
+    main, clipped = trainer.clipped_objective(log_prob, old, advantages)
+    plain = trainer.policy_loss(log_prob, old, Advantages(reward=torch.zeros(4), advantages=advantages))
+    assert torch.equal(plain.loss, main) and torch.equal(plain.clipped, clipped) and plain.metrics == {}
+    extra = torch.randn(4)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    combined = trainer.policy_loss(
+        log_prob,
+        old,
+        Advantages(
+            torch.zeros(4), advantages, weight, [AuxiliaryObjective(0.5, extra), AuxiliaryObjective(2, extra)]
+        ),
+    )
+    extra_loss, _ = trainer.clipped_objective(log_prob, old, extra)
+    torch.testing.assert_close(combined.loss, weight * main + 2.5 * extra_loss)
+    assert combined.metrics == {}  # unnamed terms are not logged
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from functools import partial
@@ -33,6 +34,7 @@ from .guards import (
     FiniteUpdatesMixin,
     check_writable_dir,
 )
+from .hooks import Advantages, PolicyLoss, record_metrics
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
@@ -101,9 +103,12 @@ class DiffusionGRPOTrainer(
         trainer.train()
         trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
 
-    Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
-    become advantages), :meth:`expand_advantages` (what shape an advantage has) and
-    :meth:`policy_loss` (the per-sample loss of one transition).
+    Subclasses change the method through a few hooks only, which exchange the dataclasses of
+    :mod:`trl_visual.trainer.hooks`: :meth:`compute_advantages` (how rewards become
+    :class:`~trl_visual.trainer.hooks.Advantages`), :meth:`expand_advantages` (what shape an advantage has),
+    :meth:`clipped_objective` (the clipped objective of one set of advantages) and :meth:`policy_loss` (the
+    method's whole per-sample loss of one transition, a :class:`~trl_visual.trainer.hooks.PolicyLoss`). Hooks
+    return their metrics; the trainer logs them.
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
@@ -207,8 +212,6 @@ class DiffusionGRPOTrainer(
         }
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
-        # extra loss terms (BPGO's auxiliary CRT) that policy_loss reports, for training_step to log
-        self._loss_terms: dict[str, torch.Tensor] = {}
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._prompt_encoder = PromptEncoder(self.adapter, args.max_sequence_length, args.negative_prompt)
 
@@ -361,15 +364,13 @@ class DiffusionGRPOTrainer(
             f"{self._save_before_stopping()}"
         )
 
-    def compute_advantages(
-        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
-    ) -> dict[str, torch.Tensor]:
-        """Hook: ``(B_global, F)`` rewards of the whole global batch → per-sample tensors.
-
-        Returns a dict with at least ``"reward"`` and ``"advantages"``, each ``(B_global,)``; every
-        tensor in it is sliced to this process's samples and kept in ``rollouts.extras`` (the
-        advantages in ``rollouts.advantages``), so a subclass can carry what its loss needs (BPGO's
-        group weights, say). ``inputs`` are the global batch's dataset rows, in the same order.
+    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Advantages:
+        """Hook: ``(B_global, F)`` rewards of the whole global batch → per-sample
+        :class:`~trl_visual.trainer.hooks.Advantages` over the global batch (``reward`` and ``advantages``
+        ``(B_global,)``, plus what the method's loss needs: a per-sample ``weight``, ``auxiliary`` objectives,
+        ``metrics`` to log). The trainer slices it to this process's samples
+        (:meth:`~trl_visual.trainer.hooks.Advantages.local`). ``inputs`` are the global batch's dataset rows,
+        in the same order.
 
         The base method is GRPO's: weighted aggregation of the rewards, then
         ``A = (R − R̄_group) / (std + 1e-4)`` clamped to ``±adv_clip_max`` (see
@@ -383,10 +384,11 @@ class DiffusionGRPOTrainer(
             self.args.scale_rewards,
             self.args.adv_clip_max,
         )
-        return {"reward": reward, "advantages": advantages}
+        return Advantages(reward=reward, advantages=advantages)
 
-    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
-        """Hook: the shape of an advantage. GRPO keeps one scalar per sample ``(B,)``; ViPO returns a map."""
+    def expand_advantages(self, advantages: Advantages, rollouts: Rollouts) -> Advantages:
+        """Hook: the shape of this process's advantages. GRPO keeps one scalar per sample ``(B,)``; ViPO
+        spreads every set of them over a map of the latent positions."""
         return advantages
 
     def _score(self, rollouts: Rollouts, inputs: list[dict[str, Any]], mode: str = "train") -> None:
@@ -395,18 +397,17 @@ class DiffusionGRPOTrainer(
         rewards_per_func = gather(local_rewards)
         all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
         computed = self.compute_advantages(rewards_per_func, all_inputs)
-        local = {key: value[self.placement.local] for key, value in computed.items()}
-        rollouts.rewards = local["reward"]
-        advantages = local.pop("advantages")
-        rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
-        rollouts.advantages = self.expand_advantages(advantages, rollouts)
+        local = computed.local(self.placement.local)
+        rollouts.rewards = local.reward
+        rollouts.advantages = self.expand_advantages(local, rollouts)
         record_reward_metrics(
             self._metrics[mode],
             rewards_per_func,
-            computed["reward"],
+            computed.reward,
             self.reward_names,
             self.args.num_generations,
         )
+        record_metrics(self._metrics[mode], rollouts.advantages.metrics)
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -447,30 +448,50 @@ class DiffusionGRPOTrainer(
             self._pending_media.add("samples", self.state.global_step, partial(log_samples, self, samples))
         return rollouts
 
-    def objective(
+    def clipped_objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook: the clipped objective of one transition for one set of advantages, per sample ``(B,)``,
+        """Hook: the clipped objective of one transition for ONE set of advantages, per sample ``(B,)``,
         with its clipped fraction ``(B,)``.
 
         GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
-        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form; methods
-        that add terms (BPGO's auxiliary loss) call it once per set of advantages, so they compose.
+        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form;
+        :meth:`policy_loss` calls it once per set of advantages, so methods compose.
         """
         log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
         loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
         return loss, clipped.float()
 
-    def policy_loss(
-        self,
-        log_prob: torch.Tensor,
-        old_log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        rollouts: Rollouts,
+    def objective(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook: per-sample loss of one transition and its clipped fraction, both ``(B,)``. GRPO's is
-        :meth:`objective` on the rollouts' advantages."""
-        return self.objective(log_prob, old_log_prob, advantages)
+        """Deprecated alias of :meth:`clipped_objective` (renamed in 0.1.0; removed in 0.2.0)."""
+        warnings.warn(
+            "`DiffusionGRPOTrainer.objective` was renamed `clipped_objective` (one set of advantages; "
+            "`policy_loss` is the method's whole loss) and will be removed in 0.2.0.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.clipped_objective(log_prob, old_log_prob, advantages)
+
+    def policy_loss(
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Advantages
+    ) -> PolicyLoss:
+        """Hook: the method's whole per-sample loss of one transition,
+        ``L = w · L(A) + Σ_j c_j · L(A_j)``, each ``L`` a :meth:`clipped_objective` on the same log-ratio
+        (``w`` = ``advantages.weight``, 1 when absent; ``(c_j, A_j)`` = ``advantages.auxiliary``). The
+        clipped fraction is the main term's; each named auxiliary term's unweighted ``L(A_j)`` is returned
+        in ``metrics``. GRPO has neither weight nor auxiliary terms: ``L = L(A)``."""
+        loss, clipped = self.clipped_objective(log_prob, old_log_prob, advantages.advantages)
+        if advantages.weight is not None:
+            loss = loss * advantages.weight
+        metrics = {}
+        for term in advantages.auxiliary:
+            value, _ = self.clipped_objective(log_prob, old_log_prob, term.advantages)
+            loss = loss + term.coefficient * value
+            if term.name:
+                metrics[term.name] = value.detach()
+        return PolicyLoss(loss, clipped, metrics)
 
     @contextlib.contextmanager
     def _reference_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -505,11 +526,9 @@ class DiffusionGRPOTrainer(
             transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
                 step = rescore_transition(self.adapter, model, rollouts, transition, self.args)
-                self._loss_terms = {}
-                loss, clipped = self.policy_loss(
-                    step.log_prob, transition.old_log_prob, rollouts.advantages, rollouts
-                )
-                for name, term in {"policy_loss": loss, **self._loss_terms}.items():
+                result = self.policy_loss(step.log_prob, transition.old_log_prob, rollouts.advantages)
+                loss, clipped = result.loss, result.clipped
+                for name, term in {"policy_loss": loss, **result.metrics}.items():
                     add(name, term)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
