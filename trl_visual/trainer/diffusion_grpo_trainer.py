@@ -250,8 +250,8 @@ class DiffusionGRPOTrainer(
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
-        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch. Overrides a private
-        ``Trainer`` method (checked against transformers 5.23.0)."""
+        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededRepeatSampler(
             data_source=dataset,

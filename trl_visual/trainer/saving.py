@@ -2,7 +2,7 @@
 
 Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
 private saving methods it extends. Each override does its own work around ``super()``; they were checked
-against transformers 5.23.0 (re-check them when the pin moves):
+against transformers 5.24.0 (re-check them when the pin moves):
 
 * ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file;
 * ``_save_checkpoint`` stages the checkpoint and renames it into place, so a crash never leaves half of one;
@@ -61,11 +61,13 @@ class CheckpointSavingMixin:
         return str(resume_from_checkpoint)
 
     def _get_output_dir(self, trial: Any) -> str:
+        """The staging folder while a checkpoint is being written. Private ``Trainer`` override, checked against transformers 5.24.0."""
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
-        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
+        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         if self._staging_dir is None:  # pushed once the checkpoint has its final name
             lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
             if self.is_world_process_zero() and os.path.isfile(lora):
@@ -75,7 +77,8 @@ class CheckpointSavingMixin:
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
         so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
+        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         run_dir = super()._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = os.path.join(run_dir, ".staging")
@@ -106,7 +109,7 @@ class CheckpointSavingMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the LoRA in diffusers' format with its adapter config in the file's metadata
         (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
-        denoiser with ``save_pretrained`` when training without LoRA."""
+        denoiser with ``save_pretrained`` when training without LoRA. Private ``Trainer`` override, checked against transformers 5.24.0."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -134,7 +137,8 @@ class CheckpointSavingMixin:
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
-        """Load the denoiser's trained weights (and the method's state) back from a checkpoint."""
+        """Load the denoiser's trained weights (and the method's state) back from a checkpoint.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         state_file = os.path.join(resume_from_checkpoint, METHOD_STATE_NAME)
         if os.path.exists(state_file):
             self.load_method_state(torch.load(state_file, weights_only=False))
