@@ -8,9 +8,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from diffusers import DiffusionPipeline
-from peft import LoraConfig
-from transformers import TrainerCallback
 
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
@@ -21,7 +18,6 @@ from ..core.bpgo import (
     ras_weights_posterior,
     ras_weights_sigmoid,
 )
-from ..rewards import RewardFunc
 from .bpgo_config import BPGOConfig
 from .bpgo_estimation import BaseModelPriorEstimation
 from .bpgo_priors import (
@@ -88,35 +84,12 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
     _citations = ["BPGO", "DanceGRPO", "Flow-GRPO"]
     config_class = BPGOConfig
 
-    def __init__(
-        self,
-        model: str | DiffusionPipeline,
-        reward_funcs: RewardFunc | str | list[RewardFunc | str],
-        args: BPGOConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
-            None,
-            None,
-        ),
-        peft_config: LoraConfig | None = None,
-        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
-    ):
-        args = self._resolve_args(model, args)
+    def _prepare_method(self, args: BPGOConfig, train_dataset: Dataset | IterableDataset | None) -> None:
+        """The prior source is checked against the data set (a missing column, say) and the prior store made,
+        before the pipeline loads."""
+        super()._prepare_method(args, train_dataset)
         check_prior_source(train_dataset, args)
         self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            eval_reward_funcs=eval_reward_funcs,
-        )
 
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss

@@ -153,6 +153,7 @@ class DiffusionGRPOTrainer(
         eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
+        self._prepare_method(args, train_dataset)
         if args.should_save:
             check_writable_dir(args.output_dir)
         self.reward_funcs = [
@@ -230,6 +231,12 @@ class DiffusionGRPOTrainer(
         if not isinstance(args, cls.config_class):
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
         return args
+
+    def _prepare_method(
+        self, args: DiffusionGRPOConfig, train_dataset: Dataset | IterableDataset | None
+    ) -> None:
+        """Hook: the method's own set-up that needs only the config and the data set, run first, before the
+        pipeline loads, so that bad input fails fast (BPGO's prior store, ViPO's backbone). GRPO has none."""
 
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
         """The sample size: the config's, else the model's default."""

@@ -11,9 +11,6 @@ from typing import Any
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
-from diffusers import DiffusionPipeline
-from peft import LoraConfig
-from transformers import TrainerCallback
 
 from ..backbones import VisionBackbone
 from ..core.vipo import (
@@ -24,7 +21,6 @@ from ..core.vipo import (
     pool_to_tokens,
     reward_map_advantages,
 )
-from ..rewards import RewardFunc
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, PolicyLoss
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
@@ -77,34 +73,12 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     config_class = ViPOConfig
 
     def __init__(
-        self,
-        model: str | DiffusionPipeline,
-        reward_funcs: RewardFunc | str | list[RewardFunc | str],
-        args: ViPOConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
-            None,
-            None,
-        ),
-        peft_config: LoraConfig | None = None,
-        backbone: str | os.PathLike | torch.nn.Module | None = None,
-        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
+        self, *args: Any, backbone: str | os.PathLike | torch.nn.Module | None = None, **kwargs: Any
     ):
-        args = self._resolve_args(model, args)
-        self.backbone = self._build_backbone(backbone, args)  # before the pipeline: fail fast
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            eval_reward_funcs=eval_reward_funcs,
-        )
+        """:class:`DiffusionGRPOTrainer`'s arguments (``model``, ``reward_funcs``, ``args``, ``train_dataset``,
+        …), and ``backbone``, which overrides ``args.backbone`` (see the class docstring)."""
+        self._backbone_source = backbone
+        super().__init__(*args, **kwargs)
         if self.backbone is not None:
             self.backbone.to(self.accelerator.device)
         self.position_grid, self.token_patch_size = self._position_layout()
@@ -113,6 +87,11 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     # ------------------------------------------------------------------------------------------------
     # Set-up
     # ------------------------------------------------------------------------------------------------
+    def _prepare_method(self, args: ViPOConfig, train_dataset: Dataset | IterableDataset | None) -> None:
+        """The backbone is built and checked before the pipeline loads: fail fast."""
+        super()._prepare_method(args, train_dataset)
+        self.backbone = self._build_backbone(self._backbone_source, args)
+
     @staticmethod
     def _build_backbone(
         backbone: str | os.PathLike | torch.nn.Module | None, args: ViPOConfig
