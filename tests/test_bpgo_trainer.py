@@ -3,11 +3,11 @@
 import json
 import os
 
+import helpers
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, logged, lora_weights
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
@@ -20,45 +20,14 @@ from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 
 
 def make_config(tmp_path, config_class=BPGOConfig, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=3e-2,
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return config_class(**settings)
+    """The shared tiny run, with the large LoRA steps (3e-2) BPGO's runs here take."""
+    return helpers.make_config(tmp_path, config_class, **{"learning_rate": 3e-2, **overrides})
 
 
-def make_trainer(
-    tmp_path,
-    dataset=None,
-    trainer_class=BPGOTrainer,
-    config_class=BPGOConfig,
-    reward="red_channel",
-    **overrides,
-):
+def make_trainer(tmp_path, dataset=None, trainer_class=BPGOTrainer, reward="red_channel", **overrides):
     torch.manual_seed(0)  # the same LoRA initialisation for every trainer of a test
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs=reward,
-        args=make_config(tmp_path, config_class, **overrides),
-        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
-    )
-
-
-def lora_weights(trainer):
-    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    overrides.setdefault("learning_rate", 3e-2)
+    return helpers.make_trainer(tmp_path, reward, dataset, trainer_class=trainer_class, **overrides)
 
 
 # -- equivalence with GRPO ----------------------------------------------------------------------------------

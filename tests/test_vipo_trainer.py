@@ -3,11 +3,10 @@ tiny offline SD3 pipeline with a tiny random DINOv2 saved to a temp folder, and 
 
 import os
 
+import helpers
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
-from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, logged
 
 from trl_visual.backbones import BackboneError
 from trl_visual.core.advantages import group_advantages
@@ -22,36 +21,15 @@ from trl_visual.trainer.vipo_trainer import ViPOTrainer
 EPS = 1e-4
 
 
-def make_trainer(
-    output_dir,
-    backbone=None,
-    trainer_class=ViPOTrainer,
-    config_class=ViPOConfig,
-    reward="red_channel",
-    **overrides,
-):
-    settings = dict(
+def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, reward="red_channel", **overrides):
+    """The shared tiny run, writing to ``output_dir`` itself (the map overlays land in ``output_dir/samples``)."""
+    return helpers.make_trainer(
+        output_dir,
+        reward,
+        trainer_class=trainer_class,
         output_dir=str(output_dir),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs=reward,
-        args=config_class(**settings),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
-        backbone=backbone,
+        trainer_kwargs={"backbone": backbone},
+        **overrides,
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from functools import partial
@@ -34,7 +33,7 @@ from .guards import (
     FiniteUpdatesMixin,
     check_writable_dir,
 )
-from .hooks import Advantages, PolicyLoss, record_metrics
+from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
@@ -77,7 +76,7 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
-    EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer
+    RenamedHooksMixin, EvaluationMixin, ModelCardMixin, CheckpointSavingMixin, FiniteUpdatesMixin, Trainer
 ):
     """GRPO for flow-matching diffusion models (Flow-GRPO, DanceGRPO).
 
@@ -104,11 +103,10 @@ class DiffusionGRPOTrainer(
         trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
 
     Subclasses change the method through a few hooks only, which exchange the dataclasses of
-    :mod:`trl_visual.trainer.hooks`: :meth:`compute_advantages` (how rewards become
-    :class:`~trl_visual.trainer.hooks.Advantages`), :meth:`expand_advantages` (what shape an advantage has),
-    :meth:`clipped_objective` (the clipped objective of one set of advantages) and :meth:`policy_loss` (the
-    method's whole per-sample loss of one transition, a :class:`~trl_visual.trainer.hooks.PolicyLoss`). Hooks
-    return their metrics; the trainer logs them.
+    :mod:`trl_visual.trainer.hooks`: :meth:`compute_advantages` (rewards → ``Advantages``),
+    :meth:`expand_advantages` (their shape), :meth:`clipped_objective` (one set of advantages) and
+    :meth:`policy_loss` (the method's whole per-sample loss, a ``PolicyLoss``). Hooks return their metrics;
+    the trainer logs them.
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
@@ -468,18 +466,6 @@ class DiffusionGRPOTrainer(
         log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
         loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
         return loss, clipped.float()
-
-    def objective(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deprecated alias of :meth:`clipped_objective` (renamed in 0.1.0; removed in 0.2.0)."""
-        warnings.warn(
-            "`DiffusionGRPOTrainer.objective` was renamed `clipped_objective` (one set of advantages; "
-            "`policy_loss` is the method's whole loss) and will be removed in 0.2.0.",
-            FutureWarning,
-            stacklevel=2,
-        )
-        return self.clipped_objective(log_prob, old_log_prob, advantages)
 
     def policy_loss(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Advantages
