@@ -15,26 +15,19 @@ from datasets import Dataset, IterableDataset
 from ..backbones import VisionBackbone
 from ..core.vipo import (
     dense_policy_loss,
+    heat_overlay,
     per_reward_advantages,
     perceptual_map,
     perceptual_video_map,
     pool_to_tokens,
     reward_map_advantages,
+    spread_advantages,
 )
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, PolicyLoss
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
 from .rollout import Rollouts
 from .vipo_config import ViPOConfig
-
-
-def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """``(3, H, W)`` image blended with a jet-coloured map ``(h, w)`` (scaled to its maximum, upsampled)."""
-    m = heat.float() / heat.float().max().clamp_min(1e-8)
-    m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
-    centres = torch.tensor([0.75, 0.5, 0.25], device=m.device)[:, None, None]  # red, green, blue
-    colour = (1.5 - (4 * (m[None] - centres)).abs()).clamp(0, 1)
-    return (1 - alpha) * image.float().clamp(0, 1) + alpha * colour.to(image.device)
 
 
 class ViPOTrainer(DiffusionGRPOTrainer):
@@ -293,14 +286,8 @@ class ViPOTrainer(DiffusionGRPOTrainer):
 
     def apply_maps(self, advantages: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the
-        sample level).
-
-        The clamp is applied again after the maps, per position, as the released code does: a ``"mean_one"``
-        map peaks at 3–5, so without it ``|A(p)|`` would reach ~15 where ``|A| ≤ adv_clip_max`` was meant.
-        """
-        maps = self._loss_maps(maps)
-        shaped = advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
-        return shaped.clamp(-self.args.adv_clip_max, self.args.adv_clip_max)
+        sample level), re-clamped per position as the released code does (:func:`spread_advantages`)."""
+        return spread_advantages(advantages, self._loss_maps(maps), self.args.adv_clip_max)
 
     def _reward_target_advantages(self, local_rewards: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Group statistics need whole groups: gather rewards and maps, compute, keep this process's rows."""
