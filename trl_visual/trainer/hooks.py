@@ -108,7 +108,10 @@ def record_metrics(store: dict[str, list[float]], metrics: dict[str, torch.Tenso
     """Append each scalar in ``metrics`` to ``store[name]``, with one host sync for all of them."""
     if not metrics:
         return
-    values = torch.stack([value.detach().float().reshape(()) for value in metrics.values()]).tolist()
+    device = next(iter(metrics.values())).device
+    values = torch.stack(
+        [value.detach().float().reshape(()).to(device) for value in metrics.values()]
+    ).tolist()
     for name, value in zip(metrics, values):
         store[name].append(value)
 
