@@ -61,7 +61,8 @@ class CheckpointSavingMixin:
         return str(resume_from_checkpoint)
 
     def _get_output_dir(self, trial: Any) -> str:
-        """The staging folder while a checkpoint is being written. Private ``Trainer`` override, checked against transformers 5.24.0."""
+        """The staging folder while a checkpoint is being written.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
