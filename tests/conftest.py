@@ -1,7 +1,9 @@
+import functools
 import os
 
 import pytest
 import torch
+from helpers import make_trainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -9,15 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
-#: the four training prompts the trainer tests share (one group each at batch 8, G 2)
-PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
-#: LoRA targets of the tiny SD3/FLUX/Wan transformers, with the output projection so small runs can learn
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
-
-
-def logged(trainer, key):
-    """Every value logged under ``key`` during ``trainer``'s run, in order."""
-    return [entry[key] for entry in trainer.state.log_history if key in entry]
+@pytest.fixture
+def tiny_trainer(tmp_path):
+    """:func:`helpers.make_trainer` bound to this test's ``tmp_path``: ``tiny_trainer(max_steps=1, ...)``."""
+    return functools.partial(make_trainer, tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
+from helpers import PROMPTS, logged, make_config, make_trainer
 from safetensors.torch import load_file
-from test_trainer import PROMPTS, logged, make_config, make_trainer
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOTrainer
@@ -350,11 +350,11 @@ class NaNLossTrainer(DiffusionGRPOTrainer):
 
     nan_steps: tuple[int, ...] = ()
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
-        loss, clipped = super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+    def policy_loss(self, log_prob, old_log_prob, advantages):
+        result = super().policy_loss(log_prob, old_log_prob, advantages)
         if self.state.global_step in self.nan_steps:
-            loss = loss * float("nan")
-        return loss, clipped
+            result.loss = result.loss * float("nan")
+        return result
 
 
 def test_a_nan_step_is_skipped_without_touching_weights_or_optimizer_state(tmp_path):
@@ -562,7 +562,7 @@ sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 import pathlib
 from test_bad_inputs import KillAt, RESUME_SETTINGS
-from test_trainer import make_trainer
+from helpers import make_trainer
 trainer = make_trainer(pathlib.Path({tmp!r}), **RESUME_SETTINGS)
 trainer.add_callback(KillAt(3))
 trainer.train()

@@ -2,13 +2,12 @@
 
 import json
 import os
-from types import SimpleNamespace
 
+import helpers
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, logged, lora_weights
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
@@ -17,48 +16,18 @@ from trl_visual.rewards.builtin import red_channel
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
+from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 
 
 def make_config(tmp_path, config_class=BPGOConfig, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=3e-2,
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return config_class(**settings)
+    """The shared tiny run, with the large LoRA steps (3e-2) BPGO's runs here take."""
+    return helpers.make_config(tmp_path, config_class, **{"learning_rate": 3e-2, **overrides})
 
 
-def make_trainer(
-    tmp_path,
-    dataset=None,
-    trainer_class=BPGOTrainer,
-    config_class=BPGOConfig,
-    reward="red_channel",
-    **overrides,
-):
+def make_trainer(tmp_path, dataset=None, trainer_class=BPGOTrainer, reward="red_channel", **overrides):
     torch.manual_seed(0)  # the same LoRA initialisation for every trainer of a test
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs=reward,
-        args=make_config(tmp_path, config_class, **overrides),
-        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
-    )
-
-
-def lora_weights(trainer):
-    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+    overrides.setdefault("learning_rate", 3e-2)
+    return helpers.make_trainer(tmp_path, reward, dataset, trainer_class=trainer_class, **overrides)
 
 
 # -- equivalence with GRPO ----------------------------------------------------------------------------------
@@ -84,16 +53,41 @@ def test_auxiliary_crt_and_sigmoid_weight_share_one_log_ratio(tmp_path):
     old = torch.zeros(3, 2)
     advantages, aux = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([-1.0, 1.0, 2.0])
     weight = torch.tensor([1.5, 0.5, 1.0])
-    rollouts = SimpleNamespace(extras={"ras_weight": weight, "crt_advantages": aux})
-    loss, clipped = trainer.policy_loss(log_prob, old, advantages, rollouts)
+    scored = Advantages(
+        reward=torch.zeros(3),
+        advantages=advantages,
+        weight=weight,
+        auxiliary=[AuxiliaryObjective(0.25, aux, name="bpgo/crt_loss")],
+    )
+    result = trainer.policy_loss(log_prob, old, scored)
     log_ratio = torch.tensor([0.2, -0.2, 0.01])
     main, main_clipped = clipped_policy_loss(log_ratio, advantages, 0.1)
     expected = weight * main + 0.25 * clipped_policy_loss(log_ratio, aux, 0.1)[0]
-    torch.testing.assert_close(loss, expected)
-    assert clipped.tolist() == main_clipped.float().tolist()
-    torch.testing.assert_close(
-        trainer._loss_terms["bpgo/crt_loss"], clipped_policy_loss(log_ratio, aux, 0.1)[0]
-    )
+    torch.testing.assert_close(result.loss, expected)
+    assert result.clipped.tolist() == main_clipped.float().tolist()
+    assert list(result.metrics) == ["bpgo/crt_loss"] and not result.metrics["bpgo/crt_loss"].requires_grad
+    torch.testing.assert_close(result.metrics["bpgo/crt_loss"], clipped_policy_loss(log_ratio, aux, 0.1)[0])
+
+
+def test_compute_advantages_carries_the_weight_the_auxiliary_objective_and_the_prior_metrics(tmp_path):
+    """Sigmoid RAS and auxiliary CRT land in typed fields (no string keys); the prior figures are returned as
+    detached scalars for the trainer to log, and nothing is logged by the hook itself."""
+    dataset = Dataset.from_dict({"prompt": PROMPTS[:2], "prior": [-1.0, 1.0]})
+    trainer = make_trainer(tmp_path, dataset, prior_source="column", ras_mode="sigmoid", crt_mode="auxiliary")
+    rewards = torch.tensor([0.1, 0.2, 0.3, 0.4, -0.1, 0.0, 0.1, 0.2])[:, None]
+    rows = [{"prompt": PROMPTS[0], "prior": -1.0}] * 4 + [{"prompt": PROMPTS[1], "prior": 1.0}] * 4
+    scored = trainer.compute_advantages(rewards, rows)
+    assert scored.weight.shape == (8,) and (scored.weight[:4] > 1).all() and (scored.weight[4:] < 1).all()
+    (crt,) = scored.auxiliary
+    assert crt.coefficient == trainer.args.crt_weight and crt.name == "bpgo/crt_loss"
+    assert crt.advantages.shape == (8,)
+    assert scored.metrics["bpgo/frac_groups_above_prior"].item() == 0.5
+    assert scored.metrics["bpgo/prior_mean"].item() == 0.0
+    assert not any(trainer._metrics["train"].values())
+    local = scored.local(slice(4, 8))
+    torch.testing.assert_close(local.weight, scored.weight[4:])
+    torch.testing.assert_close(local.auxiliary[0].advantages, crt.advantages[4:])
+    assert local.metrics is scored.metrics  # whole-batch figures are not sliced
 
 
 # -- RAS in a real training step --------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 from datasets import Dataset
+from helpers import PROMPTS, TARGETS, make_config, make_trainer
 from peft import LoraConfig
 from safetensors.torch import load_file
 from test_bpgo_trainer import make_trainer as make_bpgo
-from test_trainer import PROMPTS, TARGETS, make_config, make_trainer
 from test_vipo_trainer import make_trainer as make_vipo
 from transformers import Trainer
 

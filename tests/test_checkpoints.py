@@ -6,10 +6,10 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
+from helpers import PROMPTS, TARGETS, logged, make_config, make_trainer, pipeline_images
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from safetensors.torch import load_file
-from test_trainer import PROMPTS, TARGETS, logged, make_config, make_trainer
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOTrainer
@@ -147,16 +147,9 @@ def test_model_card_and_offline_push(tmp_path):
     fresh = tiny_sd3_pipeline()
     fresh.load_lora_weights(str(out))
 
-    def generate(pipeline):
-        return pipeline(
-            PROMPTS[0],
-            height=32,
-            width=32,
-            num_inference_steps=4,
-            guidance_scale=1.0,
-            max_sequence_length=16,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(1),
-        ).images
-
-    torch.testing.assert_close(generate(fresh), generate(trainer.pipeline), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pipeline_images(fresh, PROMPTS[0], seed=1),
+        pipeline_images(trainer.pipeline, PROMPTS[0], seed=1),
+        atol=1e-6,
+        rtol=0,
+    )

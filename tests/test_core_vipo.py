@@ -463,3 +463,27 @@ def test_gaussian_filter1d_reflect_is_scipys_on_short_axes():
 def test_released_variant_is_checked():
     with pytest.raises(ValueError, match="variant='paper'.*'released'"):
         vipo.perceptual_map(torch.randn(1, 4, 4, 6), (4, 4), variant="paper")
+
+
+def test_spread_advantages_by_hand():
+    """``A(p) = clamp(M(p) · A, ±clip)`` per position; a ``(B,)`` map (mean(M)) scales each sample's advantage."""
+    advantages = torch.tensor([2.0, -3.0])
+    maps = torch.tensor([[[0.5, 1.0], [4.0, 0.0]], [[1.0, 2.0], [0.25, 3.0]]])
+    expected = torch.tensor([[[1.0, 2.0], [5.0, 0.0]], [[-3.0, -5.0], [-0.75, -5.0]]])
+    torch.testing.assert_close(vipo.spread_advantages(advantages, maps, clip=5.0), expected)
+    assert vipo.spread_advantages(advantages, maps, clip=None)[1, 1, 1].item() == -9.0
+    torch.testing.assert_close(
+        vipo.spread_advantages(advantages, torch.tensor([0.5, 2.0])), torch.tensor([1.0, -5.0])
+    )
+
+
+def test_heat_overlay_colours_by_hand():
+    """Jet colours: the map's maximum is dark red, half of it green, zero dark blue; α blends with the image."""
+    image = torch.full((3, 2, 2), 0.2)
+    heat = torch.tensor([[2.0, 1.0], [0.0, 0.0]])
+    coloured = vipo.heat_overlay(image, heat, alpha=1.0)
+    torch.testing.assert_close(coloured[:, 0, 0], torch.tensor([0.5, 0.0, 0.0]))  # m = 1
+    torch.testing.assert_close(coloured[:, 0, 1], torch.tensor([0.5, 1.0, 0.5]))  # m = 0.5
+    torch.testing.assert_close(coloured[:, 1, 0], torch.tensor([0.0, 0.0, 0.5]))  # m = 0
+    half = vipo.heat_overlay(image, heat, alpha=0.5)
+    torch.testing.assert_close(half, 0.5 * image + 0.5 * coloured)

@@ -1,18 +1,18 @@
 """Evaluation: `eval_reward_funcs` (scored by evaluate() only, never trained on) and the evaluation sample grid."""
 
-import dataclasses
 import os
 import re
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from datasets import Dataset
+from helpers import PROMPTS, logged, make_config
 from peft import LoraConfig
 from PIL import Image
-from test_trainer import PROMPTS, logged, make_config
 
-from trl_visual import BPGOConfig, BPGOTrainer, DiffusionGRPOTrainer
+from trl_visual import BPGOTrainer, DiffusionGRPOTrainer
 from trl_visual.cli import build_trainer, parse_args
 from trl_visual.trainer.logging_utils import CAPTION_HEIGHT
 
@@ -46,19 +46,15 @@ def make_trainer(
 ):
     """The tiny SD3 with evaluation batches of 2 over the three evaluation prompts; ``eval_reward_funcs`` go
     to the trainer, ``config_eval_rewards`` to the config."""
-    args = make_config(
-        tmp_path, per_device_eval_batch_size=2, eval_reward_funcs=config_eval_rewards, **overrides
-    )
-    if trainer_class is BPGOTrainer:
-        args = BPGOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs="red_channel",
-        args=args,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    return helpers.make_trainer(
+        tmp_path,
+        trainer_class=trainer_class,
         eval_dataset=Dataset.from_dict({"prompt": EVAL_PROMPTS}),
-        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
-        eval_reward_funcs=eval_reward_funcs,
+        peft=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+        trainer_kwargs={"eval_reward_funcs": eval_reward_funcs},
+        per_device_eval_batch_size=2,
+        eval_reward_funcs=config_eval_rewards,
+        **overrides,
     )
 
 

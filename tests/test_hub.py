@@ -17,6 +17,7 @@ import yaml
 from datasets import Dataset, load_from_disk
 from diffusers.pipelines.wan import pipeline_wan_i2v
 from diffusers.utils import is_ftfy_available
+from helpers import PROMPTS, TARGETS, make_config
 from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, get_peft_model_state_dict
@@ -24,7 +25,6 @@ from PIL import Image
 from safetensors import safe_open
 from test_models import images as model_images
 from test_models import make_trainer as make_model_trainer
-from test_trainer import PROMPTS, TARGETS, make_config
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.hub import (

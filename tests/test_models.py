@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import os
 
+import helpers
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
 from diffusers import WanPipeline
+from helpers import PROMPTS, TARGETS, logged
 from peft import LoraConfig
 from PIL import Image
 
-from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from trl_visual import DiffusionGRPOTrainer
 from trl_visual.models import FluxAdapter, WanAdapter, WanImageToVideoAdapter, get_adapter
 from trl_visual.testing import (
     load_tiny_pipeline,
@@ -49,38 +50,28 @@ def dataset(model: str, **extra) -> Dataset:
     return Dataset.from_dict(data)
 
 
-def make_config(tmp_path, model, config_class=DiffusionGRPOConfig, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        height=32,
-        width=32,
-        num_frames=5,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=GUIDANCE[model],
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return config_class(**settings)
+def family_run(model: str, **overrides) -> dict:
+    """The shared tiny run's settings for ``tiny:<model>``: 5 frames for video, the family's own guidance."""
+    return {"num_frames": 5, "guidance_scale": GUIDANCE[model], **overrides}
+
+
+def make_config(tmp_path, model, config_class=None, **overrides):
+    return helpers.make_config(tmp_path, config_class, **family_run(model, **overrides))
 
 
 def make_trainer(
     tmp_path, model, reward="red_channel", trainer_class=DiffusionGRPOTrainer, data=None, **overrides
 ):
-    config_class = overrides.pop("config_class", DiffusionGRPOConfig)
+    """:func:`make_config`'s run on ``tiny:<model>`` over :func:`dataset` (or ``data``)."""
     extra = {"backbone": overrides.pop("backbone")} if "backbone" in overrides else {}
-    return trainer_class(
-        model=f"tiny:{model}",
-        reward_funcs=reward,
-        args=make_config(tmp_path, model, config_class, **overrides),
-        train_dataset=data if data is not None else dataset(model),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
-        **extra,
+    return helpers.make_trainer(
+        tmp_path,
+        reward,
+        data if data is not None else dataset(model),
+        f"tiny:{model}",
+        trainer_class=trainer_class,
+        trainer_kwargs=extra,
+        **family_run(model, **overrides),
     )
 
 
@@ -309,10 +300,10 @@ class RecordingTrainer(DiffusionGRPOTrainer):
 
     max_log_prob_gap = 0.0
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+    def policy_loss(self, log_prob, old_log_prob, advantages):
         gap = (log_prob.detach() - old_log_prob).abs().max().item()
         self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        return super().policy_loss(log_prob, old_log_prob, advantages)
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ and a step at learning rate 1e-6, which bf16 weights would round away, changes t
 import pytest
 import torch
 from datasets import Dataset
+from helpers import PROMPTS, make_config
 from peft import LoraConfig
 from safetensors.torch import load_file
-from test_trainer import PROMPTS, make_config
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.testing import load_tiny_pipeline

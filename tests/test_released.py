@@ -255,12 +255,13 @@ def test_bpgo_crt_delta_scale_reaches_the_auxiliary_advantages(tmp_path):
         args=BPGOConfig(**settings, crt_delta_scale="batch_std"),
         train_dataset=Dataset.from_dict({"prompt": ["a cat", "a dog"], "prior": [0.5, 0.5]}),
     )
-    scaled = trainer.compute_advantages(rewards, rows)["crt_advantages"]
+    (scaled_term,) = trainer.compute_advantages(rewards, rows).auxiliary
+    scaled = scaled_term.advantages
     grouped = rewards.view(2, 4)
     transformed = crt_transform_paper(grouped, torch.tensor([0.5, 0.5]), 1.0, batch_reward_scale(grouped))
     torch.testing.assert_close(scaled, group_advantages(transformed.reshape(-1), 4, "group", clip=5.0))
     trainer.args.crt_delta_scale = "none"
-    literal = trainer.compute_advantages(rewards, rows)["crt_advantages"]
+    literal = trainer.compute_advantages(rewards, rows).auxiliary[0].advantages
     assert (literal - scaled).abs().max() > 1e-2
     with pytest.raises(ValueError, match="crt_delta_scale"):
         BPGOConfig(**settings, crt_delta_scale="std")

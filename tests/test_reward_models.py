@@ -541,9 +541,8 @@ def test_transform_reads_the_older_integer_processor_format() -> None:
 def test_every_reward_class_runs_in_a_training_step(tmp_path, clip_dir, aesthetic_head, hps_files) -> None:
     """The four learned rewards, loaded from local folders exactly as from Hub ids, score a real GRPO step."""
     from datasets import Dataset
+    from helpers import make_trainer
     from peft import LoraConfig
-
-    from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 
     hps_folder, hps_tokenizer, _, hps_config = hps_files
     rewards = [
@@ -552,25 +551,15 @@ def test_every_reward_class_runs_in_a_training_step(tmp_path, clip_dir, aestheti
         AestheticReward(clip_dir, head_name_or_path=aesthetic_head[0]),
         HPSv2Reward(hps_folder, tokenizer_name_or_path=hps_tokenizer, config=hps_config),
     ]
-    trainer = DiffusionGRPOTrainer(
-        model="tiny:sd3",
-        reward_funcs=rewards,
-        args=DiffusionGRPOConfig(
-            output_dir=str(tmp_path),
-            num_generations=4,
-            per_device_train_batch_size=8,
-            max_steps=1,
-            height=32,
-            width=32,
-            num_inference_steps=3,
-            max_sequence_length=16,
-            guidance_scale=1.0,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-        ),
-        train_dataset=Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
-        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+    trainer = make_trainer(
+        tmp_path,
+        rewards,
+        Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
+        "tiny:sd3",
+        peft=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+        output_dir=str(tmp_path),
+        max_steps=1,
+        num_inference_steps=3,
     )
     trainer.train()
     logs = trainer.state.log_history[0]
@@ -583,30 +572,19 @@ def test_every_reward_class_runs_in_a_training_step(tmp_path, clip_dir, aestheti
 def test_video_rewards_run_in_a_training_step_on_tiny_wan(tmp_path, clip_dir) -> None:
     """FrameAveraged(image reward) and the CLIP video score, called with ``videos`` by a real Wan GRPO step."""
     from datasets import Dataset
+    from helpers import make_trainer
     from peft import LoraConfig
 
-    from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
-
-    trainer = DiffusionGRPOTrainer(
-        model="tiny:wan",
-        reward_funcs=[FrameAveraged(CLIPScoreReward(clip_dir)), CLIPVideoScoreReward(clip_dir)],
-        args=DiffusionGRPOConfig(
-            output_dir=str(tmp_path),
-            num_generations=4,
-            per_device_train_batch_size=8,
-            max_steps=1,
-            height=32,
-            width=32,
-            num_frames=5,
-            num_inference_steps=3,
-            max_sequence_length=16,
-            guidance_scale=1.0,
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-        ),
-        train_dataset=Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
-        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+    trainer = make_trainer(
+        tmp_path,
+        [FrameAveraged(CLIPScoreReward(clip_dir)), CLIPVideoScoreReward(clip_dir)],
+        Dataset.from_dict({"prompt": ["a red cat", "a blue dog"]}),
+        "tiny:wan",
+        peft=LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"]),
+        output_dir=str(tmp_path),
+        max_steps=1,
+        num_inference_steps=3,
+        num_frames=5,
     )
     trainer.train()
     logs = trainer.state.log_history[0]

@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
 from datasets import Dataset
 from diffusers.configuration_utils import FrozenDict
+from helpers import PROMPTS
 from peft import LoraConfig
-from test_trainer import PROMPTS, make_config
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.trainer.logging_utils import SampleBatch
@@ -25,13 +26,14 @@ SCRIPT = ROOT / "tests" / "scripts" / "train_with_trackers.py"
 
 
 def make_trainer(tmp_path, trainer_class=DiffusionGRPOTrainer, reward="red_channel", **overrides):
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs=reward,
-        args=make_config(tmp_path, **overrides),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    """The shared tiny run with three evaluation prompts, LoRA on the attention projections only."""
+    return helpers.make_trainer(
+        tmp_path,
+        reward,
+        trainer_class=trainer_class,
         eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:3]}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        peft=LoraConfig(r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        **overrides,
     )
 
 

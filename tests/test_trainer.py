@@ -5,46 +5,14 @@ import os
 
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
 from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, logged, make_config, make_trainer, pipeline_images
 
-from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from trl_visual import DiffusionGRPOTrainer
 from trl_visual.models import get_adapter, load_pipeline
 from trl_visual.testing import tiny_sd3_pipeline
+from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 from trl_visual.trainer.rollout import BatchPlacement, initial_noise
-
-
-def make_config(tmp_path, **overrides):
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return DiffusionGRPOConfig(**settings)
-
-
-def make_trainer(
-    tmp_path, reward="red_channel", dataset=None, model="tiny:sd3", peft=True, trainer_class=None, **overrides
-):
-    trainer_class = trainer_class or DiffusionGRPOTrainer
-    return trainer_class(
-        model=model,
-        reward_funcs=reward,
-        args=make_config(tmp_path, **overrides),
-        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS) if peft else None,
-    )
 
 
 class RecordingTrainer(DiffusionGRPOTrainer):
@@ -52,10 +20,43 @@ class RecordingTrainer(DiffusionGRPOTrainer):
 
     max_log_prob_gap = 0.0
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+    def policy_loss(self, log_prob, old_log_prob, advantages):
         gap = (log_prob.detach() - old_log_prob).abs().max().item()
         self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        return super().policy_loss(log_prob, old_log_prob, advantages)
+
+
+def test_objective_is_a_deprecated_alias_of_clipped_objective(tiny_trainer):
+    """``objective`` (renamed ``clipped_objective``) still answers for one release, with a FutureWarning."""
+    trainer = tiny_trainer()
+    log_prob, old, advantages = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4)
+    expected = trainer.clipped_objective(log_prob, old, advantages)
+    with pytest.warns(FutureWarning, match="renamed `clipped_objective`"):
+        loss, clipped = trainer.objective(log_prob, old, advantages)
+    assert torch.equal(loss, expected[0]) and torch.equal(clipped, expected[1])
+    with pytest.warns(FutureWarning, match="Legacy.objective overrides the old name of `clipped_objective`"):
+        type("Legacy", (DiffusionGRPOTrainer,), {"objective": lambda self, *args: None})
+
+
+def test_grpo_policy_loss_is_one_clipped_objective_with_no_extra_terms(tiny_trainer):
+    """GRPO's policy_loss is L(A); a weight and auxiliary objectives, when given, make it w·L(A) + Σ c·L(A_j)."""
+    trainer = tiny_trainer()
+    log_prob, old, advantages = 1e-3 * torch.randn(4, 3), torch.zeros(4, 3), torch.randn(4)
+    main, clipped = trainer.clipped_objective(log_prob, old, advantages)
+    plain = trainer.policy_loss(log_prob, old, Advantages(reward=torch.zeros(4), advantages=advantages))
+    assert torch.equal(plain.loss, main) and torch.equal(plain.clipped, clipped) and plain.metrics == {}
+    extra = torch.randn(4)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    combined = trainer.policy_loss(
+        log_prob,
+        old,
+        Advantages(
+            torch.zeros(4), advantages, weight, [AuxiliaryObjective(0.5, extra), AuxiliaryObjective(2, extra)]
+        ),
+    )
+    extra_loss, _ = trainer.clipped_objective(log_prob, old, extra)
+    torch.testing.assert_close(combined.loss, weight * main + 2.5 * extra_loss)
+    assert combined.metrics == {}  # unnamed terms are not logged
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
@@ -96,16 +97,7 @@ def test_saved_lora_reloads_into_a_fresh_pipeline(tmp_path):
     assert os.path.exists(tmp_path / "final" / "pytorch_lora_weights.safetensors")
 
     def generate(pipeline):
-        return pipeline(
-            "a red car",
-            height=32,
-            width=32,
-            num_inference_steps=4,
-            guidance_scale=1.0,
-            max_sequence_length=16,
-            output_type="pt",
-            generator=torch.Generator().manual_seed(3),
-        ).images
+        return pipeline_images(pipeline, "a red car", seed=3)
 
     fresh = tiny_sd3_pipeline()
     untrained = generate(fresh)

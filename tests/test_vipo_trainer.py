@@ -3,54 +3,33 @@ tiny offline SD3 pipeline with a tiny random DINOv2 saved to a temp folder, and 
 
 import os
 
+import helpers
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS, logged
-from datasets import Dataset
-from peft import LoraConfig
+from helpers import PROMPTS, logged
 
 from trl_visual.backbones import BackboneError
 from trl_visual.core.advantages import group_advantages
 from trl_visual.core.vipo import dense_policy_loss, perceptual_map, pool_to_tokens, reward_map_advantages
 from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
+from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 from trl_visual.trainer.rollout import Rollouts
 from trl_visual.trainer.vipo_config import ViPOConfig
-from trl_visual.trainer.vipo_trainer import MAPS_KEY, ViPOTrainer
+from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
 EPS = 1e-4
 
 
-def make_trainer(
-    output_dir,
-    backbone=None,
-    trainer_class=ViPOTrainer,
-    config_class=ViPOConfig,
-    reward="red_channel",
-    **overrides,
-):
-    settings = dict(
+def make_trainer(output_dir, backbone=None, trainer_class=ViPOTrainer, reward="red_channel", **overrides):
+    """The shared tiny run, writing to ``output_dir`` itself (the map overlays land in ``output_dir/samples``)."""
+    return helpers.make_trainer(
+        output_dir,
+        reward,
+        trainer_class=trainer_class,
         output_dir=str(output_dir),
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        height=32,
-        width=32,
-        num_inference_steps=4,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return trainer_class(
-        model="tiny:sd3",
-        reward_funcs=reward,
-        args=config_class(**settings),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
-        peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS),
-        backbone=backbone,
+        trainer_kwargs={"backbone": backbone},
+        **overrides,
     )
 
 
@@ -78,6 +57,12 @@ def rollouts_with(samples, rewards=None):
     )
 
 
+def scored(advantages, rewards=None, **fields):
+    """Advantages as compute_advantages returns them (rewards zero unless given)."""
+    rewards = torch.zeros(len(advantages)) if rewards is None else rewards
+    return Advantages(reward=rewards, advantages=advantages, **fields)
+
+
 def log_probs_around(shape, scale=3e-4):
     """Old and new per-element log-probs whose ratios fall inside and outside the ±1e-4 trust region."""
     old = torch.randn(shape)
@@ -92,9 +77,9 @@ def test_dense_loss_equals_grpo_with_ones_map_and_one_position(trainer):
     log_prob, old = log_probs_around((64, 1, 1, 1))
     advantages = torch.randn(64)
     maps = torch.ones(64, 1, 1)
-    dense, dense_clipped = trainer.policy_loss(log_prob, old, advantages[:, None, None] * maps, None)
-    grpo, grpo_clipped = DiffusionGRPOTrainer.policy_loss(trainer, log_prob, old, advantages, None)
-    assert torch.equal(dense, grpo) and torch.equal(dense_clipped, grpo_clipped)
+    dense = trainer.policy_loss(log_prob, old, scored(advantages[:, None, None] * maps))
+    grpo, grpo_clipped = DiffusionGRPOTrainer.clipped_objective(trainer, log_prob, old, advantages)
+    assert torch.equal(dense.loss, grpo) and torch.equal(dense.clipped, grpo_clipped)
     assert 0 < grpo_clipped.mean() < 1  # both branches of the clip were exercised
 
 
@@ -136,31 +121,47 @@ def test_position_level_advantage_is_the_map_times_the_advantage(trainer):
     maps, fallback = trainer.compute_maps(samples)
     assert maps.shape == (8, 8, 8) and not fallback.any()
     assert maps.amin() >= 0 and maps.amax() <= 1
-    rollouts = rollouts_with(samples)
-    expanded = trainer.expand_advantages(advantages, rollouts)
-    torch.testing.assert_close(expanded, advantages[:, None, None] * maps)
-    assert torch.equal(rollouts.extras["vipo_maps"], maps)
+    expanded = trainer.expand_advantages(scored(advantages), rollouts_with(samples))
+    torch.testing.assert_close(expanded.advantages, advantages[:, None, None] * maps)
+    assert torch.equal(expanded.maps, maps)
+    assert set(expanded.metrics) == {"vipo/map_mean", "vipo/map_std", "vipo/map_fallbacks"}
+    torch.testing.assert_close(expanded.metrics["vipo/map_mean"], maps.mean())
+    assert expanded.metrics["vipo/map_fallbacks"].item() == 0
+
+
+def test_maps_spread_every_set_of_advantages(trainer):
+    """expand_advantages spreads the auxiliary objectives' advantages (BPGO's CRT) over the same maps as the
+    main ones and keeps the weight, so BPGO-ViPO needs no override of its own."""
+    samples = torch.rand(8, 3, 32, 32)
+    maps, _ = trainer.compute_maps(samples)
+    advantages, crt, weight = torch.randn(8), torch.randn(8), torch.rand(8)
+    given = scored(advantages, weight=weight, auxiliary=[AuxiliaryObjective(0.3, crt, "aux")])
+    expanded = trainer.expand_advantages(given, rollouts_with(samples))
+    (term,) = expanded.auxiliary
+    assert (term.coefficient, term.name) == (0.3, "aux")
+    torch.testing.assert_close(term.advantages, (crt[:, None, None] * maps).clamp(-5, 5))
+    assert torch.equal(expanded.weight, weight)
 
 
 def test_sample_level_equals_grpo_with_advantages_scaled_by_mean_map(trainer, monkeypatch):
     monkeypatch.setattr(trainer.args, "dense_level", "sample")
     samples = torch.rand(8, 3, 32, 32)
     advantages = torch.randn(8)
-    scaled = trainer.expand_advantages(advantages, rollouts_with(samples))
+    scaled = trainer.expand_advantages(scored(advantages), rollouts_with(samples))
     maps, _ = trainer.compute_maps(samples)
-    torch.testing.assert_close(scaled, advantages * maps.flatten(1).mean(dim=1))
+    torch.testing.assert_close(scaled.advantages, advantages * maps.flatten(1).mean(dim=1))
     log_prob, old = log_probs_around((8, *trainer.latent_shape), scale=1e-3)
-    loss, clipped = trainer.policy_loss(log_prob, old, scaled, None)
-    grpo, grpo_clipped = DiffusionGRPOTrainer.policy_loss(trainer, log_prob, old, scaled, None)
-    assert torch.equal(loss, grpo) and torch.equal(clipped, grpo_clipped)
+    result = trainer.policy_loss(log_prob, old, scaled)
+    grpo, grpo_clipped = DiffusionGRPOTrainer.clipped_objective(trainer, log_prob, old, scaled.advantages)
+    assert torch.equal(result.loss, grpo) and torch.equal(result.clipped, grpo_clipped)
 
 
 def test_mean_one_normalization_keeps_the_mean_advantage(trainer, monkeypatch):
     """Below the clamp (|A| · max M < adv_clip_max), a mean-one map keeps each sample's mean advantage."""
     monkeypatch.setattr(trainer.args, "map_normalization", "mean_one")
     advantages = 0.1 * torch.randn(8)
-    expanded = trainer.expand_advantages(advantages, rollouts_with(torch.rand(8, 3, 32, 32)))
-    torch.testing.assert_close(expanded.flatten(1).mean(dim=1), advantages)
+    expanded = trainer.expand_advantages(scored(advantages), rollouts_with(torch.rand(8, 3, 32, 32)))
+    torch.testing.assert_close(expanded.advantages.flatten(1).mean(dim=1), advantages)
 
 
 def test_mean_one_advantage_maps_are_clamped_again(trainer, monkeypatch):
@@ -171,7 +172,7 @@ def test_mean_one_advantage_maps_are_clamped_again(trainer, monkeypatch):
     maps, _ = trainer.compute_maps(samples)
     advantages = torch.tensor([5.0, -5.0, 4.0, -3.0, 2.0, 1.0, 0.5, -0.5])
     assert (advantages[:2, None] * maps[:2].flatten(1)).abs().max() > 6  # the clamp has work to do
-    expanded = trainer.expand_advantages(advantages, rollouts_with(samples))
+    expanded = trainer.expand_advantages(scored(advantages), rollouts_with(samples)).advantages
     assert expanded.abs().max() <= trainer.args.adv_clip_max
     torch.testing.assert_close(expanded, (advantages[:, None, None] * maps).clamp(-5, 5))
 
@@ -226,19 +227,16 @@ def test_per_reward_loss_sums_one_clipped_loss_per_reward(dinov2_path, tmp_path)
     rewards = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
     out = trainer.compute_advantages(rewards, [{"prompt": p} for p in PROMPTS * 2])
     columns = [group_advantages(rewards[:, f], 4) for f in range(2)]
-    torch.testing.assert_close(out["per_reward_advantages"], torch.stack(columns, dim=1))
+    torch.testing.assert_close(out.per_reward, torch.stack(columns, dim=1))
 
     samples = torch.rand(8, 3, 32, 32)
-    rollouts = rollouts_with(samples)
-    rollouts.extras["per_reward_advantages"] = out["per_reward_advantages"]
-    combined = trainer.expand_advantages(out["advantages"], rollouts)
-    maps = rollouts.extras[MAPS_KEY]
-    spread = rollouts.extras["per_reward_advantages"]
+    expanded = trainer.expand_advantages(out, rollouts_with(samples))
+    maps, spread, combined = expanded.maps, expanded.per_reward, expanded.advantages
     assert spread.shape == (8, 2, 8, 8)
     torch.testing.assert_close(spread[:, 1], (columns[1][:, None, None] * maps).clamp(-5, 5))
 
     log_prob, old = log_probs_around((8, *trainer.latent_shape))
-    loss, _ = trainer.policy_loss(log_prob, old, combined, rollouts)
+    loss = trainer.policy_loss(log_prob, old, expanded).loss
     expected = (
         dense_policy_loss(log_prob - old, spread[:, 0], EPS)[0]
         + 0.5 * dense_policy_loss(log_prob - old, spread[:, 1], EPS)[0]
@@ -298,10 +296,10 @@ class RecordingViPOTrainer(ViPOTrainer):
 
     max_position_log_ratio = 0.0
 
-    def policy_loss(self, log_prob, old_log_prob, advantages, rollouts):
+    def policy_loss(self, log_prob, old_log_prob, advantages):
         gap = self.adapter.to_position_grid(log_prob.detach() - old_log_prob).sum(dim=1).abs().max().item()
         self.max_position_log_ratio = max(self.max_position_log_ratio, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
+        return super().policy_loss(log_prob, old_log_prob, advantages)
 
 
 def test_on_policy_every_position_ratio_is_one_and_maps_are_logged(tmp_path, dinov2_path):
@@ -365,11 +363,14 @@ def test_bpgo_vipo_raises_the_red_channel_reward_and_composes_the_losses(tmp_pat
     assert logged(trainer, "bpgo/crt_loss") and logged(trainer, "vipo/map_mean")
 
     maps, advantages, crt, weight = torch.rand(6, 8, 8), torch.randn(6), torch.randn(6), 0.5 + torch.rand(6)
-    rollouts = rollouts_with(torch.zeros(6, 3, 32, 32))
     # expand_advantages has already spread the auxiliary advantages over the maps (M·Ã) at this point
-    rollouts.extras.update(vipo_maps=maps, ras_weight=weight, crt_advantages=crt[:, None, None] * maps)
+    spread = scored(
+        advantages[:, None, None] * maps,
+        weight=weight,
+        auxiliary=[AuxiliaryObjective(trainer.args.crt_weight, crt[:, None, None] * maps, "bpgo/crt_loss")],
+    )
     log_prob, old = log_probs_around((6, *trainer.latent_shape), scale=1e-4)
-    loss, _ = trainer.policy_loss(log_prob, old, advantages[:, None, None] * maps, rollouts)
+    loss = trainer.policy_loss(log_prob, old, spread).loss
     main, _ = dense_policy_loss(log_prob - old, advantages[:, None, None] * maps, EPS)
     auxiliary, _ = dense_policy_loss(log_prob - old, crt[:, None, None] * maps, EPS)
     torch.testing.assert_close(loss, weight * main + trainer.args.crt_weight * auxiliary)

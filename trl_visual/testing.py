@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .miniature.pipeline import load_shapes_pipeline
+from .miniature.pipeline import load_shapes_pipeline, word_t5_tokenizer
 
 TINY_PREFIX = "tiny:"
 HIDDEN_SIZE = 32
@@ -72,27 +72,29 @@ def _tiny_clip_tokenizer() -> CLIPTokenizer:
 
 
 def _tiny_t5_tokenizer() -> T5Tokenizer:
-    """A T5 unigram tokenizer built in memory over the same small word list."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in _WORDS]
-    pieces += [(c, -5.0) for c in sorted({c for w in _WORDS for c in w})]
-    return T5Tokenizer(vocab=pieces, extra_ids=0)
+    """A T5 unigram tokenizer built in memory over the same small word list (no length limit of its own)."""
+    return word_t5_tokenizer(tuple(_WORDS), model_max_length=int(1e30))
 
 
-def _tiny_clip_text_encoder(seed: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def _tiny_clip_text_config(**extra: Any) -> CLIPTextConfig:
+    """The two-layer CLIP text tower of every tiny pipeline (``extra``: a ``projection_dim``, say)."""
+    return CLIPTextConfig(
         vocab_size=1000,
         hidden_size=HIDDEN_SIZE,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        projection_dim=HIDDEN_SIZE,
         max_position_embeddings=77,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        **extra,
     )
-    return CLIPTextModelWithProjection(config).eval()
+
+
+def _tiny_clip_text_encoder(seed: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(_tiny_clip_text_config(projection_dim=HIDDEN_SIZE)).eval()
 
 
 def _tiny_image_vae(shift_factor: float, scaling_factor: float, **extra: Any) -> AutoencoderKL:
@@ -147,9 +149,7 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=t5,
         tokenizer_3=_tiny_t5_tokenizer(),
     )
-    for module in pipeline.components.values():
-        if isinstance(module, torch.nn.Module):
-            module.eval()
+    _eval_all(pipeline)
     return pipeline
 
 
@@ -199,18 +199,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         use_post_quant_conv=False,
     )
     torch.manual_seed(seed + 2)
-    clip_config = CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    text_encoder = CLIPTextModel(clip_config)
+    text_encoder = CLIPTextModel(_tiny_clip_text_config())
     torch.manual_seed(seed + 3)
     t5 = T5EncoderModel(_tiny_t5_config())
     pipeline = FluxPipeline(

@@ -25,7 +25,7 @@ class Recorder(DiffusionGRPOTrainer):
     def _score(self, rollouts, inputs, mode="train"):
         super()._score(rollouts, inputs, mode)
         self.recorded.update(
-            local_rewards=rollouts.rewards.tolist(), local_advantages=rollouts.advantages.tolist()
+            local_rewards=rollouts.rewards.tolist(), local_advantages=rollouts.advantages.advantages.tolist()
         )
 
 

@@ -655,6 +655,28 @@ def dense_policy_loss(
     return loss.flatten(1).mean(dim=1), clipped.flatten(1).float().mean(dim=1)
 
 
+def spread_advantages(advantages: torch.Tensor, maps: torch.Tensor, clip: float | None = 5.0) -> torch.Tensor:
+    """ViPO's advantage maps ``A(p) = clamp(M(p) · A, ±clip)`` from per-sample advantages ``A`` ``(B,)`` and maps
+    ``M`` ``(B, *grid)`` (or per-sample map means ``(B,)``, the ``dense_level="sample"`` form ``A · mean(M)``).
+
+    The clamp is applied again after the maps, per position, as the released code does: a ``"mean_one"`` map
+    peaks at 3–5, so without it ``|A(p)|`` would reach ~15 where ``|A| ≤ clip`` was meant.
+    """
+    shaped = advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
+    return shaped if clip is None else shaped.clamp(-clip, clip)
+
+
+def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """``(3, H, W)`` image blended with a jet-coloured map ``(h, w)``: with ``m`` the map scaled to its maximum and
+    upsampled (bilinear), ``colour_c = clamp(1.5 − |4 (m − c)|, 0, 1)`` for centres ``c`` = 0.75 (red), 0.5
+    (green), 0.25 (blue), and ``out = (1 − α) · image + α · colour``."""
+    m = heat.float() / heat.float().max().clamp_min(1e-8)
+    m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
+    centres = torch.tensor([0.75, 0.5, 0.25], device=m.device)[:, None, None]  # red, green, blue
+    colour = (1.5 - (4 * (m[None] - centres)).abs()).clamp(0, 1)
+    return (1 - alpha) * image.float().clamp(0, 1) + alpha * colour.to(image.device)
+
+
 def reward_map_advantages(
     rewards: torch.Tensor,
     maps: torch.Tensor,

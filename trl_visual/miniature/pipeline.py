@@ -26,6 +26,7 @@ are rebuilt from their seeds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -88,11 +89,12 @@ def word_clip_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
 
 
-def word_t5_tokenizer(words: tuple[str, ...] = VOCABULARY) -> T5Tokenizer:
-    """A T5 unigram tokenizer over ``words``: one piece per word (and letters as a fallback)."""
+def word_t5_tokenizer(words: tuple[str, ...] = VOCABULARY, **kwargs: Any) -> T5Tokenizer:
+    """A T5 unigram tokenizer over ``words``: one piece per word (and letters as a fallback). ``kwargs`` go to
+    ``T5Tokenizer`` (``model_max_length`` defaults to the shapes world's ``T5_MAX_LENGTH``)."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("▁" + w, -1.0) for w in words]
     pieces += [(c, -5.0) for c in sorted({c for w in words for c in w})]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, **{"model_max_length": T5_MAX_LENGTH, **kwargs})
 
 
 def _clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:

@@ -290,7 +290,32 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class CLIPRewardBase(nn.Module):
+class ImageScorer(nn.Module):
+    """An image reward model under the reward contract, ``reward(prompts, images, **columns) -> list[float]``:
+    :meth:`forward` checks the batch (:func:`check_image_batch`) and returns :meth:`score_images` as floats, so
+    subclasses only say how a batch is scored."""
+
+    name: str = "image_scorer"
+
+    @torch.no_grad()
+    def forward(
+        self,
+        prompts: list[str],
+        images: Tensor | None = None,
+        *,
+        videos: Tensor | None = None,
+        **columns: Any,
+    ) -> list[float]:
+        """The score of each (prompt, image) pair; images ``(B, 3, H, W)``, float in ``[0, 1]``."""
+        images = check_image_batch(images, videos, len(prompts), self.name)
+        return self.score_images(prompts, images).float().tolist()
+
+    def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
+        """Hook: ``(B,)`` scores of a checked batch of images with their prompts."""
+        raise NotImplementedError
+
+
+class CLIPRewardBase(ImageScorer):
     """A frozen CLIP model with batched, normalized image and text embeddings; subclasses define the score.
 
     Args:
@@ -372,19 +397,10 @@ class CLIPRewardBase(nn.Module):
         """The factor the cosine similarity is multiplied by; 1.0 unless a subclass says otherwise."""
         return 1.0
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
-    ) -> list[float]:
+    def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
         """``score_scale() * cosine(image embedding, prompt embedding)`` for each (prompt, image) pair."""
-        images = check_image_batch(images, videos, len(prompts), self.name)
         similarity = (self.embed_images(images) * self.embed_prompts(prompts)).sum(dim=-1)
-        return (self.score_scale() * similarity).tolist()
+        return self.score_scale() * similarity
 
 
 def _load_clip(model_name_or_path: str, dtype: torch.dtype | str) -> nn.Module:
@@ -591,16 +607,7 @@ class AestheticReward(CLIPRewardBase):
         head = AestheticMLP.from_state_dict(load_weights_file(resolve_file(head_name_or_path, head_filename)))
         self.head = head.to(resolve_dtype(dtype)).requires_grad_(False).eval()
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
-    ) -> list[float]:
+    def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
         """The head's score of each image's unit-norm CLIP embedding; ``prompts`` only fix the batch size."""
-        images = check_image_batch(images, videos, len(prompts), self.name)
         embeddings = self.embed_images(images).to(self.dtype)
-        return self.head(embeddings).float().tolist()
+        return self.head(embeddings).float()

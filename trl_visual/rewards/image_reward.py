@@ -41,9 +41,9 @@ from trl_visual.rewards.clip_rewards import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     AestheticMLP,
+    ImageScorer,
     ImageTransform,
     _chunks,
-    check_image_batch,
     load_weights_file,
     resolve_dtype,
     resolve_file,
@@ -231,7 +231,7 @@ def blip_tokenizer(name_or_path: str) -> Any:
 
 
 @register_reward("imagereward")
-class ImageRewardReward(nn.Module):
+class ImageRewardReward(ImageScorer):
     """ImageReward: human preference for text-to-image generations (Xu et al., 2023); BPGO's and ViPO's
     out-of-domain metric, so usually an ``eval_reward_funcs`` entry.
 
@@ -295,17 +295,8 @@ class ImageRewardReward(nn.Module):
         """Rewards stay in eval mode whatever the trainer asks (the head has dropout)."""
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
-    ) -> list[float]:
+    def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
         """The standardized ImageReward score of each (prompt, image) pair."""
-        images = check_image_batch(images, videos, len(prompts), self.name)
         device, dtype = self.model.vision.embeddings.patch_embedding.weight.device, self.model.vision.dtype
         scores = []
         for part in _chunks(len(prompts), self.batch_size):
@@ -318,4 +309,4 @@ class ImageRewardReward(nn.Module):
             ).to(device)
             pixels = self.transform(images[part].to(device)).to(dtype)
             scores.append(self.model(pixels, tokens["input_ids"], tokens["attention_mask"]))
-        return ((torch.cat(scores) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).tolist()
+        return (torch.cat(scores) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD

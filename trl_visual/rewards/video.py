@@ -54,7 +54,35 @@ def _repeat_column(value: Any, batch: int, frames: int) -> Any:
     return value
 
 
-class FrameAveraged(nn.Module):
+class VideoScorer(nn.Module):
+    """A video reward model under the reward contract, ``reward(prompts, videos=..., **columns) -> list[float]``:
+    :meth:`forward` checks the batch (:func:`check_video_batch`) and returns :meth:`score_videos`, so subclasses
+    only say how a batch is scored. With ``images_as_frames``, 4-D ``images`` are scored as one-frame videos."""
+
+    name: str = "video_scorer"
+    images_as_frames: bool = False
+
+    @torch.no_grad()
+    def forward(
+        self,
+        prompts: list[str],
+        images: Tensor | None = None,
+        *,
+        videos: Tensor | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        """The score of each (prompt, video) pair; videos ``(B, T, 3, H, W)``, float in ``[0, 1]``."""
+        if self.images_as_frames and videos is None and images is not None and images.ndim == 4:
+            videos = images.unsqueeze(1)
+        videos = check_video_batch(images, videos, len(prompts), self.name)
+        return self.score_videos(prompts, videos, **columns)
+
+    def score_videos(self, prompts: list[str], videos: Tensor, **columns: Any) -> list[float | None]:
+        """Hook: the scores of a checked batch of videos with their prompts and dataset columns."""
+        raise NotImplementedError
+
+
+class FrameAveraged(VideoScorer):
     """Turn an image reward into a video reward: the mean of its scores over a video's frames.
 
     The ``T`` frames of each of the ``B`` videos are scored as one batch of ``B * T`` images (the wrapped reward
@@ -76,6 +104,7 @@ class FrameAveraged(nn.Module):
     """
 
     name: str = "frame_averaged"
+    images_as_frames = True  # 4-D images are scored as one-frame videos
 
     def __init__(self, image_reward: Callable[..., list[float | None]], name: str | None = None) -> None:
         super().__init__()
@@ -86,19 +115,8 @@ class FrameAveraged(nn.Module):
         self.name = name or f"{inner}_frames"
         self.eval()
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
-    ) -> list[float | None]:
-        """Per-video mean of the image reward over frames (4-D ``images`` are scored as one-frame videos)."""
-        if videos is None and images is not None and images.ndim == 4:
-            videos = images.unsqueeze(1)
-        videos = check_video_batch(images, videos, len(prompts), self.name)
+    def score_videos(self, prompts: list[str], videos: Tensor, **columns: Any) -> list[float | None]:
+        """Per-video mean of the image reward over frames."""
         batch, frames = videos.shape[:2]
         frame_prompts = [prompt for prompt in prompts for _ in range(frames)]
         frame_columns = {key: _repeat_column(value, batch, frames) for key, value in columns.items()}
@@ -114,7 +132,7 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 @register_reward("clipscore_video")
-class CLIPVideoScoreReward(CLIPScoreReward):
+class CLIPVideoScoreReward(VideoScorer, CLIPScoreReward):
     """Video-text alignment with an image CLIP: ``scale * cosine(mean frame embedding, text embedding)``.
 
     Each frame's unit-norm CLIP image embedding is averaged over the video, the mean is normalized again, and
@@ -135,16 +153,7 @@ class CLIPVideoScoreReward(CLIPScoreReward):
         frame_embeddings = self.embed_images(videos.flatten(0, 1)).view(batch, frames, -1)
         return F.normalize(frame_embeddings.mean(dim=1), dim=-1)
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
-    ) -> list[float]:
+    def score_videos(self, prompts: list[str], videos: Tensor, **columns: Any) -> list[float | None]:
         """``scale * cosine(video embedding, prompt embedding)`` for each (prompt, video) pair."""
-        videos = check_video_batch(images, videos, len(prompts), self.name)
         similarity = (self.embed_videos(videos) * self.embed_prompts(prompts)).sum(dim=-1)
         return (self.score_scale() * similarity).tolist()

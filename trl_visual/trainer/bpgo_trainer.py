@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from diffusers import DiffusionPipeline
-from peft import LoraConfig
-from transformers import TrainerCallback
 
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
@@ -20,7 +18,6 @@ from ..core.bpgo import (
     ras_weights_posterior,
     ras_weights_sigmoid,
 )
-from ..rewards import RewardFunc
 from .bpgo_config import BPGOConfig
 from .bpgo_estimation import BaseModelPriorEstimation
 from .bpgo_priors import (
@@ -28,7 +25,7 @@ from .bpgo_priors import (
     make_prior_store,
 )
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
-from .rollout import Rollouts
+from .hooks import Advantages, AuxiliaryObjective
 
 logger = logging.getLogger(__name__)
 
@@ -87,51 +84,27 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
     _citations = ["BPGO", "DanceGRPO", "Flow-GRPO"]
     config_class = BPGOConfig
 
-    def __init__(
-        self,
-        model: str | DiffusionPipeline,
-        reward_funcs: RewardFunc | str | list[RewardFunc | str],
-        args: BPGOConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
-            None,
-            None,
-        ),
-        peft_config: LoraConfig | None = None,
-        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
-    ):
-        args = self._resolve_args(model, args)
+    def _prepare_method(self, args: BPGOConfig, train_dataset: Dataset | IterableDataset | None) -> None:
+        """The prior source is checked against the data set (a missing column, say) and the prior store made,
+        before the pipeline loads."""
+        super()._prepare_method(args, train_dataset)
         check_prior_source(train_dataset, args)
         self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            eval_reward_funcs=eval_reward_funcs,
-        )
 
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
     # ------------------------------------------------------------------------------------------------
-    def compute_advantages(
-        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
-    ) -> dict[str, torch.Tensor]:
+    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Advantages:
         """GRPO's reward and advantages, then BPGO's prior, CRT and RAS (see the class docstring).
 
-        Extra per-sample tensors for :meth:`policy_loss`: ``ras_weight`` (sigmoid RAS) and
-        ``crt_advantages`` (auxiliary CRT). CRT and the priors act on the weighted sum of the rewards.
+        Sigmoid RAS gives the per-sample ``weight`` ``w`` of the main term; auxiliary CRT adds the objective
+        ``ς · L(Ã)`` (logged as ``bpgo/crt_loss``); the prior figures go to ``metrics``. CRT and the priors
+        act on the weighted sum of the rewards.
         """
         args, G = self.args, self.args.num_generations
         base = super().compute_advantages(rewards_per_func, inputs)
-        reward, advantages = base["reward"], base["advantages"]
-        grouped = reward.reshape(-1, G)
+        advantages = base.advantages
+        grouped = base.reward.reshape(-1, G)
         rows = inputs[::G]
         prompts = [row[args.prompt_column] for row in rows]
         priors = self.prior_store.priors(prompts, rows, grouped.nanmean(dim=1))
@@ -141,21 +114,22 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             signal = crt_transform_reference(grouped, priors, args.crt_a, args.crt_tau)
             advantages = group_advantages(signal.reshape(-1), G, args.scale_rewards, clip=None)
         weights = self._ras_weights(signal, priors)
-        out = {"reward": reward}
         if args.ras_mode == "posterior":
             advantages = advantages * weights.repeat_interleave(G)
-        elif args.ras_mode == "sigmoid":
-            out["ras_weight"] = weights.repeat_interleave(G)
-        out["advantages"] = advantages.clamp(-args.adv_clip_max, args.adv_clip_max)
+        auxiliary = list(base.auxiliary)
         if args.crt_mode == "auxiliary":
             scale = batch_reward_scale(grouped) if args.crt_delta_scale == "batch_std" else None
             transformed = crt_transform_paper(grouped, priors, args.crt_lambda, scale)
-            out["crt_advantages"] = group_advantages(
-                transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max
-            )
-        self._log_bpgo_metrics(grouped, priors, weights)
+            crt = group_advantages(transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max)
+            auxiliary.append(AuxiliaryObjective(args.crt_weight, crt, name="bpgo/crt_loss"))
         self.prior_store.update(prompts, grouped.nanmean(dim=1))
-        return out
+        return replace(
+            base,
+            advantages=advantages.clamp(-args.adv_clip_max, args.adv_clip_max),
+            weight=weights.repeat_interleave(G) if args.ras_mode == "sigmoid" else base.weight,
+            auxiliary=auxiliary,
+            metrics={**base.metrics, **self._prior_metrics(grouped, priors, weights)},
+        )
 
     def _warn_negative_rewards(self, grouped: torch.Tensor) -> None:
         """The released CRT ends with a factor R: negative rewards reverse its order. Warn once."""
@@ -178,39 +152,20 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             return ras_weights_sigmoid(prior_delta(signal, priors), args.ras_alpha, args.ras_k, scale)
         return torch.ones_like(priors)
 
-    def _log_bpgo_metrics(self, grouped: torch.Tensor, priors: torch.Tensor, weights: torch.Tensor) -> None:
+    @staticmethod
+    def _prior_metrics(
+        grouped: torch.Tensor, priors: torch.Tensor, weights: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Δ and the fraction above the prior use the untransformed rewards; the weights are RAS's."""
-        metrics = self._metrics["train"]
         delta = prior_delta(grouped, priors)
-        metrics["bpgo/prior_mean"].append(priors.nanmean().item())
-        metrics["bpgo/delta_mean"].append(delta.nanmean().item())
-        metrics["bpgo/frac_groups_above_prior"].append((delta > 0).float().mean().item())
-        metrics["bpgo/ras_weight_mean"].append(weights.mean().item())
-        metrics["bpgo/ras_weight_min"].append(weights.min().item())
-        metrics["bpgo/ras_weight_max"].append(weights.max().item())
-
-    def policy_loss(
-        self,
-        log_prob: torch.Tensor,
-        old_log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        rollouts: Rollouts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``w · L(A) + ς · L(Ã)`` per sample, with ``L(A) = max(−A ρ, −A clip(ρ, 1 ± ε))`` and one
-        ``ρ = exp(mean_elements(log p_θ − log p_old))`` shared by both terms (each through :meth:`objective`, so a
-        dense objective such as ViPO's applies to both). ``w`` is the sigmoid RAS
-        weight (1 otherwise); the ``Ã`` term is there with auxiliary CRT only. The clipped fraction is
-        the main term's."""
-        loss, clipped = self.objective(log_prob, old_log_prob, advantages)
-        weight = rollouts.extras.get("ras_weight")
-        if weight is not None:
-            loss = loss * weight
-        crt_advantages = rollouts.extras.get("crt_advantages")
-        if crt_advantages is not None:
-            auxiliary, _ = self.objective(log_prob, old_log_prob, crt_advantages)
-            loss = loss + self.args.crt_weight * auxiliary
-            self._loss_terms["bpgo/crt_loss"] = auxiliary.detach()  # logged by training_step, without a sync
-        return loss, clipped
+        return {
+            "bpgo/prior_mean": priors.nanmean(),
+            "bpgo/delta_mean": delta.nanmean(),
+            "bpgo/frac_groups_above_prior": (delta > 0).float().mean(),
+            "bpgo/ras_weight_mean": weights.mean(),
+            "bpgo/ras_weight_min": weights.min(),
+            "bpgo/ras_weight_max": weights.max(),
+        }
 
     # ------------------------------------------------------------------------------------------------
     # State kept in checkpoints

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .bpgo_config import BPGOConfig
 from .bpgo_trainer import BPGOTrainer
-from .rollout import Rollouts
 from .vipo_config import ViPOConfig
-from .vipo_trainer import MAPS_KEY, ViPOTrainer
+from .vipo_trainer import ViPOTrainer
 
 
 @dataclass
@@ -47,21 +44,14 @@ class BPGOViPOTrainer(ViPOTrainer, BPGOTrainer):
     with ``L_dense`` the per-position clipped objective (:func:`~trl_visual.core.vipo.dense_policy_loss`),
     or GRPO's scalar one on ``mean(M) · A`` with ``dense_level="sample"``.
 
-    From :class:`BPGOTrainer`: ``compute_advantages``, the priors (``_before_train``) and the checkpointed
-    state; from :class:`ViPOTrainer`: the backbone (``backbone=``), ``expand_advantages`` and the map metrics.
+    From :class:`BPGOTrainer`: ``compute_advantages`` (the weight ``w`` and the auxiliary objective ``ς · L(Ã)``
+    of its :class:`~trl_visual.trainer.hooks.Advantages`), the priors (``_before_train``) and the checkpointed
+    state; from :class:`ViPOTrainer`: the backbone (``backbone=``), ``expand_advantages`` (which spreads ``A``
+    and ``Ã`` over the same maps), the dense ``clipped_objective`` and the map metrics. The base
+    ``policy_loss`` combines them: nothing is overridden here.
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo", "bpgo", "vipo"]
     _method_name = "BPGO-ViPO"
     _citations = ["BPGO", "ViPO", "DanceGRPO", "Flow-GRPO"]
     config_class = BPGOViPOConfig
-
-    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
-        """ViPO's maps for the main advantages, and the same maps for BPGO's auxiliary CRT advantages
-        ``Ã``; BPGO's ``policy_loss`` then takes ``w · L(M·A) + ς · L(M·Ã)`` through ViPO's dense
-        :meth:`objective`."""
-        shaped = super().expand_advantages(advantages, rollouts)
-        crt_advantages = rollouts.extras.get("crt_advantages")
-        if crt_advantages is not None:
-            rollouts.extras["crt_advantages"] = self.apply_maps(crt_advantages, rollouts.extras[MAPS_KEY])
-        return shaped

@@ -35,6 +35,7 @@ from .guards import (
     FiniteUpdatesMixin,
     check_writable_dir,
 )
+from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
@@ -78,6 +79,7 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
+    RenamedHooksMixin,
     EMAMixin,
     EvaluationMixin,
     ModelCardMixin,
@@ -110,9 +112,11 @@ class DiffusionGRPOTrainer(
         trainer.train()
         trainer.save_model("out/final")   # diffusers LoRA format: pipe.load_lora_weights("out/final")
 
-    Subclasses change the method through a few hooks only: :meth:`compute_advantages` (how rewards
-    become advantages), :meth:`expand_advantages` (what shape an advantage has) and
-    :meth:`policy_loss` (the per-sample loss of one transition).
+    Subclasses change the method through a few hooks only, which exchange the dataclasses of
+    :mod:`trl_visual.trainer.hooks`: :meth:`compute_advantages` (rewards → ``Advantages``),
+    :meth:`expand_advantages` (their shape), :meth:`clipped_objective` (one set of advantages) and
+    :meth:`policy_loss` (the method's whole per-sample loss, a ``PolicyLoss``). Hooks return their metrics;
+    the trainer logs them.
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo"]
@@ -157,6 +161,7 @@ class DiffusionGRPOTrainer(
         eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
         args = self._resolve_args(model, args)
+        self._prepare_method(args, train_dataset)
         if args.should_save:
             check_writable_dir(args.output_dir)
         self.reward_funcs = [
@@ -217,8 +222,6 @@ class DiffusionGRPOTrainer(
         }
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
-        # extra loss terms (BPGO's auxiliary CRT) that policy_loss reports, for training_step to log
-        self._loss_terms: dict[str, torch.Tensor] = {}
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._prompt_encoder = PromptEncoder(
             self.adapter,
@@ -243,6 +246,12 @@ class DiffusionGRPOTrainer(
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
         return args
 
+    def _prepare_method(
+        self, args: DiffusionGRPOConfig, train_dataset: Dataset | IterableDataset | None
+    ) -> None:
+        """Hook: the method's own set-up that needs only the config and the data set, run first, before the
+        pipeline loads, so that bad input fails fast (BPGO's prior store, ViPO's backbone). GRPO has none."""
+
     def _check_resolution(self, args: DiffusionGRPOConfig) -> None:
         """The sample size: the config's, else the model's default."""
         default = self.adapter.default_resolution()
@@ -259,8 +268,8 @@ class DiffusionGRPOTrainer(
     # Data: each global batch holds whole groups of `num_generations` copies of a prompt
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
-        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch. Overrides a private
-        ``Trainer`` method (checked against transformers 5.23.0)."""
+        """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededRepeatSampler(
             data_source=dataset,
@@ -373,15 +382,13 @@ class DiffusionGRPOTrainer(
             f"{self._save_before_stopping()}"
         )
 
-    def compute_advantages(
-        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
-    ) -> dict[str, torch.Tensor]:
-        """Hook: ``(B_global, F)`` rewards of the whole global batch → per-sample tensors.
-
-        Returns a dict with at least ``"reward"`` and ``"advantages"``, each ``(B_global,)``; every
-        tensor in it is sliced to this process's samples and kept in ``rollouts.extras`` (the
-        advantages in ``rollouts.advantages``), so a subclass can carry what its loss needs (BPGO's
-        group weights, say). ``inputs`` are the global batch's dataset rows, in the same order.
+    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Advantages:
+        """Hook: ``(B_global, F)`` rewards of the whole global batch → per-sample
+        :class:`~trl_visual.trainer.hooks.Advantages` over the global batch (``reward`` and ``advantages``
+        ``(B_global,)``, plus what the method's loss needs: a per-sample ``weight``, ``auxiliary`` objectives,
+        ``metrics`` to log). The trainer slices it to this process's samples
+        (:meth:`~trl_visual.trainer.hooks.Advantages.local`). ``inputs`` are the global batch's dataset rows,
+        in the same order.
 
         The base method is GRPO's: weighted aggregation of the rewards, then
         ``A = (R − R̄_group) / (std + 1e-4)`` clamped to ``±adv_clip_max`` (see
@@ -395,10 +402,11 @@ class DiffusionGRPOTrainer(
             self.args.scale_rewards,
             self.args.adv_clip_max,
         )
-        return {"reward": reward, "advantages": advantages}
+        return Advantages(reward=reward, advantages=advantages)
 
-    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
-        """Hook: the shape of an advantage. GRPO keeps one scalar per sample ``(B,)``; ViPO returns a map."""
+    def expand_advantages(self, advantages: Advantages, rollouts: Rollouts) -> Advantages:
+        """Hook: the shape of this process's advantages. GRPO keeps one scalar per sample ``(B,)``; ViPO
+        spreads every set of them over a map of the latent positions."""
         return advantages
 
     def _score(self, rollouts: Rollouts, inputs: list[dict[str, Any]], mode: str = "train") -> None:
@@ -407,18 +415,17 @@ class DiffusionGRPOTrainer(
         rewards_per_func = gather(local_rewards)
         all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
         computed = self.compute_advantages(rewards_per_func, all_inputs)
-        local = {key: value[self.placement.local] for key, value in computed.items()}
-        rollouts.rewards = local["reward"]
-        advantages = local.pop("advantages")
-        rollouts.extras.update(local)  # before expand_advantages, which may read (and reshape) them
-        rollouts.advantages = self.expand_advantages(advantages, rollouts)
+        local = computed.local(self.placement.local)
+        rollouts.rewards = local.reward
+        rollouts.advantages = self.expand_advantages(local, rollouts)
         record_reward_metrics(
             self._metrics[mode],
             rewards_per_func,
-            computed["reward"],
+            computed.reward,
             self.reward_names,
             self.args.num_generations,
         )
+        record_metrics(self._metrics[mode], rollouts.advantages.metrics)
 
     # ------------------------------------------------------------------------------------------------
     # Training
@@ -459,30 +466,38 @@ class DiffusionGRPOTrainer(
             self._pending_media.add("samples", self.state.global_step, partial(log_samples, self, samples))
         return rollouts
 
-    def objective(
+    def clipped_objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook: the clipped objective of one transition for one set of advantages, per sample ``(B,)``,
+        """Hook: the clipped objective of one transition for ONE set of advantages, per sample ``(B,)``,
         with its clipped fraction ``(B,)``.
 
         GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
-        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form; methods
-        that add terms (BPGO's auxiliary loss) call it once per set of advantages, so they compose.
+        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form;
+        :meth:`policy_loss` calls it once per set of advantages, so methods compose.
         """
         log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
         loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
         return loss, clipped.float()
 
     def policy_loss(
-        self,
-        log_prob: torch.Tensor,
-        old_log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        rollouts: Rollouts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hook: per-sample loss of one transition and its clipped fraction, both ``(B,)``. GRPO's is
-        :meth:`objective` on the rollouts' advantages."""
-        return self.objective(log_prob, old_log_prob, advantages)
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Advantages
+    ) -> PolicyLoss:
+        """Hook: the method's whole per-sample loss of one transition,
+        ``L = w · L(A) + Σ_j c_j · L(A_j)``, each ``L`` a :meth:`clipped_objective` on the same log-ratio
+        (``w`` = ``advantages.weight``, 1 when absent; ``(c_j, A_j)`` = ``advantages.auxiliary``). The
+        clipped fraction is the main term's; each named auxiliary term's unweighted ``L(A_j)`` is returned
+        in ``metrics``. GRPO has neither weight nor auxiliary terms: ``L = L(A)``."""
+        loss, clipped = self.clipped_objective(log_prob, old_log_prob, advantages.advantages)
+        if advantages.weight is not None:
+            loss = loss * advantages.weight
+        metrics = {}
+        for term in advantages.auxiliary:
+            value, _ = self.clipped_objective(log_prob, old_log_prob, term.advantages)
+            loss = loss + term.coefficient * value
+            if term.name:
+                metrics[term.name] = value.detach()
+        return PolicyLoss(loss, clipped, metrics)
 
     @contextlib.contextmanager
     def _reference_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -517,11 +532,9 @@ class DiffusionGRPOTrainer(
             transition = transition_at(rollouts, k)
             with self.compute_loss_context_manager():
                 step = rescore_transition(self.adapter, model, rollouts, transition, self.args)
-                self._loss_terms = {}
-                loss, clipped = self.policy_loss(
-                    step.log_prob, transition.old_log_prob, rollouts.advantages, rollouts
-                )
-                for name, term in {"policy_loss": loss, **self._loss_terms}.items():
+                result = self.policy_loss(step.log_prob, transition.old_log_prob, rollouts.advantages)
+                loss, clipped = result.loss, result.clipped
+                for name, term in {"policy_loss": loss, **result.metrics}.items():
                     add(name, term)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:

@@ -1,7 +1,7 @@
 """The model card and the push to the Hub.
 
 Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
-``create_model_card`` and ``push_to_hub`` it replaces (checked against transformers 5.23.0). The card itself
+``create_model_card`` and ``push_to_hub`` it replaces (checked against transformers 5.24.0). The card itself
 (metadata, text, pictures) is made by :mod:`trl_visual.hub`; this mixin gathers what the run knows: its
 prompts, samples before and after training from the pipeline's own ``__call__``, rewards and settings.
 """

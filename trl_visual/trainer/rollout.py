@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
 from ..core.timesteps import sample_window_start, stochastic_step_indices
 from ..models import DiffusionAdapter, PromptEmbeds, select_embeds
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .hooks import Advantages
 from .memory import PromptEmbedsCache, decode_in_batches
 from .seeds import sde_noise_seed
 
@@ -37,7 +38,8 @@ class Rollouts:
     """A batch of sampled trajectories: what training needs, on this process only.
 
     ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
-    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time.
+    ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time. Scoring fills ``rewards``
+    ``(B,)`` and ``advantages`` (this process's :class:`~trl_visual.trainer.hooks.Advantages`, shaped).
     """
 
     prompts: list[str]
@@ -52,8 +54,7 @@ class Rollouts:
     samples: torch.Tensor
     train_steps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    advantages: Advantages | None = None
 
 
 @dataclass(frozen=True)

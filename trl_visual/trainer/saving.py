@@ -2,7 +2,7 @@
 
 Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
 private saving methods it extends. Each override does its own work around ``super()``; they were checked
-against transformers 5.23.0 (re-check them when the pin moves):
+against transformers 5.24.0 (re-check them when the pin moves):
 
 * ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file,
   taken from the state dict ``Trainer.save_model`` gathered (FSDP's full state dict, ZeRO-3's 16-bit one);
@@ -66,11 +66,14 @@ class CheckpointSavingMixin:
         return str(resume_from_checkpoint)
 
     def _get_output_dir(self, trial: Any) -> str:
+        """The staging folder while a checkpoint is being written.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
-        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it."""
+        the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         if self._staging_dir is None:  # pushed once the checkpoint has its final name
             lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
             if self.is_world_process_zero() and os.path.isfile(lora):
@@ -80,7 +83,8 @@ class CheckpointSavingMixin:
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
         so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards."""
+        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         run_dir = super()._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = os.path.join(run_dir, ".staging")
@@ -116,7 +120,8 @@ class CheckpointSavingMixin:
 
         ``state_dict`` is what ``Trainer.save_model`` gathered on every rank when the engine shards the weights
         (FSDP's full state dict, ZeRO-3's 16-bit one): the weights are taken from it, since the live model then
-        holds only this rank's shards. Without it (one process, DDP, ZeRO-2) they are the live model's."""
+        holds only this rank's shards. Without it (one process, DDP, ZeRO-2) they are the live model's.
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -165,7 +170,8 @@ class CheckpointSavingMixin:
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
         """Load the denoiser's trained weights (and the method's state) back from a checkpoint. Under FSDP
-        ``Trainer`` calls this after sharding the model: the weights are in already (:meth:`_prepare_for_training`)."""
+        ``Trainer`` calls this after sharding the model: the weights are in already (:meth:`_prepare_for_training`).
+        Private ``Trainer`` override, checked against transformers 5.24.0."""
         self._load_method_state_from(resume_from_checkpoint)
         if not self.is_fsdp_enabled:
             self._load_trained_weights(resume_from_checkpoint, model if model is not None else self.model)

@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
-from diffusers import DiffusionPipeline
-from peft import LoraConfig
-from transformers import TrainerCallback
 
 from ..backbones import VisionBackbone
 from ..core.vipo import (
     dense_policy_loss,
+    heat_overlay,
     per_reward_advantages,
     perceptual_map,
     perceptual_video_map,
     pool_to_tokens,
     reward_map_advantages,
+    spread_advantages,
 )
-from ..rewards import RewardFunc
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
+from .hooks import Advantages, PolicyLoss
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
 from .rollout import Rollouts
 from .vipo_config import ViPOConfig
-
-MAPS_KEY = "vipo_maps"
-#: per-reward advantages ``(B, F)``, then maps ``(B, F, *grid)``, of ``multi_objective_loss="per_reward"``
-PER_REWARD_KEY = "per_reward_advantages"
-
-
-def heat_overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
-    """``(3, H, W)`` image blended with a jet-coloured map ``(h, w)`` (scaled to its maximum, upsampled)."""
-    m = heat.float() / heat.float().max().clamp_min(1e-8)
-    m = torch.nn.functional.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
-    centres = torch.tensor([0.75, 0.5, 0.25], device=m.device)[:, None, None]  # red, green, blue
-    colour = (1.5 - (4 * (m[None] - centres)).abs()).clamp(0, 1)
-    return (1 - alpha) * image.float().clamp(0, 1) + alpha * colour.to(image.device)
 
 
 class ViPOTrainer(DiffusionGRPOTrainer):
@@ -79,34 +66,12 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     config_class = ViPOConfig
 
     def __init__(
-        self,
-        model: str | DiffusionPipeline,
-        reward_funcs: RewardFunc | str | list[RewardFunc | str],
-        args: ViPOConfig | None = None,
-        train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset: Dataset | None = None,
-        callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (
-            None,
-            None,
-        ),
-        peft_config: LoraConfig | None = None,
-        backbone: str | os.PathLike | torch.nn.Module | None = None,
-        eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
+        self, *args: Any, backbone: str | os.PathLike | torch.nn.Module | None = None, **kwargs: Any
     ):
-        args = self._resolve_args(model, args)
-        self.backbone = self._build_backbone(backbone, args)  # before the pipeline: fail fast
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            peft_config=peft_config,
-            eval_reward_funcs=eval_reward_funcs,
-        )
+        """:class:`DiffusionGRPOTrainer`'s arguments (``model``, ``reward_funcs``, ``args``, ``train_dataset``,
+        …), and ``backbone``, which overrides ``args.backbone`` (see the class docstring)."""
+        self._backbone_source = backbone
+        super().__init__(*args, **kwargs)
         if self.backbone is not None:
             self.backbone.to(self.accelerator.device)
         self.position_grid, self.token_patch_size = self._position_layout()
@@ -115,6 +80,11 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     # ------------------------------------------------------------------------------------------------
     # Set-up
     # ------------------------------------------------------------------------------------------------
+    def _prepare_method(self, args: ViPOConfig, train_dataset: Dataset | IterableDataset | None) -> None:
+        """The backbone is built and checked before the pipeline loads: fail fast."""
+        super()._prepare_method(args, train_dataset)
+        self.backbone = self._build_backbone(self._backbone_source, args)
+
     @staticmethod
     def _build_backbone(
         backbone: str | os.PathLike | torch.nn.Module | None, args: ViPOConfig
@@ -254,55 +224,61 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             )
         return maps.float(), fallback
 
-    def _log_map_metrics(self, maps: torch.Tensor, fallback: torch.Tensor) -> None:
+    @staticmethod
+    def _map_metrics(maps: torch.Tensor, fallback: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The maps' mean and spread over the global batch, and how many fell back to all ones."""
         flat = maps.flatten(1)
         stats = gather(
             torch.stack([flat.mean(dim=1), flat.std(dim=1, correction=0), fallback.float()], dim=1)
         )
-        metrics = self._metrics["train"]
-        metrics["vipo/map_mean"].append(stats[:, 0].mean().item())
-        metrics["vipo/map_std"].append(stats[:, 1].mean().item())
-        metrics["vipo/map_fallbacks"].append(stats[:, 2].sum().item())
+        return {
+            "vipo/map_mean": stats[:, 0].mean(),
+            "vipo/map_std": stats[:, 1].mean(),
+            "vipo/map_fallbacks": stats[:, 2].sum(),
+        }
 
     # ------------------------------------------------------------------------------------------------
     # Hooks
     # ------------------------------------------------------------------------------------------------
-    def compute_advantages(
-        self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]
-    ) -> dict[str, torch.Tensor]:
+    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Advantages:
         """The parent's advantages; with ``multi_objective_loss="per_reward"`` also each reward's own,
-        ``(B, F)`` under ``PER_REWARD_KEY`` (:func:`per_reward_advantages`)."""
+        ``(B, F)`` in ``per_reward`` (:func:`per_reward_advantages`)."""
         out = super().compute_advantages(rewards_per_func, inputs)
-        if self.args.multi_objective_loss == "per_reward":
-            args = self.args
-            out[PER_REWARD_KEY] = per_reward_advantages(
-                rewards_per_func, args.num_generations, args.scale_rewards, args.adv_clip_max
-            )
-        return out
+        if self.args.multi_objective_loss != "per_reward":
+            return out
+        args = self.args
+        per_reward = per_reward_advantages(
+            rewards_per_func, args.num_generations, args.scale_rewards, args.adv_clip_max
+        )
+        return replace(out, per_reward=per_reward)
 
-    def expand_advantages(self, advantages: torch.Tensor, rollouts: Rollouts) -> torch.Tensor:
-        """Advantage maps ``A(p) = M(p) · A`` ``(B, *grid)`` (:meth:`apply_maps`).
+    def expand_advantages(self, advantages: Advantages, rollouts: Rollouts) -> Advantages:
+        """Every set of advantages spread over the samples' maps, ``A(p) = M(p) · A`` ``(B, *grid)``
+        (:meth:`apply_maps`): the main ones, the auxiliary objectives' (BPGO's CRT) and each reward's.
 
         ``dense_level="sample"``: ``A · mean(M)`` ``(B,)`` (the released image code). ``map_target="reward"``:
         group-relative advantages of ``M(p) · R`` (:func:`reward_map_advantages`). The maps are kept in
-        ``rollouts.extras["vipo_maps"]``.
+        ``maps``, their figures (``vipo/map_mean|std|fallbacks``) in ``metrics``.
         """
         maps, fallback = self.compute_maps(rollouts.samples)
-        rollouts.extras[MAPS_KEY] = maps
-        self._log_map_metrics(maps, fallback)
-        if self.args.log_images and self.accelerator.is_main_process:
+        metrics = {**advantages.metrics, **self._map_metrics(maps, fallback)}
+        if self.args.map_target == "reward":
+            shaped = self._reward_target_advantages(advantages.reward, self._loss_maps(maps))
+            return replace(advantages, advantages=shaped, maps=maps, metrics=metrics)
+        shaped = advantages.reshaped(partial(self.apply_maps, maps=maps))
+        return replace(shaped, maps=maps, metrics=metrics)
+
+    def _make_rollouts(self, inputs: list[dict[str, Any]]) -> Rollouts:
+        """The parent's rollouts; with ``log_images``, each step's map overlays wait for the step's log."""
+        rollouts = super()._make_rollouts(inputs)
+        maps = rollouts.advantages.maps if rollouts.advantages is not None else None
+        if maps is not None and self.args.log_images and self.accelerator.is_main_process:
             count = self.args.num_images_to_log
             send = partial(
                 self.log_map_overlays, SampleBatch.of(rollouts, count), maps[:count].detach().clone()
             )
             self._pending_media.add("vipo/maps", self.state.global_step, send)
-        if self.args.map_target == "reward":
-            return self._reward_target_advantages(rollouts.rewards, self._loss_maps(maps))
-        per_reward = rollouts.extras.get(PER_REWARD_KEY)
-        if per_reward is not None:
-            columns = [self.apply_maps(column, maps) for column in per_reward.unbind(dim=1)]
-            rollouts.extras[PER_REWARD_KEY] = torch.stack(columns, dim=1)
-        return self.apply_maps(advantages, maps)
+        return rollouts
 
     def _loss_maps(self, maps: torch.Tensor) -> torch.Tensor:
         """The maps at the loss's level: ``(B, *grid)``, or ``mean(M)`` ``(B,)`` for ``dense_level="sample"``."""
@@ -310,14 +286,8 @@ class ViPOTrainer(DiffusionGRPOTrainer):
 
     def apply_maps(self, advantages: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """``A(p) = clamp(M(p) · A, ±adv_clip_max)`` for per-sample advantages ``(B,)`` (``A · mean(M)`` at the
-        sample level).
-
-        The clamp is applied again after the maps, per position, as the released code does: a ``"mean_one"``
-        map peaks at 3–5, so without it ``|A(p)|`` would reach ~15 where ``|A| ≤ adv_clip_max`` was meant.
-        """
-        maps = self._loss_maps(maps)
-        shaped = advantages.view(-1, *[1] * (maps.ndim - 1)) * maps.to(advantages)
-        return shaped.clamp(-self.args.adv_clip_max, self.args.adv_clip_max)
+        sample level), re-clamped per position as the released code does (:func:`spread_advantages`)."""
+        return spread_advantages(advantages, self._loss_maps(maps), self.args.adv_clip_max)
 
     def _reward_target_advantages(self, local_rewards: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """Group statistics need whole groups: gather rewards and maps, compute, keep this process's rows."""
@@ -327,37 +297,36 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         )
         return advantages[self.placement.local]
 
-    def objective(
+    def clipped_objective(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample loss and clipped fraction ``(B,)`` for an advantage of either shape.
+        """Per-sample loss and clipped fraction ``(B,)`` for one set of advantages of either shape.
 
         Maps ``(B, *grid)``: the dense loss, one ratio per position (:func:`dense_policy_loss`), on the
         adapter's position grid. ``(B,)`` (``dense_level="sample"``): GRPO's scalar loss,
-        ``ρ = exp(mean_elements(log p_θ − log p_old))``. Methods that add loss terms (BPGO) call this once per
-        set of advantages, so they take the dense form for free.
+        ``ρ = exp(mean_elements(log p_θ − log p_old))``. :meth:`policy_loss` calls this once per set of
+        advantages (BPGO's auxiliary CRT included), so they all take the dense form.
         """
         if advantages.ndim == 1:
-            return super().objective(log_prob, old_log_prob, advantages)
+            return super().clipped_objective(log_prob, old_log_prob, advantages)
         log_ratio = self.adapter.to_position_grid(log_prob - old_log_prob)
         return dense_policy_loss(log_ratio, advantages, self.args.epsilon)
 
     def policy_loss(
-        self,
-        log_prob: torch.Tensor,
-        old_log_prob: torch.Tensor,
-        advantages: torch.Tensor,
-        rollouts: Rollouts,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """With ``multi_objective_loss="per_reward"``: ``L = Σ_f w_f L(M · A_f)``, one clipped :meth:`objective`
-        per reward function (clipped fraction averaged over them). Otherwise the parent's loss."""
-        per_reward = getattr(rollouts, "extras", {}).get(PER_REWARD_KEY)
-        if per_reward is None:
-            return super().policy_loss(log_prob, old_log_prob, advantages, rollouts)
-        terms = [self.objective(log_prob, old_log_prob, column) for column in per_reward.unbind(dim=1)]
+        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Advantages
+    ) -> PolicyLoss:
+        """With ``multi_objective_loss="per_reward"``: ``L = Σ_f w_f L(M · A_f)``, one
+        :meth:`clipped_objective` per reward function (clipped fraction averaged over them). Otherwise the
+        parent's loss."""
+        if advantages.per_reward is None:
+            return super().policy_loss(log_prob, old_log_prob, advantages)
+        terms = [
+            self.clipped_objective(log_prob, old_log_prob, column)
+            for column in advantages.per_reward.unbind(dim=1)
+        ]
         weights = self.reward_weights.to(log_prob.device)
         loss = sum(weight * term for weight, (term, _) in zip(weights, terms))
-        return loss, torch.stack([clipped for _, clipped in terms]).mean(dim=0)
+        return PolicyLoss(loss, torch.stack([clipped for _, clipped in terms]).mean(dim=0))
 
     # ------------------------------------------------------------------------------------------------
     # Seeing the maps

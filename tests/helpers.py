@@ -1,0 +1,95 @@
+"""What the trainer tests share: the tiny run's settings, a config and a trainer built from them, and what a
+run logged. Imported by ``conftest.py`` and by the test files (``from helpers import ...``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from trl_visual import DiffusionGRPOTrainer
+
+#: the four training prompts the trainer tests share (one group each at batch 8, G 2)
+PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
+#: LoRA targets of the tiny SD3/FLUX/Wan transformers, with the output projection so small runs can learn
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
+#: a two-step run on the tiny SD3 at 32×32 (8×8 latents), four sampling steps, no CFG, nothing saved or reported
+TINY_RUN = dict(
+    num_generations=4,
+    per_device_train_batch_size=8,
+    max_steps=2,
+    height=32,
+    width=32,
+    num_inference_steps=4,
+    max_sequence_length=16,
+    guidance_scale=1.0,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+)
+
+
+def make_config(tmp_path, config_class: type | None = None, **overrides: Any):
+    """``config_class`` (GRPO's by default) with :data:`TINY_RUN`, writing to ``tmp_path/out``; ``overrides``
+    win."""
+    config_class = config_class or DiffusionGRPOTrainer.config_class
+    return config_class(**{"output_dir": str(tmp_path / "out"), **TINY_RUN, **overrides})
+
+
+def make_trainer(
+    tmp_path,
+    reward: Any = "red_channel",
+    dataset: Dataset | None = None,
+    model: Any = "tiny:sd3",
+    peft: bool | LoraConfig = True,
+    trainer_class: type | None = None,
+    *,
+    config_class: type | None = None,
+    eval_dataset: Dataset | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+    **overrides: Any,
+):
+    """A ``trainer_class`` (GRPO by default) on ``model`` over :data:`PROMPTS` (or ``dataset``), with the
+    config of :func:`make_config` (of the trainer's own config class unless ``config_class`` is given).
+
+    ``peft``: ``True`` for rank-8 LoRA on :data:`TARGETS`, ``False`` for full fine-tuning, or a
+    ``LoraConfig``. ``trainer_kwargs`` go to the trainer (``backbone=``, ``eval_reward_funcs=``).
+    """
+    trainer_class = trainer_class or DiffusionGRPOTrainer
+    if peft is True:
+        peft = LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS)
+    return trainer_class(
+        model=model,
+        reward_funcs=reward,
+        args=make_config(tmp_path, config_class or trainer_class.config_class, **overrides),
+        train_dataset=dataset if dataset is not None else Dataset.from_dict({"prompt": PROMPTS}),
+        eval_dataset=eval_dataset,
+        peft_config=peft or None,
+        **(trainer_kwargs or {}),
+    )
+
+
+def logged(trainer, key: str) -> list[float]:
+    """Every value logged under ``key`` during ``trainer``'s run, in order."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def lora_weights(trainer) -> dict[str, torch.Tensor]:
+    """A copy of the trainer's trainable (LoRA) weights, by name."""
+    return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def pipeline_images(pipeline, prompt: str, seed: int) -> torch.Tensor:
+    """The pipeline's own sampling (``__call__``) at the tiny run's size and steps, deterministic."""
+    return pipeline(
+        prompt,
+        height=TINY_RUN["height"],
+        width=TINY_RUN["width"],
+        num_inference_steps=TINY_RUN["num_inference_steps"],
+        guidance_scale=TINY_RUN["guidance_scale"],
+        max_sequence_length=TINY_RUN["max_sequence_length"],
+        output_type="pt",
+        generator=torch.Generator().manual_seed(seed),
+    ).images
