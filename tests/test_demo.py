@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logged
+from helpers import logged
 
 from trl_visual.demo import (
     SHAPES_SETTINGS,

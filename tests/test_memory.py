@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import PROMPTS, TARGETS
+from helpers import PROMPTS, TARGETS
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
