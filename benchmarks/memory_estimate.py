@@ -59,25 +59,29 @@ SETTINGS = [
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+#: ``SD3Transformer2DModel`` of stable-diffusion-3.5-medium (also built by ``step_time.py --device cuda``)
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
+
 def sd35_medium() -> dict[str, torch.nn.Module]:
     from diffusers import SD3Transformer2DModel
 
     return {
-        "denoiser": SD3Transformer2DModel(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            num_layers=24,
-            attention_head_dim=64,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            caption_projection_dim=1536,
-            pooled_projection_dim=2048,
-            out_channels=16,
-            pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)),
-            qk_norm="rms_norm",
-        ),
+        "denoiser": SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER),
         "text encoders (CLIP-L, CLIP-G, T5-XXL)": _clip_l_g_t5(),
         "vae": _sd3_flux_vae(),
     }

@@ -156,3 +156,22 @@ def test_without_cfg_nothing_is_stored(tmp_path):
     trainer, _ = train_at_lr_zero(tmp_path, max_steps=1, guidance_scale=1.0)
     assert trainer._rollouts.negative_embeds is None
     assert trainer._rollouts.uncond_velocities is None
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_loss_and_gradients(tmp_path):
+    """``torch_compile=True`` (TrainingArguments' field: accelerate compiles the denoiser that the training
+    passes run) gives the eager run's loss and LoRA gradients on the conditional-only CFG path. The
+    ``aot_eager`` backend traces forward and backward as inductor does, without generating C++ (inductor
+    takes minutes on this CPU; a GPU run uses it); even so this test takes about a minute, hence ``slow``."""
+    torch.manual_seed(0)
+    eager, eager_recorder = train_at_lr_zero(tmp_path / "eager", max_steps=1)
+    torch.manual_seed(0)
+    compiled, compiled_recorder = train_at_lr_zero(
+        tmp_path / "compiled", max_steps=1, torch_compile=True, torch_compile_backend="aot_eager"
+    )
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"  # the training passes ran compiled
+    assert compiled.losses == pytest.approx(eager.losses, abs=1e-7)
+    scale = largest(eager_recorder.grads)
+    assert scale > 0
+    assert max_gap(compiled_recorder.grads, eager_recorder.grads) < 1e-4 * scale
