@@ -150,10 +150,10 @@ class FluxAdapter(DiffusionAdapter):
     def _image_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(N, 3)`` token positions ``(0, row, column)``, as ``FluxPipeline._prepare_latent_image_ids``."""
         rows, columns = self._token_grid or (0, 0)
-        ids = torch.zeros(rows, columns, 3)
-        ids[..., 1] = torch.arange(rows)[:, None]
-        ids[..., 2] = torch.arange(columns)[None, :]
-        return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
+        ids = torch.zeros(rows, columns, 3, device=device)  # built on the device: no copy at every forward
+        ids[..., 1] = torch.arange(rows, device=device)[:, None]
+        ids[..., 2] = torch.arange(columns, device=device)[None, :]
+        return ids.reshape(rows * columns, 3).to(dtype)
 
     # -- denoiser ---------------------------------------------------------------------------------
     @property
