@@ -12,7 +12,7 @@ YAML settings the script estimates, per config:
   attention's ``4 · N² · d`` per layer is added), and from them a time per training step at an assumed
   400 TFLOP/s of bf16 throughput (about 50 % of an H100's dense peak). A training step samples
   ``B`` trajectories of ``T`` steps (× 2 with CFG) and trains ``round(f · T)`` of them (forward + backward
-  ≈ 3 × forward, × 2 again with CFG in training).
+  ≈ 3 × forward, of the conditional branch only: ``cfg_uncond_grad=False`` reuses the sampled ``v_u``).
 
 These are **estimates**: activations, the VAE decode, rewards and kernel efficiency are not measured
 (activations with gradient checkpointing are a few GB at these sizes). Replace them with measured figures
@@ -238,7 +238,8 @@ def estimate(setting: Setting) -> dict[str, float]:
     forward = 2 * count(parts["denoiser"]) * tokens + layers * 4 * tokens**2 * width
     passes = 2 if setting.cfg else 1
     trained = round(setting.trained_fraction * setting.steps)
-    flops = setting.batch * forward * passes * (setting.steps + 3 * trained) * setting.accumulation
+    # training differentiates the conditional branch only (cfg_uncond_grad=False reuses the sampled v_u)
+    flops = setting.batch * forward * (passes * setting.steps + 3 * trained) * setting.accumulation
     return {
         "params": {name: count(m) for name, m in parts.items()},
         "weights_gib": frozen * 2 / gib,

@@ -67,19 +67,20 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class StepTimer(TrainerCallback):
-    """Seconds per optimizer step (waiting for the GPU at both ends)."""
+    """Seconds per optimizer step on ``clock`` (waiting for the GPU at both ends)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.times: list[float] = []
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         synchronize()
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
         synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self.clock() - self._start)
 
 
 def synchronize() -> None:
@@ -178,6 +179,11 @@ class Bench:
     @property
     def batch(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    def clock(self) -> float:
+        """CPU seconds of this process on the CPU (one thread: what the other tenants of a shared machine
+        take does not count), wall seconds on a GPU."""
+        return time.process_time() if self.device == "cpu" else time.perf_counter()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast over float32 LoRA, as the trainer's ``bf16=True``; nothing in float32."""
@@ -474,7 +480,7 @@ def time_trainer(
         logging_steps=1,
     )
     trainer = make_trainer(method, factory(), config, bench.lora(), Dataset.from_dict({"prompt": PROMPTS}))
-    timer = StepTimer()
+    timer = StepTimer(bench.clock)
     trainer.add_callback(timer)
     trainer.train()
     return timer.times[1:]
@@ -489,10 +495,10 @@ def time_reference(factory: PipelineFactory, bench: Bench, guidance: float, step
             PROMPTS[(bench.prompts_per_step * i + j) % len(PROMPTS)] for j in range(bench.prompts_per_step)
         ]
         synchronize()
-        start = time.perf_counter()
+        start = bench.clock()
         loop.step(batch, seed=i)
         synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(bench.clock() - start)
     return times[1:]
 
 
@@ -531,15 +537,16 @@ def compare_with_reference(args: argparse.Namespace) -> None:
     report(bench, args, rounds, names)
 
 
-def ratio(rounds: list[dict[str, Measured]], name: str, over: str) -> float:
-    """Median over rounds of ``name``'s median step time over ``over``'s, within each round."""
-    return statistics.median(r[name].median / r[over].median for r in rounds)
+def ratio(rounds: list[dict[str, Measured]], name: str, over: str) -> str:
+    """Median over rounds of ``name``'s median step time over ``over``'s within each round, and their range."""
+    ratios = [r[name].median / r[over].median for r in rounds]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) × {over}"
 
 
 def report(
     bench: Bench, args: argparse.Namespace, rounds: list[dict[str, Measured]], names: list[str]
 ) -> None:
-    threads = f", {torch.get_num_threads()} CPU thread(s)" if bench.device == "cpu" else ""
+    threads = f", {torch.get_num_threads()} CPU thread(s), CPU seconds" if bench.device == "cpu" else ""
     print(
         f"{bench.arch} SD3 ({bench.num_layers} transformer layers), {bench.resolution}², {bench.device} "
         f"{str(bench.dtype).removeprefix('torch.')}{threads}; B = {bench.prompts_per_step} prompts × "
@@ -547,15 +554,15 @@ def report(
         f"{bench.lora_rank}; {args.rounds} rounds × {args.steps} timed steps"
     )
     cuda = torch.device(bench.device).type == "cuda"
-    header = f"{'contender':22} {'s/step':>8} {'ratio':>24}"
+    header = f"{'contender':22} {'s/step':>8} {'ratio (range over rounds)':>36}"
     print(header + (f" {'peak GiB':>9} {'TFLOP/step':>11} {'MFU':>6}" if cuda else f" {'TFLOP/step':>11}"))
     for name in names:
         seconds = statistics.median(r[name].median for r in rounds)
         cfg = name.split("CFG ")[-1]
         over = f"reference, CFG {cfg}" if name.startswith("GRPO") else f"GRPO, CFG {cfg}"
-        relative = "" if name.startswith("reference") else f"{ratio(rounds, name, over):.2f} × {over}"
+        relative = "" if name.startswith("reference") else ratio(rounds, name, over)
         flops = rounds[0][name].flops_per_step
-        line = f"{name:22} {seconds:8.3f} {relative:>24}"
+        line = f"{name:22} {seconds:8.3f} {relative:>36}"
         if cuda:
             peak = max(r[name].peak_memory for r in rounds)
             mfu = flops / seconds / (args.peak_tflops * 1e12)
@@ -581,7 +588,7 @@ def bench_from_args(args: argparse.Namespace) -> Bench:
         resolution=resolution,
         num_layers=num_layers,
         text_layers=args.text_layers,
-        max_sequence_length=256 if arch == "sd35-medium" else 16,
+        max_sequence_length=args.max_sequence_length or (256 if arch == "sd35-medium" else 16),
     )
 
 
@@ -603,6 +610,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument(
         "--num-layers", type=int, default=None, help="transformer layers (24 for SD3.5-M, 4 tiny)"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None, help="T5 tokens (256 SD3.5-M, 16 tiny)"
     )
     parser.add_argument("--text-layers", type=int, default=None, help="shrink SD3.5-M's text encoders")
     parser.add_argument(

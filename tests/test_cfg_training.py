@@ -5,12 +5,15 @@ when training runs on the sampling weights (``num_iterations == 1``)."""
 import pytest
 import torch
 from conftest import logged
+from PIL import Image
 from test_trainer import RecordingTrainer, make_trainer
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.core.policy_loss import clipped_policy_loss
 from trl_visual.core.sde import sde_step_with_logprob
+from trl_visual.models import get_adapter, guided, load_pipeline
+from trl_visual.models.base import unconditional_embeds
 from trl_visual.trainer.rollout import transition_at
 
 GUIDANCE = 4.5
@@ -175,3 +178,31 @@ def test_torch_compile_gives_the_same_loss_and_gradients(tmp_path):
     scale = largest(eager_recorder.grads)
     assert scale > 0
     assert max_gap(compiled_recorder.grads, eager_recorder.grads) < 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux", "wan", "wan-i2v"])
+def test_one_branch_at_a_time_equals_the_batched_guided_velocity(name):
+    """Every family: the conditional branch alone (B inputs) guided with the unconditional one computed on its
+    own equals :meth:`velocity`'s batched 2B CFG, the image-to-video conditioning kept in the unconditional
+    branch. Guidance-distilled FLUX runs no unconditional pass: its velocity is the conditional one."""
+    adapter = get_adapter(load_pipeline(f"tiny:{name}"))
+    shape = adapter.latent_shape(32, 32, 5)
+    embeds = adapter.encode_prompts(["a cat", "a dog"], 16)
+    if name == "wan-i2v":
+        images = [Image.new("RGB", (32, 32), colour) for colour in ((200, 30, 30), (30, 30, 200))]
+        embeds = {**embeds, **adapter.encode_conditioning([{"image": image} for image in images])}
+    negative = adapter.encode_prompts(["", ""], 16)
+    latents = adapter.prepare_noise(2, shape, torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.6])
+    with torch.no_grad():
+        batched = adapter.velocity(adapter.denoiser, latents, sigma, embeds, negative, GUIDANCE)
+        cond = adapter.conditional_velocity(adapter.denoiser, latents, sigma, embeds, GUIDANCE)
+        uncond = adapter.conditional_velocity(
+            adapter.denoiser, latents, sigma, unconditional_embeds(embeds, negative), GUIDANCE
+        )
+    assert adapter.runs_cfg == (name != "flux")
+    if adapter.runs_cfg:
+        assert (uncond - cond).abs().max() > 1e-3  # the negative prompt changes the prediction
+        torch.testing.assert_close(batched, guided(uncond, cond, GUIDANCE), rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(batched, cond, rtol=1e-5, atol=1e-6)
