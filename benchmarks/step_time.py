@@ -175,6 +175,7 @@ class Bench:
     learning_rate: float = 1e-4
     noise_level: float = 0.7
     max_sequence_length: int = 16
+    gradient_checkpointing: bool = False
 
     @property
     def batch(self) -> int:
@@ -299,6 +300,8 @@ class ReferenceLoop:
         self.transformer = pipeline.transformer
         self.transformer.requires_grad_(False)
         self.transformer.add_adapter(bench.lora())
+        if bench.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         self.parameters = [p for p in self.transformer.parameters() if p.requires_grad]
         for parameter in self.parameters:
             parameter.data = parameter.data.float()
@@ -457,9 +460,9 @@ def measured(run: Callable[[], list[float]], bench: Bench, flops: float) -> Meas
 
 
 def time_trainer(
-    method: str, factory: PipelineFactory, bench: Bench, guidance: float, steps: int
+    method: str, factory: PipelineFactory, bench: Bench, guidance: float, steps: int, **extra
 ) -> list[float]:
-    """Seconds of each of ``steps`` trainer steps after one warm-up step."""
+    """Seconds of each of ``steps`` trainer steps after one warm-up step; ``extra`` are more config values."""
     config = dict(
         output_dir=tempfile.mkdtemp(),
         num_generations=bench.num_generations,
@@ -474,11 +477,15 @@ def time_trainer(
         max_sequence_length=bench.max_sequence_length,
         bf16=bench.dtype == torch.bfloat16,
         use_cpu=bench.device == "cpu",
+        gradient_checkpointing=bench.gradient_checkpointing,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=1,
+        **extra,
     )
+    if method == "ViPO":  # the tiny DINOv2 at DINOv2's usual 224 pixels, not at 512²'s 16,384 patches
+        config["backbone_image_size"] = min(224, bench.resolution)
     trainer = make_trainer(method, factory(), config, bench.lora(), Dataset.from_dict({"prompt": PROMPTS}))
     timer = StepTimer(bench.clock)
     trainer.add_callback(timer)
@@ -519,6 +526,10 @@ def compare_with_reference(args: argparse.Namespace) -> None:
             lambda g=guidance: time_reference(factory, bench, g, args.steps),
             step_flops(forward, bench, cfg, reference_passes),
         )
+    contenders["GRPO cfg_uncond_grad, CFG 4.5"] = (  # the trainer before issue 15: 2B with both gradients
+        lambda: time_trainer("GRPO", factory, bench, 4.5, args.steps, cfg_uncond_grad=True),
+        step_flops(forward, bench, True, 2),
+    )
     for method in args.methods:
         if method != "GRPO":
             contenders[f"{method}, CFG 4.5"] = (
@@ -554,7 +565,7 @@ def report(
         f"{bench.lora_rank}; {args.rounds} rounds × {args.steps} timed steps"
     )
     cuda = torch.device(bench.device).type == "cuda"
-    header = f"{'contender':22} {'s/step':>8} {'ratio (range over rounds)':>36}"
+    header = f"{'contender':30} {'s/step':>8} {'ratio (range over rounds)':>36}"
     print(header + (f" {'peak GiB':>9} {'TFLOP/step':>11} {'MFU':>6}" if cuda else f" {'TFLOP/step':>11}"))
     for name in names:
         seconds = statistics.median(r[name].median for r in rounds)
@@ -562,7 +573,7 @@ def report(
         over = f"reference, CFG {cfg}" if name.startswith("GRPO") else f"GRPO, CFG {cfg}"
         relative = "" if name.startswith("reference") else ratio(rounds, name, over)
         flops = rounds[0][name].flops_per_step
-        line = f"{name:22} {seconds:8.3f} {relative:>36}"
+        line = f"{name:30} {seconds:8.3f} {relative:>36}"
         if cuda:
             peak = max(r[name].peak_memory for r in rounds)
             mfu = flops / seconds / (args.peak_tflops * 1e12)
@@ -588,6 +599,7 @@ def bench_from_args(args: argparse.Namespace) -> Bench:
         resolution=resolution,
         num_layers=num_layers,
         text_layers=args.text_layers,
+        gradient_checkpointing=args.gradient_checkpointing,
         max_sequence_length=args.max_sequence_length or (256 if arch == "sd35-medium" else 16),
     )
 
@@ -615,6 +627,9 @@ def main() -> None:
         "--max-sequence-length", type=int, default=None, help="T5 tokens (256 SD3.5-M, 16 tiny)"
     )
     parser.add_argument("--text-layers", type=int, default=None, help="shrink SD3.5-M's text encoders")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="in the trainer and the reference alike"
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)"
     )
