@@ -18,13 +18,15 @@ and ViPO on the same settings. Every round runs each contender once, in a rotate
 within the round; the median ratio over rounds is printed, so a shared machine's load cancels out.
 
 - CPU (default): the tiny random-weight SD3 with a 4-layer transformer, 64×64 images, one thread.
+  On the CPU the times are CPU seconds of this process (one thread), which other jobs on a shared machine do
+  not inflate as they do wall time.
 - ``--device cuda --dtype bfloat16``: SD3.5-Medium's real architecture (transformer, CLIP-L, CLIP-G, T5-XXL and
-  VAE built from their published configs, random weights) at 512×512, bf16 autocast with float32 LoRA; adds the
-  peak GPU memory and the model FLOP utilisation (MFU: the denoiser FLOPs a step needs, counted with
-  ``torch.utils.flop_counter`` on one forward, over the step's time and ``--peak-tflops``). One round of
-  2 timed steps per contender finishes in a few minutes on one H100-class GPU. ``--num-layers`` and
-  ``--text-layers`` shrink that architecture (``--device cpu --arch sd35-medium --resolution 64 --num-layers 1
-  --text-layers 1`` runs the same path on a CPU).
+  VAE built from their published configs, random weights) at 512×512 with G = 8 (one prompt, B = 8), bf16
+  autocast with float32 LoRA, wall seconds; adds the peak GPU memory and the model FLOP utilisation (MFU:
+  the denoiser FLOPs a step needs, counted with ``torch.utils.flop_counter`` on one forward, over the
+  step's time and ``--peak-tflops``). One round of 2 timed steps per contender is sized to finish in under
+  5 minutes on one H100-class GPU (not yet run on one). ``--num-layers``, ``--text-layers`` and
+  ``--max-sequence-length`` shrink that architecture, so that the same path runs on a CPU.
 """
 
 from __future__ import annotations
@@ -601,6 +603,9 @@ def bench_from_args(args: argparse.Namespace) -> Bench:
         text_layers=args.text_layers,
         gradient_checkpointing=args.gradient_checkpointing,
         max_sequence_length=args.max_sequence_length or (256 if arch == "sd35-medium" else 16),
+        # SD3.5-M: one prompt × G = 8 (the papers' group size); tiny: 2 prompts × 4
+        prompts_per_step=1 if arch == "sd35-medium" else 2,
+        num_generations=8 if arch == "sd35-medium" else 4,
     )
 
 
