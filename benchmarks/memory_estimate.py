@@ -12,7 +12,7 @@ YAML settings the script estimates, per config:
   attention's ``4 · N² · d`` per layer is added), and from them a time per training step at an assumed
   400 TFLOP/s of bf16 throughput (about 50 % of an H100's dense peak). A training step samples
   ``B`` trajectories of ``T`` steps (× 2 with CFG) and trains ``round(f · T)`` of them (forward + backward
-  ≈ 3 × forward, × 2 again with CFG in training).
+  ≈ 3 × forward, of the conditional branch only: ``cfg_uncond_grad=False`` reuses the sampled ``v_u``).
 
 A second table (``--memory``, also printed by default) gives, per family, the parameters, the LoRA, the
 optimizer state (LoRA and full fine-tuning, AdamW in float32 and 8-bit) and an activation estimate for one
@@ -68,25 +68,29 @@ SETTINGS = [
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+#: ``SD3Transformer2DModel`` of stable-diffusion-3.5-medium (also built by ``step_time.py --device cuda``)
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
+
 def sd35_medium() -> dict[str, torch.nn.Module]:
     from diffusers import SD3Transformer2DModel
 
     return {
-        "denoiser": SD3Transformer2DModel(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            num_layers=24,
-            attention_head_dim=64,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            caption_projection_dim=1536,
-            pooled_projection_dim=2048,
-            out_channels=16,
-            pos_embed_max_size=384,
-            dual_attention_layers=tuple(range(13)),
-            qk_norm="rms_norm",
-        ),
+        "denoiser": SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER),
         "text encoders (CLIP-L, CLIP-G, T5-XXL)": _clip_l_g_t5(),
         "vae": _sd3_flux_vae(),
     }
@@ -339,7 +343,8 @@ def estimate(setting: Setting) -> dict[str, float]:
     forward = 2 * count(parts["denoiser"]) * tokens + layers * 4 * tokens**2 * width
     passes = 2 if setting.cfg else 1
     trained = round(setting.trained_fraction * setting.steps)
-    flops = setting.batch * forward * passes * (setting.steps + 3 * trained) * setting.accumulation
+    # training differentiates the conditional branch only (cfg_uncond_grad=False reuses the sampled v_u)
+    flops = setting.batch * forward * (passes * setting.steps + 3 * trained) * setting.accumulation
     return {
         "params": {name: count(m) for name, m in parts.items()},
         "weights_gib": frozen * 2 / gib,

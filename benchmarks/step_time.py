@@ -1,21 +1,49 @@
-"""Time per training step of GRPO, BPGO and ViPO on a tiny model (CPU, one thread).
+"""Time per training step: GRPO, BPGO and ViPO against each other, or the trainer against a reference loop.
 
     python benchmarks/step_time.py [--model sd3|flux|wan|wan-i2v] [--methods GRPO BPGO ViPO] [--steps 12] [--repeats 3]
+    python benchmarks/step_time.py --reference [--rounds 5] [--steps 4]
+    python benchmarks/step_time.py --reference --device cuda --dtype bfloat16
 
-Each method trains the same configuration from the same start; the order of the methods rotates between
-repeats so that a slow patch of a shared machine does not land on one method. The first two steps of each
-run are warm-up and not timed. Prints the median seconds per step and the ratio to GRPO.
+**Methods** (the first form): each method trains the same configuration from the same start on a tiny model; the
+order of the methods rotates between repeats so that a slow patch of a shared machine does not land on one
+method. The first two steps of each run are warm-up and not timed. Prints the median seconds per step and the
+ratio to GRPO.
+
+**Reference** (``--reference``): ``DiffusionGRPOTrainer`` against :class:`ReferenceLoop`, a loop written here in
+the shape of Flow-GRPO's released training script (each sample's prompt encoded, sampling with CFG on ``2B``
+inputs, per trained timestep one ``2B`` forward with the gradient through the conditional half only, the
+clipped loss, one optimizer step per iteration), on the same model with the same settings: SD3 with 2 prompts
+× 4 generations (B = 8), 8 sampling steps of which 7 are trained, CFG 4.5 (and 1, no CFG), LoRA r 8. Then BPGO
+and ViPO on the same settings. Every round runs each contender once, in a rotated order, and a ratio is taken
+within the round; the median ratio over rounds is printed, so a shared machine's load cancels out.
+
+- CPU (default): the tiny random-weight SD3 with a 4-layer transformer, 64×64 images, one thread.
+  On the CPU the times are CPU seconds of this process (one thread), which other jobs on a shared machine do
+  not inflate as they do wall time.
+- ``--device cuda --dtype bfloat16``: SD3.5-Medium's real architecture (transformer, CLIP-L, CLIP-G, T5-XXL and
+  VAE built from their published configs, random weights) at 512×512 with G = 8 (one prompt, B = 8), bf16
+  autocast with float32 LoRA, wall seconds; adds the peak GPU memory and the model FLOP utilisation (MFU:
+  the denoiser FLOPs a step needs, counted with ``torch.utils.flop_counter`` on one forward, over the
+  step's time and ``--peak-tflops``). One round of 2 timed steps per contender is sized to finish in under
+  5 minutes on one H100-class GPU (not yet run on one). ``--num-layers``, ``--text-layers`` and
+  ``--max-sequence-length`` shrink that architecture, so that the same path runs on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from memory_estimate import SD35_MEDIUM_TRANSFORMER
 from peft import LoraConfig
 from PIL import Image
 from transformers import TrainerCallback
@@ -28,25 +56,43 @@ from trl_visual import (
     ViPOConfig,
     ViPOTrainer,
 )
-from trl_visual.testing import tiny_dinov2
+from trl_visual.core.advantages import group_advantages
+from trl_visual.core.policy_loss import clipped_policy_loss
+from trl_visual.core.sde import sde_step_with_logprob
+from trl_visual.rewards import resolve_reward
+from trl_visual.testing import tiny_dinov2, tiny_sd3_pipeline
 
 PROMPTS = ["a cat", "a dog", "a red car", "a tree"]
 #: FLUX.1-dev trains with its distilled guidance 3.5; the others without CFG
 GUIDANCE = {"sd3": 1.0, "flux": 3.5, "wan": 1.0, "wan-i2v": 1.0}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
+    """Seconds per optimizer step on ``clock`` (waiting for the GPU at both ends)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.times: list[float] = []
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        synchronize()
+        self._start = self.clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        synchronize()
+        self.times.append(self.clock() - self._start)
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The methods on the tiny models
+# ------------------------------------------------------------------------------------------------------
 def settings(output_dir: str, steps: int, model: str) -> dict:
     return dict(
         output_dir=output_dir,
@@ -75,39 +121,27 @@ def prompts(model: str) -> Dataset:
     return Dataset.from_dict(data)
 
 
-def run(method: str, steps: int, model: str) -> float:
-    folder = tempfile.mkdtemp()
-    config = settings(folder, steps, model)
-    common = dict(
-        model=f"tiny:{model}",
-        reward_funcs="red_channel",
-        train_dataset=prompts(model),
-        peft_config=LoraConfig(
-            r=8, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
-        ),
-    )
+def make_trainer(method: str, model, config: dict, peft_config: LoraConfig, dataset: Dataset):
+    """``method``'s trainer on ``model`` with the config values ``config``."""
+    common = dict(model=model, reward_funcs="red_channel", train_dataset=dataset, peft_config=peft_config)
     if method == "GRPO":
-        trainer = DiffusionGRPOTrainer(args=DiffusionGRPOConfig(**config), **common)
-    elif method == "BPGO":
-        trainer = BPGOTrainer(args=BPGOConfig(**config), **common)
-    else:
-        trainer = ViPOTrainer(args=ViPOConfig(**config), backbone=tiny_dinov2(), **common)
+        return DiffusionGRPOTrainer(args=DiffusionGRPOConfig(**config), **common)
+    if method == "BPGO":
+        return BPGOTrainer(args=BPGOConfig(**config), **common)
+    return ViPOTrainer(args=ViPOConfig(**config), backbone=tiny_dinov2(), **common)
+
+
+def run(method: str, steps: int, model: str) -> float:
+    config = settings(tempfile.mkdtemp(), steps, model)
+    peft_config = LoraConfig(r=8, lora_alpha=8, target_modules=LORA_TARGETS + ["proj_out"])
+    trainer = make_trainer(method, f"tiny:{model}", config, peft_config, prompts(model))
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()
     return statistics.median(timer.times[2:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="sd3", choices=sorted(GUIDANCE))
-    parser.add_argument(
-        "--methods", nargs="+", default=["GRPO", "BPGO", "ViPO"], choices=["GRPO", "BPGO", "ViPO"]
-    )
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def compare_methods(args: argparse.Namespace) -> None:
     methods = args.methods
     times: dict[str, list[float]] = {m: [] for m in methods}
     for repeat in range(args.repeats):
@@ -120,6 +154,500 @@ def main() -> None:
     for method in methods:
         median = statistics.median(times[method])
         print(f"{method:8} {median:16.3f} {median / first:7.2f}x   {[round(t, 3) for t in times[method]]}")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The trainer against a reference loop
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    """The model and the settings every contender of ``--reference`` runs with."""
+
+    device: str
+    dtype: torch.dtype
+    arch: str  # "tiny" or "sd35-medium"
+    resolution: int
+    num_layers: int
+    text_layers: int | None = None
+    prompts_per_step: int = 2
+    num_generations: int = 4
+    num_inference_steps: int = 8
+    trained_steps: int = 7
+    lora_rank: int = 8
+    learning_rate: float = 1e-4
+    noise_level: float = 0.7
+    max_sequence_length: int = 16
+    gradient_checkpointing: bool = False
+
+    @property
+    def batch(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def clock(self) -> float:
+        """CPU seconds of this process on the CPU (one thread: what the other tenants of a shared machine
+        take does not count), wall seconds on a GPU."""
+        return time.process_time() if self.device == "cpu" else time.perf_counter()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast over float32 LoRA, as the trainer's ``bf16=True``; nothing in float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype)
+
+    def lora(self) -> LoraConfig:
+        return LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, target_modules=LORA_TARGETS)
+
+
+class PipelineFactory:
+    """Fresh pipelines of one architecture: the frozen parts (text encoders, VAE) are built once and shared, the
+    transformer is rebuilt from the same seed for every contender (each adds its own LoRA to it)."""
+
+    def __init__(self, bench: Bench):
+        self.bench = bench
+        with torch.device(bench.device):
+            base = (
+                tiny_sd3_pipeline()
+                if bench.arch == "tiny"
+                else sd35_medium_pipeline(bench.num_layers, bench.text_layers)
+            )
+        self.components = {name: module for name, module in base.components.items() if name != "transformer"}
+        for module in self.components.values():
+            if isinstance(module, torch.nn.Module):
+                to_bench(module, bench).eval()
+        self.transformer_config = {**base.transformer.config, "num_layers": bench.num_layers}
+
+    def __call__(self) -> StableDiffusion3Pipeline:
+        torch.manual_seed(0)
+        with torch.device(self.bench.device):
+            transformer = SD3Transformer2DModel.from_config(self.transformer_config)
+        to_bench(transformer, self.bench).eval()
+        return StableDiffusion3Pipeline(transformer=transformer, **self.components)
+
+
+def to_bench(module: torch.nn.Module, bench: Bench) -> torch.nn.Module:
+    """``module`` on the bench's device and, unless float32 (diffusers warns at every float32 cast), dtype."""
+    return module.to(bench.device) if bench.dtype == torch.float32 else module.to(bench.device, bench.dtype)
+
+
+def sd35_medium_pipeline(num_layers: int = 24, text_layers: int | None = None) -> StableDiffusion3Pipeline:
+    """SD3.5-Medium's architecture from its published configs, random weights, on the default device. The
+    tokenizers are the tiny in-memory ones (their ids fit every vocabulary). ``num_layers`` (24) and
+    ``text_layers`` shrink the transformer and the text encoders (a CPU check of this path)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def clip(hidden: int, layers: int, heads: int) -> CLIPTextModelWithProjection:
+        config = CLIPTextConfig(
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=text_layers or layers,
+            num_attention_heads=heads,
+            projection_dim=hidden,
+            hidden_act="gelu",
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+        return CLIPTextModelWithProjection(config)
+
+    tokenizers = tiny_sd3_pipeline()
+    t5 = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=text_layers or 24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+    )
+    return StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            **{
+                **SD35_MEDIUM_TRANSFORMER,
+                "num_layers": num_layers,
+                "dual_attention_layers": tuple(range(min(13, num_layers))),
+            }
+        ),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            shift_factor=0.0609,
+            scaling_factor=1.5305,
+        ),
+        text_encoder=clip(768, 12, 12),
+        tokenizer=tokenizers.tokenizer,
+        text_encoder_2=clip(1280, 32, 20),
+        tokenizer_2=tokenizers.tokenizer_2,
+        text_encoder_3=T5EncoderModel(t5),
+        tokenizer_3=tokenizers.tokenizer_3,
+    )
+
+
+class ReferenceLoop:
+    """One GRPO iteration in the shape of Flow-GRPO's released training script, on a diffusers SD3 pipeline.
+
+    Per iteration: every sample's prompt is encoded (B rows, repeats included; the negative prompt once per
+    run); B trajectories are sampled with the Flow-GRPO SDE, CFG running both branches on 2B inputs; the decoded
+    images get the ``red_channel`` reward and group-normalised advantages; then per trained timestep one forward
+    on 2B inputs with the unconditional half detached, ``v = v_u + w (v_c − v_u)``, the clipped objective and a
+    backward; finally one clipped-gradient AdamW step.
+    """
+
+    def __init__(self, pipeline: StableDiffusion3Pipeline, bench: Bench, guidance_scale: float):
+        self.pipeline, self.bench, self.guidance_scale = pipeline, bench, guidance_scale
+        self.transformer = pipeline.transformer
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(bench.lora())
+        if bench.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.parameters = [p for p in self.transformer.parameters() if p.requires_grad]
+        for parameter in self.parameters:
+            parameter.data = parameter.data.float()
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=bench.learning_rate, weight_decay=0.0)
+        self.reward = resolve_reward("red_channel")
+        self.negative = self.encode([""])
+        pipeline.scheduler.set_timesteps(bench.num_inference_steps, device=bench.device)
+        self.sigmas = pipeline.scheduler.sigmas.float()
+        self.sigma_max = float(self.sigmas[1])
+        factor = pipeline.vae_scale_factor
+        channels = self.transformer.config.in_channels
+        self.latent_shape = (channels, bench.resolution // factor, bench.resolution // factor)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=torch.device(self.bench.device),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.bench.max_sequence_length,
+        )
+        return embeds, pooled
+
+    def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor]):
+        """The guided velocity; under CFG one forward on 2B inputs, the unconditional half detached."""
+        embeds, pooled = text
+        cfg = self.guidance_scale > 1
+        if cfg:
+            batch = len(latents)
+            negative_embeds, negative_pooled = (t.expand(batch, *t.shape[1:]) for t in self.negative)
+            latents, sigma = torch.cat([latents, latents]), torch.cat([sigma, sigma])
+            embeds, pooled = torch.cat([negative_embeds, embeds]), torch.cat([negative_pooled, pooled])
+        with self.bench.autocast():
+            prediction = self.transformer(
+                hidden_states=latents.to(self.bench.dtype),
+                timestep=sigma * 1000,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0].float()
+        if not cfg:
+            return prediction
+        uncond, cond = prediction.chunk(2)
+        uncond = uncond.detach()
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def transition(self, latents, velocity, k: int, prev_sample=None):
+        batch = len(latents)
+        return sde_step_with_logprob(
+            "flow_grpo",
+            latents,
+            velocity,
+            self.sigmas[k].expand(batch),
+            self.sigmas[k + 1].expand(batch),
+            self.bench.noise_level,
+            sigma_max=self.sigma_max,
+            prev_sample=prev_sample,
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipeline.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
+    def step(self, prompts: list[str], seed: int) -> None:
+        """One iteration on ``prompts`` (each prompt repeated ``num_generations`` times, consecutively)."""
+        samples = [p for p in prompts for _ in range(self.bench.num_generations)]
+        text = self.encode(samples)
+        generator = torch.Generator(self.bench.device).manual_seed(seed)
+        latents = torch.randn(
+            (len(samples), *self.latent_shape), generator=generator, device=self.bench.device
+        )
+        states, log_probs = [latents], []
+        with torch.no_grad():
+            for k in range(self.bench.num_inference_steps):
+                step = self.transition(
+                    latents, self.velocity(latents, self.sigmas[k].expand(len(latents)), text), k
+                )
+                latents = step.prev_sample
+                states.append(latents)
+                log_probs.append(step.log_prob)
+            images = self.decode(latents)
+        rewards = torch.tensor(self.reward(samples, images), device=self.bench.device)
+        advantages = group_advantages(rewards, self.bench.num_generations)
+        trained = self.bench.trained_steps
+        for k in range(trained):
+            sigma = self.sigmas[k].expand(len(samples))
+            step = self.transition(
+                states[k], self.velocity(states[k], sigma, text), k, prev_sample=states[k + 1]
+            )
+            log_ratio = (step.log_prob - log_probs[k]).flatten(1).mean(dim=1)
+            loss = clipped_policy_loss(log_ratio, advantages, 1e-4)[0].mean()
+            (loss / trained).backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+@dataclass
+class Measured:
+    """One contender's run: seconds of each timed step, peak device memory and the denoiser FLOPs per step."""
+
+    times: list[float]
+    peak_memory: float | None
+    flops_per_step: float
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def forward_flops(pipeline: StableDiffusion3Pipeline, bench: Bench) -> float:
+    """FLOPs of one denoiser forward on one sample at the bench's resolution, counted by
+    ``torch.utils.flop_counter`` (matrix products and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    factor, transformer = pipeline.vae_scale_factor, pipeline.transformer
+    size = bench.resolution // factor
+    latents = torch.zeros(
+        1, transformer.config.in_channels, size, size, device=bench.device, dtype=bench.dtype
+    )
+    text_length = 77 + min(bench.max_sequence_length, pipeline.tokenizer_3.model_max_length)
+    embeds = torch.zeros(1, text_length, transformer.config.joint_attention_dim, device=bench.device)
+    pooled = torch.zeros(1, transformer.config.pooled_projection_dim, device=bench.device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, bench.autocast():
+        transformer(
+            hidden_states=latents,
+            timestep=torch.ones(1, device=bench.device),
+            encoder_hidden_states=embeds.to(bench.dtype),
+            pooled_projections=pooled.to(bench.dtype),
+            return_dict=False,
+        )
+    return float(counter.get_total_flops())
+
+
+def step_flops(forward: float, bench: Bench, cfg: bool, trained_passes: int) -> float:
+    """Denoiser FLOPs of one iteration: sampling ``T`` steps on ``B`` (× 2 with CFG) samples, and per trained
+    step a forward and a backward (≈ 2 forwards) on ``trained_passes × B`` samples."""
+    sampling = bench.num_inference_steps * bench.batch * (2 if cfg else 1)
+    training = bench.trained_steps * bench.batch * trained_passes * 3
+    return forward * (sampling + training)
+
+
+def measured(run: Callable[[], list[float]], bench: Bench, flops: float) -> Measured:
+    """Run ``run`` (which returns its step times), recording the peak device memory."""
+    cuda = torch.device(bench.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = run()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return Measured(times, peak, flops)
+
+
+def time_trainer(
+    method: str, factory: PipelineFactory, bench: Bench, guidance: float, steps: int, **extra
+) -> list[float]:
+    """Seconds of each of ``steps`` trainer steps after one warm-up step; ``extra`` are more config values."""
+    config = dict(
+        output_dir=tempfile.mkdtemp(),
+        num_generations=bench.num_generations,
+        per_device_train_batch_size=bench.batch,
+        max_steps=steps + 1,
+        height=bench.resolution,
+        width=bench.resolution,
+        num_inference_steps=bench.num_inference_steps,
+        timestep_fraction=bench.trained_steps / bench.num_inference_steps,
+        guidance_scale=guidance,
+        learning_rate=bench.learning_rate,
+        max_sequence_length=bench.max_sequence_length,
+        bf16=bench.dtype == torch.bfloat16,
+        use_cpu=bench.device == "cpu",
+        gradient_checkpointing=bench.gradient_checkpointing,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        **extra,
+    )
+    if method == "ViPO":  # the tiny DINOv2 at DINOv2's usual 224 pixels, not at 512²'s 16,384 patches
+        config["backbone_image_size"] = min(224, bench.resolution)
+    trainer = make_trainer(method, factory(), config, bench.lora(), Dataset.from_dict({"prompt": PROMPTS}))
+    timer = StepTimer(bench.clock)
+    trainer.add_callback(timer)
+    trainer.train()
+    return timer.times[1:]
+
+
+def time_reference(factory: PipelineFactory, bench: Bench, guidance: float, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` reference iterations after one warm-up iteration."""
+    loop = ReferenceLoop(factory(), bench, guidance)
+    times = []
+    for i in range(steps + 1):
+        batch = [
+            PROMPTS[(bench.prompts_per_step * i + j) % len(PROMPTS)] for j in range(bench.prompts_per_step)
+        ]
+        synchronize()
+        start = bench.clock()
+        loop.step(batch, seed=i)
+        synchronize()
+        times.append(bench.clock() - start)
+    return times[1:]
+
+
+def compare_with_reference(args: argparse.Namespace) -> None:
+    bench = bench_from_args(args)
+    factory = PipelineFactory(bench)
+    forward = forward_flops(factory(), bench)
+    contenders: dict[str, tuple[Callable[[], list[float]], float]] = {}
+    for guidance in (4.5, 1.0):
+        cfg = guidance > 1
+        trainer_passes = 1  # the conditional branch only (v_u is reused from sampling), or no CFG
+        reference_passes = 2 if cfg else 1  # 2B, the unconditional half detached
+        contenders[f"GRPO, CFG {guidance}"] = (
+            lambda g=guidance: time_trainer("GRPO", factory, bench, g, args.steps),
+            step_flops(forward, bench, cfg, trainer_passes),
+        )
+        contenders[f"reference, CFG {guidance}"] = (
+            lambda g=guidance: time_reference(factory, bench, g, args.steps),
+            step_flops(forward, bench, cfg, reference_passes),
+        )
+    contenders["GRPO cfg_uncond_grad, CFG 4.5"] = (  # the trainer before issue 15: 2B with both gradients
+        lambda: time_trainer("GRPO", factory, bench, 4.5, args.steps, cfg_uncond_grad=True),
+        step_flops(forward, bench, True, 2),
+    )
+    for method in args.methods:
+        if method != "GRPO":
+            contenders[f"{method}, CFG 4.5"] = (
+                lambda m=method: time_trainer(m, factory, bench, 4.5, args.steps),
+                step_flops(forward, bench, True, 1),
+            )
+    names = list(contenders)
+    rounds: list[dict[str, Measured]] = []
+    for index in range(args.rounds):
+        shift = index % len(names)
+        result = {}
+        for name in names[shift:] + names[:shift]:
+            run, flops = contenders[name]
+            result[name] = measured(run, bench, flops)
+        rounds.append(result)
+    report(bench, args, rounds, names)
+
+
+def ratio(rounds: list[dict[str, Measured]], name: str, over: str) -> str:
+    """Median over rounds of ``name``'s median step time over ``over``'s within each round, and their range."""
+    ratios = [r[name].median / r[over].median for r in rounds]
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f}) × {over}"
+
+
+def report(
+    bench: Bench, args: argparse.Namespace, rounds: list[dict[str, Measured]], names: list[str]
+) -> None:
+    threads = f", {torch.get_num_threads()} CPU thread(s), CPU seconds" if bench.device == "cpu" else ""
+    print(
+        f"{bench.arch} SD3 ({bench.num_layers} transformer layers), {bench.resolution}², {bench.device} "
+        f"{str(bench.dtype).removeprefix('torch.')}{threads}; B = {bench.prompts_per_step} prompts × "
+        f"{bench.num_generations}, {bench.num_inference_steps} steps, {bench.trained_steps} trained, LoRA r "
+        f"{bench.lora_rank}; {args.rounds} rounds × {args.steps} timed steps"
+    )
+    cuda = torch.device(bench.device).type == "cuda"
+    header = f"{'contender':30} {'s/step':>8} {'ratio (range over rounds)':>36}"
+    print(header + (f" {'peak GiB':>9} {'TFLOP/step':>11} {'MFU':>6}" if cuda else f" {'TFLOP/step':>11}"))
+    for name in names:
+        seconds = statistics.median(r[name].median for r in rounds)
+        cfg = name.split("CFG ")[-1]
+        over = f"reference, CFG {cfg}" if name.startswith("GRPO") else f"GRPO, CFG {cfg}"
+        relative = "" if name.startswith("reference") else ratio(rounds, name, over)
+        flops = rounds[0][name].flops_per_step
+        line = f"{name:30} {seconds:8.3f} {relative:>36}"
+        if cuda:
+            peak = max(r[name].peak_memory for r in rounds)
+            mfu = flops / seconds / (args.peak_tflops * 1e12)
+            line += f" {peak:9.1f} {flops / 1e12:11.1f} {mfu:6.1%}"
+        else:
+            line += f" {flops / 1e12:11.4f}"
+        print(line)
+    if bench.device == "cpu":
+        print(
+            f"max resident memory of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
+        )
+
+
+def bench_from_args(args: argparse.Namespace) -> Bench:
+    dtype = getattr(torch, args.dtype)
+    arch = args.arch or ("sd35-medium" if args.device == "cuda" else "tiny")
+    resolution = args.resolution or (512 if arch == "sd35-medium" else 64)
+    num_layers = args.num_layers or (24 if arch == "sd35-medium" else 4)
+    return Bench(
+        device=args.device,
+        dtype=dtype,
+        arch=arch,
+        resolution=resolution,
+        num_layers=num_layers,
+        text_layers=args.text_layers,
+        gradient_checkpointing=args.gradient_checkpointing,
+        max_sequence_length=args.max_sequence_length or (256 if arch == "sd35-medium" else 16),
+        # SD3.5-M: one prompt × G = 8 (the papers' group size); tiny: 2 prompts × 4
+        prompts_per_step=1 if arch == "sd35-medium" else 2,
+        num_generations=8 if arch == "sd35-medium" else 4,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd3", choices=sorted(GUIDANCE))
+    parser.add_argument(
+        "--methods", nargs="+", default=["GRPO", "BPGO", "ViPO"], choices=["GRPO", "BPGO", "ViPO"]
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per run (12; 4 with --reference)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference", action="store_true", help="the trainer against the reference loop")
+    parser.add_argument("--rounds", type=int, default=None, help="--reference rounds (5 on CPU, 1 on CUDA)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--arch", default=None, choices=["tiny", "sd35-medium"])
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument(
+        "--num-layers", type=int, default=None, help="transformer layers (24 for SD3.5-M, 4 tiny)"
+    )
+    parser.add_argument(
+        "--max-sequence-length", type=int, default=None, help="T5 tokens (256 SD3.5-M, 16 tiny)"
+    )
+    parser.add_argument("--text-layers", type=int, default=None, help="shrink SD3.5-M's text encoders")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="in the trainer and the reference alike"
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200)"
+    )
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    if not args.reference:
+        args.steps = args.steps or 12
+        compare_methods(args)
+        return
+    args.steps = args.steps or (4 if args.device == "cpu" else 2)
+    args.rounds = args.rounds or (5 if args.device == "cpu" else 1)
+    compare_with_reference(args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from helpers import PROMPTS, TARGETS
 from datasets import Dataset
+from helpers import PROMPTS, TARGETS
 from peft import LoraConfig
 from safetensors.torch import load_file
 from test_trainer import make_config  # the trainer tests' tiny settings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers import DiffusionPipeline
 
-from .base import DiffusionAdapter, PromptEmbeds, select_embeds
+from .base import DiffusionAdapter, PromptEmbeds, guided, select_embeds
 from .flux import FluxAdapter
 from .loading import PIPELINE_LOADERS, load_pipeline, register_pipeline_loader
 from .sd3 import SD3Adapter
@@ -41,6 +41,7 @@ __all__ = [
     "WanAdapter",
     "WanImageToVideoAdapter",
     "get_adapter",
+    "guided",
     "load_pipeline",
     "register_adapter",
     "register_pipeline_loader",

@@ -5,7 +5,9 @@ The trainer never branches on the model type: it asks an adapter. An adapter kno
 - encode prompts (:meth:`DiffusionAdapter.encode_prompts`, called once per *unique* prompt),
 - shape and draw the initial noise (:meth:`latent_shape`, :meth:`sigmas`),
 - predict the velocity with or without classifier-free guidance (:meth:`velocity`, which batches
-  the conditional and unconditional passes into one forward through :meth:`forward_denoiser`),
+  the conditional and unconditional passes into one forward through :meth:`forward_denoiser`), or
+  one branch alone (:meth:`conditional_velocity`), which training combines with a detached
+  unconditional velocity through :func:`guided`,
 - decode latents to images ``(B, 3, H, W)`` or videos ``(B, T, 3, H, W)`` in ``[0, 1]``,
 - say where the latent positions are (:meth:`to_position_grid`): a latent of any layout (image
   ``(C, H, W)``, video ``(C, T, H, W)``, packed tokens ``(N, D)``) is viewed as
@@ -36,6 +38,12 @@ def concat_embeds(first: PromptEmbeds, second: PromptEmbeds) -> PromptEmbeds:
     """``first`` then ``second`` along the batch, key by key. A key missing from ``first`` (say a
     conditioning image that CFG's unconditional branch keeps) is taken from ``second``."""
     return {key: torch.cat([first.get(key, value), value]) for key, value in second.items()}
+
+
+def unconditional_embeds(embeds: PromptEmbeds, negative_embeds: PromptEmbeds) -> PromptEmbeds:
+    """CFG's unconditional branch: the negative prompt's tensors, and what it lacks (a conditioning image the
+    unconditional branch keeps) from ``embeds``."""
+    return {key: negative_embeds.get(key, value) for key, value in embeds.items()}
 
 
 class DiffusionAdapter:
@@ -189,6 +197,44 @@ class DiffusionAdapter:
             (num_samples, *latent_shape), generator=generator, device=self.device, dtype=torch.float32
         )
 
+    @property
+    def runs_cfg(self) -> bool:
+        """Whether :meth:`velocity` runs classifier-free guidance when given negative embeddings. False for a
+        guidance-distilled transformer, which takes the scale as an input instead of an unconditional pass."""
+        return True
+
+    def conditional_velocity(
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        embeds: PromptEmbeds,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The velocity under one condition (a prompt, or CFG's negative prompt), one forward on ``B`` inputs,
+        in float32. ``guidance_scale`` only reaches families that take it as an input (FLUX.1-dev)."""
+        return self.forward_denoiser(denoiser, latents.to(self.dtype), sigma, embeds).float()
+
+    def cfg_velocities(
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        embeds: PromptEmbeds,
+        negative_embeds: PromptEmbeds,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CFG's unconditional and conditional velocities ``(v_u, v_c)`` in float32, both passes batched in one
+        forward on ``2B`` inputs."""
+        latents = latents.to(self.dtype)
+        both = self.forward_denoiser(
+            denoiser,
+            torch.cat([latents, latents]),
+            torch.cat([sigma, sigma]),
+            concat_embeds(negative_embeds, embeds),
+        ).float()
+        uncond, cond = both.chunk(2)
+        return uncond, cond
+
     def velocity(
         self,
         denoiser: torch.nn.Module,
@@ -200,23 +246,22 @@ class DiffusionAdapter:
     ) -> torch.Tensor:
         """The (guided) velocity in float32.
 
-        With ``negative_embeds``: ``v = v_u + w (v_c − v_u)``, both passes batched in one forward.
+        With ``negative_embeds`` (and :attr:`runs_cfg`): ``v = v_u + w (v_c − v_u)`` (:func:`guided`), both passes
+        batched in one forward (:meth:`cfg_velocities`); otherwise :meth:`conditional_velocity`.
         """
-        latents = latents.to(self.dtype)
-        if negative_embeds is None:
-            return self.forward_denoiser(denoiser, latents, sigma, embeds).float()
-        both = self.forward_denoiser(
-            denoiser,
-            torch.cat([latents, latents]),
-            torch.cat([sigma, sigma]),
-            concat_embeds(negative_embeds, embeds),
-        ).float()
-        uncond, cond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        if negative_embeds is None or not self.runs_cfg:
+            return self.conditional_velocity(denoiser, latents, sigma, embeds, guidance_scale)
+        uncond, cond = self.cfg_velocities(denoiser, latents, sigma, embeds, negative_embeds)
+        return guided(uncond, cond, guidance_scale)
 
     def to_position_grid(self, latents: torch.Tensor) -> torch.Tensor:
         """View ``(B, *latent_shape)`` as ``(B, channels, *grid)``. Channels-first latents need nothing."""
         return latents
+
+
+def guided(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``v = v_u + w (v_c − v_u)``."""
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def calculate_shift(image_seq_len: int, config: Any) -> float:

@@ -153,27 +153,31 @@ class FluxAdapter(DiffusionAdapter):
     def _image_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``(N, 3)`` token positions ``(0, row, column)``, as ``FluxPipeline._prepare_latent_image_ids``."""
         rows, columns = self._token_grid or (0, 0)
-        ids = torch.zeros(rows, columns, 3)
-        ids[..., 1] = torch.arange(rows)[:, None]
-        ids[..., 2] = torch.arange(columns)[None, :]
-        return ids.reshape(rows * columns, 3).to(device=device, dtype=dtype)
+        ids = torch.zeros(rows, columns, 3, device=device)  # built on the device: no copy at every forward
+        ids[..., 1] = torch.arange(rows, device=device)[:, None]
+        ids[..., 2] = torch.arange(columns, device=device)[None, :]
+        return ids.reshape(rows * columns, 3).to(dtype)
 
     # -- denoiser ---------------------------------------------------------------------------------
-    def velocity(
+    @property
+    def runs_cfg(self) -> bool:
+        """Guidance-distilled FLUX runs no unconditional pass: ``guidance_scale`` goes to its embedding."""
+        return not self.guidance_distilled
+
+    def conditional_velocity(
         self,
         denoiser: torch.nn.Module,
         latents: torch.Tensor,
         sigma: torch.Tensor,
         embeds: PromptEmbeds,
-        negative_embeds: PromptEmbeds | None = None,
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Guidance-distilled FLUX: ``guidance_scale`` goes to the guidance embedding, one forward, no
-        unconditional pass. Otherwise the shared classifier-free guidance."""
-        if not self.guidance_distilled:
-            return super().velocity(denoiser, latents, sigma, embeds, negative_embeds, guidance_scale)
-        guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
-        return super().velocity(denoiser, latents, sigma, {**embeds, "guidance": guidance}, None)
+        """Guidance-distilled FLUX: ``guidance_scale`` goes to the guidance embedding. Otherwise one plain
+        branch, as every family."""
+        if self.guidance_distilled:
+            guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
+            embeds = {**embeds, "guidance": guidance}
+        return super().conditional_velocity(denoiser, latents, sigma, embeds, guidance_scale)
 
     def forward_denoiser(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds

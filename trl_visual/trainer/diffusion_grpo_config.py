@@ -159,6 +159,16 @@ class DiffusionGRPOConfig(TrainingArguments):
             "`guidance_scale` only applies to evaluation and logged samples."
         },
     )
+    cfg_uncond_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "Under CFG in training, let the gradient flow through the unconditional branch too. False (as "
+            "Flow-GRPO's released code): v_u is detached, so each trained timestep runs the denoiser with "
+            "gradient on the conditional half only (B inputs, not 2B), reusing the v_u stored at sampling when "
+            "num_iterations == 1, else recomputing it without gradient. True: both branches in one 2B forward "
+            "and backward."
+        },
+    )
     negative_prompt: str = field(default="", metadata={"help": "Prompt of CFG's unconditional branch."})
     max_sequence_length: int = field(default=256, metadata={"help": "Maximum token length of the T5 prompt."})
     sde_type: str = field(

@@ -7,6 +7,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -538,8 +539,13 @@ class DiffusionGRPOTrainer(
                     add(name, term)
                 if self.args.beta > 0:
                     with torch.no_grad(), self._reference_model(model) as reference:
+                        # the stored v_u is the policy's: the reference predicts its own
                         reference_step = rescore_transition(
-                            self.adapter, reference, rollouts, transition, self.args
+                            self.adapter,
+                            reference,
+                            rollouts,
+                            replace(transition, uncond_velocity=None),
+                            self.args,
                         )
                     kl = gaussian_kl(step.mean, reference_step.mean, step.std).flatten(1).mean(dim=1)
                     loss = loss + self.args.beta * kl

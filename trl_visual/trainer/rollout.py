@@ -26,7 +26,8 @@ import torch
 
 from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
 from ..core.timesteps import sample_window_start, stochastic_step_indices
-from ..models import DiffusionAdapter, PromptEmbeds, select_embeds
+from ..models import DiffusionAdapter, PromptEmbeds, guided, select_embeds
+from ..models.base import unconditional_embeds
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .hooks import Advantages
 from .memory import PromptEmbedsCache, decode_in_batches
@@ -40,6 +41,8 @@ class Rollouts:
     ``latents[:, k]`` is the state before the k-th stochastic step and ``next_latents[:, k]`` after it;
     ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time. Scoring fills ``rewards``
     ``(B,)`` and ``advantages`` (this process's :class:`~trl_visual.trainer.hooks.Advantages`, shaped).
+    ``uncond_velocities[:, k]`` is CFG's unconditional velocity ``v_u`` at ``latents[:, k]`` (float32), kept
+    when training reuses it (:func:`keeps_uncond_velocities`), else None.
     """
 
     prompts: list[str]
@@ -52,6 +55,7 @@ class Rollouts:
     sigmas_next: torch.Tensor
     sigma_max: float
     samples: torch.Tensor
+    uncond_velocities: torch.Tensor | None = None
     train_steps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     advantages: Advantages | None = None
@@ -60,13 +64,16 @@ class Rollouts:
 @dataclass(frozen=True)
 class Transition:
     """One stored stochastic step of every sample: ``x_k → x_{k+1}`` at ``σ_k → σ_{k+1}``, with the log-prob
-    ``log p_old(x_{k+1} | x_k)`` (per element) it had when it was sampled."""
+    ``log p_old(x_{k+1} | x_k)`` (per element) it had when it was sampled, and CFG's unconditional velocity
+    ``v_u`` the sampling weights predicted at ``x_k`` (None when not stored: :func:`policy_velocity` then
+    recomputes it)."""
 
     latents: torch.Tensor
     next_latents: torch.Tensor
     old_log_prob: torch.Tensor
     sigma: torch.Tensor
     sigma_next: torch.Tensor
+    uncond_velocity: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,14 @@ def uses_cfg(args: DiffusionGRPOConfig, training: bool) -> bool:
     """Whether sampling runs classifier-free guidance: ``guidance_scale > 1``, and in training only with
     ``cfg_in_training``."""
     return args.guidance_scale > 1 and (args.cfg_in_training or not training)
+
+
+def keeps_uncond_velocities(args: DiffusionGRPOConfig, training: bool) -> bool:
+    """Whether sampling stores CFG's unconditional velocity of every stochastic transition for training to
+    reuse: with ``num_iterations == 1`` training runs on the sampling weights, so the detached ``v_u``
+    (``cfg_uncond_grad=False``) is exactly what sampling computed, and training needs the conditional branch
+    only."""
+    return training and uses_cfg(args, training) and not args.cfg_uncond_grad and args.num_iterations == 1
 
 
 def initial_noise(
@@ -282,7 +297,8 @@ def sample_rollouts(
     it gets in one chunk (:class:`StepNoise`), so chunking changes results only by float rounding.
     """
     embeds = {**encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
-    negative = encoder.negative(len(prompts)) if uses_cfg(args, training) else None
+    cfg = uses_cfg(args, training) and adapter.runs_cfg
+    negative = encoder.negative(len(prompts)) if cfg else None
     chunks = [
         _sample_chunk(
             adapter,
@@ -329,11 +345,13 @@ def _sample_chunk(
     """The rollouts of the samples ``chunk`` of a batch (see :func:`sample_rollouts`)."""
     num_steps = args.num_inference_steps
     steps = _stochastic_steps(args, seed, stochastic)
+    sigma_max = float(sigmas[1])  # read once, not from the device at every step
     sigmas = sigmas.to(device)
     batch_size, prompts, group_ids = len(prompts), prompts[chunk], group_ids[chunk]
     chunk_rows = torch.arange(batch_size)[chunk]
     embeds = select_embeds(embeds, chunk_rows)
     negative = select_embeds(negative, chunk_rows) if negative is not None else None
+    keep_uncond = negative is not None and keeps_uncond_velocities(args, training)
     noise = {"placement": placement, "num_generations": args.num_generations, "device": device}
 
     branch = bool(steps) and steps[0] > 0
@@ -357,16 +375,23 @@ def _sample_chunk(
         prefix_embeds, prefix_negative = embeds, negative
     step_noise = StepNoise(sde_noise_seed(seed, placement.process_index), device, batch_size, chunk)
 
-    states, next_states, log_probs = [], [], []
+    states, next_states, log_probs, unconds = [], [], [], []
     with autocast():
         for i in range(num_steps):
             if branch and i == steps[0]:
                 latents = latents[group_index.to(device)]
                 prefix_embeds, prefix_negative = embeds, negative
             sigma, sigma_next = sigmas[i].expand(len(latents)), sigmas[i + 1].expand(len(latents))
-            velocity = adapter.velocity(
-                denoiser, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
-            )
+            if keep_uncond and i in steps:
+                uncond, cond = adapter.cfg_velocities(
+                    denoiser, latents, sigma, prefix_embeds, prefix_negative
+                )
+                velocity = guided(uncond, cond, args.guidance_scale)
+                unconds.append(uncond)
+            else:
+                velocity = adapter.velocity(
+                    denoiser, latents, sigma, prefix_embeds, prefix_negative, args.guidance_scale
+                )
             if i not in steps:
                 latents = euler_step(latents, velocity, sigma, sigma_next)
                 continue
@@ -377,7 +402,7 @@ def _sample_chunk(
                 sigma,
                 sigma_next,
                 args.noise_level,
-                sigma_max=float(sigmas[1]),
+                sigma_max=sigma_max,
                 noise=step_noise(latents),
             )
             states.append(latents)
@@ -393,9 +418,10 @@ def _sample_chunk(
         latents=_stacked(states, latents),
         next_latents=_stacked(next_states, latents),
         log_probs=_stacked(log_probs, latents),
+        uncond_velocities=_stacked(unconds, latents) if keep_uncond else None,
         sigmas=sigmas[index],
         sigmas_next=sigmas[index + 1],
-        sigma_max=float(sigmas[1]),
+        sigma_max=sigma_max,
         samples=decode_in_batches(adapter, latents, args.vae_decode_batch_size),
     )
 
@@ -404,13 +430,43 @@ def transition_at(rollouts: Rollouts, k: int) -> Transition:
     """The k-th trained transition of every sample (``rollouts.train_steps[:, k]``)."""
     rows = torch.arange(len(rollouts.prompts), device=rollouts.latents.device)
     position = rollouts.train_steps[:, k]
+    uncond = rollouts.uncond_velocities
     return Transition(
         latents=rollouts.latents[rows, position],
         next_latents=rollouts.next_latents[rows, position],
         old_log_prob=rollouts.log_probs[rows, position],
         sigma=rollouts.sigmas[position],
         sigma_next=rollouts.sigmas_next[position],
+        uncond_velocity=uncond[rows, position] if uncond is not None else None,
     )
+
+
+def policy_velocity(
+    adapter: DiffusionAdapter,
+    denoiser: torch.nn.Module,
+    rollouts: Rollouts,
+    transition: Transition,
+    args: DiffusionGRPOConfig,
+) -> torch.Tensor:
+    """The guided velocity ``v = v_u + w (v_c − v_u)`` training differentiates, at a stored transition.
+
+    ``cfg_uncond_grad=False`` (the default, as Flow-GRPO's released code): ``v_u`` is detached, so the
+    denoiser runs with gradient on the conditional half only (``B`` inputs); ``v_u`` is the one stored at
+    sampling when there is one, else recomputed under ``torch.no_grad()`` on ``B`` inputs.
+    ``cfg_uncond_grad=True``, or no CFG: :meth:`DiffusionAdapter.velocity` (``2B`` inputs under CFG, both
+    branches differentiated).
+    """
+    negative = rollouts.negative_embeds
+    latents, sigma = transition.latents, transition.sigma
+    if negative is None or args.cfg_uncond_grad or not adapter.runs_cfg:
+        return adapter.velocity(denoiser, latents, sigma, rollouts.embeds, negative, args.guidance_scale)
+    uncond = transition.uncond_velocity
+    if uncond is None:
+        with torch.no_grad():
+            uncond_embeds = unconditional_embeds(rollouts.embeds, negative)
+            uncond = adapter.conditional_velocity(denoiser, latents, sigma, uncond_embeds)
+    cond = adapter.conditional_velocity(denoiser, latents, sigma, rollouts.embeds, args.guidance_scale)
+    return guided(uncond, cond, args.guidance_scale)
 
 
 def rescore_transition(
@@ -420,15 +476,9 @@ def rescore_transition(
     transition: Transition,
     args: DiffusionGRPOConfig,
 ) -> SDEStep:
-    """The current policy's Gaussian for a stored transition: its mean, std and ``log p_θ(x_{k+1} | x_k)``."""
-    velocity = adapter.velocity(
-        denoiser,
-        transition.latents,
-        transition.sigma,
-        rollouts.embeds,
-        rollouts.negative_embeds,
-        args.guidance_scale,
-    )
+    """The current policy's Gaussian for a stored transition: its mean, std and ``log p_θ(x_{k+1} | x_k)``, on
+    :func:`policy_velocity`."""
+    velocity = policy_velocity(adapter, denoiser, rollouts, transition, args)
     return sde_step_with_logprob(
         args.sde_type,
         transition.latents,
