@@ -4,7 +4,7 @@ when training runs on the sampling weights (``num_iterations == 1``)."""
 
 import pytest
 import torch
-from conftest import logged
+from helpers import logged
 from PIL import Image
 from test_trainer import RecordingTrainer, make_trainer
 from transformers import TrainerCallback
