@@ -93,7 +93,7 @@ def two_branch_loss_and_grads(trainer: DiffusionGRPOTrainer, detach_uncond: bool
             prev_sample=transition.next_latents,
         )
         log_ratio = (step.log_prob - transition.old_log_prob).flatten(1).mean(dim=1)
-        loss = clipped_policy_loss(log_ratio, rollouts.advantages, trainer.args.epsilon)[0].mean()
+        loss = clipped_policy_loss(log_ratio, rollouts.advantages.advantages, trainer.args.epsilon)[0].mean()
         (loss / num_trained).backward()
         total += loss.item() / num_trained
     grads = {
