@@ -131,8 +131,20 @@ def test_sd3_adapter_feeds_tiny_shapes_the_t5_length_it_was_trained_on():
     assert tiny_sd3.encode_prompts(["a red car"], max_sequence_length=16)["prompt_embeds"].shape[1] == 77 + 16
 
 
-def test_cli_builds_the_shapes_features_backbone_by_name():
-    from trl_visual.cli import _tiny_backbones
+def test_vipo_trainer_builds_the_shapes_features_backbone_by_name_from_python():
+    """``ViPOConfig(backbone="tiny:shapes-features")`` resolves in the trainer itself, as on the command line, to
+    the classifier's pretrained feature grid (not a Hub lookup of the name); an unknown tiny name lists the
+    known ones."""
+    from trl_visual.backbones import BackboneError
+    from trl_visual.trainer.vipo_config import ViPOConfig
+    from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
-    backbone = _tiny_backbones()["tiny:shapes-features"]()
-    assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8, 64)
+    args = ViPOConfig(output_dir="/tmp/unused", report_to="none", backbone="tiny:shapes-features")
+    backbone = ViPOTrainer._build_backbone(None, args)
+    images = torch.rand(2, 3, 32, 32)
+    expected = shapes_backbone()(images)
+    assert backbone(images).shape == (2, 8, 8, 64)
+    assert torch.allclose(backbone(images), expected)
+    args.backbone = "tiny:no-such-backbone"
+    with pytest.raises(BackboneError, match="tiny:shapes-features"):
+        ViPOTrainer._build_backbone(None, args)

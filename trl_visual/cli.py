@@ -75,8 +75,6 @@ so one method's missing or broken module never stops the others."""
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 """Attention projections, named alike in diffusers' SD3, FLUX and Wan transformers."""
 
-TINY_BACKBONE = "tiny:dinov2"
-
 
 @dataclass
 class ScriptArguments:
@@ -308,22 +306,6 @@ def resolve_reward_spec(spec: str) -> Callable[..., Any]:
     return target
 
 
-def _tiny_backbone() -> Any:
-    """A random-weight DINOv2 built in code (:func:`trl_visual.testing.tiny_dinov2`), so ``vipo`` runs offline."""
-    from .backbones import IMAGENET_MEAN, IMAGENET_STD, VisionBackbone
-    from .testing import tiny_dinov2
-
-    return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-
-
-def _tiny_backbones() -> dict[str, Any]:
-    """Built-in backbone names → builders: the random-weight ``tiny:dinov2`` and the shapes world's pretrained
-    ``tiny:shapes-features`` (:func:`trl_visual.miniature.classifier.shapes_backbone`)."""
-    from .miniature.classifier import shapes_backbone
-
-    return {TINY_BACKBONE: _tiny_backbone, "tiny:shapes-features": shapes_backbone}
-
-
 def _check_local_model(name: str) -> None:
     """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
     if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
@@ -358,18 +340,6 @@ def build_trainer(command: str, script_args: ScriptArguments, config: Any, model
             config.prompt_column,
         )
     config.model_init_kwargs = model_args.model_init_kwargs(config.model_init_kwargs)
-    kwargs: dict[str, Any] = {}
-    backbone = getattr(config, "backbone", None)
-    if (
-        "backbone" in inspect.signature(trainer_class).parameters
-        and isinstance(backbone, str)
-        and backbone.startswith("tiny:")
-        and getattr(config, "aggregation", None) != "ones"
-    ):
-        if backbone not in _tiny_backbones():
-            known = ", ".join(_tiny_backbones())
-            raise ValueError(f"Unknown tiny backbone {backbone!r}; the built-in ones are {known}.")
-        kwargs["backbone"] = _tiny_backbones()[backbone]()
     return trainer_class(
         model=model_args.model_name_or_path,
         reward_funcs=rewards,
@@ -377,7 +347,6 @@ def build_trainer(command: str, script_args: ScriptArguments, config: Any, model
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=model_args.lora_config(),
-        **kwargs,
     )
 
 

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from transformers import TrainerCallback
 
-from ..backbones import VisionBackbone
+from ..backbones import VisionBackbone, is_named_backbone, named_backbone
 from ..core.vipo import (
     dense_policy_loss,
     per_reward_advantages,
@@ -123,6 +123,8 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         if args.aggregation == "ones":
             return None
         source = backbone if backbone is not None else args.backbone
+        if is_named_backbone(source):  # "tiny:shapes-features", as the CLI takes it
+            source = named_backbone(source)
         if isinstance(source, VisionBackbone):
             return ViPOTrainer._with_image_size(source, args.backbone_image_size)
         kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
