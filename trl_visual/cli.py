@@ -233,11 +233,44 @@ def make_parser(command: str, config_class: type) -> Any:
     )
 
 
+MODEL_DEFAULTS: dict[str, str] = {"tiny:shapes": "trl_visual.miniature:GRPO_DEFAULTS"}
+"""Model name → the ``module:attribute`` of its own training defaults (a dict of flag values). A model whose
+settings differ from the configs' defaults (the pretrained miniature world learns with other steps than a LoRA
+on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
+
+
+def _model_name(flags: Sequence[str]) -> str | None:
+    """``--model_name_or_path`` from the flags, else from the ``--config`` YAML file; ``None`` if neither has it."""
+    for i, flag in enumerate(flags):
+        if flag == "--model_name_or_path" and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith("--model_name_or_path="):
+            return flag.split("=", 1)[1]
+    if "--config" in flags and flags.index("--config") + 1 < len(flags):
+        import yaml
+
+        path = flags[flags.index("--config") + 1]
+        if os.path.isfile(path):
+            with open(path) as file:
+                config = yaml.safe_load(file)
+            return config.get("model_name_or_path") if isinstance(config, dict) else None
+    return None
+
+
+def model_defaults(flags: Sequence[str]) -> dict[str, Any]:
+    """The training defaults of the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``."""
+    name = _model_name(flags)
+    return dict(_import(MODEL_DEFAULTS[name])) if name in MODEL_DEFAULTS else {}
+
+
 def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArguments]:
-    """Parse ``[command, *flags]`` into the command and its three argument objects."""
+    """Parse ``[command, *flags]`` into the command and its three argument objects: the model's own defaults
+    (:func:`model_defaults`), then the ``--config`` file, then the flags."""
     command, *rest = argv
     config_class, _ = load_command(command)
-    script_args, config, model_args = make_parser(command, config_class).parse_args_and_config(rest)
+    parser = make_parser(command, config_class)
+    parser.set_defaults_with_config(**model_defaults(rest))
+    script_args, config, model_args = parser.parse_args_and_config(rest)
     return command, script_args, config, model_args
 
 
