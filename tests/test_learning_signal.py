@@ -160,3 +160,55 @@ def test_the_policy_gradient_raises_the_reward_on_fresh_samples():
 
     gap = fresh_rewards(0.02) - fresh_rewards(-0.02)
     assert gap.mean() > 2 * gap.std() / len(gap) ** 0.5, gap.mean()
+
+
+#: two ``builtin:shapes`` prompts whose shape tiny:shapes often gets wrong at CFG 1 (adherence 0.30 and 0.35)
+HEADROOM_PROMPTS = ["a small blue circle on the left", "a big blue square on the right"]
+
+
+def short_run_gain(seed: int, learning_rate: float = 5e-5, steps: int = 8) -> float:
+    """Train GRPO on :data:`HEADROOM_PROMPTS` with the tiny:shapes recipe's sampling (4 steps, CFG 1, the first
+    half trained, batch-scaled advantages), then return the mean reward of 32 deterministic samples per prompt
+    from fixed noise, minus the same figure for the untrained weights (which is what the lr-0 run with the same
+    seed ends with)."""
+    from datasets import Dataset
+
+    args = DiffusionGRPOConfig(
+        output_dir="/tmp/unused",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        num_generations=8,
+        per_device_train_batch_size=16,
+        guidance_scale=1.0,
+        num_inference_steps=4,
+        timestep_fraction=0.5,
+        scale_rewards="batch",
+        learning_rate=learning_rate,
+        lr_scheduler_type="constant",
+        max_steps=steps,
+        seed=seed,
+    )
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:shapes",
+        reward_funcs="shapes_adherence",
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": HEADROOM_PROMPTS}),
+    )
+    rows = [p for p in HEADROOM_PROMPTS for _ in range(32)]
+
+    @torch.no_grad()
+    def mean_reward() -> float:
+        rollouts = trainer.sample(rows, torch.arange(len(rows)), seed=99, stochastic=False, training=False)
+        return torch.tensor(trainer.reward_funcs[0](rows, rollouts.samples)).mean().item()
+
+    before = mean_reward()
+    trainer.train()
+    return mean_reward() - before
+
+
+def test_a_short_grpo_run_raises_the_reward_above_the_lr_0_run():
+    """8 steps of 16 samples at lr 5e-5 raise the adherence of prompts with headroom clearly: measured gains
+    +0.24, +0.30, +0.21, +0.30 (seeds 0 to 3; +0.14 to +0.22 at 2e-5) from 0.53, while the lr-0 run gains exactly
+    0. The test asks for a little over half the smallest."""
+    assert short_run_gain(seed=0) > 0.12
