@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+from trl_visual import DiffusionGRPOConfig
 from trl_visual.data import load_prompts
 from trl_visual.miniature.classifier import load_classifier, shapes_backbone
 from trl_visual.miniature.evaluate import classifier_accuracy, prompt_following, sample
@@ -131,8 +133,54 @@ def test_sd3_adapter_feeds_tiny_shapes_the_t5_length_it_was_trained_on():
     assert tiny_sd3.encode_prompts(["a red car"], max_sequence_length=16)["prompt_embeds"].shape[1] == 77 + 16
 
 
-def test_cli_builds_the_shapes_features_backbone_by_name():
-    from trl_visual.cli import _tiny_backbones
+def test_vipo_trainer_builds_the_shapes_features_backbone_by_name_from_python():
+    """``ViPOConfig(backbone="tiny:shapes-features")`` resolves in the trainer itself, as on the command line, to
+    the classifier's pretrained feature grid (not a Hub lookup of the name); an unknown tiny name lists the
+    known ones."""
+    from trl_visual.backbones import BackboneError
+    from trl_visual.trainer.vipo_config import ViPOConfig
+    from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
-    backbone = _tiny_backbones()["tiny:shapes-features"]()
-    assert backbone(torch.rand(2, 3, 32, 32)).shape == (2, 8, 8, 64)
+    args = ViPOConfig(output_dir="/tmp/unused", report_to="none", backbone="tiny:shapes-features")
+    backbone = ViPOTrainer._build_backbone(None, args)
+    images = torch.rand(2, 3, 32, 32)
+    expected = shapes_backbone()(images)
+    assert backbone(images).shape == (2, 8, 8, 64)
+    assert torch.allclose(backbone(images), expected)
+    args.backbone = "tiny:no-such-backbone"
+    with pytest.raises(BackboneError, match="tiny:shapes-features"):
+        ViPOTrainer._build_backbone(None, args)
+
+
+def test_cli_trains_tiny_shapes_with_its_own_defaults_which_config_and_flags_override(tmp_path):
+    """``--model_name_or_path tiny:shapes`` brings the recipe that learns on it (GRPO_DEFAULTS); a flag or a YAML
+    value still wins, and other models keep the config's own defaults."""
+    from trl_visual.cli import parse_args
+    from trl_visual.miniature import GRPO_DEFAULTS
+
+    _, script, config, model = parse_args(["grpo", "--model_name_or_path", "tiny:shapes"])
+    assert script.dataset_name == "builtin:shapes" and script.reward_funcs == ["shapes_adherence"]
+    assert config.learning_rate == GRPO_DEFAULTS["learning_rate"] != DiffusionGRPOConfig.learning_rate
+    assert (config.num_inference_steps, config.scale_rewards) == (4, "batch")
+    _, _, config, _ = parse_args(["grpo", "--model_name_or_path=tiny:shapes", "--learning_rate", "1e-3"])
+    assert config.learning_rate == 1e-3
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("model_name_or_path: tiny:shapes\nnum_inference_steps: 6\n")
+    _, _, config, _ = parse_args(["grpo", "--config", str(recipe)])
+    assert (config.num_inference_steps, config.learning_rate) == (6, GRPO_DEFAULTS["learning_rate"])
+    _, _, config, _ = parse_args(
+        ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "red_channel"]
+    )
+    assert config.learning_rate == DiffusionGRPOConfig.learning_rate
+
+
+def test_shapes_grpo_recipe_file_states_the_cli_defaults():
+    """``examples/configs/shapes_grpo.yaml`` spells out exactly the defaults the CLI applies to tiny:shapes."""
+    import yaml
+
+    from trl_visual.miniature import GRPO_DEFAULTS
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "configs" / "shapes_grpo.yaml"
+    recipe = yaml.safe_load(path.read_text())
+    assert recipe.pop("model_name_or_path") == "tiny:shapes"
+    assert recipe == GRPO_DEFAULTS

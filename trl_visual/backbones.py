@@ -397,3 +397,45 @@ class VisionBackbone(torch.nn.Module):
             f"prefix_tokens={self.num_prefix_tokens}, feature_dim={self.feature_dim}, "
             f"image_size={self.image_size}"
         )
+
+
+def _tiny_dinov2_backbone() -> VisionBackbone:
+    """``tiny:dinov2``: a random-weight DINOv2 built in code (:func:`trl_visual.testing.tiny_dinov2`), for plumbing
+    tests of ViPO offline; imported only when asked for."""
+    from .testing import tiny_dinov2
+
+    return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+
+def _shapes_features_backbone() -> VisionBackbone:
+    """``tiny:shapes-features``: the miniature world's pretrained classifier features
+    (:func:`trl_visual.miniature.classifier.shapes_backbone`)."""
+    from .miniature.classifier import shapes_backbone
+
+    return shapes_backbone()
+
+
+NAMED_BACKBONES: dict[str, Any] = {
+    "tiny:dinov2": _tiny_dinov2_backbone,
+    "tiny:shapes-features": _shapes_features_backbone,
+}
+"""Backbone names that are built offline rather than loaded from the Hub → their builders."""
+
+
+def is_named_backbone(source: object) -> bool:
+    """Whether ``source`` is a ``tiny:`` name (built in code, not a Hub id: no Hub id contains ``:``)."""
+    return isinstance(source, str) and source.startswith("tiny:")
+
+
+def named_backbone(name: str) -> VisionBackbone:
+    """Build the offline backbone called ``name`` (:data:`NAMED_BACKBONES`).
+
+    Raises:
+        BackboneError: an unknown ``tiny:`` name; the message lists the known ones.
+    """
+    if name not in NAMED_BACKBONES:
+        raise BackboneError(
+            f"Unknown tiny backbone {name!r}; the built-in ones are {', '.join(NAMED_BACKBONES)}. Other "
+            "backbones are a Hub id, a local folder or a torch.nn.Module."
+        )
+    return NAMED_BACKBONES[name]()

@@ -83,8 +83,6 @@ so one method's missing or broken module never stops the others."""
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 """Attention projections, named alike in diffusers' SD3, FLUX and Wan transformers."""
 
-TINY_BACKBONE = "tiny:dinov2"
-
 
 @dataclass
 class ScriptArguments:
@@ -243,11 +241,44 @@ def make_parser(command: str, config_class: type) -> Any:
     )
 
 
+MODEL_DEFAULTS: dict[str, str] = {"tiny:shapes": "trl_visual.miniature:GRPO_DEFAULTS"}
+"""Model name → the ``module:attribute`` of its own training defaults (a dict of flag values). A model whose
+settings differ from the configs' defaults (the pretrained miniature world learns with other steps than a LoRA
+on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
+
+
+def _model_name(flags: Sequence[str]) -> str | None:
+    """``--model_name_or_path`` from the flags, else from the ``--config`` YAML file; ``None`` if neither has it."""
+    for i, flag in enumerate(flags):
+        if flag == "--model_name_or_path" and i + 1 < len(flags):
+            return flags[i + 1]
+        if flag.startswith("--model_name_or_path="):
+            return flag.split("=", 1)[1]
+    if "--config" in flags and flags.index("--config") + 1 < len(flags):
+        import yaml
+
+        path = flags[flags.index("--config") + 1]
+        if os.path.isfile(path):
+            with open(path) as file:
+                config = yaml.safe_load(file)
+            return config.get("model_name_or_path") if isinstance(config, dict) else None
+    return None
+
+
+def model_defaults(flags: Sequence[str]) -> dict[str, Any]:
+    """The training defaults of the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``."""
+    name = _model_name(flags)
+    return dict(_import(MODEL_DEFAULTS[name])) if name in MODEL_DEFAULTS else {}
+
+
 def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArguments]:
-    """Parse ``[command, *flags]`` into the command and its three argument objects."""
+    """Parse ``[command, *flags]`` into the command and its three argument objects: the model's own defaults
+    (:func:`model_defaults`), then the ``--config`` file, then the flags."""
     command, *rest = argv
     config_class, _ = load_command(command)
-    script_args, config, model_args = make_parser(command, config_class).parse_args_and_config(rest)
+    parser = make_parser(command, config_class)
+    parser.set_defaults_with_config(**model_defaults(rest))
+    script_args, config, model_args = parser.parse_args_and_config(rest)
     return command, script_args, config, model_args
 
 
@@ -316,22 +347,6 @@ def resolve_reward_spec(spec: str) -> Callable[..., Any]:
     return target
 
 
-def _tiny_backbone() -> Any:
-    """A random-weight DINOv2 built in code (:func:`trl_visual.testing.tiny_dinov2`), so ``vipo`` runs offline."""
-    from .backbones import IMAGENET_MEAN, IMAGENET_STD, VisionBackbone
-    from .testing import tiny_dinov2
-
-    return VisionBackbone(tiny_dinov2(), image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-
-
-def _tiny_backbones() -> dict[str, Any]:
-    """Built-in backbone names → builders: the random-weight ``tiny:dinov2`` and the shapes world's pretrained
-    ``tiny:shapes-features`` (:func:`trl_visual.miniature.classifier.shapes_backbone`)."""
-    from .miniature.classifier import shapes_backbone
-
-    return {TINY_BACKBONE: _tiny_backbone, "tiny:shapes-features": shapes_backbone}
-
-
 def _check_local_model(name: str) -> None:
     """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
     if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
@@ -366,18 +381,6 @@ def build_trainer(command: str, script_args: ScriptArguments, config: Any, model
             config.prompt_column,
         )
     config.model_init_kwargs = model_args.model_init_kwargs(config.model_init_kwargs)
-    kwargs: dict[str, Any] = {}
-    backbone = getattr(config, "backbone", None)
-    if (
-        "backbone" in inspect.signature(trainer_class).parameters
-        and isinstance(backbone, str)
-        and backbone.startswith("tiny:")
-        and getattr(config, "aggregation", None) != "ones"
-    ):
-        if backbone not in _tiny_backbones():
-            known = ", ".join(_tiny_backbones())
-            raise ValueError(f"Unknown tiny backbone {backbone!r}; the built-in ones are {known}.")
-        kwargs["backbone"] = _tiny_backbones()[backbone]()
     return trainer_class(
         model=model_args.model_name_or_path,
         reward_funcs=rewards,
@@ -385,7 +388,6 @@ def build_trainer(command: str, script_args: ScriptArguments, config: Any, model
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         peft_config=model_args.lora_config(),
-        **kwargs,
     )
 
 

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 
-from ..backbones import VisionBackbone
+from ..backbones import VisionBackbone, is_named_backbone, named_backbone
 from ..core.vipo import (
     dense_policy_loss,
     heat_overlay,
@@ -93,6 +93,8 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         if args.aggregation == "ones":
             return None
         source = backbone if backbone is not None else args.backbone
+        if is_named_backbone(source):  # "tiny:shapes-features", as the CLI takes it
+            source = named_backbone(source)
         if isinstance(source, VisionBackbone):
             return ViPOTrainer._with_image_size(source, args.backbone_image_size)
         kwargs: dict[str, Any] = {"image_size": args.backbone_image_size}
