@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import trl_visual
@@ -321,9 +322,30 @@ def test_example_configs_parse(command, name, tmp_path):
     assert config.num_generations >= 2
 
 
-def test_bpgo_command_runs(tmp_path):
-    run(["bpgo", *FAST, "--output_dir", str(tmp_path / "out"), "--reward_funcs", "red_channel"])
+def test_bpgo_command_runs(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    run(["bpgo", *FAST, "--output_dir", out, "--reward_funcs", "red_channel"])
     assert os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert f"load the LoRA with pipe.load_lora_weights({out!r})" in capsys.readouterr().out
+
+
+def test_full_fine_tuning_summary_names_the_loader_that_reads_what_was_saved(tmp_path, capsys):
+    """Without LoRA (the tiny:shapes recipe trains the whole denoiser) the closing line must not send the user to
+    load_lora_weights: it names the denoiser class and folder, and that call loads the trained weights."""
+    from diffusers import SD3Transformer2DModel
+
+    out = str(tmp_path / "out")
+    trainer = run(
+        ["grpo", *FAST, "--use_peft", "false", "--output_dir", out, "--reward_funcs", "red_channel"]
+    )
+    printed = capsys.readouterr().out
+    folder = os.path.join(out, "transformer")
+    assert f"load the trained transformer with SD3Transformer2DModel.from_pretrained({folder!r})" in printed
+    assert "load_lora_weights" not in printed
+    reloaded = SD3Transformer2DModel.from_pretrained(folder)
+    trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, trained[name].to(tensor.dtype)), name
 
 
 def test_vipo_command_runs_with_tiny_backbone(tmp_path):

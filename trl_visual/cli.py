@@ -434,8 +434,17 @@ def _summary(trainer: Any, output_dir: str) -> str:
         window = max(1, min(5, len(rewards) // 2))
         first, last = sum(rewards[:window]) / window, sum(rewards[-window:]) / window
         lines.append(f"reward: {first:.4f} (mean of the first {window} logs) -> {last:.4f} (last {window})")
-    lines.append(f"saved to {output_dir} (load a LoRA with pipe.load_lora_weights({output_dir!r}))")
+    lines.append(f"saved to {output_dir} ({_loading_hint(trainer, output_dir)})")
     return "\n".join(lines)
+
+
+def _loading_hint(trainer: Any, output_dir: str) -> str:
+    """How to load what :meth:`save_model` wrote: a LoRA into the pipeline, or the fully trained denoiser."""
+    if trainer.is_peft:
+        return f"load the LoRA with pipe.load_lora_weights({output_dir!r})"
+    name = trainer.adapter.denoiser_name
+    folder = f"{output_dir}/{name}"
+    return f"load the trained {name} with {type(trainer.model).__name__}.from_pretrained({folder!r})"
 
 
 # ----------------------------------------------------------------------------------------------------
