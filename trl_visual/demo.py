@@ -33,6 +33,7 @@ from peft import LoraConfig
 from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .core.vipo import heat_overlay
 from .miniature.classifier import shapes_backbone
 from .trainer import (
     BPGOConfig,
@@ -42,8 +43,8 @@ from .trainer import (
     ViPOConfig,
     ViPOTrainer,
 )
+from .trainer.hooks import Advantages
 from .trainer.logging_utils import to_pil
-from .trainer.vipo_trainer import heat_overlay
 
 #: the methods a demo can train, by their names in the papers
 METHODS = ("GRPO", "BPGO", "ViPO")
@@ -82,22 +83,14 @@ class RASRecordingBPGOTrainer(BPGOTrainer):
         self.ras_weights_by_prompt: dict[str, float] = {}
         super().__init__(*args, **kwargs)
 
-    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Any:
+    def compute_advantages(self, rewards_per_func: torch.Tensor, inputs: list[dict[str, Any]]) -> Advantages:
         """BPGO's advantages, unchanged; the weights are noted on the way."""
         out = super().compute_advantages(rewards_per_func, inputs)
-        weights = _per_sample_ras_weights(out)
+        weights = out.weight  # the per-sample RAS weights (None without sigmoid RAS)
         if weights is not None:
             prompts = [row[self.args.prompt_column] for row in inputs]
             self.ras_weights_by_prompt.update(zip(prompts, weights.tolist()))
         return out
-
-
-def _per_sample_ras_weights(advantages: Any) -> torch.Tensor | None:
-    """The per-sample RAS weights ``(B,)`` in what ``compute_advantages`` returned (``None`` without sigmoid
-    RAS): a dict's ``"ras_weight"``, or the ``weight`` field of an advantages object."""
-    if isinstance(advantages, dict):
-        return advantages.get("ras_weight")
-    return getattr(advantages, "weight", None)
 
 
 #: trainer and config class of each of :data:`METHODS`
