@@ -203,7 +203,11 @@ def _clip_l_g_t5(with_clip_g: bool = True) -> torch.nn.Module:
     encoders = [
         CLIPTextModelWithProjection(
             CLIPTextConfig(
-                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                projection_dim=768,  # SD3's CLIP-L projects to 768 (CLIPTextConfig's default is 512)
             )
         ),
         T5EncoderModel(
