@@ -19,7 +19,6 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
-    SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     WanImageToVideoPipeline,
     WanPipeline,
@@ -44,7 +43,14 @@ from transformers import (
 )
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from .miniature.pipeline import load_shapes_pipeline, word_t5_tokenizer
+from .miniature.pipeline import (
+    load_shapes_pipeline,
+    small_clip_text_config,
+    small_image_vae,
+    small_sd3_transformer,
+    small_t5_config,
+    word_t5_tokenizer,
+)
 
 TINY_PREFIX = "tiny:"
 HIDDEN_SIZE = 32
@@ -78,17 +84,8 @@ def _tiny_t5_tokenizer() -> T5Tokenizer:
 
 def _tiny_clip_text_config(**extra: Any) -> CLIPTextConfig:
     """The two-layer CLIP text tower of every tiny pipeline (``extra``: a ``projection_dim``, say)."""
-    return CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        **extra,
+    return small_clip_text_config(
+        1000, HIDDEN_SIZE, intermediate_size=37, max_position_embeddings=77, **extra
     )
 
 
@@ -100,18 +97,8 @@ def _tiny_clip_text_encoder(seed: int) -> CLIPTextModelWithProjection:
 def _tiny_image_vae(shift_factor: float, scaling_factor: float, **extra: Any) -> AutoencoderKL:
     """The image VAE of the tiny SD3 and FLUX pipelines: three blocks of 8 channels, 4 latent channels (a 32×32
     image gives an 8×8 latent), with the family's own latent shift and scale."""
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        shift_factor=shift_factor,
-        scaling_factor=scaling_factor,
-        **extra,
+    return small_image_vae(
+        (8, 8, 8), norm_num_groups=4, shift_factor=shift_factor, scaling_factor=scaling_factor, **extra
     )
 
 
@@ -121,14 +108,9 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     Every module is in eval mode (T5's dropout would otherwise make outputs nondeterministic).
     """
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
+    transformer = small_sd3_transformer(
         num_layers=2,
         attention_head_dim=8,
-        num_attention_heads=4,
         joint_attention_dim=HIDDEN_SIZE,
         caption_projection_dim=HIDDEN_SIZE,
         pooled_projection_dim=2 * HIDDEN_SIZE,
@@ -161,18 +143,7 @@ def _eval_all(pipeline: DiffusionPipeline) -> None:
 
 
 def _tiny_t5_config(config_class: type = T5Config) -> T5Config:
-    return config_class(
-        vocab_size=1000,
-        d_model=HIDDEN_SIZE,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    return small_t5_config(1000, HIDDEN_SIZE, d_kv=8, d_ff=37, config_class=config_class)
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:

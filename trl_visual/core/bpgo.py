@@ -175,10 +175,7 @@ def ras_weights_sigmoid(
 
 
 def ras_weights_posterior(
-    rewards: Tensor,
-    priors: Tensor | float,
-    alpha: float = 1.0,
-    prior_var: float = 1.0,
+    rewards: Tensor, priors: Tensor | float, alpha: float = 1.0, prior_var: float = 1.0
 ) -> Tensor:
     """RAS weight per group, the **released code's form** ("bayes"): a Normal–Normal posterior.
 
@@ -259,10 +256,7 @@ def crt_transform_paper(
 
 
 def crt_transform_reference(
-    rewards: Tensor,
-    priors: Tensor | float,
-    a: float = 50.0,
-    tau: float = 5.0,
+    rewards: Tensor, priors: Tensor | float, a: float = 50.0, tau: float = 5.0
 ) -> Tensor:
     """Contrastive Reward Transformation, the **released code's form** (gated; replaces the rewards).
 

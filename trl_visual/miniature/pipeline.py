@@ -97,66 +97,107 @@ def word_t5_tokenizer(words: tuple[str, ...] = VOCABULARY, **kwargs: Any) -> T5T
     return T5Tokenizer(vocab=pieces, extra_ids=0, **{"model_max_length": T5_MAX_LENGTH, **kwargs})
 
 
-def _clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
-    torch.manual_seed(seed)
-    config = CLIPTextConfig(
+def small_clip_text_config(
+    vocab_size: int, hidden_size: int, intermediate_size: int, max_position_embeddings: int, **extra: Any
+) -> CLIPTextConfig:
+    """A two-layer, four-head CLIP text tower: token 0 begins a prompt, token 1 ends and pads it (``extra``: a
+    ``projection_dim``, say). The text towers of the miniature world and of the tiny test pipelines."""
+    return CLIPTextConfig(
         vocab_size=vocab_size,
-        hidden_size=CLIP_HIDDEN,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
         num_hidden_layers=2,
         num_attention_heads=4,
-        projection_dim=CLIP_HIDDEN,
-        max_position_embeddings=CLIP_MAX_LENGTH,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
+        **extra,
     )
-    return CLIPTextModelWithProjection(config)
 
 
-def _t5_encoder(seed: int, vocab_size: int) -> T5EncoderModel:
-    torch.manual_seed(seed)
-    config = T5Config(
+def small_t5_config(
+    vocab_size: int, d_model: int, d_kv: int, d_ff: int, config_class: type = T5Config, **extra: Any
+) -> T5Config:
+    """A two-layer, four-head T5 encoder (``config_class``: ``T5Config`` or ``UMT5Config``) with 8
+    relative-position buckets: token 0 pads, token 1 ends a prompt."""
+    return config_class(
         vocab_size=vocab_size,
-        d_model=T5_HIDDEN,
-        d_kv=16,
-        d_ff=128,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        dropout_rate=0.0,
         pad_token_id=0,
         eos_token_id=1,
         decoder_start_token_id=0,
+        **extra,
     )
-    return T5EncoderModel(config)
 
 
-def build_vae() -> AutoencoderKL:
-    """The miniature VAE architecture (random weights): 32×32×3 ↔ 8×8×4."""
+def small_image_vae(block_out_channels: tuple[int, ...], norm_num_groups: int, **extra: Any) -> AutoencoderKL:
+    """A three-level ``AutoencoderKL`` with 4 latent channels: 32×32×3 images ↔ 8×8×4 latents (``extra``:
+    the latent shift and scale, say)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
+        block_out_channels=block_out_channels,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
         sample_size=32,
+        **extra,
     )
 
 
-def build_transformer() -> SD3Transformer2DModel:
-    """The miniature denoiser architecture (random weights): 8×8×4 latents, 4 joint blocks of width 128."""
+def _clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    config = small_clip_text_config(vocab_size, CLIP_HIDDEN, 64, CLIP_MAX_LENGTH, projection_dim=CLIP_HIDDEN)
+    return CLIPTextModelWithProjection(config)
+
+
+def _t5_encoder(seed: int, vocab_size: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(small_t5_config(vocab_size, T5_HIDDEN, d_kv=16, d_ff=128, dropout_rate=0.0))
+
+
+def build_vae() -> AutoencoderKL:
+    """The miniature VAE architecture (random weights): 32×32×3 ↔ 8×8×4."""
+    return small_image_vae((16, 32, 32), norm_num_groups=8, layers_per_block=1)
+
+
+def small_sd3_transformer(
+    num_layers: int,
+    attention_head_dim: int,
+    joint_attention_dim: int,
+    caption_projection_dim: int,
+    pooled_projection_dim: int,
+    pos_embed_max_size: int,
+) -> SD3Transformer2DModel:
+    """An ``SD3Transformer2DModel`` with four heads for 8×8×4 latents (patch 2: 16 image tokens). The denoiser
+    of the miniature world and of the tiny test pipeline."""
     return SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,
         in_channels=4,
         out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=4,
+        joint_attention_dim=joint_attention_dim,
+        caption_projection_dim=caption_projection_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        pos_embed_max_size=pos_embed_max_size,
+    )
+
+
+def build_transformer() -> SD3Transformer2DModel:
+    """The miniature denoiser architecture (random weights): 8×8×4 latents, 4 joint blocks of width 128."""
+    return small_sd3_transformer(
         num_layers=4,
         attention_head_dim=32,
-        num_attention_heads=4,
         joint_attention_dim=T5_HIDDEN,
         caption_projection_dim=128,
         pooled_projection_dim=2 * CLIP_HIDDEN,

@@ -212,8 +212,16 @@ class DiffusionAdapter:
         guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """The velocity under one condition (a prompt, or CFG's negative prompt), one forward on ``B`` inputs,
-        in float32. ``guidance_scale`` only reaches families that take it as an input (FLUX.1-dev)."""
+        in float32. ``guidance_scale`` only reaches families that take it as an input (:meth:`guidance_input`)."""
+        embeds = self.guidance_input(embeds, guidance_scale, latents)
         return self.forward_denoiser(denoiser, latents.to(self.dtype), sigma, embeds).float()
+
+    def guidance_input(
+        self, embeds: PromptEmbeds, guidance_scale: float, latents: torch.Tensor
+    ) -> PromptEmbeds:
+        """Hook: ``embeds`` with the guidance scale added, for a family that takes it as an input (guidance-
+        distilled FLUX.1-dev). Every other family ignores it: ``embeds`` unchanged."""
+        return embeds
 
     def cfg_velocities(
         self,

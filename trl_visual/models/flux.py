@@ -164,20 +164,15 @@ class FluxAdapter(DiffusionAdapter):
         """Guidance-distilled FLUX runs no unconditional pass: ``guidance_scale`` goes to its embedding."""
         return not self.guidance_distilled
 
-    def conditional_velocity(
-        self,
-        denoiser: torch.nn.Module,
-        latents: torch.Tensor,
-        sigma: torch.Tensor,
-        embeds: PromptEmbeds,
-        guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Guidance-distilled FLUX: ``guidance_scale`` goes to the guidance embedding. Otherwise one plain
-        branch, as every family."""
-        if self.guidance_distilled:
-            guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
-            embeds = {**embeds, "guidance": guidance}
-        return super().conditional_velocity(denoiser, latents, sigma, embeds, guidance_scale)
+    def guidance_input(
+        self, embeds: PromptEmbeds, guidance_scale: float, latents: torch.Tensor
+    ) -> PromptEmbeds:
+        """Guidance-distilled FLUX: ``guidance_scale`` goes to the guidance embedding, one value per sample.
+        Without guidance distillation, ``embeds`` unchanged."""
+        if not self.guidance_distilled:
+            return embeds
+        guidance = torch.full((latents.shape[0],), float(guidance_scale), device=latents.device)
+        return {**embeds, "guidance": guidance}
 
     def forward_denoiser(
         self, denoiser: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor, embeds: PromptEmbeds

@@ -139,6 +139,19 @@ def _chunks(total: int, size: int) -> list[slice]:
     return [slice(start, min(start + size, total)) for start in range(0, total, size)]
 
 
+def check_batch_size(batch_size: int) -> None:
+    """A reward model's ``batch_size`` is a positive integer."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+
+
+def tokenize(tokenizer: Any, prompts: list[str], max_length: int, device: torch.device) -> Any:
+    """``prompts`` padded (or truncated) to ``max_length`` tokens, as PyTorch tensors on ``device``."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).to(device)
+
+
 def _pooled(output: Any) -> Tensor:
     """The projected embedding from ``get_image_features`` / ``get_text_features``.
 
@@ -290,12 +303,12 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ImageScorer(nn.Module):
-    """An image reward model under the reward contract, ``reward(prompts, images, **columns) -> list[float]``:
-    :meth:`forward` checks the batch (:func:`check_image_batch`) and returns :meth:`score_images` as floats, so
-    subclasses only say how a batch is scored."""
+class RewardModel(nn.Module):
+    """A reward model under the reward contract, ``reward(prompts, images=None, *, videos=None, **columns)``:
+    :meth:`forward` takes the batch as the trainer passes it and, without gradient, hands it to
+    :meth:`score_batch`, which checks it and scores it."""
 
-    name: str = "image_scorer"
+    name: str = "reward_model"
 
     @torch.no_grad()
     def forward(
@@ -305,6 +318,25 @@ class ImageScorer(nn.Module):
         *,
         videos: Tensor | None = None,
         **columns: Any,
+    ) -> list[float | None]:
+        """The score of each sample with its prompt and dataset columns (:meth:`score_batch`)."""
+        return self.score_batch(prompts, images, videos, columns)
+
+    def score_batch(
+        self, prompts: list[str], images: Tensor | None, videos: Tensor | None, columns: dict[str, Any]
+    ) -> list[float | None]:
+        """Hook: check the batch (images or videos, as the subclass reads) and score it."""
+        raise NotImplementedError
+
+
+class ImageScorer(RewardModel):
+    """An image reward model: :meth:`score_batch` checks the batch (:func:`check_image_batch`) and returns
+    :meth:`score_images` as floats, so subclasses only say how a batch is scored."""
+
+    name: str = "image_scorer"
+
+    def score_batch(
+        self, prompts: list[str], images: Tensor | None, videos: Tensor | None, columns: dict[str, Any]
     ) -> list[float]:
         """The score of each (prompt, image) pair; images ``(B, 3, H, W)``, float in ``[0, 1]``."""
         images = check_image_batch(images, videos, len(prompts), self.name)
@@ -324,6 +356,7 @@ class CLIPRewardBase(ImageScorer):
         transform: the torch preprocessing of the model's image processor.
         dtype: the dtype the model runs in.
         batch_size: the most images (and prompts) sent through the model at once.
+        scale: what the cosine similarity is multiplied by (:meth:`score_scale`).
     """
 
     name: str = "clip"
@@ -335,14 +368,15 @@ class CLIPRewardBase(ImageScorer):
         transform: ImageTransform,
         dtype: torch.dtype | str = torch.float32,
         batch_size: int = 32,
+        scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        check_batch_size(batch_size)
         self.model = model.to(resolve_dtype(dtype))
         self.tokenizer = tokenizer
         self.transform = transform
         self.batch_size = batch_size
+        self.scale = float(scale)
         self.requires_grad_(False)
         self.eval()
 
@@ -378,13 +412,7 @@ class CLIPRewardBase(ImageScorer):
         max_length = self.model.config.text_config.max_position_embeddings
         outputs = []
         for part in _chunks(len(unique), self.batch_size):
-            tokens = self.tokenizer(
-                unique[part],
-                padding="max_length",
-                max_length=max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).to(self.device)
+            tokens = tokenize(self.tokenizer, unique[part], max_length, self.device)
             features = self.model.get_text_features(
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
@@ -394,8 +422,9 @@ class CLIPRewardBase(ImageScorer):
         return embeddings[torch.tensor([index[p] for p in prompts], device=embeddings.device)]
 
     def score_scale(self) -> float:
-        """The factor the cosine similarity is multiplied by; 1.0 unless a subclass says otherwise."""
-        return 1.0
+        """The factor the cosine similarity is multiplied by: the constructor's ``scale``, unless a subclass
+        says otherwise."""
+        return self.scale
 
     def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
         """``score_scale() * cosine(image embedding, prompt embedding)`` for each (prompt, image) pair."""
@@ -416,6 +445,21 @@ def _load_tokenizer(name_or_path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def pretrained_clip_parts(
+    model_name_or_path: str,
+    processor_name_or_path: str,
+    dtype: torch.dtype | str,
+    *,
+    reads_prompts: bool = True,
+) -> tuple[nn.Module, Any | None, ImageTransform]:
+    """The ``(model, tokenizer, transform)`` :class:`CLIPRewardBase` takes, from a transformers CLIP checkpoint
+    and the folder (or Hub id) of its tokenizer and image processor; no tokenizer when the reward does not
+    read prompts."""
+    tokenizer = _load_tokenizer(processor_name_or_path) if reads_prompts else None
+    transform = ImageTransform.from_pretrained(processor_name_or_path)
+    return _load_clip(model_name_or_path, dtype), tokenizer, transform
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -458,18 +502,8 @@ class CLIPScoreReward(CLIPRewardBase):
         batch_size: int = 32,
     ) -> None:
         processor = processor_name_or_path or model_name_or_path
-        super().__init__(
-            _load_clip(model_name_or_path, dtype),
-            _load_tokenizer(processor),
-            ImageTransform.from_pretrained(processor),
-            dtype=dtype,
-            batch_size=batch_size,
-        )
-        self.scale = float(scale)
-
-    def score_scale(self) -> float:
-        """The constructor's ``scale``."""
-        return self.scale
+        parts = pretrained_clip_parts(model_name_or_path, processor, dtype)
+        super().__init__(*parts, dtype=dtype, batch_size=batch_size, scale=scale)
 
 
 @register_reward("pickscore")
@@ -499,13 +533,8 @@ class PickScoreReward(CLIPRewardBase):
         dtype: torch.dtype | str = torch.float32,
         batch_size: int = 32,
     ) -> None:
-        super().__init__(
-            _load_clip(model_name_or_path, dtype),
-            _load_tokenizer(processor_name_or_path),
-            ImageTransform.from_pretrained(processor_name_or_path),
-            dtype=dtype,
-            batch_size=batch_size,
-        )
+        parts = pretrained_clip_parts(model_name_or_path, processor_name_or_path, dtype)
+        super().__init__(*parts, dtype=dtype, batch_size=batch_size)
 
     def score_scale(self) -> float:
         """``exp(logit_scale)`` of the checkpoint, computed in float32."""
@@ -597,13 +626,9 @@ class AestheticReward(CLIPRewardBase):
         dtype: torch.dtype | str = torch.float32,
         batch_size: int = 32,
     ) -> None:
-        super().__init__(
-            _load_clip(model_name_or_path, dtype),
-            None,
-            ImageTransform.from_pretrained(processor_name_or_path or model_name_or_path),
-            dtype=dtype,
-            batch_size=batch_size,
-        )
+        processor = processor_name_or_path or model_name_or_path
+        parts = pretrained_clip_parts(model_name_or_path, processor, dtype, reads_prompts=False)
+        super().__init__(*parts, dtype=dtype, batch_size=batch_size)
         head = AestheticMLP.from_state_dict(load_weights_file(resolve_file(head_name_or_path, head_filename)))
         self.head = head.to(resolve_dtype(dtype)).requires_grad_(False).eval()
 

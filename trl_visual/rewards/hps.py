@@ -253,9 +253,5 @@ class HPSv2Reward(CLIPRewardBase):
             hps_image_transform(image_size or config.vision_config.image_size),
             dtype=dtype,
             batch_size=batch_size,
+            scale=scale,
         )
-        self.scale = float(scale)
-
-    def score_scale(self) -> float:
-        """The constructor's ``scale``."""
-        return self.scale

@@ -44,9 +44,11 @@ from trl_visual.rewards.clip_rewards import (
     ImageScorer,
     ImageTransform,
     _chunks,
+    check_batch_size,
     load_weights_file,
     resolve_dtype,
     resolve_file,
+    tokenize,
 )
 from trl_visual.rewards.registry import register_reward
 
@@ -265,8 +267,7 @@ class ImageRewardReward(ImageScorer):
         batch_size: int = 32,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
+        check_batch_size(batch_size)
         if (vision_config is None) != (text_config is None):
             raise ValueError(
                 "Pass both `vision_config` and `text_config`, or neither (the official ImageReward)."
@@ -300,13 +301,7 @@ class ImageRewardReward(ImageScorer):
         device, dtype = self.model.vision.embeddings.patch_embedding.weight.device, self.model.vision.dtype
         scores = []
         for part in _chunks(len(prompts), self.batch_size):
-            tokens = self.tokenizer(
-                prompts[part],
-                padding="max_length",
-                truncation=True,
-                max_length=IMAGEREWARD_MAX_LENGTH,
-                return_tensors="pt",
-            ).to(device)
+            tokens = tokenize(self.tokenizer, prompts[part], IMAGEREWARD_MAX_LENGTH, device)
             pixels = self.transform(images[part].to(device)).to(dtype)
             scores.append(self.model(pixels, tokens["input_ids"], tokens["attention_mask"]))
         return (torch.cat(scores) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD

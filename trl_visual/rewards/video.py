@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from trl_visual.rewards.clip_rewards import CLIPScoreReward
+from trl_visual.rewards.clip_rewards import CLIPScoreReward, RewardModel
 from trl_visual.rewards.registry import register_reward
 
 
@@ -54,22 +54,16 @@ def _repeat_column(value: Any, batch: int, frames: int) -> Any:
     return value
 
 
-class VideoScorer(nn.Module):
-    """A video reward model under the reward contract, ``reward(prompts, videos=..., **columns) -> list[float]``:
-    :meth:`forward` checks the batch (:func:`check_video_batch`) and returns :meth:`score_videos`, so subclasses
-    only say how a batch is scored. With ``images_as_frames``, 4-D ``images`` are scored as one-frame videos."""
+class VideoScorer(RewardModel):
+    """A video reward model: :meth:`score_batch` checks the batch (:func:`check_video_batch`) and returns
+    :meth:`score_videos`, so subclasses only say how a batch is scored. With ``images_as_frames``, 4-D
+    ``images`` are scored as one-frame videos."""
 
     name: str = "video_scorer"
     images_as_frames: bool = False
 
-    @torch.no_grad()
-    def forward(
-        self,
-        prompts: list[str],
-        images: Tensor | None = None,
-        *,
-        videos: Tensor | None = None,
-        **columns: Any,
+    def score_batch(
+        self, prompts: list[str], images: Tensor | None, videos: Tensor | None, columns: dict[str, Any]
     ) -> list[float | None]:
         """The score of each (prompt, video) pair; videos ``(B, T, 3, H, W)``, float in ``[0, 1]``."""
         if self.images_as_frames and videos is None and images is not None and images.ndim == 4:

@@ -1,3 +1,6 @@
+# The imports are re-exports: `__all__` is built from the package's own list of the methods' names.
+# ruff: noqa: F401
+from .. import _TRAINER_EXPORTS
 from .bpgo_config import BPGOConfig
 from .bpgo_trainer import BPGOTrainer
 from .bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
@@ -7,17 +10,6 @@ from .hooks import Advantages, AuxiliaryObjective, PolicyLoss
 from .vipo_config import ViPOConfig
 from .vipo_trainer import ViPOTrainer
 
-__all__ = [
-    "Advantages",
-    "AuxiliaryObjective",
-    "BPGOConfig",
-    "BPGOTrainer",
-    "BPGOViPOConfig",
-    "BPGOViPOTrainer",
-    "DiffusionGRPOConfig",
-    "DiffusionGRPOTrainer",
-    "PolicyLoss",
-    "Rollouts",
-    "ViPOConfig",
-    "ViPOTrainer",
-]
+#: each method's config and trainer (what :mod:`trl_visual` exports, one list for both), and the dataclasses
+#: the hooks exchange
+__all__ = sorted(_TRAINER_EXPORTS | {"Advantages", "AuxiliaryObjective", "PolicyLoss", "Rollouts"})

@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from ..core.bpgo import update_ema_prior
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+from .setup_checks import missing_columns
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +238,10 @@ def check_prior_source(dataset: Any, args: BPGOConfig) -> None:
         )
     if args.prior_source != "column":
         return
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and args.prior_column not in columns:
+    if missing_columns(dataset, [args.prior_column]):
         raise ValueError(
             f"prior_source='column' needs a numeric {args.prior_column!r} column in the train_dataset, but "
-            f"its columns are {columns}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
+            f"its columns are {dataset.column_names}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
             f"`prior_column` to the right name, or use prior_source={others}."
         )
     if hasattr(dataset, "__len__"):

@@ -21,13 +21,10 @@ from trl.trainer.utils import RepeatSampler
 
 from ..core.advantages import combine_rewards
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
-from ..core.timesteps import (
-    select_train_timesteps,
-)
 from ..data import check_prompt_values
 from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
-from ..rewards import RewardFunc, resolve_reward, reward_name
+from ..rewards import RewardFunc, reward_name
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMAMixin
 from .engines import EnginesMixin
@@ -51,24 +48,29 @@ from .reward_calls import (
     drop_infinite_rewards,
     record_reward_metrics,
     resolve_eval_rewards,
+    resolve_rewards,
 )
 from .rollout import (
     BatchPlacement,
     PromptEncoder,
     Rollouts,
+    SamplingContext,
     rescore_transition,
     sample_rollouts,
+    select_train_steps,
     transition_at,
 )
 from .saving import CheckpointSavingMixin
-from .seeds import generation_seed, timestep_selection_seed
+from .seeds import generation_seed
 from .setup_checks import (
     check_columns,
     check_dataset,
+    check_kl_reference,
     check_reward_weights,
     check_scheduler,
     check_trained_steps,
     enable_vae_memory_options,
+    method_config,
     prepare_denoiser,
 )
 
@@ -161,18 +163,11 @@ class DiffusionGRPOTrainer(
         peft_config: LoraConfig | None = None,
         eval_reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
     ):
-        args = self._resolve_args(model, args)
+        args = method_config(self.config_class, type(self).__name__, self._method_name, model, args)
         self._prepare_method(args, train_dataset)
         if args.should_save:
             check_writable_dir(args.output_dir)
-        self.reward_funcs = [
-            resolve_reward(r) for r in (reward_funcs if isinstance(reward_funcs, list) else [reward_funcs])
-        ]
-        if not self.reward_funcs:
-            raise ValueError(
-                "`reward_funcs` is empty: give at least one reward function (a registered name such as "
-                "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
-            )
+        self.reward_funcs = resolve_rewards(reward_funcs)
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_names)
         self.eval_reward_funcs = resolve_eval_rewards(
@@ -181,11 +176,7 @@ class DiffusionGRPOTrainer(
         self.eval_reward_names = [reward_name(r) for r in self.eval_reward_funcs]
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             check_dataset(dataset, split, args)
-        if args.beta > 0 and peft_config is None:
-            raise ValueError(
-                "`beta > 0` needs a `peft_config`: the KL reference is the same network with its LoRA adapter "
-                "disabled, so no second copy of the model is held. Pass a LoraConfig or set beta=0."
-            )
+        check_kl_reference(args.beta, peft_config)
 
         pipeline = load_pipeline(model, args.model_init_kwargs)
         self.base_model_name = (
@@ -234,19 +225,6 @@ class DiffusionGRPOTrainer(
     # ------------------------------------------------------------------------------------------------
     # Set-up and input checks (all before any expensive work)
     # ------------------------------------------------------------------------------------------------
-    @classmethod
-    def _resolve_args(
-        cls, model: str | DiffusionPipeline, args: DiffusionGRPOConfig | None
-    ) -> DiffusionGRPOConfig:
-        """``args``, or the method's default config writing to ``<model name>-<method>``; a config of the
-        wrong class (a plain GRPO config given to BPGO, say) is a clear error."""
-        if args is None:
-            name = model if isinstance(model, str) else type(model).__name__
-            return cls.config_class(output_dir=f"{name.split('/')[-1].replace(':', '-')}-{cls._method_name}")
-        if not isinstance(args, cls.config_class):
-            raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(args).__name__}.")
-        return args
-
     def _prepare_method(
         self, args: DiffusionGRPOConfig, train_dataset: Dataset | IterableDataset | None
     ) -> None:
@@ -328,22 +306,25 @@ class DiffusionGRPOTrainer(
         """Sample one trajectory per prompt with the current policy, keeping the stochastic transitions and
         their log-probs (:func:`~trl_visual.trainer.rollout.sample_rollouts`). ``group_ids`` are the global
         group index of each sample; ``rows`` the dataset rows, for conditioning beyond the prompt."""
-        return sample_rollouts(
-            self.adapter,
-            self.model,
-            prompts,
-            group_ids,
-            seed,
+        context = SamplingContext(
             args=self.args,
             encoder=self._prompt_encoder,
             placement=self.placement,
             sigmas=self.sampling_sigmas(),
             latent_shape=self.latent_shape,
             device=self.accelerator.device,
+            autocast=self.compute_loss_context_manager,
+        )
+        return sample_rollouts(
+            self.adapter,
+            self.model,
+            prompts,
+            group_ids,
+            seed,
+            context,
             stochastic=stochastic,
             training=training,
             rows=rows,
-            autocast=self.compute_loss_context_manager,
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -437,28 +418,7 @@ class DiffusionGRPOTrainer(
         offset = self.placement.offset
         group_ids = torch.arange(offset, offset + len(prompts)) // self.args.num_generations
         rollouts = self.sample(prompts, group_ids, seed=self._generation_seed(), rows=inputs)
-        if rollouts.log_probs.shape[1] == 0:
-            raise RuntimeError(
-                "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
-            )
-        # positions, among the stochastic steps, where the trained denoiser predicts (all but a frozen expert's)
-        trains = self.adapter.trains_at(rollouts.sigmas)
-        if self.args.exclude_last_step:  # the released BPGO code never trains the step landing on σ = 0
-            trains &= rollouts.sigmas_next > 0
-        trainable = trains.nonzero().flatten()
-        if len(trainable) == 0:
-            raise RuntimeError(
-                "No sampled stochastic step can be trained (`exclude_last_step` leaves none in this SDE window): "
-                "widen `sde_window_size`, move `sde_window_range` earlier, or set `exclude_last_step=False`."
-            )
-        selected = select_train_timesteps(
-            trainable.tolist(),
-            len(prompts),
-            self.args.timestep_fraction,
-            self.args.timestep_selection,
-            torch.Generator().manual_seed(timestep_selection_seed(self._generation_seed())),
-        )
-        rollouts.train_steps = trainable[selected.to(trainable.device)]
+        rollouts.train_steps = select_train_steps(self.adapter, rollouts, self.args, self._generation_seed())
         if not self._rollouts_are_finite(rollouts):
             return rollouts  # not scored: no advantages, so training_step skips this step
         self._score(rollouts, inputs)

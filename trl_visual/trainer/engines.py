@@ -34,6 +34,7 @@ import torch
 from ..core.timesteps import num_train_timesteps, stochastic_step_indices, window_starts
 from ..models import DiffusionAdapter
 from .diffusion_grpo_config import DiffusionGRPOConfig
+from .rollout import trainable_steps
 
 
 def trained_timesteps_per_micro_step(
@@ -43,7 +44,7 @@ def trained_timesteps_per_micro_step(
 
     Per window: ``K = max(1, round(timestep_fraction · S))`` of the ``S`` stochastic steps that can be trained
     (where the trained denoiser predicts, and not the step landing on ``σ = 0`` with ``exclude_last_step``),
-    as :meth:`~trl_visual.DiffusionGRPOTrainer._make_rollouts` selects them. A window with ``S = 0`` adds
+    as :func:`~trl_visual.trainer.rollout.select_train_steps` selects them. A window with ``S = 0`` adds
     nothing (the trainer refuses it when it is drawn).
     """
     num_steps = args.num_inference_steps
@@ -57,10 +58,9 @@ def trained_timesteps_per_micro_step(
         steps = torch.tensor(stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, start))
         if len(steps) == 0:
             continue
-        trains = adapter.trains_at(sigmas[steps])
-        if args.exclude_last_step:
-            trains &= sigmas[steps + 1] > 0
-        trainable = int(trains.sum())
+        trainable = int(
+            trainable_steps(adapter, sigmas[steps], sigmas[steps + 1], args.exclude_last_step).sum()
+        )
         if trainable:
             counts.add(num_train_timesteps(trainable, args.timestep_fraction))
     return counts

@@ -21,7 +21,7 @@ import torch
 from trl.trainer.utils import is_async_callable
 
 from ..core.advantages import nan_std
-from ..rewards import RewardFunc, reward_name
+from ..rewards import RewardFunc, resolve_reward, reward_name
 from .guards import RewardTimeoutError, call_with_timeout
 
 logger = logging.getLogger(__name__)
@@ -195,6 +195,18 @@ class RewardCaller:
             f"{self.timeout:g} s, so {self.stop_note()}{left} Check the reward (a server that no longer "
             "answers?), or raise `reward_timeout` (None waits forever)."
         )
+
+
+def resolve_rewards(reward_funcs: RewardFunc | str | list[RewardFunc | str]) -> list[RewardFunc]:
+    """The training rewards, from callables or registered names (:func:`~trl_visual.rewards.resolve_reward`);
+    an empty list is an error."""
+    specs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+    if not specs:
+        raise ValueError(
+            "`reward_funcs` is empty: give at least one reward function (a registered name such as "
+            "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
+        )
+    return [resolve_reward(spec) for spec in specs]
 
 
 def resolve_eval_rewards(

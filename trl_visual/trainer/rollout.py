@@ -11,7 +11,8 @@ A function over an adapter (:class:`~trl_visual.models.DiffusionAdapter`) and a 
    ``log p(x_{k+1} | x_k)``. Steps before the window are computed once per group and then branched;
 4. decode the final latents.
 
-Training re-scores a stored :class:`Transition` with :func:`rescore_transition`.
+Training picks the transitions it trains (:func:`select_train_steps`) and re-scores each stored
+:class:`Transition` with :func:`rescore_transition`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import Any
 import torch
 
 from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
-from ..core.timesteps import sample_window_start, stochastic_step_indices
+from ..core.timesteps import sample_window_start, select_train_timesteps, stochastic_step_indices
 from ..models import DiffusionAdapter, PromptEmbeds, guided, select_embeds
 from ..models.base import unconditional_embeds
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .hooks import Advantages
 from .memory import PromptEmbedsCache, decode_in_batches
-from .seeds import sde_noise_seed
+from .seeds import sde_noise_seed, timestep_selection_seed
 
 
 @dataclass
@@ -140,6 +141,21 @@ class PromptEncoder:
 
         embeds = encode(prompts) if cache is None else cache.embeds(prompts, encode)
         return {key: value.to(self.adapter.device) for key, value in embeds.items()}
+
+
+@dataclass(frozen=True)
+class SamplingContext:
+    """What every rollout of a run shares: the settings, the prompt encoder, where this process's samples sit
+    in the global batch, the ``T + 1`` values of ``σ`` sampled on, the latent shape of one sample, the device,
+    and the context the denoiser runs in (the trainer's autocast)."""
+
+    args: DiffusionGRPOConfig
+    encoder: PromptEncoder
+    placement: BatchPlacement
+    sigmas: torch.Tensor
+    latent_shape: tuple[int, ...]
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def uses_cfg(args: DiffusionGRPOConfig, training: bool) -> bool:
@@ -271,52 +287,42 @@ def sample_rollouts(
     prompts: list[str],
     group_ids: torch.Tensor,
     seed: int,
+    context: SamplingContext,
     *,
-    args: DiffusionGRPOConfig,
-    encoder: PromptEncoder,
-    placement: BatchPlacement,
-    sigmas: torch.Tensor,
-    latent_shape: tuple[int, ...],
-    device: torch.device,
     stochastic: bool = True,
     training: bool = True,
     rows: list[dict[str, Any]] | None = None,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Rollouts:
-    """Sample one trajectory per prompt on the ``T + 1`` values of ``sigmas``, keeping the stochastic
+    """Sample one trajectory per prompt on the ``T + 1`` values of ``context.sigmas``, keeping the stochastic
     transitions and their log-probs.
 
     ``group_ids`` are the global group index of each sample. Steps before the first stochastic one (the SDE
     window's ODE prefix) are computed once per group and then branched to the group's samples, which share
     their initial noise in that case. ``rows`` are the dataset rows, for conditioning beyond the prompt (see
-    :meth:`DiffusionAdapter.encode_conditioning`); ``autocast`` is the context the denoiser runs in.
+    :meth:`DiffusionAdapter.encode_conditioning`).
 
     The prompts are encoded once for the whole batch; the samples are then drawn in chunks of
     ``args.generation_batch_size`` (all at once when it is ``None``), so that sampling and decoding hold one
     chunk's activations, and the chunks' rollouts are concatenated. Every sample gets the initial and SDE noise
     it gets in one chunk (:class:`StepNoise`), so chunking changes results only by float rounding.
     """
-    embeds = {**encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
+    args = context.args
+    embeds = {**context.encoder(prompts), **(adapter.encode_conditioning(rows) if rows else {})}
     cfg = uses_cfg(args, training) and adapter.runs_cfg
-    negative = encoder.negative(len(prompts)) if cfg else None
+    negative = context.encoder.negative(len(prompts)) if cfg else None
     chunks = [
         _sample_chunk(
             adapter,
             denoiser,
+            context,
             group_ids,
             seed,
             chunk,
             prompts=prompts,
             embeds=embeds,
             negative=negative,
-            args=args,
-            placement=placement,
-            sigmas=sigmas,
-            latent_shape=latent_shape,
-            device=device,
             stochastic=stochastic,
             training=training,
-            autocast=autocast,
         )
         for chunk in generation_chunks(len(prompts), args.generation_batch_size)
     ]
@@ -326,6 +332,7 @@ def sample_rollouts(
 def _sample_chunk(
     adapter: DiffusionAdapter,
     denoiser: torch.nn.Module,
+    context: SamplingContext,
     group_ids: torch.Tensor,
     seed: int,
     chunk: slice,
@@ -333,20 +340,15 @@ def _sample_chunk(
     prompts: list[str],
     embeds: PromptEmbeds,
     negative: PromptEmbeds | None,
-    args: DiffusionGRPOConfig,
-    placement: BatchPlacement,
-    sigmas: torch.Tensor,
-    latent_shape: tuple[int, ...],
-    device: torch.device,
     stochastic: bool,
     training: bool,
-    autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> Rollouts:
     """The rollouts of the samples ``chunk`` of a batch (see :func:`sample_rollouts`)."""
+    args, placement, device = context.args, context.placement, context.device
     num_steps = args.num_inference_steps
     steps = _stochastic_steps(args, seed, stochastic)
-    sigma_max = float(sigmas[1])  # read once, not from the device at every step
-    sigmas = sigmas.to(device)
+    sigma_max = float(context.sigmas[1])  # read once, not from the device at every step
+    sigmas = context.sigmas.to(device)
     batch_size, prompts, group_ids = len(prompts), prompts[chunk], group_ids[chunk]
     chunk_rows = torch.arange(batch_size)[chunk]
     embeds = select_embeds(embeds, chunk_rows)
@@ -358,13 +360,13 @@ def _sample_chunk(
     if branch:  # one trajectory per group until the window opens
         groups, group_index = torch.unique(group_ids, return_inverse=True)
         first_rows = torch.stack([(group_index == g).nonzero()[0, 0] for g in range(len(groups))])
-        latents = initial_noise(adapter, latent_shape, groups, seed, shared=True, **noise)
+        latents = initial_noise(adapter, context.latent_shape, groups, seed, shared=True, **noise)
         prefix_embeds = select_embeds(embeds, first_rows)
         prefix_negative = select_embeds(negative, first_rows) if negative is not None else None
     else:
         latents = initial_noise(
             adapter,
-            latent_shape,
+            context.latent_shape,
             group_ids,
             seed,
             shared=args.init_same_noise,
@@ -376,7 +378,7 @@ def _sample_chunk(
     step_noise = StepNoise(sde_noise_seed(seed, placement.process_index), device, batch_size, chunk)
 
     states, next_states, log_probs, unconds = [], [], [], []
-    with autocast():
+    with context.autocast():
         for i in range(num_steps):
             if branch and i == steps[0]:
                 latents = latents[group_index.to(device)]
@@ -424,6 +426,46 @@ def _sample_chunk(
         sigma_max=sigma_max,
         samples=decode_in_batches(adapter, latents, args.vae_decode_batch_size),
     )
+
+
+def trainable_steps(
+    adapter: DiffusionAdapter, sigmas: torch.Tensor, sigmas_next: torch.Tensor, exclude_last_step: bool
+) -> torch.Tensor:
+    """Which stochastic steps ``σ → σ'`` can be trained, ``(K,)`` bool: those where the trained denoiser
+    predicts (not a frozen expert), less, with ``exclude_last_step``, the step landing on ``σ' = 0`` (the
+    released BPGO code never trains it)."""
+    trains = adapter.trains_at(sigmas)
+    if exclude_last_step:
+        trains &= sigmas_next > 0
+    return trains
+
+
+def select_train_steps(
+    adapter: DiffusionAdapter, rollouts: Rollouts, args: DiffusionGRPOConfig, round_seed: int
+) -> torch.Tensor:
+    """The positions among the rollouts' stochastic steps that each sample trains, ``(B, K)``: ``K =
+    max(1, round(timestep_fraction · S))`` of the ``S`` :func:`trainable_steps`, picked as
+    ``timestep_selection`` says from a generator seeded by the round's seed. No trainable step is an error
+    naming the settings to change."""
+    if rollouts.log_probs.shape[1] == 0:
+        raise RuntimeError(
+            "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
+        )
+    trains = trainable_steps(adapter, rollouts.sigmas, rollouts.sigmas_next, args.exclude_last_step)
+    trainable = trains.nonzero().flatten()
+    if len(trainable) == 0:
+        raise RuntimeError(
+            "No sampled stochastic step can be trained (`exclude_last_step` leaves none in this SDE window): "
+            "widen `sde_window_size`, move `sde_window_range` earlier, or set `exclude_last_step=False`."
+        )
+    selected = select_train_timesteps(
+        trainable.tolist(),
+        len(rollouts.prompts),
+        args.timestep_fraction,
+        args.timestep_selection,
+        torch.Generator().manual_seed(timestep_selection_seed(round_seed)),
+    )
+    return trainable[selected.to(trainable.device)]
 
 
 def transition_at(rollouts: Rollouts, k: int) -> Transition:

@@ -23,6 +23,32 @@ from .logging_utils import make_config_readable_by_trackers
 logger = logging.getLogger(__name__)
 
 
+def method_config(
+    config_class: type[DiffusionGRPOConfig],
+    trainer_name: str,
+    method_name: str,
+    model: str | Any,
+    args: DiffusionGRPOConfig | None,
+) -> DiffusionGRPOConfig:
+    """``args``, or the method's default config writing to ``<model name>-<method>``; a config of the wrong
+    class (a plain GRPO config given to BPGO, say) is a clear error."""
+    if args is None:
+        name = model if isinstance(model, str) else type(model).__name__
+        return config_class(output_dir=f"{name.split('/')[-1].replace(':', '-')}-{method_name}")
+    if not isinstance(args, config_class):
+        raise TypeError(f"{trainer_name} needs a {config_class.__name__}, got {type(args).__name__}.")
+    return args
+
+
+def check_kl_reference(beta: float, peft_config: LoraConfig | None) -> None:
+    """``beta > 0`` needs a LoRA: the KL reference is the denoiser with its adapter disabled."""
+    if beta > 0 and peft_config is None:
+        raise ValueError(
+            "`beta > 0` needs a `peft_config`: the KL reference is the same network with its LoRA adapter "
+            "disabled, so no second copy of the model is held. Pass a LoraConfig or set beta=0."
+        )
+
+
 def check_reward_weights(weights: list[float] | None, reward_names: list[str]) -> torch.Tensor:
     """One weight per reward (``None``: all 1), as a float32 tensor."""
     if weights is None:
@@ -35,17 +61,23 @@ def check_reward_weights(weights: list[float] | None, reward_names: list[str]) -
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def missing_columns(dataset: Any, names: list[str]) -> list[str]:
+    """The columns of ``names`` that ``dataset`` lacks; none when it does not list its columns (a streaming
+    dataset without features is checked row by row instead)."""
+    columns = getattr(dataset, "column_names", None)
+    return [] if columns is None else [name for name in names if name not in columns]
+
+
 def check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
     """The prompt column exists and holds non-empty strings; the training set has enough prompts for a step."""
     if dataset is None:
         return
-    columns = getattr(dataset, "column_names", None)
-    if columns is not None and args.prompt_column not in columns:
+    if missing_columns(dataset, [args.prompt_column]):
         raise ValueError(
-            f"The {split} has no {args.prompt_column!r} column (its columns: {columns}). Rename the prompt "
-            f"column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
+            f"The {split} has no {args.prompt_column!r} column (its columns: {dataset.column_names}). Rename "
+            f"the prompt column with `dataset.rename_column(old, {args.prompt_column!r})` or set `prompt_column`."
         )
-    if columns is not None and hasattr(dataset, "__len__"):
+    if getattr(dataset, "column_names", None) is not None and hasattr(dataset, "__len__"):
         check_prompt_values(dataset[args.prompt_column], f"the {split}'s {args.prompt_column!r} column")
     if split == "train_dataset" and hasattr(dataset, "__len__"):
         prompts_per_step = args.per_device_train_batch_size * args.world_size // args.num_generations
@@ -58,12 +90,11 @@ def check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
 
 def check_columns(dataset: Any, split: str, required: list[str], pipeline_name: str) -> None:
     """The columns the pipeline family needs beyond the prompt (Wan I2V's conditioning image) exist."""
-    columns = getattr(dataset, "column_names", None)
-    missing = [name for name in required if columns is not None and name not in columns]
+    missing = missing_columns(dataset, required)
     if missing:
         raise ValueError(
             f"{pipeline_name} needs the column(s) {missing} in the {split} (its columns: "
-            f"{columns}). Add them, or point the config (e.g. `image_column`) at the right column."
+            f"{dataset.column_names}). Add them, or point the config (e.g. `image_column`) at the right column."
         )
 
 
