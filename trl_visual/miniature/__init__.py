@@ -32,6 +32,13 @@ GRPO_DEFAULTS: dict = {
     "learning_rate": 2e-5,
     "lr_scheduler_type": "constant",
     "max_steps": 30,
+    # evaluation before training and at the end: one deterministic sample per row of builtin:shapes' test split
+    # (48 prompts × 4) from fixed noise, so that the printed before -> after is the training's effect
+    "dataset_test_split": "test",
+    "eval_strategy": "steps",
+    "eval_steps": 30,
+    "eval_on_start": True,
+    "per_device_eval_batch_size": 64,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",
