@@ -7,9 +7,10 @@ Usage::
     python -m trl_visual.miniature.before_after --run_dir tiny-shapes-grpo --out before_after.png
 
 ``--run_dir`` is the run's ``output_dir`` (the trained denoiser is in its ``transformer/`` folder); where it holds
-no run yet, the script trains one first, with the command above and ``--seed``. The prompts are the first
+no run yet, the script trains one first, with the command above. The prompts are the first
 ``--num_prompts`` of the run's evaluation set (``builtin:shapes``' ``test`` split), not picked by hand. Both
-models sample with the pipeline's own Euler sampler, at the run's number of steps and guidance scale.
+models sample with the pipeline's own Euler sampler, with the recipe's sampling steps and guidance scale
+(:data:`~trl_visual.miniature.GRPO_DEFAULTS`: 4 steps, CFG 1).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run_dir", default=GRPO_DEFAULTS["output_dir"], help="The run's output_dir.")
     parser.add_argument("--out", default="shapes_before_after.png", help="Where to save the PNG.")
     parser.add_argument("--num_prompts", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise (and of a new run).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the samples' initial noise.")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -136,19 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         from ..cli import run
 
         print(f"No run in {args.run_dir}: training one (trl-visual grpo --model_name_or_path tiny:shapes).")
-        run(
-            [
-                "grpo",
-                "--model_name_or_path",
-                "tiny:shapes",
-                "--output_dir",
-                args.run_dir,
-                "--seed",
-                str(args.seed),
-            ]
-        )
+        run(["grpo", "--model_name_or_path", "tiny:shapes", "--output_dir", args.run_dir])
     base = load_shapes_pipeline()
     trained = trained_pipeline(args.run_dir, base)
+    for pipeline in (base, trained):
+        pipeline.set_progress_bar_config(disable=True)
     picture = before_after(
         base,
         trained,
