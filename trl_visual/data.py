@@ -180,9 +180,9 @@ BUILTIN_PROMPT_SETS = {
 BUILTIN_TEST_SPLITS = {"shapes": _shapes_test}
 """Built-in lists that also have a ``test`` split (``--dataset_test_split test``); the others have only ``train``.
 
-- ``shapes``: 48 of its 96 captions (every other one), four rows each. The world has only 96 full captions, so
-  these prompts are also trained on; what is held out is the noise: evaluation samples deterministically from
-  fixed seeds, which training never draws.
+- ``shapes``: 48 of its 96 captions (each attribute value equally often), four rows each. The world has only 96
+  full captions, so these prompts are also trained on; what is held out is the samples: evaluation draws them
+  deterministically (ODE) from its own fixed noise, training stochastically (SDE).
 """
 
 # File extensions and the `datasets` builder that reads them.
