@@ -55,6 +55,7 @@ def recipe(**overrides) -> dict:
     settings.update(
         output_dir="/tmp/miniature-results", report_to="none", save_strategy="no", disable_tqdm=True
     )
+    settings.update(eval_strategy="no", eval_on_start=False)  # evaluated here, on fixed noise (eval_rewards)
     return {**settings, **overrides}
 
 

@@ -253,8 +253,13 @@ def _user_error_cases(tmp_path):
             "'./no_model': no such folder",
         ),
         "test split of a file": (
-            [*reward, data, str(tmp_path / "good.txt"), "--dataset_test_split", "test"],
-            "--dataset_test_split 'test'.*one split",
+            [
+                *reward,
+                data,
+                str(tmp_path / "good.txt"),
+                *"--dataset_test_split test --eval_strategy steps".split(),
+            ],
+            "--dataset_test_split 'test'.*one split.*--eval_strategy no",
         ),
         "unknown reward": (["--reward_funcs", "nope"], "Unknown reward 'nope'.*red_channel"),
         "missing reward file": (["--reward_funcs", "nofile.py:f"], "no file 'nofile.py'"),
@@ -342,6 +347,7 @@ def test_full_fine_tuning_summary_names_the_loader_that_reads_what_was_saved(tmp
     folder = os.path.join(out, "transformer")
     assert f"load the trained transformer with SD3Transformer2DModel.from_pretrained({folder!r})" in printed
     assert "load_lora_weights" not in printed
+    assert "reward: " in printed and "eval reward" not in printed  # no eval set, no eval line
     reloaded = SD3Transformer2DModel.from_pretrained(folder)
     trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     for name, tensor in reloaded.state_dict().items():
@@ -352,3 +358,35 @@ def test_vipo_command_runs_with_tiny_backbone(tmp_path):
     argv = ["vipo", *FAST, "--output_dir", str(tmp_path / "out"), "--reward_funcs", "red_channel"]
     run([*argv, "--backbone", "tiny:dinov2"])
     assert os.path.exists(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+
+
+def test_tiny_shapes_run_prints_the_eval_reward_before_and_after_training(tmp_path, capsys):
+    """tiny:shapes' defaults evaluate on builtin:shapes' test split at the start and at the end (also when
+    max_steps is not a multiple of eval_steps); the summary prints both and their difference."""
+    argv = "grpo --model_name_or_path tiny:shapes --max_steps 2 --per_device_train_batch_size 16".split()
+    trainer = run([*argv, "--output_dir", str(tmp_path / "out"), "--disable_tqdm", "true"])
+    evaluations = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert [entry["step"] for entry in evaluations] == [0, 2]
+    before, after = evaluations[0]["eval_reward"], evaluations[-1]["eval_reward"]
+    expected = f"eval reward (48 prompts × 4 fixed samples): {before:.3f} at step 0 -> {after:.3f} at step 2"
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("eval reward"))
+    assert line == f"{expected} ({after - before:+.3f})"
+
+
+def test_tiny_shapes_defaults_on_a_one_split_prompt_file_name_the_way_out(tmp_path, capsys):
+    """The defaults evaluate on a test split; with the user's own prompt file (one split) the error says to pass
+    --eval_strategy no, and with it the run has no eval set."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {colour} circle\n" for colour in ("red", "green", "blue", "yellow") * 2))
+    argv = ["grpo", "--model_name_or_path", "tiny:shapes", "--dataset_name", str(prompts)]
+    assert main(argv) == 2
+    assert "--eval_strategy no" in capsys.readouterr().err
+    from trl_visual.cli import build_trainer
+
+    _, script_args, config, model_args = parse_args(
+        [*argv, "--eval_strategy", "no", "--output_dir", str(tmp_path)]
+    )
+    trainer = build_trainer("grpo", script_args, config, model_args)
+    assert (
+        trainer.eval_dataset is None and not trainer.args.eval_on_start
+    )  # no evaluation at all, none at start

@@ -162,6 +162,8 @@ def test_cli_trains_tiny_shapes_with_its_own_defaults_which_config_and_flags_ove
     assert script.dataset_name == "builtin:shapes" and script.reward_funcs == ["shapes_adherence"]
     assert config.learning_rate == GRPO_DEFAULTS["learning_rate"] != DiffusionGRPOConfig.learning_rate
     assert (config.num_inference_steps, config.scale_rewards) == (4, "batch")
+    assert script.dataset_test_split == "test"  # evaluated before and after training (the CLI prints both)
+    assert config.eval_on_start and config.eval_strategy == "steps"
     _, _, config, _ = parse_args(["grpo", "--model_name_or_path=tiny:shapes", "--learning_rate", "1e-3"])
     assert config.learning_rate == 1e-3
     recipe = tmp_path / "run.yaml"
@@ -184,3 +186,66 @@ def test_shapes_grpo_recipe_file_states_the_cli_defaults():
     recipe = yaml.safe_load(path.read_text())
     assert recipe.pop("model_name_or_path") == "tiny:shapes"
     assert recipe == GRPO_DEFAULTS
+
+
+def test_shapes_test_split_is_a_fixed_balanced_half_of_the_captions_four_rows_each():
+    """``builtin:shapes``' ``test`` split, the CLI's evaluation set for tiny:shapes: 48 captions × 4 rows, every
+    value of every attribute equally often, the same order every time."""
+    from collections import Counter
+
+    from trl_visual.data import PromptSetError
+
+    rows = list(load_prompts("builtin:shapes", split="test")["prompt"])
+    prompts = list(dict.fromkeys(rows))
+    assert len(prompts) == 48 and all(rows.count(p) == 4 for p in prompts)
+    assert set(prompts) <= set(
+        load_prompts("builtin:shapes")["prompt"]
+    )  # 96 captions in all: noise is held out
+    for name, values in ATTRIBUTES.items():
+        counts = Counter(parse_prompt(p)[name] for p in prompts)
+        assert set(counts) == set(values) and len(set(counts.values())) == 1, (name, counts)
+    assert prompts[:4] != sorted(prompts)[:4]  # shuffled: a picture of the first few is not all one colour
+    assert list(load_prompts("builtin:shapes", split="test")["prompt"]) == rows
+    with pytest.raises(PromptSetError, match="'train' and 'test'; got 'validation'"):
+        load_prompts("builtin:shapes", split="validation")
+    with pytest.raises(PromptSetError, match="one split, 'train'; got 'test'"):
+        load_prompts("builtin:shapes-ambiguous", split="test")
+
+
+def test_before_after_picture_shows_base_above_and_trained_below_from_the_same_noise(reward, tmp_path):
+    """The picture script's core: one column per prompt (the first of the evaluation set), the base model's sample
+    above and the trained model's below, both from the same initial noise."""
+    import copy
+
+    from trl_visual.miniature.before_after import (
+        GAP,
+        TILE,
+        before_after,
+        eval_prompts,
+        grid_size,
+        tile_box,
+        trained_pipeline,
+    )
+
+    base = load_tiny_pipeline("tiny:shapes")
+    prompts = eval_prompts(2)
+    assert prompts == list(dict.fromkeys(load_prompts("builtin:shapes", split="test")["prompt"]))[:2]
+
+    def tiles(picture, row):
+        return [picture.crop(tile_box(row, column)).tobytes() for column in range(len(prompts))]
+
+    same = before_after(base, base, prompts, reward)
+    assert same.size == grid_size(2) and grid_size(2)[0] - grid_size(1)[0] == TILE + GAP
+    assert tiles(same, 0) == tiles(same, 1)  # same model, same noise: the same images
+    assert tiles(same, 0)[0] != tiles(same, 0)[1]
+
+    changed = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        changed.proj_out.weight.mul_(1.5)
+    changed.save_pretrained(tmp_path / "transformer")  # what a full fine-tuning run writes to its output_dir
+    trained = trained_pipeline(tmp_path, base)
+    picture = before_after(base, trained, prompts, reward)
+    assert tiles(picture, 0) == tiles(same, 0)  # the base row does not depend on the trained model
+    assert all(a != b for a, b in zip(tiles(picture, 0), tiles(picture, 1)))
+    with pytest.raises(FileNotFoundError, match="output_dir of a `trl-visual grpo"):
+        trained_pipeline(tmp_path / "missing", base)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -136,6 +137,27 @@ def _shapes(detail: str) -> Dataset:
     return Dataset.from_dict({"prompt": prompts})
 
 
+SHAPES_EVAL_SAMPLES_PER_PROMPT = 4
+"""Rows per prompt in ``builtin:shapes``' ``test`` split: evaluation draws one sample per row."""
+
+
+def _shapes_test() -> Dataset:
+    """``builtin:shapes``' evaluation split: half of the 96 full captions, each repeated
+    :data:`SHAPES_EVAL_SAMPLES_PER_PROMPT` times, so that ``evaluate()``, which draws one deterministic sample per
+    row from fixed noise, scores 4 samples of each.
+
+    The half is balanced: for each colour, shape and size, two of the four positions (left and top, or right and
+    bottom, alternating), so every attribute value is evaluated equally often; the 48 captions come in a fixed
+    shuffled order (seed 0), so that the first few of them (a picture's columns) are varied."""
+    from .miniature import scenes
+
+    prompts = scenes.full_prompts()
+    positions = len(scenes.ATTRIBUTES["position"])
+    half = [p for i, p in enumerate(prompts) if (i % positions + i // positions) % 2 == 0]
+    half = random.Random(0).sample(half, len(half))
+    return Dataset.from_dict({"prompt": [p for p in half for _ in range(SHAPES_EVAL_SAMPLES_PER_PROMPT)]})
+
+
 BUILTIN_PROMPT_SETS = {
     "drawbench-mini": _drawbench_mini,
     "objects": _objects,
@@ -153,6 +175,14 @@ BUILTIN_PROMPT_SETS = {
   and the ``shapes_adherence`` reward.
 - ``shapes-ambiguous``: its 102 partial captions ("a red shape", "a big triangle", …, "a shape"), where the
   reward of a prompt is uncertain: BPGO's setting.
+"""
+
+BUILTIN_TEST_SPLITS = {"shapes": _shapes_test}
+"""Built-in lists that also have a ``test`` split (``--dataset_test_split test``); the others have only ``train``.
+
+- ``shapes``: 48 of its 96 captions (each attribute value equally often), four rows each. The world has only 96
+  full captions, so these prompts are also trained on; what is held out is the samples: evaluation draws them
+  deterministically (ODE) from its own fixed noise, training stochastically (SDE).
 """
 
 # File extensions and the `datasets` builder that reads them.
@@ -173,8 +203,11 @@ _MAX_REPORTED_ROWS = 3
 
 
 def is_single_split(dataset_name: str) -> bool:
-    """Whether ``dataset_name`` is a built-in list or a single file, which have one split, ``"train"``."""
-    return dataset_name.startswith(BUILTIN_PREFIX) or os.path.isfile(dataset_name)
+    """Whether ``dataset_name`` is a single file or a built-in list without a test split
+    (:data:`BUILTIN_TEST_SPLITS`): those have one split, ``"train"``."""
+    if dataset_name.startswith(BUILTIN_PREFIX):
+        return dataset_name[len(BUILTIN_PREFIX) :] not in BUILTIN_TEST_SPLITS
+    return os.path.isfile(dataset_name)
 
 
 def _looks_like_local_file(dataset_name: str) -> bool:
@@ -309,6 +342,16 @@ def check_prompt_values(prompts: Sequence[Any], where: str) -> None:
         )
 
 
+def _builtin_split(key: str, split: str) -> Dataset:
+    """The ``split`` of the built-in list ``key``: ``train``, or ``test`` where :data:`BUILTIN_TEST_SPLITS` has one."""
+    if split == "train":
+        return BUILTIN_PROMPT_SETS[key]()
+    if split == "test" and key in BUILTIN_TEST_SPLITS:
+        return BUILTIN_TEST_SPLITS[key]()
+    splits = "'train' and 'test'" if key in BUILTIN_TEST_SPLITS else "one split, 'train'"
+    raise PromptSetError(f"The built-in prompt set {BUILTIN_PREFIX + key!r} has {splits}; got {split!r}.")
+
+
 def load_prompts(
     dataset_name: str,
     dataset_config: str | None = None,
@@ -322,7 +365,8 @@ def load_prompts(
             ``.tsv`` / ``.parquet`` file, or ``"builtin:<name>"`` (see :data:`BUILTIN_PROMPT_SETS`).
             A ``.txt`` file holds one prompt per line and gives a ``prompt`` column.
         dataset_config: the data set's configuration name (Hub data sets with several), if any.
-        split: which split to load (``"train"``). Files and built-in lists have only ``"train"``.
+        split: which split to load (``"train"``). Files have only ``"train"``; built-in lists also ``"test"``
+            where :data:`BUILTIN_TEST_SPLITS` has one.
         prompt_column: the column holding the prompts; every other column is passed to the rewards.
 
     Returns:
@@ -342,9 +386,7 @@ def load_prompts(
         if key not in BUILTIN_PROMPT_SETS:
             known = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_PROMPT_SETS)
             raise PromptSetError(f"Unknown built-in prompt set {dataset_name!r}. Built-in sets: {known}.")
-        if split != "train":
-            raise PromptSetError(f"The built-in prompt sets have one split, 'train'; got {split!r}.")
-        dataset = BUILTIN_PROMPT_SETS[key]()
+        dataset = _builtin_split(key, split)
     elif os.path.isfile(dataset_name):
         dataset = _load_file(dataset_name, split)
     elif _looks_like_local_file(dataset_name):
@@ -364,6 +406,7 @@ def load_prompts(
 __all__ = [
     "BUILTIN_PREFIX",
     "BUILTIN_PROMPT_SETS",
+    "BUILTIN_TEST_SPLITS",
     "PromptSetError",
     "check_prompt_values",
     "check_prompts",

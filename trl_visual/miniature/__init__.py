@@ -8,7 +8,9 @@
   ``tiny:shapes-features``;
 - :mod:`~trl_visual.miniature.reward`: the ``shapes_adherence`` reward;
 - :mod:`~trl_visual.miniature.train` and :mod:`~trl_visual.miniature.evaluate`: the scripts that made the
-  shipped weights and measure them.
+  shipped weights and measure them;
+- :mod:`~trl_visual.miniature.before_after`: the picture of a GRPO run's samples, base model above and trained
+  model below, from the same noise.
 
 Submodules are imported on use (``import trl_visual.miniature`` loads nothing heavy).
 """
@@ -31,7 +33,15 @@ GRPO_DEFAULTS: dict = {
     # the policy gradient already lowers the reward), and AdamW at 1e-4 moves its 2.3 M weights ~0.15 a step
     "learning_rate": 2e-5,
     "lr_scheduler_type": "constant",
-    "max_steps": 30,
+    # 24 steps: under a minute of CPU, with the evaluation reward up +0.024 to +0.050 (seeds 0, 1, 2)
+    "max_steps": 24,
+    # evaluation before training and at the end: one deterministic sample per row of builtin:shapes' test split
+    # (48 prompts × 4) from fixed noise, so that the printed before -> after is the training's effect
+    "dataset_test_split": "test",
+    "eval_strategy": "steps",
+    "eval_steps": 24,
+    "eval_on_start": True,
+    "per_device_eval_batch_size": 64,
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": "none",

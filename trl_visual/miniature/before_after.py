@@ -1,0 +1,158 @@
+"""A before/after picture of a GRPO run on ``tiny:shapes``: the same prompts and the same initial noise, the base
+model's samples above and the trained model's below, each captioned with its ``shapes_adherence``.
+
+Usage::
+
+    trl-visual grpo --model_name_or_path tiny:shapes --dataset_name builtin:shapes --reward_funcs shapes_adherence
+    python -m trl_visual.miniature.before_after --run_dir tiny-shapes-grpo --out before_after.png
+
+``--run_dir`` is the run's ``output_dir`` (the trained denoiser is in its ``transformer/`` folder); where it holds
+no run yet, the script trains one first, with the command above. The prompts are the first
+``--num_prompts`` of the run's evaluation set (``builtin:shapes``' ``test`` split), not picked by hand. Both
+models sample with the pipeline's own Euler sampler, with the recipe's sampling steps and guidance scale
+(:data:`~trl_visual.miniature.GRPO_DEFAULTS`: 4 steps, CFG 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..data import load_prompts
+from . import GRPO_DEFAULTS
+from .evaluate import sample
+from .pipeline import build_shapes_pipeline, load_shapes_pipeline
+from .reward import ShapesAdherence
+
+SCALE = 3
+"""Each 32×32 sample is drawn 3 times larger (nearest neighbour: its pixels stay visible)."""
+TILE = 32 * SCALE
+GAP = 6
+LABEL_WIDTH = 84
+HEADER_HEIGHT = 44
+CAPTION_HEIGHT = 16
+FONT_SIZE = 11
+PROMPT_CHARS_PER_LINE = 16
+
+
+def eval_prompts(count: int) -> list[str]:
+    """The first ``count`` distinct prompts of ``builtin:shapes``' evaluation (``test``) split."""
+    prompts = list(dict.fromkeys(load_prompts("builtin:shapes", split="test")["prompt"]))
+    return prompts[:count]
+
+
+def trained_pipeline(run_dir: str | Path, base=None):
+    """``tiny:shapes`` with the denoiser a full fine-tuning run saved in ``run_dir/transformer`` (the other parts,
+    which GRPO does not train, are the base model's: ``base``'s when given)."""
+    from diffusers import SD3Transformer2DModel
+
+    folder = Path(run_dir) / "transformer"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No trained transformer in {folder}: pass the output_dir of a `trl-visual grpo --model_name_or_path "
+            "tiny:shapes` run (a LoRA run saves pytorch_lora_weights.safetensors instead: load it with "
+            "pipe.load_lora_weights)."
+        )
+    base = base if base is not None else load_shapes_pipeline()
+    transformer = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=base.transformer.dtype)
+    return build_shapes_pipeline(transformer, base.vae)
+
+
+def grid_size(num_prompts: int) -> tuple[int, int]:
+    """(width, height) in pixels of the picture of ``num_prompts`` prompts: a label column and one column per
+    prompt; a header row of prompts and two rows of captioned samples."""
+    width = LABEL_WIDTH + num_prompts * (TILE + GAP)
+    height = HEADER_HEIGHT + 2 * (TILE + CAPTION_HEIGHT + GAP)
+    return width, height
+
+
+def tile_box(row: int, column: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) pixels of the sample in ``row`` (0: base, 1: trained) and ``column``."""
+    left = LABEL_WIDTH + column * (TILE + GAP)
+    top = HEADER_HEIGHT + row * (TILE + CAPTION_HEIGHT + GAP)
+    return left, top, left + TILE, top + TILE
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """A ``(3, H, W)`` float image in [0, 1] as a PIL image, scaled by :data:`SCALE`."""
+    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels).resize((TILE, TILE), Image.NEAREST)
+
+
+def render_grid(prompts: list[str], rows: list[tuple[str, torch.Tensor, list[float]]]) -> Image.Image:
+    """Draw the picture: ``rows`` are (label, images ``(N, 3, H, W)`` in [0, 1], adherence per image), one column
+    per prompt, each image captioned with its adherence and each row labelled with its mean."""
+    canvas = Image.new("RGB", grid_size(len(prompts)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    for column, prompt in enumerate(prompts):
+        left = tile_box(0, column)[0]
+        draw.multiline_text((left, 2), textwrap.fill(prompt, PROMPT_CHARS_PER_LINE), fill="black", font=font)
+    for row, (label, images, scores) in enumerate(rows):
+        top = tile_box(row, 0)[1]
+        mean = sum(scores) / len(scores)
+        draw.multiline_text((4, top + TILE // 3), f"{label}\nmean {mean:.2f}", fill="black", font=font)
+        for column, (image, score) in enumerate(zip(images, scores)):
+            left, _, _, bottom = tile_box(row, column)
+            canvas.paste(_to_pil(image), (left, top))
+            draw.text((left, bottom + 2), f"adherence {score:.2f}", fill="black", font=font)
+    return canvas
+
+
+def before_after(
+    base,
+    trained,
+    prompts: list[str],
+    reward: ShapesAdherence,
+    seed: int = 0,
+    num_inference_steps: int = GRPO_DEFAULTS["num_inference_steps"],
+    guidance_scale: float = GRPO_DEFAULTS["guidance_scale"],
+    labels: tuple[str, str] = ("base", "trained"),
+) -> Image.Image:
+    """The picture of ``prompts`` sampled by the ``base`` and the ``trained`` pipelines from the same initial
+    noise (``seed``), scored by ``reward``."""
+    rows = []
+    for label, pipeline in zip(labels, (base, trained)):
+        images = sample(pipeline, prompts, guidance_scale, num_inference_steps, seed=seed)
+        rows.append((label, images, list(reward(prompts, images))))
+    return render_grid(prompts, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--run_dir", default=GRPO_DEFAULTS["output_dir"], help="The run's output_dir.")
+    parser.add_argument("--out", default="shapes_before_after.png", help="Where to save the PNG.")
+    parser.add_argument("--num_prompts", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the samples' initial noise.")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not (Path(args.run_dir) / "transformer").is_dir():
+        from ..cli import run
+
+        print(f"No run in {args.run_dir}: training one (trl-visual grpo --model_name_or_path tiny:shapes).")
+        run(["grpo", "--model_name_or_path", "tiny:shapes", "--output_dir", args.run_dir])
+    base = load_shapes_pipeline()
+    trained = trained_pipeline(args.run_dir, base)
+    for pipeline in (base, trained):
+        pipeline.set_progress_bar_config(disable=True)
+    picture = before_after(
+        base,
+        trained,
+        eval_prompts(args.num_prompts),
+        ShapesAdherence(),
+        args.seed,
+        labels=("base", "after GRPO"),
+    )
+    picture.save(args.out)
+    print(f"saved {args.out} ({picture.width}×{picture.height} pixels)")
+
+
+if __name__ == "__main__":
+    main()
