@@ -126,7 +126,8 @@ def test_shapes_features_backbone_gives_a_grid_that_sees_the_object():
 def test_shapes_purity_is_one_minus_the_mean_colour_distance_in_the_shapes_core():
     """A 4×4 red square on the grey background: its core is the inner 2×2 (the rim is dropped). One core pixel
     orange, (0.9, 0.55, 0.15): the core's mean colour is (0.9, 0.25, 0.15), the distances 0.3 (orange) and 0.1
-    (three red), so r = 1 − 0.6 / 4 = 0.85. A wrong colour on the rim does not count; no shape scores 0."""
+    (three red), so r = 1 − 0.6 / 4 = 0.85. A wrong colour on the rim does not count; no shape scores 0; the image's
+    border is never core."""
     background, red = torch.tensor([0.12, 0.12, 0.12]), torch.tensor([0.9, 0.15, 0.15])
     pure = background.view(3, 1, 1).repeat(1, 8, 8)
     pure[:, 2:6, 2:6] = red.view(3, 1)[:, :, None]

@@ -84,8 +84,9 @@ def colour_deviation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     For images ``x`` ``(B, 3, H, W)`` in [0, 1]:
 
     * the object ``O = {p : max_c x_{c,p} − min_c x_{c,p} > 0.3}`` (saturated pixels; the background is grey);
-    * its core ``K = {p ∈ O : the 3×3 neighbourhood of p lies in O}`` (pixels outside the image count as
-      object), i.e. ``O`` without its one-pixel rim, whose antialiased colour mixes shape and background;
+    * its core ``K = {p ∈ O : the 3×3 neighbourhood of p lies in O}``, i.e. ``O`` without its one-pixel rim,
+      whose antialiased colour mixes shape and background. Pixels outside the image count as background, so
+      the image's outermost ring is never core: the decoder's colours there are off whatever is drawn;
     * the core's mean colour ``c̄ = mean_{p∈K} x_p`` and each pixel's distance ``d_p = ‖x_p − c̄‖₂``.
 
     Returns ``(d (B, H, W), core (B, H, W) bool, object (B, H, W) bool)``; ``d`` is 0 wherever the core is
@@ -95,8 +96,8 @@ def colour_deviation(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
         raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}.")
     images = images.float().clamp(0, 1)
     inside = images.amax(dim=1) - images.amin(dim=1) > OBJECT_SATURATION
-    outside = (~inside).float().unsqueeze(1)
-    core = nn.functional.max_pool2d(outside, 3, stride=1, padding=1).squeeze(1) == 0
+    outside = nn.functional.pad((~inside).float().unsqueeze(1), (1, 1, 1, 1), value=1.0)
+    core = nn.functional.max_pool2d(outside, 3, stride=1).squeeze(1) == 0
     weights = core.float().unsqueeze(1)
     mean = (images * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)).clamp_min(1)
     deviation = (images - mean[..., None, None]).norm(dim=1) * core
@@ -110,7 +111,7 @@ def shapes_purity(prompts: list[str], images: torch.Tensor, **columns) -> list[f
 
     A local defect on the object: ``tiny:shapes`` samples carry blemishes of another colour on part of the
     shape (a yellow patch on a green square, a dark spot inside a red one), which lower ``r``; a rendered scene
-    scores 0.997 to 1. The reward ignores the prompt (pair it with ``shapes_adherence`` to keep the shape right)
+    scores 1. The reward ignores the prompt (pair it with ``shapes_adherence`` to keep the shape right)
     and needs the grey background of the shapes world to find the object.
     """
     deviation, core, _ = colour_deviation(images)
