@@ -360,11 +360,23 @@ def map_shares(maps: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
     }
 
 
-def object_figures(trainer: DiffusionGRPOTrainer, prompts: list[str], picture: Path | None = None) -> dict:
-    """After training: the evaluation samples' ``shapes_adherence`` and share of blemished core pixels; for ViPO
-    also where its maps lie (:func:`map_shares`) and, with ``picture``, an overlay of the maps."""
+def flat_weights(trainer: DiffusionGRPOTrainer) -> torch.Tensor:
+    """Every weight of the trained denoiser, flattened into one float32 vector."""
+    return torch.cat([p.detach().float().flatten().cpu() for p in trainer.model.parameters()])
+
+
+def object_figures(
+    trainer: DiffusionGRPOTrainer, prompts: list[str], base_weights: torch.Tensor, picture: Path | None = None
+) -> dict:
+    """After training: the evaluation samples' ``shapes_adherence`` and share of blemished core pixels, and the
+    weight update ``θ − θ₀`` (key ``update``, a tensor to pop before saving); for ViPO also where its maps lie
+    (:func:`map_shares`) and, with ``picture``, an overlay of the maps."""
     rows, images = eval_samples(trainer, prompts)
-    figures = {"adherence_after": ShapesAdherence()(rows, images), "defect_area_after": defect_area(images)}
+    figures = {
+        "adherence_after": ShapesAdherence()(rows, images),
+        "defect_area_after": defect_area(images),
+        "update": flat_weights(trainer) - base_weights,
+    }
     if isinstance(trainer, ViPOTrainer):
         maps, _ = trainer.compute_maps(images)
         figures["map_shares"] = map_shares(maps, images)
@@ -407,10 +419,12 @@ def run_vipo_object(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     )
     rows, images = eval_samples(base, prompts)
     before = {"adherence_before": ShapesAdherence()(rows, images), "defect_area_before": defect_area(images)}
+    base_weights = flat_weights(base)
     runs: dict[str, list[dict]] = {"GRPO": [], "ViPO": []}
     for seed in seeds:
         settings = recipe(seed=seed, max_steps=steps)
         picture = OUT / f"vipo_object_maps_seed{seed}.png"
+        updates = {}
         for label, trainer_class, config_class, extra_settings in (
             ("GRPO", DiffusionGRPOTrainer, DiffusionGRPOConfig, {}),
             ("ViPO", ViPOTrainer, ViPOConfig, {"backbone": "tiny:shapes-features"}),
@@ -422,14 +436,17 @@ def run_vipo_object(seeds: list[int], steps: int) -> dict[str, list[dict]]:
                 prompts,
                 prompts,
                 {**settings, **extra_settings},
-                extras=partial(object_figures, prompts=prompts, picture=picture),
+                extras=partial(object_figures, prompts=prompts, base_weights=base_weights, picture=picture),
             )
-            runs[label].append({**run, **before})
+            updates[label] = run.pop("update")
+            runs[label].append({**run, **before, "update_norm": float(updates[label].norm())})
             print(
                 f"{label}, seed {seed}: purity {statistics.mean(run['eval_before']):.4f} -> "
                 f"{statistics.mean(run['eval_after']):.4f}, {run['seconds']:.0f} s",
                 flush=True,
             )
+        cosine = torch.nn.functional.cosine_similarity(updates["GRPO"], updates["ViPO"], dim=0)
+        runs["ViPO"][-1]["update_cosine_to_grpo"] = float(cosine)
     return runs
 
 
@@ -451,6 +468,14 @@ def report_vipo_object(runs: dict[str, list[dict]]) -> list[str]:
             f"{mean_std(gains, 4)} | {mean_std(last, 4)} | {seeds_runs[0]['defect_area_before']:.3f} → {area_after:.3f} | "
             f"{adherence_before:.3f} | {mean_std(adherence)} |"
         )
+    norms = {label: [r["update_norm"] for r in seeds_runs] for label, seeds_runs in runs.items()}
+    cosines = [r["update_cosine_to_grpo"] for r in runs.get("ViPO", [])]
+    lines += [
+        "",
+        f"Weight update ‖θ − θ₀‖: GRPO {statistics.mean(norms['GRPO']):.4f}, ViPO {statistics.mean(norms['ViPO']):.4f}; "
+        f"cosine between ViPO's and GRPO's update (same seed): {mean_std(cosines)} "
+        f"(per seed: {', '.join(f'{c:.3f}' for c in cosines)}).",
+    ]
     shares = [r["map_shares"] for r in runs.get("ViPO", []) if "map_shares" in r]
     if shares:
         lines += [
