@@ -370,7 +370,8 @@ def object_figures(
 ) -> dict:
     """After training: the evaluation samples' ``shapes_adherence`` and share of blemished core pixels, and the
     weight update ``θ − θ₀`` (key ``update``, a tensor to pop before saving); for ViPO also where its maps lie
-    (:func:`map_shares`) and, with ``picture``, an overlay of the maps."""
+    (:func:`map_shares`) on the last training batch and on the evaluation samples and, with ``picture``, an
+    overlay of the last training batch's maps."""
     rows, images = eval_samples(trainer, prompts)
     figures = {
         "adherence_after": ShapesAdherence()(rows, images),
@@ -379,9 +380,15 @@ def object_figures(
     }
     if isinstance(trainer, ViPOTrainer):
         maps, _ = trainer.compute_maps(images)
-        figures["map_shares"] = map_shares(maps, images)
+        batch = (
+            trainer._rollouts
+        )  # the last training batch: SDE samples and the maps that weighted their loss
+        figures["map_shares"] = {
+            "training": map_shares(batch.advantages.maps, batch.samples),
+            "evaluation": map_shares(maps, images),
+        }
         if picture is not None:
-            save_object_overlays(images, maps, picture)
+            save_object_overlays(batch.samples, batch.advantages.maps, picture)
     return figures
 
 
@@ -480,17 +487,26 @@ def report_vipo_object(runs: dict[str, list[dict]]) -> list[str]:
     if shares:
         lines += [
             "",
-            "| Region of ViPO's evaluation samples | share of the map's mass | share for a uniform map | ratio |",
-            "|---|---|---|---|",
+            "| Samples | region | share of ViPO's map mass | share for a uniform map | ratio |",
+            "|---|---|---|---|---|",
         ]
-        for region, share_key, uniform_key in (
-            ("the shape", "object_share", "object_uniform"),
-            ("its blemishes", "defect_share", "defect_uniform"),
-            ("its blemishes, within the shape", "defect_share_in_object", "defect_uniform_in_object"),
-        ):
-            share = statistics.mean(s[share_key] for s in shares)
-            uniform = statistics.mean(s[uniform_key] for s in shares)
-            lines.append(f"| {region} | {share:.3f} | {uniform:.3f} | {share / uniform:.2f} |")
+        for samples in ("training", "evaluation"):
+            for region, share_key, uniform_key in (
+                ("the shape", "object_share", "object_uniform"),
+                ("its blemishes", "defect_share", "defect_uniform"),
+                ("its blemishes, within the shape", "defect_share_in_object", "defect_uniform_in_object"),
+            ):
+                share = statistics.mean(s[samples][share_key] for s in shares)
+                uniform = statistics.mean(s[samples][uniform_key] for s in shares)
+                lines.append(
+                    f"| {samples} | {region} | {share:.3f} | {uniform:.3f} | {share / uniform:.2f} |"
+                )
+        blemished = ", ".join(
+            f"{s['training']['images_with_defect']}/{s['evaluation']['images_with_defect']}" for s in shares
+        )
+        lines.append(
+            f"\nImages with a blemish per seed, last training batch (of 64) / evaluation (of 96): {blemished}."
+        )
     return lines
 
 
