@@ -12,7 +12,7 @@ from trl_visual import DiffusionGRPOConfig
 from trl_visual.data import load_prompts
 from trl_visual.miniature.classifier import load_classifier, shapes_backbone
 from trl_visual.miniature.evaluate import classifier_accuracy, prompt_following, sample
-from trl_visual.miniature.reward import ShapesAdherence
+from trl_visual.miniature.reward import ShapesAdherence, colour_deviation, shapes_purity
 from trl_visual.miniature.scenes import (
     ATTRIBUTES,
     PromptGrammarError,
@@ -121,6 +121,52 @@ def test_shapes_features_backbone_gives_a_grid_that_sees_the_object():
     object_patch = features[0, 4, 2]  # centre of the square (row 16, column 9 → patch 4, 2)
     spread = (background - background.mean(0)).norm(dim=-1).max()
     assert (object_patch - background.mean(0)).norm() > 5 * spread
+
+
+def test_shapes_purity_is_one_minus_the_mean_colour_distance_in_the_shapes_core():
+    """A 4×4 red square on the grey background: its core is the inner 2×2 (the rim is dropped). One core pixel
+    orange, (0.9, 0.55, 0.15): the core's mean colour is (0.9, 0.25, 0.15), the distances 0.3 (orange) and 0.1
+    (three red), so r = 1 − 0.6 / 4 = 0.85. A wrong colour on the rim does not count; no shape scores 0; the image's
+    border is never core."""
+    background, red = torch.tensor([0.12, 0.12, 0.12]), torch.tensor([0.9, 0.15, 0.15])
+    pure = background.view(3, 1, 1).repeat(1, 8, 8)
+    pure[:, 2:6, 2:6] = red.view(3, 1)[:, :, None]
+    blemished, rim = pure.clone(), pure.clone()
+    blemished[:, 3, 3] = torch.tensor([0.9, 0.55, 0.15])
+    rim[:, 2, 2] = torch.tensor([0.2, 0.3, 0.95])
+    images = torch.stack([pure, blemished, rim, background.view(3, 1, 1).repeat(1, 8, 8)])
+    scores = resolve_reward("shapes_purity")(["a shape"] * 4, images)
+    assert scores == pytest.approx([1.0, 0.85, 1.0, 0.0], abs=1e-6)
+    deviation, core, inside = colour_deviation(images)
+    assert core[1].sum() == 4 and inside[1].sum() == 16 and not inside[3].any()
+    assert deviation[1, 3, 3] == pytest.approx(0.3, abs=1e-6) and deviation[1, 4, 4] == pytest.approx(
+        0.1, abs=1e-6
+    )
+
+
+def test_rendered_scenes_are_pure_and_vipo_maps_put_their_mass_on_the_shape():
+    """On rendered scenes ``shapes_purity`` is about 1, and the ViPO map of the ``tiny:shapes-features`` backbone
+    puts more of its mass on the shape than a uniform map would (its area share)."""
+    from trl_visual.core.vipo import perceptual_map
+
+    scenes = [
+        Scene(colour, shape, size, position)
+        for colour, shape, size, position in zip(
+            ("red", "green", "blue", "yellow") * 2,
+            ("circle", "square", "triangle", "square") * 2,
+            ("big", "small") * 4,
+            ("left", "right", "top", "bottom", "right", "left", "bottom", "top"),
+        )
+    ]
+    images = torch.stack([render_scene(scene) for scene in scenes])
+    assert min(shapes_purity([""] * len(images), images)) > 0.99
+    maps, fallback = perceptual_map(shapes_backbone()(images), 8)
+    assert not fallback.any()
+    grid = torch.nn.functional.interpolate(maps[:, None], size=(32, 32), mode="bilinear")[:, 0]
+    _, _, inside = colour_deviation(images)
+    share = (grid * inside).sum(dim=(1, 2)) / grid.sum(dim=(1, 2))
+    uniform = inside.float().mean(dim=(1, 2))
+    assert (share > 1.5 * uniform).all(), (share, uniform)
 
 
 def test_sd3_adapter_feeds_tiny_shapes_the_t5_length_it_was_trained_on():
