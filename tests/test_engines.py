@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_trainer import make_config, make_trainer
 from transformers import Trainer
 
-from trl_visual.cli import main
+from trl_visual.cli import main, parse_args
 from trl_visual.launcher import (
     SHIPPED_CONFIGS,
     accelerate_launch_args,
@@ -102,6 +102,42 @@ def test_main_hands_the_command_to_accelerate_launch(monkeypatch):
     assert main(["grpo", "--accelerate_config", "zero3", "--config", "run.yaml"]) == 0
     assert launched[0].config_file == str(shipped_config_path("zero3"))
     assert launched[0].training_script_args == ["grpo", "--config", "run.yaml"]
+
+
+def _run_yaml(tmp_path, **extra):
+    path = tmp_path / "run.yaml"
+    keys = {"model_name_or_path": "tiny:sd3", "reward_funcs": "[red_channel]", **extra}
+    path.write_text("".join(f"{key}: {value}\n" for key, value in keys.items()))
+    return str(path)
+
+
+def test_a_yaml_accelerate_config_key_launches_like_the_flag(monkeypatch, tmp_path):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    config = _run_yaml(tmp_path, accelerate_config="zero2")
+    assert main(["grpo", "--config", config]) == 0
+    assert launched[-1].config_file == str(shipped_config_path("zero2"))
+    assert launched[-1].training_script_args == ["grpo", "--config", config]
+    # the flag wins over the key
+    assert main(["grpo", "--config", config, "--accelerate_config", "fsdp"]) == 0
+    assert launched[-1].config_file == str(shipped_config_path("fsdp"))
+    # a bad value in the YAML is the same one-line error as on the command line
+    assert main(["grpo", "--config", _run_yaml(tmp_path, accelerate_config="zero9")]) == 2
+
+
+def test_a_launched_process_parses_the_key_and_does_not_launch_again(monkeypatch, tmp_path):
+    """Inside `accelerate launch` (which sets ACCELERATE_MIXED_PRECISION) the YAML key is read and left alone."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    monkeypatch.setattr("trl_visual.cli.prepare", lambda argv: launched.append(("prepared", argv)))
+    monkeypatch.setattr("trl_visual.cli.train", lambda trainer: None)
+    config = _run_yaml(tmp_path, accelerate_config="zero2")
+    assert main(["grpo", "--config", config]) == 0
+    assert launched == [("prepared", ["grpo", "--config", config])]
+    _, script_args, _, _ = parse_args(["grpo", "--config", config, "--output_dir", str(tmp_path / "out")])
+    assert script_args.accelerate_config == "zero2"
 
 
 def test_usage_points_at_the_engines(capsys):

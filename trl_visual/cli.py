@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .launcher import accelerate_launch_args, run_accelerate_launch, wants_launch
+from .launcher import accelerate_launch_args, run_accelerate_launch, wants_launch, with_yaml_accelerate_config
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -112,6 +112,14 @@ class ScriptArguments:
         metadata={
             "help": "Split of the same data set to evaluate on, when --eval_strategy is not 'no' (--eval_strategy "
             "no turns evaluation off, --eval_on_start included)."
+        },
+    )
+    accelerate_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "The engine, for YAML configs: a shipped accelerate config (multi_gpu, fsdp, zero2, zero3) or "
+            "an accelerate config file; the run is launched through `accelerate launch`, as with the "
+            "--accelerate_config flag (which wins over this key)."
         },
     )
     torch_num_threads: int | None = field(
@@ -739,6 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "env":
         print(env_report())
         return 0
+    argv = [
+        argv[0],
+        *with_yaml_accelerate_config(argv[1:]),
+    ]  # a YAML's accelerate_config key acts as the flag
     launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
     try:
         if FULL_HELP_FLAG in argv[1:] or any(flag in argv[1:] for flag in HELP_FLAGS):

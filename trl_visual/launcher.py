@@ -17,13 +17,19 @@ The launch flags of :data:`LAUNCH_FLAGS` (process count, machines, the main node
 anywhere on the command line; they override the config file, as they do for ``accelerate launch`` (alone,
 without ``--accelerate_config``, they apply to accelerate's default config, the one ``accelerate config``
 wrote).
+
+A YAML config may name the engine too (``accelerate_config: zero2``), so that a run stays one file; the flag wins
+over the key. A process that ``accelerate launch`` started never launches again, whatever its YAML says.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+
+import yaml
 
 ACCELERATE_CONFIG_FLAG = "--accelerate_config"
 
@@ -112,6 +118,37 @@ def wants_launch(flags: Sequence[str]) -> bool:
     """Whether a command's flags ask for ``accelerate launch``: ``--accelerate_config`` or a launch flag."""
     names = {flag.partition("=")[0] for flag in flags}
     return bool(names & {ACCELERATE_CONFIG_FLAG, *LAUNCH_FLAGS})
+
+
+def launched_by_accelerate() -> bool:
+    """Whether this process was started by ``accelerate launch`` (every accelerate launcher sets
+    ``ACCELERATE_MIXED_PRECISION`` in the environment of the processes it starts)."""
+    return "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def _config_file(flags: Sequence[str]) -> str | None:
+    """The value of ``--config FILE`` (or ``--config=FILE``) among ``flags``, if any."""
+    for i, flag in enumerate(flags):
+        name, has_inline_value, value = flag.partition("=")
+        if name == "--config":
+            return value if has_inline_value else (flags[i + 1] if i + 1 < len(flags) else None)
+    return None
+
+
+def with_yaml_accelerate_config(flags: Sequence[str]) -> list[str]:
+    """``flags`` plus ``--accelerate_config VALUE`` when the ``--config`` YAML names ``accelerate_config`` and
+    neither the command line nor an enclosing ``accelerate launch`` already chose how to run.
+
+    A missing or unreadable YAML is left to the argument parser, which reports it.
+    """
+    flags = list(flags)
+    path = _config_file(flags)
+    if path is None or launched_by_accelerate() or wants_launch(flags) or not os.path.isfile(path):
+        return flags
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle)
+    value = config.get("accelerate_config") if isinstance(config, dict) else None
+    return flags if value is None else [*flags, ACCELERATE_CONFIG_FLAG, str(value)]
 
 
 def run_accelerate_launch(launch_args: Sequence[str]) -> None:
