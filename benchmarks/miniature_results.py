@@ -458,7 +458,10 @@ def print_run(label: str, seed: int, run: dict) -> None:
 
 
 def report_lora(runs: dict[str, list[dict]]) -> list[str]:
-    plot_diffs(runs, "GRPO with a LoRA on tiny:shapes", OUT / "lora_reward_vs_floor.png")
+    """The ``grpo`` table for the LoRA runs; the plot shows them beside full fine-tuning at CFG 1 (when saved)."""
+    full = {"full fine-tuning": merged_runs("grpo").get("GRPO, CFG 1", [])}
+    plotted = {**(full if full["full fine-tuning"] else {}), **runs}
+    plot_diffs(plotted, "GRPO on tiny:shapes, LoRA and full fine-tuning", OUT / "lora_reward_vs_floor.png")
     return report_gains(runs)
 
 
