@@ -47,7 +47,7 @@ from peft import LoraConfig
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.cli import ModelArguments
 from trl_visual.data import load_prompts
-from trl_visual.demo import SHAPES_LORA, SHAPES_SETTINGS
+from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
 from trl_visual.miniature.scenes import parse_prompt
 from trl_visual.trainer.bpgo_config import BPGOConfig
@@ -432,7 +432,7 @@ def run_demo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
         evaluation = prompts[::2] if len(prompts) > 8 else prompts * 8
         label = f"demo, {name} ({demo_steps} steps)"
         for seed in seeds:
-            settings = recipe(**{**SHAPES_SETTINGS, "seed": seed, "max_steps": demo_steps})
+            settings = recipe(**demo_settings(prompts, seed=seed, max_steps=demo_steps))
             run = paired_run(
                 DiffusionGRPOTrainer,
                 DiffusionGRPOConfig,

@@ -51,12 +51,12 @@ METHODS = ("GRPO", "BPGO", "ViPO")
 
 #: settings of the demo runs on ``tiny:shapes`` (32×32 images): the one place to tune them. Fields of
 #: :class:`~trl_visual.DiffusionGRPOConfig` (and of its BPGO/ViPO subclasses). The LoRA recipe for ``tiny:shapes``
-#: (``examples/configs/shapes_grpo_lora.yaml``) at half its batch, so that a step is quick: 4 prompts × 8 samples
-#: at 4 sampling steps, CFG 1, batch-scaled advantages, the first half of the steps trained, a constant learning
-#: rate. Measured against the lr-0 run: ``docs/miniature.md``, "The demos' settings".
+#: (``examples/configs/shapes_grpo_lora.yaml``): 8 prompts × 8 samples at 4 sampling steps, CFG 1, batch-scaled
+#: advantages, the first half of the steps trained, a constant learning rate; only ``max_steps`` is the demos'.
+#: Measured against the lr-0 run: ``docs/miniature.md``, "The demos' settings".
 SHAPES_SETTINGS: dict[str, Any] = {
     "num_generations": 8,
-    "per_device_train_batch_size": 32,  # 4 prompts × 8 samples per step
+    "per_device_train_batch_size": 64,  # 8 prompts × 8 samples per step (fewer with fewer prompts)
     "learning_rate": 3e-4,
     "lr_scheduler_type": "constant",
     "max_steps": 30,
@@ -112,6 +112,19 @@ TRAINERS: dict[str, tuple[type, type]] = {
 }
 
 
+def demo_settings(prompts: Sequence[str], **settings: Any) -> dict[str, Any]:
+    """:data:`SHAPES_SETTINGS` with ``settings`` over them, for a run on ``prompts``: unless ``settings`` set
+    ``per_device_train_batch_size``, a step samples at most as many prompts as there are (a Space visitor may type
+    fewer than a step of :data:`SHAPES_SETTINGS` holds)."""
+    fields = {**SHAPES_SETTINGS, **settings}
+    if "per_device_train_batch_size" not in settings:
+        prompts_per_step = min(
+            fields["per_device_train_batch_size"] // fields["num_generations"], len(set(prompts))
+        )
+        fields["per_device_train_batch_size"] = prompts_per_step * fields["num_generations"]
+    return fields
+
+
 def make_demo_trainer(
     method: str,
     prompts: Sequence[str],
@@ -121,24 +134,16 @@ def make_demo_trainer(
     **settings: Any,
 ) -> DiffusionGRPOTrainer:
     """A trainer of ``method`` (one of :data:`METHODS`) on ``model`` with :data:`SHAPES_SETTINGS` (``settings``
-    override them) and :data:`SHAPES_LORA`, training on ``prompts``; ViPO sees through ``tiny:shapes-features``.
-
-    Unless ``settings`` set ``per_device_train_batch_size``, a step samples at most as many prompts as there are
-    (a Space visitor may type fewer than :data:`SHAPES_SETTINGS` asks for)."""
+    override them, see :func:`demo_settings`) and :data:`SHAPES_LORA`, training on ``prompts``; ViPO sees through
+    ``tiny:shapes-features``."""
     if method not in TRAINERS:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
     trainer_class, config_class = TRAINERS[method]
     extra = {"backbone": shapes_backbone()} if method == "ViPO" else {}
-    fields = {**SHAPES_SETTINGS, **settings}
-    if "per_device_train_batch_size" not in settings:
-        prompts_per_step = min(
-            fields["per_device_train_batch_size"] // fields["num_generations"], len(set(prompts))
-        )
-        fields["per_device_train_batch_size"] = prompts_per_step * fields["num_generations"]
     return trainer_class(
         model=model,
         reward_funcs=reward,
-        args=config_class(output_dir=output_dir, **fields),
+        args=config_class(output_dir=output_dir, **demo_settings(prompts, **settings)),
         train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
         peft_config=LoraConfig(**SHAPES_LORA),
         **extra,
