@@ -366,21 +366,7 @@ def lora_label() -> str:
 def run_lora(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     """GRPO with the LoRA recipe at CFG 1 on ``builtin:shapes``, evaluated like ``grpo`` (every other prompt)."""
     prompts = load_prompts("builtin:shapes")["prompt"]
-    runs: dict[str, list[dict]] = {}
-    for seed in seeds:
-        settings, lora = lora_recipe(seed, max_steps=steps)
-        run = paired_run(
-            DiffusionGRPOTrainer,
-            DiffusionGRPOConfig,
-            "shapes_adherence",
-            prompts,
-            prompts[::2],
-            settings,
-            peft_config=lora,
-        )
-        runs.setdefault(lora_label(), []).append(run)
-        print_run(lora_label(), seed, run)
-    return runs
+    return lora_runs(seeds, prompts, prompts[::2], max_steps=steps)
 
 
 #: prompts whose shape tiny:shapes often gets wrong at CFG 1 (those of ``tests/test_learning_signal.py``)
@@ -390,15 +376,24 @@ HEADROOM_PROMPTS = ["a small blue circle on the left", "a big blue square on the
 def run_lora_headroom(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     """The LoRA recipe on :data:`HEADROOM_PROMPTS`, 2 prompts × 8 samples a step, 8 steps (``--steps`` is for
     the other parts); evaluated on 32 deterministic samples per prompt."""
+    return lora_runs(
+        seeds, HEADROOM_PROMPTS, HEADROOM_PROMPTS * 8, max_steps=8, per_device_train_batch_size=16
+    )
+
+
+def lora_runs(
+    seeds: list[int], prompts: list[str], eval_prompts: list[str], **overrides
+) -> dict[str, list[dict]]:
+    """:func:`paired_run` of the LoRA recipe (with ``overrides``) for each seed, under :func:`lora_label`."""
     runs: dict[str, list[dict]] = {}
     for seed in seeds:
-        settings, lora = lora_recipe(seed, max_steps=8, per_device_train_batch_size=16)
+        settings, lora = lora_recipe(seed, **overrides)
         run = paired_run(
             DiffusionGRPOTrainer,
             DiffusionGRPOConfig,
             "shapes_adherence",
-            HEADROOM_PROMPTS,
-            HEADROOM_PROMPTS * 8,
+            prompts,
+            eval_prompts,
             settings,
             peft_config=lora,
         )
