@@ -18,13 +18,20 @@ Parts (``--parts``):
   the image, and overlay pictures of ViPO's maps;
 * ``vipo_object``: ViPO vs GRPO on a defect that sits on the object, ``shapes_purity`` (blemishes of another
   colour on the shape), with ``shapes_adherence`` kept in view, where ViPO's maps put their mass (the shape, the
-  blemishes, against a uniform map) and overlay pictures.
+  blemishes, against a uniform map) and overlay pictures;
+* ``lora``: GRPO with the LoRA recipe (``examples/configs/shapes_grpo_lora.yaml``) on ``builtin:shapes``, like
+  ``grpo`` at CFG 1; ``--lora_set key=value …`` tries a variant (a config field or a ``lora_*`` flag);
+* ``lora_headroom``: the LoRA recipe on the two headroom prompts of ``tests/test_learning_signal.py``, 8 steps of
+  2 prompts × 8 samples (the fast screen a variant passes before the ``lora`` part);
+* ``demo``: the demos' own runs (``trl_visual.demo``: its settings and LoRA) on the notebook's and the Space's
+  prompts.
 
 It writes ``docs/images/results/*.png`` (matplotlib) and ``docs/images/results/results.json``; the tables are
 printed as Markdown (mean ± std over seeds) for ``docs/results.md``.
 
     python benchmarks/miniature_results.py                          # every part, 3 seeds
     python benchmarks/miniature_results.py --parts grpo --seeds 0 1 2 --steps 30
+    python benchmarks/miniature_results.py --parts lora_headroom --lora_set lora_r=16 learning_rate=3e-4
 """
 
 from __future__ import annotations
@@ -37,11 +44,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
+from peft import LoraConfig
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from trl_visual.cli import ModelArguments
 from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
+from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
 from trl_visual.miniature.reward import ShapesAdherence, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
@@ -51,7 +62,9 @@ from trl_visual.trainer.logging_utils import to_pil
 from trl_visual.trainer.vipo_config import ViPOConfig
 from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "images" / "results"
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "images" / "results"
+LORA_RECIPE = ROOT / "examples" / "configs" / "shapes_grpo_lora.yaml"
 EVAL_SEED = 4242
 CONFIG_FIELDS = set(DiffusionGRPOConfig.__dataclass_fields__)
 
@@ -191,8 +204,9 @@ def run_grpo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def report_grpo(runs: dict[str, list[dict]]) -> list[str]:
-    plot_diffs(runs, "GRPO on tiny:shapes (shapes_adherence)", OUT / "grpo_reward_vs_floor.png")
+def report_grpo(runs: dict[str, list[dict]], plot: bool = True) -> list[str]:
+    if plot:
+        plot_diffs(runs, "GRPO on tiny:shapes (shapes_adherence)", OUT / "grpo_reward_vs_floor.png")
     lines = [
         "| Run | seeds | eval before | eval gain | train reward − lr 0, last 5 steps | train time |",
         "|---|---|---|---|---|---|",
@@ -528,6 +542,144 @@ def merged_runs(part: str) -> dict[str, list[dict]]:
     return runs
 
 
+#: ``--lora_set`` overrides of the LoRA recipe (values read as YAML: ``lora_target_modules=[to_q, to_k]``)
+LORA_OVERRIDES: dict = {}
+MODEL_FIELDS = set(ModelArguments.__dataclass_fields__)
+
+
+def yaml_value(text: str):
+    """``text`` read as YAML, with ``3e-4`` a number (YAML 1.1 asks for ``3.0e-4``)."""
+    value = yaml.safe_load(text)
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def lora_recipe(seed: int, **overrides) -> tuple[dict, LoraConfig]:
+    """The config fields and the ``LoraConfig`` of :data:`LORA_RECIPE` (as the CLI builds them), with
+    :data:`LORA_OVERRIDES` and then ``overrides`` applied."""
+    fields = {**yaml.safe_load(LORA_RECIPE.read_text()), **LORA_OVERRIDES, "seed": seed, **overrides}
+    model_args = ModelArguments(**{k: v for k, v in fields.items() if k in MODEL_FIELDS})
+    return recipe(**{k: v for k, v in fields.items() if k in CONFIG_FIELDS}), model_args.lora_config()
+
+
+def lora_label() -> str:
+    variant = ", ".join(f"{key} {value}" for key, value in LORA_OVERRIDES.items())
+    return f"LoRA recipe ({variant})" if variant else "LoRA recipe"
+
+
+def run_lora(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """GRPO with the LoRA recipe at CFG 1 on ``builtin:shapes``, evaluated like ``grpo`` (every other prompt)."""
+    prompts = load_prompts("builtin:shapes")["prompt"]
+    return lora_runs(seeds, prompts, prompts[::2], max_steps=steps)
+
+
+#: prompts whose shape tiny:shapes often gets wrong at CFG 1 (those of ``tests/test_learning_signal.py``)
+HEADROOM_PROMPTS = ["a small blue circle on the left", "a big blue square on the right"]
+
+
+def run_lora_headroom(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """The LoRA recipe on :data:`HEADROOM_PROMPTS`, 2 prompts × 8 samples a step, 8 steps (``--steps`` is for
+    the other parts); evaluated on 32 deterministic samples per prompt."""
+    return lora_runs(
+        seeds, HEADROOM_PROMPTS, HEADROOM_PROMPTS * 8, max_steps=8, per_device_train_batch_size=16
+    )
+
+
+def lora_runs(
+    seeds: list[int], prompts: list[str], eval_prompts: list[str], **overrides
+) -> dict[str, list[dict]]:
+    """:func:`paired_run` of the LoRA recipe (with ``overrides``) for each seed, under :func:`lora_label`."""
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        settings, lora = lora_recipe(seed, **overrides)
+        run = paired_run(
+            DiffusionGRPOTrainer,
+            DiffusionGRPOConfig,
+            "shapes_adherence",
+            prompts,
+            eval_prompts,
+            settings,
+            peft_config=lora,
+        )
+        runs.setdefault(lora_label(), []).append(run)
+        print_run(lora_label(), seed, run)
+    return runs
+
+
+#: each demo's prompts and steps: the quickstart notebook trains 40 steps on ``builtin:shapes``, the Space 20 steps
+#: (its default) on its default prompts
+DEMO_RUNS = {
+    "quickstart notebook": (load_prompts("builtin:shapes")["prompt"], 40),
+    "Space": (
+        [
+            "a red circle on the left",
+            "a blue square at the top",
+            "a big green triangle",
+            "a small yellow shape",
+        ],
+        20,
+    ),
+}
+
+
+def run_demo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """The demos' settings and LoRA (``trl_visual.demo``) on each demo's prompts for its own number of steps
+    (``--steps`` is for the other parts); evaluated on every other prompt of a large set, or on each of a few
+    prompts 8 times."""
+    runs: dict[str, list[dict]] = {}
+    for name, (prompts, demo_steps) in DEMO_RUNS.items():
+        evaluation = prompts[::2] if len(prompts) > 8 else prompts * 8
+        label = f"demo, {name} ({demo_steps} steps)"
+        for seed in seeds:
+            settings = recipe(**demo_settings(prompts, seed=seed, max_steps=demo_steps))
+            run = paired_run(
+                DiffusionGRPOTrainer,
+                DiffusionGRPOConfig,
+                "shapes_adherence",
+                prompts,
+                evaluation,
+                settings,
+                peft_config=LoraConfig(**SHAPES_LORA),
+            )
+            runs.setdefault(label, []).append(run)
+            print_run(label, seed, run)
+    return runs
+
+
+def print_run(label: str, seed: int, run: dict) -> None:
+    before, after = statistics.mean(run["eval_before"]), statistics.mean(run["eval_after"])
+    last = statistics.mean(run["diff"][-5:])
+    print(
+        f"{label}, seed {seed}: eval {before:.3f} -> {after:.3f} ({after - before:+.3f}), train − lr 0 over the "
+        f"last 5 steps {last:+.3f}, {run['seconds']:.0f} s",
+        flush=True,
+    )
+
+
+def report_lora(runs: dict[str, list[dict]]) -> list[str]:
+    """The ``grpo`` table for the LoRA runs; the plot shows them beside full fine-tuning at CFG 1 (when saved)."""
+    full = {"full fine-tuning": merged_runs("grpo").get("GRPO, CFG 1", [])}
+    plotted = {**(full if full["full fine-tuning"] else {}), **runs}
+    plot_diffs(plotted, "GRPO on tiny:shapes, LoRA and full fine-tuning", OUT / "lora_reward_vs_floor.png")
+    return report_gains(runs)
+
+
+def report_gains(runs: dict[str, list[dict]]) -> list[str]:
+    """The ``grpo`` table (evaluation gain, training reward over the floor) without a plot."""
+    return report_grpo(runs, plot=False)
+
+
+PARTS.update(
+    {
+        "lora": (run_lora, report_lora),
+        "lora_headroom": (run_lora_headroom, report_gains),
+        "demo": (run_demo, report_gains),
+    }
+)
+
+
 def main() -> None:
     global OUT
     parser = argparse.ArgumentParser(
@@ -543,8 +695,18 @@ def main() -> None:
         help="Only merge the saved runs into tables and plots (no training).",
     )
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for the JSON files and the pictures.")
+    parser.add_argument(
+        "--lora_set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Overrides of the LoRA recipe for the lora parts, e.g. lora_r=16 learning_rate=3e-4.",
+    )
     args = parser.parse_args()
     OUT = args.out
+    for assignment in args.lora_set:
+        key, _, value = assignment.partition("=")
+        LORA_OVERRIDES[key] = yaml_value(value)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
     for part in args.parts:
@@ -552,7 +714,8 @@ def main() -> None:
         if not args.report_only:
             runs = run(args.seeds, args.steps)
             tag = "-".join(str(seed) for seed in args.seeds)
-            (OUT / f"{part}_seeds{tag}_steps{args.steps}.json").write_text(json.dumps(runs))
+            variant = "".join(f"_{arg}" for arg in args.lora_set if part.startswith("lora")).replace(" ", "")
+            (OUT / f"{part}_seeds{tag}_steps{args.steps}{variant}.json").write_text(json.dumps(runs))
         print("\n".join(report(merged_runs(part))), flush=True)
 
 

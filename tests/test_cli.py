@@ -314,6 +314,7 @@ def test_console_script_finds_reward_module_in_working_directory(tmp_path):
     [
         ("grpo", "tiny_quickstart.yaml"),
         ("grpo", "sd35_pickscore_grpo.yaml"),
+        ("grpo", "shapes_grpo_lora.yaml"),
         ("bpgo", "flux_hpsv2_bpgo.yaml"),
         ("vipo", "flux_hpsv2_vipo.yaml"),
         ("bpgo", "wan_video_bpgo.yaml"),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import logged
 
 from trl_visual.demo import (
+    SHAPES_LORA,
     SHAPES_SETTINGS,
     LiveProgressCallback,
     make_demo_trainer,
@@ -28,12 +31,39 @@ def watched_run(method, tmp_path, max_steps, **callback_kwargs):
 
 
 def test_settings_come_from_one_place_and_can_be_overridden(tmp_path):
-    trainer = make_demo_trainer("GRPO", PROMPTS, str(tmp_path), learning_rate=3e-4)
-    assert trainer.args.learning_rate == 3e-4
+    trainer = make_demo_trainer("GRPO", PROMPTS, str(tmp_path), learning_rate=1e-3)
+    assert trainer.args.learning_rate == 1e-3 != SHAPES_SETTINGS["learning_rate"]
     for name in ("num_generations", "num_inference_steps", "guidance_scale", "max_steps"):
         assert getattr(trainer.args, name) == SHAPES_SETTINGS[name]
+    # fewer prompts than a step of SHAPES_SETTINGS samples: each step samples every prompt once
+    assert (
+        trainer.args.per_device_train_batch_size
+        == len(PROMPTS) * 8
+        < SHAPES_SETTINGS["per_device_train_batch_size"]
+    )
     with pytest.raises(ValueError, match="GRPO, BPGO, ViPO"):
         make_demo_trainer("PPO", PROMPTS, str(tmp_path))
+
+
+def test_demo_trains_with_the_shipped_lora_recipe():
+    """The demos' LoRA and training settings are the LoRA recipe's (``examples/configs/shapes_grpo_lora.yaml``, as
+    the CLI reads it), so the demos show settings measured to learn; only the batch and step count are theirs."""
+    from trl_visual.cli import parse_args
+
+    recipe = Path(__file__).resolve().parent.parent / "examples" / "configs" / "shapes_grpo_lora.yaml"
+    _, _, config, model_args = parse_args(["grpo", "--config", str(recipe)])
+    lora = model_args.lora_config()
+    assert (lora.r, lora.lora_alpha) == (SHAPES_LORA["r"], SHAPES_LORA["lora_alpha"])
+    assert set(lora.target_modules) == set(SHAPES_LORA["target_modules"])
+    shared = [
+        "num_generations",
+        "num_inference_steps",
+        "guidance_scale",
+        "learning_rate",
+        "lr_scheduler_type",
+    ]
+    for name in [*shared, "scale_rewards", "timestep_fraction"]:
+        assert getattr(config, name) == SHAPES_SETTINGS[name], name
 
 
 def test_bpgo_run_streams_curve_samples_and_weights(tmp_path):

@@ -9,6 +9,8 @@ match the sampling one (timestep scale, CFG) fails it, or fails the lr-0 checks 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -176,6 +178,13 @@ def short_run_gain(seed: int, learning_rate: float = 5e-5, steps: int = 8) -> fl
     half trained, batch-scaled advantages), then return the mean reward of 32 deterministic samples per prompt
     from fixed noise, minus the same figure for the untrained weights (which is what the lr-0 run with the same
     seed ends with)."""
+    return short_run(seed, learning_rate, steps)[1]
+
+
+def short_run(
+    seed: int, learning_rate: float, steps: int = 8, peft_config=None
+) -> tuple[DiffusionGRPOTrainer, float]:
+    """:func:`short_run_gain`'s run, with a LoRA when ``peft_config`` is given: the trained trainer and the gain."""
     from datasets import Dataset
 
     args = DiffusionGRPOConfig(
@@ -199,6 +208,7 @@ def short_run_gain(seed: int, learning_rate: float = 5e-5, steps: int = 8) -> fl
         reward_funcs="shapes_adherence",
         args=args,
         train_dataset=Dataset.from_dict({"prompt": HEADROOM_PROMPTS}),
+        peft_config=peft_config,
     )
     rows = [p for p in HEADROOM_PROMPTS for _ in range(32)]
 
@@ -209,7 +219,7 @@ def short_run_gain(seed: int, learning_rate: float = 5e-5, steps: int = 8) -> fl
 
     before = mean_reward()
     trainer.train()
-    return mean_reward() - before
+    return trainer, mean_reward() - before
 
 
 def test_a_short_grpo_run_raises_the_reward_above_the_lr_0_run():
@@ -217,3 +227,40 @@ def test_a_short_grpo_run_raises_the_reward_above_the_lr_0_run():
     +0.24, +0.30, +0.21, +0.30 (seeds 0 to 3; +0.14 to +0.22 at 2e-5) from 0.53, while the lr-0 run gains exactly
     0. The test asks for a little over half the smallest."""
     assert short_run_gain(seed=0) > 0.12
+
+
+#: the LoRA recipe for tiny:shapes, shipped as a CLI config
+LORA_RECIPE = Path(__file__).resolve().parent.parent / "examples" / "configs" / "shapes_grpo_lora.yaml"
+
+
+def test_the_lora_recipe_learns_and_its_saved_lora_reloads_at_the_trained_strength(tmp_path):
+    """The LoRA recipe (``shapes_grpo_lora.yaml``, read by the CLI's parser: its LoRA and learning rate), 8 steps of
+    16 samples on the headroom prompts, raises their deterministic adherence by +0.23 to +0.29 (seeds 0 to 3,
+    std 0.03; the lr-0 run gains exactly 0); the test asks for +0.15. The saved file, loaded with
+    ``load_lora_weights`` into a fresh ``tiny:shapes``, draws the trained model's pictures (its alpha/r = 2 is kept:
+    at the default scale 1 they would differ)."""
+    from trl_visual.cli import parse_args
+    from trl_visual.models.loading import load_pipeline
+
+    _, _, config, model_args = parse_args(["grpo", "--config", str(LORA_RECIPE)])
+    lora = model_args.lora_config()
+    assert lora.lora_alpha != lora.r  # else reloading at the wrong strength would go unnoticed
+    trainer, gain = short_run(seed=0, learning_rate=config.learning_rate, peft_config=lora)
+    assert gain > 0.15, gain
+
+    trainer.save_model(str(tmp_path))
+    fresh = load_pipeline("tiny:shapes")
+    untrained = draw(fresh)
+    fresh.load_lora_weights(str(tmp_path))
+    trainer.model.eval()
+    trained = draw(trainer.pipeline)
+    assert (trained - untrained).abs().max() > 0.05  # the LoRA changes the pictures
+    torch.testing.assert_close(draw(fresh), trained, atol=1e-5, rtol=0)
+
+
+def draw(pipeline) -> torch.Tensor:
+    """The headroom prompts drawn by ``pipeline`` itself (4 deterministic steps, CFG 1) from a fixed seed."""
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(5)
+    call = dict(height=32, width=32, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=8)
+    return pipeline(HEADROOM_PROMPTS, generator=generator, output_type="pt", **call).images

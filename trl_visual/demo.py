@@ -50,14 +50,20 @@ from .trainer.logging_utils import to_pil
 METHODS = ("GRPO", "BPGO", "ViPO")
 
 #: settings of the demo runs on ``tiny:shapes`` (32×32 images): the one place to tune them. Fields of
-#: :class:`~trl_visual.DiffusionGRPOConfig` (and of its BPGO/ViPO subclasses).
+#: :class:`~trl_visual.DiffusionGRPOConfig` (and of its BPGO/ViPO subclasses). The LoRA recipe for ``tiny:shapes``
+#: (``examples/configs/shapes_grpo_lora.yaml``): 8 prompts × 8 samples at 4 sampling steps, CFG 1, batch-scaled
+#: advantages, the first half of the steps trained, a constant learning rate; only ``max_steps`` is the demos'.
+#: Measured against the lr-0 run: ``docs/miniature.md``, "The demos' settings".
 SHAPES_SETTINGS: dict[str, Any] = {
     "num_generations": 8,
-    "per_device_train_batch_size": 16,  # 2 prompts × 8 samples per step
-    "learning_rate": 1e-4,
+    "per_device_train_batch_size": 64,  # 8 prompts × 8 samples per step (fewer with fewer prompts)
+    "learning_rate": 3e-4,
+    "lr_scheduler_type": "constant",
     "max_steps": 30,
-    "num_inference_steps": 10,
+    "num_inference_steps": 4,
     "guidance_scale": 1.0,  # at CFG 4.5 the full prompts already score ~0.95: no headroom to show
+    "scale_rewards": "batch",
+    "timestep_fraction": 0.5,
     "height": 32,
     "width": 32,
     "max_sequence_length": 8,  # the miniature T5 was trained on 8 tokens
@@ -66,11 +72,16 @@ SHAPES_SETTINGS: dict[str, Any] = {
     "report_to": "none",
 }
 
-#: the LoRA of the demo runs (``peft.LoraConfig`` arguments)
+#: the LoRA of the demo runs (``peft.LoraConfig`` arguments): the LoRA recipe's, on every linear layer of the
+#: joint blocks (attention of both streams, both feed-forwards, the adaLN modulations) and the output layers
 SHAPES_LORA: dict[str, Any] = {
-    "r": 8,
-    "lora_alpha": 8,
-    "target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+    "r": 16,
+    "lora_alpha": 32,
+    "target_modules": [
+        *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+        *("norm1.linear", "norm1_context.linear", "norm_out.linear", "proj_out"),
+    ],
 }
 
 
@@ -101,6 +112,19 @@ TRAINERS: dict[str, tuple[type, type]] = {
 }
 
 
+def demo_settings(prompts: Sequence[str], **settings: Any) -> dict[str, Any]:
+    """:data:`SHAPES_SETTINGS` with ``settings`` over them, for a run on ``prompts``: unless ``settings`` set
+    ``per_device_train_batch_size``, a step samples at most as many prompts as there are (a Space visitor may type
+    fewer than a step of :data:`SHAPES_SETTINGS` holds)."""
+    fields = {**SHAPES_SETTINGS, **settings}
+    if "per_device_train_batch_size" not in settings:
+        prompts_per_step = min(
+            fields["per_device_train_batch_size"] // fields["num_generations"], len(set(prompts))
+        )
+        fields["per_device_train_batch_size"] = prompts_per_step * fields["num_generations"]
+    return fields
+
+
 def make_demo_trainer(
     method: str,
     prompts: Sequence[str],
@@ -110,7 +134,8 @@ def make_demo_trainer(
     **settings: Any,
 ) -> DiffusionGRPOTrainer:
     """A trainer of ``method`` (one of :data:`METHODS`) on ``model`` with :data:`SHAPES_SETTINGS` (``settings``
-    override them) and :data:`SHAPES_LORA`, training on ``prompts``; ViPO sees through ``tiny:shapes-features``."""
+    override them, see :func:`demo_settings`) and :data:`SHAPES_LORA`, training on ``prompts``; ViPO sees through
+    ``tiny:shapes-features``."""
     if method not in TRAINERS:
         raise ValueError(f"Unknown method {method!r}: choose one of {', '.join(METHODS)}.")
     trainer_class, config_class = TRAINERS[method]
@@ -118,7 +143,7 @@ def make_demo_trainer(
     return trainer_class(
         model=model,
         reward_funcs=reward,
-        args=config_class(output_dir=output_dir, **{**SHAPES_SETTINGS, **settings}),
+        args=config_class(output_dir=output_dir, **demo_settings(prompts, **settings)),
         train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
         peft_config=LoraConfig(**SHAPES_LORA),
         **extra,

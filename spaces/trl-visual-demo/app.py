@@ -28,7 +28,7 @@ from trl_visual.demo import METHODS, LiveProgressCallback, LiveUpdate, make_demo
 from trl_visual.miniature.scenes import PromptGrammarError, parse_prompt
 
 # -- settings: the one place to change what the Space trains ---------------------------------------------------
-#: config fields over ``trl_visual.demo.SHAPES_SETTINGS`` (which the notebooks share); e.g. {"learning_rate": 3e-4}
+#: config fields over ``trl_visual.demo.SHAPES_SETTINGS`` (which the notebooks share); e.g. {"learning_rate": 1e-4}
 SETTINGS: dict[str, Any] = {}
 #: the rewards a visitor may pick (registered names); ``shapes_adherence`` judges whether an image follows its prompt
 REWARDS = ["shapes_adherence", "red_channel", "jpeg_compressibility"]
