@@ -747,15 +747,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[0] == "env":
         print(env_report())
         return 0
-    argv = [
-        argv[0],
-        *with_yaml_accelerate_config(argv[1:]),
-    ]  # a YAML's accelerate_config key acts as the flag
-    launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
     try:
         if FULL_HELP_FLAG in argv[1:] or any(flag in argv[1:] for flag in HELP_FLAGS):
             print(command_help(argv[0], full=FULL_HELP_FLAG in argv[1:]), end="")
             return 0
+        argv = [argv[0], *with_yaml_accelerate_config(argv[1:])]  # the YAML key acts as the flag
+        launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
         if launching:
             _check_command(argv[0])
             launch_args = accelerate_launch_args(argv)
