@@ -278,9 +278,24 @@ def report_bpgo(runs: dict[str, list[dict]]) -> list[str]:
     for run in runs.get("BPGO", []):
         for kind, weights in run.get("ras_by_kind", {}).items():
             ras.setdefault(kind, []).extend(weights)
-    lines += ["", "| Prompt kind | BPGO's mean RAS weight | groups |", "|---|---|---|"]
-    lines += [f"| {kind} | {statistics.mean(w):.3f} | {len(w)} |" for kind, w in ras.items() if w]
+    lines += [
+        "",
+        "| Prompt kind | BPGO's mean RAS weight | std | mean abs(w − 1) after the first visit | groups |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {kind} | {ras_spread(w)} | {len(w)} |" for kind, w in ras.items() if w]
     return lines
+
+
+def ras_spread(weights: list[float]) -> str:
+    """Mean and std of RAS weights, and the mean ``|w − 1|`` of the groups whose weight is not exactly 1.
+
+    A prompt's first visit has the EMA prior equal to its own group mean (Δ = 0, w = 1); the others show how
+    far RAS moves a group's weight.
+    """
+    moved = [abs(w - 1) for w in weights if w != 1.0]
+    moved_mean = f"{statistics.mean(moved):.3f}" if moved else "–"
+    return f"{statistics.mean(weights):.3f} | {statistics.pstdev(weights):.3f} | {moved_mean}"
 
 
 def run_vipo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
