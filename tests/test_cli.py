@@ -374,20 +374,31 @@ def test_tiny_shapes_run_prints_the_eval_reward_before_and_after_training(tmp_pa
     assert line == f"{expected} ({after - before:+.3f})"
 
 
-def test_tiny_shapes_defaults_on_a_one_split_prompt_file_name_the_way_out(tmp_path, capsys):
-    """The defaults evaluate on a test split; with the user's own prompt file (one split) the error says to pass
-    --eval_strategy no, and with it the run has no eval set."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"a {colour} circle\n" for colour in ("red", "green", "blue", "yellow") * 2))
-    argv = ["grpo", "--model_name_or_path", "tiny:shapes", "--dataset_name", str(prompts)]
-    assert main(argv) == 2
-    assert "--eval_strategy no" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["grpo", "bpgo"])
+def test_tiny_shapes_defaults_evaluate_only_on_their_own_prompt_set(command, tmp_path):
+    """The defaults evaluate on builtin:shapes' test split. Another prompt set (a user's one-split file,
+    builtin:shapes-ambiguous), named by a flag or in the YAML, trains without an eval set instead of failing."""
     from trl_visual.cli import build_trainer
 
-    _, script_args, config, model_args = parse_args(
-        [*argv, "--eval_strategy", "no", "--output_dir", str(tmp_path)]
-    )
-    trainer = build_trainer("grpo", script_args, config, model_args)
-    assert (
-        trainer.eval_dataset is None and not trainer.args.eval_on_start
-    )  # no evaluation at all, none at start
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {colour} circle\n" for colour in ("red", "green", "blue", "yellow") * 2))
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model_name_or_path: tiny:shapes\ndataset_name: builtin:shapes-ambiguous\n")
+    base = [command, "--output_dir", str(tmp_path / "out")]
+    for flags in (
+        ["--model_name_or_path", "tiny:shapes", "--dataset_name", str(prompts)],
+        ["--model_name_or_path", "tiny:shapes", "--dataset_name=builtin:shapes-ambiguous"],
+        ["--config", str(yaml_file)],
+    ):
+        _, script_args, config, model_args = parse_args([*base, *flags])
+        assert (
+            script_args.dataset_test_split is None
+            and config.eval_strategy == "no"
+            and not config.eval_on_start
+        )
+        assert config.learning_rate == 2e-5  # the rest of the recipe still applies
+        if flags[-1] == str(prompts):
+            trainer = build_trainer(command, script_args, config, model_args)
+            assert trainer.eval_dataset is None
+    _, script_args, config, _ = parse_args([*base, "--model_name_or_path", "tiny:shapes"])
+    assert script_args.dataset_test_split == "test" and config.eval_on_start

@@ -257,12 +257,12 @@ settings differ from the configs' defaults (the pretrained miniature world learn
 on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
 
 
-def _model_name(flags: Sequence[str]) -> str | None:
-    """``--model_name_or_path`` from the flags, else from the ``--config`` YAML file; ``None`` if neither has it."""
+def _flag_or_config_value(flags: Sequence[str], key: str) -> Any:
+    """``--<key>`` from the flags, else ``key`` from the ``--config`` YAML file; ``None`` if neither has it."""
     for i, flag in enumerate(flags):
-        if flag == "--model_name_or_path" and i + 1 < len(flags):
+        if flag == f"--{key}" and i + 1 < len(flags):
             return flags[i + 1]
-        if flag.startswith("--model_name_or_path="):
+        if flag.startswith(f"--{key}="):
             return flag.split("=", 1)[1]
     if "--config" in flags and flags.index("--config") + 1 < len(flags):
         import yaml
@@ -271,14 +271,32 @@ def _model_name(flags: Sequence[str]) -> str | None:
         if os.path.isfile(path):
             with open(path) as file:
                 config = yaml.safe_load(file)
-            return config.get("model_name_or_path") if isinstance(config, dict) else None
+            return config.get(key) if isinstance(config, dict) else None
     return None
 
 
+EVALUATION_SETTINGS = (
+    "dataset_test_split",
+    "eval_strategy",
+    "eval_steps",
+    "eval_on_start",
+    "per_device_eval_batch_size",
+)
+"""Model defaults that evaluate on the test split of the defaults' own prompt set: dropped when the run trains
+on another prompt set, which may have no such split (its own evaluation is asked for with these flags)."""
+
+
 def model_defaults(flags: Sequence[str]) -> dict[str, Any]:
-    """The training defaults of the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``."""
-    name = _model_name(flags)
-    return dict(_import(MODEL_DEFAULTS[name])) if name in MODEL_DEFAULTS else {}
+    """The training defaults of the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``; without their
+    :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
+    name = _flag_or_config_value(flags, "model_name_or_path")
+    if name not in MODEL_DEFAULTS:
+        return {}
+    defaults = dict(_import(MODEL_DEFAULTS[name]))
+    dataset = _flag_or_config_value(flags, "dataset_name")
+    if dataset is not None and dataset != defaults.get("dataset_name"):
+        defaults = {key: value for key, value in defaults.items() if key not in EVALUATION_SETTINGS}
+    return defaults
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArguments]:
