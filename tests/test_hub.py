@@ -384,3 +384,33 @@ def test_image_to_video_card_without_ftfy_says_what_to_install(tmp_path, monkeyp
     trainer = make_model_trainer(tmp_path, "wan-i2v", data=data, height=16, width=16, num_inference_steps=2)
     with pytest.raises(ImportError, match=r"needs `ftfy`: `pip install ftfy`"):
         trainer.create_model_card()
+
+
+def test_an_unreachable_hub_is_one_clear_error_before_training(monkeypatch, tmp_path, capsys):
+    """push_to_hub creates the repository when the trainer is built: without network (or token) that is one
+    message naming the repository and the way out, before anything is trained; the CLI prints it as one line."""
+    import httpx2
+
+    from trl_visual.cli import main
+    from trl_visual.trainer.model_card import HubRepositoryError
+
+    def unreachable(self, repo_id, **kwargs):
+        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    with pytest.raises(
+        HubRepositoryError, match=r"'me/shapes-lora' \(ConnectError: \[Errno -2\].*hf auth login"
+    ):
+        DiffusionGRPOTrainer(
+            model="tiny:sd3",
+            reward_funcs="red_channel",
+            args=make_config(tmp_path, push_to_hub=True, hub_model_id="me/shapes-lora"),
+            train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+        )
+    argv = ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "red_channel", "--max_steps", "1"]
+    out = tmp_path / "cli"
+    assert main([*argv, "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/shapes-lora"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("trl-visual: error: push_to_hub: could not create") and err.count("\n") == 1
+    assert not (out / "checkpoint-1").exists()

@@ -741,7 +741,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input when raised before training starts: printed as one line."""
     import yaml
 
-    return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError)
+    from .trainer.model_card import HubRepositoryError
+
+    return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError, HubRepositoryError)
 
 
 def _fail(error: BaseException) -> int:

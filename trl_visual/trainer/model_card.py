@@ -19,6 +19,10 @@ from .logging_utils import captioned_grid
 from .memory import text_encoders_on
 
 
+class HubRepositoryError(RuntimeError):
+    """The Hub repository that ``push_to_hub`` writes to could not be created when the run started."""
+
+
 class ModelCardMixin:
     """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline``, ``shards_parameters``
     and the run's ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
@@ -160,6 +164,26 @@ class ModelCardMixin:
         )
         pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
         write_model_card_files(self.args.output_dir, card, pictures)
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """Create the Hub repository at the start of a ``push_to_hub`` run, as ``transformers.Trainer`` does; when
+        the Hub cannot be reached or refuses, say so in one message before anything is trained.
+
+        Maintenance: wraps ``Trainer.init_hf_repo`` of transformers 5.24.0.
+        """
+        from huggingface_hub.errors import HTTPError
+
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except (HTTPError, OSError) as error:  # no network, no token, no write access, a bad repository name
+            repo = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+            detail = (str(error).strip().splitlines() or [""])[0]
+            raise HubRepositoryError(
+                f"push_to_hub: could not create the Hub repository {repo!r} ({type(error).__name__}: {detail}). "
+                "Nothing has been trained yet. Log in with `hf auth login` and check the network and "
+                "`hub_model_id`, or train without push_to_hub and push the saved folder later "
+                "(trainer.push_to_hub() or `hf upload`)."
+            ) from error
 
     def push_to_hub(
         self, commit_message: str | None = "End of training", blocking: bool = True, **kwargs: Any
