@@ -222,6 +222,25 @@ def test_cli_trains_tiny_shapes_with_its_own_defaults_which_config_and_flags_ove
     assert config.learning_rate == DiffusionGRPOConfig.learning_rate
 
 
+def test_bpgo_and_vipo_on_tiny_shapes_get_the_recipe_their_own_folder_and_the_worlds_backbone(tmp_path):
+    """`trl-visual vipo --model_name_or_path tiny:shapes` must not reach for a DINOv2 on the Hub: its defaults name
+    the miniature world's own backbone; BPGO and ViPO write to their own folders, with GRPO's recipe."""
+    from trl_visual.cli import parse_args
+    from trl_visual.miniature import GRPO_DEFAULTS
+
+    folders = {}
+    for command in ("grpo", "bpgo", "vipo"):
+        _, script, config, _ = parse_args([command, "--model_name_or_path", "tiny:shapes"])
+        assert (
+            config.learning_rate == GRPO_DEFAULTS["learning_rate"] and script.dataset_name == "builtin:shapes"
+        )
+        folders[command] = config.output_dir
+    assert folders == {"grpo": "tiny-shapes-grpo", "bpgo": "tiny-shapes-bpgo", "vipo": "tiny-shapes-vipo"}
+    assert config.backbone == "tiny:shapes-features"
+    _, _, config, _ = parse_args(["vipo", "--model_name_or_path", "tiny:shapes", "--backbone", "tiny:dinov2"])
+    assert config.backbone == "tiny:dinov2"
+
+
 def test_shapes_grpo_recipe_file_states_the_cli_defaults():
     """``examples/configs/shapes_grpo.yaml`` spells out exactly the defaults the CLI applies to tiny:shapes."""
     import yaml

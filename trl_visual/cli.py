@@ -251,10 +251,10 @@ def make_parser(command: str, config_class: type) -> Any:
     )
 
 
-MODEL_DEFAULTS: dict[str, str] = {"tiny:shapes": "trl_visual.miniature:GRPO_DEFAULTS"}
-"""Model name → the ``module:attribute`` of its own training defaults (a dict of flag values). A model whose
-settings differ from the configs' defaults (the pretrained miniature world learns with other steps than a LoRA
-on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
+MODEL_DEFAULTS: dict[str, str] = {"tiny:shapes": "trl_visual.miniature:METHOD_DEFAULTS"}
+"""Model name → the ``module:attribute`` of its own training defaults (command → a dict of flag values). A
+model whose settings differ from the configs' defaults (the pretrained miniature world learns with other steps
+than a LoRA on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
 
 
 def _flag_or_config_value(flags: Sequence[str], key: str) -> Any:
@@ -286,13 +286,13 @@ EVALUATION_SETTINGS = (
 on another prompt set, which may have no such split (its own evaluation is asked for with these flags)."""
 
 
-def model_defaults(flags: Sequence[str]) -> dict[str, Any]:
-    """The training defaults of the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``; without their
+def model_defaults(command: str, flags: Sequence[str]) -> dict[str, Any]:
+    """The ``command``'s training defaults for the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``; without their
     :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
     name = _flag_or_config_value(flags, "model_name_or_path")
     if name not in MODEL_DEFAULTS:
         return {}
-    defaults = dict(_import(MODEL_DEFAULTS[name]))
+    defaults = dict(_import(MODEL_DEFAULTS[name]).get(command, {}))
     dataset = _flag_or_config_value(flags, "dataset_name")
     if dataset is not None and dataset != defaults.get("dataset_name"):
         defaults = {key: value for key, value in defaults.items() if key not in EVALUATION_SETTINGS}
@@ -305,7 +305,7 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArg
     command, *rest = argv
     config_class, _ = load_command(command)
     parser = make_parser(command, config_class)
-    parser.set_defaults_with_config(**model_defaults(rest))
+    parser.set_defaults_with_config(**model_defaults(command, rest))
     script_args, config, model_args = parser.parse_args_and_config(rest)
     return command, script_args, config, model_args
 

@@ -50,3 +50,12 @@ GRPO_DEFAULTS: dict = {
 """``trl-visual`` defaults for ``--model_name_or_path tiny:shapes`` (``trl_visual.cli.MODEL_DEFAULTS``): what
 makes GRPO raise ``shapes_adherence`` on it within about a minute of CPU (``docs/miniature.md`` has the figures).
 A ``--config`` file and the flags override them."""
+
+METHOD_DEFAULTS: dict[str, dict] = {
+    "grpo": GRPO_DEFAULTS,
+    "bpgo": {**GRPO_DEFAULTS, "output_dir": "tiny-shapes-bpgo"},
+    "vipo": {**GRPO_DEFAULTS, "output_dir": "tiny-shapes-vipo", "backbone": "tiny:shapes-features"},
+}
+"""``trl-visual <command>`` → its defaults for ``tiny:shapes``: GRPO's recipe for all three (BPGO and ViPO were
+measured with it in ``docs/results.md``), each writing to its own folder; ViPO sees with the miniature world's
+own backbone (its classifier's features) instead of a DINOv2 from the Hub."""
