@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -17,8 +18,17 @@ from trl_visual.testing import tiny_sd3_pipeline
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "two_process_grpo.py")
 
 
-def run_two_processes(script, out, port):
-    """``torchrun --nproc_per_node 2 script out``: two CPU ranks over gloo, one thread each."""
+def free_port() -> int:
+    """A TCP port free right now: pytest-xdist may run a module-scoped fixture in both workers at once, and two
+    launches on one fixed port crash each other's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(script, out, port=None):
+    """``torchrun --nproc_per_node 2 script out``: two CPU ranks over gloo, one thread each, on a free port."""
+    port = port or free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [
         sys.executable,
@@ -36,7 +46,7 @@ def run_two_processes(script, out, port):
 
 
 def test_a_group_split_across_two_processes_is_scored_as_one(tmp_path):
-    run_two_processes(SCRIPT, tmp_path, 29531)
+    run_two_processes(SCRIPT, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     # both ranks see the same 8 gathered rewards, in rank order, and the same prompt for the whole group
@@ -89,7 +99,7 @@ def engine_runs(tmp_path_factory):
     """ddp_accumulation.py on 2 processes (DDP over gloo, then the FSDP2 gathering), and in this process on 1,
     with the same global batch and the same samples."""
     two = tmp_path_factory.mktemp("two_processes")
-    run_two_processes(os.path.join(SCRIPTS, "ddp_accumulation.py"), two, 29533)
+    run_two_processes(os.path.join(SCRIPTS, "ddp_accumulation.py"), two)
     one = tmp_path_factory.mktemp("one_process")
     sys.path.insert(0, SCRIPTS)
     try:
