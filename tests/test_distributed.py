@@ -42,7 +42,9 @@ def run_two_processes(script, out, port=None):
     result = subprocess.run(
         [*command, script, str(out)], env=env, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # the crashed rank's error lines first: its traceback is far from the end of stderr
+    errors = [line for line in result.stderr.splitlines() if "Error" in line][:20]
+    assert result.returncode == 0, "\n".join(errors) + "\n...\n" + result.stderr[-2000:]
 
 
 def test_a_group_split_across_two_processes_is_scored_as_one(tmp_path):
