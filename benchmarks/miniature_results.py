@@ -256,8 +256,9 @@ def run_bpgo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def report_bpgo(runs: dict[str, list[dict]]) -> list[str]:
-    plot_diffs(runs, "BPGO vs GRPO, full + partial captions", OUT / "bpgo_vs_grpo.png")
+def report_bpgo(runs: dict[str, list[dict]], plot: bool = True) -> list[str]:
+    if plot:
+        plot_diffs(runs, "BPGO vs GRPO, full + partial captions", OUT / "bpgo_vs_grpo.png")
     kinds = [prompt_kind(p) for p in bpgo_prompts() for _ in range(4)]
     lines = [
         "| Method | seeds | eval gain, full captions | eval gain, partial captions |",
@@ -274,17 +275,22 @@ def report_bpgo(runs: dict[str, list[dict]]) -> list[str]:
             ]
             cells.append(mean_std(gains))
         lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
+    if "BPGO" in runs:
+        lines += ["", *ras_table(runs["BPGO"])]
+    return lines
+
+
+def ras_table(seeds_runs: list[dict]) -> list[str]:
+    """BPGO's RAS weights per prompt kind, over the seeds: :func:`ras_spread` and the number of groups."""
     ras: dict[str, list[float]] = {}
-    for run in runs.get("BPGO", []):
+    for run in seeds_runs:
         for kind, weights in run.get("ras_by_kind", {}).items():
             ras.setdefault(kind, []).extend(weights)
-    lines += [
-        "",
+    lines = [
         "| Prompt kind | BPGO's mean RAS weight | std | mean abs(w − 1) after the first visit | groups |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {kind} | {ras_spread(w)} | {len(w)} |" for kind, w in ras.items() if w]
-    return lines
+    return lines + [f"| {kind} | {ras_spread(w)} | {len(w)} |" for kind, w in ras.items() if w]
 
 
 def ras_spread(weights: list[float]) -> str:
@@ -296,6 +302,65 @@ def ras_spread(weights: list[float]) -> str:
     moved = [abs(w - 1) for w in weights if w != 1.0]
     moved_mean = f"{statistics.mean(moved):.3f}" if moved else "–"
     return f"{statistics.mean(weights):.3f} | {statistics.pstdev(weights):.3f} | {moved_mean}"
+
+
+#: BPGO in its released form: posterior RAS, CRT replacing the rewards, priors from the base model's rollouts
+BPGO_RELEASED = {"ras_mode": "posterior", "crt_mode": "replace", "prior_source": "base_model"}
+
+
+def judge_run(trainer_class, config_class, settings: dict, clean: ShapesAdherence, extras=None) -> dict:
+    """One run trained on the unreliable judge (``shapes_judge``), evaluated by the clean ``shapes_adherence``
+    on :func:`bpgo_prompts` (:func:`eval_samples`)."""
+    trainer, rewards, seconds = train(trainer_class, config_class, "shapes_judge", bpgo_prompts(), settings)
+    rows, samples = eval_samples(trainer, bpgo_prompts())
+    return {
+        "rewards": rewards,
+        "eval": clean(rows, samples),
+        "seconds": seconds,
+        **(extras(trainer) if extras is not None else {}),
+    }
+
+
+def run_bpgo_judge(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """GRPO, BPGO (defaults) and BPGO (released form) trained on ``shapes_judge`` over the ``bpgo`` prompt mix.
+
+    One lr-0 GRPO run per seed is the floor of all three: at lr 0 the weights never move, so every method draws
+    the same samples and the judge gives them the same rewards.
+    """
+    clean = ShapesAdherence()
+    ras = {"extras": lambda trainer: {"ras_by_kind": getattr(trainer, "ras_by_kind", {})}}
+    methods = {
+        "GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}, {}),
+        "BPGO (defaults)": (RecordingBPGOTrainer, BPGOConfig, {}, ras),
+        "BPGO (released form)": (RecordingBPGOTrainer, BPGOConfig, BPGO_RELEASED, ras),
+    }
+    runs: dict[str, list[dict]] = {label: [] for label in methods}
+    for seed in seeds:
+        settings = recipe(seed=seed, max_steps=steps, output_dir=f"/tmp/miniature-results-judge-{seed}")
+        floor = judge_run(
+            DiffusionGRPOTrainer, DiffusionGRPOConfig, {**settings, "learning_rate": 0.0}, clean
+        )
+        for label, (trainer_class, config_class, overrides, extras) in methods.items():
+            run = judge_run(trainer_class, config_class, {**settings, **overrides}, clean, **extras)
+            run.update(
+                floor=floor["rewards"],
+                diff=[a - b for a, b in zip(run["rewards"], floor["rewards"])],
+                eval_before=floor["eval"],
+                eval_after=run.pop("eval"),
+            )
+            runs[label].append(run)
+            print_run(label, seed, run)
+    return runs
+
+
+def report_bpgo_judge(runs: dict[str, list[dict]]) -> list[str]:
+    """The ``bpgo`` tables (gain per prompt kind by the clean reward, RAS weights per kind and method)."""
+    plot_diffs(runs, "GRPO and BPGO on an unreliable judge", OUT / "bpgo_judge_vs_grpo.png")
+    lines = report_bpgo(runs, plot=False)
+    for label in runs:
+        if label.startswith("BPGO"):
+            lines += ["", f"{label}:", *ras_table(runs[label])]
+    return lines
 
 
 def run_vipo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
@@ -545,6 +610,7 @@ PARTS = {
     "bpgo": (run_bpgo, report_bpgo),
     "vipo": (run_vipo, report_vipo),
     "vipo_object": (run_vipo_object, report_vipo_object),
+    "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
 }
 
 
