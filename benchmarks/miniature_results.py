@@ -14,6 +14,10 @@ Parts (``--parts``):
   CFG 4.5, on ``builtin:shapes``, rewarded by ``shapes_adherence``;
 * ``bpgo``: BPGO vs GRPO on a mix of full captions and partial ones (``builtin:shapes-ambiguous``): the gain
   per prompt kind, and BPGO's mean RAS weight per kind;
+* ``bpgo_judge``: GRPO, BPGO (defaults) and BPGO (released form) on the same mix, trained on an *unreliable*
+  judge (``shapes_judge``: partial captions completed by a random guess) and evaluated by the clean
+  ``shapes_adherence``; the judge's noise per prompt kind and the RAS weights per kind;
+  ``bpgo_judge_ablation``: the same with BPGO's RAS or CRT switched off;
 * ``vipo``: ViPO (backbone ``tiny:shapes-features``) vs GRPO on a local reward, the redness of the left half of
   the image, and overlay pictures of ViPO's maps;
 * ``vipo_object``: ViPO vs GRPO on a defect that sits on the object, ``shapes_purity`` (blemishes of another
@@ -54,7 +58,7 @@ from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
-from trl_visual.miniature.reward import ShapesAdherence, colour_deviation
+from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
@@ -306,6 +310,16 @@ def ras_spread(weights: list[float]) -> str:
 
 #: BPGO in its released form: posterior RAS, CRT replacing the rewards, priors from the base model's rollouts
 BPGO_RELEASED = {"ras_mode": "posterior", "crt_mode": "replace", "prior_source": "base_model"}
+#: The default BPGO with one of its two parts switched off (the ``bpgo_judge_ablation`` part)
+BPGO_ABLATIONS = {
+    "BPGO, RAS only (no CRT)": {"crt_mode": "none"},
+    "BPGO, CRT only (no RAS)": {"ras_mode": "none"},
+}
+
+
+def ras_extras(trainer: RecordingBPGOTrainer) -> dict:
+    """The RAS weights a :class:`RecordingBPGOTrainer` kept, by prompt kind."""
+    return {"ras_by_kind": getattr(trainer, "ras_by_kind", {})}
 
 
 def judge_run(trainer_class, config_class, settings: dict, clean: ShapesAdherence, extras=None) -> dict:
@@ -321,15 +335,16 @@ def judge_run(trainer_class, config_class, settings: dict, clean: ShapesAdherenc
     }
 
 
-def run_bpgo_judge(seeds: list[int], steps: int) -> dict[str, list[dict]]:
-    """GRPO, BPGO (defaults) and BPGO (released form) trained on ``shapes_judge`` over the ``bpgo`` prompt mix.
+def run_bpgo_judge(seeds: list[int], steps: int, methods: dict | None = None) -> dict[str, list[dict]]:
+    """GRPO, BPGO (defaults) and BPGO (released form), or ``methods`` (label → trainer class, config class,
+    config overrides, :func:`judge_run` keywords), trained on ``shapes_judge`` over the ``bpgo`` prompt mix.
 
-    One lr-0 GRPO run per seed is the floor of all three: at lr 0 the weights never move, so every method draws
-    the same samples and the judge gives them the same rewards.
+    One lr-0 GRPO run per seed is the floor of all of them: at lr 0 the weights never move, so every method
+    draws the same samples and the judge gives them the same rewards.
     """
     clean = ShapesAdherence()
-    ras = {"extras": lambda trainer: {"ras_by_kind": getattr(trainer, "ras_by_kind", {})}}
-    methods = {
+    ras = {"extras": ras_extras}
+    methods = methods or {
         "GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}, {}),
         "BPGO (defaults)": (RecordingBPGOTrainer, BPGOConfig, {}, ras),
         "BPGO (released form)": (RecordingBPGOTrainer, BPGOConfig, BPGO_RELEASED, ras),
@@ -353,14 +368,67 @@ def run_bpgo_judge(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
+@torch.no_grad()
+def judge_noise(judge_seeds: int = 16, per_prompt: int = 8) -> list[str]:
+    """How unreliable ``shapes_judge`` is on the base model, per prompt kind: one group of ``per_prompt`` SDE
+    samples of each :func:`bpgo_prompts` prompt (seed 7), judged by ``judge_seeds`` judges (judge seeds 0, 1, …).
+
+    Columns: the clean reward's mean and within-group std; the judge's; the std of one sample's score across
+    judge seeds (the guess's noise); the std of a group's mean across judge seeds; and the guess's share of the
+    judge's within-group variance, ``E[Var_judge(r)] / E[Var_group(r)]``.
+    """
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:shapes",
+        reward_funcs="shapes_adherence",
+        args=DiffusionGRPOConfig(**recipe(seed=0)),
+        train_dataset=Dataset.from_dict({"prompt": bpgo_prompts()}),
+    )
+    rows = [p for p in bpgo_prompts() for _ in range(per_prompt)]
+    samples = trainer.sample(rows, torch.arange(len(rows)), seed=7, stochastic=True, training=False).samples
+    clean = torch.tensor(ShapesAdherence()(rows, samples)).view(-1, per_prompt)
+    judged = torch.stack(
+        [torch.tensor(ShapesJudge(seed=s)(rows, samples)).view(-1, per_prompt) for s in range(judge_seeds)]
+    )
+    kinds = [prompt_kind(p) for p in bpgo_prompts()]
+    lines = [
+        "| Prompt kind | groups | clean mean | clean std in a group | judge mean | judge std in a group | "
+        "guess std of a sample | guess std of a group mean | guess share of the judge's variance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("full", "partial"):
+        groups = [g for g, k in enumerate(kinds) if k == kind]
+        j = judged[:, groups]
+        lines.append(
+            f"| {kind} | {len(groups)} | {clean[groups].mean():.3f} | {clean[groups].std(1).mean():.3f} | "
+            f"{j.mean():.3f} | {j.std(-1).mean():.3f} | {j.var(0).mean().sqrt():.3f} | "
+            f"{j.mean(-1).std(0).mean():.3f} | {j.var(0).mean() / j.var(-1).mean():.2f} |"
+        )
+    return lines
+
+
 def report_bpgo_judge(runs: dict[str, list[dict]]) -> list[str]:
-    """The ``bpgo`` tables (gain per prompt kind by the clean reward, RAS weights per kind and method)."""
+    """The judge's noise on the base model (:func:`judge_noise`), then the ``bpgo`` tables: the gain per prompt
+    kind by the clean reward, and the RAS weights per kind for each BPGO form."""
     plot_diffs(runs, "GRPO and BPGO on an unreliable judge", OUT / "bpgo_judge_vs_grpo.png")
+    return [*judge_noise(), "", *judge_tables(runs)]
+
+
+def judge_tables(runs: dict[str, list[dict]]) -> list[str]:
+    """The clean gain per prompt kind of every method, and the RAS weights per kind of each BPGO run."""
     lines = report_bpgo(runs, plot=False)
     for label in runs:
         if label.startswith("BPGO"):
             lines += ["", f"{label}:", *ras_table(runs[label])]
     return lines
+
+
+def run_bpgo_judge_ablation(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """The ``bpgo_judge`` runs of :data:`BPGO_ABLATIONS`: which of RAS and CRT makes the default BPGO's gain."""
+    methods = {
+        label: (RecordingBPGOTrainer, BPGOConfig, overrides, {"extras": ras_extras})
+        for label, overrides in BPGO_ABLATIONS.items()
+    }
+    return run_bpgo_judge(seeds, steps, methods)
 
 
 def run_vipo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
@@ -611,6 +679,7 @@ PARTS = {
     "vipo": (run_vipo, report_vipo),
     "vipo_object": (run_vipo_object, report_vipo_object),
     "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
+    "bpgo_judge_ablation": (run_bpgo_judge_ablation, judge_tables),
 }
 
 
