@@ -358,6 +358,7 @@ def run_bpgo_judge(seeds: list[int], steps: int, methods: dict | None = None) ->
         for label, (trainer_class, config_class, overrides, extras) in methods.items():
             run = judge_run(trainer_class, config_class, {**settings, **overrides}, clean, **extras)
             run.update(
+                seed=seed,
                 floor=floor["rewards"],
                 diff=[a - b for a, b in zip(run["rewards"], floor["rewards"])],
                 eval_before=floor["eval"],
@@ -414,11 +415,39 @@ def report_bpgo_judge(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def judge_tables(runs: dict[str, list[dict]]) -> list[str]:
-    """The clean gain per prompt kind of every method, and the RAS weights per kind of each BPGO run."""
-    lines = report_bpgo(runs, plot=False)
+    """The clean gain per prompt kind of every method, the same minus GRPO's with the same seed, and the RAS
+    weights per kind of each BPGO run."""
+    lines = [*report_bpgo(runs, plot=False), "", *gains_over_grpo(runs)]
     for label in runs:
         if label.startswith("BPGO"):
             lines += ["", f"{label}:", *ras_table(runs[label])]
+    return lines
+
+
+def gains_over_grpo(runs: dict[str, list[dict]]) -> list[str]:
+    """Each method's clean gain per prompt kind minus that of the ``bpgo_judge`` GRPO run with the same seed
+    (mean ± std over the seeds both have), and in how many seeds it is the larger."""
+    grpo = {run["seed"]: run for run in merged_runs("bpgo_judge").get("GRPO", []) if "seed" in run}
+    kinds = [prompt_kind(p) for p in bpgo_prompts() for _ in range(4)]
+
+    def gain(run: dict, kind: str) -> float:
+        return statistics.mean(
+            a - b for a, b, k in zip(run["eval_after"], run["eval_before"], kinds) if k == kind
+        )
+
+    lines = [
+        "| Method | seeds | full: gain − GRPO's | above GRPO | partial: gain − GRPO's | above GRPO |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        pairs = [(run, grpo[run["seed"]]) for run in seeds_runs if run.get("seed") in grpo]
+        if label == "GRPO" or not pairs:
+            continue
+        cells = []
+        for kind in ("full", "partial"):
+            differences = [gain(run, kind) - gain(reference, kind) for run, reference in pairs]
+            cells += [mean_std(differences), f"{sum(d > 0 for d in differences)}/{len(pairs)}"]
+        lines.append(f"| {label} | {len(pairs)} | {' | '.join(cells)} |")
     return lines
 
 
