@@ -14,6 +14,10 @@ Parts (``--parts``):
   CFG 4.5, on ``builtin:shapes``, rewarded by ``shapes_adherence``;
 * ``bpgo``: BPGO vs GRPO on a mix of full captions and partial ones (``builtin:shapes-ambiguous``): the gain
   per prompt kind, and BPGO's mean RAS weight per kind;
+* ``bpgo_judge``: GRPO, BPGO (defaults) and BPGO (released form) on the same mix, trained on an *unreliable*
+  judge (``shapes_judge``: partial captions completed by a random guess) and evaluated by the clean
+  ``shapes_adherence``; the judge's noise per prompt kind and the RAS weights per kind;
+  ``bpgo_judge_ablation``: the same with BPGO's RAS or CRT switched off;
 * ``vipo``: ViPO (backbone ``tiny:shapes-features``) vs GRPO on a local reward, the redness of the left half of
   the image, and overlay pictures of ViPO's maps;
 * ``vipo_object``: ViPO vs GRPO on a defect that sits on the object, ``shapes_purity`` (blemishes of another
@@ -54,7 +58,7 @@ from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
-from trl_visual.miniature.reward import ShapesAdherence, colour_deviation
+from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
@@ -256,8 +260,9 @@ def run_bpgo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def report_bpgo(runs: dict[str, list[dict]]) -> list[str]:
-    plot_diffs(runs, "BPGO vs GRPO, full + partial captions", OUT / "bpgo_vs_grpo.png")
+def report_bpgo(runs: dict[str, list[dict]], plot: bool = True) -> list[str]:
+    if plot:
+        plot_diffs(runs, "BPGO vs GRPO, full + partial captions", OUT / "bpgo_vs_grpo.png")
     kinds = [prompt_kind(p) for p in bpgo_prompts() for _ in range(4)]
     lines = [
         "| Method | seeds | eval gain, full captions | eval gain, partial captions |",
@@ -274,17 +279,22 @@ def report_bpgo(runs: dict[str, list[dict]]) -> list[str]:
             ]
             cells.append(mean_std(gains))
         lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
+    if "BPGO" in runs:
+        lines += ["", *ras_table(runs["BPGO"])]
+    return lines
+
+
+def ras_table(seeds_runs: list[dict]) -> list[str]:
+    """BPGO's RAS weights per prompt kind, over the seeds: :func:`ras_spread` and the number of groups."""
     ras: dict[str, list[float]] = {}
-    for run in runs.get("BPGO", []):
+    for run in seeds_runs:
         for kind, weights in run.get("ras_by_kind", {}).items():
             ras.setdefault(kind, []).extend(weights)
-    lines += [
-        "",
+    lines = [
         "| Prompt kind | BPGO's mean RAS weight | std | mean abs(w − 1) after the first visit | groups |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {kind} | {ras_spread(w)} | {len(w)} |" for kind, w in ras.items() if w]
-    return lines
+    return lines + [f"| {kind} | {ras_spread(w)} | {len(w)} |" for kind, w in ras.items() if w]
 
 
 def ras_spread(weights: list[float]) -> str:
@@ -296,6 +306,158 @@ def ras_spread(weights: list[float]) -> str:
     moved = [abs(w - 1) for w in weights if w != 1.0]
     moved_mean = f"{statistics.mean(moved):.3f}" if moved else "–"
     return f"{statistics.mean(weights):.3f} | {statistics.pstdev(weights):.3f} | {moved_mean}"
+
+
+#: BPGO in its released form: posterior RAS, CRT replacing the rewards, priors from the base model's rollouts
+BPGO_RELEASED = {"ras_mode": "posterior", "crt_mode": "replace", "prior_source": "base_model"}
+#: The default BPGO with one of its two parts switched off (the ``bpgo_judge_ablation`` part)
+BPGO_ABLATIONS = {
+    "BPGO, RAS only (no CRT)": {"crt_mode": "none"},
+    "BPGO, CRT only (no RAS)": {"ras_mode": "none"},
+}
+
+
+def ras_extras(trainer: RecordingBPGOTrainer) -> dict:
+    """The RAS weights a :class:`RecordingBPGOTrainer` kept, by prompt kind."""
+    return {"ras_by_kind": getattr(trainer, "ras_by_kind", {})}
+
+
+def judge_run(trainer_class, config_class, settings: dict, clean: ShapesAdherence, extras=None) -> dict:
+    """One run trained on the unreliable judge (``shapes_judge``), evaluated by the clean ``shapes_adherence``
+    on :func:`bpgo_prompts` (:func:`eval_samples`)."""
+    trainer, rewards, seconds = train(trainer_class, config_class, "shapes_judge", bpgo_prompts(), settings)
+    rows, samples = eval_samples(trainer, bpgo_prompts())
+    return {
+        "rewards": rewards,
+        "eval": clean(rows, samples),
+        "seconds": seconds,
+        **(extras(trainer) if extras is not None else {}),
+    }
+
+
+def run_bpgo_judge(seeds: list[int], steps: int, methods: dict | None = None) -> dict[str, list[dict]]:
+    """GRPO, BPGO (defaults) and BPGO (released form), or ``methods`` (label → trainer class, config class,
+    config overrides, :func:`judge_run` keywords), trained on ``shapes_judge`` over the ``bpgo`` prompt mix.
+
+    One lr-0 GRPO run per seed is the floor of all of them: at lr 0 the weights never move, so every method
+    draws the same samples and the judge gives them the same rewards.
+    """
+    clean = ShapesAdherence()
+    ras = {"extras": ras_extras}
+    methods = methods or {
+        "GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}, {}),
+        "BPGO (defaults)": (RecordingBPGOTrainer, BPGOConfig, {}, ras),
+        "BPGO (released form)": (RecordingBPGOTrainer, BPGOConfig, BPGO_RELEASED, ras),
+    }
+    runs: dict[str, list[dict]] = {label: [] for label in methods}
+    for seed in seeds:
+        settings = recipe(seed=seed, max_steps=steps, output_dir=f"/tmp/miniature-results-judge-{seed}")
+        floor = judge_run(
+            DiffusionGRPOTrainer, DiffusionGRPOConfig, {**settings, "learning_rate": 0.0}, clean
+        )
+        for label, (trainer_class, config_class, overrides, extras) in methods.items():
+            run = judge_run(trainer_class, config_class, {**settings, **overrides}, clean, **extras)
+            run.update(
+                seed=seed,
+                floor=floor["rewards"],
+                diff=[a - b for a, b in zip(run["rewards"], floor["rewards"])],
+                eval_before=floor["eval"],
+                eval_after=run.pop("eval"),
+            )
+            runs[label].append(run)
+            print_run(label, seed, run)
+    return runs
+
+
+@torch.no_grad()
+def judge_noise(judge_seeds: int = 16, per_prompt: int = 8) -> list[str]:
+    """How unreliable ``shapes_judge`` is on the base model, per prompt kind: one group of ``per_prompt`` SDE
+    samples of each :func:`bpgo_prompts` prompt (seed 7), judged by ``judge_seeds`` judges (judge seeds 0, 1, …).
+
+    Columns: the clean reward's mean and within-group std; the judge's; the std of one sample's score across
+    judge seeds (the guess's noise); the std of a group's mean across judge seeds; and the guess's share of the
+    judge's within-group variance, ``E[Var_judge(r)] / E[Var_group(r)]``.
+    """
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:shapes",
+        reward_funcs="shapes_adherence",
+        args=DiffusionGRPOConfig(**recipe(seed=0)),
+        train_dataset=Dataset.from_dict({"prompt": bpgo_prompts()}),
+    )
+    rows = [p for p in bpgo_prompts() for _ in range(per_prompt)]
+    samples = trainer.sample(rows, torch.arange(len(rows)), seed=7, stochastic=True, training=False).samples
+    clean = torch.tensor(ShapesAdherence()(rows, samples)).view(-1, per_prompt)
+    judged = torch.stack(
+        [torch.tensor(ShapesJudge(seed=s)(rows, samples)).view(-1, per_prompt) for s in range(judge_seeds)]
+    )
+    kinds = [prompt_kind(p) for p in bpgo_prompts()]
+    lines = [
+        "| Prompt kind | groups | clean mean | clean std in a group | judge mean | judge std in a group | "
+        "guess std of a sample | guess std of a group mean | guess share of the judge's variance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind in ("full", "partial"):
+        groups = [g for g, k in enumerate(kinds) if k == kind]
+        j = judged[:, groups]
+        lines.append(
+            f"| {kind} | {len(groups)} | {clean[groups].mean():.3f} | {clean[groups].std(1).mean():.3f} | "
+            f"{j.mean():.3f} | {j.std(-1).mean():.3f} | {j.var(0).mean().sqrt():.3f} | "
+            f"{j.mean(-1).std(0).mean():.3f} | {j.var(0).mean() / j.var(-1).mean():.2f} |"
+        )
+    return lines
+
+
+def report_bpgo_judge(runs: dict[str, list[dict]]) -> list[str]:
+    """The judge's noise on the base model (:func:`judge_noise`), then the ``bpgo`` tables: the gain per prompt
+    kind by the clean reward, and the RAS weights per kind for each BPGO form."""
+    plot_diffs(runs, "GRPO and BPGO on an unreliable judge", OUT / "bpgo_judge_vs_grpo.png")
+    return [*judge_noise(), "", *judge_tables(runs)]
+
+
+def judge_tables(runs: dict[str, list[dict]]) -> list[str]:
+    """The clean gain per prompt kind of every method, the same minus GRPO's with the same seed, and the RAS
+    weights per kind of each BPGO run."""
+    lines = [*report_bpgo(runs, plot=False), "", *gains_over_grpo(runs)]
+    for label in runs:
+        if label.startswith("BPGO"):
+            lines += ["", f"{label}:", *ras_table(runs[label])]
+    return lines
+
+
+def gains_over_grpo(runs: dict[str, list[dict]]) -> list[str]:
+    """Each method's clean gain per prompt kind minus that of the ``bpgo_judge`` GRPO run with the same seed
+    (mean ± std over the seeds both have), and in how many seeds it is the larger."""
+    grpo = {run["seed"]: run for run in merged_runs("bpgo_judge").get("GRPO", []) if "seed" in run}
+    kinds = [prompt_kind(p) for p in bpgo_prompts() for _ in range(4)]
+
+    def gain(run: dict, kind: str) -> float:
+        return statistics.mean(
+            a - b for a, b, k in zip(run["eval_after"], run["eval_before"], kinds) if k == kind
+        )
+
+    lines = [
+        "| Method | seeds | full: gain − GRPO's | above GRPO | partial: gain − GRPO's | above GRPO |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        pairs = [(run, grpo[run["seed"]]) for run in seeds_runs if run.get("seed") in grpo]
+        if label == "GRPO" or not pairs:
+            continue
+        cells = []
+        for kind in ("full", "partial"):
+            differences = [gain(run, kind) - gain(reference, kind) for run, reference in pairs]
+            cells += [mean_std(differences), f"{sum(d > 0 for d in differences)}/{len(pairs)}"]
+        lines.append(f"| {label} | {len(pairs)} | {' | '.join(cells)} |")
+    return lines
+
+
+def run_bpgo_judge_ablation(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """The ``bpgo_judge`` runs of :data:`BPGO_ABLATIONS`: which of RAS and CRT makes the default BPGO's gain."""
+    methods = {
+        label: (RecordingBPGOTrainer, BPGOConfig, overrides, {"extras": ras_extras})
+        for label, overrides in BPGO_ABLATIONS.items()
+    }
+    return run_bpgo_judge(seeds, steps, methods)
 
 
 def run_vipo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
@@ -545,6 +707,8 @@ PARTS = {
     "bpgo": (run_bpgo, report_bpgo),
     "vipo": (run_vipo, report_vipo),
     "vipo_object": (run_vipo_object, report_vipo_object),
+    "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
+    "bpgo_judge_ablation": (run_bpgo_judge_ablation, judge_tables),
 }
 
 

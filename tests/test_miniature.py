@@ -12,7 +12,7 @@ from trl_visual import DiffusionGRPOConfig
 from trl_visual.data import load_prompts
 from trl_visual.miniature.classifier import load_classifier, shapes_backbone
 from trl_visual.miniature.evaluate import classifier_accuracy, prompt_following, sample
-from trl_visual.miniature.reward import ShapesAdherence, colour_deviation, shapes_purity
+from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation, shapes_purity
 from trl_visual.miniature.scenes import (
     ATTRIBUTES,
     PromptGrammarError,
@@ -121,6 +121,37 @@ def test_shapes_features_backbone_gives_a_grid_that_sees_the_object():
     object_patch = features[0, 4, 2]  # centre of the square (row 16, column 9 → patch 4, 2)
     spread = (background - background.mean(0)).norm(dim=-1).max()
     assert (object_patch - background.mean(0)).norm() > 5 * spread
+
+
+def test_shapes_judge_scores_full_captions_exactly_and_completes_partial_ones_by_a_reproducible_guess(reward):
+    """r = ∏_{named} p(v_a) · ∏_{open} p(g_a): a full caption gives exactly shapes_adherence; a partial caption is
+    scored as the caption completed by the judge's guess, which keeps the named values, is the same for the same
+    pixels and judge seed, and varies with the pixels (so over many samples every open value gets guessed)."""
+    scenes = [Scene("green", "circle", "small", "top"), Scene("red", "triangle", "big", "left")]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.stack([render_scene(scene, generator) for scene in scenes])
+    judge = resolve_reward("shapes_judge")
+    assert isinstance(judge, ShapesJudge)
+    full = [scene.caption() for scene in scenes]
+    assert judge(full, images) == reward(full, images)
+
+    completion = judge.completion("a red shape at the top", images[1])
+    assert completion["colour"] == "red" and completion["position"] == "top"
+    assert completion == ShapesJudge(seed=0).completion("a red shape at the top", images[1])
+    completed_caption = Scene(**completion).caption()
+    assert judge(["a red shape at the top"], images[1:]) == pytest.approx(
+        reward([completed_caption], images[1:])
+    )
+
+    noisy = images[1] + 0.02 * torch.randn((64, *images.shape[1:]), generator=generator)
+    guesses = [judge.completion("a shape", image) for image in noisy]
+    assert guesses == [ShapesJudge(seed=0).completion("a shape", image) for image in noisy]
+    assert {guess["colour"] for guess in guesses} == set(ATTRIBUTES["colour"])
+    assert [ShapesJudge(seed=1).completion("a shape", image) for image in noisy] != guesses
+    scores = judge(
+        ["a red shape"] * 64, noisy
+    )  # the shape is red: a low score means a wrong guess, not a bad image
+    assert min(scores) < 0.2 < 0.8 < max(scores)
 
 
 def test_shapes_purity_is_one_minus_the_mean_colour_distance_in_the_shapes_core():

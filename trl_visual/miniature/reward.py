@@ -1,5 +1,6 @@
-"""The shapes world's rewards: ``shapes_adherence`` (does the image show what the prompt says) and
-``shapes_purity`` (is the drawn shape one uniform colour, a local defect for ViPO: see :func:`shapes_purity`).
+"""The shapes world's rewards: ``shapes_adherence`` (does the image show what the prompt says),
+``shapes_purity`` (is the drawn shape one uniform colour, a local defect for ViPO: see :func:`shapes_purity`)
+and ``shapes_judge`` (an unreliable adherence judge for ambiguous prompts: see :class:`ShapesJudge`).
 
 ``shapes_adherence``: how surely an image shows what its shapes-world prompt says.
 
@@ -16,6 +17,8 @@ by any red shape, and "a shape" scores 1 for every image: the uncertainty of par
 
 from __future__ import annotations
 
+import hashlib
+import random
 from pathlib import Path
 
 import torch
@@ -67,6 +70,10 @@ class ShapesAdherence(nn.Module):
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
         named = [parse_prompt(prompt) for prompt in prompts]  # grammar errors before any compute
+        return self.score_attributes(named, images)
+
+    def score_attributes(self, named: list[dict[str, str]], images: torch.Tensor) -> list[float]:
+        """``∏_a p_a(v_a | image)`` for each image and its attribute → value dict (e.g. from ``parse_prompt``)."""
         probabilities = self.attribute_probabilities(images)
         scores = []
         for i, attributes in enumerate(named):
@@ -75,6 +82,54 @@ class ShapesAdherence(nn.Module):
                 score = score * probabilities[name][i, ATTRIBUTES[name].index(value)]
             scores.append(float(score))
         return scores
+
+
+@register_reward("shapes_judge")
+class ShapesJudge(ShapesAdherence):
+    """An *unreliable* judge of prompt adherence: ``shapes_adherence`` of the prompt completed by the judge's
+    own guess of the attributes the prompt leaves open.
+
+    For a prompt naming the attributes ``A`` with values ``v_a``, the judge draws a guess ``g_a`` uniformly from
+    the values of every other attribute ``a ∉ A``, per sample, and scores
+
+        r(prompt, image) = ∏_{a ∈ A} p_a(v_a | image) · ∏_{a ∉ A} p_a(g_a | image).
+
+    A full caption leaves nothing open: ``r`` is exactly ``shapes_adherence``. For "a red shape" the judge has
+    its own idea, sample by sample, of what a red shape should look like (a big one at the top, say), like a
+    text-image matcher reading more into a vague caption than it says: an image that satisfies the prompt can
+    score near 0. The guess is drawn from a generator seeded by ``seed`` and a hash of the sample's pixels
+    (quantised to 8 bits), so a run is reproducible while the policy has no handle on the guess: its noise is
+    the ambiguous-prompt reward noise of BPGO's premise. Example::
+
+        judge = ShapesJudge()
+        judge(["a small red circle on the left"], images)  # == ShapesAdherence()(...) for a full caption
+        judge.completion("a red shape", images[0])  # {"colour": "red", "shape": <guess>, "size": …, …}
+
+    Args:
+        weights: a classifier safetensors file; default the one shipped with the package.
+        seed: mixed into every sample's guess.
+    """
+
+    def __init__(self, weights: str | Path | None = None, seed: int = 0) -> None:
+        super().__init__(weights)
+        self.seed = seed
+
+    def completion(self, prompt: str, image: torch.Tensor) -> dict[str, str]:
+        """Every attribute's value for ``prompt`` as this judge reads it on ``image``: the named values, and a
+        guess for each attribute left open (drawn as described in the class docstring)."""
+        named = parse_prompt(prompt)
+        pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()
+        digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + pixels).digest()
+        generator = random.Random(int.from_bytes(digest[:8], "little"))
+        return {name: named.get(name) or generator.choice(values) for name, values in ATTRIBUTES.items()}
+
+    def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
+        for prompt in prompts:  # grammar errors before any compute
+            parse_prompt(prompt)
+        completed = [self.completion(prompt, image) for prompt, image in zip(prompts, images)]
+        return self.score_attributes(completed, images)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ LAZY_REWARDS: dict[str, str] = {
     "clipscore_video": "trl_visual.rewards.video",
     "shapes_adherence": "trl_visual.miniature.reward",
     "shapes_purity": "trl_visual.miniature.reward",
+    "shapes_judge": "trl_visual.miniature.reward",
 }
 """Built-in reward name → the module that registers it when imported."""
 
