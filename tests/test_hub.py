@@ -414,3 +414,37 @@ def test_an_unreachable_hub_is_one_clear_error_before_training(monkeypatch, tmp_
     err = capsys.readouterr().err
     assert err.startswith("trl-visual: error: push_to_hub: could not create") and err.count("\n") == 1
     assert not (out / "checkpoint-1").exists()
+
+
+def test_a_push_that_fails_after_training_keeps_the_weights_and_is_one_line(monkeypatch, tmp_path, capsys):
+    """The CLI trains, saves, then the upload fails: the summary still says where the weights are, the error is one
+    line naming the saved folder, and the exit status is 1 (not the 2 of bad input)."""
+    import httpx2
+
+    from trl_visual.cli import main
+
+    def upload_folder(self, *, run_as_future=False, **kwargs):  # checkpoint pushes run in the background
+        error = httpx2.ConnectError("[Errno -2] Name or service not known")
+        if not run_as_future:
+            raise error
+        failed = Future()
+        failed.set_exception(error)
+        return failed
+
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(f"https://hf.co/{repo_id}")
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "run"
+    argv = ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "red_channel", "--max_steps", "1"]
+    argv += ["--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/tiny", "--disable_tqdm", "true"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert (
+        captured.err.startswith("trl-visual: error: Could not push to the Hub")
+        and captured.err.count("\n") == 1
+    )
+    assert str(out) in captured.err and f"saved to {out}" in captured.out
+    assert (
+        out / "transformer" / "config.json"
+    ).is_file()  # the fully trained denoiser, saved before the push

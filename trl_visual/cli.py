@@ -445,9 +445,11 @@ def train(trainer: Any) -> Any:
     """Train, save to ``output_dir`` (and push when ``push_to_hub``), print the summary; return the trainer."""
     config = trainer.args
     trainer.train(resume_from_checkpoint=_resume_value(config.resume_from_checkpoint))
-    trainer.save_model(config.output_dir)  # pushes to the Hub too when push_to_hub is set
-    if trainer.is_world_process_zero():
-        print(_summary(trainer, config.output_dir))
+    try:
+        trainer.save_model(config.output_dir)  # pushes to the Hub too when push_to_hub is set
+    finally:  # a failed push comes after the local save: the summary still says where the weights are
+        if trainer.is_world_process_zero():
+            print(_summary(trainer, config.output_dir))
     return trainer
 
 
@@ -746,15 +748,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError, HubRepositoryError)
 
 
-def _fail(error: BaseException) -> int:
+def _fail(error: BaseException, status: int = 2) -> int:
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"trl-visual: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``trl-visual``; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status: 0, or 2
-    for bad input (one ``trl-visual: error:`` line on stderr). An error during training propagates."""
+    """Entry point of ``trl-visual``; ``argv`` defaults to ``sys.argv[1:]``. Returns the exit status: 0, 2 for
+    bad input (one ``trl-visual: error:`` line on stderr), or 1 when the run trained and saved but the push to the
+    Hub failed (one line too). Any other error during training propagates."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in HELP_FLAGS:
         print(_usage())
@@ -782,8 +785,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(error)
     if launching:
         run_accelerate_launch(launch_args)  # every process runs `python -m trl_visual.cli` without the flags
-    else:
+        return 0
+    from .trainer.model_card import HubPushError
+
+    try:
         train(trainer)
+    except HubPushError as error:  # trained and saved; only the upload failed: one line, exit status 1
+        return _fail(error, status=1)
     return 0
 
 

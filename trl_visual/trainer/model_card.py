@@ -23,6 +23,10 @@ class HubRepositoryError(RuntimeError):
     """The Hub repository that ``push_to_hub`` writes to could not be created when the run started."""
 
 
+class HubPushError(RuntimeError):
+    """Pushing to the Hub failed after the weights and the model card were saved in ``output_dir``."""
+
+
 class ModelCardMixin:
     """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline``, ``shards_parameters``
     and the run's ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
@@ -200,7 +204,7 @@ class ModelCardMixin:
         try:
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
         except Exception as error:
-            raise RuntimeError(
+            raise HubPushError(
                 f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
                 f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
                 "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
