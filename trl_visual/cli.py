@@ -59,7 +59,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .launcher import accelerate_launch_args, run_accelerate_launch, wants_launch, with_yaml_accelerate_config
+from .launcher import (
+    accelerate_launch_args,
+    flag_or_config_value,
+    run_accelerate_launch,
+    wants_launch,
+    with_yaml_accelerate_config,
+)
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -257,24 +263,6 @@ model whose settings differ from the configs' defaults (the pretrained miniature
 than a LoRA on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
 
 
-def _flag_or_config_value(flags: Sequence[str], key: str) -> Any:
-    """``--<key>`` from the flags, else ``key`` from the ``--config`` YAML file; ``None`` if neither has it."""
-    for i, flag in enumerate(flags):
-        if flag == f"--{key}" and i + 1 < len(flags):
-            return flags[i + 1]
-        if flag.startswith(f"--{key}="):
-            return flag.split("=", 1)[1]
-    if "--config" in flags and flags.index("--config") + 1 < len(flags):
-        import yaml
-
-        path = flags[flags.index("--config") + 1]
-        if os.path.isfile(path):
-            with open(path) as file:
-                config = yaml.safe_load(file)
-            return config.get(key) if isinstance(config, dict) else None
-    return None
-
-
 EVALUATION_SETTINGS = (
     "dataset_test_split",
     "eval_strategy",
@@ -289,11 +277,11 @@ on another prompt set, which may have no such split (its own evaluation is asked
 def model_defaults(command: str, flags: Sequence[str]) -> dict[str, Any]:
     """The ``command``'s training defaults for the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``; without their
     :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
-    name = _flag_or_config_value(flags, "model_name_or_path")
+    name = flag_or_config_value(flags, "model_name_or_path")
     if name not in MODEL_DEFAULTS:
         return {}
     defaults = dict(_import(MODEL_DEFAULTS[name]).get(command, {}))
-    dataset = _flag_or_config_value(flags, "dataset_name")
+    dataset = flag_or_config_value(flags, "dataset_name")
     if dataset is not None and dataset != defaults.get("dataset_name"):
         defaults = {key: value for key, value in defaults.items() if key not in EVALUATION_SETTINGS}
     return defaults

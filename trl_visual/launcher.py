@@ -28,6 +28,7 @@ import os
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -126,28 +127,39 @@ def launched_by_accelerate() -> bool:
     return "ACCELERATE_MIXED_PRECISION" in os.environ
 
 
-def _config_file(flags: Sequence[str]) -> str | None:
-    """The value of ``--config FILE`` (or ``--config=FILE``) among ``flags``, if any."""
-    for i, flag in enumerate(flags):
-        name, has_inline_value, value = flag.partition("=")
-        if name == "--config":
+def _flag_value(flags: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` among ``flags`` (``--flag VALUE`` or ``--flag=VALUE``), if given."""
+    for i, given in enumerate(flags):
+        name, has_inline_value, value = given.partition("=")
+        if name == flag:
             return value if has_inline_value else (flags[i + 1] if i + 1 < len(flags) else None)
     return None
 
 
-def with_yaml_accelerate_config(flags: Sequence[str]) -> list[str]:
-    """``flags`` plus ``--accelerate_config VALUE`` when the ``--config`` YAML names ``accelerate_config`` and
-    neither the command line nor an enclosing ``accelerate launch`` already chose how to run.
+def flag_or_config_value(flags: Sequence[str], key: str) -> Any:
+    """``--<key>`` from the flags, else ``key`` from the ``--config`` YAML file; ``None`` if neither has it.
 
-    A missing or unreadable YAML is left to the argument parser, which reports it.
+    Read before the argument parser runs (to choose defaults or a launch); a missing YAML is left to the parser,
+    which reports it.
     """
-    flags = list(flags)
-    path = _config_file(flags)
-    if path is None or launched_by_accelerate() or wants_launch(flags) or not os.path.isfile(path):
-        return flags
+    value = _flag_value(flags, f"--{key}")
+    if value is not None:
+        return value
+    path = _flag_value(flags, "--config")
+    if path is None or not os.path.isfile(path):
+        return None
     with open(path, encoding="utf-8") as handle:
         config = yaml.safe_load(handle)
-    value = config.get("accelerate_config") if isinstance(config, dict) else None
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def with_yaml_accelerate_config(flags: Sequence[str]) -> list[str]:
+    """``flags`` plus ``--accelerate_config VALUE`` when the ``--config`` YAML names ``accelerate_config`` and
+    neither the command line nor an enclosing ``accelerate launch`` already chose how to run."""
+    flags = list(flags)
+    if launched_by_accelerate() or wants_launch(flags):
+        return flags
+    value = flag_or_config_value(flags, "accelerate_config")  # the flag is absent: this is the YAML's key
     return flags if value is None else [*flags, ACCELERATE_CONFIG_FLAG, str(value)]
 
 
