@@ -28,7 +28,10 @@ Parts (``--parts``):
 * ``lora_headroom``: the LoRA recipe on the two headroom prompts of ``tests/test_learning_signal.py``, 8 steps of
   2 prompts × 8 samples (the fast screen a variant passes before the ``lora`` part);
 * ``demo``: the demos' own runs (``trl_visual.demo``: its settings and LoRA) on the notebook's and the Space's
-  prompts.
+  prompts;
+* ``pairs``: GRPO on two-shape scenes: ``tiny:shapes-pairs`` with its recipe
+  (:data:`trl_visual.miniature.PAIRS_GRPO_DEFAULTS`) at CFG 1 and CFG 4.5 on ``builtin:shapes-pairs``, evaluated on
+  the 48 prompts of its ``test`` split, and a before/after picture of each first-seed run.
 
 It writes ``docs/images/results/*.png`` (matplotlib) and ``docs/images/results/results.json``; the tables are
 printed as Markdown (mean ± std over seeds) for ``docs/results.md``.
@@ -58,6 +61,8 @@ from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
+from trl_visual.miniature.before_after import before_after
+from trl_visual.miniature.pipeline import load_shapes_pairs_pipeline
 from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
 from trl_visual.trainer.bpgo_config import BPGOConfig
@@ -124,10 +129,18 @@ def eval_rewards(trainer: DiffusionGRPOTrainer, prompts: list[str], per_prompt: 
     return torch.tensor(trainer.reward_funcs[0](rows, samples))
 
 
-def train(trainer_class, config_class, reward, prompts: list[str], settings: dict, **kwargs):
-    """Build and train one run; returns the trainer, its logged training rewards and its wall time."""
+def train(
+    trainer_class,
+    config_class,
+    reward,
+    prompts: list[str],
+    settings: dict,
+    model: str = "tiny:shapes",
+    **kwargs,
+):
+    """Build and train one run of ``model``; returns the trainer, its logged training rewards and its wall time."""
     trainer = trainer_class(
-        model="tiny:shapes",
+        model=model,
         reward_funcs=reward,
         args=config_class(**settings),
         train_dataset=Dataset.from_dict({"prompt": prompts}),
@@ -158,6 +171,19 @@ def paired_run(
         "seconds": seconds,
         **(extras(trained) if extras is not None else {}),
     }
+
+
+def adherence_run(prompts, eval_prompts, settings, **kwargs) -> dict:
+    """:func:`paired_run` of GRPO rewarded by ``shapes_adherence`` (``kwargs``: a LoRA, extras, the model)."""
+    return paired_run(
+        DiffusionGRPOTrainer,
+        DiffusionGRPOConfig,
+        "shapes_adherence",
+        prompts,
+        eval_prompts,
+        settings,
+        **kwargs,
+    )
 
 
 def mean_std(values: list[float], digits: int = 3) -> str:
@@ -196,9 +222,7 @@ def run_grpo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
         label = f"GRPO, CFG {cfg:g}"
         for seed in seeds:
             settings = recipe(seed=seed, max_steps=steps, guidance_scale=cfg)
-            run = paired_run(
-                DiffusionGRPOTrainer, DiffusionGRPOConfig, "shapes_adherence", prompts, prompts[::2], settings
-            )
+            run = adherence_run(prompts, prompts[::2], settings)
             runs.setdefault(label, []).append(run)
             print(
                 f"{label}, seed {seed}: eval {statistics.mean(run['eval_before']):.3f} -> "
@@ -241,11 +265,7 @@ def run_bpgo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {"GRPO": [], "BPGO": []}
     for seed in seeds:
         settings = recipe(seed=seed, max_steps=steps)
-        runs["GRPO"].append(
-            paired_run(
-                DiffusionGRPOTrainer, DiffusionGRPOConfig, "shapes_adherence", prompts, prompts, settings
-            )
-        )
+        runs["GRPO"].append(adherence_run(prompts, prompts, settings))
         runs["BPGO"].append(
             paired_run(
                 RecordingBPGOTrainer,
@@ -773,10 +793,7 @@ def lora_runs(
     runs: dict[str, list[dict]] = {}
     for seed in seeds:
         settings, lora = lora_recipe(seed, **overrides)
-        run = paired_run(
-            DiffusionGRPOTrainer,
-            DiffusionGRPOConfig,
-            "shapes_adherence",
+        run = adherence_run(
             prompts,
             eval_prompts,
             settings,
@@ -813,10 +830,7 @@ def run_demo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
         label = f"demo, {name} ({demo_steps} steps)"
         for seed in seeds:
             settings = recipe(**demo_settings(prompts, seed=seed, max_steps=demo_steps))
-            run = paired_run(
-                DiffusionGRPOTrainer,
-                DiffusionGRPOConfig,
-                "shapes_adherence",
+            run = adherence_run(
                 prompts,
                 evaluation,
                 settings,
@@ -850,11 +864,56 @@ def report_gains(runs: dict[str, list[dict]]) -> list[str]:
     return report_grpo(runs, plot=False)
 
 
+def run_pairs(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """GRPO on ``tiny:shapes-pairs`` at CFG 1 and CFG 4.5 on the 576 two-shape captions, evaluated on the 48 of
+    the ``test`` split (4 samples each); the first seed's runs also save a before/after picture."""
+    prompts = load_prompts("builtin:shapes-pairs")["prompt"]
+    evaluation = list(dict.fromkeys(load_prompts("builtin:shapes-pairs", split="test")["prompt"]))
+    runs: dict[str, list[dict]] = {}
+    for cfg in (1.0, 4.5):
+        label = f"GRPO on two shapes, CFG {cfg:g}"
+        for seed in seeds:
+            settings = recipe(seed=seed, max_steps=steps, guidance_scale=cfg)
+            picture = (
+                partial(save_pairs_picture, prompts=evaluation[:8], cfg=cfg) if seed == seeds[0] else None
+            )
+            run = adherence_run(
+                prompts,
+                evaluation,
+                settings,
+                extras=picture,
+                model="tiny:shapes-pairs",
+            )
+            runs.setdefault(label, []).append(run)
+            print_run(label, seed, run)
+    return runs
+
+
+def save_pairs_picture(trainer: DiffusionGRPOTrainer, prompts: list[str], cfg: float) -> dict:
+    """The before/after picture (``trl_visual.miniature.before_after``) of ``prompts``: the base
+    ``tiny:shapes-pairs`` above, the trained denoiser below, the same noise and the recipe's 4 steps at ``cfg``."""
+    base = load_shapes_pairs_pipeline()
+    for pipeline in (base, trainer.pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+    picture = before_after(
+        base, trainer.pipeline, prompts, ShapesAdherence(), guidance_scale=cfg, labels=("base", "after GRPO")
+    )
+    path = OUT / f"pairs_before_after_cfg{cfg:g}.png"
+    picture.save(path)
+    return {"picture": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)}
+
+
+def report_pairs(runs: dict[str, list[dict]]) -> list[str]:
+    plot_diffs(runs, "GRPO on tiny:shapes-pairs (two-shape prompts)", OUT / "pairs_reward_vs_floor.png")
+    return report_gains(runs)
+
+
 PARTS.update(
     {
         "lora": (run_lora, report_lora),
         "lora_headroom": (run_lora_headroom, report_gains),
         "demo": (run_demo, report_gains),
+        "pairs": (run_pairs, report_pairs),
     }
 )
 

@@ -135,19 +135,19 @@ def test_shapes_judge_scores_full_captions_exactly_and_completes_partial_ones_by
     full = [scene.caption() for scene in scenes]
     assert judge(full, images) == reward(full, images)
 
-    completion = judge.completion("a red shape at the top", images[1])
+    [completion] = judge.completion("a red shape at the top", images[1])
     assert completion["colour"] == "red" and completion["position"] == "top"
-    assert completion == ShapesJudge(seed=0).completion("a red shape at the top", images[1])
+    assert [completion] == ShapesJudge(seed=0).completion("a red shape at the top", images[1])
     completed_caption = Scene(**completion).caption()
     assert judge(["a red shape at the top"], images[1:]) == pytest.approx(
         reward([completed_caption], images[1:])
     )
 
     noisy = images[1] + 0.02 * torch.randn((64, *images.shape[1:]), generator=generator)
-    guesses = [judge.completion("a shape", image) for image in noisy]
-    assert guesses == [ShapesJudge(seed=0).completion("a shape", image) for image in noisy]
+    guesses = [judge.completion("a shape", image)[0] for image in noisy]
+    assert guesses == [ShapesJudge(seed=0).completion("a shape", image)[0] for image in noisy]
     assert {guess["colour"] for guess in guesses} == set(ATTRIBUTES["colour"])
-    assert [ShapesJudge(seed=1).completion("a shape", image) for image in noisy] != guesses
+    assert [ShapesJudge(seed=1).completion("a shape", image)[0] for image in noisy] != guesses
     scores = judge(
         ["a red shape"] * 64, noisy
     )  # the shape is red: a low score means a wrong guess, not a bad image
@@ -319,6 +319,7 @@ def test_before_after_picture_shows_base_above_and_trained_below_from_the_same_n
         before_after,
         eval_prompts,
         grid_size,
+        header_height,
         tile_box,
         trained_pipeline,
     )
@@ -328,10 +329,11 @@ def test_before_after_picture_shows_base_above_and_trained_below_from_the_same_n
     assert prompts == list(dict.fromkeys(load_prompts("builtin:shapes", split="test")["prompt"]))[:2]
 
     def tiles(picture, row):
-        return [picture.crop(tile_box(row, column)).tobytes() for column in range(len(prompts))]
+        header = header_height(prompts)
+        return [picture.crop(tile_box(row, column, header)).tobytes() for column in range(len(prompts))]
 
     same = before_after(base, base, prompts, reward)
-    assert same.size == grid_size(2) and grid_size(2)[0] - grid_size(1)[0] == TILE + GAP
+    assert same.size == grid_size(prompts) and grid_size(prompts)[0] - grid_size(prompts[:1])[0] == TILE + GAP
     assert tiles(same, 0) == tiles(same, 1)  # same model, same noise: the same images
     assert tiles(same, 0)[0] != tiles(same, 0)[1]
 

@@ -257,7 +257,10 @@ def make_parser(command: str, config_class: type) -> Any:
     )
 
 
-MODEL_DEFAULTS: dict[str, str] = {"tiny:shapes": "trl_visual.miniature:METHOD_DEFAULTS"}
+MODEL_DEFAULTS: dict[str, str] = {
+    "tiny:shapes": "trl_visual.miniature:METHOD_DEFAULTS",
+    "tiny:shapes-pairs": "trl_visual.miniature:PAIRS_METHOD_DEFAULTS",
+}
 """Model name → the ``module:attribute`` of its own training defaults (command → a dict of flag values). A
 model whose settings differ from the configs' defaults (the pretrained miniature world learns with other steps
 than a LoRA on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""

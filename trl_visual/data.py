@@ -133,8 +133,8 @@ def _shapes(detail: str) -> Dataset:
     """The shapes world's prompts (:mod:`trl_visual.miniature.scenes`), imported on use."""
     from .miniature import scenes
 
-    prompts = scenes.full_prompts() if detail == "full" else scenes.ambiguous_prompts()
-    return Dataset.from_dict({"prompt": prompts})
+    prompts = {"full": scenes.full_prompts, "partial": scenes.ambiguous_prompts, "pairs": scenes.pair_prompts}
+    return Dataset.from_dict({"prompt": prompts[detail]()})
 
 
 SHAPES_EVAL_SAMPLES_PER_PROMPT = 4
@@ -158,11 +158,21 @@ def _shapes_test() -> Dataset:
     return Dataset.from_dict({"prompt": [p for p in half for _ in range(SHAPES_EVAL_SAMPLES_PER_PROMPT)]})
 
 
+def _shapes_pairs_test() -> Dataset:
+    """``builtin:shapes-pairs``' evaluation split: 48 of its 576 two-shape captions (drawn with seed 0), each
+    repeated :data:`SHAPES_EVAL_SAMPLES_PER_PROMPT` times."""
+    from .miniature import scenes
+
+    prompts = random.Random(0).sample(scenes.pair_prompts(), 48)
+    return Dataset.from_dict({"prompt": [p for p in prompts for _ in range(SHAPES_EVAL_SAMPLES_PER_PROMPT)]})
+
+
 BUILTIN_PROMPT_SETS = {
     "drawbench-mini": _drawbench_mini,
     "objects": _objects,
     "shapes": lambda: _shapes("full"),
     "shapes-ambiguous": lambda: _shapes("partial"),
+    "shapes-pairs": lambda: _shapes("pairs"),
 }
 """Built-in prompt lists, reachable as ``dataset_name="builtin:<name>"``.
 
@@ -175,14 +185,17 @@ BUILTIN_PROMPT_SETS = {
   and the ``shapes_adherence`` reward.
 - ``shapes-ambiguous``: its 102 partial captions ("a red shape", "a big triangle", …, "a shape"), where the
   reward of a prompt is uncertain: BPGO's setting.
+- ``shapes-pairs``: the 576 full captions of its two-shape scenes ("a small red circle on the left and a small
+  blue square on the right"), for ``tiny:shapes-pairs``.
 """
 
-BUILTIN_TEST_SPLITS = {"shapes": _shapes_test}
+BUILTIN_TEST_SPLITS = {"shapes": _shapes_test, "shapes-pairs": _shapes_pairs_test}
 """Built-in lists that also have a ``test`` split (``--dataset_test_split test``); the others have only ``train``.
 
 - ``shapes``: 48 of its 96 captions (each attribute value equally often), four rows each. The world has only 96
   full captions, so these prompts are also trained on; what is held out is the samples: evaluation draws them
   deterministically (ODE) from its own fixed noise, training stochastically (SDE).
+- ``shapes-pairs``: 48 of its 576 captions, four rows each (also trained on, as above).
 """
 
 # File extensions and the `datasets` builder that reads them.

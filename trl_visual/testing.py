@@ -44,6 +44,7 @@ from transformers import (
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .miniature.pipeline import (
+    load_shapes_pairs_pipeline,
     load_shapes_pipeline,
     small_clip_text_config,
     small_image_vae,
@@ -371,6 +372,7 @@ TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "wan": tiny_wan_pipeline,
     "wan-i2v": tiny_wan_i2v_pipeline,
     "shapes": load_shapes_pipeline,  # pretrained: the miniature world of trl_visual.miniature
+    "shapes-pairs": load_shapes_pairs_pipeline,  # the same world with two-shape scenes
 }
 
 

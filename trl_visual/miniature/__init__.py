@@ -1,12 +1,14 @@
 """The miniature world: a small pretrained world where prompts mean something and learning can be shown.
 
-- :mod:`~trl_visual.miniature.scenes`: procedural 32×32 scenes of one coloured shape, their captions (full,
-  partial, vague), a ``datasets.Dataset`` builder and the prompt sets ``builtin:shapes`` /
-  ``builtin:shapes-ambiguous``;
-- :mod:`~trl_visual.miniature.pipeline`: ``tiny:shapes``, a pretrained miniature ``StableDiffusion3Pipeline``;
+- :mod:`~trl_visual.miniature.scenes`: procedural 32×32 scenes of one or two coloured shapes, their captions
+  (full, partial, vague), a ``datasets.Dataset`` builder and the prompt sets ``builtin:shapes`` /
+  ``builtin:shapes-ambiguous`` / ``builtin:shapes-pairs``;
+- :mod:`~trl_visual.miniature.pipeline`: ``tiny:shapes``, a pretrained miniature ``StableDiffusion3Pipeline`` of
+  one-shape scenes, and ``tiny:shapes-pairs``, the same architecture trained on one- and two-shape scenes;
 - :mod:`~trl_visual.miniature.classifier`: the scene classifier, and its features as the ViPO backbone
   ``tiny:shapes-features``;
-- :mod:`~trl_visual.miniature.reward`: the ``shapes_adherence`` reward;
+- :mod:`~trl_visual.miniature.reward`: the ``shapes_adherence`` reward (two-shape prompts judged shape by
+  shape), ``shapes_purity`` and ``shapes_judge``;
 - :mod:`~trl_visual.miniature.train` and :mod:`~trl_visual.miniature.evaluate`: the scripts that made the
   shipped weights and measure them;
 - :mod:`~trl_visual.miniature.before_after`: the picture of a GRPO run's samples, base model above and trained
@@ -59,3 +61,22 @@ METHOD_DEFAULTS: dict[str, dict] = {
 """``trl-visual <command>`` → its defaults for ``tiny:shapes``: GRPO's recipe for all three (BPGO and ViPO were
 measured with it in ``docs/results.md``), each writing to its own folder; ViPO sees with the miniature world's
 own backbone (its classifier's features) instead of a DINOv2 from the Hub."""
+
+PAIRS_GRPO_DEFAULTS: dict = {
+    **GRPO_DEFAULTS,
+    "dataset_name": "builtin:shapes-pairs",
+    "output_dir": "tiny-shapes-pairs-grpo",
+}
+"""``trl-visual`` defaults for ``--model_name_or_path tiny:shapes-pairs``: :data:`GRPO_DEFAULTS` on the two-shape
+prompts (``docs/results.md`` has what it does)."""
+
+PAIRS_METHOD_DEFAULTS: dict[str, dict] = {
+    "grpo": PAIRS_GRPO_DEFAULTS,
+    "bpgo": {**PAIRS_GRPO_DEFAULTS, "output_dir": "tiny-shapes-pairs-bpgo"},
+    "vipo": {
+        **PAIRS_GRPO_DEFAULTS,
+        "output_dir": "tiny-shapes-pairs-vipo",
+        "backbone": "tiny:shapes-features",
+    },
+}
+"""``trl-visual <command>`` → its defaults for ``tiny:shapes-pairs`` (as :data:`METHOD_DEFAULTS`)."""

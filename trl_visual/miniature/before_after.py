@@ -1,14 +1,17 @@
-"""A before/after picture of a GRPO run on ``tiny:shapes``: the same prompts and the same initial noise, the base
-model's samples above and the trained model's below, each captioned with its ``shapes_adherence``.
+"""A before/after picture of a GRPO run on ``tiny:shapes`` (or ``tiny:shapes-pairs``): the same prompts and the
+same initial noise, the base model's samples above and the trained model's below, each captioned with its
+``shapes_adherence``.
 
 Usage::
 
     trl-visual grpo --model_name_or_path tiny:shapes --dataset_name builtin:shapes --reward_funcs shapes_adherence
     python -m trl_visual.miniature.before_after --run_dir tiny-shapes-grpo --out before_after.png
+    python -m trl_visual.miniature.before_after --model tiny:shapes-pairs --run_dir tiny-shapes-pairs-grpo
 
 ``--run_dir`` is the run's ``output_dir`` (the trained denoiser is in its ``transformer/`` folder); where it holds
 no run yet, the script trains one first, with the command above. The prompts are the first
-``--num_prompts`` of the run's evaluation set (``builtin:shapes``' ``test`` split), not picked by hand. Both
+``--num_prompts`` of the run's evaluation set (the ``test`` split of the model's prompt set: ``builtin:shapes``,
+or ``builtin:shapes-pairs``), not picked by hand. Both
 models sample with the pipeline's own Euler sampler, with the recipe's sampling steps and guidance scale
 (:data:`~trl_visual.miniature.GRPO_DEFAULTS`: 4 steps, CFG 1).
 """
@@ -23,9 +26,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import load_prompts
-from . import GRPO_DEFAULTS
+from . import GRPO_DEFAULTS, METHOD_DEFAULTS, PAIRS_METHOD_DEFAULTS
 from .evaluate import sample
-from .pipeline import build_shapes_pipeline, load_shapes_pipeline
+from .pipeline import ONE_SHAPE, TWO_SHAPES, ShapesModel, build_shapes_pipeline, load_shapes_pipeline
 from .reward import ShapesAdherence
 
 SCALE = 3
@@ -33,47 +36,60 @@ SCALE = 3
 TILE = 32 * SCALE
 GAP = 6
 LABEL_WIDTH = 84
-HEADER_HEIGHT = 44
+LINE_HEIGHT = 13
 CAPTION_HEIGHT = 16
 FONT_SIZE = 11
 PROMPT_CHARS_PER_LINE = 16
+MODELS: dict[str, tuple[ShapesModel, dict]] = {
+    ONE_SHAPE.name: (ONE_SHAPE, METHOD_DEFAULTS["grpo"]),
+    TWO_SHAPES.name: (TWO_SHAPES, PAIRS_METHOD_DEFAULTS["grpo"]),
+}
+"""Model name → the model and its GRPO defaults (its prompt set, its output folder)."""
 
 
-def eval_prompts(count: int) -> list[str]:
-    """The first ``count`` distinct prompts of ``builtin:shapes``' evaluation (``test``) split."""
-    prompts = list(dict.fromkeys(load_prompts("builtin:shapes", split="test")["prompt"]))
+def eval_prompts(count: int, dataset_name: str = "builtin:shapes") -> list[str]:
+    """The first ``count`` distinct prompts of the evaluation (``test``) split of ``dataset_name``."""
+    prompts = list(dict.fromkeys(load_prompts(dataset_name, split="test")["prompt"]))
     return prompts[:count]
 
 
-def trained_pipeline(run_dir: str | Path, base=None):
-    """``tiny:shapes`` with the denoiser a full fine-tuning run saved in ``run_dir/transformer`` (the other parts,
-    which GRPO does not train, are the base model's: ``base``'s when given)."""
+def trained_pipeline(run_dir: str | Path, base=None, model: ShapesModel = ONE_SHAPE):
+    """``model`` (``tiny:shapes``) with the denoiser a full fine-tuning run saved in ``run_dir/transformer`` (the
+    other parts, which GRPO does not train, are the base model's: ``base``'s when given)."""
     from diffusers import SD3Transformer2DModel
 
     folder = Path(run_dir) / "transformer"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"No trained transformer in {folder}: pass the output_dir of a `trl-visual grpo --model_name_or_path "
-            "tiny:shapes` run (a LoRA run saves pytorch_lora_weights.safetensors instead: load it with "
+            f"{model.name}` run (a LoRA run saves pytorch_lora_weights.safetensors instead: load it with "
             "pipe.load_lora_weights)."
         )
-    base = base if base is not None else load_shapes_pipeline()
+    base = base if base is not None else load_shapes_pipeline(model=model)
     transformer = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=base.transformer.dtype)
-    return build_shapes_pipeline(transformer, base.vae)
+    return build_shapes_pipeline(transformer, base.vae, model)
 
 
-def grid_size(num_prompts: int) -> tuple[int, int]:
-    """(width, height) in pixels of the picture of ``num_prompts`` prompts: a label column and one column per
-    prompt; a header row of prompts and two rows of captioned samples."""
-    width = LABEL_WIDTH + num_prompts * (TILE + GAP)
-    height = HEADER_HEIGHT + 2 * (TILE + CAPTION_HEIGHT + GAP)
+def header_height(prompts: list[str]) -> int:
+    """Pixels of the header row: the longest prompt, wrapped at :data:`PROMPT_CHARS_PER_LINE` characters (at
+    least three lines, the height of the one-shape pictures)."""
+    lines = max([3] + [len(textwrap.wrap(prompt, PROMPT_CHARS_PER_LINE)) for prompt in prompts])
+    return lines * LINE_HEIGHT + 5
+
+
+def grid_size(prompts: list[str]) -> tuple[int, int]:
+    """(width, height) in pixels of the picture of ``prompts``: a label column and one column per prompt; a
+    header row of prompts and two rows of captioned samples."""
+    width = LABEL_WIDTH + len(prompts) * (TILE + GAP)
+    height = header_height(prompts) + 2 * (TILE + CAPTION_HEIGHT + GAP)
     return width, height
 
 
-def tile_box(row: int, column: int) -> tuple[int, int, int, int]:
-    """The (left, top, right, bottom) pixels of the sample in ``row`` (0: base, 1: trained) and ``column``."""
+def tile_box(row: int, column: int, header: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) pixels of the sample in ``row`` (0: base, 1: trained) and ``column``, below
+    a header ``header`` pixels high."""
     left = LABEL_WIDTH + column * (TILE + GAP)
-    top = HEADER_HEIGHT + row * (TILE + CAPTION_HEIGHT + GAP)
+    top = header + row * (TILE + CAPTION_HEIGHT + GAP)
     return left, top, left + TILE, top + TILE
 
 
@@ -86,18 +102,19 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 def render_grid(prompts: list[str], rows: list[tuple[str, torch.Tensor, list[float]]]) -> Image.Image:
     """Draw the picture: ``rows`` are (label, images ``(N, 3, H, W)`` in [0, 1], adherence per image), one column
     per prompt, each image captioned with its adherence and each row labelled with its mean."""
-    canvas = Image.new("RGB", grid_size(len(prompts)), "white")
+    canvas = Image.new("RGB", grid_size(prompts), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=FONT_SIZE)
+    header = header_height(prompts)
     for column, prompt in enumerate(prompts):
-        left = tile_box(0, column)[0]
+        left = tile_box(0, column, header)[0]
         draw.multiline_text((left, 2), textwrap.fill(prompt, PROMPT_CHARS_PER_LINE), fill="black", font=font)
     for row, (label, images, scores) in enumerate(rows):
-        top = tile_box(row, 0)[1]
+        top = tile_box(row, 0, header)[1]
         mean = sum(scores) / len(scores)
         draw.multiline_text((4, top + TILE // 3), f"{label}\nmean {mean:.2f}", fill="black", font=font)
         for column, (image, score) in enumerate(zip(images, scores)):
-            left, _, _, bottom = tile_box(row, column)
+            left, _, _, bottom = tile_box(row, column, header)
             canvas.paste(_to_pil(image), (left, top))
             draw.text((left, bottom + 2), f"adherence {score:.2f}", fill="black", font=font)
     return canvas
@@ -126,26 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run_dir", default=GRPO_DEFAULTS["output_dir"], help="The run's output_dir.")
+    parser.add_argument("--model", choices=tuple(MODELS), default=ONE_SHAPE.name)
+    parser.add_argument(
+        "--run_dir", default=None, help="The run's output_dir (default: the model's recipe's)."
+    )
     parser.add_argument("--out", default="shapes_before_after.png", help="Where to save the PNG.")
     parser.add_argument("--num_prompts", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="Seed of the samples' initial noise.")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not (Path(args.run_dir) / "transformer").is_dir():
+    model, defaults = MODELS[args.model]
+    run_dir = args.run_dir or defaults["output_dir"]
+    if not (Path(run_dir) / "transformer").is_dir():
         from ..cli import run
 
-        print(f"No run in {args.run_dir}: training one (trl-visual grpo --model_name_or_path tiny:shapes).")
-        run(["grpo", "--model_name_or_path", "tiny:shapes", "--output_dir", args.run_dir])
-    base = load_shapes_pipeline()
-    trained = trained_pipeline(args.run_dir, base)
+        print(f"No run in {run_dir}: training one (trl-visual grpo --model_name_or_path {model.name}).")
+        run(["grpo", "--model_name_or_path", model.name, "--output_dir", run_dir])
+    base = load_shapes_pipeline(model=model)
+    trained = trained_pipeline(run_dir, base, model)
     for pipeline in (base, trained):
         pipeline.set_progress_bar_config(disable=True)
     picture = before_after(
         base,
         trained,
-        eval_prompts(args.num_prompts),
+        eval_prompts(args.num_prompts, defaults["dataset_name"]),
         ShapesAdherence(),
         args.seed,
         labels=("base", "after GRPO"),

@@ -3,10 +3,13 @@
 Usage::
 
     python -m trl_visual.miniature.evaluate --num_scenes 1024 --samples_per_prompt 2
+    python -m trl_visual.miniature.evaluate --model tiny:shapes-pairs --samples_per_prompt 1
 
 prints the classifier's accuracy per attribute on freshly rendered scenes (a seed the training never used),
-then, at CFG 1 and CFG 4, the accuracy of each attribute of ``tiny:shapes`` samples for the 96 full prompts as
-judged by the classifier, and their mean ``shapes_adherence``.
+then, at CFG 1 and CFG 4, the accuracy of each attribute of the model's samples as judged by the classifier,
+and their mean ``shapes_adherence``: for ``tiny:shapes`` over the 96 full prompts; for ``tiny:shapes-pairs``
+over the 96 full one-shape prompts and, separately, the 576 full two-shape prompts (each shape judged on the
+view of its half, :func:`~trl_visual.miniature.reward.object_view`).
 """
 
 from __future__ import annotations
@@ -17,51 +20,77 @@ import random
 import torch
 
 from .classifier import ShapesClassifier, load_classifier
-from .pipeline import T5_MAX_LENGTH, load_shapes_pipeline
-from .reward import ShapesAdherence
-from .scenes import ATTRIBUTES, full_prompts, parse_prompt, render_batch
+from .pipeline import ONE_SHAPE, TWO_SHAPES, load_shapes_pipeline
+from .reward import ShapesAdherence, object_view
+from .scenes import ATTRIBUTES, full_prompts, pair_prompts, parse_objects, render_batch
+
+MODELS = {model.name: model for model in (ONE_SHAPE, TWO_SHAPES)}
 
 HELD_OUT_SEED = 12345
 
 
 def classifier_accuracy(
-    classifier: ShapesClassifier, num_scenes: int = 512, seed: int = HELD_OUT_SEED
+    classifier: ShapesClassifier,
+    num_scenes: int = 512,
+    seed: int = HELD_OUT_SEED,
+    two_shape_fraction: float = 0.0,
 ) -> dict[str, float]:
-    """Fraction of freshly rendered scenes whose attribute the classifier gets right, per attribute."""
-    images, scenes = render_batch(num_scenes, torch.Generator().manual_seed(seed), random.Random(seed))
-    predicted = classifier.predict(images)
-    return {
-        name: sum(p == getattr(s, name) for p, s in zip(predicted[name], scenes)) / num_scenes
-        for name in ATTRIBUTES
-    }
+    """Fraction of the shapes of freshly rendered scenes whose attribute the classifier gets right (on the view
+    of its half, in a two-shape scene), per attribute."""
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    images, scenes = render_batch(num_scenes, generator, rng, two_shape_fraction)
+    hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    for image, scene in zip(images, scenes):
+        for shape in scene.objects:
+            view = image[None] if len(scene.objects) == 1 else object_view(image[None], shape.position)
+            predicted = classifier.predict(view)
+            for name in ATTRIBUTES:
+                hits[name].append(predicted[name][0] == getattr(shape, name))
+    return {name: sum(h) / len(h) for name, h in hits.items()}
 
 
 @torch.no_grad()
 def sample(
-    pipeline, prompts: list[str], guidance_scale: float, num_inference_steps: int = 20, seed: int = 0
+    pipeline,
+    prompts: list[str],
+    guidance_scale: float,
+    num_inference_steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 192,
 ) -> torch.Tensor:
-    """Images ``(B, 3, 32, 32)`` in [0, 1] of ``prompts`` from the pipeline's own Euler sampler."""
+    """Images ``(B, 3, 32, 32)`` in [0, 1] of ``prompts`` from the pipeline's own Euler sampler, in batches of
+    ``batch_size`` prompts (T5 reads as many tokens as the pipeline's T5 tokenizer holds: what it was trained
+    on)."""
     generator = torch.Generator().manual_seed(seed)
-    return pipeline(
-        prompt=prompts,
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        max_sequence_length=T5_MAX_LENGTH,
-        generator=generator,
-        output_type="pt",
-    ).images
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    return torch.cat(
+        [
+            pipeline(
+                prompt=batch,
+                guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps,
+                max_sequence_length=pipeline.tokenizer_3.model_max_length,
+                generator=generator,
+                output_type="pt",
+            ).images
+            for batch in batches
+        ]
+    )
 
 
 def prompt_following(reward: ShapesAdherence, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
-    """Per attribute, the fraction of images whose classified value is the one the prompt names (over the
-    prompts that name it), and the mean ``shapes_adherence``."""
-    predicted = reward.classifier.predict(images)
-    named = [parse_prompt(p) for p in prompts]
-    result = {}
-    for name in ATTRIBUTES:
-        hits = [predicted[name][i] == n[name] for i, n in enumerate(named) if name in n]
-        if hits:
-            result[name] = sum(hits) / len(hits)
+    """Per attribute, the fraction of the shapes the prompts name whose classified value (on the view of its
+    half, for a two-shape prompt) is the one named (over the shapes whose phrase names it), and the mean
+    ``shapes_adherence``."""
+    hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    for image, prompt in zip(images, prompts):
+        shapes = parse_objects(prompt)
+        for named in shapes:
+            view = image[None] if len(shapes) == 1 else object_view(image[None], named["position"])
+            predicted = reward.classifier.predict(view)
+            for name, value in named.items():
+                hits[name].append(predicted[name][0] == value)
+    result = {name: sum(h) / len(h) for name, h in hits.items() if h}
     result["adherence"] = sum(reward(prompts, images)) / len(prompts)
     return result
 
@@ -74,18 +103,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=2)
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", choices=tuple(MODELS), default=ONE_SHAPE.name)
+    parser.add_argument("--weights_dir", default=None, help="default: the weights shipped with the package")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model = MODELS[args.model]
     reward = ShapesAdherence()
-    print(
-        "classifier on held-out scenes:", classifier_accuracy(load_classifier(), args.num_scenes), flush=True
-    )
-    pipeline = load_shapes_pipeline()
+    classifier = load_classifier()
+    accuracy = classifier_accuracy(classifier, args.num_scenes, two_shape_fraction=model.two_shape_fraction)
+    print("classifier on held-out scenes:", accuracy, flush=True)
+    pipeline = load_shapes_pipeline(args.weights_dir, model=model)
     pipeline.set_progress_bar_config(disable=True)
-    prompts = full_prompts() * args.samples_per_prompt
+    prompt_sets = {"one-shape": full_prompts()}
+    if model.two_shape_fraction > 0:
+        prompt_sets["two-shape"] = pair_prompts()
     for scale in args.guidance_scales:
-        images = sample(pipeline, prompts, scale)
-        print(f"tiny:shapes at CFG {scale}:", prompt_following(reward, prompts, images), flush=True)
+        for kind, prompts in prompt_sets.items():
+            prompts = prompts * args.samples_per_prompt
+            images = sample(pipeline, prompts, scale)
+            following = prompt_following(reward, prompts, images)
+            print(f"{model.name}, {kind} prompts, CFG {scale}:", following, flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ are rebuilt from their seeds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from transformers import (
     T5Tokenizer,
 )
 
-from .scenes import VOCABULARY
+from .scenes import PAIR_VOCABULARY, VOCABULARY
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 VAE_FILE = "vae.safetensors"
@@ -57,6 +58,44 @@ CLIP_HIDDEN = 32
 T5_HIDDEN = 64
 TEXT_ENCODER_SEEDS = (101, 102, 103)
 """Seeds of the two CLIP towers and the T5 tower (frozen at their random initialisation)."""
+
+
+@dataclass(frozen=True)
+class ShapesModel:
+    """What tells the miniature models apart: the scenes they were trained on, their text length, their files."""
+
+    name: str
+    vocabulary: tuple[str, ...]
+    clip_max_length: int
+    """CLIP tokens: the longest caption's words, and the begin and end tokens."""
+    t5_max_length: int
+    """T5 tokens: the longest caption's words and the end token."""
+    vae_file: str
+    transformer_file: str
+    two_shape_fraction: float
+    """The share of two-shape scenes in the training pool."""
+
+
+ONE_SHAPE = ShapesModel(
+    "tiny:shapes",
+    VOCABULARY,
+    CLIP_MAX_LENGTH,
+    T5_MAX_LENGTH,
+    VAE_FILE,
+    TRANSFORMER_FILE,
+    two_shape_fraction=0.0,
+)
+"""``tiny:shapes``: one shape per scene (captions of up to 8 words)."""
+TWO_SHAPES = ShapesModel(
+    "tiny:shapes-pairs",
+    PAIR_VOCABULARY,
+    clip_max_length=17,
+    t5_max_length=16,
+    vae_file="vae_pairs.safetensors",
+    transformer_file="transformer_pairs.safetensors",
+    two_shape_fraction=0.5,
+)
+"""``tiny:shapes-pairs``: one or two shapes per scene, half and half (captions of up to 15 words)."""
 
 
 def _bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -79,14 +118,16 @@ def _bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:
     return list(ranks)
 
 
-def word_clip_tokenizer(words: tuple[str, ...] = VOCABULARY) -> CLIPTokenizer:
+def word_clip_tokenizer(
+    words: tuple[str, ...] = VOCABULARY, model_max_length: int = CLIP_MAX_LENGTH
+) -> CLIPTokenizer:
     """A CLIP BPE tokenizer built in memory that turns each of ``words`` into one token."""
     letters = sorted({c for w in words for c in w})
     merges = _bpe_merges_for(words)
     pieces = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
     pieces += [a + b for a, b in merges]
     vocab = {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def word_t5_tokenizer(words: tuple[str, ...] = VOCABULARY, **kwargs: Any) -> T5Tokenizer:
@@ -152,9 +193,9 @@ def small_image_vae(block_out_channels: tuple[int, ...], norm_num_groups: int, *
     )
 
 
-def _clip_text_encoder(seed: int, vocab_size: int) -> CLIPTextModelWithProjection:
+def _clip_text_encoder(seed: int, vocab_size: int, max_length: int) -> CLIPTextModelWithProjection:
     torch.manual_seed(seed)
-    config = small_clip_text_config(vocab_size, CLIP_HIDDEN, 64, CLIP_MAX_LENGTH, projection_dim=CLIP_HIDDEN)
+    config = small_clip_text_config(vocab_size, CLIP_HIDDEN, 64, max_length, projection_dim=CLIP_HIDDEN)
     return CLIPTextModelWithProjection(config)
 
 
@@ -205,19 +246,25 @@ def build_transformer() -> SD3Transformer2DModel:
     )
 
 
-def build_shapes_pipeline(transformer: SD3Transformer2DModel | None = None, vae: AutoencoderKL | None = None):
+def build_shapes_pipeline(
+    transformer: SD3Transformer2DModel | None = None,
+    vae: AutoencoderKL | None = None,
+    model: ShapesModel = ONE_SHAPE,
+):
     """A ``StableDiffusion3Pipeline`` of the miniature architecture around ``transformer`` and ``vae`` (random
-    ones when not given), with the frozen text towers and word tokenizers. Every module is in eval mode."""
-    clip_tokenizer, t5_tokenizer = word_clip_tokenizer(), word_t5_tokenizer()
+    ones when not given), with ``model``'s frozen text towers and word tokenizers. Every module is in eval mode."""
     clip_seed, clip_seed_2, t5_seed = TEXT_ENCODER_SEEDS
+    clip_tokenizers = [word_clip_tokenizer(model.vocabulary, model.clip_max_length) for _ in range(2)]
+    t5_tokenizer = word_t5_tokenizer(model.vocabulary, model_max_length=model.t5_max_length)
+    vocab_size = len(clip_tokenizers[0])
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer if transformer is not None else build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae if vae is not None else build_vae(),
-        text_encoder=_clip_text_encoder(clip_seed, len(clip_tokenizer)),
-        tokenizer=clip_tokenizer,
-        text_encoder_2=_clip_text_encoder(clip_seed_2, len(clip_tokenizer)),
-        tokenizer_2=word_clip_tokenizer(),
+        text_encoder=_clip_text_encoder(clip_seed, vocab_size, model.clip_max_length),
+        tokenizer=clip_tokenizers[0],
+        text_encoder_2=_clip_text_encoder(clip_seed_2, vocab_size, model.clip_max_length),
+        tokenizer_2=clip_tokenizers[1],
         text_encoder_3=_t5_encoder(t5_seed, len(t5_tokenizer)),
         tokenizer_3=t5_tokenizer,
     )
@@ -239,15 +286,32 @@ def _load_weights(module: torch.nn.Module, path: Path) -> dict[str, str]:
         return handle.metadata() or {}
 
 
-def load_shapes_pipeline(weights_dir: str | Path | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
-    """``tiny:shapes``: the pretrained miniature SD3, loaded offline from the weights shipped with the package
-    (or from ``weights_dir``). ``seed`` is accepted for the ``tiny:`` loader interface; the weights are fixed."""
-    del seed
+def load_vae(weights_dir: str | Path | None = None, model: ShapesModel = ONE_SHAPE) -> AutoencoderKL:
+    """``model``'s pretrained VAE, with the latent shift and scale stored in its file's metadata."""
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    vae, transformer = build_vae(), build_transformer()
-    scaling = _load_weights(vae, weights_dir / VAE_FILE)
+    vae = build_vae()
+    scaling = _load_weights(vae, weights_dir / model.vae_file)
     vae.register_to_config(
         shift_factor=float(scaling["shift_factor"]), scaling_factor=float(scaling["scaling_factor"])
     )
-    _load_weights(transformer, weights_dir / TRANSFORMER_FILE)
-    return build_shapes_pipeline(transformer, vae)
+    return vae.eval().requires_grad_(False)
+
+
+def load_shapes_pipeline(
+    weights_dir: str | Path | None = None, seed: int = 0, model: ShapesModel = ONE_SHAPE
+) -> StableDiffusion3Pipeline:
+    """``tiny:shapes`` (or another :class:`ShapesModel`): the pretrained miniature SD3, loaded offline from the
+    weights shipped with the package (or from ``weights_dir``). ``seed`` is accepted for the ``tiny:`` loader
+    interface; the weights are fixed."""
+    del seed
+    weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    transformer = build_transformer()
+    _load_weights(transformer, weights_dir / model.transformer_file)
+    return build_shapes_pipeline(transformer, load_vae(weights_dir, model), model)
+
+
+def load_shapes_pairs_pipeline(
+    weights_dir: str | Path | None = None, seed: int = 0
+) -> StableDiffusion3Pipeline:
+    """``tiny:shapes-pairs``: the pretrained miniature SD3 of one- and two-shape scenes (:data:`TWO_SHAPES`)."""
+    return load_shapes_pipeline(weights_dir, seed, TWO_SHAPES)

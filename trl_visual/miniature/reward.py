@@ -13,6 +13,13 @@ the probability that *every* named attribute holds if the heads are independent.
 is what "adheres to the prompt" means: an image with the right colour but the wrong shape scores near 0, not
 0.5. Attributes the prompt leaves open do not enter, so a partly specified prompt ("a red shape") is satisfied
 by any red shape, and "a shape" scores 1 for every image: the uncertainty of partial prompts is BPGO's setting.
+
+A two-shape prompt ("a red circle on the left and a blue square on the right") is judged shape by shape: each
+phrase on the *view* of its half of the image (:func:`object_view`: the other half painted background), so the
+one-shape classifier sees one small shape, and times the *presence* of a shape in that half
+(:func:`presence`), since the classifier, which never saw an empty canvas, has opinions about one:
+
+    r(prompt, image) = ∏_{k=1,2} presence(view_k) · ∏_{a ∈ A_k} p_a(v_{k,a} | view_k).
 """
 
 from __future__ import annotations
@@ -26,11 +33,36 @@ from torch import nn
 
 from ..rewards.registry import register_reward
 from .classifier import load_classifier
-from .scenes import ATTRIBUTES, IMAGE_SIZE, parse_prompt
+from .scenes import ATTRIBUTES, BACKGROUND, IMAGE_SIZE, parse_objects
+
+Objects = list[dict[str, str]]
+"""The attributes a prompt names, one dict per shape (:func:`~trl_visual.miniature.scenes.parse_objects`)."""
 
 OBJECT_SATURATION = 0.3
 """Saturation ``max_c x_c − min_c x_c`` above which a pixel belongs to the shape: the grey background has about
 0.03 in ``tiny:shapes`` samples, the four shape colours 0.65 to 0.8."""
+PRESENT_PIXELS = 16
+"""Saturated pixels from which a half-image surely holds a shape (a small shape covers 40 to 80)."""
+HALF = IMAGE_SIZE // 2
+
+
+def object_view(images: torch.Tensor, position: str) -> torch.Tensor:
+    """Images ``(B, 3, 32, 32)`` with every pixel outside the half named by ``position`` (the left half for
+    "left", the top half for "top", …) set to the background colour: what the classifier sees of one shape of a
+    two-shape scene."""
+    keep = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool, device=images.device)
+    halves = {"left": (..., slice(None, HALF)), "right": (..., slice(HALF, None))}
+    halves |= {"top": (slice(None, HALF), ...), "bottom": (slice(HALF, None), ...)}
+    keep[halves[position]] = True
+    background = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return torch.where(keep, images, background)
+
+
+def presence(images: torch.Tensor) -> torch.Tensor:
+    """``min(1, n / 16)`` per image, ``n`` its number of saturated pixels (``max_c x_c − min_c x_c > 0.3``): 1
+    where a shape is drawn, 0 on a bare background."""
+    saturated = images.amax(dim=1) - images.amin(dim=1) > OBJECT_SATURATION
+    return (saturated.sum(dim=(1, 2)).float() / PRESENT_PIXELS).clamp(max=1)
 
 
 @register_reward("shapes_adherence")
@@ -69,8 +101,26 @@ class ShapesAdherence(nn.Module):
     def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
-        named = [parse_prompt(prompt) for prompt in prompts]  # grammar errors before any compute
-        return self.score_attributes(named, images)
+        objects = [parse_objects(prompt) for prompt in prompts]  # grammar errors before any compute
+        return self.score_objects(objects, images)
+
+    def score_objects(self, objects: list[Objects], images: torch.Tensor) -> list[float]:
+        """The reward of each image for the attributes its prompt names (one dict per shape, e.g. from
+        ``parse_objects``): ``∏_a p_a(v_a | image)`` for one shape, the product over both halves' views times
+        their presence for two (see the module docstring)."""
+        views, named, weights, owners = [], [], [], []
+        for i, shapes in enumerate(objects):
+            for attributes in shapes:
+                image = images[i : i + 1].float()
+                view = image if len(shapes) == 1 else object_view(image, attributes["position"])
+                views.append(view)
+                named.append(attributes)
+                weights.append(presence(view)[0] if len(shapes) > 1 else torch.ones(()))
+                owners.append(i)
+        scores = torch.ones(len(objects))
+        for owner, score, weight in zip(owners, self.score_attributes(named, torch.cat(views)), weights):
+            scores[owner] *= score * float(weight)
+        return scores.tolist()
 
     def score_attributes(self, named: list[dict[str, str]], images: torch.Tensor) -> list[float]:
         """``∏_a p_a(v_a | image)`` for each image and its attribute → value dict (e.g. from ``parse_prompt``)."""
@@ -103,7 +153,7 @@ class ShapesJudge(ShapesAdherence):
 
         judge = ShapesJudge()
         judge(["a small red circle on the left"], images)  # == ShapesAdherence()(...) for a full caption
-        judge.completion("a red shape", images[0])  # {"colour": "red", "shape": <guess>, "size": …, …}
+        judge.completion("a red shape", images[0])  # [{"colour": "red", "shape": <guess>, "size": …, …}]
 
     Args:
         weights: a classifier safetensors file; default the one shipped with the package.
@@ -114,22 +164,24 @@ class ShapesJudge(ShapesAdherence):
         super().__init__(weights)
         self.seed = seed
 
-    def completion(self, prompt: str, image: torch.Tensor) -> dict[str, str]:
-        """Every attribute's value for ``prompt`` as this judge reads it on ``image``: the named values, and a
-        guess for each attribute left open (drawn as described in the class docstring)."""
-        named = parse_prompt(prompt)
+    def completion(self, prompt: str, image: torch.Tensor) -> Objects:
+        """Every attribute's value for ``prompt`` as this judge reads it on ``image``, one dict per shape: the
+        named values, and a guess for each attribute left open (drawn as described in the class docstring)."""
         pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()
         digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + pixels).digest()
         generator = random.Random(int.from_bytes(digest[:8], "little"))
-        return {name: named.get(name) or generator.choice(values) for name, values in ATTRIBUTES.items()}
+        return [
+            {name: named.get(name) or generator.choice(values) for name, values in ATTRIBUTES.items()}
+            for named in parse_objects(prompt)
+        ]
 
     def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
         for prompt in prompts:  # grammar errors before any compute
-            parse_prompt(prompt)
+            parse_objects(prompt)
         completed = [self.completion(prompt, image) for prompt, image in zip(prompts, images)]
-        return self.score_attributes(completed, images)
+        return self.score_objects(completed, images)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
-"""Synthetic scenes: one coloured shape on a dark background, with captions that describe it fully, partly or
-hardly at all.
+"""Synthetic scenes: one or two coloured shapes on a dark background, with captions that describe them fully,
+partly or hardly at all.
 
 A scene is four attributes, each a word of the caption grammar::
 
@@ -12,6 +12,11 @@ A *full* caption names all four ("a small red circle on the left"); a *partial* 
 shape", "a big triangle", "a blue square at the top"); the *vaguest* names none ("a shape"). Every caption
 follows one grammar, ``a [size] [colour] (shape | "shape") [position phrase]``, so :func:`parse_prompt` reads
 back exactly the attributes a caption names.
+
+A *two-shape* scene (:class:`ScenePair`) holds two small shapes on opposite sides of the canvas (left and
+right, or top and bottom), each with its own colour and shape; its caption joins two such phrases with "and",
+each naming its object's position ("a red circle on the left and a blue square on the right"), so that a
+reward can tell which object a phrase means. :func:`parse_objects` reads back one attribute dict per object.
 
 Rendering is procedural and deterministic: :func:`render_scene` draws a scene by signed-distance tests on the
 pixel grid, with a small position jitter taken from a seeded generator, so a seed fixes every pixel.
@@ -63,6 +68,10 @@ JITTER = 2.0
 """Largest shift (pixels) of a shape's centre from its nominal position."""
 
 
+FULL: tuple[str, ...] = ("size", "colour", "shape", "position")
+"""The attributes a full caption names, in caption order."""
+
+
 class PromptGrammarError(ValueError):
     """A prompt that the scene grammar cannot read."""
 
@@ -76,7 +85,12 @@ class Scene:
     size: str
     position: str
 
-    def caption(self, named: tuple[str, ...] = ("size", "colour", "shape", "position")) -> str:
+    @property
+    def objects(self) -> tuple[Scene, ...]:
+        """The shapes of the scene: this one."""
+        return (self,)
+
+    def caption(self, named: tuple[str, ...] = FULL) -> str:
         """The caption naming the attributes in ``named`` (all four by default); unnamed ones are left out."""
         words = ["a"]
         if "size" in named:
@@ -87,6 +101,43 @@ class Scene:
         if "position" in named:
             words.append(POSITION_PHRASES[self.position])
         return " ".join(words)
+
+
+PAIR_LAYOUTS: tuple[tuple[str, str], ...] = (("left", "right"), ("top", "bottom"))
+"""The two positions of a two-shape scene: opposite sides of the canvas."""
+PAIR_SIZE = "small"
+"""The size of both shapes of a two-shape scene: two small shapes on opposite sides never touch (their centres
+are 14 pixels apart, each at most 5 + 2 pixels of jitter from its own half's centre line)."""
+
+
+@dataclass(frozen=True)
+class ScenePair:
+    """Two small shapes on opposite sides of the canvas, ``first`` and ``second`` in caption order."""
+
+    first: Scene
+    second: Scene
+
+    def __post_init__(self) -> None:
+        positions = {self.first.position, self.second.position}
+        if not any(positions == set(layout) for layout in PAIR_LAYOUTS) or {
+            self.first.size,
+            self.second.size,
+        } != {PAIR_SIZE}:
+            raise ValueError(
+                "A two-shape scene holds two small shapes on opposite sides (left and right, or top and bottom), "
+                f"got {self.first} and {self.second}."
+            )
+
+    @property
+    def objects(self) -> tuple[Scene, ...]:
+        """The two shapes, in caption order."""
+        return (self.first, self.second)
+
+    def caption(self, named: tuple[str, ...] = FULL) -> str:
+        """Both shapes' captions (naming the attributes in ``named``) joined by "and"; each names its position
+        whatever ``named`` says, so that the phrase says which shape it means."""
+        named = (*named, "position")
+        return " and ".join(shape.caption(named) for shape in self.objects)
 
 
 def all_scenes() -> list[Scene]:
@@ -100,9 +151,32 @@ def all_scenes() -> list[Scene]:
     ]
 
 
-def random_scene(rng: random.Random) -> Scene:
-    """A scene with each attribute drawn uniformly."""
+def all_pairs() -> list[ScenePair]:
+    """Every two-shape scene (2 layouts × 2 orders × (4 colours × 3 shapes)² = 576)."""
+    shapes = [(colour, shape) for colour in ATTRIBUTES["colour"] for shape in ATTRIBUTES["shape"]]
+    return [
+        ScenePair(Scene(*a, PAIR_SIZE, first), Scene(*b, PAIR_SIZE, second))
+        for layout in PAIR_LAYOUTS
+        for first, second in (layout, layout[::-1])
+        for a in shapes
+        for b in shapes
+    ]
+
+
+def random_scene(rng: random.Random, two_shape_fraction: float = 0.0) -> Scene | ScenePair:
+    """A scene with each attribute drawn uniformly; with probability ``two_shape_fraction`` a two-shape scene
+    (layout, order, and each shape's colour and shape drawn uniformly). At 0 no extra number is drawn, so the
+    one-shape scenes of a seed are what they always were."""
+    if two_shape_fraction > 0 and rng.random() < two_shape_fraction:
+        first, second = rng.choice(PAIR_LAYOUTS)
+        if rng.random() < 0.5:
+            first, second = second, first
+        return ScenePair(*(_random_small_shape(rng, position) for position in (first, second)))
     return Scene(*(rng.choice(values) for values in ATTRIBUTES.values()))
+
+
+def _random_small_shape(rng: random.Random, position: str) -> Scene:
+    return Scene(rng.choice(ATTRIBUTES["colour"]), rng.choice(ATTRIBUTES["shape"]), PAIR_SIZE, position)
 
 
 def _shape_mask(shape: str, rows: torch.Tensor, cols: torch.Tensor, extent: float) -> torch.Tensor:
@@ -120,21 +194,28 @@ def _shape_mask(shape: str, rows: torch.Tensor, cols: torch.Tensor, extent: floa
     return (0.5 - distance).clamp(0, 1)
 
 
-def render_scene(scene: Scene, generator: torch.Generator | None = None) -> torch.Tensor:
+def render_scene(scene: Scene | ScenePair, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw ``scene`` as a float image ``(3, 32, 32)`` in [0, 1].
 
-    The centre is the nominal position plus a jitter uniform in ``[−2, 2]`` pixels per axis, drawn from
-    ``generator`` (no jitter without one).
+    Each shape's centre is its nominal position plus a jitter uniform in ``[−2, 2]`` pixels per axis, drawn
+    from ``generator`` (no jitter without one); the shapes are painted in turn, ``x ← x + (colour − x)·mask``.
     """
+    image = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, IMAGE_SIZE, IMAGE_SIZE)
+    for shape in scene.objects:
+        image = image + (torch.tensor(COLOURS[shape.colour]).view(3, 1, 1) - image) * _placed_mask(
+            shape, generator
+        )
+    return image
+
+
+def _placed_mask(scene: Scene, generator: torch.Generator | None) -> torch.Tensor:
+    """The soft mask ``(32, 32)`` of one shape at its (jittered) position."""
     row, col = POSITIONS[scene.position]
     if generator is not None:
         row, col = (c + (torch.rand((), generator=generator).item() * 2 - 1) * JITTER for c in (row, col))
     grid = torch.arange(IMAGE_SIZE, dtype=torch.float32) + 0.5
     rows, cols = torch.meshgrid(grid - row, grid - col, indexing="ij")
-    mask = _shape_mask(scene.shape, rows, cols, SIZES[scene.size])
-    background = torch.tensor(BACKGROUND).view(3, 1, 1)
-    colour = torch.tensor(COLOURS[scene.colour]).view(3, 1, 1)
-    return background + (colour - background) * mask
+    return _shape_mask(scene.shape, rows, cols, SIZES[scene.size])
 
 
 PARTIAL_SUBSETS: tuple[tuple[str, ...], ...] = (
@@ -149,10 +230,10 @@ PARTIAL_SUBSETS: tuple[tuple[str, ...], ...] = (
 """The attribute subsets that partial captions name."""
 
 
-def random_caption(scene: Scene, rng: random.Random, detail: str = "mixed") -> str:
+def random_caption(scene: Scene | ScenePair, rng: random.Random, detail: str = "mixed") -> str:
     """A caption of ``scene``: ``"full"`` names every attribute, ``"partial"`` a subset from
     :data:`PARTIAL_SUBSETS`, ``"none"`` none ("a shape"); ``"mixed"`` picks full, partial or none with
-    probabilities 0.5, 0.4, 0.1."""
+    probabilities 0.5, 0.4, 0.1. (A two-shape caption names the positions in any case.)"""
     if detail == "mixed":
         detail = rng.choices(("full", "partial", "none"), weights=(0.5, 0.4, 0.1))[0]
     if detail == "full":
@@ -164,28 +245,41 @@ def random_caption(scene: Scene, rng: random.Random, detail: str = "mixed") -> s
     raise ValueError(f"detail must be 'full', 'partial', 'none' or 'mixed', got {detail!r}.")
 
 
-def shapes_dataset(num_scenes: int = 1024, seed: int = 0, detail: str = "mixed") -> Dataset:
+def shapes_dataset(
+    num_scenes: int = 1024, seed: int = 0, detail: str = "mixed", two_shape_fraction: float = 0.0
+) -> Dataset:
     """A ``datasets.Dataset`` of rendered scenes: columns ``image`` (PIL), ``prompt`` (a caption at the given
-    ``detail``, see :func:`random_caption`) and one column per attribute (``colour``, ``shape``, ``size``,
-    ``position``). The same ``seed`` gives the same rows."""
+    ``detail``, see :func:`random_caption`), ``num_shapes`` (1 or 2), one column per attribute of the first
+    shape (``colour``, ``shape``, ``size``, ``position``) and the same for the second (``colour_2``, …; None in
+    a one-shape scene). A fraction ``two_shape_fraction`` of the scenes, on average, holds two shapes. The same
+    ``seed`` gives the same rows."""
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
-    rows: dict[str, list] = {"image": [], "prompt": [], **{name: [] for name in ATTRIBUTES}}
+    second = [f"{name}_2" for name in ATTRIBUTES]
+    rows: dict[str, list] = {
+        "image": [],
+        "prompt": [],
+        "num_shapes": [],
+        **{n: [] for n in (*ATTRIBUTES, *second)},
+    }
     for _ in range(num_scenes):
-        scene = random_scene(rng)
+        scene = random_scene(rng, two_shape_fraction)
         rows["image"].append(_to_pil(render_scene(scene, generator)))
         rows["prompt"].append(random_caption(scene, rng, detail))
-        for name, value in asdict(scene).items():
-            rows[name].append(value)
+        rows["num_shapes"].append(len(scene.objects))
+        shapes = [asdict(shape) for shape in scene.objects] + [dict.fromkeys(ATTRIBUTES)]
+        for names, values in zip((tuple(ATTRIBUTES), second), shapes):
+            for name, value in zip(names, values.values()):
+                rows[name].append(value)
     return Dataset.from_dict(rows)
 
 
 def render_batch(
-    num_scenes: int, generator: torch.Generator, rng: random.Random
-) -> tuple[torch.Tensor, list[Scene]]:
-    """``num_scenes`` random scenes as a tensor ``(N, 3, 32, 32)`` and their :class:`Scene` records (the
-    training scripts' fast path: no PIL round trip)."""
-    scenes = [random_scene(rng) for _ in range(num_scenes)]
+    num_scenes: int, generator: torch.Generator, rng: random.Random, two_shape_fraction: float = 0.0
+) -> tuple[torch.Tensor, list[Scene | ScenePair]]:
+    """``num_scenes`` random scenes (a fraction ``two_shape_fraction`` of two-shape ones, on average) as a tensor
+    ``(N, 3, 32, 32)`` and their records (the training scripts' fast path: no PIL round trip)."""
+    scenes = [random_scene(rng, two_shape_fraction) for _ in range(num_scenes)]
     return torch.stack([render_scene(s, generator) for s in scenes]), scenes
 
 
@@ -196,13 +290,26 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
+GRAMMAR = (
+    "a [small|big] [red|green|blue|yellow] (circle|square|triangle|shape) "
+    "[on the left|on the right|at the top|at the bottom]"
+)
+"""The grammar of a one-shape caption, as error messages show it."""
+
+
 def parse_prompt(prompt: str) -> dict[str, str]:
     """The attributes a caption names, e.g. ``"a red circle at the top"`` → ``{"colour": "red", "shape":
     "circle", "position": "top"}``; ``"a shape"`` → ``{}``.
 
     Raises:
-        PromptGrammarError: ``prompt`` does not follow ``a [size] [colour] (shape | "shape") [position]``.
+        PromptGrammarError: ``prompt`` does not follow ``a [size] [colour] (shape | "shape") [position]``, or
+            describes two shapes (read those with :func:`parse_objects`).
     """
+    if " and " in prompt.lower():
+        raise PromptGrammarError(
+            f"The prompt {prompt!r} describes two shapes: read it with parse_objects. tiny:shapes draws one shape "
+            "per image; two-shape captions are for tiny:shapes-pairs (prompt set builtin:shapes-pairs)."
+        )
     words = prompt.lower().strip().rstrip(".").split()
     named: dict[str, str] = {}
     phrases = {phrase: name for name, phrase in POSITION_PHRASES.items()}
@@ -221,16 +328,43 @@ def parse_prompt(prompt: str) -> dict[str, str]:
     elif words != ["shape"]:
         raise PromptGrammarError(
             f"Cannot read the prompt {prompt!r} as a scene: the shapes world understands "
-            "'a [small|big] [red|green|blue|yellow] (circle|square|triangle|shape) "
-            "[on the left|on the right|at the top|at the bottom]'. Use the prompt sets builtin:shapes or "
-            "builtin:shapes-ambiguous."
+            f"{GRAMMAR!r}, or two such phrases joined by 'and', each naming its position. Use the prompt "
+            "sets builtin:shapes, builtin:shapes-ambiguous or builtin:shapes-pairs."
         )
     return named
+
+
+def parse_objects(prompt: str) -> list[dict[str, str]]:
+    """The attributes a caption names, one dict per shape: ``"a red circle"`` → ``[{"colour": "red", "shape":
+    "circle"}]``; ``"a red circle on the left and a square on the right"`` → ``[{"colour": "red", "shape":
+    "circle", "position": "left"}, {"shape": "square", "position": "right"}]``.
+
+    Raises:
+        PromptGrammarError: a phrase outside the grammar of :func:`parse_prompt`, more than two phrases, or two
+            phrases that do not name opposite positions (left and right, or top and bottom).
+    """
+    phrases = prompt.lower().strip().rstrip(".").split(" and ")
+    objects = [parse_prompt(phrase.strip()) for phrase in phrases]
+    if len(objects) == 1:
+        return objects
+    positions = {shape.get("position") for shape in objects}
+    if len(objects) > 2 or not any(positions == set(layout) for layout in PAIR_LAYOUTS):
+        raise PromptGrammarError(
+            f"Cannot read the prompt {prompt!r} as a scene: a two-shape caption joins two phrases with 'and', "
+            "each naming its position, on opposite sides ('… on the left and … on the right', or '… at the top "
+            "and … at the bottom'), e.g. 'a red circle on the left and a blue square on the right'."
+        )
+    return objects
 
 
 def full_prompts() -> list[str]:
     """The full caption of every scene (96 prompts): the ``builtin:shapes`` prompt set."""
     return [scene.caption() for scene in all_scenes()]
+
+
+def pair_prompts() -> list[str]:
+    """The full caption of every two-shape scene (576 prompts): the ``builtin:shapes-pairs`` prompt set."""
+    return [pair.caption() for pair in all_pairs()]
 
 
 def ambiguous_prompts() -> list[str]:
@@ -247,3 +381,6 @@ VOCABULARY: tuple[str, ...] = tuple(
     )
 )
 """Every word the captions use: the tokenizers' vocabulary."""
+PAIR_VOCABULARY: tuple[str, ...] = (*VOCABULARY, "and")
+"""The two-shape captions' words: :data:`VOCABULARY` and "and" (appended, so that ``tiny:shapes``' one-shape
+tokenizers, built over :data:`VOCABULARY`, stay what its denoiser was trained on)."""

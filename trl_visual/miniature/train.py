@@ -5,8 +5,10 @@ Usage::
     python -m trl_visual.miniature.train --part all --seed 0 --output_dir trl_visual/miniature/weights
 
 Each part is deterministic given ``--seed`` and the thread count (``--threads``, default 1: on a busy 2-core
-machine one thread is faster than two). The parts run in order classifier → VAE → transformer; the
-transformer trains on latents of the VAE found in ``--output_dir``.
+machine one thread is faster than two). The parts run in order classifier → VAE → transformer for
+``tiny:shapes``, then VAE → transformer for ``tiny:shapes-pairs`` (``--part pairs-vae`` / ``pairs-transformer``:
+the same objectives on a pool of twice as many scenes, half of them two-shape scenes, with that model's longer
+text); a transformer trains on latents of its VAE found in ``--output_dir``.
 
 Objectives:
 
@@ -33,22 +35,32 @@ from safetensors.torch import save_file
 
 from .classifier import CLASSIFIER_FILE, ShapesClassifier
 from .pipeline import (
-    T5_MAX_LENGTH,
-    TRANSFORMER_FILE,
-    VAE_FILE,
+    ONE_SHAPE,
+    TWO_SHAPES,
+    ShapesModel,
     build_shapes_pipeline,
     build_transformer,
     build_vae,
+    load_vae,
 )
-from .scenes import ATTRIBUTES, Scene, random_caption, render_batch
+from .scenes import ATTRIBUTES, Scene, ScenePair, random_caption, render_batch
 
 NUM_SCENES = 4096
-"""Size of the rendered scene pool each part trains on."""
+"""Size of the rendered scene pool each part of ``tiny:shapes`` trains on (twice that for ``tiny:shapes-pairs``,
+whose 576 two-shape scenes are six times the one-shape world's 96)."""
 
 
-def scene_pool(seed: int, num_scenes: int = NUM_SCENES) -> tuple[torch.Tensor, list[Scene]]:
+def scene_pool(
+    seed: int, num_scenes: int = NUM_SCENES, two_shape_fraction: float = 0.0
+) -> tuple[torch.Tensor, list[Scene | ScenePair]]:
     """``num_scenes`` rendered scenes ``(N, 3, 32, 32)`` and their records, fixed by ``seed``."""
-    return render_batch(num_scenes, torch.Generator().manual_seed(seed), random.Random(seed))
+    generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    return render_batch(num_scenes, generator, rng, two_shape_fraction)
+
+
+def pool_size(model: ShapesModel) -> int:
+    """The scene pool of ``model``: :data:`NUM_SCENES`, doubled when it draws two-shape scenes."""
+    return NUM_SCENES * (2 if model.two_shape_fraction > 0 else 1)
 
 
 def attribute_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -91,10 +103,10 @@ def train_classifier(seed: int, steps: int, batch_size: int = 128) -> ShapesClas
     return model.eval()
 
 
-def train_vae(seed: int, steps: int, batch_size: int = 32):
-    """Train the miniature ``AutoencoderKL`` on the scene pool and set its latent shift and scale."""
+def train_vae(seed: int, steps: int, batch_size: int = 32, model: ShapesModel = ONE_SHAPE):
+    """Train the miniature ``AutoencoderKL`` on ``model``'s scene pool and set its latent shift and scale."""
     torch.manual_seed(seed)
-    images, _ = scene_pool(seed + 10)
+    images, _ = scene_pool(seed + 10, pool_size(model), model.two_shape_fraction)
     vae = build_vae().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 11)
@@ -114,13 +126,16 @@ def train_vae(seed: int, steps: int, batch_size: int = 32):
     vae.eval()
     with torch.no_grad():
         means = torch.cat(
-            [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, 1024, 256)]
+            [
+                vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean
+                for i in range(0, min(1024, len(images)), 256)
+            ]
         )
     vae.register_to_config(shift_factor=means.mean().item(), scaling_factor=1.0 / means.std().item())
     return vae
 
 
-def _caption_embeddings(pipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _caption_embeddings(pipeline, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt and pooled embeddings of ``captions`` through the pipeline's frozen text towers."""
     with torch.no_grad():
         embeds, _, pooled, _ = pipeline.encode_prompt(
@@ -128,18 +143,26 @@ def _caption_embeddings(pipeline, captions: list[str]) -> tuple[torch.Tensor, to
             prompt_2=None,
             prompt_3=None,
             do_classifier_free_guidance=False,
-            max_sequence_length=T5_MAX_LENGTH,
+            max_sequence_length=max_length,
         )
     return embeds, pooled
 
 
-def train_transformer(seed: int, steps: int, weights_dir: Path, batch_size: int = 64, lr: float = 1e-3):
-    """Train the miniature ``SD3Transformer2DModel`` by flow matching on VAE latents of the scene pool."""
-    vae = _load_vae_only(weights_dir)
+def train_transformer(
+    seed: int,
+    steps: int,
+    weights_dir: Path,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    model: ShapesModel = ONE_SHAPE,
+):
+    """Train the miniature ``SD3Transformer2DModel`` by flow matching on VAE latents of ``model``'s scene pool,
+    with ``model``'s VAE from ``weights_dir``."""
+    vae = load_vae(weights_dir, model)
     torch.manual_seed(seed)
     transformer = build_transformer().train()
-    pipeline = build_shapes_pipeline(transformer, vae)
-    images, scenes = scene_pool(seed + 20)
+    pipeline = build_shapes_pipeline(transformer, vae, model)
+    images, scenes = scene_pool(seed + 20, pool_size(model), model.two_shape_fraction)
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)]
@@ -148,7 +171,7 @@ def train_transformer(seed: int, steps: int, weights_dir: Path, batch_size: int 
     rng = random.Random(seed + 21)
     captions = [[random_caption(s, rng) for _ in range(8)] for s in scenes]
     unique = sorted({c for cs in captions for c in cs} | {""})
-    embeds, pooled = _caption_embeddings(pipeline, unique)
+    embeds, pooled = _caption_embeddings(pipeline, unique, model.t5_max_length)
     caption_index = {c: i for i, c in enumerate(unique)}
     transformer.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.0)
@@ -183,17 +206,6 @@ def train_transformer(seed: int, steps: int, weights_dir: Path, batch_size: int 
     return transformer.eval()
 
 
-def _load_vae_only(weights_dir: Path):
-    from .pipeline import _load_weights
-
-    vae = build_vae()
-    scaling = _load_weights(vae, weights_dir / VAE_FILE)
-    vae.register_to_config(
-        shift_factor=float(scaling["shift_factor"]), scaling_factor=float(scaling["scaling_factor"])
-    )
-    return vae.eval().requires_grad_(False)
-
-
 def _save(
     module: torch.nn.Module,
     path: Path,
@@ -210,25 +222,36 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=("all", "classifier", "vae", "transformer"), default="all")
+    parser.add_argument(
+        "--part",
+        choices=("all", "classifier", "vae", "transformer", "pairs-vae", "pairs-transformer"),
+        default="all",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).parent / "weights")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--classifier_steps", type=int, default=600)
     parser.add_argument("--vae_steps", type=int, default=600)
     parser.add_argument("--transformer_steps", type=int, default=1200)
+    parser.add_argument("--pairs_vae_steps", type=int, default=800)
+    parser.add_argument("--pairs_transformer_steps", type=int, default=6000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "classifier"):
         _save(train_classifier(args.seed, args.classifier_steps), args.output_dir / CLASSIFIER_FILE)
-    if args.part in ("all", "vae"):
-        vae = train_vae(args.seed, args.vae_steps)
-        scaling = {k: str(vae.config[k]) for k in ("shift_factor", "scaling_factor")}
-        _save(vae, args.output_dir / VAE_FILE, scaling)
-    if args.part in ("all", "transformer"):
-        transformer = train_transformer(args.seed, args.transformer_steps, args.output_dir)
-        _save(transformer, args.output_dir / TRANSFORMER_FILE, dtype=torch.float16)
+    for model, vae_steps, transformer_steps in (
+        (ONE_SHAPE, args.vae_steps, args.transformer_steps),
+        (TWO_SHAPES, args.pairs_vae_steps, args.pairs_transformer_steps),
+    ):
+        prefix = "" if model is ONE_SHAPE else "pairs-"
+        if args.part in ("all", prefix + "vae"):
+            vae = train_vae(args.seed, vae_steps, model=model)
+            scaling = {k: str(vae.config[k]) for k in ("shift_factor", "scaling_factor")}
+            _save(vae, args.output_dir / model.vae_file, scaling)
+        if args.part in ("all", prefix + "transformer"):
+            transformer = train_transformer(args.seed, transformer_steps, args.output_dir, model=model)
+            _save(transformer, args.output_dir / model.transformer_file, dtype=torch.float16)
 
 
 if __name__ == "__main__":
