@@ -31,7 +31,8 @@ Parts (``--parts``):
   prompts;
 * ``pairs``: GRPO on two-shape scenes: ``tiny:shapes-pairs`` with its recipe
   (:data:`trl_visual.miniature.PAIRS_GRPO_DEFAULTS`) at CFG 1 and CFG 4.5 on ``builtin:shapes-pairs``, evaluated on
-  the 48 prompts of its ``test`` split, and a before/after picture of each first-seed run.
+  the 48 prompts of its ``test`` split, with attribute binding before and after (each shape drawn in its own
+  phrase's colour and shape, or in the other's), and a before/after picture of seed 0's runs.
 
 It writes ``docs/images/results/*.png`` (matplotlib) and ``docs/images/results/results.json``; the tables are
 printed as Markdown (mean ± std over seeds) for ``docs/results.md``.
@@ -62,6 +63,7 @@ from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
 from trl_visual.miniature import GRPO_DEFAULTS
 from trl_visual.miniature.before_after import before_after
+from trl_visual.miniature.evaluate import prompt_following
 from trl_visual.miniature.pipeline import load_shapes_pairs_pipeline
 from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
@@ -153,10 +155,19 @@ def train(
 
 
 def paired_run(
-    trainer_class, config_class, reward, prompts, eval_prompts, settings, extras=None, **kwargs
+    trainer_class,
+    config_class,
+    reward,
+    prompts,
+    eval_prompts,
+    settings,
+    extras=None,
+    floor_extras=None,
+    **kwargs,
 ) -> dict:
     """A run and its lr-0 twin (same seed); the per-step reward difference and the evaluation gain. ``extras``
-    maps the trained trainer to more figures to keep (BPGO's RAS weights, ViPO's map pictures)."""
+    maps the trained trainer to more figures to keep (BPGO's RAS weights, ViPO's map pictures), ``floor_extras``
+    the lr-0 one (kept with a ``floor_`` prefix)."""
     trained, rewards, seconds = train(trainer_class, config_class, reward, prompts, settings, **kwargs)
     floor, floor_rewards, _ = train(
         trainer_class, config_class, reward, prompts, {**settings, "learning_rate": 0.0}, **kwargs
@@ -170,6 +181,7 @@ def paired_run(
         "eval_after": after.tolist(),
         "seconds": seconds,
         **(extras(trained) if extras is not None else {}),
+        **({f"floor_{k}": v for k, v in floor_extras(floor).items()} if floor_extras is not None else {}),
     }
 
 
@@ -866,22 +878,25 @@ def report_gains(runs: dict[str, list[dict]]) -> list[str]:
 
 def run_pairs(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     """GRPO on ``tiny:shapes-pairs`` at CFG 1 and CFG 4.5 on the 576 two-shape captions, evaluated on the 48 of
-    the ``test`` split (4 samples each); the first seed's runs also save a before/after picture."""
+    the ``test`` split (4 samples each), with the binding figures of :func:`binding`; seed 0's runs also save a
+    before/after picture."""
     prompts = load_prompts("builtin:shapes-pairs")["prompt"]
     evaluation = list(dict.fromkeys(load_prompts("builtin:shapes-pairs", split="test")["prompt"]))
     runs: dict[str, list[dict]] = {}
     for cfg in (1.0, 4.5):
-        label = f"GRPO on two shapes, CFG {cfg:g}"
+        label = f"GRPO on two shapes, CFG {cfg:g}, {steps} steps"
         for seed in seeds:
             settings = recipe(seed=seed, max_steps=steps, guidance_scale=cfg)
-            picture = (
-                partial(save_pairs_picture, prompts=evaluation[:8], cfg=cfg) if seed == seeds[0] else None
-            )
+            figures = partial(binding, prompts=evaluation)
+            if seed == 0:
+                picture = partial(save_pairs_picture, prompts=evaluation[:8], cfg=cfg, steps=steps)
+                figures = partial(binding, prompts=evaluation, then=picture)
             run = adherence_run(
                 prompts,
                 evaluation,
                 settings,
-                extras=picture,
+                extras=figures,
+                floor_extras=partial(binding, prompts=evaluation),
                 model="tiny:shapes-pairs",
             )
             runs.setdefault(label, []).append(run)
@@ -889,7 +904,17 @@ def run_pairs(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def save_pairs_picture(trainer: DiffusionGRPOTrainer, prompts: list[str], cfg: float) -> dict:
+def binding(trainer: DiffusionGRPOTrainer, prompts: list[str], then=None) -> dict:
+    """``prompt_following`` of the evaluation samples (:func:`eval_samples`): per shape, the share drawn in its
+    own phrase's colour and shape, and in the other phrase's (``*_swapped``); ``then``'s figures too."""
+    rows, samples = eval_samples(trainer, prompts)
+    return {
+        "following": prompt_following(ShapesAdherence(), rows, samples),
+        **(then(trainer) if then else {}),
+    }
+
+
+def save_pairs_picture(trainer: DiffusionGRPOTrainer, prompts: list[str], cfg: float, steps: int) -> dict:
     """The before/after picture (``trl_visual.miniature.before_after``) of ``prompts``: the base
     ``tiny:shapes-pairs`` above, the trained denoiser below, the same noise and the recipe's 4 steps at ``cfg``."""
     base = load_shapes_pairs_pipeline()
@@ -898,14 +923,29 @@ def save_pairs_picture(trainer: DiffusionGRPOTrainer, prompts: list[str], cfg: f
     picture = before_after(
         base, trainer.pipeline, prompts, ShapesAdherence(), guidance_scale=cfg, labels=("base", "after GRPO")
     )
-    path = OUT / f"pairs_before_after_cfg{cfg:g}.png"
+    path = OUT / f"pairs_before_after_cfg{cfg:g}_steps{steps}.png"
     picture.save(path)
     return {"picture": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)}
 
 
+BINDING_FIGURES = ("colour", "colour_swapped", "shape", "shape_swapped")
+
+
 def report_pairs(runs: dict[str, list[dict]]) -> list[str]:
+    """The ``grpo`` table and plot, then the binding figures before → after (means over seeds)."""
     plot_diffs(runs, "GRPO on tiny:shapes-pairs (two-shape prompts)", OUT / "pairs_reward_vs_floor.png")
-    return report_gains(runs)
+    lines = report_gains(runs) + ["", "| Run | " + " | ".join(BINDING_FIGURES) + " |", "|---" * 5 + "|"]
+    for label, seeds_runs in runs.items():
+        kept = [run for run in seeds_runs if "following" in run]
+        if not kept:
+            continue
+        cells = [
+            f"{statistics.mean(r['floor_following'][name] for r in kept):.3f} → "
+            f"{statistics.mean(r['following'][name] for r in kept):.3f}"
+            for name in BINDING_FIGURES
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 PARTS.update(

@@ -182,9 +182,15 @@ def short_run_gain(seed: int, learning_rate: float = 5e-5, steps: int = 8) -> fl
 
 
 def short_run(
-    seed: int, learning_rate: float, steps: int = 8, peft_config=None
+    seed: int,
+    learning_rate: float,
+    steps: int = 8,
+    peft_config=None,
+    model: str = "tiny:shapes",
+    prompts: list[str] = HEADROOM_PROMPTS,
 ) -> tuple[DiffusionGRPOTrainer, float]:
-    """:func:`short_run_gain`'s run, with a LoRA when ``peft_config`` is given: the trained trainer and the gain."""
+    """:func:`short_run_gain`'s run (of ``model`` on ``prompts``), with a LoRA when ``peft_config`` is given: the
+    trained trainer and the gain."""
     from datasets import Dataset
 
     args = DiffusionGRPOConfig(
@@ -204,13 +210,13 @@ def short_run(
         seed=seed,
     )
     trainer = DiffusionGRPOTrainer(
-        model="tiny:shapes",
+        model=model,
         reward_funcs="shapes_adherence",
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": HEADROOM_PROMPTS}),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
         peft_config=peft_config,
     )
-    rows = [p for p in HEADROOM_PROMPTS for _ in range(32)]
+    rows = [p for p in prompts for _ in range(32)]
 
     @torch.no_grad()
     def mean_reward() -> float:
@@ -227,6 +233,23 @@ def test_a_short_grpo_run_raises_the_reward_above_the_lr_0_run():
     +0.24, +0.30, +0.21, +0.30 (seeds 0 to 3; +0.14 to +0.22 at 2e-5) from 0.53, while the lr-0 run gains exactly
     0. The test asks for a little over half the smallest."""
     assert short_run_gain(seed=0) > 0.12
+
+
+#: two builtin:shapes-pairs prompts whose colours tiny:shapes-pairs often binds to the wrong side (the trainer's
+#: deterministic samples at CFG 1, 4 steps: adherence 0.27, 41 % of the shapes in the other phrase's colour)
+BINDING_PROMPTS = [
+    "a small yellow triangle on the left and a small red square on the right",
+    "a small green square at the bottom and a small red square at the top",
+]
+
+
+def test_a_short_grpo_run_on_two_shape_prompts_improves_attribute_binding():
+    """16 steps of 16 samples at lr 5e-5 on tiny:shapes-pairs raise the adherence of two prompts it often binds
+    wrongly: measured gains +0.12, +0.16, +0.15, +0.07 (seeds 0 to 3) from 0.27, with the shapes drawn in the other
+    phrase's colour down from 41 % to 22 to 32 %; at 8 steps the gains are not reliable (−0.05 to +0.12). The
+    test asks for half the smallest."""
+    _, gain = short_run(0, 5e-5, steps=16, model="tiny:shapes-pairs", prompts=BINDING_PROMPTS)
+    assert gain > 0.035
 
 
 #: the LoRA recipe for tiny:shapes, shipped as a CLI config

@@ -253,3 +253,18 @@ def test_training_tiny_shapes_pairs_is_reproducible_from_a_seed(monkeypatch, tmp
     first, again, other = weights(0), weights(0), weights(1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], other[k]) for k in first if k.startswith("t."))
+
+
+def test_prompt_following_counts_shapes_drawn_with_the_other_phrases_colour_as_swapped(reward):
+    pair = _pair(("red", "circle"), ("blue", "square"))
+    image = render_scene(pair, torch.Generator().manual_seed(2))[None]
+    right = prompt_following(reward, [pair.caption()], image)
+    assert (right["colour"], right["shape"], right["colour_swapped"], right["shape_swapped"]) == (1, 1, 0, 0)
+    swapped = _pair(("blue", "square"), ("red", "circle")).caption()
+    wrong = prompt_following(reward, [swapped], image)
+    assert (wrong["colour"], wrong["colour_swapped"], wrong["shape_swapped"]) == (0, 1, 1)
+    same_colour = (
+        "a small red circle on the left and a small red square on the right"  # not a swap: own value
+    )
+    assert prompt_following(reward, [same_colour], image)["colour_swapped"] == 0
+    assert "colour_swapped" not in prompt_following(reward, ["a red shape"], image)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers import WanPipeline
-from helpers import PROMPTS, TARGETS, logged
+from helpers import PROMPTS, TARGETS, RecordingTrainer, logged
 from peft import LoraConfig
 from PIL import Image
 
@@ -295,17 +295,6 @@ def test_save_and_reload_gives_identical_outputs(tmp_path, model):
 # -- the training loop on each family ----------------------------------------------------------------------
 
 
-class RecordingTrainer(DiffusionGRPOTrainer):
-    """Records how far recomputed log-probs are from the ones stored at sampling time."""
-
-    max_log_prob_gap = 0.0
-
-    def policy_loss(self, log_prob, old_log_prob, advantages):
-        gap = (log_prob.detach() - old_log_prob).abs().max().item()
-        self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages)
-
-
 @pytest.mark.parametrize(
     "model, guidance_scale", [("flux", 3.5), ("wan", 1.0), ("wan", 4.5), ("wan-i2v", 4.5)]
 )
@@ -317,7 +306,7 @@ def test_on_policy_ratio_is_one(tmp_path, model, guidance_scale):
     )
     trainer.train()
     assert logged(trainer, "clip_ratio") == [0.0, 0.0]
-    assert 0 <= trainer.max_log_prob_gap < 1e-5
+    assert trainer.log_probs_match(), (trainer.max_log_prob_gap, trainer.max_log_prob)
 
 
 # Per model: (steps, learning rate, margin between the means of the last and first quarter of the run).

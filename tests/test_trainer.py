@@ -6,24 +6,13 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import PROMPTS, logged, make_config, make_trainer, pipeline_images
+from helpers import PROMPTS, RecordingTrainer, logged, make_config, make_trainer, pipeline_images
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.models import get_adapter, load_pipeline
 from trl_visual.testing import tiny_sd3_pipeline
 from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 from trl_visual.trainer.rollout import BatchPlacement, initial_noise
-
-
-class RecordingTrainer(DiffusionGRPOTrainer):
-    """Records how far recomputed log-probs are from the ones stored at sampling time."""
-
-    max_log_prob_gap = 0.0
-
-    def policy_loss(self, log_prob, old_log_prob, advantages):
-        gap = (log_prob.detach() - old_log_prob).abs().max().item()
-        self.max_log_prob_gap = max(self.max_log_prob_gap, gap)
-        return super().policy_loss(log_prob, old_log_prob, advantages)
 
 
 def test_objective_is_a_deprecated_alias_of_clipped_objective(tiny_trainer):
@@ -72,7 +61,7 @@ def test_on_policy_ratio_is_one(tmp_path, guidance_scale):
     )
     trainer.train()
     assert logged(trainer, "clip_ratio") == [0.0, 0.0]
-    assert 0 <= trainer.max_log_prob_gap < 1e-5
+    assert trainer.log_probs_match(), (trainer.max_log_prob_gap, trainer.max_log_prob)
 
 
 @pytest.mark.slow

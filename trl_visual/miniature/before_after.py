@@ -36,7 +36,7 @@ SCALE = 3
 TILE = 32 * SCALE
 GAP = 6
 LABEL_WIDTH = 84
-LINE_HEIGHT = 13
+LINE_HEIGHT = 14
 CAPTION_HEIGHT = 16
 FONT_SIZE = 11
 PROMPT_CHARS_PER_LINE = 16
@@ -74,7 +74,7 @@ def header_height(prompts: list[str]) -> int:
     """Pixels of the header row: the longest prompt, wrapped at :data:`PROMPT_CHARS_PER_LINE` characters (at
     least three lines, the height of the one-shape pictures)."""
     lines = max([3] + [len(textwrap.wrap(prompt, PROMPT_CHARS_PER_LINE)) for prompt in prompts])
-    return lines * LINE_HEIGHT + 5
+    return lines * LINE_HEIGHT + 6
 
 
 def grid_size(prompts: list[str]) -> tuple[int, int]:

@@ -81,16 +81,21 @@ def sample(
 def prompt_following(reward: ShapesAdherence, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
     """Per attribute, the fraction of the shapes the prompts name whose classified value (on the view of its
     half, for a two-shape prompt) is the one named (over the shapes whose phrase names it), and the mean
-    ``shapes_adherence``."""
+    ``shapes_adherence``. With two-shape prompts, also ``<attribute>_swapped`` for colour and shape: the fraction
+    of shapes drawn with the value the *other* phrase names instead of their own (attribute binding failures)."""
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
+    swapped: dict[str, list[bool]] = {"colour_swapped": [], "shape_swapped": []}
     for image, prompt in zip(images, prompts):
         shapes = parse_objects(prompt)
-        for named in shapes:
+        for named, other in zip(shapes, reversed(shapes)):
             view = image[None] if len(shapes) == 1 else object_view(image[None], named["position"])
-            predicted = reward.classifier.predict(view)
+            predicted = {name: values[0] for name, values in reward.classifier.predict(view).items()}
             for name, value in named.items():
-                hits[name].append(predicted[name][0] == value)
-    result = {name: sum(h) / len(h) for name, h in hits.items() if h}
+                hits[name].append(predicted[name] == value)
+            for name in ("colour", "shape"):
+                if len(shapes) == 2 and name in named and name in other:
+                    swapped[f"{name}_swapped"].append(predicted[name] == other[name] != named[name])
+    result = {name: sum(h) / len(h) for name, h in {**hits, **swapped}.items() if h}
     result["adherence"] = sum(reward(prompts, images)) / len(prompts)
     return result
 

@@ -6,9 +6,9 @@ Usage::
 
 Each part is deterministic given ``--seed`` and the thread count (``--threads``, default 1: on a busy 2-core
 machine one thread is faster than two). The parts run in order classifier → VAE → transformer for
-``tiny:shapes``, then VAE → transformer for ``tiny:shapes-pairs`` (``--part pairs-vae`` / ``pairs-transformer``:
-the same objectives on a pool of twice as many scenes, half of them two-shape scenes, with that model's longer
-text); a transformer trains on latents of its VAE found in ``--output_dir``.
+``tiny:shapes``, then VAE → transformer for ``tiny:shapes-pairs`` (``--part pairs``, or ``pairs-vae`` or
+``pairs-transformer`` alone: the same objectives on a pool of twice as many scenes, half of them two-shape
+scenes, with that model's longer text). A transformer trains on latents of its VAE found in ``--output_dir``.
 
 Objectives:
 
@@ -224,8 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--part",
-        choices=("all", "classifier", "vae", "transformer", "pairs-vae", "pairs-transformer"),
+        choices=("all", "classifier", "vae", "transformer", "pairs", "pairs-vae", "pairs-transformer"),
         default="all",
+        help="all: every part; pairs: tiny:shapes-pairs' VAE, then its transformer",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).parent / "weights")
@@ -245,11 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         (TWO_SHAPES, args.pairs_vae_steps, args.pairs_transformer_steps),
     ):
         prefix = "" if model is ONE_SHAPE else "pairs-"
-        if args.part in ("all", prefix + "vae"):
+        both = ("all", "pairs") if prefix else ("all",)
+        if args.part in (*both, prefix + "vae"):
             vae = train_vae(args.seed, vae_steps, model=model)
             scaling = {k: str(vae.config[k]) for k in ("shift_factor", "scaling_factor")}
             _save(vae, args.output_dir / model.vae_file, scaling)
-        if args.part in ("all", prefix + "transformer"):
+        if args.part in (*both, prefix + "transformer"):
             transformer = train_transformer(args.seed, transformer_steps, args.output_dir, model=model)
             _save(transformer, args.output_dir / model.transformer_file, dtype=torch.float16)
 
