@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -76,6 +77,14 @@ class Counting(DiffusionGRPOTrainer):
     def _backward_scale(self, num_trained):
         self.backwards += num_trained
         return super()._backward_scale(num_trained)
+
+    def _save_rng_state(self, output_dir):
+        """A slow rank: the others write their RNG file a second after rank 0, as on a loaded machine, so a
+        checkpoint put in place before every rank has written would lose their files (and run "b" could not
+        resume it exactly)."""
+        if self.args.process_index > 0:
+            time.sleep(1.0)
+        super()._save_rng_state(output_dir)
 
 
 def trainer(out, world):

@@ -83,7 +83,8 @@ class CheckpointSavingMixin:
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
         so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards.
+        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards. The rename waits
+        for every process to have written its files into the staging folder.
         Private ``Trainer`` override, checked against transformers 5.24.0."""
         run_dir = super()._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -97,6 +98,9 @@ class CheckpointSavingMixin:
             self._save_ema_state(os.path.join(staging_root, name))
         finally:
             self._staging_dir = None
+        # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
+        # have, or a slower rank's file lands in a folder that is then deleted
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
