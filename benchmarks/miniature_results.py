@@ -887,15 +887,12 @@ def run_pairs(seeds: list[int], steps: int) -> dict[str, list[dict]]:
         label = f"GRPO on two shapes, CFG {cfg:g}, {steps} steps"
         for seed in seeds:
             settings = recipe(seed=seed, max_steps=steps, guidance_scale=cfg)
-            figures = partial(binding, prompts=evaluation)
-            if seed == 0:
-                picture = partial(save_pairs_picture, prompts=evaluation[:8], cfg=cfg, steps=steps)
-                figures = partial(binding, prompts=evaluation, then=picture)
+            picture = {"cfg": cfg, "steps": steps} if seed == 0 else None
             run = adherence_run(
                 prompts,
                 evaluation,
                 settings,
-                extras=figures,
+                extras=partial(binding, prompts=evaluation, picture=picture),
                 floor_extras=partial(binding, prompts=evaluation),
                 model="tiny:shapes-pairs",
             )
@@ -904,14 +901,15 @@ def run_pairs(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     return runs
 
 
-def binding(trainer: DiffusionGRPOTrainer, prompts: list[str], then=None) -> dict:
+def binding(trainer: DiffusionGRPOTrainer, prompts: list[str], picture: dict | None = None) -> dict:
     """``prompt_following`` of the evaluation samples (:func:`eval_samples`): per shape, the share drawn in its
-    own phrase's colour and shape, and in the other phrase's (``*_swapped``); ``then``'s figures too."""
+    own phrase's colour and shape, and in the other phrase's (``*_swapped``); with ``picture`` (its ``cfg`` and
+    ``steps``), also the before/after picture of the first 8 prompts."""
     rows, samples = eval_samples(trainer, prompts)
-    return {
-        "following": prompt_following(ShapesAdherence(), rows, samples),
-        **(then(trainer) if then else {}),
-    }
+    figures = {"following": prompt_following(ShapesAdherence(), rows, samples)}
+    if picture is not None:
+        figures |= save_pairs_picture(trainer, prompts[:8], **picture)
+    return figures
 
 
 def save_pairs_picture(trainer: DiffusionGRPOTrainer, prompts: list[str], cfg: float, steps: int) -> dict:

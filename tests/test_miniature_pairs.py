@@ -123,6 +123,10 @@ def test_adherence_judges_each_shape_of_a_pair_on_its_half(reward):
     )
     assert scores[0] > 0.8 and scores[3] > 0.8
     assert scores[1] < 0.05 and scores[2] < 0.05, scores
+    larger = torch.nn.functional.interpolate(
+        image, scale_factor=2, mode="nearest"
+    )  # 64×64: resized, then halved
+    assert reward([pair.caption()], larger)[0] == pytest.approx(scores[0], abs=0.05)
     right_only = object_view(image, "right")
     assert reward([pair.caption()], right_only) == [0.0]
     left_score, right_score = (

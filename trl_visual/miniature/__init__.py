@@ -53,11 +53,20 @@ GRPO_DEFAULTS: dict = {
 makes GRPO raise ``shapes_adherence`` on it within about a minute of CPU (``docs/miniature.md`` has the figures).
 A ``--config`` file and the flags override them."""
 
-METHOD_DEFAULTS: dict[str, dict] = {
-    "grpo": GRPO_DEFAULTS,
-    "bpgo": {**GRPO_DEFAULTS, "output_dir": "tiny-shapes-bpgo"},
-    "vipo": {**GRPO_DEFAULTS, "output_dir": "tiny-shapes-vipo", "backbone": "tiny:shapes-features"},
-}
+
+def method_defaults(grpo: dict) -> dict[str, dict]:
+    """``trl-visual <command>`` → its defaults, from a model's GRPO defaults: the same recipe for all three
+    commands, each writing to its own folder (``…-grpo`` becomes ``…-bpgo``, ``…-vipo``); ViPO sees with the
+    miniature world's own backbone."""
+    stem = grpo["output_dir"].removesuffix("-grpo")
+    return {
+        "grpo": grpo,
+        "bpgo": {**grpo, "output_dir": f"{stem}-bpgo"},
+        "vipo": {**grpo, "output_dir": f"{stem}-vipo", "backbone": "tiny:shapes-features"},
+    }
+
+
+METHOD_DEFAULTS: dict[str, dict] = method_defaults(GRPO_DEFAULTS)
 """``trl-visual <command>`` → its defaults for ``tiny:shapes``: GRPO's recipe for all three (BPGO and ViPO were
 measured with it in ``docs/results.md``), each writing to its own folder; ViPO sees with the miniature world's
 own backbone (its classifier's features) instead of a DINOv2 from the Hub."""
@@ -71,13 +80,11 @@ PAIRS_GRPO_DEFAULTS: dict = {
 prompts. They raise the evaluation reward a little (+0.021 ± 0.003 in 24 steps, seeds 0 to 2; +0.006 for the
 default seed) without fixing attribute binding across the 576 prompts (``docs/results.md``)."""
 
-PAIRS_METHOD_DEFAULTS: dict[str, dict] = {
-    "grpo": PAIRS_GRPO_DEFAULTS,
-    "bpgo": {**PAIRS_GRPO_DEFAULTS, "output_dir": "tiny-shapes-pairs-bpgo"},
-    "vipo": {
-        **PAIRS_GRPO_DEFAULTS,
-        "output_dir": "tiny-shapes-pairs-vipo",
-        "backbone": "tiny:shapes-features",
-    },
-}
+PAIRS_METHOD_DEFAULTS: dict[str, dict] = method_defaults(PAIRS_GRPO_DEFAULTS)
 """``trl-visual <command>`` → its defaults for ``tiny:shapes-pairs`` (as :data:`METHOD_DEFAULTS`)."""
+
+DEFAULTS_BY_MODEL: dict[str, dict[str, dict]] = {
+    "tiny:shapes": METHOD_DEFAULTS,
+    "tiny:shapes-pairs": PAIRS_METHOD_DEFAULTS,
+}
+"""Miniature model name → its ``trl-visual <command>`` defaults."""

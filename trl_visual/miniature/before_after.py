@@ -26,9 +26,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import load_prompts
-from . import GRPO_DEFAULTS, METHOD_DEFAULTS, PAIRS_METHOD_DEFAULTS
+from . import DEFAULTS_BY_MODEL, GRPO_DEFAULTS
 from .evaluate import sample
-from .pipeline import ONE_SHAPE, TWO_SHAPES, ShapesModel, build_shapes_pipeline, load_shapes_pipeline
+from .pipeline import ONE_SHAPE, SHAPES_MODELS, ShapesModel, build_shapes_pipeline, load_shapes_pipeline
 from .reward import ShapesAdherence
 
 SCALE = 3
@@ -40,11 +40,6 @@ LINE_HEIGHT = 14
 CAPTION_HEIGHT = 16
 FONT_SIZE = 11
 PROMPT_CHARS_PER_LINE = 16
-MODELS: dict[str, tuple[ShapesModel, dict]] = {
-    ONE_SHAPE.name: (ONE_SHAPE, METHOD_DEFAULTS["grpo"]),
-    TWO_SHAPES.name: (TWO_SHAPES, PAIRS_METHOD_DEFAULTS["grpo"]),
-}
-"""Model name → the model and its GRPO defaults (its prompt set, its output folder)."""
 
 
 def eval_prompts(count: int, dataset_name: str = "builtin:shapes") -> list[str]:
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=tuple(MODELS), default=ONE_SHAPE.name)
+    parser.add_argument("--model", choices=tuple(SHAPES_MODELS), default=ONE_SHAPE.name)
     parser.add_argument(
         "--run_dir", default=None, help="The run's output_dir (default: the model's recipe's)."
     )
@@ -153,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, defaults = MODELS[args.model]
+    model, defaults = SHAPES_MODELS[args.model], DEFAULTS_BY_MODEL[args.model]["grpo"]
     run_dir = args.run_dir or defaults["output_dir"]
     if not (Path(run_dir) / "transformer").is_dir():
         from ..cli import run

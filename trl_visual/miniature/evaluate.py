@@ -9,7 +9,7 @@ prints the classifier's accuracy per attribute on freshly rendered scenes (a see
 then, at CFG 1 and CFG 4, the accuracy of each attribute of the model's samples as judged by the classifier,
 and their mean ``shapes_adherence``: for ``tiny:shapes`` over the 96 full prompts; for ``tiny:shapes-pairs``
 over the 96 full one-shape prompts and, separately, the 576 full two-shape prompts (each shape judged on the
-view of its half, :func:`~trl_visual.miniature.reward.object_view`).
+view of its half, :func:`~trl_visual.miniature.reward.shape_views`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import random
 import torch
 
 from .classifier import ShapesClassifier, load_classifier
-from .pipeline import ONE_SHAPE, TWO_SHAPES, load_shapes_pipeline
-from .reward import ShapesAdherence, object_view
+from .pipeline import ONE_SHAPE, SHAPES_MODELS, load_shapes_pipeline
+from .reward import ShapesAdherence, shape_views
 from .scenes import ATTRIBUTES, full_prompts, pair_prompts, parse_objects, render_batch
-
-MODELS = {model.name: model for model in (ONE_SHAPE, TWO_SHAPES)}
 
 HELD_OUT_SEED = 12345
 
@@ -39,14 +37,13 @@ def classifier_accuracy(
     of its half, in a two-shape scene), per attribute."""
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     images, scenes = render_batch(num_scenes, generator, rng, two_shape_fraction)
-    hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
-    for image, scene in zip(images, scenes):
-        for shape in scene.objects:
-            view = image[None] if len(scene.objects) == 1 else object_view(image[None], shape.position)
-            predicted = classifier.predict(view)
-            for name in ATTRIBUTES:
-                hits[name].append(predicted[name][0] == getattr(shape, name))
-    return {name: sum(h) / len(h) for name, h in hits.items()}
+    views, _ = shape_views(images, [[shape.position for shape in scene.objects] for scene in scenes])
+    predicted = classifier.predict(views)
+    shapes = [shape for scene in scenes for shape in scene.objects]
+    return {
+        name: sum(p == getattr(shape, name) for p, shape in zip(predicted[name], shapes)) / len(shapes)
+        for name in ATTRIBUTES
+    }
 
 
 @torch.no_grad()
@@ -83,18 +80,20 @@ def prompt_following(reward: ShapesAdherence, prompts: list[str], images: torch.
     half, for a two-shape prompt) is the one named (over the shapes whose phrase names it), and the mean
     ``shapes_adherence``. With two-shape prompts, also ``<attribute>_swapped`` for colour and shape: the fraction
     of shapes drawn with the value the *other* phrase names instead of their own (attribute binding failures)."""
+    objects = [parse_objects(prompt) for prompt in prompts]
+    views, _ = shape_views(images, [[named.get("position") for named in shapes] for shapes in objects])
+    predicted = reward.classifier.predict(reward.classifier_input(views))
     hits: dict[str, list[bool]] = {name: [] for name in ATTRIBUTES}
     swapped: dict[str, list[bool]] = {"colour_swapped": [], "shape_swapped": []}
-    for image, prompt in zip(images, prompts):
-        shapes = parse_objects(prompt)
-        for named, other in zip(shapes, reversed(shapes)):
-            view = image[None] if len(shapes) == 1 else object_view(image[None], named["position"])
-            predicted = {name: values[0] for name, values in reward.classifier.predict(view).items()}
-            for name, value in named.items():
-                hits[name].append(predicted[name] == value)
-            for name in ("colour", "shape"):
-                if len(shapes) == 2 and name in named and name in other:
-                    swapped[f"{name}_swapped"].append(predicted[name] == other[name] != named[name])
+    judged = [
+        (named, other, len(shapes)) for shapes in objects for named, other in zip(shapes, reversed(shapes))
+    ]
+    for k, (named, other, count) in enumerate(judged):
+        for name, value in named.items():
+            hits[name].append(predicted[name][k] == value)
+        for name in ("colour", "shape"):
+            if count == 2 and name in named and name in other:
+                swapped[f"{name}_swapped"].append(predicted[name][k] == other[name] != named[name])
     result = {name: sum(h) / len(h) for name, h in {**hits, **swapped}.items() if h}
     result["adherence"] = sum(reward(prompts, images)) / len(prompts)
     return result
@@ -108,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples_per_prompt", type=int, default=2)
     parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 4.0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", choices=tuple(MODELS), default=ONE_SHAPE.name)
+    parser.add_argument("--model", choices=tuple(SHAPES_MODELS), default=ONE_SHAPE.name)
     parser.add_argument("--weights_dir", default=None, help="default: the weights shipped with the package")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = MODELS[args.model]
+    model = SHAPES_MODELS[args.model]
     reward = ShapesAdherence()
     classifier = load_classifier()
     accuracy = classifier_accuracy(classifier, args.num_scenes, two_shape_fraction=model.two_shape_fraction)

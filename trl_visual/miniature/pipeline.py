@@ -96,6 +96,8 @@ TWO_SHAPES = ShapesModel(
     two_shape_fraction=0.5,
 )
 """``tiny:shapes-pairs``: one or two shapes per scene, half and half (captions of up to 15 words)."""
+SHAPES_MODELS: dict[str, ShapesModel] = {model.name: model for model in (ONE_SHAPE, TWO_SHAPES)}
+"""The miniature models by name."""
 
 
 def _bpe_merges_for(words: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -43,19 +43,38 @@ OBJECT_SATURATION = 0.3
 0.03 in ``tiny:shapes`` samples, the four shape colours 0.65 to 0.8."""
 PRESENT_PIXELS = 16
 """Saturated pixels from which a half-image surely holds a shape (a small shape covers 40 to 80)."""
-HALF = IMAGE_SIZE // 2
 
 
 def object_view(images: torch.Tensor, position: str) -> torch.Tensor:
-    """Images ``(B, 3, 32, 32)`` with every pixel outside the half named by ``position`` (the left half for
+    """Images ``(B, 3, H, W)`` with every pixel outside the half named by ``position`` (the left half for
     "left", the top half for "top", …) set to the background colour: what the classifier sees of one shape of a
     two-shape scene."""
-    keep = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool, device=images.device)
-    halves = {"left": (..., slice(None, HALF)), "right": (..., slice(HALF, None))}
-    halves |= {"top": (slice(None, HALF), ...), "bottom": (slice(HALF, None), ...)}
+    height, width = images.shape[-2:]
+    keep = torch.zeros(height, width, dtype=torch.bool, device=images.device)
+    halves = {
+        "left": (..., slice(None, width // 2)),
+        "right": (..., slice(width // 2, None)),
+        "top": (slice(None, height // 2), ...),
+        "bottom": (slice(height // 2, None), ...),
+    }
     keep[halves[position]] = True
     background = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return torch.where(keep, images, background)
+
+
+def shape_views(images: torch.Tensor, positions: list[list[str | None]]) -> tuple[torch.Tensor, list[int]]:
+    """What the classifier judges, one view per shape: image ``i``, whose shapes sit at ``positions[i]``, as it
+    is when it holds one shape, and the :func:`object_view` of each shape's half when it holds two. Returns the
+    views ``(K, 3, H, W)`` and the index of each view's image."""
+    views, owners = [], []
+    for i, shape_positions in enumerate(positions):
+        image = images[i : i + 1]
+        if len(shape_positions) == 1:
+            views.append(image)
+        else:
+            views.extend(object_view(image, position) for position in shape_positions)
+        owners.extend([i] * len(shape_positions))
+    return torch.cat(views), owners
 
 
 def presence(images: torch.Tensor) -> torch.Tensor:
@@ -85,9 +104,9 @@ class ShapesAdherence(nn.Module):
         super().__init__()
         self.classifier = load_classifier(weights)
 
-    @torch.no_grad()
-    def attribute_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Softmax probabilities ``(B, num_values)`` of each attribute for images ``(B, 3, H, W)`` in [0, 1]."""
+    def classifier_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] on the classifier's device and dtype, resized to 32×32 (bilinear,
+        antialiased) when they are another size."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}.")
         param = next(self.classifier.parameters())
@@ -96,7 +115,13 @@ class ShapesAdherence(nn.Module):
             images = nn.functional.interpolate(
                 images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False
             )
-        return {name: logits.softmax(-1) for name, logits in self.classifier(images).items()}
+        return images
+
+    @torch.no_grad()
+    def attribute_probabilities(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Softmax probabilities ``(B, num_values)`` of each attribute for images ``(B, 3, H, W)`` in [0, 1]."""
+        logits = self.classifier(self.classifier_input(images))
+        return {name: values.softmax(-1) for name, values in logits.items()}
 
     def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
         if len(prompts) != len(images):
@@ -108,19 +133,17 @@ class ShapesAdherence(nn.Module):
         """The reward of each image for the attributes its prompt names (one dict per shape, e.g. from
         ``parse_objects``): ``∏_a p_a(v_a | image)`` for one shape, the product over both halves' views times
         their presence for two (see the module docstring)."""
-        views, named, weights, owners = [], [], [], []
-        for i, shapes in enumerate(objects):
-            for attributes in shapes:
-                image = images[i : i + 1].float()
-                view = image if len(shapes) == 1 else object_view(image, attributes["position"])
-                views.append(view)
-                named.append(attributes)
-                weights.append(presence(view)[0] if len(shapes) > 1 else torch.ones(()))
-                owners.append(i)
-        scores = torch.ones(len(objects))
-        for owner, score, weight in zip(owners, self.score_attributes(named, torch.cat(views)), weights):
-            scores[owner] *= score * float(weight)
-        return scores.tolist()
+        images = self.classifier_input(images)
+        views, owners = shape_views(
+            images, [[named.get("position") for named in shapes] for shapes in objects]
+        )
+        named = [attributes for shapes in objects for attributes in shapes]
+        paired = torch.tensor([len(objects[owner]) == 2 for owner in owners], device=views.device)
+        weights = torch.where(paired, presence(views), 1.0).tolist()
+        scores = [1.0] * len(objects)
+        for owner, score, weight in zip(owners, self.score_attributes(named, views), weights):
+            scores[owner] *= score * weight
+        return scores
 
     def score_attributes(self, named: list[dict[str, str]], images: torch.Tensor) -> list[float]:
         """``∏_a p_a(v_a | image)`` for each image and its attribute → value dict (e.g. from ``parse_prompt``)."""

@@ -110,6 +110,11 @@ PAIR_SIZE = "small"
 are 14 pixels apart, each at most 5 + 2 pixels of jitter from its own half's centre line)."""
 
 
+def is_pair_layout(positions: list[str | None]) -> bool:
+    """Whether ``positions`` are the two sides of one of :data:`PAIR_LAYOUTS` (in either order)."""
+    return len(positions) == 2 and any(set(positions) == set(layout) for layout in PAIR_LAYOUTS)
+
+
 @dataclass(frozen=True)
 class ScenePair:
     """Two small shapes on opposite sides of the canvas, ``first`` and ``second`` in caption order."""
@@ -118,11 +123,8 @@ class ScenePair:
     second: Scene
 
     def __post_init__(self) -> None:
-        positions = {self.first.position, self.second.position}
-        if not any(positions == set(layout) for layout in PAIR_LAYOUTS) or {
-            self.first.size,
-            self.second.size,
-        } != {PAIR_SIZE}:
+        on_opposite_sides = is_pair_layout([self.first.position, self.second.position])
+        if not on_opposite_sides or not self.first.size == self.second.size == PAIR_SIZE:
             raise ValueError(
                 "A two-shape scene holds two small shapes on opposite sides (left and right, or top and bottom), "
                 f"got {self.first} and {self.second}."
@@ -347,8 +349,7 @@ def parse_objects(prompt: str) -> list[dict[str, str]]:
     objects = [parse_prompt(phrase.strip()) for phrase in phrases]
     if len(objects) == 1:
         return objects
-    positions = {shape.get("position") for shape in objects}
-    if len(objects) > 2 or not any(positions == set(layout) for layout in PAIR_LAYOUTS):
+    if not is_pair_layout([shape.get("position") for shape in objects]):
         raise PromptGrammarError(
             f"Cannot read the prompt {prompt!r} as a scene: a two-shape caption joins two phrases with 'and', "
             "each naming its position, on opposite sides ('… on the left and … on the right', or '… at the top "
