@@ -11,8 +11,10 @@ from helpers import PROMPTS, logged, lora_weights
 from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+from trl_visual.checkpointing import METHOD_STATE_NAME
 from trl_visual.core.policy_loss import clipped_policy_loss
 from trl_visual.rewards.builtin import red_channel
+from trl_visual.state_files import load_state_file
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
@@ -190,7 +192,7 @@ def test_resume_continues_the_ema_priors_exactly(tmp_path):
     interrupted.train()
     assert interrupted.state.global_step == 2
     checkpoint = tmp_path / "split" / "out" / "checkpoint-2"
-    state = torch.load(checkpoint / "trl_visual_state.pt", weights_only=False)
+    state = load_state_file(checkpoint / METHOD_STATE_NAME)
     assert set(state["ema_priors"]) == set(PROMPTS)
     resumed = make_trainer(tmp_path / "split", **settings)
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -218,7 +220,7 @@ def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
     with open(tmp_path / "out" / PRIOR_CACHE_NAME) as f:
         cached = json.load(f)["priors"]
     assert set(cached) == set(PROMPTS)
-    state = torch.load(tmp_path / "out" / "checkpoint-1" / "trl_visual_state.pt", weights_only=False)
+    state = load_state_file(tmp_path / "out" / "checkpoint-1" / METHOD_STATE_NAME)
     assert state["estimated_priors"] == cached
 
     def no_estimation(*args, **kwargs):

@@ -240,7 +240,7 @@ def test_bpgo_without_its_priors_is_refused_unless_weights_only(tmp_path, monkey
     settings = dict(save_strategy="steps", save_steps=2, prior_source="base_model", prior_num_rollouts=2)
     make_bpgo(tmp_path, **settings).train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    os.remove(checkpoint / "trl_visual_state.pt")
+    os.remove(checkpoint / "trl_visual_state.safetensors")
 
     def no_estimation(*args, **kwargs):
         raise AssertionError("the priors were estimated before the checkpoint was checked")
@@ -248,7 +248,7 @@ def test_bpgo_without_its_priors_is_refused_unless_weights_only(tmp_path, monkey
     monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", no_estimation)
     os.remove(tmp_path / "out" / PRIOR_CACHE_NAME)  # a resume would estimate the priors again first
     with pytest.raises(
-        CheckpointError, match=r"trl_visual_state\.pt missing.*the method's state \(BPGO's priors\)"
+        CheckpointError, match=r"trl_visual_state\.safetensors missing.*the method's state \(BPGO's priors\)"
     ):
         make_bpgo(tmp_path, **settings).train(resume_from_checkpoint=str(checkpoint))
     monkeypatch.undo()

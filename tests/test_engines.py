@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from test_trainer import make_config, make_trainer
 from transformers import Trainer
 
+from trl_visual.checkpointing import METHOD_STATE_NAME
 from trl_visual.cli import main, parse_args
 from trl_visual.launcher import (
     SHIPPED_CONFIGS,
@@ -27,6 +28,7 @@ from trl_visual.launcher import (
     resolve_accelerate_config,
     shipped_config_path,
 )
+from trl_visual.state_files import save_state_file
 from trl_visual.testing import tiny_sd3_pipeline
 from trl_visual.trainer.engines import (
     check_engine_settings,
@@ -347,7 +349,7 @@ def test_resume_loads_what_the_engine_does_not(tmp_path, monkeypatch, engine):
     loaded after the wrapping. Elsewhere ``Trainer`` loads both before (``_prepare_for_training`` adds nothing)."""
     make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, learning_rate=1e-1).train()
     checkpoint = str(tmp_path / "out" / "checkpoint-1")
-    torch.save({"prior": 1.0}, os.path.join(checkpoint, "trl_visual_state.pt"))
+    save_state_file({"prior": 1.0}, os.path.join(checkpoint, METHOD_STATE_NAME))
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = engine == "fsdp", engine == "deepspeed"
     events = []

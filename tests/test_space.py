@@ -75,7 +75,7 @@ def test_push_refuses_before_training_and_without_token(tmp_path):
         app.push(str(tmp_path), "me/model", "  ")
 
 
-def test_push_uploads_the_run_folder_with_the_visitors_token(tmp_path, monkeypatch):
+def test_push_uploads_the_run_files_with_the_visitors_token(monkeypatch):
     app = load_app()
     calls = []
 
@@ -86,17 +86,100 @@ def test_push_uploads_the_run_folder_with_the_visitors_token(tmp_path, monkeypat
         def create_repo(self, repo_id, exist_ok):
             calls.append(("create_repo", repo_id, exist_ok))
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload_folder", repo_id, folder_path))
+        def create_commit(self, repo_id, operations, commit_message):
+            files = {op.path_in_repo: op.path_or_fileobj for op in operations}
+            calls.append(("create_commit", repo_id, files))
 
     monkeypatch.setattr(app, "HfApi", FakeHub)
-    message = app.push(str(tmp_path), " me/tiny-shapes ", " hf_secret ")
+    files = {"pytorch_lora_weights.safetensors": b"lora", "README.md": b"card"}
+    message = app.push(files, " me/tiny-shapes ", " hf_secret ")
     assert calls == [
         ("token", "hf_secret"),
         ("create_repo", "me/tiny-shapes", True),
-        ("upload_folder", "me/tiny-shapes", str(tmp_path)),
+        ("create_commit", "me/tiny-shapes", files),
     ]
     assert "load_lora_weights('me/tiny-shapes')" in message
+
+
+# -- what a visitor types is never echoed back whole ----------------------------------------------------------
+def test_a_10_mb_prompt_is_refused_in_a_short_message():
+    app = load_app()
+    import gradio as gr
+
+    text = "a red circle " + "x" * (10 * 2**20)
+    with pytest.raises(gr.Error) as error:
+        app.check_request("GRPO", "shapes_adherence", text, 5)
+    message = str(error.value.message)
+    assert len(message) < 400, len(message)
+    assert f"{len(text):,} characters" in message and "'a red circle xxx" in message
+
+
+@pytest.mark.parametrize("field", ["prompt", "method", "reward", "steps", "repo"])
+def test_long_input_is_quoted_at_most_80_characters(field):
+    app = load_app()
+    import gradio as gr
+
+    long = "a purple elephant " * 60  # 1,080 characters: under the box's bound, over the quote's
+    arguments = {"method": "GRPO", "reward": "shapes_adherence", "prompts": long[:1000], "steps": 5}
+    if field != "prompt":
+        arguments["prompts"] = "a red circle"
+        arguments[{"repo": "method"}.get(field, field)] = long
+    with pytest.raises(gr.Error) as error:
+        if field == "repo":
+            app.push({"README.md": b"card"}, long, "hf_x")
+        else:
+            app.check_request(*arguments.values())
+    message = str(error.value.message)
+    assert len(message) < 500 and "characters)" in message, message
+
+
+# -- nothing piles up on the Space's disk ---------------------------------------------------------------------
+@pytest.fixture
+def run_dirs(tmp_path, monkeypatch):
+    """Runs' temporary folders go under ``tmp_path/tmp``; returns that folder."""
+    import tempfile
+
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_a_run_folder_is_deleted_after_the_run_and_its_files_kept_in_memory(run_dirs):
+    app = load_app()
+    outputs = list(app.train("GRPO", "shapes_adherence", "a red circle on the left", 1))
+    *_, lora, files = outputs[-1]
+    assert list(run_dirs.iterdir()) == []  # the run's folder is gone...
+    assert lora.startswith(str(run_dirs)) and not os.path.exists(lora)
+    from safetensors.torch import load
+
+    assert any(
+        "lora" in key for key in load(files["pytorch_lora_weights.safetensors"])
+    )  # ...its files are not
+    assert "README.md" in files and not any(name.startswith("_") for name in files)
+
+
+def test_a_failed_or_abandoned_run_leaves_no_folder(run_dirs, monkeypatch):
+    app = load_app()
+    import gradio as gr
+
+    built = app.make_demo_trainer
+
+    def failing(*args, **kwargs):
+        trainer = built(*args, **kwargs)
+        trainer.train = lambda: (_ for _ in ()).throw(RuntimeError("reward server down"))
+        return trainer
+
+    monkeypatch.setattr(app, "make_demo_trainer", failing)
+    with pytest.raises(gr.Error, match="reward server down"):
+        list(app.train("GRPO", "shapes_adherence", "a red circle", 1))
+    assert list(run_dirs.iterdir()) == []
+
+    monkeypatch.setattr(app, "make_demo_trainer", built)
+    run = app.train("GRPO", "shapes_adherence", "a red circle", 3)
+    next(run)  # the first step is shown, then the visitor leaves: Gradio closes the generator
+    run.close()
+    assert list(run_dirs.iterdir()) == []
 
 
 # -- in the browser --------------------------------------------------------------------------------------------

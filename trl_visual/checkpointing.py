@@ -17,13 +17,21 @@ file                                          what it holds
 ``scheduler.pt``                              the learning-rate schedule's position
 ``trainer_state.json``                        the step count and the log history
 ``rng_state.pth`` / ``rng_state_<rank>.pth``  the random generators (one file per process when several)
-``trl_visual_state.pt``                       the method's own state (BPGO's priors), when it has one
+``trl_visual_state.safetensors``              the method's own state (BPGO's priors), when it has one
+``ema_state.safetensors``                     the EMA of the weights (``use_ema``; checked when present)
 ``scaler.pt``                                 fp16's loss scale (checked only when present)
 ============================================  ============================================================
 
 Only headers and archive directories are read (a safetensors header, a zip's central directory and its
 pickle record, a small JSON), so the check costs milliseconds whatever the size of the files. It catches
 missing and truncated files; it does not prove that every byte of a tensor is intact.
+
+Nothing in a checkpoint may run code when read. Our own state files are safetensors
+(:mod:`trl_visual.state_files`); the ``torch.save`` files that ``transformers.Trainer`` writes and reads (the
+optimizer, the scheduler, the generators, the loss scale) are unpickled here with ``weights_only=True`` and
+transformers' own allow-list (tensors mapped, not read), so a pickle that names any other function (a planted
+payload) is refused, naming the file, before ``Trainer`` opens it. Pickled state files of earlier versions
+(``trl_visual_state.pt``, ``ema_state.pt``) are refused by name, never unpickled.
 """
 
 from __future__ import annotations
@@ -31,16 +39,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from safetensors import SafetensorError, safe_open
 from transformers.trainer_callback import TrainerState
+from transformers.trainer_pt_utils import safe_globals
+
+from .state_files import check_state_file
 
 logger = logging.getLogger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-METHOD_STATE_NAME = "trl_visual_state.pt"
+METHOD_STATE_NAME = "trl_visual_state.safetensors"
+#: the EMA of the weights (``use_ema``), written by :class:`~trl_visual.trainer.ema.EMAMixin`
+EMA_STATE_NAME = "ema_state.safetensors"
+#: pickled state files (``torch.save``) of earlier versions of trl_visual: refused, never unpickled
+LEGACY_STATE_NAMES = ("trl_visual_state.pt", "ema_state.pt")
 TRAINER_STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
@@ -84,6 +101,27 @@ def check_torch_archive(path: str) -> str | None:
             archive.read(records[0])  # raises BadZipFile on a CRC mismatch
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         return f"not a readable torch.save archive ({error}); the file is truncated or corrupt"
+    return check_weights_only(path)
+
+
+def check_weights_only(path: str) -> str | None:
+    """Why ``torch.load(path, weights_only=True)`` refuses the file, or ``None``: its pickle may build only
+    tensors, containers and the NumPy types of transformers' allow-list (``safe_globals``, what ``Trainer``
+    loads ``rng_state.pth`` with). Tensors are memory-mapped, not read. A pickle naming any other function is
+    what a planted payload looks like: it is never called."""
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any failure means Trainer could not load it either
+        named = re.search(r"GLOBAL (\S+)", str(error))
+        if named:
+            return (
+                f"its pickle calls {named.group(1)}, which loading with weights_only=True refuses: transformers "
+                "and trl_visual never write that, so the file was made or altered by someone else (it was not "
+                "loaded)"
+            )
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"torch.load(weights_only=True) cannot read it ({type(error).__name__}: {first_line[:200]})"
     return None
 
 
@@ -189,7 +227,8 @@ def _check_denoiser_folder(folder: str) -> list[tuple[str, str]]:
     if not weights:
         problems.append((folder, "holds no weights file (*.safetensors)"))
     for name in weights:
-        reason = check_safetensors(os.path.join(folder, name)) if name.endswith(".safetensors") else None
+        check = check_safetensors if name.endswith(".safetensors") else check_torch_archive
+        reason = check(os.path.join(folder, name))
         if reason:
             problems.append((os.path.join(folder, name), reason))
     return problems
@@ -213,7 +252,7 @@ def check_checkpoint(
             file's LoRA must hold exactly these. ``None`` when training without LoRA: the full
             denoiser's folder ``<folder>/<denoiser_name>/`` is checked instead.
         denoiser_name: the pipeline's name of the trained model (``"transformer"``).
-        expects_method_state: the method saves ``trl_visual_state.pt`` (BPGO).
+        expects_method_state: the method saves ``trl_visual_state.safetensors`` (BPGO).
         weights_only: ``resume_weights_only``: a missing optimizer, scheduler, RNG or method-state file
             is allowed (what it held starts afresh, and a warning says so).
         process_index, world_size: which ``rng_state*.pth`` this process reads.
@@ -231,6 +270,7 @@ def check_checkpoint(
             f"resume_from_checkpoint={folder!r} is not a folder. Pass an existing checkpoint folder "
             "(output_dir/checkpoint-N), True for the last one in output_dir, or nothing to start a new run."
         )
+    _refuse_legacy_state(folder)
     _check_weights(folder, lora_shapes, denoiser_name)
     _require(
         os.path.join(folder, TRAINER_STATE_NAME),
@@ -260,6 +300,22 @@ def check_checkpoint(
             f"{_what_starts_afresh(missing)} start afresh."
         )
     return missing
+
+
+def _refuse_legacy_state(folder: str) -> None:
+    """A pickled state file of an earlier trl_visual is refused by name: unpickling it could run any code."""
+    found = [
+        os.path.join(folder, name)
+        for name in LEGACY_STATE_NAMES
+        if os.path.exists(os.path.join(folder, name))
+    ]
+    if found:
+        raise CheckpointError(
+            f"Cannot resume from {folder}: {', '.join(found)} is a pickled state file of an earlier trl_visual, and "
+            "unpickling a file can run any code, so it is not read. Resume from a checkpoint written by this "
+            f"version (its state files are .safetensors), or delete the file and set `{WEIGHTS_ONLY_FLAG}` to "
+            "resume the weights and the step count without the state it held."
+        )
 
 
 def _rng_hint(folder: str, missing: list[str]) -> str:
@@ -323,10 +379,11 @@ def _check_training_state(
     if expects_method_state:
         required.append(METHOD_STATE_NAME)
     missing += [name for name in required if not os.path.isfile(os.path.join(folder, name))]
-    archives = [OPTIMIZER_NAME, SCALER_NAME, *required]
-    for name in dict.fromkeys(archives):
+    checks = {name: check_torch_archive for name in [OPTIMIZER_NAME, SCALER_NAME, *required]}
+    checks.update({METHOD_STATE_NAME: check_state_file, EMA_STATE_NAME: check_state_file})
+    for name, check in checks.items():
         path = os.path.join(folder, name)
-        reason = check_torch_archive(path) if os.path.isfile(path) else None
+        reason = check(path) if os.path.isfile(path) else None
         if reason:
             corrupt.append((path, reason))
     return missing, corrupt

@@ -6,6 +6,12 @@ builds a ``DiffusionGRPOTrainer``, ``BPGOTrainer`` or ``ViPOTrainer`` on ``tiny:
 in steps and time, and one runs at a time (a queue with concurrency 1). At the end the LoRA can be downloaded,
 or pushed to the Hub with the visitor's token.
 
+Nothing piles up on the Space's disk: each run trains in a temporary folder that is deleted when the run ends
+(finished, failed or abandoned); what the visitor may download or push (the LoRA, its model card and pictures,
+a few hundred kB) is kept in the session's memory (``gr.State``, dropped when the tab closes or after an hour),
+and Gradio's own copies of served files are deleted after an hour (``delete_cache``). Error messages quote at
+most ``ECHO_CHARS`` characters of what the visitor typed.
+
 Run locally: ``python app.py`` (``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` choose where it listens).
 """
 
@@ -21,7 +27,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 import torch
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 from PIL import Image
 
 from trl_visual.demo import METHODS, LiveProgressCallback, LiveUpdate, make_demo_trainer
@@ -39,7 +45,12 @@ DEFAULT_STEPS = 20
 #: bounds of one run on a free CPU Space
 MAX_STEPS = 60
 MAX_PROMPTS = 8
+MAX_PROMPT_TEXT = 2000  # characters in the prompts box: 8 prompts of the grammar fit easily
 TIME_LIMIT_S = 300
+#: error messages quote at most this many characters of the visitor's input (and say how long it was)
+ECHO_CHARS = 80
+#: how long a finished run's files stay in the session's memory for download and push (seconds)
+RUN_FILES_TTL_S = 3600
 #: the first prompts are sampled every SAMPLE_EVERY steps (always from the same seed)
 WATCHED_PROMPTS = 4
 SAMPLE_EVERY = 5
@@ -50,12 +61,26 @@ torch.set_num_threads(1)  # the miniature model runs fastest on one thread; the 
 
 
 # -- input checks (before any model is loaded) -----------------------------------------------------------------
+def quoted(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``value`` as an error message may quote it: its ``repr``, cut to ``limit`` characters with its length
+    said when longer (a 10 MB prompt must not come back as a 10 MB error)."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(value)
+    return f"{text[:limit]!r}… ({len(text):,} characters)"
+
+
 def check_request(method: str, reward: str, prompts_text: str, steps: Any) -> tuple[list[str], int]:
     """The prompts (one per line) and the step count, or a ``gr.Error`` naming what is wrong and the fix."""
     if method not in METHODS:
-        raise gr.Error(f"Unknown method {method!r}: pick one of {', '.join(METHODS)}.")
+        raise gr.Error(f"Unknown method {quoted(method)}: pick one of {', '.join(METHODS)}.")
     if reward not in REWARDS:
-        raise gr.Error(f"Unknown reward {reward!r}: pick one of {', '.join(REWARDS)}.")
+        raise gr.Error(f"Unknown reward {quoted(reward)}: pick one of {', '.join(REWARDS)}.")
+    if len(prompts_text or "") > MAX_PROMPT_TEXT:
+        raise gr.Error(
+            f"The prompts are {len(prompts_text):,} characters long ({quoted(prompts_text)}): this Space takes at "
+            f"most {MAX_PROMPT_TEXT:,}, that is up to {MAX_PROMPTS} short prompts like 'a red circle on the left'."
+        )
     prompts = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()]
     if not prompts:
         raise gr.Error("No prompts: type at least one, one per line, e.g. 'a red circle on the left'.")
@@ -67,13 +92,13 @@ def check_request(method: str, reward: str, prompts_text: str, steps: Any) -> tu
         try:
             parse_prompt(prompt)
         except PromptGrammarError as error:
-            raise gr.Error(f"The miniature model cannot read {prompt!r}: {error}") from error
+            raise gr.Error(f"The miniature model cannot read {quoted(prompt)}: {str(error)[:300]}") from error
     try:
         value = float(steps)
     except (TypeError, ValueError):
         value = float("nan")
     if not value.is_integer():
-        raise gr.Error(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}.")
+        raise gr.Error(f"Steps must be a whole number from 1 to {MAX_STEPS}, got {quoted(steps)}.")
     count = int(value)
     if not 1 <= count <= MAX_STEPS:
         raise gr.Error(
@@ -130,6 +155,19 @@ def _train_and_save(trainer: Any, errors: list[BaseException]) -> None:
         errors.append(error)
 
 
+def run_files(output_dir: str) -> dict[str, bytes]:
+    """What the visitor may download or push, read into memory before the run's folder is deleted: the files at
+    the top of ``output_dir`` (the LoRA, its model card and the card's pictures, the training arguments, whose
+    tokens are redacted)."""
+    files = {}
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path) and not name.startswith((".", "_")):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    return files
+
+
 def train(
     method: str,
     reward: str,
@@ -137,53 +175,66 @@ def train(
     steps: Any,
     progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio is asked for a progress bar
 ) -> Iterator[tuple[Any, ...]]:
-    """Train live: yields (status, samples, reward curve, ViPO maps, BPGO weights, LoRA file, run folder)."""
+    """Train live: yields (status, samples, reward curve, ViPO maps, BPGO weights, LoRA file, run files).
+
+    The run trains in a temporary folder, deleted when this generator ends: after the last yield (Gradio has then
+    copied the LoRA it shows into its own cache), on an error, or when the visitor leaves (Gradio closes the
+    generator). The run files (:func:`run_files`) stay in the session's state for :func:`push`."""
     prompts, steps = check_request(method, reward, prompts_text, steps)
-    output_dir = tempfile.mkdtemp(prefix=f"trl-visual-{method.lower()}-")
-    trainer = make_demo_trainer(method, prompts, output_dir, reward=reward, max_steps=steps, **SETTINGS)
-    updates: queue.Queue[LiveUpdate] = queue.Queue()
-    watcher = LiveProgressCallback(
-        trainer, prompts[:WATCHED_PROMPTS], updates.put, sample_every=SAMPLE_EVERY, time_limit=TIME_LIMIT_S
-    )
-    trainer.add_callback(watcher)
-    errors: list[BaseException] = []
-    worker = threading.Thread(target=_train_and_save, args=(trainer, errors), daemon=True)
-    worker.start()
-    shown = None
-    try:
-        while worker.is_alive() or not updates.empty():
-            try:
-                update = updates.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            progress((update.step, update.max_steps), desc="training", unit="steps")
-            shown = (
-                status_text(update, method),
-                gallery_items(update),
-                reward_frame(update),
-                [(_enlarged(image), prompt) for image, prompt in zip(update.overlays, update.prompts)],
-                weights_frame(update),
-                None,
-                None,
-            )
-            yield shown
-        worker.join()
-    finally:  # the visitor left: end the run after the current step (its LoRA is still saved), before the next run
-        watcher.request_stop()
-        worker.join()
-    if errors:
-        raise gr.Error(f"Training failed: {type(errors[0]).__name__}: {errors[0]}")
-    lora = os.path.join(output_dir, "pytorch_lora_weights.safetensors")
-    yield (*shown[:5], lora, output_dir)
+    with tempfile.TemporaryDirectory(
+        prefix=f"trl-visual-{method.lower()}-", ignore_cleanup_errors=True
+    ) as output_dir:
+        trainer = make_demo_trainer(method, prompts, output_dir, reward=reward, max_steps=steps, **SETTINGS)
+        updates: queue.Queue[LiveUpdate] = queue.Queue()
+        watcher = LiveProgressCallback(
+            trainer,
+            prompts[:WATCHED_PROMPTS],
+            updates.put,
+            sample_every=SAMPLE_EVERY,
+            time_limit=TIME_LIMIT_S,
+        )
+        trainer.add_callback(watcher)
+        errors: list[BaseException] = []
+        worker = threading.Thread(target=_train_and_save, args=(trainer, errors), daemon=True)
+        worker.start()
+        shown = None
+        try:
+            while worker.is_alive() or not updates.empty():
+                try:
+                    update = updates.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                progress((update.step, update.max_steps), desc="training", unit="steps")
+                shown = (
+                    status_text(update, method),
+                    gallery_items(update),
+                    reward_frame(update),
+                    [(_enlarged(image), prompt) for image, prompt in zip(update.overlays, update.prompts)],
+                    weights_frame(update),
+                    None,
+                    None,
+                )
+                yield shown
+            worker.join()
+        finally:  # the visitor left: end the run after the current step, before the next run and the clean-up
+            watcher.request_stop()
+            worker.join()
+        if errors:
+            raise gr.Error(f"Training failed: {type(errors[0]).__name__}: {str(errors[0])[:300]}")
+        yield (
+            *shown[:5],
+            os.path.join(output_dir, "pytorch_lora_weights.safetensors"),
+            run_files(output_dir),
+        )
 
 
-def push(run_folder: str | None, repo_id: str, token: str) -> str:
-    """Upload the run's folder (LoRA and model card) to ``repo_id`` with the visitor's token."""
-    if not run_folder or not os.path.isdir(run_folder):
+def push(files: dict[str, bytes] | None, repo_id: str, token: str) -> str:
+    """Upload the run's files (LoRA, model card and its pictures) to ``repo_id`` with the visitor's token."""
+    if not files:
         raise gr.Error("Nothing to push yet: train first, then push.")
     repo_id, token = (repo_id or "").strip(), (token or "").strip()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise gr.Error(f"Repository {repo_id!r}: write it as 'your-name/model-name'.")
+        raise gr.Error(f"Repository {quoted(repo_id)}: write it as 'your-name/model-name'.")
     if not token:
         raise gr.Error(
             "No token: paste a Hugging Face token with write access (huggingface.co/settings/tokens)."
@@ -191,19 +242,24 @@ def push(run_folder: str | None, repo_id: str, token: str) -> str:
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id, folder_path=run_folder, commit_message="LoRA trained with trl_visual"
+        api.create_commit(
+            repo_id=repo_id,
+            operations=[
+                CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()
+            ],
+            commit_message="LoRA trained with trl_visual",
         )
     except Exception as error:  # noqa: BLE001 - shown to the visitor; the files stay downloadable
         raise gr.Error(
-            f"Push failed ({type(error).__name__}: {error}). The LoRA is still downloadable."
+            f"Push failed ({type(error).__name__}: {str(error)[:300]}). The LoRA is still downloadable."
         ) from error
     return f"Pushed to https://huggingface.co/{repo_id}: load it with `pipe.load_lora_weights({repo_id!r})`."
 
 
 # -- the page --------------------------------------------------------------------------------------------------
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="trl_visual: RL post-training, live") as demo:
+    # Gradio's copies of served files (a LoRA per run) are deleted every 10 minutes once an hour old
+    with gr.Blocks(title="trl_visual: RL post-training, live", delete_cache=(600, RUN_FILES_TTL_S)) as demo:
         gr.Markdown(
             "# trl_visual: RL post-training of a diffusion model, live on a CPU\n"
             "A miniature pretrained SD3 (`tiny:shapes`, 32×32 images of one coloured shape) trained with "
@@ -240,7 +296,7 @@ def build_demo() -> gr.Blocks:
             weights = gr.Dataframe(label="BPGO: RAS weight per prompt", elem_id="weights")
         with gr.Row():
             lora = gr.File(label="LoRA (diffusers format: pipe.load_lora_weights)", elem_id="lora")
-            run_folder = gr.State(None)
+            files = gr.State(None, time_to_live=RUN_FILES_TTL_S)
             with gr.Column():
                 repo_id = gr.Textbox(label="Hub repository", placeholder="your-name/tiny-shapes-grpo")
                 token = gr.Textbox(label="Hugging Face token (write)", type="password")
@@ -249,11 +305,11 @@ def build_demo() -> gr.Blocks:
         start.click(
             train,
             [method, reward, prompts, steps],
-            [status, samples, curve, maps, weights, lora, run_folder],
+            [status, samples, curve, maps, weights, lora, files],
             concurrency_limit=1,
             concurrency_id="train",
         )
-        push_button.click(push, [run_folder, repo_id, token], pushed)
+        push_button.click(push, [files, repo_id, token], pushed)
     demo.queue(default_concurrency_limit=1, max_size=16)
     return demo
 

@@ -18,6 +18,7 @@ from datasets import Dataset
 
 from ..checkpointing import METHOD_STATE_NAME
 from ..core.advantages import weighted_reward_sum
+from ..state_files import load_state_file
 from .bpgo_priors import (
     PRIOR_CACHE_NAME,
     BaseModelPriors,
@@ -110,7 +111,7 @@ class BaseModelPriorEstimation:
         if not isinstance(store, BaseModelPriors) or store.values is not None:
             return
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
-            store.load_state_dict(torch.load(os.path.join(checkpoint, METHOD_STATE_NAME), weights_only=False))
+            store.load_state_dict(load_state_file(os.path.join(checkpoint, METHOD_STATE_NAME)))
             if store.values:
                 return
             store.values = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Resume from a checkpoint that lacks optimizer.pt, scheduler.pt, rng_state*.pth or "
-            "trl_visual_state.pt, on purpose: the weights and the step count are restored and what the missing "
+            "trl_visual_state.safetensors, on purpose: the weights and the step count are restored and what the missing "
             "files held (AdamW's moments, the LR schedule, the random generators, BPGO's priors) starts afresh. "
             "Off by default: such a checkpoint is refused, naming the missing files."
         },
@@ -264,7 +265,7 @@ class DiffusionGRPOConfig(TrainingArguments):
             "help": "Keep an exponential moving average of the trained weights (diffusers' `EMAModel`, float32, "
             "stepped after every optimizer step): evaluation, the model card's samples and the exported LoRA "
             "(`save_model`, `push_to_hub`) use it; checkpoints keep the trained weights and the average "
-            "(`ema_state.pt`). Costs one more float32 copy of the trainable weights."
+            "(`ema_state.safetensors`). Costs one more float32 copy of the trainable weights."
         },
     )
     ema_decay: float = field(
@@ -444,3 +445,37 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"with sde_window_size={self.sde_window_size} ({self.sde_type}): it needs 0 ≤ low < high and low ≤ "
                 f"{last}. Use e.g. [0, {last + 1}], or raise `num_inference_steps`."
             )
+
+    # -- no secret in a saved file ------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps: every field, with the tokens redacted (:func:`redact_tokens`).
+
+        ``Trainer`` saves the arguments as ``torch.save(args, "training_args.bin")`` beside the model, in every
+        checkpoint and in every push to the Hub; ``to_dict`` redacts ``hub_token``, the pickle did not. Copies
+        (``copy.copy``, ``copy.deepcopy``) keep the tokens."""
+        return redact_tokens(self.__dict__)
+
+    def __copy__(self) -> DiffusionGRPOConfig:
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> DiffusionGRPOConfig:
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+
+def redact_tokens(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with every set ``*_token`` value replaced by ``"<NAME_TOKEN>"``, as
+    ``TrainingArguments.to_dict`` writes ``hub_token``, and a ``token`` in ``model_init_kwargs`` (passed to
+    ``from_pretrained``) by ``"<TOKEN>"``."""
+    redacted = {
+        key: f"<{key.upper()}>" if key.endswith("_token") and value is not None else value
+        for key, value in fields.items()
+    }
+    init_kwargs = redacted.get("model_init_kwargs")
+    if isinstance(init_kwargs, dict) and init_kwargs.get("token") not in (None, True, False):
+        redacted["model_init_kwargs"] = {**init_kwargs, "token": "<TOKEN>"}
+    return redacted

@@ -41,6 +41,7 @@ from .logging_utils import (
 )
 from .memory import place_frozen_modules
 from .model_card import ModelCardMixin
+from .output_lock import OutputDirLock, check_output_dir_free
 from .prompt_sampler import EpochSeededRepeatSampler
 from .reward_calls import (
     RewardCaller,
@@ -167,6 +168,7 @@ class DiffusionGRPOTrainer(
         self._prepare_method(args, train_dataset)
         if args.should_save:
             check_writable_dir(args.output_dir)
+            check_output_dir_free(args.output_dir)
         self.reward_funcs = resolve_rewards(reward_funcs)
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
         self.reward_weights = check_reward_weights(args.reward_weights, self.reward_names)
@@ -529,15 +531,17 @@ class DiffusionGRPOTrainer(
     ):
         """:meth:`transformers.Trainer.train`, after checking that the checkpoint to resume (if any) is
         complete, readable and fits the model (:func:`~trl_visual.checkpointing.check_checkpoint`), before
-        anything is loaded from it, and after :meth:`_before_train`."""
-        checkpoint = self._checked_checkpoint(resume_from_checkpoint)
-        self._before_train(checkpoint)
-        return super().train(
-            resume_from_checkpoint=checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        anything is loaded from it, and after :meth:`_before_train`. The main process holds ``output_dir``'s
+        lock throughout (:mod:`~trl_visual.trainer.output_lock`): a second run on the folder is refused."""
+        with OutputDirLock(self.args.output_dir, enabled=self.is_world_process_zero()):
+            checkpoint = self._checked_checkpoint(resume_from_checkpoint)
+            self._before_train(checkpoint)
+            return super().train(
+                resume_from_checkpoint=checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
 
     def _before_train(self, checkpoint: str | None) -> None:
         """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).
@@ -559,8 +563,9 @@ class DiffusionGRPOTrainer(
             self._pending_media.flush()
 
     def method_state(self) -> dict[str, Any]:
-        """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved with
-        ``torch.save`` as ``trl_visual_state.pt`` in every checkpoint and handed back to
+        """Hook: the method's own state that a checkpoint must keep (BPGO's priors, say). Saved as
+        ``trl_visual_state.safetensors`` in every checkpoint (:mod:`~trl_visual.state_files`: tensors, numbers,
+        strings, lists and dicts with string keys, so that reading it runs no code) and handed back to
         :meth:`load_method_state` on resume. GRPO has none."""
         return {}
 

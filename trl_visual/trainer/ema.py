@@ -11,7 +11,8 @@ trainable parameters are averaged (the LoRA, or the whole denoiser without one),
 A step that the non-finite guard skips leaves the weights as they were; the average still takes its step
 towards them. Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` first, before :class:`EvaluationMixin`: evaluation,
 the model card's samples and the exported weights (``save_model`` outside a checkpoint, ``push_to_hub``) use
-the average; checkpoints keep the trained weights and the average's state (``ema_state.pt``), so resuming
+the average; checkpoints keep the trained weights and the average's state (``ema_state.safetensors``, a
+:mod:`~trl_visual.state_files` file that runs no code when read), so resuming
 continues both exactly.
 """
 
@@ -28,12 +29,12 @@ from diffusers.training_utils import EMAModel
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..checkpointing import CheckpointError
+from ..checkpointing import EMA_STATE_NAME, CheckpointError
+from ..state_files import load_state_file, save_state_file
 
 logger = logging.getLogger(__name__)
 
-#: the file of a checkpoint that holds the EMA's state (``EMAModel.state_dict()``)
-EMA_STATE_NAME = "ema_state.pt"
+__all__ = ["EMA_STATE_NAME", "EMAMixin", "EMAUpdateCallback", "trainable_parameters"]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -106,10 +107,10 @@ class EMAMixin:
     def _save_ema_state(self, folder: str) -> None:
         """Write the average's state into the checkpoint ``folder`` being staged."""
         if self.ema is not None and self.args.should_save:
-            torch.save(self.ema.state_dict(), os.path.join(folder, EMA_STATE_NAME))
+            save_state_file(self.ema.state_dict(), os.path.join(folder, EMA_STATE_NAME))
 
     def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
-        """Also refuse, with ``use_ema``, a checkpoint without ``ema_state.pt`` unless ``resume_weights_only``
+        """Also refuse, with ``use_ema``, a checkpoint without ``ema_state.safetensors`` unless ``resume_weights_only``
         (then the average restarts from the resumed weights)."""
         folder = super()._checked_checkpoint(resume_from_checkpoint)
         if folder is None or self.ema is None or os.path.isfile(os.path.join(folder, EMA_STATE_NAME)):
@@ -129,7 +130,7 @@ class EMAMixin:
             return
         path = os.path.join(folder, EMA_STATE_NAME)
         if os.path.isfile(path):
-            self.ema.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            self.ema.load_state_dict(load_state_file(path))
         else:
             self.ema.load_state_dict({"shadow_params": [p.detach().clone() for p in self._ema_parameters]})
             self.ema.optimization_step = 0

@@ -6,7 +6,8 @@ against transformers 5.24.0 (re-check them when the pin moves):
 
 * ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file,
   taken from the state dict ``Trainer.save_model`` gathered (FSDP's full state dict, ZeRO-3's 16-bit one);
-* ``_save_checkpoint`` stages the checkpoint and renames it into place, so a crash never leaves half of one;
+* ``_save_checkpoint`` stages the checkpoint, makes its bytes durable (``fsync``) and renames it into place, so a
+  crash (or a power cut) never leaves half of one;
 * ``_get_output_dir`` points ``Trainer``'s checkpoint writing at the staging folder while it saves;
 * ``_push_from_checkpoint`` adds the LoRA file to what ``Trainer`` uploads;
 * ``_load_from_checkpoint`` loads the LoRA (and the method's state) back;
@@ -27,6 +28,29 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
+from ..state_files import load_state_file, save_state_file
+
+
+def fsync_dir(path: str) -> None:
+    """Make ``path``'s entries (the names of its files and folders) durable. POSIX only: a folder cannot be
+    opened for ``fsync`` on Windows, where renames are journaled by NTFS."""
+    if os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str) -> None:
+    """``fsync`` every file under ``folder``, then every folder (deepest first, ``folder`` last): after this,
+    a power cut cannot leave a renamed checkpoint with missing or zero-length files."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(root)
 
 
 class CheckpointSavingMixin:
@@ -81,10 +105,11 @@ class CheckpointSavingMixin:
             super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), then rename it into place,
-        so a crash in the middle of a save never leaves a partial ``checkpoint-N`` for
-        ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only afterwards. The rename waits
-        for every process to have written its files into the staging folder.
+        """Write the checkpoint aside (``output_dir/.staging/checkpoint-N``), ``fsync`` its files and folders,
+        then rename it into place (and ``fsync`` ``output_dir``), so a crash or power cut in the middle of a save
+        never leaves a partial ``checkpoint-N`` for ``resume_from_checkpoint=True`` to pick up; older checkpoints
+        are rotated only afterwards. The rename waits for every process to have written its files into the
+        staging folder.
         Private ``Trainer`` override, checked against transformers 5.24.0."""
         run_dir = super()._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -94,7 +119,7 @@ class CheckpointSavingMixin:
             super()._save_checkpoint(model, trial)
             state = self.method_state()
             if state and self.args.should_save:
-                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+                save_state_file(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
             self._save_ema_state(os.path.join(staging_root, name))
         finally:
             self._staging_dir = None
@@ -102,10 +127,12 @@ class CheckpointSavingMixin:
         # have, or a slower rank's file lands in a folder that is then deleted
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            final = os.path.join(run_dir, name)
+            final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
+            fsync_tree(staged)
             if os.path.exists(final):
                 shutil.rmtree(final)
-            os.replace(os.path.join(staging_root, name), final)
+            os.replace(staged, final)
+            fsync_dir(run_dir)
             shutil.rmtree(staging_root, ignore_errors=True)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -168,7 +195,7 @@ class CheckpointSavingMixin:
     def _load_method_state_from(self, checkpoint: str) -> None:
         state_file = os.path.join(checkpoint, METHOD_STATE_NAME)
         if os.path.exists(state_file):
-            self.load_method_state(torch.load(state_file, weights_only=False))
+            self.load_method_state(load_state_file(state_file))
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
