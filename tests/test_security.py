@@ -5,6 +5,7 @@ and no file a run writes (or pushes) holds the Hub token."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -227,3 +228,11 @@ def test_no_written_or_pushed_file_holds_the_hub_token(tmp_path, monkeypatch):
     holding = [str(path) for path in written + pushed if TOKEN.encode() in path.read_bytes()]
     assert holding == []
     assert trainer.args.hub_token == TOKEN  # the run itself still has it
+
+
+def test_the_prior_cache_fingerprint_holds_no_token(tmp_path):
+    """``bpgo_priors.json`` (written to ``output_dir``) records ``model_init_kwargs``: a token there is redacted."""
+    trainer = make_bpgo(tmp_path, prior_source="base_model")
+    trainer.args.model_init_kwargs = {"token": TOKEN, "revision": "main"}
+    fingerprint = json.dumps(trainer._prior_fingerprint())
+    assert TOKEN not in fingerprint and '"revision": "main"' in fingerprint

@@ -8,7 +8,7 @@ or pushed to the Hub with the visitor's token.
 
 Nothing piles up on the Space's disk: each run trains in a temporary folder that is deleted when the run ends
 (finished, failed or abandoned); what the visitor may download or push (the LoRA, its model card and pictures,
-a few hundred kB) is kept in the session's memory (``gr.State``, dropped when the tab closes or after an hour),
+about 2 MB) is kept in the session's memory (``gr.State``, dropped when the tab closes or after an hour),
 and Gradio's own copies of served files are deleted after an hour (``delete_cache``). Error messages quote at
 most ``ECHO_CHARS`` characters of what the visitor typed.
 

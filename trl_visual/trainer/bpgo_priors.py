@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from ..core.bpgo import update_ema_prior
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
+from .diffusion_grpo_config import redact_tokens
 from .setup_checks import missing_columns
 
 logger = logging.getLogger(__name__)
@@ -270,11 +271,13 @@ def base_model_fingerprint(
     options such as ``revision``/``variant``/dtype, the denoiser's dtype, mixed precision), the
     scheduler's config (its sigmas), the prompt encoding (``max_sequence_length``), every sampling
     setting, how noise is drawn (batch and group sizes, processes, shared noise), the rewards and the
-    package version all count."""
+    package version all count. A ``token`` in ``model_init_kwargs`` is redacted: the file must not hold it."""
     fingerprint = {
         "model": model_name,
         "pipeline": type(pipeline).__name__,
-        "model_init_kwargs": args.model_init_kwargs or {},
+        "model_init_kwargs": redact_tokens({"model_init_kwargs": args.model_init_kwargs or {}})[
+            "model_init_kwargs"
+        ],
         "denoiser_dtype": denoiser_dtype,
         "mixed_precision": [args.bf16, args.fp16],
         "scheduler": dict(pipeline.scheduler.config),

@@ -168,6 +168,7 @@ class DiffusionGRPOTrainer(
         self._prepare_method(args, train_dataset)
         if args.should_save:
             check_writable_dir(args.output_dir)
+        if args.process_index == 0:  # the process that takes the lock in train()
             check_output_dir_free(args.output_dir)
         self.reward_funcs = resolve_rewards(reward_funcs)
         self.reward_names = [reward_name(r) for r in self.reward_funcs]
