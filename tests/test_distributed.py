@@ -137,8 +137,11 @@ def test_two_processes_train_the_lora_of_one(engine_runs):
 
 
 def test_ddp_save_then_resume_gives_the_uninterrupted_lora(engine_runs):
+    """Also inside an iteration: checkpoint-1 holds each rank's rollouts, which step 2 reuses."""
     _, two = engine_runs
     assert max_difference(lora_file(two / "a"), lora_file(two / "b")) == 0
+    for rank in (0, 1):
+        assert (two / "run" / "checkpoint-1" / f"rollouts_{rank}.safetensors").is_file()
 
 
 def test_ddp_model_card_is_written_by_rank_zero_without_hanging_the_others(engine_runs):

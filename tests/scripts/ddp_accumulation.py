@@ -8,7 +8,9 @@ from one seed and gives each process its rows (`global_batch_noise`), as the ini
 Under 2 processes it ends with fsdp2_lora.py's check of the LoRA gathered from FSDP2 shards (in `fsdp/`).
 
 Run "a" trains 2 optimizer steps of 2 micro-steps, each micro-step taking 2 backwards (one per trained timestep),
-checkpointing after step 1; run "b" resumes that checkpoint in a fresh trainer and trains step 2. Both final
+checkpointing after step 1; run "b" resumes that checkpoint in a fresh trainer and trains step 2. With
+`num_iterations=3` the rollouts of micro-step 0 are reused by micro-steps 1 and 2, so the step-1 checkpoint falls
+inside an iteration: each rank keeps its rollouts there (`rollouts_<rank>.safetensors`) for run "b". Both final
 LoRAs are saved with `save_model`; run "a" also writes its model card. Each rank writes what it counted: backwards, and DDP's gradient all-reduces
 (a communication hook counts them)."""
 
@@ -96,6 +98,7 @@ def trainer(out, world):
             num_generations=4,
             per_device_train_batch_size=GLOBAL_BATCH // world,
             gradient_accumulation_steps=2,
+            num_iterations=3,
             max_steps=2,
             num_inference_steps=4,
             timestep_fraction=0.5,

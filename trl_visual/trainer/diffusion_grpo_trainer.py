@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,6 +20,7 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
+from ..checkpointing import CheckpointError
 from ..core.advantages import combine_rewards
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..data import check_prompt_values
@@ -34,6 +36,14 @@ from .guards import (
     check_writable_dir,
 )
 from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
+from .iteration_state import (
+    checkpoint_step,
+    is_mid_iteration,
+    iteration_of,
+    load_rollouts,
+    rollouts_file_name,
+    save_rollouts,
+)
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
@@ -74,6 +84,7 @@ from .setup_checks import (
     method_config,
     prepare_denoiser,
 )
+from .stopping import TrainingTerminated, terminate_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +228,7 @@ class DiffusionGRPOTrainer(
         }
         self._pending_media = PendingMedia()  # sample grids wait for their step's log
         self._rollouts: Rollouts | None = None
+        self._rollouts_iteration = -1  # the iteration (generation round) `_rollouts` were sampled for
         self._micro_step, self._micro_in_step, self._micro_step_origin = 0, 0, -1
         self._prompt_encoder = PromptEncoder(
             self.adapter,
@@ -476,12 +488,13 @@ class DiffusionGRPOTrainer(
     def training_step(
         self, model: torch.nn.Module, inputs: list[dict[str, Any]], num_items_in_batch: Any = None
     ) -> torch.Tensor:
-        """Sample (every ``num_iterations`` micro-steps), score, then one backward per trained timestep so
-        memory does not grow with the number of timesteps."""
+        """Sample (once per iteration: every ``num_iterations`` micro-steps), score, then one backward per
+        trained timestep so memory does not grow with the number of timesteps."""
         model.train()
         self._advance_micro_step()
-        if self._micro_step % self.args.num_iterations == 0 or self._rollouts is None:
-            self._rollouts = self._make_rollouts(inputs)
+        iteration = iteration_of(self._micro_step, self.args.num_iterations)
+        if self._rollouts is None or self._rollouts_iteration != iteration:
+            self._rollouts, self._rollouts_iteration = self._make_rollouts(inputs), iteration
         rollouts = self._rollouts
         if rollouts.advantages is None:  # non-finite samples or log-probs: nothing to learn from them
             return torch.tensor(float("nan"), device=self.accelerator.device)
@@ -536,13 +549,108 @@ class DiffusionGRPOTrainer(
         lock throughout (:mod:`~trl_visual.trainer.output_lock`): a second run on the folder is refused."""
         with OutputDirLock(self.args.output_dir, enabled=self.is_world_process_zero()):
             checkpoint = self._checked_checkpoint(resume_from_checkpoint)
-            self._before_train(checkpoint)
-            return super().train(
-                resume_from_checkpoint=checkpoint,
-                trial=trial,
-                ignore_keys_for_eval=ignore_keys_for_eval,
-                **kwargs,
+            self._restore_iteration_state(checkpoint)
+            start_step, self._stopped_checkpoint = checkpoint_step(checkpoint), None
+            with terminate_on_sigterm():
+                try:
+                    self._before_train(checkpoint)
+                    return super().train(
+                        resume_from_checkpoint=checkpoint,
+                        trial=trial,
+                        ignore_keys_for_eval=ignore_keys_for_eval,
+                        **kwargs,
+                    )
+                except BaseException as error:
+                    self._stop_after(error, start_step)
+                    raise
+
+    def _stop_after(self, error: BaseException, start_step: int) -> None:
+        """``error`` ends training: when this run made an update (``global_step > start_step``), save what it
+        trained as a resumable checkpoint ``output_dir/stopped-at-step-N`` (:meth:`_save_before_stopping`, which
+        the non-finite and reward-timeout stops have already called), then say so in one log line and in a note
+        on the error, which the caller re-raises."""
+        if self.state.global_step <= start_step:
+            if isinstance(error, TrainingTerminated):
+                logger.error(f"{error.reason} before the first update: there was nothing to save.")
+            return
+        already_saved = self._stopped_checkpoint is not None
+        saved = self._save_before_stopping()
+        if already_saved:  # the error's own message says where
+            return
+        stopped, saved = f"Training stopped at step {self.state.global_step}", saved or " Nothing was saved."
+        cause = error.reason if isinstance(error, TrainingTerminated) else f"{type(error).__name__}: {error}"
+        cause = cause.splitlines()[0] if cause.strip() else type(error).__name__
+        logger.error(f"{stopped} ({cause[:200]}).{saved}")
+        error.add_note(f"{stopped}.{saved}")  # shown under the traceback, after the error's own message
+
+    def _restore_iteration_state(self, checkpoint: str | None) -> None:
+        """Before resuming ``checkpoint``: when it was written in the middle of an iteration
+        (:func:`~trl_visual.trainer.iteration_state.is_mid_iteration`), load the rollouts its next micro-steps
+        reuse, so that the run continues exactly. A mid-iteration checkpoint without them is refused, unless
+        ``resume_weights_only`` (the next step then samples afresh, with a warning)."""
+        self._rollouts, self._rollouts_iteration = None, -1
+        if checkpoint is None:
+            return
+        step, args = checkpoint_step(checkpoint), self.args
+        if not is_mid_iteration(step, args.gradient_accumulation_steps, args.num_iterations):
+            return
+        path = os.path.join(checkpoint, rollouts_file_name(args.process_index, args.world_size))
+        where = (
+            f"{checkpoint} was written at step {step}, in the middle of an iteration (num_iterations="
+            f"{args.num_iterations}, gradient_accumulation_steps={args.gradient_accumulation_steps}: its next "
+            "micro-steps train on rollouts sampled by earlier weights)"
+        )
+        if not os.path.isfile(path):
+            message = (
+                f"{where}, but {path}, the rollouts they reuse, is missing (a checkpoint written with other "
+                "`num_iterations` or `gradient_accumulation_steps`, or by an older version?)."
             )
+            if not args.resume_weights_only:
+                raise CheckpointError(
+                    f"Cannot resume exactly: {message} Resume from a checkpoint at an iteration boundary, with the "
+                    "settings it was written with, or set `resume_weights_only=True` to resume anyway (the next "
+                    "step then samples afresh)."
+                )
+            logger.warning(f"{message} The next step samples afresh (resume_weights_only=True).")
+            return
+        rollouts, info = load_rollouts(path, self.accelerator.device)
+        expected = self._iteration_info(step)
+        if info != expected:
+            raise CheckpointError(
+                f"Cannot resume exactly: {where}, and {path} holds the rollouts of {info}, not of {expected}. "
+                "Resume with the settings the checkpoint was written with."
+            )
+        self._rollouts, self._rollouts_iteration = rollouts, info["iteration"]
+
+    def _iteration_info(self, global_step: int) -> dict[str, int]:
+        """Where a checkpoint at ``global_step`` stands in its iteration, as its rollouts file records it."""
+        args = self.args
+        micro_step = global_step * args.gradient_accumulation_steps
+        return {
+            "global_step": global_step,
+            "iteration": iteration_of(micro_step, args.num_iterations),
+            "num_iterations": args.num_iterations,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+        }
+
+    def _save_iteration_state(self, checkpoint_dir: str) -> None:
+        """Every process: save the rollouts that the micro-steps after this checkpoint reuse, when it falls in the
+        middle of an iteration (see :mod:`~trl_visual.trainer.iteration_state`); nothing at an iteration
+        boundary."""
+        args, info = self.args, self._iteration_info(self.state.global_step)
+        if not is_mid_iteration(
+            self.state.global_step, args.gradient_accumulation_steps, args.num_iterations
+        ):
+            return
+        if self._rollouts is None or self._rollouts_iteration != info["iteration"]:
+            logger.warning(
+                f"The checkpoint at step {self.state.global_step} falls inside an iteration but the rollouts of "
+                "that iteration are gone; it is saved without them (resuming it needs resume_weights_only=True)."
+            )
+            return
+        path = os.path.join(checkpoint_dir, rollouts_file_name(args.process_index, args.world_size))
+        save_rollouts(self._rollouts, path, info)
 
     def _before_train(self, checkpoint: str | None) -> None:
         """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).

@@ -181,6 +181,7 @@ class FiniteUpdatesMixin:
 
     _nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
     _consecutive_nonfinite_steps = 0
+    _stopped_checkpoint: str | None = None  # where `_save_before_stopping` saved this run's stop checkpoint
 
     def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
         """Whether every process's samples and stored log-probs are finite (all processes take the same
@@ -248,20 +249,33 @@ class FiniteUpdatesMixin:
                 parameter.grad = None
 
     def _save_before_stopping(self) -> str:
-        """Save the weights trained so far to ``output_dir/stopped-at-step-N`` before an error stops the run, so
-        that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error.
+        """Save what the run trained as a checkpoint ``output_dir/stopped-at-step-N`` before an error stops it,
+        so that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error
+        (empty when nothing could be saved). Saved once per run: a second call returns the same sentence.
 
-        Only finite weights are saved, and only in a single-process run: saving may need every process, and
-        the others may be waiting elsewhere (they stop when this one exits)."""
+        The checkpoint is a whole one, written like ``checkpoint-N`` (staged, then renamed into place; not
+        rotated, not pushed): the weights of the last completed optimizer step, AdamW's state, the schedule,
+        the step count, the method's state and, inside an iteration, its rollouts; ``resume_from_checkpoint``
+        takes it. Only finite weights are saved, and only in a single-process run: saving may need every
+        process, and the others may be waiting elsewhere (they stop when this one exits)."""
         if self.accelerator.num_processes > 1 or not self.args.should_save:
             return ""
-        directory = os.path.join(self.args.output_dir, f"stopped-at-step-{self.state.global_step}")
-        try:
-            self.save_model(directory, _internal_call=True)  # internal: not pushed to the Hub
-        except Exception as error:  # the error that stops the run is the one to report
-            logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
-            return ""
-        return f" The weights trained so far were saved to {directory}."
+        if self._stopped_checkpoint is None:
+            name = f"stopped-at-step-{self.state.global_step}"
+            self._stop_checkpoint_name = name
+            try:
+                self._save_checkpoint(self.model_wrapped, trial=None)
+            except Exception as error:  # the error that stops the run is the one to report
+                logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
+                return ""
+            finally:
+                self._stop_checkpoint_name = None
+            self._stopped_checkpoint = os.path.join(self.args.output_dir, name)
+        directory = self._stopped_checkpoint
+        return (
+            f" The weights trained so far were saved to {directory}, with the optimizer and the run's state: "
+            f"resume with `resume_from_checkpoint={directory!r}` (`--resume_from_checkpoint {directory}`)."
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never

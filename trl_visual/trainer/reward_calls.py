@@ -23,6 +23,7 @@ from trl.trainer.utils import is_async_callable
 from ..core.advantages import nan_std
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .guards import RewardTimeoutError, call_with_timeout
+from .stopping import TrainingTerminated
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,18 @@ class RewardCaller:
     @contextlib.contextmanager
     def _timed(self, index: int, metrics: dict[str, list[float]]) -> Iterator[None]:
         """Around one reward call: its time goes to ``metrics``, and an exception it raises is re-raised naming
-        the reward."""
+        the reward. So is ``SystemExit`` (``sys.exit()`` in a reward): it would otherwise end the run, with status
+        0 for ``sys.exit(0)``, as if it had succeeded."""
         name, start = self.names[index], time.perf_counter()
         try:
             yield
+        except TrainingTerminated:  # SIGTERM arrived while the reward ran: not the reward's doing
+            raise
+        except SystemExit as error:
+            raise RuntimeError(
+                f"The reward function {name!r} called sys.exit({error.code!r}) (raised SystemExit): a reward must "
+                "return its scores (or raise an exception), not end the process."
+            ) from error
         except Exception as error:
             raise RuntimeError(
                 f"The reward function {name!r} raised {type(error).__name__}: {error}"

@@ -59,6 +59,9 @@ class CheckpointSavingMixin:
     :class:`~trl_visual.trainer.ema.EMAMixin`'s ``_save_ema_state`` / ``_load_ema_state``."""
 
     _staging_dir: str | None = None
+    #: the folder name of the checkpoint being written when it is not ``checkpoint-N``: a stop checkpoint
+    #: (``stopped-at-step-N``, see ``_save_before_stopping``), neither rotated nor pushed
+    _stop_checkpoint_name: str | None = None
 
     def _checked_checkpoint(self, resume_from_checkpoint: str | bool | None) -> str | None:
         """The checkpoint folder to resume (``True``: the last one in ``output_dir``), checked; ``None`` for
@@ -121,13 +124,17 @@ class CheckpointSavingMixin:
             if state and self.args.should_save:
                 save_state_file(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
             self._save_ema_state(os.path.join(staging_root, name))
+            self._save_iteration_state(os.path.join(staging_root, name))
         finally:
             self._staging_dir = None
         # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
         # have, or a slower rank's file lands in a folder that is then deleted
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            final, staged = os.path.join(run_dir, name), os.path.join(staging_root, name)
+            final, staged = (
+                os.path.join(run_dir, self._stop_checkpoint_name or name),
+                os.path.join(staging_root, name),
+            )
             fsync_tree(staged)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -141,7 +148,7 @@ class CheckpointSavingMixin:
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
+        if self.args.push_to_hub and self._stop_checkpoint_name is None:
             self._push_from_checkpoint(os.path.join(run_dir, name))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
