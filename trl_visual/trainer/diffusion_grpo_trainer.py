@@ -562,6 +562,8 @@ class DiffusionGRPOTrainer(
                     )
                 except BaseException as error:
                     self._stop_after(error, start_step)
+                    if isinstance(error, TrainingTerminated):  # saved and said: exit as SIGTERM would have
+                        raise SystemExit(error.exit_status) from error
                     raise
 
     def _stop_after(self, error: BaseException, start_step: int) -> None:
@@ -577,11 +579,20 @@ class DiffusionGRPOTrainer(
         saved = self._save_before_stopping()
         if already_saved:  # the error's own message says where
             return
-        stopped, saved = f"Training stopped at step {self.state.global_step}", saved or " Nothing was saved."
+        if not saved:
+            saved = (
+                " Under several processes nothing more is saved when stopping; the checkpoints already written are kept."
+                if self.accelerator.num_processes > 1
+                else " Saving what it trained failed (see the warning above)."
+            )
+        stopped = f"Training stopped at step {self.state.global_step}"
         cause = error.reason if isinstance(error, TrainingTerminated) else f"{type(error).__name__}: {error}"
         cause = cause.splitlines()[0] if cause.strip() else type(error).__name__
         logger.error(f"{stopped} ({cause[:200]}).{saved}")
-        error.add_note(f"{stopped}.{saved}")  # shown under the traceback, after the error's own message
+        if hasattr(
+            error, "add_note"
+        ):  # Python 3.11+: shown under the traceback, after the error's own message
+            error.add_note(f"{stopped}.{saved}")
 
     def _restore_iteration_state(self, checkpoint: str | None) -> None:
         """Before resuming ``checkpoint``: when it was written in the middle of an iteration

@@ -23,7 +23,6 @@ from trl.trainer.utils import is_async_callable
 from ..core.advantages import nan_std
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .guards import RewardTimeoutError, call_with_timeout
-from .stopping import TrainingTerminated
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +148,14 @@ class RewardCaller:
     @contextlib.contextmanager
     def _timed(self, index: int, metrics: dict[str, list[float]]) -> Iterator[None]:
         """Around one reward call: its time goes to ``metrics``, and an exception it raises is re-raised naming
-        the reward. So is ``SystemExit`` (``sys.exit()`` in a reward): it would otherwise end the run, with status
-        0 for ``sys.exit(0)``, as if it had succeeded."""
+        the reward."""
         name, start = self.names[index], time.perf_counter()
         try:
             yield
-        except TrainingTerminated:  # SIGTERM arrived while the reward ran: not the reward's doing
-            raise
-        except SystemExit as error:
+        except SystemExit as error:  # would end the whole run with its status, nothing said
             raise RuntimeError(
-                f"The reward function {name!r} called sys.exit({error.code!r}) (raised SystemExit): a reward must "
-                "return its scores (or raise an exception), not end the process."
+                f"The reward function {name!r} called sys.exit({error.code!r}); a reward must return its scores "
+                "(or raise an exception), not end the process."
             ) from error
         except Exception as error:
             raise RuntimeError(

@@ -17,13 +17,16 @@ from collections.abc import Iterator
 from types import FrameType
 
 
-class TrainingTerminated(SystemExit):
-    """The process received SIGTERM during training. A ``SystemExit`` (status ``128 + signal``), so that no
-    ``except Exception`` swallows it and the interpreter exits with that status once it is handled."""
+class TrainingTerminated(BaseException):
+    """The process received SIGTERM during training. A ``BaseException``, like ``KeyboardInterrupt``, so that
+    neither ``except Exception`` nor a reward's ``except SystemExit`` takes it for an error of their own; once the
+    run is saved, :meth:`~trl_visual.trainer.DiffusionGRPOTrainer.train` raises ``SystemExit(exit_status)``."""
 
     def __init__(self, signum: int):
-        super().__init__(128 + signum)
+        super().__init__(f"{signal.Signals(signum).name} received")
         self.reason = f"{signal.Signals(signum).name} received"
+        #: ``128 + signal``: the status of a process killed by the signal
+        self.exit_status = 128 + signum
 
 
 @contextlib.contextmanager
