@@ -17,8 +17,10 @@ import time
 import pytest
 import torch
 import yaml
+from datasets import Dataset
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
-from helpers import PROMPTS, logged, make_config, make_trainer
+from helpers import PROMPTS, TARGETS, logged, make_config, make_trainer
+from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -79,7 +81,7 @@ CONFIG_CASES = [
     ({"noise_level": 0.0}, r"`noise_level` must be > 0.*log-probability is NaN"),
     ({"noise_level": -0.7}, r"`noise_level` must be > 0"),
     ({"num_inference_steps": 0}, r"`num_inference_steps` must be at least 1; got 0"),
-    ({"guidance_scale": -1.0}, r"`guidance_scale` must be ≥ 0"),
+    ({"guidance_scale": -1.0}, r"`guidance_scale` must be in \[0, 100\]"),
     ({"max_steps": 0}, r"`max_steps` must be positive \(or -1"),
     ({"learning_rate": float("nan")}, r"`learning_rate` must be a finite number"),
     ({"per_device_train_batch_size": 0}, r"`per_device_train_batch_size` must be at least 1"),
@@ -92,6 +94,25 @@ CONFIG_CASES = [
         r"`sde_window_range` \[8, 10\] does not fit 4 sampling steps.*Use e.g. \[0, 3\]",
     ),
     ({"sde_window_size": 2, "sde_window_range": [2, 1]}, r"`sde_window_range` \[2, 1\] does not fit"),
+    # issue 29 §3: silent or unclear before
+    ({"height": 0}, r"`height` must be a positive number of pixels.*got 0"),
+    ({"width": -32}, r"`width` must be a positive number of pixels.*got -32"),
+    ({"num_frames": 0}, r"`num_frames` must be a positive number"),
+    ({"sde_window_size": -2}, r"`sde_window_size` must be ≥ 0.*got -2"),
+    ({"num_images_to_log": -3}, r"`num_images_to_log` must be ≥ 0; got -3"),
+    (
+        {"save_strategy": "steps", "save_steps": 0},
+        r"`save_steps` must be > 0.*Or set `save_strategy` to 'no'",
+    ),
+    ({"max_steps": -1, "num_train_epochs": 0}, r"`num_train_epochs` must be > 0 when `max_steps` is unset"),
+    ({"max_sequence_length": 0}, r"`max_sequence_length` must be at least 1 token"),
+    ({"time_shift": float("inf")}, r"`time_shift` must be in \(0, 1000\].*got inf"),
+    ({"time_shift": 1e9}, r"`time_shift` must be in \(0, 1000\]"),
+    ({"noise_level": 1e6}, r"`noise_level` must be ≤ 5 for sde_type 'flow_grpo'; got 1000000.0"),
+    ({"noise_level": 1.5, "sde_type": "cps"}, r"`noise_level` must be ≤ 1 for sde_type 'cps'"),
+    ({"guidance_scale": 1e30}, r"`guidance_scale` must be in \[0, 100\].*got 1e\+30"),
+    ({"guidance_scale": float("nan")}, r"`guidance_scale` must be in \[0, 100\].*got nan"),
+    ({"epsilon": 0.2, "epsilon_high": 0.1}, r"`epsilon_high` must be ≥ `epsilon` \(0.2\)"),
 ]
 
 
@@ -100,6 +121,16 @@ def test_out_of_range_settings_are_refused_by_the_config(tmp_path, overrides, me
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, **overrides)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU that computes in bfloat16")
+def test_bf16_on_a_cpu_only_machine_names_the_fix(tmp_path):
+    """A real model's config (``bf16: true``) on a CPU: our message and the fix, not transformers' "Your setup
+    doesn't support bf16/gpu"."""
+    with pytest.raises(
+        ValueError, match=r"`bf16` is set, but this machine has no GPU.*`--bf16 false`.*tiny:sd3"
+    ):
+        make_config(tmp_path, bf16=True)
 
 
 def test_the_sde_window_range_limit_is_inclusive(tmp_path):
@@ -148,6 +179,37 @@ TRAINER_CASES = [
         ValueError,
         r"`reward_weights` has 2 values but there are 1 reward functions \(red_channel\)",
     ),
+    (
+        "lora_alpha 0 (trains nothing)",
+        dict(peft=LoraConfig(r=8, lora_alpha=0, target_modules=TARGETS)),
+        ValueError,
+        r"`lora_alpha` is 0: the LoRA update is scaled by lora_alpha / r, so nothing would train",
+    ),
+    (
+        "lora_dropout 1.5",
+        dict(peft=LoraConfig(r=8, lora_alpha=8, lora_dropout=1.5, target_modules=TARGETS)),
+        ValueError,
+        r"`lora_dropout` must be in \[0, 1\).*got 1.5",
+    ),
+    (
+        "prompts of zero-width characters only",
+        dict(dataset=Dataset.from_dict({"prompt": ["a cat", "\u200b\u200d", "\ufeff ", "a tree"]})),
+        ValueError,
+        r"row 1: only invisible characters.*row 2: only invisible characters",
+    ),
+    (
+        "a prompt outside the shapes grammar",
+        dict(reward="shapes_adherence", dataset=Dataset.from_dict({"prompt": ["a red circle", "a cat"] * 2})),
+        ValueError,
+        r"reward 'ShapesAdherence' cannot score the train_dataset's prompts: .*'a cat'",
+    ),
+    (
+        "an image size whose decoding cannot fit in memory",
+        dict(height=16384, width=16384),
+        ValueError,
+        r"Decoding 8 sample\(s\) of 16384×16384 needs at least [\d,.]+ GiB, more than this machine's.*"
+        r"vae_decode_batch_size",
+    ),
 ]
 
 
@@ -163,6 +225,23 @@ def test_bad_trainer_inputs_are_refused_before_sampling(
     with pytest.raises(error, match=message):
         make_trainer(tmp_path, **settings).train()
     assert sampling_calls["n"] == 0
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "lora_alpha 0 (trains nothing)",
+        "prompts of zero-width characters only",
+        "a prompt outside the shapes grammar",
+    ],
+)
+def test_checks_on_rewards_data_and_lora_come_before_loading_the_model(tmp_path, monkeypatch, case):
+    loads = []
+    monkeypatch.setattr("trl_visual.trainer.diffusion_grpo_trainer.load_pipeline", lambda *a: loads.append(a))
+    _, settings, error, message = next(c for c in TRAINER_CASES if c[0] == case)
+    with pytest.raises(error, match=message):
+        make_trainer(tmp_path, **settings)
+    assert loads == []
 
 
 @pytest.fixture
@@ -230,6 +309,24 @@ REWARD_CASES = [
         ValueError,
         r"'bad_reward' returned 7 values for 8 samples",
     ),
+    (
+        "a complex tensor",
+        lambda n: torch.ones(n, dtype=torch.complex64) * (1 + 2j),
+        TypeError,
+        r"'bad_reward' returned a complex tensor.*would drop the imaginary part",
+    ),
+    (
+        "complex scalar tensors",
+        lambda n: [torch.tensor(1 + 2j)] * n,
+        TypeError,
+        r"'bad_reward' returned a complex tensor for sample 0",
+    ),
+    (
+        "a meta tensor",
+        lambda n: torch.empty(n, device="meta"),
+        ValueError,
+        r"'bad_reward' returned a tensor on the 'meta' device, which holds no values",
+    ),
 ]
 
 
@@ -239,6 +336,55 @@ REWARD_CASES = [
 def test_bad_reward_outputs_name_the_reward(tmp_path, case, output, error, message):
     trainer = make_trainer(tmp_path, reward=reward_returning(output), max_steps=1)
     with pytest.raises(error, match=message):
+        trainer.train()
+
+
+def test_a_reward_calling_sys_exit_is_an_error_naming_it(tmp_path):
+    """``sys.exit(0)`` in a reward used to end the run with status 0 and nothing saved."""
+
+    def exits(prompts, images, **kwargs):
+        sys.exit(0)
+
+    trainer = make_trainer(tmp_path, reward=exits, max_steps=1)
+    with pytest.raises(RuntimeError, match=r"'exits' called sys.exit\(0\); a reward must return its scores"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["plain", "async"])
+def test_a_reward_that_edits_images_in_place_changes_nothing_for_the_next(tmp_path, is_async):
+    """Each reward gets its own copy of the samples: blacking them out in the first leaves the second's (and the
+    logged samples) as sampled."""
+    seen = []
+
+    def vandal(prompts, images, **kwargs):
+        images.mul_(0)
+        prompts.clear()
+        return [0.0] * len(images)
+
+    async def async_vandal(prompts, images, **kwargs):
+        return vandal(prompts, images)
+
+    def witness(prompts, images, **kwargs):
+        seen.append((len(prompts), float(images.abs().sum())))
+        return [float(x) for x in images.mean(dim=(1, 2, 3))]
+
+    make_trainer(tmp_path, reward=[async_vandal if is_async else vandal, witness], max_steps=1).train()
+    ((count, total),) = seen
+    assert count == 8 and total > 0
+
+
+def test_an_async_reward_that_blocks_its_event_loop_still_times_out(tmp_path):
+    """``time.sleep`` inside ``async def`` keeps ``asyncio.wait_for`` from firing; the loop's thread is given up on
+    instead, and the error says what blocked."""
+
+    async def sleepy(prompts, images, **kwargs):
+        time.sleep(5)  # blocks the event loop
+        return [0.0] * len(prompts)
+
+    trainer = make_trainer(tmp_path, reward=sleepy, reward_timeout=0.3, max_steps=1)
+    with pytest.raises(
+        RewardTimeoutError, match=r"'sleepy' did not return.*blocked its event loop.*asyncio.sleep"
+    ):
         trainer.train()
 
 

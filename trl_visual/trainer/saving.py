@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
+from .guards import naming_a_full_disk
 
 
 class CheckpointSavingMixin:
@@ -91,11 +92,15 @@ class CheckpointSavingMixin:
         staging_root = os.path.join(run_dir, ".staging")
         self._staging_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
-            state = self.method_state()
-            if state and self.args.should_save:
-                torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
-            self._save_ema_state(os.path.join(staging_root, name))
+            with naming_a_full_disk(staging_root, f"the checkpoint {name}"):
+                super()._save_checkpoint(model, trial)
+                state = self.method_state()
+                if state and self.args.should_save:
+                    torch.save(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+                self._save_ema_state(os.path.join(staging_root, name))
+        except OSError:
+            shutil.rmtree(staging_root, ignore_errors=True)  # no half-written checkpoint stays behind
+            raise
         finally:
             self._staging_dir = None
         # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
@@ -129,6 +134,10 @@ class CheckpointSavingMixin:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        with naming_a_full_disk(output_dir, f"the weights for {output_dir}"):
+            self._write_weights(output_dir, state_dict)
+
+    def _write_weights(self, output_dir: str, state_dict: dict | None) -> None:
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_peft:
