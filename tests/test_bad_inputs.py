@@ -4,6 +4,9 @@ no run ends silently wrong, hung, or with a non-finite or lost file (issue 12).
 Table-driven: each case is one row; the API and the command line are both exercised."""
 
 import asyncio
+import errno
+import importlib.util
+import json
 import math
 import os
 import re
@@ -571,6 +574,20 @@ def test_nan_log_probs_blame_the_noise_level(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("guidance_scale", 1e30), ("noise_level", 1e6), ("time_shift", 1e30)]
+)
+def test_a_nan_stop_names_the_sampling_setting_that_overflowed(tmp_path, field, value):
+    """Values the config now refuses, forced past it: the stop names the field rather than "the pipeline's dtype
+    or scheduler"."""
+    trainer = make_trainer(tmp_path, max_steps=5, max_consecutive_nonfinite_steps=1)
+    setattr(trainer.args, field, value)
+    with pytest.raises(
+        NonFiniteTrainingError, match=re.escape(f"`{field}` ({value:g}) is far above the usual")
+    ):
+        trainer.train()
+
+
 def test_non_finite_weights_are_never_saved(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1)
     trainer.train()
@@ -583,6 +600,128 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     ):
         trainer.save_model(str(tmp_path / "bad"))
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Resuming with other settings, or from an edited checkpoint; a full disk
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def one_checkpoint(tmp_path_factory):
+    """A one-step GRPO run (seed 5, G 4) with checkpoint-1; each test copies it."""
+    root = tmp_path_factory.mktemp("resume")
+    make_trainer(root, max_steps=1, save_strategy="steps", save_steps=1, seed=5).train()
+    return root / "out"
+
+
+def resumed_copy(tmp_path, one_checkpoint):
+    shutil.copytree(one_checkpoint, tmp_path / "out")
+    return tmp_path / "out" / "checkpoint-1"
+
+
+def edit_trainer_state(checkpoint, edit):
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+RESUME_WARNINGS = [
+    (
+        "another num_generations",
+        dict(num_generations=2),
+        r"num_generations=2, but it was trained with num_generations=4",
+    ),
+    ("another seed", dict(seed=6), r"seed=6, but it was trained with seed=5: the rollouts after the resume"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "settings", "message"), RESUME_WARNINGS, ids=[c[0] for c in RESUME_WARNINGS]
+)
+def test_resuming_with_other_settings_warns(tmp_path, one_checkpoint, caplog, case, settings, message):
+    """A legitimate change, as another batch size is for transformers: said, not refused."""
+    checkpoint = resumed_copy(tmp_path, one_checkpoint)
+    trainer = make_trainer(tmp_path, **{"max_steps": 2, "seed": 5, **settings})
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert re.search(message, caplog.text)
+    assert trainer.state.global_step == 2
+
+
+def test_resuming_with_the_same_settings_says_nothing(tmp_path, one_checkpoint, caplog):
+    checkpoint = resumed_copy(tmp_path, one_checkpoint)
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, max_steps=2, seed=5).train(resume_from_checkpoint=str(checkpoint))
+    assert "it was trained with" not in caplog.text
+
+
+RESUME_REFUSALS = [
+    (
+        "a BPGO checkpoint under GRPO",
+        lambda state: state["stateful_callbacks"]["RunSettingsCallback"]["args"].update(method="BPGO"),
+        r"checkpoint-1 was written by BPGO, not GRPO: resuming it with GRPO would drop",
+    ),
+    (
+        "an edited global_step",
+        lambda state: state.update(global_step=5),
+        r"trainer_state.json says global_step 5, but the folder is checkpoint-1: the file was edited",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "message"), RESUME_REFUSALS, ids=[c[0] for c in RESUME_REFUSALS])
+def test_resuming_what_cannot_continue_is_refused_before_sampling(
+    tmp_path, one_checkpoint, sampling_calls, case, edit, message
+):
+    checkpoint = resumed_copy(tmp_path, one_checkpoint)
+    edit_trainer_state(checkpoint, edit)
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, max_steps=2, seed=5).train(resume_from_checkpoint=str(checkpoint))
+    assert sampling_calls["n"] == 0
+
+
+def test_an_older_checkpoint_holding_a_method_state_is_refused_under_grpo(tmp_path, one_checkpoint):
+    """A checkpoint without recorded settings (an older one) that holds a method's state: refused as well."""
+    checkpoint = resumed_copy(tmp_path, one_checkpoint)
+    edit_trainer_state(checkpoint, lambda state: state.pop("stateful_callbacks"))
+    torch.save({"priors": torch.zeros(1)}, checkpoint / "trl_visual_state.pt")
+    with pytest.raises(ValueError, match=r"holds trl_visual_state.pt, the state of a method such as BPGO"):
+        make_trainer(tmp_path, max_steps=2, seed=5).train(resume_from_checkpoint=str(checkpoint))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[enforce fail] unexpected pos 44736 vs 44630"),
+    ],
+    ids=["ENOSPC", "torch's unexpected pos"],
+)
+def test_a_full_disk_says_so_and_leaves_no_staging(tmp_path, monkeypatch, failure):
+    def disk_full(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("trl_visual.trainer.saving.save_lora", disk_full)
+    monkeypatch.setattr(
+        "trl_visual.trainer.guards.shutil.disk_usage",
+        lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1024),
+    )
+    trainer = make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    with pytest.raises(
+        OSError, match=r"The disk holding '.*out/.staging' is full \(0 MiB free\): the checkpoint "
+    ):
+        trainer.train()
+    assert not (tmp_path / "out" / ".staging").exists()
+
+
+def test_a_leftover_staging_folder_is_removed_at_the_next_start(tmp_path, caplog):
+    leftover = tmp_path / "out" / ".staging" / "checkpoint-7"
+    leftover.mkdir(parents=True)
+    (leftover / "optimizer.pt").write_bytes(b"half")
+    with caplog.at_level("WARNING"):
+        make_trainer(tmp_path, max_steps=1).train()
+    assert not (tmp_path / "out" / ".staging").exists()
+    assert "left by a checkpoint write that did not finish" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -642,6 +781,22 @@ CLI_CASES = [
     (["--reward_weights", "0"], r"`reward_weights` are all zero"),
     (["--reward_funcs"], r"argument --reward_funcs.*: expected at least one argument"),
     (["--reward_funcs", "no_such_reward"], r"Unknown reward 'no_such_reward'"),
+    # issue 29 §3 and issue 26 §3
+    (["--height", "-32"], r"`height` must be a positive number of pixels.*got -32"),
+    (["--lora_alpha", "0"], r"`lora_alpha` is 0: the LoRA update is scaled by lora_alpha / r"),
+    (["--lora_dropout", "1.5"], r"`lora_dropout` must be in \[0, 1\).*got 1.5"),
+    (["--max_sequence_length", "0"], r"`max_sequence_length` must be at least 1 token"),
+    (
+        ["--max_steps", "-1", "--num_train_epochs", "0"],
+        r"`num_train_epochs` must be > 0 when `max_steps` is unset",
+    ),
+    (["--save_strategy", "steps", "--save_steps", "0"], r"`save_steps` must be > 0"),
+    (["--time_shift", "inf"], r"`time_shift` must be in \(0, 1000\]"),
+    (["--guidance_scale", "1e30"], r"`guidance_scale` must be in \[0, 100\]"),
+    (["--noise_level", "1e6"], r"`noise_level` must be ≤ 5"),
+    (["--epsilon_high", "1e-5"], r"`epsilon_high` must be ≥ `epsilon`"),
+    (["--max_stepz", "3"], r"unknown flag --max_stepz \(did you mean --max_steps\?\)"),
+    (["--steps_per_generation", "4"], r"--steps_per_generation is not a setting here: .*`num_iterations`"),
 ]
 
 
@@ -652,6 +807,168 @@ def test_cli_bad_flags_are_refused_before_sampling(tmp_path, capsys, sampling_ca
     assert re.search(message, text), text[-2000:]
     assert sampling_calls["n"] == 0
     assert not (tmp_path / "run").exists()  # refused before the trainer was built
+
+
+def quickstart_with(tmp_path, **changes):
+    """The quick start's YAML with ``changes`` (``None`` removes a key), writing to ``tmp_path/run``."""
+    with open(QUICKSTART) as handle:
+        config = yaml.safe_load(handle)
+    config.update(output_dir=str(tmp_path / "run"), **changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if v is not None}))
+    return str(path)
+
+
+YAML_CASES = [
+    ({"max_steps": 2.7}, r"`max_steps` must be a whole number; got 2.7 in the YAML config"),
+    ({"num_generations": 4.0}, r"`num_generations` must be a whole number; got 4.0 .*Write 4"),
+    ({"max_stepz": 3}, r"unknown YAML key .*'max_stepz' \(did you mean 'max_steps'\?\)"),
+    ({"steps_per_generation": 4}, r"'steps_per_generation' is not a setting here"),
+    ({"lora_dropout": 1.5}, r"`lora_dropout` must be in \[0, 1\)"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), YAML_CASES, ids=lambda v: str(v)[:30])
+def test_cli_bad_yaml_values_are_one_line(tmp_path, capsys, sampling_calls, changes, message):
+    status, text = run_cli(["grpo", "--config", quickstart_with(tmp_path, **changes)], capsys)
+    assert status == 2
+    assert len(text.strip().splitlines()) == 1 and re.search(message, text), text[-2000:]
+    assert sampling_calls["n"] == 0 and not (tmp_path / "run").exists()
+
+
+def test_a_single_reward_name_in_yaml_is_a_one_element_list(tmp_path):
+    """``reward_funcs: red_channel`` used to be read letter by letter ("Unknown reward 'r'")."""
+    from trl_visual.cli import parse_args
+
+    _, script_args, _, _ = parse_args(
+        ["grpo", "--config", quickstart_with(tmp_path, reward_funcs="red_channel")]
+    )
+    assert script_args.reward_funcs == ["red_channel"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU that computes in bfloat16")
+def test_cli_a_real_model_config_on_a_cpu_gets_our_message(tmp_path, capsys):
+    """A bf16 YAML for a GPU, with ``--model_name_or_path tiny:sd3`` on a CPU-only machine."""
+    config = quickstart_with(tmp_path, bf16=True)
+    status, text = run_cli(["grpo", "--config", config, "--model_name_or_path", "tiny:sd3"], capsys)
+    assert status == 2
+    assert "`bf16` is set, but this machine has no GPU" in text and "--bf16 false" in text
+    assert "Your setup doesn't support" not in text
+
+
+def test_cli_a_missing_tracker_package_is_one_line(tmp_path, capsys, monkeypatch):
+    """``--report_to tensorboard`` without tensorboard installed (hidden from the import system here)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        "trl_visual.preflight.module_installed",
+        lambda name: name not in ("tensorboard", "tensorboardX") and real(name) is not None,
+    )
+    status, text = run_cli(cli_args(tmp_path, "--report_to", "tensorboard"), capsys)
+    assert status == 2
+    assert re.search(r"--report_to tensorboard: the tensorboard package is not installed.*pip install", text)
+
+
+def test_cli_a_corrupt_parquet_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "prompts.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    status, text = run_cli(cli_args(tmp_path, "--dataset_name", str(bad)), capsys)
+    assert status == 2
+    assert f"Cannot read prompts from '{bad}'" in text and "Is it a valid .parquet file?" in text
+
+
+def test_cli_a_prompt_folder_by_absolute_path_is_read(tmp_path):
+    from trl_visual.data import load_prompts
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": "a dog"}\n')
+    assert load_prompts(str(folder.resolve()))["prompt"] == ["a cat", "a dog"]
+
+
+def test_cli_a_prompt_outside_the_shapes_grammar_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    loads = []
+    monkeypatch.setattr("trl_visual.trainer.diffusion_grpo_trainer.load_pipeline", lambda *a: loads.append(a))
+    argv = ["grpo", "--model_name_or_path", "tiny:shapes", "--dataset_name", "builtin:objects"]
+    argv += [
+        "--reward_funcs",
+        "shapes_adherence",
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--report_to",
+        "none",
+    ]
+    status, text = run_cli(argv, capsys)
+    assert status == 2
+    assert "cannot score the train_dataset's prompts: Cannot read the prompt 'a cat' as a scene" in text
+    assert loads == []
+
+
+# The user's own path, a new process: one line on stderr, no traceback, exit status 2
+def trl_visual_command():
+    script = shutil.which("trl-visual")
+    return [script] if script else [sys.executable, "-m", "trl_visual.cli"]
+
+
+def run_trl_visual(args, cwd, **env):
+    environment = {**os.environ, **env}
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "HF_TOKEN"):
+        if name not in env:
+            environment.pop(name, None)
+    return subprocess.run(
+        [*trl_visual_command(), *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=300
+    )
+
+
+SUBPROCESS_CASES = [
+    (
+        "a .txt given without its extension",
+        lambda tmp: (["--dataset_name", "my_prompts"], {}),
+        r"--dataset_name 'my_prompts': no file or folder of that name, but my_prompts.txt exists",
+    ),
+    (
+        "a Hub data set id offline",
+        lambda tmp: (["--dataset_name", "someone/uncached-prompts"], {"HF_HUB_OFFLINE": "1"}),
+        r"--dataset_name 'someone/uncached-prompts': .*not in the Hugging Face cache, and HF_HUB_OFFLINE is set",
+    ),
+    (
+        "a Hub model id offline",
+        lambda tmp: (["--model_name_or_path", "someone/uncached-model"], {"HF_HUB_OFFLINE": "1"}),
+        r"--model_name_or_path 'someone/uncached-model': .*not in the Hugging Face cache.*hf download",
+    ),
+    (
+        "wandb without a login",
+        lambda tmp: (["--report_to", "wandb"], {"HOME": str(tmp), "NETRC": str(tmp / "none")}),
+        r"--report_to wandb: wandb has no login on this machine. Run `wandb login`.*WANDB_MODE=offline",
+    ),
+    (
+        "a flag typo",
+        lambda tmp: (["--learning_rat", "1e-4"], {}),
+        r"unknown flag --learning_rat \(did you mean --learning_rate\?\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "message"), SUBPROCESS_CASES, ids=[c[0] for c in SUBPROCESS_CASES])
+def test_cli_errors_in_a_new_process_are_one_line(tmp_path, case, make, message):
+    (tmp_path / "my_prompts.txt").write_text("a cat\na dog\n")
+    flags, env = make(tmp_path)
+    result = run_trl_visual(
+        ["grpo", "--config", QUICKSTART, "--output_dir", str(tmp_path / "run"), *flags], tmp_path, **env
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("trl-visual: error: ") and re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_unwritable_output_dir_is_one_line_in_a_new_process(immutable_dir):
+    result = run_trl_visual(
+        ["grpo", "--config", QUICKSTART, "--output_dir", str(immutable_dir / "run")], REPO
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "is not writable" in result.stderr
 
 
 def test_cli_empty_reward_list_in_yaml_names_reward_funcs(tmp_path, capsys, sampling_calls):

@@ -185,6 +185,13 @@ class ModelArguments:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA (scale alpha / √r)."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
+    def __post_init__(self) -> None:
+        """The LoRA flags are checked as they are parsed, before anything is loaded or written."""
+        if self.use_peft:
+            from .trainer.setup_checks import check_lora_config
+
+            check_lora_config(self.lora_config())
+
     def lora_config(self) -> Any:
         """The ``peft.LoraConfig`` these flags describe, or ``None`` without ``--use_peft``."""
         if not self.use_peft:

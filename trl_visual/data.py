@@ -37,6 +37,8 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from .preflight import missing_prompt_file_message
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -437,10 +439,7 @@ def load_prompts(
         with _no_progress_bars():
             dataset = _load_folder(dataset_name, dataset_config, split)
     elif _looks_like_local_file(dataset_name):
-        raise FileNotFoundError(
-            f"No prompt file {dataset_name!r} (relative paths start from {os.getcwd()!r}). Check the path; a "
-            "Hub data set id has the form 'user/name', without a file extension."
-        )
+        raise FileNotFoundError(missing_prompt_file_message(dataset_name))
     else:
         loaded = load_dataset(dataset_name, dataset_config, split=split)
         if isinstance(loaded, DatasetDict):  # pragma: no cover - split is always given

@@ -202,13 +202,18 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def module_installed(name: str) -> bool:
+    """Whether ``name`` can be imported (found without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
+
 def check_trackers(report_to: Any) -> None:
     """Each ``report_to`` tracker's package is installed; wandb is logged in or offline."""
     for name in report_to_list(report_to):
         if name == "all":
             continue
         modules = TRACKER_MODULES.get(name, ())
-        if modules and not any(importlib.util.find_spec(module) for module in modules):
+        if modules and not any(module_installed(module) for module in modules):
             raise PreflightError(
                 f"--report_to {name}: the {modules[0]} package is not installed. Install it (`pip install {modules[0]}`), "
                 "or log elsewhere (e.g. --report_to none, or trackio)."
@@ -284,6 +289,14 @@ def check_hub_id(repo_id: str, repo_type: str, flag: str) -> None:
     )
 
 
+def missing_prompt_file_message(name: str) -> str:
+    """The error for a prompt file path that does not exist."""
+    return (
+        f"No prompt file {name!r} (relative paths start from {os.getcwd()!r}). Check the path; a Hub data set id has "
+        "the form 'user/name', without a file extension."
+    )
+
+
 def check_dataset_name(name: str) -> None:
     """A prompt set that cannot be loaded: a missing local path, a bare name whose file has an extension, or a
     Hub id neither cached nor reachable."""
@@ -300,9 +313,7 @@ def check_dataset_name(name: str) -> None:
         ("./", "../", "/", "~")
     )
     if looks_local:
-        raise PreflightError(
-            f"--dataset_name {name!r}: no such file or folder (relative paths start from {os.getcwd()!r})."
-        )
+        raise FileNotFoundError(missing_prompt_file_message(name))
     check_hub_id(name, "dataset", "--dataset_name")
 
 
@@ -313,19 +324,28 @@ def check_model_name(name: str) -> None:
     check_hub_id(name, "model", "--model_name_or_path")
 
 
+def last_flag_value(flags: Sequence[str], flag: str) -> str | None:
+    """The value of the last ``flag`` among ``flags`` (``--flag VALUE`` or ``--flag=VALUE``): argparse keeps the
+    last one given."""
+    found = None
+    for i, given in enumerate(flags):
+        name, has_inline_value, value = given.partition("=")
+        if name == flag:
+            found = value if has_inline_value else (flags[i + 1] if i + 1 < len(flags) else None)
+    return found
+
+
 def preflight(argv: Sequence[str], known_names: set[str] | None, model_defaults: Mapping[str, Any]) -> None:
     """Run the checks of this module on ``[command, *flags]`` (values: flags, then the ``--config`` YAML, then the
     model's own defaults ``model_defaults``). ``known_names`` are the command's accepted names, when cached."""
-    from .launcher import _flag_value
-
     flags = list(argv[1:])
-    config_path = _flag_value(flags, "--config")
+    config_path = last_flag_value(flags, "--config")
     config = read_yaml_config(config_path) if config_path else {}
     if known_names is not None:
         check_names(flags, config, config_path, known_names)
 
     def value(key: str) -> Any:
-        given = _flag_value(flags, f"--{key}")
+        given = last_flag_value(flags, f"--{key}")
         if given is not None:
             return given
         return config.get(key, model_defaults.get(key))
