@@ -299,14 +299,13 @@ def test_console_script_finds_reward_module_in_working_directory(tmp_path):
     (tmp_path / "my_rewards.py").write_text(
         "open('imported.flag', 'w').close()\ndef f(prompts, images, **columns):\n    return [0.0] * len(prompts)\n"
     )
+    (tmp_path / "empty.txt").write_text("")
     script = Path(sys.executable).parent / "trl-visual"
     args = ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "my_rewards:f"]
-    result = _cli_subprocess(
-        [*args, "--dataset_name", "missing.txt"], tmp_path, tmp_path, executable=(script,)
-    )
-    # the reward resolved (its module ran), then the next check stopped the run before any model loaded
+    result = _cli_subprocess([*args, "--dataset_name", "empty.txt"], tmp_path, tmp_path, executable=(script,))
+    # the reward resolved (its module ran), then the prompt set's check stopped the run before any model loaded
     assert (tmp_path / "imported.flag").exists()
-    assert result.returncode == 2 and "No prompt file 'missing.txt'" in result.stderr, result.stderr
+    assert result.returncode == 2 and "'empty.txt' is empty" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,20 @@ def test_clipped_policy_loss_by_hand():
     assert clipped.tolist() == [True, False, True, False]
 
 
+def test_asymmetric_clipping_epsilon_high_by_hand():
+    """TRL's ``epsilon_high``: the ratio is clipped to [1 − ε, 1 + ε_high]. With ε = 0.05, ε_high = 0.2:
+    ρ = e^0.1 = 1.105171 < 1.2, so A = 1 is no longer clipped (−1.105171, where symmetric clipping gave −1.05);
+    ρ = e^0.3 = 1.349859 > 1.2 is (−1.2); the low side is unchanged: ρ = e^−0.1 with A = −1 gives 0.95."""
+    log_ratio = torch.tensor([0.1, 0.3, -0.1, 0.3])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, clipped = clipped_policy_loss(log_ratio, advantages, 0.05, epsilon_high=0.2)
+    # A = −1, ρ = 1.349859: max(1.349859, 1.2) = 1.349859 (the unclipped term, as for symmetric clipping)
+    assert loss.tolist() == pytest.approx([-1.105171, -1.2, 0.95, 1.349859], abs=1e-6)
+    assert clipped.tolist() == [False, True, True, False]
+    symmetric, _ = clipped_policy_loss(log_ratio, advantages, 0.05)
+    assert symmetric.tolist() == pytest.approx([-1.05, -1.05, 0.95, 1.349859], abs=1e-6)
+
+
 def test_gaussian_kl_matches_torch():
     mean, ref, std = torch.randn(10), torch.randn(10), torch.rand(10) + 0.1
     expected = torch.distributions.kl_divergence(

@@ -66,6 +66,7 @@ from .launcher import (
     wants_launch,
     with_yaml_accelerate_config,
 )
+from .preflight import cached_names, names_cache_path, preflight, write_names
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -184,6 +185,13 @@ class ModelArguments:
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilized LoRA (scale alpha / √r)."})
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
+    def __post_init__(self) -> None:
+        """The LoRA flags are checked as they are parsed, before anything is loaded or written."""
+        if self.use_peft:
+            from .trainer.setup_checks import check_lora_config
+
+            check_lora_config(self.lora_config())
+
     def lora_config(self) -> Any:
         """The ``peft.LoraConfig`` these flags describe, or ``None`` without ``--use_peft``."""
         if not self.use_peft:
@@ -247,14 +255,71 @@ def load_command(command: str) -> tuple[type, type]:
 
 
 def make_parser(command: str, config_class: type) -> Any:
-    """A :class:`trl.TrlParser` over the script, config and model arguments of ``command``."""
-    from trl import TrlParser
-
-    return TrlParser(
+    """A :class:`trl.TrlParser` over the script, config and model arguments of ``command``, whose YAML values are
+    checked as flags are (:func:`_checked_parser_class`)."""
+    return _checked_parser_class()(
         dataclass_types=[ScriptArguments, config_class, ModelArguments],
         prog=f"trl-visual {command}",
         description=COMMANDS[command][2] + " Values come from --config file.yaml, then from the flags.",
     )
+
+
+def parser_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every name the parser accepts, as a YAML key or a flag without its dashes (``--no_x`` twins included), plus
+    the command line's own (``config``, the launch flags)."""
+    from .launcher import ACCELERATE_CONFIG_FLAG, LAUNCH_FLAGS
+
+    names = {action.dest for action in parser._actions}
+    names |= {
+        option[2:]
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    }
+    return (
+        names
+        | {"config", FULL_HELP_FLAG[2:], ACCELERATE_CONFIG_FLAG[2:]}
+        | {flag[2:] for flag in LAUNCH_FLAGS}
+    )
+
+
+def yaml_value(action: argparse.Action, value: Any) -> Any:
+    """A YAML value for ``action``, as the flag would give it: a single string where a list is expected becomes a
+    one-element list (``reward_funcs: red_channel``); a float for an integer field is refused (argparse converts
+    only strings, so ``max_steps: 2.7`` would otherwise reach the trainer as a float)."""
+    if action.nargs in ("+", "*") and isinstance(value, str):
+        return [value]
+    if action.type is int and isinstance(value, float):
+        whole = f" Write {int(value)}." if value.is_integer() else ""
+        raise UsageError(f"`{action.dest}` must be a whole number; got {value!r} in the YAML config.{whole}")
+    return value
+
+
+def _checked_parser_class() -> type:
+    """:class:`trl.TrlParser` with one-line errors: unknown YAML keys and flags name the closest field, and YAML
+    values are checked by :func:`yaml_value`."""
+    from trl import TrlParser
+
+    from .preflight import unknown_names_message
+
+    class CheckedParser(TrlParser):
+        def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
+            actions = {action.dest: action for action in self._actions}
+            unknown = [key for key in kwargs if key not in actions]
+            if unknown:
+                raise UsageError(unknown_names_message(unknown, parser_names(self), "YAML key"))
+            return super().set_defaults_with_config(
+                **{k: yaml_value(actions[k], v) for k, v in kwargs.items()}
+            )
+
+        def parse_args_into_dataclasses(self, args: Any = None, **kwargs: Any) -> Any:
+            _, remaining = self.parse_known_args(args=args)
+            flags = [token[2:].partition("=")[0] for token in remaining if token.startswith("--")]
+            if flags:
+                raise UsageError(unknown_names_message(flags, parser_names(self), "flag"))
+            return super().parse_args_into_dataclasses(args=args, **kwargs)
+
+    return CheckedParser
 
 
 MODEL_DEFAULTS: dict[str, str] = {
@@ -296,9 +361,20 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArg
     command, *rest = argv
     config_class, _ = load_command(command)
     parser = make_parser(command, config_class)
+    names_path = names_cache_path(help_cache_path(command))
+    if cached_names(names_path) is None:
+        write_names(names_path, parser_names(parser))  # so that the next run checks names before importing
     parser.set_defaults_with_config(**model_defaults(command, rest))
     script_args, config, model_args = parser.parse_args_and_config(rest)
     return command, script_args, config, model_args
+
+
+def check_before_importing(argv: Sequence[str]) -> None:
+    """:func:`trl_visual.preflight.preflight` on ``[command, *flags]``: names (when a previous run cached them),
+    the prompt set, the output folder and the trackers, before torch or the trainer is imported."""
+    _check_command(argv[0])
+    names = cached_names(names_cache_path(help_cache_path(argv[0])))
+    preflight(argv, names, {})
 
 
 def _module_from_file(path: str, spec: str) -> Any:
@@ -734,9 +810,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input when raised before training starts: printed as one line."""
     import yaml
 
-    from .trainer.model_card import HubRepositoryError
-
-    return (ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError, HubRepositoryError)
+    errors = [ValueError, TypeError, FileNotFoundError, IsADirectoryError, yaml.YAMLError]
+    model_card = sys.modules.get("trl_visual.trainer.model_card")  # only raised once it is imported
+    return (*errors, *([model_card.HubRepositoryError] if model_card else []))
 
 
 def _fail(error: BaseException, status: int = 2) -> int:
@@ -766,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(command_help(argv[0], full=FULL_HELP_FLAG in argv[1:]), end="")
             return 0
         argv = [argv[0], *with_yaml_accelerate_config(argv[1:])]  # the YAML key acts as the flag
+        check_before_importing(argv)
         launching = wants_launch(argv[1:])  # --accelerate_config or a launch flag: accelerate launch runs it
         if launching:
             _check_command(argv[0])

@@ -29,12 +29,15 @@ import contextlib
 import json
 import os
 import random
+import unicodedata
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
+
+from .preflight import missing_prompt_file_message
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -311,15 +314,28 @@ def _load_file(path: str, split: str) -> Dataset:
     with _no_progress_bars():
         try:
             dataset = load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
-        except DatasetGenerationError as error:
-            raise PromptSetError(f"Cannot read prompts from {path!r}: {error.__cause__ or error}") from error
+        except Exception as error:  # pyarrow's errors on a corrupt file do not name it
+            if not isinstance(error, DatasetGenerationError) and not _is_arrow_error(error):
+                raise
+            cause = error.__cause__ or error
+            raise PromptSetError(
+                f"Cannot read prompts from {path!r}: {type(cause).__name__}: {cause}. Is it a valid "
+                f"{extension} file? Re-export it, or give the prompts as a .txt (one per line) or .jsonl file."
+            ) from error
         if builder == "text":
             dataset = dataset.filter(lambda row: bool(row["text"].strip())).rename_column("text", "prompt")
     return dataset
 
 
+def _is_arrow_error(error: BaseException) -> bool:
+    """Whether ``error`` comes from pyarrow (a corrupt Parquet/Arrow file: ``ArrowInvalid``, ``ArrowIOError``…)."""
+    return type(error).__module__.startswith("pyarrow")
+
+
 def _describe(value: object) -> str:
-    return "an empty string" if isinstance(value, str) else f"{value!r} ({type(value).__name__})"
+    if isinstance(value, str):
+        return "an empty string" if not value else f"only invisible characters {value!r}"
+    return f"{value!r} ({type(value).__name__})"
 
 
 def check_prompts(dataset: Dataset, prompt_column: str, source: str) -> None:
@@ -337,13 +353,19 @@ def check_prompts(dataset: Dataset, prompt_column: str, source: str) -> None:
     check_prompt_values(dataset[prompt_column], f"the prompt set {source!r}, column {prompt_column!r}")
 
 
+def is_visible_text(text: str) -> bool:
+    """Whether ``text`` has a character that is neither whitespace nor invisible formatting (zero-width spaces and
+    joiners, the byte-order mark, direction marks: Unicode categories Cf, Cc, Z*)."""
+    return any(not (c.isspace() or unicodedata.category(c) in ("Cf", "Cc", "Zs", "Zl", "Zp")) for c in text)
+
+
 def check_prompt_values(prompts: Sequence[Any], where: str) -> None:
-    """Raise a :class:`PromptSetError` unless every prompt is a non-empty string (not only whitespace): an
-    empty prompt would silently train the unconditional prompt. The error names up to three bad rows
+    """Raise a :class:`PromptSetError` unless every prompt is a non-empty string with a visible character (not only
+    whitespace or zero-width characters): an empty prompt would silently train the unconditional prompt. The error names up to three bad rows
     (counted from 0) and ``where`` they come from."""
     bad_rows = []
     for row, value in enumerate(prompts):
-        if not isinstance(value, str) or not value.strip():
+        if not isinstance(value, str) or not is_visible_text(value):
             bad_rows.append(f"row {row}: {_describe(value)}")
             if len(bad_rows) == _MAX_REPORTED_ROWS:
                 break
@@ -353,6 +375,17 @@ def check_prompt_values(prompts: Sequence[Any], where: str) -> None:
             "must be a non-empty string: fix or remove those rows (e.g. `dataset.filter(lambda row: "
             "isinstance(row['prompt'], str) and row['prompt'].strip())`)."
         )
+
+
+def _load_folder(folder: str, config: str | None, split: str) -> Dataset:
+    """A local folder that ``datasets.load_dataset`` reads (parquet, json, csv, … files, split by file name)."""
+    try:
+        loaded = load_dataset(folder, config, split=split)
+    except (DatasetGenerationError, ValueError) as error:
+        raise PromptSetError(
+            f"Cannot read prompts from the folder {folder!r}: {error.__cause__ or error}"
+        ) from error
+    return loaded
 
 
 def _builtin_split(key: str, split: str) -> Dataset:
@@ -402,11 +435,11 @@ def load_prompts(
         dataset = _builtin_split(key, split)
     elif os.path.isfile(dataset_name):
         dataset = _load_file(dataset_name, split)
+    elif os.path.isdir(dataset_name):  # a folder of data files, by any path (absolute ones look like files)
+        with _no_progress_bars():
+            dataset = _load_folder(dataset_name, dataset_config, split)
     elif _looks_like_local_file(dataset_name):
-        raise FileNotFoundError(
-            f"No prompt file {dataset_name!r} (relative paths start from {os.getcwd()!r}). Check the path; a "
-            "Hub data set id has the form 'user/name', without a file extension."
-        )
+        raise FileNotFoundError(missing_prompt_file_message(dataset_name))
     else:
         loaded = load_dataset(dataset_name, dataset_config, split=split)
         if isinstance(loaded, DatasetDict):  # pragma: no cover - split is always given

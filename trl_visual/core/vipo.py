@@ -633,7 +633,7 @@ def perceptual_video_map(
 
 
 def dense_policy_loss(
-    log_ratio: torch.Tensor, advantage_maps: torch.Tensor, epsilon: float
+    log_ratio: torch.Tensor, advantage_maps: torch.Tensor, epsilon: float, epsilon_high: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ViPO's clipped objective with one policy ratio per latent position, averaged over positions.
 
@@ -641,7 +641,7 @@ def dense_policy_loss(
     ``A(p) = M(p) · A`` the advantage map ``(B, *grid)``:
 
     ``ρ_p = exp(Σ_c (log p_θ − log p_old)_{c,p})``,
-    ``L = (1/P) Σ_p max(−A(p) ρ_p, −A(p) clip(ρ_p, 1 − ε, 1 + ε))``.
+    ``L = (1/P) Σ_p max(−A(p) ρ_p, −A(p) clip(ρ_p, 1 − ε, 1 + ε_high))`` (``ε_high = ε`` unless given).
 
     ``ρ_p`` is the ratio of the joint Gaussian density of the C channels at position ``p``. Returns the
     loss ``(B,)`` and the fraction of each sample's positions where the clipped term is active ``(B,)``.
@@ -651,7 +651,7 @@ def dense_policy_loss(
             f"log-ratio grid {tuple(log_ratio.shape)} (B, C, *grid) does not match the advantage maps "
             f"{tuple(advantage_maps.shape)} (B, *grid)."
         )
-    loss, clipped = clipped_policy_loss(log_ratio.sum(dim=1), advantage_maps, epsilon)
+    loss, clipped = clipped_policy_loss(log_ratio.sum(dim=1), advantage_maps, epsilon, epsilon_high)
     return loss.flatten(1).mean(dim=1), clipped.flatten(1).float().mean(dim=1)
 
 

@@ -123,6 +123,12 @@ class ShapesAdherence(nn.Module):
         logits = self.classifier(self.classifier_input(images))
         return {name: values.softmax(-1) for name, values in logits.items()}
 
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise :class:`~trl_visual.miniature.scenes.PromptGrammarError` for the first prompt outside the scene
+        grammar. The trainer calls this on its data sets when it is built, before the model loads."""
+        for prompt in dict.fromkeys(prompts):
+            parse_objects(prompt)
+
     def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")

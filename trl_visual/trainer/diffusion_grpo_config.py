@@ -17,6 +17,14 @@ from .memory import check_optimizer_package, check_quantization_package
 
 logger = logging.getLogger(__name__)
 
+#: the largest ``noise_level`` each sampler accepts: CPS's ``a`` is an angle fraction (``sin(aπ/2)``), at most 1;
+#: Flow-GRPO's ``a`` and DanceGRPO's ``η`` are 0.3 to 1 in the papers, and far beyond it the noise swamps samples
+MAX_NOISE_LEVEL = {"flow_grpo": 5.0, "dance_grpo": 5.0, "cps": 1.0}
+#: CFG scales above this are no setting anyone trains with (samples saturate, then overflow)
+MAX_GUIDANCE_SCALE = 100.0
+#: time shifts above this put every sampling step at σ ≈ 1 (the papers use 3 to 8)
+MAX_TIME_SHIFT = 1000.0
+
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raise a ``ValueError`` naming the field and its valid values when ``value`` is not one of them."""
@@ -29,6 +37,22 @@ def check_range(name: str, value: float, valid: bool, expected: str, hint: str =
     false or ``value`` is NaN or infinite."""
     if not valid or not math.isfinite(value):
         raise ValueError(f"`{name}` must be {expected}; got {value!r}.{' ' + hint if hint else ''}")
+
+
+def check_bf16_device(args: TrainingArguments) -> None:
+    """``bf16`` without a device that computes in bfloat16 (a real model's config on a CPU-only machine): our own
+    one-line error with the fix, before transformers' "Your setup doesn't support bf16/gpu"."""
+    if not (args.bf16 or args.bf16_full_eval) or args.use_cpu:
+        return
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if is_torch_bf16_gpu_available() or is_torch_xla_available():
+        return
+    raise ValueError(
+        "`bf16` is set, but this machine has no GPU that computes in bfloat16 (the config is written for one). "
+        "To run it here, turn it off (`--bf16 false`, or `bf16: false` in the YAML) and pick a model this machine "
+        "can train (e.g. `--model_name_or_path tiny:sd3`); `--use_cpu true` keeps bf16 autocast on the CPU."
+    )
 
 
 @dataclass
@@ -99,6 +123,13 @@ class DiffusionGRPOConfig(TrainingArguments):
     epsilon: float = field(
         default=1e-4,
         metadata={"help": "Clipping range of the policy ratio. Diffusion policies use ~1e-4, not LLMs' 0.2."},
+    )
+    epsilon_high: float | None = field(
+        default=None,
+        metadata={
+            "help": "Upper clipping bound (TRL's name; DAPO's asymmetric 'clip-higher'): the ratio is clipped to "
+            "[1 − epsilon, 1 + epsilon_high]. None: epsilon on both sides."
+        },
     )
     beta: float = field(
         default=0.0,
@@ -311,6 +342,7 @@ class DiffusionGRPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_bf16_device(self)
         super().__post_init__()
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
@@ -327,13 +359,12 @@ class DiffusionGRPOConfig(TrainingArguments):
             raise ValueError(
                 "`exclude_last_step` needs `num_inference_steps` >= 2: with one step there is nothing left to train."
             )
-        if self.time_shift is not None and not self.time_shift > 0:
-            raise ValueError(
-                f"`time_shift` must be positive (3 to 8 in the papers' released runs), or None for the model's own "
-                f"scheduler; got {self.time_shift}."
-            )
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations` must be at least 1; got {self.num_iterations}.")
+        if self.sde_window_size < 0:
+            raise ValueError(
+                f"`sde_window_size` must be ≥ 0 (0 makes every step stochastic); got {self.sde_window_size}."
+            )
         if self.sde_window_size >= self.num_inference_steps:
             raise ValueError(
                 f"`sde_window_size` ({self.sde_window_size}) must be smaller than `num_inference_steps` "
@@ -379,6 +410,13 @@ class DiffusionGRPOConfig(TrainingArguments):
         """Refuse out-of-range hyper-parameters before any model is loaded (a negative ``epsilon`` clips every
         sample, ``noise_level = 0`` makes every log-probability NaN, ...); warn on a learning rate ≤ 0."""
         check_range("epsilon", self.epsilon, self.epsilon >= 0, "≥ 0 (diffusion GRPO uses ~1e-4)")
+        if self.epsilon_high is not None:
+            check_range(
+                "epsilon_high",
+                self.epsilon_high,
+                self.epsilon_high >= self.epsilon,
+                f"≥ `epsilon` ({self.epsilon:g}), or None for epsilon on both sides",
+            )
         check_range("beta", self.beta, self.beta >= 0, "≥ 0 (0 disables the KL term)")
         check_range(
             "adv_clip_max", self.adv_clip_max, self.adv_clip_max > 0, "> 0 (advantages are clamped to ±it)"
@@ -391,10 +429,33 @@ class DiffusionGRPOConfig(TrainingArguments):
             "It is the SDE's noise scale: at 0 the sampler is deterministic and every log-probability is NaN "
             "(use 0.7 for flow_grpo and cps, 0.3 for dance_grpo).",
         )
+        top = MAX_NOISE_LEVEL[self.sde_type] if self.sde_type in MAX_NOISE_LEVEL else math.inf
+        check_range(
+            "noise_level",
+            self.noise_level,
+            self.noise_level <= top,
+            f"≤ {top:g} for sde_type {self.sde_type!r}",
+            "Larger values swamp every sample in noise and make the steps non-finite (use 0.7 for flow_grpo and "
+            "cps, 0.3 for dance_grpo).",
+        )
         check_range(
             "num_inference_steps", self.num_inference_steps, self.num_inference_steps >= 1, "at least 1"
         )
-        check_range("guidance_scale", self.guidance_scale, self.guidance_scale >= 0, "≥ 0 (1 disables CFG)")
+        check_range(
+            "guidance_scale",
+            self.guidance_scale,
+            0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE,
+            f"in [0, {MAX_GUIDANCE_SCALE:g}] (1 disables CFG; 3.5 to 7 is usual)",
+        )
+        if self.time_shift is not None:
+            check_range(
+                "time_shift",
+                self.time_shift,
+                0 < self.time_shift <= MAX_TIME_SHIFT,
+                f"in (0, {MAX_TIME_SHIFT:g}] (3 to 8 in the papers' released runs), or None for the model's own "
+                "scheduler",
+            )
+        self._check_sizes()
         if self.max_steps == 0:
             raise ValueError("`max_steps` must be positive (or -1 to train for `num_train_epochs`); got 0.")
         if self.reward_timeout is not None:
@@ -425,6 +486,40 @@ class DiffusionGRPOConfig(TrainingArguments):
             )
         if not self.learning_rate > 0:
             logger.warning(f"`learning_rate` is {self.learning_rate}: the weights will not be trained.")
+
+    def _check_sizes(self) -> None:
+        """Counts and sizes that must be positive (or ≥ 0), checked before any model is loaded: a 0 or negative
+        image size, token length or step count otherwise trains at the model's default, fails deep in torch or
+        trains nothing without a word."""
+        for name in ("height", "width", "num_frames"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(
+                    f"`{name}` must be a positive number of pixels (frames for `num_frames`), or unset for the "
+                    f"model's default; got {value!r}."
+                )
+        if self.max_sequence_length < 1:
+            raise ValueError(
+                f"`max_sequence_length` must be at least 1 token (256 for SD3, 512 for FLUX and Wan); got "
+                f"{self.max_sequence_length}."
+            )
+        if self.num_images_to_log < 0:
+            raise ValueError(f"`num_images_to_log` must be ≥ 0; got {self.num_images_to_log}.")
+        for name in ("save", "eval", "logging"):
+            strategy, steps = getattr(self, f"{name}_strategy"), getattr(self, f"{name}_steps")
+            if str(getattr(strategy, "value", strategy)) == "steps" and steps is not None:
+                check_range(
+                    f"{name}_steps",
+                    steps,
+                    steps > 0,
+                    "> 0 (a number of optimizer steps, or a fraction of the run below 1)",
+                    f"Or set `{name}_strategy` to 'no'.",
+                )
+        if self.max_steps < 0 and not self.num_train_epochs > 0:
+            raise ValueError(
+                f"`num_train_epochs` must be > 0 when `max_steps` is unset (-1); got {self.num_train_epochs}: the run "
+                "would train 0 steps. Set `num_train_epochs` or `max_steps`."
+            )
 
     def _check_sde_window_range(self) -> None:
         """The SDE window must be able to start inside sampling: ``0 ≤ low < high`` and ``low`` at most the last

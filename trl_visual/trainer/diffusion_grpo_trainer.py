@@ -34,6 +34,7 @@ from .evaluation import EvaluationMixin
 from .guards import (
     FiniteUpdatesMixin,
     check_writable_dir,
+    remove_leftover_staging,
 )
 from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
 from .iteration_state import (
@@ -49,7 +50,7 @@ from .logging_utils import (
     SampleBatch,
     log_samples,
 )
-from .memory import place_frozen_modules
+from .memory import check_decode_memory, place_frozen_modules
 from .model_card import ModelCardMixin
 from .output_lock import OutputDirLock, check_output_dir_free
 from .prompt_sampler import EpochSeededRepeatSampler
@@ -71,12 +72,15 @@ from .rollout import (
     select_train_steps,
     transition_at,
 )
+from .run_settings import RunSettingsCallback, check_resumed_settings
 from .saving import CheckpointSavingMixin
 from .seeds import generation_seed
 from .setup_checks import (
     check_columns,
     check_dataset,
     check_kl_reference,
+    check_lora_config,
+    check_reward_prompts,
     check_reward_weights,
     check_scheduler,
     check_trained_steps,
@@ -190,6 +194,13 @@ class DiffusionGRPOTrainer(
         self.eval_reward_names = [reward_name(r) for r in self.eval_reward_funcs]
         for dataset, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
             check_dataset(dataset, split, args)
+        check_reward_prompts(
+            self.reward_funcs + self.eval_reward_funcs,
+            self.reward_names + self.eval_reward_names,
+            {"train_dataset": train_dataset, "eval_dataset": eval_dataset},
+            args.prompt_column,
+        )
+        check_lora_config(peft_config)
         check_kl_reference(args.beta, peft_config)
 
         pipeline = load_pipeline(model, args.model_init_kwargs)
@@ -217,6 +228,7 @@ class DiffusionGRPOTrainer(
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(RunSettingsCallback(self._method_name, args.num_generations, args.seed))
         self._place_frozen_modules()
         self._setup_ema(denoiser)
         for reward in self.reward_funcs + self.eval_reward_funcs:
@@ -252,6 +264,7 @@ class DiffusionGRPOTrainer(
         self.height = args.height or default[0]
         self.width = args.width or default[1]
         self.num_frames = args.num_frames or self.adapter.default_num_frames()
+        check_decode_memory(self.adapter.pipeline, args, self.height, self.width, self.num_frames or 1)
         self.latent_shape = self.adapter.latent_shape(self.height, self.width, self.num_frames)
 
     def _place_frozen_modules(self) -> None:
@@ -449,11 +462,11 @@ class DiffusionGRPOTrainer(
         with its clipped fraction ``(B,)``.
 
         GRPO: ``ρ = exp(mean_elements(log p_θ − log p_old))`` and
-        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε))``. ViPO overrides this with its dense form;
+        ``L = max(−A ρ, −A clip(ρ, 1 − ε, 1 + ε_high))`` (``ε_high = epsilon_high``, else ε). ViPO overrides this with its dense form;
         :meth:`policy_loss` calls it once per set of advantages, so methods compose.
         """
         log_ratio = (log_prob - old_log_prob).flatten(1).mean(dim=1)
-        loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon)
+        loss, clipped = clipped_policy_loss(log_ratio, advantages, self.args.epsilon, self.args.epsilon_high)
         return loss, clipped.float()
 
     def policy_loss(
@@ -548,7 +561,12 @@ class DiffusionGRPOTrainer(
         anything is loaded from it, and after :meth:`_before_train`. The main process holds ``output_dir``'s
         lock throughout (:mod:`~trl_visual.trainer.output_lock`): a second run on the folder is refused."""
         with OutputDirLock(self.args.output_dir, enabled=self.is_world_process_zero()):
+            if self.args.should_save:  # under the lock: a leftover of a dead run, not another run's
+                remove_leftover_staging(self.args.output_dir)
             checkpoint = self._checked_checkpoint(resume_from_checkpoint)
+            if checkpoint is not None:
+                settings = RunSettingsCallback(self._method_name, self.args.num_generations, self.args.seed)
+                check_resumed_settings(checkpoint, settings, bool(self.method_state()))
             self._restore_iteration_state(checkpoint)
             start_step, self._stopped_checkpoint = checkpoint_step(checkpoint), None
             with terminate_on_sigterm():

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +59,57 @@ def check_writable_dir(path: str, field: str = "output_dir") -> None:
             f"trained weights could not be saved there, and the run would be lost at its first save. Choose "
             f"another `{field}`, or make that folder writable."
         ) from error
+
+
+#: below this many free bytes, a failed write is put down to a full disk
+FULL_DISK_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: str) -> int | None:
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_disk_full(error: BaseException, folder: str) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means its disk is full: ``ENOSPC``, or a write that
+    failed half-way (torch's "unexpected pos …", an ``OSError``) with almost no space left."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if not (isinstance(error, OSError) or "unexpected pos" in str(error)):
+        return False
+    free = _free_bytes(folder)
+    return free is not None and free < FULL_DISK_BYTES
+
+
+@contextlib.contextmanager
+def naming_a_full_disk(folder: str, what: str) -> Iterator[None]:
+    """Within, an error that means the disk is full (:func:`is_disk_full`) becomes an ``OSError(ENOSPC)`` that says
+    so, with the folder, instead of torch's "unexpected pos 44736"."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error, folder):
+            raise
+        free = _free_bytes(folder)
+        raise OSError(
+            errno.ENOSPC,
+            f"The disk holding {os.path.abspath(folder)!r} is full ({(free or 0) / 2**20:.0f} MiB free): {what} could "
+            "not be written. Free some space (delete old checkpoints, lower `save_total_limit`) or choose an "
+            "`output_dir` on another disk, then resume from the last checkpoint.",
+        ) from error
+
+
+def remove_leftover_staging(output_dir: str) -> None:
+    """Delete ``output_dir/.staging``, what a checkpoint write that never finished (a full disk, a kill) left."""
+    staging = os.path.join(output_dir, ".staging")
+    if os.path.isdir(staging):
+        logger.warning(f"Removing {staging}, left by a checkpoint write that did not finish.")
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_flow_matching_sigmas(
@@ -134,6 +188,25 @@ def nonfinite_parameters(module: torch.nn.Module, limit: int = 3) -> list[str]:
     return names
 
 
+#: sampling settings → the value above which a non-finite sample is blamed on them, and their usual range
+UNUSUAL_SAMPLING_SETTINGS = {
+    "guidance_scale": (20.0, "1 to 15"),
+    "time_shift": (20.0, "3 to 8"),
+    "noise_level": (1.5, "0.3 to 1"),
+}
+
+
+def unusual_sampling_settings(args: Any) -> str:
+    """``"`guidance_scale` (1e+04) is far above the usual 1 to 15"``-style phrases for each sampling setting far
+    outside its usual range (:data:`UNUSUAL_SAMPLING_SETTINGS`), joined; ``""`` when none is."""
+    phrases = []
+    for name, (limit, usual) in UNUSUAL_SAMPLING_SETTINGS.items():
+        value = getattr(args, name, None)
+        if value is not None and not value <= limit:  # NaN counts as unusual
+            phrases.append(f"`{name}` ({value:g}) is far above the usual {usual}")
+    return "; ".join(phrases)
+
+
 def nonfinite_cause(stage: str, args: Any, global_step: int, bad_weights: list[str]) -> str:
     """The likely cause of a non-finite training step, and what to change.
 
@@ -147,6 +220,9 @@ def nonfinite_cause(stage: str, args: Any, global_step: int, bad_weights: list[s
             f"the trained weights themselves are non-finite ({', '.join(bad_weights)}): an update overflowed. "
             f"Lower {lr}, keep `max_grad_norm` > 0, and train in float32 or bf16 rather than fp16."
         )
+    unusual = unusual_sampling_settings(args)
+    if unusual and (stage == "log_probs" or (stage == "samples" and global_step == 0)):
+        return f"{unusual}: the sampler's steps overflow. Bring it back to its usual range."
     if stage == "samples" and global_step == 0:
         return (
             "the model's own predictions are non-finite before any update: check the pipeline's dtype (fp16 "

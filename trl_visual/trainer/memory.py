@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -175,4 +176,43 @@ def check_quantization_package(model_init_kwargs: dict[str, Any] | None) -> None
             f"`model_init_kwargs.quantization_config` uses the {backend!r} backend, which needs the "
             f"{package.split('.')[0]} package: `pip install {package.replace('.', '-')}`, or drop "
             "`quantization_config` to load the base model unquantised."
+        )
+
+
+def machine_memory_bytes() -> int:
+    """The memory the samples are decoded in: the first GPU's total, or the machine's physical RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def decode_memory_bytes(pipeline: Any, samples: int, height: int, width: int, num_frames: int = 1) -> int:
+    """A lower bound on the memory decoding ``samples`` images (or videos) of ``height × width`` (× frames) takes:
+    the VAE decoder's last block works at full resolution with ``c = block_out_channels[0]`` channels, its input
+    and output both held, plus the RGB result, in float32:
+    ``bytes ≥ samples · frames · H · W · (3 + 2c) · 4``."""
+    channels = getattr(
+        getattr(getattr(pipeline, "vae", None), "config", None), "block_out_channels", None
+    ) or [0]
+    return samples * num_frames * height * width * (3 + 2 * int(channels[0])) * 4
+
+
+def check_decode_memory(pipeline: Any, args: Any, height: int, width: int, num_frames: int = 1) -> None:
+    """Refuse a sample size whose decoding alone cannot fit in this machine's memory (``height = width = 16384``
+    would otherwise fail in the allocator after the whole rollout), with the number and the fix. VAE tiling
+    bounds decoding memory, so it is not estimated then."""
+    if args.vae_tiling:
+        return
+    chunk = 1 if args.vae_slicing else args.vae_decode_batch_size or args.generation_batch_size
+    chunk = chunk or args.per_device_train_batch_size
+    needed, available = (
+        decode_memory_bytes(pipeline, chunk, height, width, num_frames),
+        machine_memory_bytes(),
+    )
+    if needed > available:
+        gib = 2**30
+        raise ValueError(
+            f"Decoding {chunk} sample(s) of {height}×{width}{f'×{num_frames} frames' if num_frames > 1 else ''} "
+            f"needs at least {needed / gib:,.1f} GiB, more than this machine's {available / gib:,.1f} GiB. Lower "
+            "`height`/`width`, or decode fewer at once (`vae_decode_batch_size: 1`, `vae_slicing`, `vae_tiling`)."
         )

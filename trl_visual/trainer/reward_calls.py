@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 #: where a reward's wall time is logged, per reward name
 TIMING_METRIC = "timing/reward/{name}"
+#: seconds past ``reward_timeout`` after which the thread running the async rewards' event loop is given up on
+ASYNC_GRACE = 1.0
 
 
 def _is_scalar_tensor(value: Any) -> bool:
@@ -44,6 +46,35 @@ def dataset_columns(rows: list[dict[str, Any]], prompt_column: str) -> dict[str,
     return {key: [row[key] for row in rows] for key in rows[0] if key != prompt_column}
 
 
+def _check_tensor_values(tensor: torch.Tensor, name: str, where: str = "") -> None:
+    """A reward tensor must hold real numbers that exist: a complex one would lose its imaginary part in the cast
+    to float, a meta one has no values at all."""
+    if tensor.is_complex():
+        raise TypeError(
+            f"The reward function {name!r} returned a complex tensor{where} ({tensor.dtype}); casting it to float "
+            "would drop the imaginary part. Return real numbers (e.g. `scores.abs()` or `scores.real`)."
+        )
+    if tensor.device.type == "meta":
+        raise ValueError(
+            f"The reward function {name!r} returned a tensor on the 'meta' device{where}, which holds no values: its "
+            "model was probably never loaded with weights (check `from_pretrained(..., device_map=...)` / "
+            "`to_empty`). Return real values."
+        )
+
+
+def reward_inputs_copy(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with every tensor cloned and every list copied, so that a reward that edits its inputs in place
+    (``images.mul_(…)``, ``prompts.pop()``) changes neither what the next reward sees nor the logged samples."""
+    return {
+        key: value.clone()
+        if isinstance(value, torch.Tensor)
+        else list(value)
+        if isinstance(value, list)
+        else value
+        for key, value in kwargs.items()
+    }
+
+
 def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
     """``output`` of the reward ``name`` as ``(expected,)`` float32, ``None`` → NaN.
 
@@ -52,13 +83,17 @@ def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
         ValueError: the wrong number of values, or none of them finite.
     """
     if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
-        output = torch.as_tensor(output).detach().float().reshape(-1).cpu().tolist()
+        output = torch.as_tensor(output)
+        _check_tensor_values(output, name)
+        output = output.detach().float().reshape(-1).cpu().tolist()
     if not isinstance(output, (list, tuple)):
         raise TypeError(
             f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
             f"{type(output).__name__} {_short_repr(output)}."
         )
     for i, v in enumerate(output):
+        if _is_scalar_tensor(v):
+            _check_tensor_values(v, name, f" for sample {i}")
         if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
             raise TypeError(
                 f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
@@ -139,9 +174,9 @@ class RewardCaller:
             if is_async_callable(func):
                 pending.append(index)
             else:
-                outputs[index] = self._call_sync(index, kwargs, metrics)
+                outputs[index] = self._call_sync(index, reward_inputs_copy(kwargs), metrics)
         if pending:
-            outputs.update(asyncio.run(self._call_async(pending, kwargs, metrics)))
+            outputs.update(self._run_async(pending, kwargs, metrics))
         scores = [check_reward_output(outputs[i], name, batch_size) for i, name in enumerate(self.names)]
         return torch.stack(scores, dim=1)
 
@@ -171,17 +206,44 @@ class RewardCaller:
             raise self._timeout_error(index, still_running=True)
         return result
 
-    async def _call_async(
+    def _run_async(
         self, indices: list[int], kwargs: dict[str, Any], metrics: dict[str, list[float]]
+    ) -> dict[int, Any]:
+        """The ``async`` rewards, concurrently on one event loop. The loop runs in a thread that is given up on
+        :data:`ASYNC_GRACE` seconds after ``timeout``: an ``async`` reward that blocks its loop (``time.sleep``,
+        blocking I/O) keeps ``asyncio.wait_for`` from ever firing, and would otherwise hang the run."""
+        done: set[int] = set()
+
+        def run_loop() -> dict[int, Any]:
+            return asyncio.run(self._call_async(indices, kwargs, metrics, done))
+
+        if self.timeout is None:
+            return run_loop()
+        finished, results = call_with_timeout(run_loop, {}, self.timeout + ASYNC_GRACE)
+        if not finished:
+            blocked = next(index for index in indices if index not in done)
+            raise self._timeout_error(blocked, still_running=True, blocked_loop=True)
+        return results
+
+    async def _call_async(
+        self,
+        indices: list[int],
+        kwargs: dict[str, Any],
+        metrics: dict[str, list[float]],
+        done: set[int],
     ) -> dict[int, Any]:
         timed_out = object()
 
         async def call(index: int) -> Any:
             with self._timed(index, metrics):
                 try:
-                    return await asyncio.wait_for(self.reward_funcs[index](**kwargs), self.timeout)
+                    return await asyncio.wait_for(
+                        self.reward_funcs[index](**reward_inputs_copy(kwargs)), self.timeout
+                    )
                 except asyncio.TimeoutError:
                     return timed_out
+                finally:
+                    done.add(index)
 
         results = dict(zip(indices, await asyncio.gather(*(call(i) for i in indices))))
         for index, result in results.items():
@@ -189,12 +251,19 @@ class RewardCaller:
                 raise self._timeout_error(index, still_running=False)
         return results
 
-    def _timeout_error(self, index: int, still_running: bool) -> RewardTimeoutError:
+    def _timeout_error(
+        self, index: int, still_running: bool, blocked_loop: bool = False
+    ) -> RewardTimeoutError:
         left = (
             " Python cannot stop a running thread: the call goes on in the background until this process exits."
             if still_running
             else " It was cancelled."
         )
+        if blocked_loop:
+            left += (
+                " This async reward blocked its event loop (time.sleep or blocking I/O inside `async def`), so it "
+                "could not be cancelled: use `await asyncio.sleep(...)` / `await asyncio.to_thread(...)` in it."
+            )
         return RewardTimeoutError(
             f"The reward function {self.names[index]!r} did not return within reward_timeout="
             f"{self.timeout:g} s, so {self.stop_note()}{left} Check the reward (a server that no longer "

@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
 from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
 from ..state_files import load_state_file, save_state_file
+from .guards import naming_a_full_disk
 
 
 def fsync_dir(path: str) -> None:
@@ -119,12 +120,16 @@ class CheckpointSavingMixin:
         staging_root = os.path.join(run_dir, ".staging")
         self._staging_dir = staging_root
         try:
-            super()._save_checkpoint(model, trial)
-            state = self.method_state()
-            if state and self.args.should_save:
-                save_state_file(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
-            self._save_ema_state(os.path.join(staging_root, name))
-            self._save_iteration_state(os.path.join(staging_root, name))
+            with naming_a_full_disk(staging_root, f"the checkpoint {name}"):
+                super()._save_checkpoint(model, trial)
+                state = self.method_state()
+                if state and self.args.should_save:
+                    save_state_file(state, os.path.join(staging_root, name, METHOD_STATE_NAME))
+                self._save_ema_state(os.path.join(staging_root, name))
+                self._save_iteration_state(os.path.join(staging_root, name))
+        except OSError:
+            shutil.rmtree(staging_root, ignore_errors=True)  # no half-written checkpoint stays behind
+            raise
         finally:
             self._staging_dir = None
         # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
@@ -163,6 +168,10 @@ class CheckpointSavingMixin:
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        with naming_a_full_disk(output_dir, f"the weights for {output_dir}"):
+            self._write_weights(output_dir, state_dict)
+
+    def _write_weights(self, output_dir: str, state_dict: dict | None) -> None:
         os.makedirs(output_dir, exist_ok=True)
         denoiser = self.accelerator.unwrap_model(self.model)
         if self.is_peft:

@@ -40,6 +40,23 @@ def method_config(
     return args
 
 
+def check_lora_config(peft_config: LoraConfig | None) -> None:
+    """A LoRA that can train: ``lora_alpha`` ≠ 0 (the update is scaled by alpha / r, so 0 trains nothing), dropout
+    in [0, 1) (1 drops every input of the LoRA branch)."""
+    if peft_config is None:
+        return
+    alpha, dropout = getattr(peft_config, "lora_alpha", 1), getattr(peft_config, "lora_dropout", 0.0)
+    if not alpha:
+        raise ValueError(
+            f"`lora_alpha` is {alpha}: the LoRA update is scaled by lora_alpha / r, so nothing would train. Use e.g. "
+            f"lora_alpha = r ({getattr(peft_config, 'r', 8)}) or 2r."
+        )
+    if not 0 <= dropout < 1:
+        raise ValueError(
+            f"`lora_dropout` must be in [0, 1) (a probability; 0 is usual for diffusion LoRAs); got {dropout}."
+        )
+
+
 def check_kl_reference(beta: float, peft_config: LoraConfig | None) -> None:
     """``beta > 0`` needs a LoRA: the KL reference is the denoiser with its adapter disabled."""
     if beta > 0 and peft_config is None:
@@ -86,6 +103,31 @@ def check_dataset(dataset: Any, split: str, args: DiffusionGRPOConfig) -> None:
                 f"The train_dataset has {len(dataset)} prompts but each step needs {prompts_per_step} distinct "
                 f"prompts (global batch / num_generations). Add prompts or lower the batch size."
             )
+
+
+def check_reward_prompts(
+    rewards: list[Any], names: list[str], datasets: dict[str, Any], prompt_column: str
+) -> None:
+    """Rewards that can only score some prompts (the shapes world's grammar) say so with a ``check_prompts(prompts)``
+    method; each is called on every data set with a length before the model loads, so that a prompt it cannot read
+    is refused now rather than in the first reward call."""
+    for reward, name in zip(rewards, names):
+        check = getattr(reward, "check_prompts", None)
+        if not callable(check):
+            continue
+        for split, dataset in datasets.items():
+            if (
+                dataset is None
+                or not hasattr(dataset, "__len__")
+                or missing_columns(dataset, [prompt_column])
+            ):
+                continue
+            try:
+                check(list(dataset[prompt_column]))
+            except ValueError as error:
+                raise ValueError(
+                    f"The reward {name!r} cannot score the {split}'s prompts: {error}"
+                ) from error
 
 
 def check_columns(dataset: Any, split: str, required: list[str], pipeline_name: str) -> None:

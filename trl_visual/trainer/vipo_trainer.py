@@ -312,7 +312,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         if advantages.ndim == 1:
             return super().clipped_objective(log_prob, old_log_prob, advantages)
         log_ratio = self.adapter.to_position_grid(log_prob - old_log_prob)
-        return dense_policy_loss(log_ratio, advantages, self.args.epsilon)
+        return dense_policy_loss(log_ratio, advantages, self.args.epsilon, self.args.epsilon_high)
 
     def policy_loss(
         self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: Advantages
