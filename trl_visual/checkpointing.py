@@ -22,9 +22,10 @@ file                                          what it holds
 ``scaler.pt``                                 fp16's loss scale (checked only when present)
 ============================================  ============================================================
 
-Only headers and archive directories are read (a safetensors header, a zip's central directory and its
-pickle record, a small JSON), so the check costs milliseconds whatever the size of the files. It catches
-missing and truncated files; it does not prove that every byte of a tensor is intact.
+Only headers, archive directories and pickle records are read (a safetensors header, a zip's central directory
+and its pickle, unpickled with the tensors memory-mapped rather than read, a small JSON), so the check costs well
+under a second whatever the size of the files. It catches missing, truncated and planted files; it does not
+prove that every byte of a tensor is intact.
 
 Nothing in a checkpoint may run code when read. Our own state files are safetensors
 (:mod:`trl_visual.state_files`); the ``torch.save`` files that ``transformers.Trainer`` writes and reads (the

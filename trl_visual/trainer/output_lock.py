@@ -33,7 +33,10 @@ class OutputDirLockedError(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (``kill(pid, 0)`` sends nothing)."""
+    """Whether a process with this id exists on this host (``kill(pid, 0)`` sends nothing). On Windows, where
+    ``os.kill`` would signal the process, every holder counts as alive: a stale lock is removed by hand there."""
+    if os.name == "nt":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,8 +134,11 @@ class OutputDirLock:
         if not self._held:
             return
         self._held = False
-        if _read(self.path) == self.holder:
-            os.remove(self.path)
+        try:
+            if _read(self.path) == self.holder:
+                os.remove(self.path)
+        except OSError as error:  # never hide the error that ended training behind this one
+            logger.warning(f"Could not remove the lock {self.path} ({error}); delete it by hand.")
 
     def __enter__(self) -> OutputDirLock:
         self.acquire()
