@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,7 +19,6 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
-from ..checkpointing import CheckpointError
 from ..core.advantages import combine_rewards
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..data import check_prompt_values
@@ -37,14 +35,7 @@ from .guards import (
     remove_leftover_staging,
 )
 from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
-from .iteration_state import (
-    checkpoint_step,
-    is_mid_iteration,
-    iteration_of,
-    load_rollouts,
-    rollouts_file_name,
-    save_rollouts,
-)
+from .iteration_state import checkpoint_step, iteration_of, restore_rollouts, save_iteration_rollouts
 from .logging_utils import (
     PendingMedia,
     SampleBatch,
@@ -607,79 +598,22 @@ class DiffusionGRPOTrainer(
         cause = error.reason if isinstance(error, TrainingTerminated) else f"{type(error).__name__}: {error}"
         cause = cause.splitlines()[0] if cause.strip() else type(error).__name__
         logger.error(f"{stopped} ({cause[:200]}).{saved}")
-        if hasattr(
-            error, "add_note"
-        ):  # Python 3.11+: shown under the traceback, after the error's own message
+        if hasattr(error, "add_note"):  # Python 3.11+: a line under the traceback, after the error's message
             error.add_note(f"{stopped}.{saved}")
 
     def _restore_iteration_state(self, checkpoint: str | None) -> None:
-        """Before resuming ``checkpoint``: when it was written in the middle of an iteration
-        (:func:`~trl_visual.trainer.iteration_state.is_mid_iteration`), load the rollouts its next micro-steps
-        reuse, so that the run continues exactly. A mid-iteration checkpoint without them is refused, unless
-        ``resume_weights_only`` (the next step then samples afresh, with a warning)."""
-        self._rollouts, self._rollouts_iteration = None, -1
-        if checkpoint is None:
-            return
-        step, args = checkpoint_step(checkpoint), self.args
-        if not is_mid_iteration(step, args.gradient_accumulation_steps, args.num_iterations):
-            return
-        path = os.path.join(checkpoint, rollouts_file_name(args.process_index, args.world_size))
-        where = (
-            f"{checkpoint} was written at step {step}, in the middle of an iteration (num_iterations="
-            f"{args.num_iterations}, gradient_accumulation_steps={args.gradient_accumulation_steps}: its next "
-            "micro-steps train on rollouts sampled by earlier weights)"
+        """Before resuming ``checkpoint``: the rollouts its next micro-steps reuse when it was written in the
+        middle of an iteration (:func:`~trl_visual.trainer.iteration_state.restore_rollouts`)."""
+        self._rollouts, self._rollouts_iteration = restore_rollouts(
+            checkpoint, self.args, self.accelerator.device
         )
-        if not os.path.isfile(path):
-            message = (
-                f"{where}, but {path}, the rollouts they reuse, is missing (a checkpoint written with other "
-                "`num_iterations` or `gradient_accumulation_steps`, or by an older version?)."
-            )
-            if not args.resume_weights_only:
-                raise CheckpointError(
-                    f"Cannot resume exactly: {message} Resume from a checkpoint at an iteration boundary, with the "
-                    "settings it was written with, or set `resume_weights_only=True` to resume anyway (the next "
-                    "step then samples afresh)."
-                )
-            logger.warning(f"{message} The next step samples afresh (resume_weights_only=True).")
-            return
-        rollouts, info = load_rollouts(path, self.accelerator.device)
-        expected = self._iteration_info(step)
-        if info != expected:
-            raise CheckpointError(
-                f"Cannot resume exactly: {where}, and {path} holds the rollouts of {info}, not of {expected}. "
-                "Resume with the settings the checkpoint was written with."
-            )
-        self._rollouts, self._rollouts_iteration = rollouts, info["iteration"]
-
-    def _iteration_info(self, global_step: int) -> dict[str, int]:
-        """Where a checkpoint at ``global_step`` stands in its iteration, as its rollouts file records it."""
-        args = self.args
-        micro_step = global_step * args.gradient_accumulation_steps
-        return {
-            "global_step": global_step,
-            "iteration": iteration_of(micro_step, args.num_iterations),
-            "num_iterations": args.num_iterations,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps,
-            "world_size": args.world_size,
-        }
 
     def _save_iteration_state(self, checkpoint_dir: str) -> None:
-        """Every process: save the rollouts that the micro-steps after this checkpoint reuse, when it falls in the
-        middle of an iteration (see :mod:`~trl_visual.trainer.iteration_state`); nothing at an iteration
-        boundary."""
-        args, info = self.args, self._iteration_info(self.state.global_step)
-        if not is_mid_iteration(
-            self.state.global_step, args.gradient_accumulation_steps, args.num_iterations
-        ):
-            return
-        if self._rollouts is None or self._rollouts_iteration != info["iteration"]:
-            logger.warning(
-                f"The checkpoint at step {self.state.global_step} falls inside an iteration but the rollouts of "
-                "that iteration are gone; it is saved without them (resuming it needs resume_weights_only=True)."
-            )
-            return
-        path = os.path.join(checkpoint_dir, rollouts_file_name(args.process_index, args.world_size))
-        save_rollouts(self._rollouts, path, info)
+        """Every process, while a checkpoint is written: its rollouts, when the micro-steps after the checkpoint
+        reuse them (:func:`~trl_visual.trainer.iteration_state.save_iteration_rollouts`)."""
+        save_iteration_rollouts(
+            self._rollouts, self._rollouts_iteration, checkpoint_dir, self.state.global_step, self.args
+        )
 
     def _before_train(self, checkpoint: str | None) -> None:
         """Hook: work before training starts, with the checked checkpoint being resumed (or ``None``).

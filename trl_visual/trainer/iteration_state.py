@@ -20,7 +20,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +29,9 @@ from safetensors.torch import load_file, save_file
 from ..checkpointing import TRAINER_STATE_NAME, CheckpointError
 from .hooks import Advantages, AuxiliaryObjective
 from .rollout import Rollouts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .diffusion_grpo_config import DiffusionGRPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -153,3 +156,85 @@ def load_rollouts(path: str, device: torch.device) -> tuple[Rollouts, dict[str, 
             "`resume_weights_only=True` to resume without it (the next step then samples afresh, so the run is no "
             "longer exactly the uninterrupted one)."
         ) from error
+
+
+def iteration_info(global_step: int, args: DiffusionGRPOConfig) -> dict[str, int]:
+    """Where a checkpoint at ``global_step`` stands, as its rollouts file records it (and a resume checks): the
+    step, the iteration of its next micro-step, and the settings that place the iteration boundaries."""
+    return {
+        "global_step": global_step,
+        "iteration": iteration_of(global_step * args.gradient_accumulation_steps, args.num_iterations),
+        "num_iterations": args.num_iterations,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": args.world_size,
+    }
+
+
+def save_iteration_rollouts(
+    rollouts: Rollouts | None,
+    rollouts_iteration: int,
+    folder: str,
+    global_step: int,
+    args: DiffusionGRPOConfig,
+) -> None:
+    """Save this process's ``rollouts`` (sampled for iteration ``rollouts_iteration``) into the checkpoint
+    ``folder`` written at ``global_step``, when it falls inside an iteration; nothing at a boundary. Rollouts of
+    another iteration (an error stopped the run after the next iteration sampled) are not saved: the
+    checkpoint then needs ``resume_weights_only`` (a warning says so)."""
+    if not is_mid_iteration(global_step, args.gradient_accumulation_steps, args.num_iterations):
+        return
+    info = iteration_info(global_step, args)
+    if rollouts is None or rollouts_iteration != info["iteration"]:
+        logger.warning(
+            f"The checkpoint at step {global_step} falls inside an iteration but that iteration's rollouts are "
+            "gone; it is saved without them (resuming it needs resume_weights_only=True)."
+        )
+        return
+    save_rollouts(
+        rollouts, os.path.join(folder, rollouts_file_name(args.process_index, args.world_size)), info
+    )
+
+
+def restore_rollouts(
+    checkpoint: str | None, args: DiffusionGRPOConfig, device: torch.device
+) -> tuple[Rollouts | None, int]:
+    """The rollouts (and their iteration) that the micro-steps after ``checkpoint`` reuse, when it was written
+    inside an iteration; ``(None, -1)`` for a new run or a checkpoint at a boundary (the next step samples).
+
+    Raises:
+        CheckpointError: a checkpoint inside an iteration without its rollouts file (unless
+        ``args.resume_weights_only``: then a warning, and the next step samples afresh), or with the rollouts of
+        another step or other settings.
+    """
+    if checkpoint is None:
+        return None, -1
+    step = checkpoint_step(checkpoint)
+    if not is_mid_iteration(step, args.gradient_accumulation_steps, args.num_iterations):
+        return None, -1
+    path = os.path.join(checkpoint, rollouts_file_name(args.process_index, args.world_size))
+    where = (
+        f"{checkpoint} was written at step {step}, in the middle of an iteration (num_iterations="
+        f"{args.num_iterations}, gradient_accumulation_steps={args.gradient_accumulation_steps}: its next "
+        "micro-steps train on rollouts sampled by earlier weights)"
+    )
+    if not os.path.isfile(path):
+        message = (
+            f"{where}, but {path}, the rollouts they reuse, is missing (a checkpoint written with other "
+            "`num_iterations` or `gradient_accumulation_steps`, or by an older version?)."
+        )
+        if not args.resume_weights_only:
+            raise CheckpointError(
+                f"Cannot resume exactly: {message} Resume from a checkpoint at an iteration boundary, with the "
+                "settings it was written with, or set `resume_weights_only=True` to resume anyway (the next step "
+                "then samples afresh)."
+            )
+        logger.warning(f"{message} The next step samples afresh (resume_weights_only=True).")
+        return None, -1
+    rollouts, info = load_rollouts(path, device)
+    expected = iteration_info(step, args)
+    if info != expected:
+        raise CheckpointError(
+            f"Cannot resume exactly: {where}, and {path} holds the rollouts of {info}, not of {expected}. Resume "
+            "with the settings the checkpoint was written with."
+        )
+    return rollouts, info["iteration"]
