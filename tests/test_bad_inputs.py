@@ -30,6 +30,7 @@ from transformers import TrainerCallback
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.cli import main
 from trl_visual.core.advantages import combine_rewards, group_advantages
+from trl_visual.state_files import save_state_file
 from trl_visual.testing import tiny_sd3_pipeline
 from trl_visual.trainer.guards import NonFiniteTrainingError, RewardTimeoutError
 
@@ -57,7 +58,7 @@ def checkpoint_tensors(directory):
     tensors = dict(load_file(os.path.join(directory, LORA)))
     optimizer = os.path.join(directory, "optimizer.pt")
     if os.path.exists(optimizer):
-        for index, state in torch.load(optimizer, weights_only=False)["state"].items():
+        for index, state in torch.load(optimizer, weights_only=True)["state"].items():
             tensors.update({f"optimizer.{index}.{key}": value for key, value in state.items()})
     return tensors
 
@@ -684,8 +685,10 @@ def test_an_older_checkpoint_holding_a_method_state_is_refused_under_grpo(tmp_pa
     """A checkpoint without recorded settings (an older one) that holds a method's state: refused as well."""
     checkpoint = resumed_copy(tmp_path, one_checkpoint)
     edit_trainer_state(checkpoint, lambda state: state.pop("stateful_callbacks"))
-    torch.save({"priors": torch.zeros(1)}, checkpoint / "trl_visual_state.pt")
-    with pytest.raises(ValueError, match=r"holds trl_visual_state.pt, the state of a method such as BPGO"):
+    save_state_file({"priors": torch.zeros(1)}, str(checkpoint / "trl_visual_state.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"holds trl_visual_state.safetensors, the state of a method such as BPGO"
+    ):
         make_trainer(tmp_path, max_steps=2, seed=5).train(resume_from_checkpoint=str(checkpoint))
 
 

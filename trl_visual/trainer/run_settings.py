@@ -66,7 +66,7 @@ def check_step_matches_folder(checkpoint: str, trainer_state: dict[str, Any]) ->
 def check_resumed_settings(checkpoint: str, current: RunSettingsCallback, has_method_state: bool) -> None:
     """Compare the checkpoint's recorded settings with ``current`` (see the module docstring).
 
-    ``has_method_state`` says whether the current method keeps state of its own (``trl_visual_state.pt``): a
+    ``has_method_state`` says whether the current method keeps state of its own (``trl_visual_state.safetensors``): a
     checkpoint without recorded settings that has such a file, resumed by a method without state, is refused too.
 
     Raises:
