@@ -529,8 +529,10 @@ class DiffusionGRPOTrainer(
     ):
         """:meth:`transformers.Trainer.train`, after checking that the checkpoint to resume (if any) is
         complete, readable and fits the model (:func:`~trl_visual.checkpointing.check_checkpoint`), before
-        anything is loaded from it, and after :meth:`_before_train`."""
+        anything is loaded from it, and after :meth:`_before_train`. Training the whole denoiser, the model card's
+        samples of the base weights are taken first (:meth:`keep_base_samples`)."""
         checkpoint = self._checked_checkpoint(resume_from_checkpoint)
+        self.keep_base_samples()
         self._before_train(checkpoint)
         return super().train(
             resume_from_checkpoint=checkpoint,
