@@ -118,3 +118,22 @@ def test_readme_from_python_runs_the_recipe_and_says_why_a_push_failed(tmp_path,
     assert re.search(r"^eval reward: 0\.\d{3} -> 0\.\d{3}$", printed, re.M), printed
     loaded = DiffusionPipeline.from_pretrained(str(out))
     assert type(loaded).__name__ == "StableDiffusion3Pipeline" and (out / "README.md").is_file()
+
+
+def test_readme_lora_example_saves_a_lora_that_diffusers_loads(tmp_path, monkeypatch):
+    """The README's second "From Python" block (a reward function of its own and a LoRA), run for one step without
+    evaluation: its saved folder loads into a fresh tiny:shapes with ``load_lora_weights``."""
+    from trl_visual.models.loading import load_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    code = readme_python_blocks()[1]
+    short = 'learning_rate=3e-4, max_steps=1, eval_strategy="no", eval_on_start=False, disable_tqdm=True)'
+    assert "learning_rate=3e-4)," in code
+    namespace: dict = {}
+    exec("from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer\n", namespace)
+    exec("from trl_visual.data import load_prompts\n", namespace)
+    exec(compile(code.replace("learning_rate=3e-4)", short), "README.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1
+    pipeline = load_pipeline("tiny:shapes")
+    pipeline.load_lora_weights(str(tmp_path / "out" / "final"))
+    assert any("lora" in name for name, _ in pipeline.transformer.named_parameters())

@@ -308,7 +308,7 @@ CARD_TEMPLATE = """---
 
 # {{ title }}
 
-{{ intro }} trained with **{{ method }}** using
+{{ intro }} with **{{ method }}** using
 [trl_visual](https://github.com/trl-visual/trl_visual){{ rewards_text }}.{{ intro_note }}
 
 ## Use it
@@ -523,7 +523,7 @@ def build_model_card(
         template_str=CARD_TEMPLATE,
         title=f"{repo_id.split('/')[-1]}: {method} {'LoRA for' if lora else 'fine-tune of'} "
         f"{(base_model or model_name).split('/')[-1]}",
-        intro=f"LoRA weights for {base_link}"
+        intro=f"LoRA weights for {base_link} trained"
         if lora
         else f"{base_link} with its whole `{trained_module}` fine-tuned",
         intro_note=""
