@@ -77,13 +77,18 @@ class ModelCardMixin:
     def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
         """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
         seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
-        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
+        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model).
+
+        A whole denoiser trained in float32 on a pipeline loaded in half precision samples under autocast to the
+        loading dtype: its float32 latents would otherwise meet the half-precision VAE."""
         self.model.eval()
         self.pipeline.set_progress_bar_config(disable=True)
         context = self._reference_model(self.model) if reference else contextlib.nullcontext()
         samples = []
         on_device = text_encoders_on(self.adapter, self.accelerator.device)  # offloaded ones come and go back
-        with context, on_device, self.compute_loss_context_manager():
+        half = not self.is_peft and self.weight_dtype in (torch.float16, torch.bfloat16)
+        loading_dtype = torch.autocast(self.accelerator.device.type, dtype=self.weight_dtype, enabled=half)
+        with context, on_device, loading_dtype, self.compute_loss_context_manager():
             for i, row in enumerate(rows):
                 output = self.pipeline(
                     prompt=row[self.args.prompt_column],
