@@ -531,3 +531,28 @@ def test_a_card_without_the_base_samples_says_so():
     text = str(card)
     assert "| a cat | 0 | (not kept) | ![after](images/after_0.png) |" in text
     assert "samples_before.png" not in text and "samples_after.png" in text
+
+
+def test_base_samples_that_cannot_be_drawn_never_stop_training(tmp_path, monkeypatch, caplog):
+    """Full fine-tuning samples the card's "before" pictures when train() starts; if the pipeline cannot draw them,
+    training runs anyway, a warning says why, and the card marks them "(not kept)" instead of showing the trained
+    model as the base."""
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=make_config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    original = trainer._card_samples
+
+    def fails_once(rows, reference):
+        monkeypatch.setattr(trainer, "_card_samples", original)
+        raise ImportError("this pipeline needs `ftfy`")
+
+    monkeypatch.setattr(trainer, "_card_samples", fails_once)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and "needs `ftfy`" in caplog.text
+    trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "(not kept)" in text and not (tmp_path / "out" / "images" / "before_0.png").exists()

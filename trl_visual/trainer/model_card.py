@@ -9,6 +9,7 @@ prompts, samples before and after training from the pipeline's own ``__call__``,
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from ..hub import CardSample, build_model_card, dataset_repo_id, reward_curve_image, write_model_card_files
 from .logging_utils import captioned_grid
 from .memory import text_encoders_on
+
+logger = logging.getLogger(__name__)
 
 
 class HubRepositoryError(RuntimeError):
@@ -102,11 +105,20 @@ class ModelCardMixin:
     def keep_base_samples(self) -> None:
         """Training the whole denoiser (no LoRA to switch off), sample the card's "before" pictures from the base
         weights now, before any step changes them: :meth:`train` calls this first, before a checkpoint is loaded.
-        Once per trainer; skipped where only rank 0 would sample a sharded model, or where no card is written."""
+        Once per trainer; skipped where only rank 0 would sample a sharded model, or where no card is written. The
+        pictures never stop a run: when the pipeline cannot draw them (a missing optional package, say), a warning
+        says why and the card marks them "(not kept)"."""
         if self.is_peft or self._base_samples is not None or self.shards_parameters:
             return
-        if self.is_world_process_zero() and self.args.should_save:
+        if not (self.is_world_process_zero() and self.args.should_save):
+            return
+        try:
             self._base_samples = self._card_samples(self._card_rows(), reference=False)
+        except Exception as error:  # noqa: BLE001 - the card's pictures are not worth a training run
+            logger.warning(
+                f"The model card's samples of the base model could not be drawn ({type(error).__name__}: {error}); "
+                "the card will mark them as not kept."
+            )
 
     def _has_before(self) -> bool:
         """Whether the card can show the base model's samples: from the LoRA-disabled model, from
