@@ -61,6 +61,7 @@ from trl_visual.cli import ModelArguments
 from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
+from trl_visual.images import to_pil
 from trl_visual.miniature import GRPO_DEFAULTS
 from trl_visual.miniature.before_after import before_after
 from trl_visual.miniature.evaluate import prompt_following
@@ -69,7 +70,6 @@ from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_dev
 from trl_visual.miniature.scenes import parse_prompt
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
-from trl_visual.trainer.logging_utils import to_pil
 from trl_visual.trainer.vipo_config import ViPOConfig
 from trl_visual.trainer.vipo_trainer import ViPOTrainer
 

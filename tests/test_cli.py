@@ -336,19 +336,19 @@ def test_bpgo_command_runs(tmp_path, capsys):
 
 def test_full_fine_tuning_summary_names_the_loader_that_reads_what_was_saved(tmp_path, capsys):
     """Without LoRA (the tiny:shapes recipe trains the whole denoiser) the closing line must not send the user to
-    load_lora_weights: it names the denoiser class and folder, and that call loads the trained weights."""
-    from diffusers import SD3Transformer2DModel
+    load_lora_weights: it names DiffusionPipeline.from_pretrained on the output folder, and that call loads the
+    pipeline with the trained weights."""
+    from diffusers import DiffusionPipeline
 
     out = str(tmp_path / "out")
     trainer = run(
         ["grpo", *FAST, "--use_peft", "false", "--output_dir", out, "--reward_funcs", "red_channel"]
     )
     printed = capsys.readouterr().out
-    folder = os.path.join(out, "transformer")
-    assert f"load the trained transformer with SD3Transformer2DModel.from_pretrained({folder!r})" in printed
+    assert f"load the fine-tuned pipeline with DiffusionPipeline.from_pretrained({out!r})" in printed
     assert "load_lora_weights" not in printed
     assert "reward: " in printed and "eval reward" not in printed  # no eval set, no eval line
-    reloaded = SD3Transformer2DModel.from_pretrained(folder)
+    reloaded = DiffusionPipeline.from_pretrained(out).transformer
     trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, trained[name].to(tensor.dtype)), name

@@ -321,11 +321,18 @@ def test_save_takes_the_lora_from_the_gathered_state_dict(tmp_path):
 
 
 def test_full_fine_tuning_saves_the_gathered_weights(tmp_path):
+    """The gathered weights (not the live, sharded model's) go into transformer/, and the folder around them is a
+    whole pipeline: ``DiffusionPipeline.from_pretrained`` loads them."""
+    from diffusers import DiffusionPipeline
+
     trainer = make_trainer(tmp_path, max_steps=1, peft=False)
     gathered = {key: value + 1 for key, value in trainer.model.state_dict().items()}
     trainer._save(str(tmp_path / "full"), state_dict=gathered)
     reloaded = type(trainer.model).from_pretrained(str(tmp_path / "full" / "transformer"))
     for key, value in reloaded.state_dict().items():
+        torch.testing.assert_close(value, gathered[key], rtol=0, atol=0)
+    pipeline = DiffusionPipeline.from_pretrained(str(tmp_path / "full"))
+    for key, value in pipeline.transformer.state_dict().items():
         torch.testing.assert_close(value, gathered[key], rtol=0, atol=0)
 
 

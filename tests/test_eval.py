@@ -14,7 +14,7 @@ from PIL import Image
 
 from trl_visual import BPGOTrainer, DiffusionGRPOTrainer
 from trl_visual.cli import build_trainer, parse_args
-from trl_visual.trainer.logging_utils import CAPTION_HEIGHT
+from trl_visual.trainer.logging_utils import MIN_CELL_WIDTH
 
 EVAL_PROMPTS = ["a blue house", "a green field", "a yellow sun"]
 
@@ -178,7 +178,10 @@ def test_evaluation_logs_one_captioned_grid_at_the_current_step(tmp_path):
         "eval_step_000002.png",
     ]
     grid = Image.open(folder / "eval_step_000002.png")
-    assert grid.size == (3 * 32, 32 + CAPTION_HEIGHT)  # three cells in one row
+    width, height = (
+        grid.size
+    )  # three cells in one row, each 32×32 sample enlarged to 128×128 above its caption
+    assert width == 3 * MIN_CELL_WIDTH and height > MIN_CELL_WIDTH
 
     (run_dir,) = (tmp_path / "out" / "runs").iterdir()
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "tensors": 0})

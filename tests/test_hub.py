@@ -448,3 +448,111 @@ def test_a_push_that_fails_after_training_keeps_the_weights_and_is_one_line(monk
     assert (
         out / "transformer" / "config.json"
     ).is_file()  # the fully trained denoiser, saved before the push
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Full fine-tuning (no LoRA): the tiny:shapes recipe's default
+# ------------------------------------------------------------------------------------------------------------
+SHAPES_PROMPTS = ["a small red circle on the left", "a big blue square at the top"]
+
+
+def test_full_fine_tuning_pushes_a_pipeline_that_its_card_loads(tmp_path, fake_hub):
+    """Train the whole denoiser of tiny:shapes (no peft_config) with a checkpoint, push with the Hub calls
+    intercepted, then take the user's path: the card says what was trained (no LoRA, no `lora` tag), its own
+    snippet run against the pushed folder draws the card's "after" picture, the "before" picture is the base
+    model's (a fresh tiny:shapes from the same seed), and ``DiffusionPipeline.from_pretrained`` on the output folder
+    loads the trained weights. The checkpoint keeps only the denoiser."""
+    from diffusers import DiffusionPipeline
+
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:shapes",
+        reward_funcs="shapes_adherence",
+        args=make_config(
+            tmp_path,
+            learning_rate=1e-3,
+            max_sequence_length=8,
+            hub_model_id="user/shapes-full",
+            save_strategy="steps",
+            save_steps=2,
+        ),
+        train_dataset=Dataset.from_dict({"prompt": SHAPES_PROMPTS * 2}),
+    )
+    trainer.train()
+    out = tmp_path / "out"
+    assert (out / "checkpoint-2" / "transformer").is_dir() and not (
+        out / "checkpoint-2" / "model_index.json"
+    ).exists()
+    trainer.push_to_hub()
+    pushed = tmp_path / "hub" / "user" / "shapes-full"
+    text = (pushed / "README.md").read_text()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert "lora" not in metadata["tags"] and "LoRA" not in text and "load_lora_weights" not in text
+    assert "# shapes-full: GRPO fine-tune of tiny:shapes" in text and "whole `transformer` fine-tuned" in text
+
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)[1]
+    assert 'DiffusionPipeline.from_pretrained("user/shapes-full"' in snippet
+    namespace = {}
+    exec(snippet.replace('"user/shapes-full"', json.dumps(str(pushed))), namespace)
+    drawn = np.asarray(namespace["image"], dtype=np.int16)
+    after = np.asarray(Image.open(pushed / "images/after_0.png"), dtype=np.int16)
+    before = np.asarray(Image.open(pushed / "images/before_0.png"), dtype=np.int16)
+    assert np.abs(drawn - after).max() <= 1 and np.abs(before - after).max() > 1
+
+    base = load_tiny_pipeline("tiny:shapes")  # the base model draws the card's "before" picture
+    base.set_progress_bar_config(disable=True)
+    call = dict(height=32, width=32, num_inference_steps=4, guidance_scale=1.0, max_sequence_length=8)
+    base_image = base(
+        SHAPES_PROMPTS[0], generator=torch.Generator().manual_seed(trainer.args.seed), **call
+    ).images[0]
+    assert np.abs(np.asarray(base_image, dtype=np.int16) - before).max() <= 1
+
+    loaded = DiffusionPipeline.from_pretrained(str(out))
+    trained = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert all(torch.equal(t, trained[name]) for name, t in loaded.transformer.state_dict().items())
+    assert type(loaded).__name__ == "StableDiffusion3Pipeline"
+
+
+def test_a_card_without_the_base_samples_says_so():
+    """A whole denoiser trained where the base model's samples were not kept: no broken "before" links."""
+    samples = [CardSample("a cat", 0, None, "images/after_0.png")]
+    card = build_model_card(
+        model_name="tiny:sd3",
+        repo_id="me/full",
+        method="GRPO",
+        pipeline_tag="text-to-image",
+        reward_names=["red_channel"],
+        rewards=[0.1, 0.2],
+        settings={},
+        citations=[],
+        samples=samples,
+        call_kwargs={"num_inference_steps": 2},
+        trained_module="transformer",
+    )
+    text = str(card)
+    assert "| a cat | 0 | (not kept) | ![after](images/after_0.png) |" in text
+    assert "samples_before.png" not in text and "samples_after.png" in text
+
+
+def test_base_samples_that_cannot_be_drawn_never_stop_training(tmp_path, monkeypatch, caplog):
+    """Full fine-tuning samples the card's "before" pictures when train() starts; if the pipeline cannot draw them,
+    training runs anyway, a warning says why, and the card marks them "(not kept)" instead of showing the trained
+    model as the base."""
+    trainer = DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=make_config(tmp_path, max_steps=1),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+    )
+    original = trainer._card_samples
+
+    def fails_once(rows, reference):
+        monkeypatch.setattr(trainer, "_card_samples", original)
+        raise ImportError("this pipeline needs `ftfy`")
+
+    monkeypatch.setattr(trainer, "_card_samples", fails_once)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and "needs `ftfy`" in caplog.text
+    trainer.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "(not kept)" in text and not (tmp_path / "out" / "images" / "before_0.png").exists()

@@ -272,6 +272,32 @@ def test_bpgo_and_vipo_on_tiny_shapes_get_the_recipe_their_own_folder_and_the_wo
     assert config.backbone == "tiny:dinov2"
 
 
+@pytest.mark.parametrize("model", ["tiny:shapes", "tiny:shapes-pairs"])
+@pytest.mark.parametrize("command", ["grpo", "bpgo", "vipo"])
+def test_from_recipe_gives_python_the_config_the_command_trains_with(model, command):
+    """``<Config>.from_recipe(model)`` equals, field for field, the config ``trl-visual <command>
+    --model_name_or_path <model>`` parses (its own defaults, no YAML, no flags); keyword arguments override it."""
+    import dataclasses
+
+    from trl_visual.cli import parse_args
+
+    _, _, parsed, _ = parse_args([command, "--model_name_or_path", model])
+    config_class = type(parsed)
+    built = config_class.from_recipe(model)
+    differing = [
+        f.name for f in dataclasses.fields(config_class) if getattr(built, f.name) != getattr(parsed, f.name)
+    ]
+    assert differing == []
+    assert config_class.from_recipe(model, max_steps=3, output_dir="elsewhere").max_steps == 3
+
+
+def test_from_recipe_names_the_models_that_have_one():
+    with pytest.raises(
+        ValueError, match=r"No recipe for 'tiny:sd3': recipes exist for tiny:shapes, tiny:shapes-pairs"
+    ):
+        DiffusionGRPOConfig.from_recipe("tiny:sd3")
+
+
 def test_shapes_grpo_recipe_file_states_the_cli_defaults():
     """``examples/configs/shapes_grpo.yaml`` spells out exactly the defaults the CLI applies to tiny:shapes."""
     import yaml

@@ -75,6 +75,8 @@ def test_full_fine_tuning_trains_in_float32_on_a_bf16_pipeline(tmp_path):
     assert changed / sum(p.numel() for p in before.values()) > 0.9
     weight = "transformer_blocks.0.attn.to_q.weight"
     assert lost_in_bf16(before[weight], after[weight]) > 0.5
+    trainer.create_model_card()  # the card samples the float32 denoiser with the bf16 VAE: under bf16 autocast
+    assert (tmp_path / "out" / "images" / "before_0.png").is_file()
 
 
 def test_lora_exports_in_the_loading_dtype_and_checkpoints_in_float32(tmp_path):

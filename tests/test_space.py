@@ -182,6 +182,55 @@ def test_a_failed_or_abandoned_run_leaves_no_folder(run_dirs, monkeypatch):
     assert list(run_dirs.iterdir()) == []
 
 
+def test_on_the_hub_the_visitor_signs_in_instead_of_pasting_a_token(tmp_path, monkeypatch):
+    """Where the app runs as a Space (``SPACE_ID`` set), the page shows the Hub's login button and no token box, and a
+    push uses the token of the visitor's login, which Gradio hands to ``push``'s ``gr.OAuthToken`` parameter; signed
+    out, the push says to sign in. Locally the token box stays and no login button is shown."""
+    import gradio as gr
+    import gradio.block_function
+    import gradio.routes
+    from gradio.helpers import special_args
+
+    app = load_app()
+    tokens = []
+
+    class FakeHub:
+        def __init__(self, token):
+            tokens.append(token)
+
+        def create_repo(self, repo_id, exist_ok):
+            pass
+
+        def create_commit(self, repo_id, operations, commit_message):
+            pass
+
+    monkeypatch.setattr(app, "HfApi", FakeHub)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    local = app.build_demo()
+    assert not any(isinstance(block, gr.LoginButton) for block in local.blocks.values())
+    assert next(b for b in local.blocks.values() if getattr(b, "elem_id", None) == "token").visible
+
+    # on a Space (what the Hub sets); Gradio's OAuth routes need the Space's OAuth app, so they are left out here
+    monkeypatch.setenv("SYSTEM", "spaces")
+    monkeypatch.setenv("SPACE_ID", "me/trl-visual-live")
+    monkeypatch.setattr(gradio.routes, "attach_oauth", lambda fastapi_app: None)
+    # on a Space Gradio wraps events with the ZeroGPU `spaces` package when importable; here that name is the
+    # repository's own spaces/ folder
+    monkeypatch.setattr(gradio.block_function, "spaces", None)
+    hosted = app.build_demo()
+    assert any(isinstance(block, gr.LoginButton) for block in hosted.blocks.values())
+    assert not next(b for b in hosted.blocks.values() if getattr(b, "elem_id", None) == "token").visible
+    with pytest.raises(gr.Error, match="Sign in with Hugging Face"):
+        app.push({"README.md": b"card"}, "me/model", "", None)
+
+    # what Gradio passes to push() for a signed-in visitor: the login's token, put where the parameter's type says
+    login = gr.OAuthToken(token="hf_oauth", scope="contribute-repos", expires_at=int(time.time()) + 3600)
+    inputs, *_ = special_args(app.push, [{"README.md": b"card"}, "me/model", ""], None, token=login)
+    assert inputs[3] is login
+    app.push(*inputs)
+    assert tokens == ["hf_oauth"]
+
+
 # -- in the browser --------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:

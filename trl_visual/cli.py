@@ -566,12 +566,10 @@ def _eval_set_size(eval_dataset: Any, prompt_column: str) -> str:
 
 
 def _loading_hint(trainer: Any, output_dir: str) -> str:
-    """How to load what :meth:`save_model` wrote: a LoRA into the pipeline, or the fully trained denoiser."""
+    """How to load what :meth:`save_model` wrote: a LoRA into the pipeline, or the fine-tuned pipeline."""
     if trainer.is_peft:
         return f"load the LoRA with pipe.load_lora_weights({output_dir!r})"
-    name = trainer.adapter.denoiser_name
-    folder = f"{output_dir}/{name}"
-    return f"load the trained {name} with {type(trainer.model).__name__}.from_pretrained({folder!r})"
+    return f"load the fine-tuned pipeline with DiffusionPipeline.from_pretrained({output_dir!r})"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .core.vipo import heat_overlay
+from .images import to_pil
 from .miniature.classifier import shapes_backbone
 from .trainer import (
     BPGOConfig,
@@ -44,7 +45,6 @@ from .trainer import (
     ViPOTrainer,
 )
 from .trainer.hooks import Advantages
-from .trainer.logging_utils import to_pil
 
 #: the methods a demo can train, by their names in the papers
 METHODS = ("GRPO", "BPGO", "ViPO")

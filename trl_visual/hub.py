@@ -27,7 +27,8 @@ from huggingface_hub import ModelCard, ModelCardData, save_torch_state_dict, try
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+from transformers.utils import logging as transformers_logging
 
 from .checkpointing import LORA_WEIGHTS_NAME
 
@@ -111,6 +112,25 @@ def save_full_denoiser(denoiser: torch.nn.Module, state_dict: dict[str, torch.Te
     ``from_pretrained(folder)``."""
     denoiser.save_config(folder)
     save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+
+
+def save_pipeline_around(pipeline: Any, output_dir: str, denoiser_name: str) -> None:
+    """Make ``output_dir`` a whole diffusers pipeline folder around the trained denoiser in ``output_dir/<denoiser_name>``:
+    every other component written with its own ``save_pretrained`` (what ``DiffusionPipeline.save_pretrained``
+    calls) and ``model_index.json`` with the pipeline's ``save_config``, so that
+    ``DiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned pipeline. The denoiser itself is not
+    written here: it may be sharded across processes, and is saved from its gathered state dict. transformers'
+    "Writing model shards" progress bars stay off meanwhile (the run's own output stays readable)."""
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        for name, component in pipeline.components.items():
+            if name != denoiser_name and hasattr(component, "save_pretrained"):
+                component.save_pretrained(os.path.join(output_dir, name))
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    pipeline.save_config(output_dir)
 
 
 def _unprefixed(values: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -276,7 +296,8 @@ class CardSample:
 
     prompt: str
     seed: int
-    before: str
+    before: str | None
+    """``None`` when the base model's samples are gone (a whole denoiser trained under sharding)."""
     after: str
 
 
@@ -287,8 +308,8 @@ CARD_TEMPLATE = """---
 
 # {{ title }}
 
-LoRA weights for {{ base_link }} trained with **{{ method }}** using
-[trl_visual](https://github.com/trl-visual/trl_visual){{ rewards_text }}.
+{{ intro }} with **{{ method }}** using
+[trl_visual](https://github.com/trl-visual/trl_visual){{ rewards_text }}.{{ intro_note }}
 
 ## Use it
 
@@ -298,15 +319,14 @@ LoRA weights for {{ base_link }} trained with **{{ method }}** using
 
 ## Samples
 
-The base model (before) and this LoRA (after), each prompt with its seed. In float32 on the CPU the snippet above
+The base model (before) and {{ this_model }} (after), each prompt with its seed. In float32 on the CPU the snippet above
 gives these pictures; other devices and precisions differ a little.
 
 | prompt | seed | before | after |
 |---|---|---|---|
 {{ sample_rows }}
 
-![before](samples_before.png)
-![after](samples_after.png)
+{{ grids }}
 
 ## Training
 
@@ -332,29 +352,54 @@ License: `{{ license }}`.{{ license_note }}
 """
 
 
-def reward_curve_image(rewards: Sequence[float], size: tuple[int, int] = (480, 240)) -> Image.Image:
-    """A line plot of the logged mean reward per step, drawn with PIL (no plotting library needed)."""
+#: the reward curve's margins in pixels: left (the y axis' label and values), top, right, bottom (the x axis')
+CURVE_MARGINS = (56, 10, 14, 40)
+
+
+def _vertical_text(text: str, font: Any) -> Image.Image:
+    """``text`` drawn black on white and turned a quarter turn (read bottom to top), for a y-axis label."""
+    left, top, right, bottom = font.getbbox(text)
+    strip = Image.new("RGB", (right + 2, bottom + 2), "white")
+    ImageDraw.Draw(strip).text((1, 1), text, fill="black", font=font)
+    return strip.rotate(90, expand=True)
+
+
+def reward_curve_image(
+    rewards: Sequence[float],
+    size: tuple[int, int] = (480, 240),
+    y_label: str = "mean reward",
+    steps: Sequence[int] | None = None,
+) -> Image.Image:
+    """A line plot of the logged mean reward per step, drawn with PIL (no plotting library needed): the x axis
+    labelled ``step`` with the first and last logged step (``steps``, the optimizer step of each reward; 1 to N
+    when not given), the y axis labelled ``y_label`` with the lowest and highest value."""
     width, height = size
-    margin = 30
+    left, top, right, bottom = CURVE_MARGINS
+    font = ImageFont.load_default(size=11)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    draw.rectangle([margin, 10, width - 10, height - margin], outline="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
     values = [r for r in rewards if math.isfinite(r)]
     if len(values) >= 2:
         low, high = min(values), max(values)
         span = (high - low) or 1.0
         points = [
             (
-                margin + i * (width - margin - 10) / (len(values) - 1),
-                height - margin - (v - low) / span * (height - margin - 20),
+                left + i * (width - left - right) / (len(values) - 1),
+                height - bottom - (v - low) / span * (height - bottom - top),
             )
             for i, v in enumerate(values)
         ]
         draw.line(points, fill=(200, 30, 30), width=2)
-        draw.text((2, 10), f"{high:.3g}", fill="black")
-        draw.text((2, height - margin - 10), f"{low:.3g}", fill="black")
-    draw.text((margin, height - margin + 8), "step", fill="black")
-    draw.text((width - 80, height - margin + 8), f"{len(values)} steps", fill="black")
+        draw.text((left - 2, top), f"{high:.3g}", fill="black", font=font, anchor="ra")
+        draw.text((left - 2, height - bottom), f"{low:.3g}", fill="black", font=font, anchor="rd")
+    logged = [step for step, r in zip(steps or range(1, len(rewards) + 1), rewards) if math.isfinite(r)]
+    if logged:
+        draw.text((left, height - bottom + 3), str(logged[0]), fill="black", font=font, anchor="ma")
+        draw.text((width - right, height - bottom + 3), str(logged[-1]), fill="black", font=font, anchor="ma")
+    draw.text(((left + width - right) // 2, height - 4), "step", fill="black", font=font, anchor="md")
+    label = _vertical_text(y_label, font)
+    image.paste(label, (2, (top + height - bottom - label.height) // 2))
     return image
 
 
@@ -374,15 +419,19 @@ def usage_snippet(
     call_kwargs: dict[str, Any],
     sample: CardSample,
     output_kind: str,
+    lora: bool = True,
 ) -> str:
-    """Python that loads the base model and this LoRA and makes ``sample``'s picture.
+    """Python that loads the base model and this LoRA and makes ``sample``'s picture; with ``lora=False`` (a
+    whole fine-tuned pipeline saved in ``repo_id``), Python that loads that pipeline.
 
     The base model is loaded by Hub id when it has one, rebuilt with ``trl_visual.models.load_pipeline`` for a ``tiny:``
     model, and otherwise left as a path for the reader to fill in. ``call_kwargs`` are the pipeline's keyword
     arguments; a conditioning ``image`` becomes a ``load_image`` call.
     """
     imports = ["from diffusers import DiffusionPipeline"]
-    if base_model:
+    if not lora:
+        load = f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float32)'
+    elif base_model:
         load = f'pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float32)'
     elif model_name.startswith("tiny:"):
         imports = ["from trl_visual.models import load_pipeline"]
@@ -409,9 +458,14 @@ def usage_snippet(
         )
     else:
         result = f"image = {_python_call('pipe', arguments)}.images[0]"
-    return "\n".join(
-        ["import torch", *sorted(set(imports)), "", load, f'pipe.load_lora_weights("{repo_id}")', result]
-    )
+    loading = [load, f'pipe.load_lora_weights("{repo_id}")'] if lora else [load]
+    return "\n".join(["import torch", *sorted(set(imports)), "", *loading, result])
+
+
+def _sample_row(sample: CardSample) -> str:
+    """``| prompt | seed | before | after |``, with "(not kept)" where the base model's sample is gone."""
+    before = f"![before]({sample.before})" if sample.before else "(not kept)"
+    return f"| {sample.prompt.replace('|', '/')} | {sample.seed} | {before} | ![after]({sample.after}) |"
 
 
 def build_model_card(
@@ -427,6 +481,7 @@ def build_model_card(
     samples: Sequence[CardSample],
     call_kwargs: dict[str, Any],
     output_kind: str = "images",
+    trained_module: str | None = None,
     license: str | None = None,
     datasets: Sequence[str] = (),
     tags: Sequence[str] = (),
@@ -438,17 +493,22 @@ def build_model_card(
 
     ``model_name`` is the base model as the trainer was given it (a repo id, a local folder, a ``tiny:``
     name); ``license`` defaults to the base model's own (when its card is on this machine), else
-    :data:`DEFAULT_LICENSE`.
+    :data:`DEFAULT_LICENSE`. ``trained_module`` names the fully trained denoiser when no LoRA was trained (the folder
+    is then a whole pipeline): the card says so, its snippet loads the folder, and it is not tagged ``lora``.
     """
     base_model = hub_base_model(model_name)
     license = license or base_model_license(model_name, base_model)
+    lora = trained_module is None
+    kind_tags = ["lora"] if lora else []
+    grids = ("before", "after") if all(sample.before for sample in samples) else ("after",)
+    base_link = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{model_name}`"
     card_data = ModelCardData(
         base_model=base_model,
         license=license or DEFAULT_LICENSE,
         datasets=list(datasets) or None,
         library_name="diffusers",
         pipeline_tag=pipeline_tag,
-        tags=list(dict.fromkeys(["trl-visual", method.lower(), "lora", "diffusers", *tags])),
+        tags=list(dict.fromkeys(["trl-visual", method.lower(), *kind_tags, "diffusers", *tags])),
         widget=[{"text": sample.prompt, "output": {"url": sample.after}} for sample in samples],
     )
     finite = [r for r in rewards if math.isfinite(r)]
@@ -461,17 +521,23 @@ def build_model_card(
     return ModelCard.from_template(
         card_data,
         template_str=CARD_TEMPLATE,
-        title=f"{repo_id.split('/')[-1]}: {method} LoRA for {(base_model or model_name).split('/')[-1]}",
-        base_link=f"[{base_model}](https://huggingface.co/{base_model})" if base_model else f"`{model_name}`",
+        title=f"{repo_id.split('/')[-1]}: {method} {'LoRA for' if lora else 'fine-tune of'} "
+        f"{(base_model or model_name).split('/')[-1]}",
+        intro=f"LoRA weights for {base_link} trained"
+        if lora
+        else f"{base_link} with its whole `{trained_module}` fine-tuned",
+        intro_note=""
+        if lora
+        else f" The other components are the base model's, saved beside the fine-tuned `{trained_module}`: this "
+        "folder is a complete diffusers pipeline.",
+        this_model="this LoRA" if lora else "the fine-tuned model",
+        grids="\n".join(f"![{name}](samples_{name}.png)" for name in grids),
         method=method,
         rewards_text=f" against the reward(s) {', '.join(f'`{n}`' for n in reward_names)}"
         if reward_names
         else "",
-        snippet=usage_snippet(model_name, base_model, repo_id, call_kwargs, samples[0], output_kind),
-        sample_rows="\n".join(
-            f"| {s.prompt.replace('|', '/')} | {s.seed} | ![before]({s.before}) | ![after]({s.after}) |"
-            for s in samples
-        ),
+        snippet=usage_snippet(model_name, base_model, repo_id, call_kwargs, samples[0], output_kind, lora),
+        sample_rows="\n".join(_sample_row(sample) for sample in samples),
         reward_summary=summary,
         settings_table=settings_table(settings),
         license=license or DEFAULT_LICENSE,

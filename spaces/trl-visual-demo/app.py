@@ -4,7 +4,7 @@ A Gradio app for a free CPU Space (2 vCPU, 16 GB). The run is the library's own 
 builds a ``DiffusionGRPOTrainer``, ``BPGOTrainer`` or ``ViPOTrainer`` on ``tiny:shapes``); a
 ``LiveProgressCallback`` streams its reward curve, samples, ViPO maps and BPGO weights here. Runs are bounded
 in steps and time, and one runs at a time (a queue with concurrency 1). At the end the LoRA can be downloaded,
-or pushed to the Hub with the visitor's token.
+or pushed to the Hub as the visitor: with the Hub's login on a Space, with a pasted token when run locally.
 
 Nothing piles up on the Space's disk: each run trains in a temporary folder that is deleted when the run ends
 (finished, failed or abandoned); what the visitor may download or push (the LoRA, its model card and pictures,
@@ -27,6 +27,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 import torch
+from gradio.utils import get_space
 from huggingface_hub import CommitOperationAdd, HfApi
 from PIL import Image
 
@@ -228,16 +229,30 @@ def train(
         )
 
 
-def push(files: dict[str, bytes] | None, repo_id: str, token: str) -> str:
-    """Upload the run's files (LoRA, model card and its pictures) to ``repo_id`` with the visitor's token."""
+def on_hub() -> bool:
+    """Whether the app runs as a Space on the Hub (``SPACE_ID``, as Gradio itself tells: ``gradio.utils.get_space``):
+    there the visitor signs in with the Hub's login (OAuth, ``hf_oauth`` in the Space's README) instead of pasting a
+    token. (Elsewhere Gradio's login button would stand in a mocked login of the machine's own Hub account.)"""
+    return get_space() is not None
+
+
+def push(
+    files: dict[str, bytes] | None, repo_id: str, token: str, oauth_token: gr.OAuthToken | None = None
+) -> str:
+    """Upload the run's files (LoRA, model card and its pictures) to ``repo_id`` as the visitor: with the token of their Hub
+    login on a Space (Gradio passes ``oauth_token`` to a parameter of that type), else with the token they pasted.
+    The token is used for this upload only, in memory; it is never written anywhere."""
     if not files:
         raise gr.Error("Nothing to push yet: train first, then push.")
-    repo_id, token = (repo_id or "").strip(), (token or "").strip()
+    repo_id = (repo_id or "").strip()
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise gr.Error(f"Repository {quoted(repo_id)}: write it as 'your-name/model-name'.")
+    token = oauth_token.token if oauth_token is not None else (token or "").strip()
     if not token:
         raise gr.Error(
-            "No token: paste a Hugging Face token with write access (huggingface.co/settings/tokens)."
+            "Not signed in: press 'Sign in with Hugging Face' above, then push."
+            if on_hub()
+            else "No token: paste a Hugging Face token with write access (huggingface.co/settings/tokens)."
         )
     api = HfApi(token=token)
     try:
@@ -299,7 +314,11 @@ def build_demo() -> gr.Blocks:
             files = gr.State(None, time_to_live=RUN_FILES_TTL_S)
             with gr.Column():
                 repo_id = gr.Textbox(label="Hub repository", placeholder="your-name/tiny-shapes-grpo")
-                token = gr.Textbox(label="Hugging Face token (write)", type="password")
+                if on_hub():  # the Hub's login; locally, a pasted token
+                    gr.LoginButton(elem_id="login")
+                token = gr.Textbox(
+                    label="Hugging Face token (write)", type="password", visible=not on_hub(), elem_id="token"
+                )
                 push_button = gr.Button("Push to the Hub")
                 pushed = gr.Markdown()
         start.click(

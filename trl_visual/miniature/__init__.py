@@ -88,3 +88,25 @@ DEFAULTS_BY_MODEL: dict[str, dict[str, dict]] = {
     "tiny:shapes-pairs": PAIRS_METHOD_DEFAULTS,
 }
 """Miniature model name → its ``trl-visual <command>`` defaults."""
+
+RECIPE_COMMANDS: dict[str, str] = {
+    "DiffusionGRPOConfig": "grpo",
+    "BPGOConfig": "bpgo",
+    "ViPOConfig": "vipo",
+    "BPGOViPOConfig": "vipo",
+}
+"""Config class name → the ``trl-visual`` command whose recipe it takes (BPGO + ViPO takes ViPO's backbone)."""
+
+
+def recipe_fields(model_name: str, config_class: type) -> dict:
+    """The config fields of ``model_name``'s recipe for ``config_class`` (:data:`DEFAULTS_BY_MODEL`): what
+    ``trl-visual <command> --model_name_or_path model_name`` sets, less the command's own arguments (the prompt set,
+    the rewards, the test split, the thread count), which a Python script passes to the trainer."""
+    if model_name not in DEFAULTS_BY_MODEL:
+        raise ValueError(
+            f"No recipe for {model_name!r}: recipes exist for {', '.join(DEFAULTS_BY_MODEL)}. For another model, "
+            f"build {config_class.__name__}(...) yourself (examples/configs/ has settings for the real models)."
+        )
+    command = next(RECIPE_COMMANDS[c.__name__] for c in config_class.__mro__ if c.__name__ in RECIPE_COMMANDS)
+    fields = set(config_class.__dataclass_fields__)
+    return {key: value for key, value in DEFAULTS_BY_MODEL[model_name][command].items() if key in fields}

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data import load_prompts
+from ..images import to_pil
 from . import DEFAULTS_BY_MODEL, GRPO_DEFAULTS
 from .evaluate import sample
 from .pipeline import ONE_SHAPE, SHAPES_MODELS, ShapesModel, build_shapes_pipeline, load_shapes_pipeline
@@ -88,12 +89,6 @@ def tile_box(row: int, column: int, header: int) -> tuple[int, int, int, int]:
     return left, top, left + TILE, top + TILE
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """A ``(3, H, W)`` float image in [0, 1] as a PIL image, scaled by :data:`SCALE`."""
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(pixels).resize((TILE, TILE), Image.NEAREST)
-
-
 def render_grid(prompts: list[str], rows: list[tuple[str, torch.Tensor, list[float]]]) -> Image.Image:
     """Draw the picture: ``rows`` are (label, images ``(N, 3, H, W)`` in [0, 1], adherence per image), one column
     per prompt, each image captioned with its adherence and each row labelled with its mean."""
@@ -110,7 +105,7 @@ def render_grid(prompts: list[str], rows: list[tuple[str, torch.Tensor, list[flo
         draw.multiline_text((4, top + TILE // 3), f"{label}\nmean {mean:.2f}", fill="black", font=font)
         for column, (image, score) in enumerate(zip(images, scores)):
             left, _, _, bottom = tile_box(row, column, header)
-            canvas.paste(_to_pil(image), (left, top))
+            canvas.paste(to_pil(image).resize((TILE, TILE), Image.NEAREST), (left, top))
             draw.text((left, bottom + 2), f"adherence {score:.2f}", fill="black", font=font)
     return canvas
 

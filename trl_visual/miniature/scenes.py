@@ -255,6 +255,8 @@ def shapes_dataset(
     shape (``colour``, ``shape``, ``size``, ``position``) and the same for the second (``colour_2``, …; None in
     a one-shape scene). A fraction ``two_shape_fraction`` of the scenes, on average, holds two shapes. The same
     ``seed`` gives the same rows."""
+    from ..images import to_pil  # diffusers, imported only when images are made
+
     rng = random.Random(seed)
     generator = torch.Generator().manual_seed(seed)
     second = [f"{name}_2" for name in ATTRIBUTES]
@@ -266,7 +268,7 @@ def shapes_dataset(
     }
     for _ in range(num_scenes):
         scene = random_scene(rng, two_shape_fraction)
-        rows["image"].append(_to_pil(render_scene(scene, generator)))
+        rows["image"].append(to_pil(render_scene(scene, generator)))
         rows["prompt"].append(random_caption(scene, rng, detail))
         rows["num_shapes"].append(len(scene.objects))
         shapes = [asdict(shape) for shape in scene.objects] + [dict.fromkeys(ATTRIBUTES)]
@@ -283,13 +285,6 @@ def render_batch(
     ``(N, 3, 32, 32)`` and their records (the training scripts' fast path: no PIL round trip)."""
     scenes = [random_scene(rng, two_shape_fraction) for _ in range(num_scenes)]
     return torch.stack([render_scene(s, generator) for s in scenes]), scenes
-
-
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(array)
 
 
 GRAMMAR = (

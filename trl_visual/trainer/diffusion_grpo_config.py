@@ -341,6 +341,20 @@ class DiffusionGRPOConfig(TrainingArguments):
         },
     )
 
+    @classmethod
+    def from_recipe(cls, model_name: str, **overrides: Any) -> DiffusionGRPOConfig:
+        """The config ``trl-visual <method> --model_name_or_path model_name`` trains with: the model's own
+        recipe (for ``tiny:shapes``, :data:`trl_visual.miniature.GRPO_DEFAULTS`), with ``overrides`` on top.
+
+        The recipe's prompt set, reward and test split are the trainer's arguments, not config fields
+        (``builtin:shapes``, ``"shapes_adherence"``, ``split="test"`` as ``eval_dataset``)::
+
+            args = DiffusionGRPOConfig.from_recipe("tiny:shapes", output_dir="tiny-shapes-grpo")
+        """
+        from ..miniature import recipe_fields
+
+        return cls(**{**recipe_fields(model_name, cls), **overrides})
+
     def __post_init__(self) -> None:
         check_bf16_device(self)
         super().__post_init__()

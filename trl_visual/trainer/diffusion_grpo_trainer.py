@@ -550,7 +550,8 @@ class DiffusionGRPOTrainer(
         """:meth:`transformers.Trainer.train`, after checking that the checkpoint to resume (if any) is
         complete, readable and fits the model (:func:`~trl_visual.checkpointing.check_checkpoint`), before
         anything is loaded from it, and after :meth:`_before_train`. The main process holds ``output_dir``'s
-        lock throughout (:mod:`~trl_visual.trainer.output_lock`): a second run on the folder is refused."""
+        lock throughout (:mod:`~trl_visual.trainer.output_lock`): a second run on the folder is refused. Training the whole denoiser,
+        the model card's samples of the base weights are taken first (:meth:`keep_base_samples`)."""
         with OutputDirLock(self.args.output_dir, enabled=self.is_world_process_zero()):
             if self.args.should_save:  # under the lock: a leftover of a dead run, not another run's
                 remove_leftover_staging(self.args.output_dir)
@@ -558,6 +559,7 @@ class DiffusionGRPOTrainer(
             if checkpoint is not None:
                 settings = RunSettingsCallback(self._method_name, self.args.num_generations, self.args.seed)
                 check_resumed_settings(checkpoint, settings, bool(self.method_state()))
+            self.keep_base_samples()
             self._restore_iteration_state(checkpoint)
             start_step, self._stopped_checkpoint = checkpoint_step(checkpoint), None
             with terminate_on_sigterm():

@@ -23,38 +23,80 @@ import numpy as np
 import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import export_to_gif, make_image_grid
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from ..images import to_pil
 
 if TYPE_CHECKING:  # pragma: no cover
     from .diffusion_grpo_trainer import DiffusionGRPOTrainer
     from .rollout import Rollouts
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """A ``(3, H, W)`` float image in ``[0, 1]`` (or the first frame of a ``(T, 3, H, W)`` video) as PIL."""
-    if image.ndim == 4:
-        image = image[0]
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+#: font size in pixels of the captions under the images of a grid
+CAPTION_FONT_SIZE = 11
+#: the narrowest cell of a grid: smaller images are enlarged (nearest neighbour, by a whole factor) to this width, so
+#: that their captions wrap into a few readable lines
+MIN_CELL_WIDTH = 128
 
 
-#: height in pixels of the caption strip under each image of a grid
-CAPTION_HEIGHT = 14
+def caption_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at :data:`CAPTION_FONT_SIZE` pixels (its bitmap font where FreeType is missing)."""
+    return ImageFont.load_default(size=CAPTION_FONT_SIZE)
 
 
-def _with_caption(image: Image.Image, caption: str) -> Image.Image:
-    """``image`` above a white strip holding the start of ``caption``."""
-    width, height = image.size
-    cell = Image.new("RGB", (width, height + CAPTION_HEIGHT), "white")
+def _fitting_prefix(word: str, width: int, font: Any) -> int:
+    """The length of the longest start of ``word`` (at least one character) no wider than ``width`` pixels."""
+    length = len(word)
+    while length > 1 and font.getlength(word[:length]) > width:
+        length -= 1
+    return length
+
+
+def wrap_caption(caption: str, width: int, font: Any) -> list[str]:
+    """``caption`` in lines no wider than ``width`` pixels in ``font``: greedily filled with whole words (a word wider
+    than a line is cut across lines), each of the caption's own lines starting a new one. Every character of the
+    caption is drawn, none cut off."""
+    lines = []
+    for paragraph in caption.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            while font.getlength(candidate) > width and len(candidate) > 1:
+                cut = _fitting_prefix(candidate, width, font)
+                lines.append(candidate[:cut])
+                candidate = candidate[cut:]
+            line = candidate
+        lines.append(line)
+    return lines
+
+
+def _cell(image: Image.Image, lines: list[str], num_lines: int, font: Any) -> Image.Image:
+    """``image`` (enlarged to :data:`MIN_CELL_WIDTH` when narrower) above a white strip of ``num_lines`` lines
+    holding ``lines``."""
+    scale = max(1, math.ceil(MIN_CELL_WIDTH / image.width))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    line_height = CAPTION_FONT_SIZE + 2
+    cell = Image.new("RGB", (image.width, image.height + num_lines * line_height + 4), "white")
     cell.paste(image, (0, 0))
-    ImageDraw.Draw(cell).text((1, height), caption[: max(4, width // 6)], fill="black")
+    ImageDraw.Draw(cell).multiline_text(
+        (2, image.height + 2), "\n".join(lines), fill="black", font=font, spacing=2
+    )
     return cell
 
 
 def captioned_grid(images: list[Image.Image], captions: list[str], columns: int = 4) -> Image.Image:
-    """Images with their captions underneath, laid out by diffusers' ``make_image_grid`` in rows of at most
-    ``columns`` (a last row that is not full is padded with white)."""
-    cells = [_with_caption(image, caption) for image, caption in zip(images, captions)]
+    """Images with their whole captions underneath (wrapped to the cell's width by :func:`wrap_caption`), laid out
+    by diffusers' ``make_image_grid`` in rows of at most ``columns`` (a last row that is not full is padded with
+    white). Images narrower than :data:`MIN_CELL_WIDTH` are enlarged by a whole factor."""
+    font = caption_font()
+    widths = [image.width * max(1, math.ceil(MIN_CELL_WIDTH / image.width)) for image in images]
+    wrapped = [wrap_caption(caption, width - 8, font) for caption, width in zip(captions, widths)]
+    num_lines = max(len(lines) for lines in wrapped)
+    cells = [_cell(image, lines, num_lines, font) for image, lines in zip(images, wrapped)]
     columns = min(columns, len(cells))
     rows = math.ceil(len(cells) / columns)
     cells += [Image.new("RGB", cells[0].size, "white")] * (rows * columns - len(cells))

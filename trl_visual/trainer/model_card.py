@@ -9,6 +9,7 @@ prompts, samples before and after training from the pipeline's own ``__call__``,
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from ..hub import CardSample, build_model_card, dataset_repo_id, reward_curve_image, write_model_card_files
 from .logging_utils import captioned_grid
 from .memory import text_encoders_on
+
+logger = logging.getLogger(__name__)
 
 
 class HubRepositoryError(RuntimeError):
@@ -27,12 +30,27 @@ class HubPushError(RuntimeError):
     """Pushing to the Hub failed after the weights and the model card were saved in ``output_dir``."""
 
 
+def _push_failure(error: BaseException) -> str:
+    """``Type: first line`` of what made a push fail. ``Trainer.push_to_hub`` creates the repository first when the
+    run did not: that failure is told by what the Hub answered, not by :class:`HubRepositoryError`'s message, which
+    is written for the start of a run ("nothing has been trained yet")."""
+    if isinstance(error, HubRepositoryError) and error.__cause__ is not None:
+        repo = "creating the repository failed: "
+        error = error.__cause__
+    else:
+        repo = ""
+    detail = (str(error).strip().splitlines() or [""])[0]
+    return f"{repo}{type(error).__name__}: {detail}"
+
+
 class ModelCardMixin:
     """``create_model_card`` and ``push_to_hub`` for a trainer with ``adapter``, ``pipeline``, ``shards_parameters``
     and the run's ``reward_names``, ``height``/``width``/``num_frames`` and ``_card_settings``."""
 
     _card_is_fresh = False
     _card_pictures: dict[str, Any] | None = None
+    #: without LoRA, the card's "before" samples, taken from the base weights when training starts
+    _base_samples: list[Any] | None = None
 
     #: how many distinct training prompts the model card shows
     _card_num_prompts = 4
@@ -62,13 +80,18 @@ class ModelCardMixin:
     def _card_samples(self, rows: list[dict[str, Any]], reference: bool) -> list[Any]:
         """One sample per row from the pipeline's own ``__call__`` (a PIL image, or a video's frames), with
         seed ``args.seed + i`` on a CPU generator, so that ``pipe(prompt, generator=...)`` on a fresh pipeline
-        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model)."""
+        with the saved LoRA gives the same picture. With ``reference``, the LoRA is disabled (the base model).
+
+        A whole denoiser trained in float32 on a pipeline loaded in half precision samples under autocast to the
+        loading dtype: its float32 latents would otherwise meet the half-precision VAE."""
         self.model.eval()
         self.pipeline.set_progress_bar_config(disable=True)
         context = self._reference_model(self.model) if reference else contextlib.nullcontext()
         samples = []
         on_device = text_encoders_on(self.adapter, self.accelerator.device)  # offloaded ones come and go back
-        with context, on_device, self.compute_loss_context_manager():
+        half = not self.is_peft and self.weight_dtype in (torch.float16, torch.bfloat16)
+        loading_dtype = torch.autocast(self.accelerator.device.type, dtype=self.weight_dtype, enabled=half)
+        with context, on_device, loading_dtype, self.compute_loss_context_manager():
             for i, row in enumerate(rows):
                 output = self.pipeline(
                     prompt=row[self.args.prompt_column],
@@ -79,26 +102,61 @@ class ModelCardMixin:
                 samples.append(output.frames[0] if self.adapter.output_kind == "videos" else output.images[0])
         return samples
 
+    def keep_base_samples(self) -> None:
+        """Training the whole denoiser (no LoRA to switch off), sample the card's "before" pictures from the base
+        weights now, before any step changes them: :meth:`train` calls this first, before a checkpoint is loaded.
+        Once per trainer; skipped where only rank 0 would sample a sharded model, or where no card is written. The
+        pictures never stop a run: when the pipeline cannot draw them (a missing optional package, say), a warning
+        says why and the card marks them "(not kept)"."""
+        if self.is_peft or self._base_samples is not None or self.shards_parameters:
+            return
+        if not (self.is_world_process_zero() and self.args.should_save):
+            return
+        try:
+            self._base_samples = self._card_samples(self._card_rows(), reference=False)
+        except Exception as error:  # noqa: BLE001 - the card's pictures are not worth a training run
+            logger.warning(
+                f"The model card's samples of the base model could not be drawn ({type(error).__name__}: {error}); "
+                "the card will mark them as not kept."
+            )
+
+    def _has_before(self) -> bool:
+        """Whether the card can show the base model's samples: from the LoRA-disabled model, from
+        :meth:`keep_base_samples`, or from the live weights while nothing has been trained."""
+        return self.is_peft or self._base_samples is not None or self.state.global_step == 0
+
     def _card_gallery(self, rows: list[dict[str, Any]]) -> list[CardSample]:
         """Each card row's prompt, seed (``args.seed + i``) and picture files (``.gif`` for videos)."""
         extension = "gif" if self.adapter.output_kind == "videos" else "png"
+        before = self._has_before()
         return [
             CardSample(
                 row[self.args.prompt_column],
                 self.args.seed + i,
-                f"images/before_{i}.{extension}",
+                f"images/before_{i}.{extension}" if before else None,
                 f"images/after_{i}.{extension}",
             )
             for i, row in enumerate(rows)
         ]
 
+    def _card_before(self, rows: list[dict[str, Any]], after: list[Any]) -> list[Any]:
+        """The base model's samples: the LoRA-disabled model's, those kept at the start of training, or (nothing
+        trained yet) the live model's; none when the base weights are gone (see :meth:`keep_base_samples`)."""
+        if self.is_peft:
+            return self._card_samples(rows, reference=True)
+        if self._base_samples is not None:
+            return self._base_samples
+        return after if self.state.global_step == 0 else []
+
     def _card_pictures_for(self, rows: list[dict[str, Any]], gallery: list[CardSample]) -> dict[str, Any]:
         """The card's files: each prompt's sample before and after, and the two captioned grids."""
         after = self._card_samples(rows, reference=False)
-        before = self._card_samples(rows, reference=True) if self.is_peft else after
+        before = self._card_before(rows, after)
         prompts = [entry.prompt for entry in gallery]
         pictures: dict[str, Any] = {}
         for name, samples in (("before", before), ("after", after)):
+            if not samples:
+                continue
             pictures.update({getattr(entry, name): sample for entry, sample in zip(gallery, samples)})
             first_frames = [sample[0] if isinstance(sample, list) else sample for sample in samples]
             pictures[f"samples_{name}.png"] = captioned_grid(first_frames, prompts)
@@ -162,11 +220,13 @@ class ModelCardMixin:
             samples=gallery,
             call_kwargs=self._card_call_kwargs(rows[0]),
             output_kind=self.adapter.output_kind,
+            trained_module=None if self.is_peft else self.adapter.denoiser_name,
             license=license,
             datasets=datasets or [name for name in [dataset_repo_id(self.train_dataset)] if name],
             tags=[tags] if isinstance(tags, str) else (tags or []),
         )
-        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards)}
+        steps = [entry["step"] for entry in self.state.log_history if "reward" in entry]
+        pictures = {**self._card_pictures, "reward_curve.png": reward_curve_image(rewards, steps=steps)}
         write_model_card_files(self.args.output_dir, card, pictures)
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -204,8 +264,9 @@ class ModelCardMixin:
         try:
             return super().push_to_hub(commit_message=commit_message, blocking=blocking, **kwargs)
         except Exception as error:
+            cause = _push_failure(error)
             raise HubPushError(
-                f"Could not push to the Hub ({type(error).__name__}: {error}). The trained weights and the model card "
+                f"Could not push to the Hub ({cause}). The trained weights and the model card "
                 f"are saved in {os.path.abspath(self.args.output_dir)}. Log in with `hf auth login` (and check the "
                 "network and `hub_model_id`), then call trainer.push_to_hub() again or upload that folder with "
                 "`hf upload`."

@@ -27,7 +27,7 @@ from peft import get_peft_model_state_dict
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora
+from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora, save_pipeline_around
 from ..state_files import load_state_file, save_state_file
 from .guards import naming_a_full_disk
 
@@ -158,8 +158,9 @@ class CheckpointSavingMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the LoRA in diffusers' format with its adapter config in the file's metadata
-        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or the full
-        denoiser when training without LoRA. Rank 0 writes.
+        (``pipe.load_lora_weights(output_dir)`` loads it at the trained ``lora_alpha / r``), or, training without
+        LoRA, the full denoiser and (outside checkpoints) the rest of the pipeline (:meth:`_save_full_denoiser`).
+        Rank 0 writes.
 
         ``state_dict`` is what ``Trainer.save_model`` gathered on every rank when the engine shards the weights
         (FSDP's full state dict, ZeRO-3's 16-bit one): the weights are taken from it, since the live model then
@@ -183,11 +184,25 @@ class CheckpointSavingMixin:
                 dtype=self._lora_save_dtype(),
                 state_dict=state_dict,
             )
-        elif state_dict is not None:
-            save_full_denoiser(denoiser, state_dict, os.path.join(output_dir, self.adapter.denoiser_name))
         else:
-            denoiser.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
+            self._save_full_denoiser(output_dir, denoiser, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_full_denoiser(
+        self, output_dir: str, denoiser: torch.nn.Module, state_dict: dict | None
+    ) -> None:
+        """The fully trained denoiser in ``output_dir/<denoiser_name>`` (``from_pretrained`` loads it). Outside a
+        checkpoint (``save_model``, ``push_to_hub``) the pipeline's other, frozen components and ``model_index.json``
+        are written around it, as diffusers' full fine-tuning scripts save their result, so that
+        ``DiffusionPipeline.from_pretrained(output_dir)`` loads the fine-tuned pipeline; a checkpoint keeps only
+        the trained weights."""
+        folder = os.path.join(output_dir, self.adapter.denoiser_name)
+        if state_dict is not None:
+            save_full_denoiser(denoiser, state_dict, folder)
+        else:
+            denoiser.save_pretrained(folder)
+        if self._staging_dir is None:
+            save_pipeline_around(self.pipeline, output_dir, self.adapter.denoiser_name)
 
     def _lora_save_dtype(self) -> torch.dtype | None:
         """The dtype of the LoRA weights being written: as trained (float32) while a checkpoint is written

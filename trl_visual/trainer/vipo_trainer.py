@@ -23,9 +23,10 @@ from ..core.vipo import (
     reward_map_advantages,
     spread_advantages,
 )
+from ..images import to_pil
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, PolicyLoss
-from .logging_utils import Media, SampleBatch, captioned_grid, send_media, to_pil
+from .logging_utils import Media, SampleBatch, captioned_grid, send_media
 from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 
