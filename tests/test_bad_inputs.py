@@ -877,7 +877,7 @@ def test_cli_a_corrupt_parquet_names_the_file(tmp_path, capsys):
     assert f"Cannot read prompts from '{bad}'" in text and "Is it a valid .parquet file?" in text
 
 
-def test_cli_a_prompt_folder_by_absolute_path_is_read(tmp_path):
+def test_a_prompt_folder_given_by_absolute_path_is_read(tmp_path):
     from trl_visual.data import load_prompts
 
     folder = tmp_path / "prompts"

@@ -334,7 +334,7 @@ def _is_arrow_error(error: BaseException) -> bool:
 
 def _describe(value: object) -> str:
     if isinstance(value, str):
-        return "an empty string" if not value else f"only invisible characters {value!r}"
+        return "an empty string" if not value.strip() else f"only invisible characters {value!r}"
     return f"{value!r} ({type(value).__name__})"
 
 
