@@ -81,7 +81,7 @@ def main() -> None:
             timestep_selection="random",
             init_same_noise=True,
             bf16=True,
-            gradient_checkpointing=True,
+            activation_checkpointing=True,
         )
     )
     trainer = BPGOTrainer(

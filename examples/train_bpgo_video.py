@@ -82,7 +82,7 @@ def training_settings(tiny: bool) -> dict:
         width=832,
         num_frames=33,
         bf16=True,
-        gradient_checkpointing=True,
+        activation_checkpointing=True,
         vae_tiling=True,
     )
 

@@ -60,7 +60,7 @@ def main() -> None:
             learning_rate=3e-4,
             num_inference_steps=10,
             bf16=True,
-            gradient_checkpointing=True,
+            activation_checkpointing=True,
         )
     )
     trainer = DiffusionGRPOTrainer(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainingArguments
 
 from trl_visual import DiffusionGRPOTrainer
 
@@ -29,6 +30,15 @@ TINY_RUN = dict(
     save_strategy="no",
     disable_tqdm=True,
 )
+
+
+#: activation checkpointing on, under the name the installed transformers uses (`gradient_checkpointing` is its
+#: deprecated alias since transformers 5, which warns)
+CHECKPOINTING = {
+    "activation_checkpointing"
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else "gradient_checkpointing": True
+}
 
 
 def make_config(tmp_path, config_class: type | None = None, **overrides: Any):

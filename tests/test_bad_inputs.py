@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -879,7 +880,7 @@ def test_cli_a_corrupt_parquet_names_the_file(tmp_path, capsys):
     assert f"Cannot read prompts from '{bad}'" in text and "Is it a valid .parquet file?" in text
 
 
-def test_cli_a_prompt_folder_by_absolute_path_is_read(tmp_path):
+def test_a_prompt_folder_given_by_absolute_path_is_read(tmp_path):
     from trl_visual.data import load_prompts
 
     folder = tmp_path / "prompts"
@@ -904,6 +905,21 @@ def test_cli_a_prompt_outside_the_shapes_grammar_is_refused_before_loading(tmp_p
     assert status == 2
     assert "cannot score the train_dataset's prompts: Cannot read the prompt 'a cat' as a scene" in text
     assert loads == []
+
+
+@pytest.mark.parametrize("name", ["sd35_pickscore_grpo.yaml", "flux_hpsv2_vipo.yaml"])
+def test_real_model_configs_use_activation_checkpointing_without_a_warning(name, tmp_path):
+    """transformers 5 deprecated `gradient_checkpointing` (a FutureWarning at every run); the shipped configs use
+    `activation_checkpointing`, which the trainer turns into the denoiser's own checkpointing."""
+    from trl_visual.cli import parse_args
+
+    command = "vipo" if "vipo" in name else "grpo"
+    argv = [command, "--config", os.path.join(REPO, "examples", "configs", name), "--bf16", "false"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, config, _ = parse_args([*argv, "--output_dir", str(tmp_path)])
+    assert config.activation_checkpointing is True
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
 
 
 # The user's own path, a new process: one line on stderr, no traceback, exit status 2

@@ -276,6 +276,7 @@ def test_quantization_config_reaches_from_pretrained_as_diffusers_config(monkeyp
 
     received = {}
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda name, **kwargs: received.update(kwargs))
+    monkeypatch.setattr("trl_visual.models.loading.check_hub_id", lambda *args: None)  # no Hub here
     load_pipeline("user/model", {"quantization_config": QUANTIZATION, "torch_dtype": "bfloat16"})
     config = received["quantization_config"]
     assert isinstance(config, PipelineQuantizationConfig)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers import WanPipeline
-from helpers import PROMPTS, TARGETS, RecordingTrainer, logged
+from helpers import CHECKPOINTING, PROMPTS, TARGETS, RecordingTrainer, logged
 from peft import LoraConfig
 from PIL import Image
 
@@ -353,7 +353,7 @@ def test_grpo_raises_the_reward_and_the_lora_reloads(tmp_path, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_gradient_checkpointing_trains(tmp_path, model):
-    trainer = make_trainer(tmp_path, model, gradient_checkpointing=True, learning_rate=3e-2, max_steps=1)
+    trainer = make_trainer(tmp_path, model, **CHECKPOINTING, learning_rate=3e-2, max_steps=1)
     assert trainer.model.is_gradient_checkpointing
     trainer.train()
     assert any(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)

@@ -6,7 +6,15 @@ import os
 import pytest
 import torch
 from datasets import Dataset
-from helpers import PROMPTS, RecordingTrainer, logged, make_config, make_trainer, pipeline_images
+from helpers import (
+    CHECKPOINTING,
+    PROMPTS,
+    RecordingTrainer,
+    logged,
+    make_config,
+    make_trainer,
+    pipeline_images,
+)
 
 from trl_visual import DiffusionGRPOTrainer
 from trl_visual.models import get_adapter, load_pipeline
@@ -333,7 +341,7 @@ def test_gradient_checkpointing_trains_and_gives_the_same_gradients(tmp_path):
     must not change the result of a step."""
     plain = make_trainer(tmp_path / "a", learning_rate=3e-2, max_steps=1)
     plain.train()
-    checkpointed = make_trainer(tmp_path / "b", learning_rate=3e-2, max_steps=1, gradient_checkpointing=True)
+    checkpointed = make_trainer(tmp_path / "b", learning_rate=3e-2, max_steps=1, **CHECKPOINTING)
     assert checkpointed.model.is_gradient_checkpointing
     checkpointed.train()
     assert logged(checkpointed, "grad_norm") == pytest.approx(logged(plain, "grad_norm"), rel=1e-4)

@@ -634,8 +634,12 @@ def render_help(command: str, full: bool = False) -> str:
     Sections: prompts and rewards, model and LoRA, the method's own config fields (one section per config
     class), then the common ``TrainingArguments`` fields, or all of them when ``full``.
     """
-    config_class, _ = load_command(command)
+    _check_command(command)
+    config_class = _import(COMMANDS[command][0])  # the config alone: the trainer is not needed to list flags
     parser = make_parser(command, config_class)
+    write_names(
+        names_cache_path(help_cache_path(command)), parser_names(parser)
+    )  # for the checks of later runs
     formatter = parser.formatter_class(prog=parser.prog, width=HELP_WIDTH)
     formatter.add_usage(f"trl-visual {command} [--config FILE.yaml] [--flag VALUE ...]", [], [])
     formatter.add_text(parser.description)

@@ -37,7 +37,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
-from .preflight import missing_prompt_file_message
+from .preflight import check_hub_id, missing_prompt_file_message
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -334,7 +334,7 @@ def _is_arrow_error(error: BaseException) -> bool:
 
 def _describe(value: object) -> str:
     if isinstance(value, str):
-        return "an empty string" if not value else f"only invisible characters {value!r}"
+        return "an empty string" if not value.strip() else f"only invisible characters {value!r}"
     return f"{value!r} ({type(value).__name__})"
 
 
@@ -441,6 +441,7 @@ def load_prompts(
     elif _looks_like_local_file(dataset_name):
         raise FileNotFoundError(missing_prompt_file_message(dataset_name))
     else:
+        check_hub_id(dataset_name, "dataset", "`dataset_name`")  # cached or reachable, else one line now
         loaded = load_dataset(dataset_name, dataset_config, split=split)
         if isinstance(loaded, DatasetDict):  # pragma: no cover - split is always given
             loaded = loaded[split]

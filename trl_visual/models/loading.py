@@ -8,11 +8,14 @@ for. Another family of named models is one :func:`register_pipeline_loader` call
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+
+from ..preflight import check_hub_id
 
 #: a loader takes the whole name (``"tiny:sd3"``) and returns the pipeline it names
 PipelineLoader = Callable[[str], DiffusionPipeline]
@@ -85,6 +88,8 @@ def load_pipeline(
         return loader(model)
     if isinstance(model, str):
         kwargs = _resolve_quantization(_resolve_dtype(dict(model_init_kwargs or {})))
+        if not os.path.exists(os.path.expanduser(model)):  # a Hub id: cached or reachable, else one line now
+            check_hub_id(model, "model", "`model`")
         return DiffusionPipeline.from_pretrained(model, **kwargs)
     raise TypeError(
         f"`model` must be a model id, a local path or a DiffusionPipeline, not {type(model).__name__}."

@@ -13,7 +13,6 @@ from transformers import TrainingArguments
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
 from ..core.sde import SDE_TYPES
 from ..core.timesteps import TIMESTEP_SELECTIONS, window_starts
-from .memory import check_optimizer_package, check_quantization_package
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +409,8 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"`generation_batch_size` ({chunk}) must divide `per_device_train_batch_size` ({batch}) so that "
                 f"every sampling chunk is full; choose one of {divisors}, or None to sample the batch at once."
             )
+        from .memory import check_optimizer_package, check_quantization_package  # imports torch and diffusers
+
         check_optimizer_package(self.optim)
         check_quantization_package(self.model_init_kwargs)
         if self.use_ema:
