@@ -267,7 +267,7 @@ class DiffusionGRPOTrainer(
     # ------------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Dataset | None = None) -> RepeatSampler:
         """Whole groups of ``num_generations`` copies per global batch, reseeded per epoch.
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSeededRepeatSampler(
             data_source=dataset,

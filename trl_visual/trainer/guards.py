@@ -277,7 +277,7 @@ class FiniteUpdatesMixin:
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         """``Trainer`` computes the global gradient norm just before ``optimizer.step()``; the step is then
         guarded (:meth:`_guard_update`).
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         self._guard_update(model, grad_norm)
         return grad_norm

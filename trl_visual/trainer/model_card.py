@@ -1,7 +1,7 @@
 """The model card and the push to the Hub.
 
 Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
-``create_model_card`` and ``push_to_hub`` it replaces (checked against transformers 5.24.0). The card itself
+``create_model_card`` and ``push_to_hub`` it replaces (checked against transformers 5.3.0 (the floor) and 5.25.0). The card itself
 (metadata, text, pictures) is made by :mod:`trl_visual.hub`; this mixin gathers what the run knows: its
 prompts, samples before and after training from the pipeline's own ``__call__``, rewards and settings.
 """
@@ -233,12 +233,13 @@ class ModelCardMixin:
         """Create the Hub repository at the start of a ``push_to_hub`` run, as ``transformers.Trainer`` does; when
         the Hub cannot be reached or refuses, say so in one message before anything is trained.
 
-        Maintenance: wraps ``Trainer.init_hf_repo`` of transformers 5.24.0.
+        Maintenance: wraps ``Trainer.init_hf_repo``, checked against transformers 5.3.0 and 5.25.0.
         """
         from huggingface_hub.errors import HTTPError
 
         try:
-            super().init_hf_repo(token=token, private=private)
+            # transformers < 5.23 has no `private` here; it is passed only by the versions that have it
+            super().init_hf_repo(token=token, **({} if private is None else {"private": private}))
         except (HTTPError, OSError) as error:  # no network, no token, no write access, a bad repository name
             repo = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
             detail = (str(error).strip().splitlines() or [""])[0]

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from trl.trainer.utils import is_async_callable
 
+from .._upstream import is_async_callable
 from ..core.advantages import nan_std
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .guards import RewardTimeoutError, call_with_timeout

@@ -2,7 +2,8 @@
 
 Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer` before :class:`transformers.Trainer`, whose
 private saving methods it extends. Each override does its own work around ``super()``; they were checked
-against transformers 5.24.0 (re-check them when the pin moves):
+against transformers 5.3.0 (the floor) and 5.25.0, and are listed in :mod:`trl_visual._upstream`, whose test checks
+them on the installed version:
 
 * ``_save`` writes the LoRA with ``save_lora_weights`` (what ``pipe.load_lora_weights`` reads), not a peft file,
   taken from the state dict ``Trainer.save_model`` gathered (FSDP's full state dict, ZeRO-3's 16-bit one);
@@ -95,13 +96,13 @@ class CheckpointSavingMixin:
 
     def _get_output_dir(self, trial: Any) -> str:
         """The staging folder while a checkpoint is being written.
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         return self._staging_dir or super()._get_output_dir(trial=trial)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """``Trainer`` uploads ``output_dir`` with copies of the checkpoint's transformers/peft weight files;
         the LoRA file (diffusers' name) is copied there too, so every checkpoint push carries it.
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         if self._staging_dir is None:  # pushed once the checkpoint has its final name
             lora = os.path.join(checkpoint_folder, LORA_WEIGHTS_NAME)
             if self.is_world_process_zero() and os.path.isfile(lora):
@@ -114,7 +115,7 @@ class CheckpointSavingMixin:
         never leaves a partial ``checkpoint-N`` for ``resume_from_checkpoint=True`` to pick up; older checkpoints
         are rotated only afterwards. The rename waits for every process to have written its files into the
         staging folder.
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         run_dir = super()._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging_root = os.path.join(run_dir, ".staging")
@@ -165,7 +166,7 @@ class CheckpointSavingMixin:
         ``state_dict`` is what ``Trainer.save_model`` gathered on every rank when the engine shards the weights
         (FSDP's full state dict, ZeRO-3's 16-bit one): the weights are taken from it, since the live model then
         holds only this rank's shards. Without it (one process, DDP, ZeRO-2) they are the live model's.
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -233,7 +234,7 @@ class CheckpointSavingMixin:
     ) -> None:
         """Load the denoiser's trained weights (and the method's state) back from a checkpoint. Under FSDP
         ``Trainer`` calls this after sharding the model: the weights are in already (:meth:`_prepare_for_training`).
-        Private ``Trainer`` override, checked against transformers 5.24.0."""
+        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
         self._load_method_state_from(resume_from_checkpoint)
         if not self.is_fsdp_enabled:
             self._load_trained_weights(resume_from_checkpoint, model if model is not None else self.model)
