@@ -239,7 +239,7 @@ def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
     "field, valid",
     [
         ("prior_source", "'column', 'base_model', 'ema'"),
-        ("ras_mode", "'sigmoid', 'posterior', 'none'"),
+        ("ras_mode", "'sigmoid', 'posterior', 'uncertainty', 'none'"),
         ("crt_mode", "'auxiliary', 'replace', 'none'"),
         ("ras_delta_scale", "'batch_std', 'none'"),
     ],
