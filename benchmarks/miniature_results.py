@@ -559,17 +559,48 @@ def uncertainty_run(trainer_class, config_class, settings: dict, clean: ShapesAd
 
 def run_bpgo_uncertainty(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     """GRPO and four BPGO forms (:data:`UNCERTAINTY_METHODS`) trained on ``shapes_judge`` with M = 4 draws over
-    the ``bpgo`` prompt mix, scored by the clean ``shapes_adherence``; one lr-0 GRPO run per seed is every
-    method's floor (at lr 0 the weights never move, so every method draws the same samples)."""
+    the ``bpgo`` prompt mix, scored by the clean ``shapes_adherence``, in the order GRPO, uncertainty, paper form,
+    uncertainty + consistency, released form; each seed's runs are saved after every method, so a run cut short
+    keeps what it finished.
+
+    The floor of the evaluation gain is the base weights' evaluation, which is the lr-0 run's exactly (at lr 0
+    the weights never move and the evaluation noise is fixed by :data:`EVAL_SEED`); this part skips training that
+    run, to spend the machine on methods and seeds.
+    """
     clean = ShapesAdherence()
-    methods = {"GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}, {})}
+    methods = {"GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {})}
+    order = [
+        "BPGO (uncertainty)",
+        "BPGO (paper form)",
+        "BPGO (uncertainty + consistency)",
+        "BPGO (released form)",
+    ]
     methods.update(
-        {label: (GroupRecordingBPGOTrainer, BPGOConfig, o, {}) for label, o in UNCERTAINTY_METHODS.items()}
+        {label: (GroupRecordingBPGOTrainer, BPGOConfig, UNCERTAINTY_METHODS[label]) for label in order}
     )
-    # one folder per seed (its prior cache shared by the forms): /tmp/miniature-results-uncertainty-<seed>
-    return floored_runs(
-        seeds, steps, methods, partial(uncertainty_run, clean=clean), "/tmp/miniature-results-uncertainty"
-    )
+    runs: dict[str, list[dict]] = {label: [] for label in methods}
+    for seed in seeds:
+        # one folder per seed: its prior cache (means and variances) is shared by the forms
+        settings = recipe(seed=seed, max_steps=steps, output_dir=f"/tmp/miniature-results-uncertainty-{seed}")
+        base = DiffusionGRPOTrainer(
+            model="tiny:shapes",
+            reward_funcs=ShapesJudge(num_draws=JUDGE_DRAWS),
+            args=DiffusionGRPOConfig(**settings),
+            train_dataset=Dataset.from_dict({"prompt": bpgo_prompts()}),
+        )
+        before = clean(*eval_samples(base, bpgo_prompts()))
+        for label, (trainer_class, config_class, overrides) in methods.items():
+            run = uncertainty_run(trainer_class, config_class, {**settings, **overrides}, clean)
+            run.update(seed=seed, eval_before=before, eval_after=run.pop("eval"))
+            runs[label].append(run)
+            print(
+                f"{label}, seed {seed}: clean eval {statistics.mean(before):.3f} -> "
+                f"{statistics.mean(run['eval_after']):.3f}, {run['seconds']:.0f} s",
+                flush=True,
+            )
+            partial_runs = {k: [r for r in v if r["seed"] == seed] for k, v in runs.items()}
+            (OUT / f"bpgo_uncertainty_seeds{seed}_steps{steps}.json").write_text(json.dumps(partial_runs))
+    return runs
 
 
 def mean_se(values: list[float], digits: int = 3) -> str:
@@ -592,13 +623,14 @@ def kind_gain(run: dict, kind: str) -> float:
 def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
     """Clean gains per prompt kind (mean ± SE), the same paired by seed with GRPO (mean difference ± SE, and
     whether it exceeds 2 SE), the RAS weights per kind, and the picture of weight against ambiguity share."""
-    plot_diffs(runs, "GRPO and BPGO on a judge with 4 draws", OUT / "bpgo_uncertainty_vs_grpo.png")
     plot_weights_vs_ambiguity(runs, OUT / "bpgo_uncertainty_weights.png")
     lines = [
         "| Method | seeds | eval gain, full captions | eval gain, partial captions |",
         "|---|---|---|---|",
     ]
     for label, seeds_runs in runs.items():
+        if not seeds_runs:
+            continue
         cells = [mean_se([kind_gain(r, kind) for r in seeds_runs]) for kind in ("full", "partial")]
         lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
     grpo = {run["seed"]: run for run in runs.get("GRPO", [])}
@@ -632,7 +664,7 @@ def uncertainty_weight_table(runs: dict[str, list[dict]]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for label, seeds_runs in runs.items():
-        if label == "GRPO":
+        if label == "GRPO" or not seeds_runs:
             continue
         per_seed = {kind: [] for kind in ("partial", "full")}
         share = {kind: [] for kind in ("partial", "full")}
@@ -659,7 +691,7 @@ def plot_weights_vs_ambiguity(runs: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label for label in runs if label != "GRPO"]
+    labels = [label for label in runs if label != "GRPO" and runs[label]]
     figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), sharey=True, squeeze=False)
     for axis, label in zip(axes[0], labels):
         groups = [g for run in runs[label] for g in run["groups"]]
