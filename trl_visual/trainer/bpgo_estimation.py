@@ -34,20 +34,30 @@ class BaseModelPriorEstimation:
     """``estimate_priors`` (public) and the ``prior_source="base_model"`` set-up before training."""
 
     @torch.no_grad()
-    def estimate_priors(self, dataset: Dataset, num_rollouts: int | None = None) -> Dataset:
+    def estimate_priors(
+        self, dataset: Dataset, num_rollouts: int | None = None, with_variance: bool = False
+    ) -> Dataset:
         """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the
         base model: ``R_prior = mean_k R(x_k)`` over ``num_rollouts`` (default ``prior_num_rollouts``)
         rollouts per distinct prompt, sampled like training rollouts (same sampler, steps and guidance)
         and scored by the trainer's reward functions (weighted sum). With a LoRA the adapter is disabled
         while sampling, so this is the base model whenever it is called; without one it is the current
         weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
+        ``with_variance``: also a ``prior_var_column`` ("prior_var") with the reward's unbiased variance over the
+        rollouts, the anchor's ``v_i`` of ``ras_mode="uncertainty"`` with ``ras_consistency``.
         """
         first_rows = first_row_per_prompt(list(dataset), self.args.prompt_column)
-        priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
-        column = [priors[row] for row in dataset[self.args.prompt_column]]
-        if self.args.prior_column in dataset.column_names:
-            dataset = dataset.remove_columns(self.args.prior_column)
-        return dataset.add_column(self.args.prior_column, column)
+        priors, variances = self._estimate_prompt_stats(
+            first_rows, num_rollouts or self.args.prior_num_rollouts
+        )
+        columns = {self.args.prior_column: priors}
+        if with_variance:
+            columns[self.args.prior_var_column] = variances
+        for name, values in columns.items():
+            if name in dataset.column_names:
+                dataset = dataset.remove_columns(name)
+            dataset = dataset.add_column(name, [values[row] for row in dataset[self.args.prompt_column]])
+        return dataset
 
     @contextlib.contextmanager
     def _base_model_weights(self) -> Iterator[None]:
