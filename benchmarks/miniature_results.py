@@ -525,6 +525,19 @@ UNCERTAINTY_METHODS = {
 }
 
 
+#: ``--uncertainty_methods`` keys of the ``bpgo_uncertainty`` methods (one process per seed and method runs them in
+#: parallel on a shared machine)
+METHOD_KEYS = {
+    "GRPO": "grpo",
+    "BPGO (uncertainty)": "uncertainty",
+    "BPGO (paper form)": "paper",
+    "BPGO (uncertainty + consistency)": "consistency",
+    "BPGO (released form)": "released",
+}
+UNCERTAINTY_ONLY: list[str] = []
+"""The keys given to ``--uncertainty_methods`` (empty: every method)."""
+
+
 class GroupRecordingBPGOTrainer(RecordingBPGOTrainer):
     """:class:`RecordingBPGOTrainer` that also keeps, per group, ``(prompt kind, RAS weight, ambiguity share ρ)``
     in ``groups`` (ρ measured from the judge's draws, whatever the RAS mode reads)."""
@@ -578,10 +591,14 @@ def run_bpgo_uncertainty(seeds: list[int], steps: int) -> dict[str, list[dict]]:
     methods.update(
         {label: (GroupRecordingBPGOTrainer, BPGOConfig, UNCERTAINTY_METHODS[label]) for label in order}
     )
+    keys = "-".join(UNCERTAINTY_ONLY)
+    if UNCERTAINTY_ONLY:
+        methods = {label: m for label, m in methods.items() if METHOD_KEYS[label] in UNCERTAINTY_ONLY}
     runs: dict[str, list[dict]] = {label: [] for label in methods}
     for seed in seeds:
-        # one folder per seed: its prior cache (means and variances) is shared by the forms
-        settings = recipe(seed=seed, max_steps=steps, output_dir=f"/tmp/miniature-results-uncertainty-{seed}")
+        # one folder per seed (and subset of methods): its prior cache (means and variances) is shared by the forms
+        folder = f"/tmp/miniature-results-uncertainty-{seed}{keys}"
+        settings = recipe(seed=seed, max_steps=steps, output_dir=folder)
         base = DiffusionGRPOTrainer(
             model="tiny:shapes",
             reward_funcs=ShapesJudge(num_draws=JUDGE_DRAWS),
@@ -599,7 +616,8 @@ def run_bpgo_uncertainty(seeds: list[int], steps: int) -> dict[str, list[dict]]:
                 flush=True,
             )
             partial_runs = {k: [r for r in v if r["seed"] == seed] for k, v in runs.items()}
-            (OUT / f"bpgo_uncertainty_seeds{seed}_steps{steps}.json").write_text(json.dumps(partial_runs))
+            name = f"bpgo_uncertainty_seeds{seed}{'_' + keys if keys else ''}_steps{steps}.json"
+            (OUT / name).write_text(json.dumps(partial_runs))
     return runs
 
 
@@ -1190,6 +1208,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for the JSON files and the pictures.")
     parser.add_argument(
+        "--uncertainty_methods",
+        nargs="+",
+        default=[],
+        choices=sorted(METHOD_KEYS.values()),
+        help="Only these methods of the bpgo_uncertainty part (its JSON file is named after them).",
+    )
+    parser.add_argument(
         "--lora_set",
         nargs="+",
         default=[],
@@ -1198,6 +1223,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     OUT = args.out
+    UNCERTAINTY_ONLY.extend(args.uncertainty_methods)
     for assignment in args.lora_set:
         key, _, value = assignment.partition("=")
         LORA_OVERRIDES[key] = yaml_value(value)
@@ -1209,7 +1235,10 @@ def main() -> None:
             runs = run(args.seeds, args.steps)
             tag = "-".join(str(seed) for seed in args.seeds)
             variant = "".join(f"_{arg}" for arg in args.lora_set if part.startswith("lora")).replace(" ", "")
-            (OUT / f"{part}_seeds{tag}_steps{args.steps}{variant}.json").write_text(json.dumps(runs))
+            name = f"{part}_seeds{tag}_steps{args.steps}{variant}.json"
+            if part == "bpgo_uncertainty" and UNCERTAINTY_ONLY:  # the name its per-method saves use
+                name = f"{part}_seeds{tag}_{'-'.join(UNCERTAINTY_ONLY)}_steps{args.steps}.json"
+            (OUT / name).write_text(json.dumps(runs))
         print("\n".join(report(merged_runs(part))), flush=True)
 
 
