@@ -18,6 +18,10 @@ Parts (``--parts``):
   judge (``shapes_judge``: partial captions completed by a random guess) and evaluated by the clean
   ``shapes_adherence``; the judge's noise per prompt kind and the RAS weights per kind;
   ``bpgo_judge_ablation``: the same with BPGO's RAS or CRT switched off;
+* ``bpgo_uncertainty``: GRPO and BPGO (paper form, released form, and the uncertainty-aware RAS with and
+  without its consistency factor) trained on ``shapes_judge`` with 4 draws per sample (its interpretations),
+  scored by the clean ``shapes_adherence``: gains paired by seed with GRPO (mean difference ± standard error), the
+  RAS weights per prompt kind, and a picture of each group's weight against its measured ambiguity share;
 * ``vipo``: ViPO (backbone ``tiny:shapes-features``) vs GRPO on a local reward, the redness of the left half of
   the image, and overlay pictures of ViPO's maps;
 * ``vipo_object``: ViPO vs GRPO on a defect that sits on the object, ``shapes_purity`` (blemishes of another
@@ -58,6 +62,7 @@ from peft import LoraConfig
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.cli import ModelArguments
+from trl_visual.core.interpretations import ambiguity_share
 from trl_visual.core.vipo import heat_overlay
 from trl_visual.data import load_prompts
 from trl_visual.demo import SHAPES_LORA, demo_settings
@@ -109,8 +114,8 @@ class RecordingBPGOTrainer(BPGOTrainer):
         self._group_kinds = [prompt_kind(row["prompt"]) for row in inputs[:: self.args.num_generations]]
         return super().compute_advantages(rewards_per_func, inputs)
 
-    def _ras_weights(self, signal, priors):
-        weights = super()._ras_weights(signal, priors)
+    def _ras_weights(self, signal, priors, uncertainty=None):
+        weights = super()._ras_weights(signal, priors, uncertainty)
         self.ras_by_kind = getattr(self, "ras_by_kind", {})
         for kind, weight in zip(self._group_kinds, weights.tolist()):
             self.ras_by_kind.setdefault(kind, []).append(weight)
@@ -381,14 +386,23 @@ def run_bpgo_judge(seeds: list[int], steps: int, methods: dict | None = None) ->
         "BPGO (defaults)": (RecordingBPGOTrainer, BPGOConfig, {}, ras),
         "BPGO (released form)": (RecordingBPGOTrainer, BPGOConfig, BPGO_RELEASED, ras),
     }
+    return floored_runs(
+        seeds, steps, methods, partial(judge_run, clean=clean), "/tmp/miniature-results-judge"
+    )
+
+
+def floored_runs(
+    seeds: list[int], steps: int, methods: dict, one_run, output_dir: str
+) -> dict[str, list[dict]]:
+    """Every method of ``methods`` (label → trainer class, config class, config overrides, ``one_run`` keywords)
+    for every seed, by ``one_run(trainer_class, config_class, settings, **keywords)``, each against one lr-0 GRPO
+    run of the seed (its floor), in ``output_dir-<seed>``."""
     runs: dict[str, list[dict]] = {label: [] for label in methods}
     for seed in seeds:
-        settings = recipe(seed=seed, max_steps=steps, output_dir=f"/tmp/miniature-results-judge-{seed}")
-        floor = judge_run(
-            DiffusionGRPOTrainer, DiffusionGRPOConfig, {**settings, "learning_rate": 0.0}, clean
-        )
-        for label, (trainer_class, config_class, overrides, extras) in methods.items():
-            run = judge_run(trainer_class, config_class, {**settings, **overrides}, clean, **extras)
+        settings = recipe(seed=seed, max_steps=steps, output_dir=f"{output_dir}-{seed}")
+        floor = one_run(DiffusionGRPOTrainer, DiffusionGRPOConfig, {**settings, "learning_rate": 0.0})
+        for label, (trainer_class, config_class, overrides, keywords) in methods.items():
+            run = one_run(trainer_class, config_class, {**settings, **overrides}, **keywords)
             run.update(
                 seed=seed,
                 floor=floor["rewards"],
@@ -490,6 +504,227 @@ def run_bpgo_judge_ablation(seeds: list[int], steps: int) -> dict[str, list[dict
         for label, overrides in BPGO_ABLATIONS.items()
     }
     return run_bpgo_judge(seeds, steps, methods)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BPGO that knows what to trust (issue 24): the uncertainty-aware RAS on a judge with M draws
+# ---------------------------------------------------------------------------------------------------------------
+#: Guesses of the judge per sample in the ``bpgo_uncertainty`` part: its M interpretations
+JUDGE_DRAWS = 4
+#: The ``bpgo_uncertainty`` methods: label → BPGO config overrides (GRPO has none). The uncertainty forms read the
+#: base model's mean and variance per prompt (``prior_source="base_model"``), as a fixed anchor.
+UNCERTAINTY_METHODS = {
+    "BPGO (paper form)": {},
+    "BPGO (uncertainty)": {"ras_mode": "uncertainty", "prior_source": "base_model"},
+    "BPGO (uncertainty + consistency)": {
+        "ras_mode": "uncertainty",
+        "prior_source": "base_model",
+        "ras_consistency": True,
+    },
+    "BPGO (released form)": BPGO_RELEASED,  # last: reads the means the uncertainty forms cached with variances
+}
+
+
+#: ``--uncertainty_methods`` keys of the ``bpgo_uncertainty`` methods (one process per seed and method runs them in
+#: parallel on a shared machine)
+METHOD_KEYS = {
+    "GRPO": "grpo",
+    "BPGO (uncertainty)": "uncertainty",
+    "BPGO (paper form)": "paper",
+    "BPGO (uncertainty + consistency)": "consistency",
+    "BPGO (released form)": "released",
+}
+UNCERTAINTY_ONLY: list[str] = []
+"""The keys given to ``--uncertainty_methods`` (empty: every method)."""
+
+
+class GroupRecordingBPGOTrainer(RecordingBPGOTrainer):
+    """:class:`RecordingBPGOTrainer` that also keeps, per group, ``(prompt kind, RAS weight, ambiguity share ρ)``
+    in ``groups`` (ρ measured from the judge's draws, whatever the RAS mode reads)."""
+
+    def _ras_weights(self, signal, priors, uncertainty=None):
+        self._last_weights = super()._ras_weights(signal, priors, uncertainty)
+        return self._last_weights
+
+    def compute_advantages(self, rewards_per_func, inputs):
+        out = super().compute_advantages(rewards_per_func, inputs)
+        grouped = out.reward.reshape(-1, self.args.num_generations)
+        variance = out.interpretation_var
+        share = (
+            ambiguity_share(grouped, variance.reshape(grouped.shape))
+            if variance is not None
+            else torch.zeros(len(grouped))
+        )
+        self.groups = getattr(self, "groups", [])
+        self.groups += [list(g) for g in zip(self._group_kinds, self._last_weights.tolist(), share.tolist())]
+        return out
+
+
+def uncertainty_run(trainer_class, config_class, settings: dict, clean: ShapesAdherence) -> dict:
+    """One run trained on ``shapes_judge`` with :data:`JUDGE_DRAWS` draws, evaluated by the clean
+    ``shapes_adherence`` on :func:`bpgo_prompts`."""
+    judge = ShapesJudge(num_draws=JUDGE_DRAWS)
+    trainer, rewards, seconds = train(trainer_class, config_class, judge, bpgo_prompts(), settings)
+    rows, samples = eval_samples(trainer, bpgo_prompts())
+    extras = {"ras_by_kind": getattr(trainer, "ras_by_kind", {}), "groups": getattr(trainer, "groups", [])}
+    return {"rewards": rewards, "eval": clean(rows, samples), "seconds": seconds, **extras}
+
+
+def run_bpgo_uncertainty(seeds: list[int], steps: int) -> dict[str, list[dict]]:
+    """GRPO and four BPGO forms (:data:`UNCERTAINTY_METHODS`) trained on ``shapes_judge`` with M = 4 draws over
+    the ``bpgo`` prompt mix, scored by the clean ``shapes_adherence``, in the order GRPO, uncertainty, paper form,
+    uncertainty + consistency, released form; each seed's runs are saved after every method, so a run cut short
+    keeps what it finished.
+
+    The floor of the evaluation gain is the base weights' evaluation, which is the lr-0 run's exactly (at lr 0
+    the weights never move and the evaluation noise is fixed by :data:`EVAL_SEED`); this part skips training that
+    run, to spend the machine on methods and seeds.
+    """
+    clean = ShapesAdherence()
+    methods = {"GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {})}
+    order = [
+        "BPGO (uncertainty)",
+        "BPGO (paper form)",
+        "BPGO (uncertainty + consistency)",
+        "BPGO (released form)",
+    ]
+    methods.update(
+        {label: (GroupRecordingBPGOTrainer, BPGOConfig, UNCERTAINTY_METHODS[label]) for label in order}
+    )
+    keys = "-".join(UNCERTAINTY_ONLY)
+    if UNCERTAINTY_ONLY:
+        methods = {label: m for label, m in methods.items() if METHOD_KEYS[label] in UNCERTAINTY_ONLY}
+    runs: dict[str, list[dict]] = {label: [] for label in methods}
+    for seed in seeds:
+        # one folder per seed (and subset of methods): its prior cache (means and variances) is shared by the forms
+        folder = f"/tmp/miniature-results-uncertainty-{seed}{keys}"
+        settings = recipe(seed=seed, max_steps=steps, output_dir=folder)
+        base = DiffusionGRPOTrainer(
+            model="tiny:shapes",
+            reward_funcs=ShapesJudge(num_draws=JUDGE_DRAWS),
+            args=DiffusionGRPOConfig(**settings),
+            train_dataset=Dataset.from_dict({"prompt": bpgo_prompts()}),
+        )
+        before = clean(*eval_samples(base, bpgo_prompts()))
+        for label, (trainer_class, config_class, overrides) in methods.items():
+            run = uncertainty_run(trainer_class, config_class, {**settings, **overrides}, clean)
+            run.update(seed=seed, eval_before=before, eval_after=run.pop("eval"))
+            runs[label].append(run)
+            print(
+                f"{label}, seed {seed}: clean eval {statistics.mean(before):.3f} -> "
+                f"{statistics.mean(run['eval_after']):.3f}, {run['seconds']:.0f} s",
+                flush=True,
+            )
+            partial_runs = {k: [r for r in v if r["seed"] == seed] for k, v in runs.items()}
+            name = f"bpgo_uncertainty_seeds{seed}{'_' + keys if keys else ''}_steps{steps}.json"
+            (OUT / name).write_text(json.dumps(partial_runs))
+    return runs
+
+
+def mean_se(values: list[float], digits: int = 3) -> str:
+    """``mean ± standard error`` (std / √n) of ``values``."""
+    if len(values) < 2:
+        return f"{values[0]:+.{digits}f}" if values else "n/a"
+    return (
+        f"{statistics.mean(values):+.{digits}f} ± {statistics.stdev(values) / len(values) ** 0.5:.{digits}f}"
+    )
+
+
+def kind_gain(run: dict, kind: str) -> float:
+    """The clean evaluation gain of ``run`` on the prompts of ``kind``."""
+    kinds = [prompt_kind(p) for p in bpgo_prompts() for _ in range(4)]
+    return statistics.mean(
+        a - b for a, b, k in zip(run["eval_after"], run["eval_before"], kinds) if k == kind
+    )
+
+
+def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
+    """Clean gains per prompt kind (mean ± SE), the same paired by seed with GRPO (mean difference ± SE, and
+    whether it exceeds 2 SE), the RAS weights per kind, and the picture of weight against ambiguity share."""
+    plot_weights_vs_ambiguity(runs, OUT / "bpgo_uncertainty_weights.png")
+    lines = [
+        "| Method | seeds | eval gain, full captions | eval gain, partial captions |",
+        "|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        if not seeds_runs:
+            continue
+        cells = [mean_se([kind_gain(r, kind) for r in seeds_runs]) for kind in ("full", "partial")]
+        lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
+    grpo = {run["seed"]: run for run in runs.get("GRPO", [])}
+    lines += [
+        "",
+        "| Method | seeds | full: gain − GRPO's | > 2 SE | above GRPO | partial: gain − GRPO's | above GRPO |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        pairs = [(run, grpo[run["seed"]]) for run in seeds_runs if run["seed"] in grpo]
+        if label == "GRPO" or not pairs:
+            continue
+        cells = []
+        for kind in ("full", "partial"):
+            diffs = [kind_gain(run, kind) - kind_gain(ref, kind) for run, ref in pairs]
+            cells.append(mean_se(diffs))
+            if kind == "full":
+                se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("inf")
+                cells.append("yes" if statistics.mean(diffs) > 2 * se else "no")
+            cells.append(f"{sum(d > 0 for d in diffs)}/{len(pairs)}")
+        lines.append(f"| {label} | {len(pairs)} | {' | '.join(cells)} |")
+    lines += ["", *uncertainty_weight_table(runs)]
+    return lines
+
+
+def uncertainty_weight_table(runs: dict[str, list[dict]]) -> list[str]:
+    """Per BPGO form: the mean RAS weight of partial and full captions' groups (± SE over the seeds' means), their
+    ratio, and the mean measured ambiguity share ρ of each kind."""
+    lines = [
+        "| Method | mean weight, partial | mean weight, full | partial / full | ρ partial | ρ full | groups |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        if label == "GRPO" or not seeds_runs:
+            continue
+        per_seed = {kind: [] for kind in ("partial", "full")}
+        share = {kind: [] for kind in ("partial", "full")}
+        count = 0
+        for run in seeds_runs:
+            for kind in per_seed:
+                groups = [g for g in run["groups"] if g[0] == kind]
+                count += len(groups)
+                if groups:
+                    per_seed[kind].append(statistics.mean(g[1] for g in groups))
+                    share[kind].append(statistics.mean(g[2] for g in groups))
+        ratio = statistics.mean(per_seed["partial"]) / statistics.mean(per_seed["full"])
+        lines.append(
+            f"| {label} | {mean_se(per_seed['partial'])} | {mean_se(per_seed['full'])} | {ratio:.2f} | "
+            f"{statistics.mean(share['partial']):.2f} | {statistics.mean(share['full']):.2f} | {count} |"
+        )
+    return lines
+
+
+def plot_weights_vs_ambiguity(runs: dict[str, list[dict]], path: Path) -> None:
+    """One panel per BPGO form: each group's RAS weight against its measured ambiguity share, by prompt kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [label for label in runs if label != "GRPO" and runs[label]]
+    figure, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), sharey=True, squeeze=False)
+    for axis, label in zip(axes[0], labels):
+        groups = [g for run in runs[label] for g in run["groups"]]
+        for kind, colour in (("full", "tab:blue"), ("partial", "tab:orange"), ("none", "tab:green")):
+            points = [(g[2], g[1]) for g in groups if g[0] == kind]
+            if points:
+                xs, ys = zip(*points)
+                axis.scatter(xs, ys, s=4, alpha=0.4, color=colour, label=kind)
+        axis.axhline(1, color="grey", linewidth=0.8)
+        axis.set(title=label.replace("BPGO ", ""), xlabel="ambiguity share ρ (judge draws)")
+    axes[0][0].set_ylabel("RAS weight of the group")
+    axes[0][0].legend(markerscale=3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def run_vipo(seeds: list[int], steps: int) -> dict[str, list[dict]]:
@@ -741,6 +976,7 @@ PARTS = {
     "vipo_object": (run_vipo_object, report_vipo_object),
     "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
     "bpgo_judge_ablation": (run_bpgo_judge_ablation, judge_tables),
+    "bpgo_uncertainty": (run_bpgo_uncertainty, report_bpgo_uncertainty),
 }
 
 
@@ -972,6 +1208,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for the JSON files and the pictures.")
     parser.add_argument(
+        "--uncertainty_methods",
+        nargs="+",
+        default=[],
+        choices=sorted(METHOD_KEYS.values()),
+        help="Only these methods of the bpgo_uncertainty part (its JSON file is named after them).",
+    )
+    parser.add_argument(
         "--lora_set",
         nargs="+",
         default=[],
@@ -980,6 +1223,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     OUT = args.out
+    UNCERTAINTY_ONLY.extend(args.uncertainty_methods)
     for assignment in args.lora_set:
         key, _, value = assignment.partition("=")
         LORA_OVERRIDES[key] = yaml_value(value)
@@ -991,7 +1235,10 @@ def main() -> None:
             runs = run(args.seeds, args.steps)
             tag = "-".join(str(seed) for seed in args.seeds)
             variant = "".join(f"_{arg}" for arg in args.lora_set if part.startswith("lora")).replace(" ", "")
-            (OUT / f"{part}_seeds{tag}_steps{args.steps}{variant}.json").write_text(json.dumps(runs))
+            name = f"{part}_seeds{tag}_steps{args.steps}{variant}.json"
+            if part == "bpgo_uncertainty" and UNCERTAINTY_ONLY:  # the name its per-method saves use
+                name = f"{part}_seeds{tag}_{'-'.join(UNCERTAINTY_ONLY)}_steps{args.steps}.json"
+            (OUT / name).write_text(json.dumps(runs))
         print("\n".join(report(merged_runs(part))), flush=True)
 
 

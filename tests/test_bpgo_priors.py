@@ -73,3 +73,43 @@ def test_base_model_priors_are_estimated_only_for_prompts_the_cache_lacks(tmp_pa
 def test_base_model_priors_before_estimation_are_a_clear_error():
     with pytest.raises(RuntimeError, match="made when `train\\(\\)` starts"):
         BaseModelPriors().priors(PROMPTS, ROWS, torch.zeros(2))
+
+
+def test_prior_variances_from_a_column_or_the_base_model_cache_and_checkpoint(tmp_path):
+    """The uncertainty RAS's anchor variance v_i: read from `prior_var_column`, or estimated with the means,
+    cached beside them (a cache without variances is estimated again) and kept in the checkpoint state."""
+    rows = [{**row, "prior_var": v} for row, v in zip(ROWS, (0.5, 2.0))]
+    like = torch.zeros(2, dtype=torch.float64)
+    assert ColumnPriors("prior", "prior_var").variances(PROMPTS, rows, like).tolist() == [0.5, 2.0]
+    with pytest.raises(ValueError, match="column 'prior_var'.*finite numbers"):
+        ColumnPriors("prior", "prior_var").variances(PROMPTS, ROWS, like)
+    with pytest.raises(ValueError, match="has no variances"):
+        EMAPriors(0.9).variances(PROMPTS, ROWS, like)
+
+    path, fingerprint, asked = str(tmp_path / "priors.json"), {"seed": 0}, []
+
+    def means_only(rows):
+        asked.append("means")
+        return {prompt: 1.0 for prompt in rows}
+
+    def with_variances(rows):
+        asked.append("both")
+        return {prompt: 1.0 for prompt in rows}, {prompt: 0.25 for prompt in rows}
+
+    BaseModelPriors().load_or_estimate(path, fingerprint, {"a cat": {}}, means_only, write=True)
+    store = BaseModelPriors()
+    store.load_or_estimate(path, fingerprint, {"a cat": {}}, with_variances, write=True, with_variances=True)
+    again = BaseModelPriors()
+    again.load_or_estimate(path, fingerprint, {"a cat": {}}, with_variances, write=True, with_variances=True)
+    assert asked == ["means", "both"]  # the cache without variances was estimated again, then reused
+    assert again.variances(["a cat"], ROWS[:1], like[:1]).tolist() == [0.25]
+    restored = BaseModelPriors()
+    restored.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    assert restored.prior_vars == {"a cat": 0.25} and restored.values == {"a cat": 1.0}
+
+
+def test_variance_per_prompt_is_the_unbiased_variance():
+    from trl_visual.trainer.bpgo_priors import variance_per_prompt
+
+    scored = [("a", 1.0), ("a", 3.0), ("a", float("nan")), ("b", 2.0)]
+    assert variance_per_prompt(scored) == {"a": 2.0, "b": 0.0}

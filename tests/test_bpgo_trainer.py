@@ -209,6 +209,10 @@ def test_estimate_priors_returns_a_dataset_with_a_prior_column(tmp_path):
     values = priors["prior"]
     assert values[0] == values[2] != values[1]
     assert all(-1 <= v <= 1 for v in values)  # red_channel's range
+    with_variance = trainer.estimate_priors(dataset, num_rollouts=4, with_variance=True)
+    assert with_variance.column_names == ["prompt", "prior", "prior_var"]
+    assert with_variance["prior"] == values  # the same rollouts: the same means
+    assert with_variance["prior_var"][0] == with_variance["prior_var"][2] > 0
 
 
 def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
@@ -241,7 +245,7 @@ def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
     "field, valid",
     [
         ("prior_source", "'column', 'base_model', 'ema'"),
-        ("ras_mode", "'sigmoid', 'posterior', 'none'"),
+        ("ras_mode", "'sigmoid', 'posterior', 'uncertainty', 'none'"),
         ("crt_mode", "'auxiliary', 'replace', 'none'"),
         ("ras_delta_scale", "'batch_std', 'none'"),
     ],

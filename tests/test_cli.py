@@ -401,3 +401,26 @@ def test_tiny_shapes_defaults_evaluate_only_on_their_own_prompt_set(command, tmp
             assert trainer.eval_dataset is None
     _, script_args, config, _ = parse_args([*base, "--model_name_or_path", "tiny:shapes"])
     assert script_args.dataset_test_split == "test" and config.eval_on_start
+
+
+def test_bpgo_uncertainty_from_the_command_line_with_an_ensemble_and_judge_draws(tmp_path):
+    """The interpretation sources from the CLI: two rewards as an ensemble (`--reward_ensemble`), and a judge with 4
+    draws named as `file.py:judge`; both train the uncertainty RAS against base-model priors."""
+    ensemble = run(
+        ["bpgo", *FAST, "--output_dir", str(tmp_path / "ensemble"), "--reward_funcs", "red_channel",
+         "jpeg_compressibility", "--reward_ensemble", "true", "--ras_mode", "uncertainty", "--prior_source",
+         "base_model", "--prior_num_rollouts", "2", "--ras_consistency", "true"]
+    )  # fmt: skip
+    history = ensemble.state.log_history
+    assert ensemble.args.reward_ensemble and any("interpretation_var_mean" in entry for entry in history)
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_bpgo_uncertainty.py"
+    judged = run(
+        ["bpgo", *FAST, "--model_name_or_path", "tiny:shapes", "--height", "16", "--width", "16",
+         "--dataset_name", "builtin:shapes-ambiguous", "--use_peft", "false", "--output_dir",
+         str(tmp_path / "judge"), "--reward_funcs", f"{example}:judge", "--ras_mode", "uncertainty",
+         "--prior_source", "base_model", "--prior_num_rollouts", "2"]
+    )  # fmt: skip
+    shares = [
+        entry["ambiguity_share_mean"] for entry in judged.state.log_history if "ambiguity_share_mean" in entry
+    ]
+    assert shares and all(0 <= share <= 1 for share in shares)

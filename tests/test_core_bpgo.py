@@ -16,14 +16,17 @@ import torch
 
 from trl_visual.core.bpgo import (
     DEFAULT_RAS_K,
+    anchor_consistency,
     batch_reward_scale,
     crt_transform_paper,
     crt_transform_reference,
     prior_delta,
     ras_weights_posterior,
     ras_weights_sigmoid,
+    ras_weights_uncertainty,
     update_ema_prior,
 )
+from trl_visual.core.interpretations import ambiguity_share, interpretation_mean_var
 
 NAN = float("nan")
 
@@ -413,3 +416,124 @@ def test_released_posterior_ras_on_transformed_rewards_is_flat_at_pickscore_scal
     assert (raw - 1).abs().mean() > 0.3
     assert (released - 1).abs().mean() < 0.02
     assert (released - 1).abs().max() < 0.15
+
+
+# ---------------------------------------------------------------------------------------- uncertainty-aware RAS
+def test_ras_uncertainty_by_hand():
+    """u = 1 + α (1 − 2ρ): ρ = (0, 0.5, 1) at α = 0.5 → (1.5, 1, 0.5), mean 1 already."""
+    close(ras_weights_uncertainty(t([0.0, 0.5, 1.0]), 0.5), [1.5, 1.0, 0.5])
+    # renormalized to mean 1: (1.5, 1.5, 1.0, 0.5) / 1.125
+    close(ras_weights_uncertainty(t([0.0, 0.0, 0.5, 1.0]), 0.5), [4 / 3, 4 / 3, 8 / 9, 4 / 9])
+    # with z = (0, 2): 2Φ(0) = 1, 2Φ(2) = 1.9544997; u = (1.5, 1.9544997) / their mean
+    u = t([1.5, 1.9544997])
+    close(ras_weights_uncertainty(t([0.0, 0.5]), 0.5, t([0.0, 2.0])), (u / u.mean()).tolist())
+    close(ras_weights_uncertainty(t([1.0, 1.0]), 1.0), [1.0, 1.0])  # all u = 0: every group keeps 1
+    with pytest.raises(ValueError, match="alpha must be in"):
+        ras_weights_uncertainty(t([0.0]), 1.5)
+
+
+def test_anchor_consistency_by_hand():
+    """z = (R̄ − m) / sqrt(s²/G + v/K): group (1, 3): R̄ = 2, s² = 2, G = 2; m = 1, v = 4, K = 4 → 1 / sqrt(2)."""
+    rewards = t([[1.0, 3.0], [0.0, 0.0], [NAN, NAN]])
+    z = anchor_consistency(rewards, t([1.0, 0.0, 0.0]), t([4.0, 0.0, 1.0]), num_rollouts=4)
+    close(z, [1 / math.sqrt(2), 0.0, 0.0])  # no spread anywhere, or no reward: 0
+    with pytest.raises(ValueError, match="num_rollouts"):
+        anchor_consistency(rewards, 0.0, 1.0, 0)
+
+
+def ranks(values):
+    """Average ranks (ties share the mean of their positions), for Spearman's correlation."""
+    order = values.argsort()
+    result = torch.empty_like(values)
+    result[order] = torch.arange(len(values), dtype=values.dtype)
+    for value in values.unique():
+        tied = values == value
+        result[tied] = result[tied].mean()
+    return result
+
+
+def spearman(a, b):
+    ra, rb = ranks(a) - ranks(a).mean(), ranks(b) - ranks(b).mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def synthetic_groups(seed=0, groups=256, size=8, draws=4, rollouts=8):
+    """Half the prompts with a reliable reward (each of ``draws`` interpretations = true quality + 0.1 noise),
+    half with an ambiguous one (+ 2.0 noise per interpretation); the true quality of both halves rises by 0.3
+    from the base model's (which gives the anchor from ``rollouts`` samples). Returns the training groups'
+    rewards and interpretation variances, the anchors, and each group's true reliability (the correlation of its
+    rewards with the true quality)."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.cat([torch.full((groups // 2,), 0.1), torch.full((groups // 2,), 2.0)]).double()
+    level = torch.randn(groups, generator=generator, dtype=torch.float64)
+
+    def sample(shift, count):
+        quality = (
+            level[:, None] + shift + torch.randn(groups, count, generator=generator, dtype=torch.float64)
+        )
+        draws_ = quality[..., None] + noise[:, None, None] * torch.randn(
+            groups, count, draws, generator=generator, dtype=torch.float64
+        )
+        mean, variance = interpretation_mean_var(draws_.reshape(-1, draws))
+        return quality, mean.reshape(groups, count), variance.reshape(groups, count)
+
+    quality, rewards, variance = sample(0.3, size)
+    _, base, _ = sample(0.0, rollouts)
+    q, r = quality - quality.mean(1, keepdim=True), rewards - rewards.mean(1, keepdim=True)
+    reliability = (q * r).sum(1) / (q.norm(dim=1) * r.norm(dim=1))
+    return rewards, variance, base.mean(1), base.var(1), reliability
+
+
+def test_uncertainty_ras_tracks_reliability_on_synthetic_groups():
+    """Issue 24's acceptance test: without the consistency factor the weights' Spearman correlation with the
+    groups' true reliability is ≥ 0.75 (0.856 here); with and without it, the ambiguous half's mean weight is at
+    most 0.8× the reliable half's (0.63 and 0.52 here). The published forms on the same groups stay near
+    +0.1 (the issue's review), which is what this mode fixes."""
+    rewards, variance, anchor, anchor_var, reliability = synthetic_groups()
+    share = ambiguity_share(rewards, variance)
+    plain = ras_weights_uncertainty(share, 0.5)
+    consistent = ras_weights_uncertainty(share, 0.5, anchor_consistency(rewards, anchor, anchor_var, 8))
+    assert spearman(plain, reliability) >= 0.75
+    half = len(rewards) // 2
+    for weights in (plain, consistent):
+        assert weights[half:].mean() <= 0.8 * weights[:half].mean()
+        assert weights.mean().item() == pytest.approx(1.0, abs=1e-12)
+    sigmoid = ras_weights_sigmoid(
+        prior_delta(rewards, anchor), 0.5, DEFAULT_RAS_K, batch_reward_scale(rewards)
+    )
+    assert spearman(sigmoid, reliability) < 0.5
+
+
+# The published forms' outputs on fixed inputs, recorded from the code before the uncertainty mode was added
+# (float64): they must not move by more than 1e-12.
+FIXED_REWARDS = [[0.1, 0.4, 0.35, 0.9], [1.2, 1.1, 1.3, 1.25], [-0.5, 0.2, 0.0, 0.1]]
+FIXED_PRIORS = [0.3, 1.0, 0.2]
+PUBLISHED = {
+    "sigmoid_batch_std": [1.1184319857297151, 1.1783713142201266, 0.793593114630917],
+    "sigmoid_literal": [1.068319983478248, 1.1046790847140093, 0.8775406687981454],
+    "posterior": [1.2908487421083952, 1.4999996696218816, 0.5560209475188769],
+    "crt_paper": [
+        [-11.051709180756477, 8.950948185847624, 4.9667364200763995, 76.24769644586546],
+        [36.521286150102014, 18.024996143678614, 58.70874668190791, 47.119629925734856],
+        [-21.22857308994217, 0.0, -10.0, -5.525854590378239],
+    ],
+    "crt_reference": [
+        [-0.5049998333399998, 1.247974416373397, 0.6339287506413274, 15.202121097222888],
+        [7.388220170326945, 3.661542951707621, 11.744434869503008, 9.486728452447842],
+        [8.31286421911855, 0.0, -0.0, -0.2524999166699999],
+    ],
+}
+
+
+def test_published_forms_are_unchanged_to_1e12():
+    r, p = t(FIXED_REWARDS, torch.float64), t(FIXED_PRIORS, torch.float64)
+    delta = prior_delta(r, p)
+    outputs = {
+        "sigmoid_batch_std": ras_weights_sigmoid(delta, 0.5, 2.0, batch_reward_scale(r)),
+        "sigmoid_literal": ras_weights_sigmoid(delta, 0.5, 2.0),
+        "posterior": ras_weights_posterior(r, p, 1.0, 1.0),
+        "crt_paper": crt_transform_paper(r, p, 50.0),
+        "crt_reference": crt_transform_reference(r, p),
+    }
+    for name, output in outputs.items():
+        torch.testing.assert_close(output, t(PUBLISHED[name], torch.float64), atol=1e-12, rtol=0, msg=name)

@@ -373,3 +373,36 @@ def test_before_after_picture_shows_base_above_and_trained_below_from_the_same_n
     assert all(a != b for a, b in zip(tiles(picture, 0), tiles(picture, 1)))
     with pytest.raises(FileNotFoundError, match="output_dir of a `trl-visual grpo"):
         trained_pipeline(tmp_path / "missing", base)
+
+
+def test_shapes_judge_draws_are_interpretations_and_the_first_is_the_single_guess(reward):
+    """num_draws = M: M successive guesses per sample (the first the one M = 1 makes), each scored as its completed
+    caption; a full caption's M scores are all shapes_adherence (no disagreement)."""
+    generator = torch.Generator().manual_seed(1)
+    scene = Scene("red", "triangle", "big", "left")
+    images = render_scene(scene, generator)[None] + 0.02 * torch.randn((6, 3, 32, 32), generator=generator)
+    judge = ShapesJudge(num_draws=4)
+    drawn = judge(["a red shape"] * 6, images)
+    assert len(drawn) == 6 and all(len(scores) == 4 for scores in drawn)
+    assert [scores[0] for scores in drawn] == ShapesJudge()(["a red shape"] * 6, images)
+    for image, scores in zip(images, drawn):
+        captions = [Scene(**c[0]).caption() for c in judge.completions("a red shape", image, 4)]
+        assert scores == pytest.approx(reward(captions, image[None].expand(4, -1, -1, -1)))
+    assert len({round(score, 6) for scores in drawn for score in scores}) > 1  # the guesses disagree
+    full = judge([scene.caption()] * 2, images[:2])
+    assert all(
+        scores == [reward([scene.caption()], image[None])[0]] * 4 for scores, image in zip(full, images)
+    )
+    with pytest.raises(ValueError, match="num_draws must be at least 1"):
+        ShapesJudge(num_draws=0)
+
+
+def test_shapes_adherence_scores_each_prompt_variant(reward):
+    """A prompt_variants column: each image scored against each paraphrase, M interpretations per sample."""
+    scene = Scene("green", "circle", "small", "top")
+    image = render_scene(scene, torch.Generator().manual_seed(0))[None]
+    variants = [[scene.caption(), "a green shape", "a red circle"]]
+    scores = reward(["a green circle"], image, prompt_variants=variants)
+    assert scores == [pytest.approx([reward([v], image)[0] for v in variants[0]])]
+    assert scores[0][2] < 0.2 < 0.8 < scores[0][1]  # the wrong paraphrase disagrees
+    assert reward(["a green circle"], image, prompt_variants=[None]) == reward(["a green circle"], image)

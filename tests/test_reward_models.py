@@ -591,3 +591,16 @@ def test_video_rewards_run_in_a_training_step_on_tiny_wan(tmp_path, clip_dir) ->
     for name in ("clipscore_frames", "clipscore_video"):
         assert math.isfinite(logs[f"rewards/{name}/mean"]), name
         assert logs[f"rewards/{name}/std"] > 0, name
+
+
+def test_prompt_variants_give_one_clipscore_per_paraphrase(clipscore: CLIPScoreReward) -> None:
+    """With a `prompt_variants` column each image is scored against each of its paraphrases (its interpretations);
+    a row without any is scored against its own prompt; the aesthetic reward, which reads no prompt, ignores it."""
+    x = images(2)
+    variants = [["a cat", "a red dog", "abcd"], None]
+    scores = clipscore(["a cat", "blue sky at dusk"], x, prompt_variants=variants)
+    expected_first = [clipscore([v], x[:1])[0] for v in variants[0]]
+    torch.testing.assert_close(torch.tensor(scores[0]), torch.tensor(expected_first), atol=1e-5, rtol=0)
+    own = clipscore(["blue sky at dusk"], x[1:])[0]
+    torch.testing.assert_close(torch.tensor(scores[1]), torch.tensor([own] * 3), atol=1e-5, rtol=0)
+    assert AestheticReward.reads_prompts is False

@@ -11,6 +11,10 @@ with it at two levels:
   :func:`crt_transform_paper` (the paper's Eq. 4) or :func:`crt_transform_reference` (the released
   code's gated form).
 - **Priors** kept as a per-prompt moving average of group means: :func:`update_ema_prior`.
+- **Uncertainty-aware RAS** (our extension, not the paper's Eq. 2): :func:`ras_weights_uncertainty` weighs a
+  group by how little of its spread is disagreement between the reward's interpretations
+  (:func:`~trl_visual.core.interpretations.ambiguity_share`), optionally times its consistency with a fixed
+  anchor (:func:`anchor_consistency`).
 
 Conventions shared by every function here:
 
@@ -32,9 +36,11 @@ __all__ = [
     "batch_reward_scale",
     "crt_transform_paper",
     "crt_transform_reference",
+    "anchor_consistency",
     "prior_delta",
     "ras_weights_posterior",
     "ras_weights_sigmoid",
+    "ras_weights_uncertainty",
     "update_ema_prior",
 ]
 
@@ -221,6 +227,68 @@ def ras_weights_posterior(
     p = 1.0 - torch.special.ndtr(z)
     w = (1.0 + alpha * ((0.5 + p) - 1.0)).clamp(0.01, 10.0)
     return w.to(rewards.dtype)
+
+
+def anchor_consistency(
+    rewards: Tensor, anchor_mean: Tensor | float, anchor_var: Tensor | float, num_rollouts: int
+) -> Tensor:
+    """How far each group's mean is above its fixed anchor, in standard errors: ``z_i``.
+
+    ``z_i = (R̄_i − m_i) / sqrt(s_i² / G_i + v_i / K)``, with ``R̄_i``, ``s_i²`` (unbiased) and ``G_i`` the mean,
+    variance and count of group i's valid rewards, ``m_i`` and ``v_i`` the anchor's mean and variance (the
+    base model's reward on that prompt, from ``K`` rollouts) and ``K = num_rollouts``. The denominator is the
+    standard error of the difference of the two means. A zero denominator (no spread anywhere) gives ``z = 0``;
+    a group without valid rewards ``z = 0``.
+
+    Returns ``(N,)`` in the dtype of ``rewards``.
+    """
+    if num_rollouts < 1:
+        raise ValueError(f"num_rollouts must be at least 1, got {num_rollouts}.")
+    n, mean, var = _group_count_mean_var(rewards)
+    m = _as_column(anchor_mean, rewards).squeeze(-1)
+    v = _as_column(anchor_var, rewards).squeeze(-1)
+    se2 = var / n.clamp_min(1.0) + v / num_rollouts
+    z = (mean - m) / se2.clamp_min(1e-24).sqrt()
+    return torch.where((n > 0) & (se2 > 0), z, torch.zeros_like(z))
+
+
+def ras_weights_uncertainty(
+    ambiguity: Tensor,
+    alpha: float = 0.5,
+    consistency: Tensor | None = None,
+) -> Tensor:
+    """RAS weight per group from the reward's **uncertainty** (our extension; not the paper's Eq. 2).
+
+    With ``ρ_i`` the group's ambiguity share (:func:`~trl_visual.core.interpretations.ambiguity_share`,
+    ``ρ_i = clamp(mean_j Var_interp(R_ij) / s_i², 0, 1)``):
+
+    - ``u_i = 1 + α (1 − 2 ρ_i)``: reliable groups (``ρ = 0``) get ``1 + α``, groups whose spread is all
+      interpretation disagreement (``ρ = 1``) ``1 − α``;
+    - with ``consistency = z`` (:func:`anchor_consistency`), ``u_i ← u_i · 2 Φ(z_i)``: the paper's "groups
+      consistent with the prior", a group far above its anchor counts up to twice, one far below it down to 0;
+    - ``w_i = u_i / mean_k u_k``: renormalized to mean 1 over the groups given (the whole global batch: the
+      trainer computes it after gathering every process's rewards), so the step size does not change, only how
+      it is shared out. Should every ``u`` be 0 (α = 1 and ``ρ = 1`` everywhere), every group gets 1.
+
+    Unlike the sigmoid and posterior forms, which read where a group's mean lands relative to its prior (odd
+    around it, so a noisy group is as often up-weighted as down), ``ρ_i`` is large exactly when a group's
+    rewards disagree with themselves: the weight tracks the reward's reliability.
+
+    Args:
+        ambiguity: ``(N,)`` ambiguity shares in [0, 1].
+        alpha: strength α in [0, 1] (above 1 a weight could turn negative and flip a group's loss).
+        consistency: ``(N,)`` ``z_i``, or ``None`` for no consistency factor.
+
+    Returns:
+        ``(N,)`` weights, mean 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] so that no weight turns negative, got {alpha}.")
+    u = 1.0 + alpha * (1.0 - 2.0 * ambiguity)
+    if consistency is not None:
+        u = u * 2.0 * torch.special.ndtr(consistency)
+    total = u.mean()
+    return torch.where(total > 0, u / total.clamp_min(torch.finfo(u.dtype).tiny), torch.ones_like(u))
 
 
 def crt_transform_paper(

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..rewards.registry import register_reward
+from ..rewards.variants import prompt_variants, score_variants
 from .classifier import load_classifier
 from .scenes import ATTRIBUTES, BACKGROUND, IMAGE_SIZE, parse_objects
 
@@ -129,31 +130,58 @@ class ShapesAdherence(nn.Module):
         for prompt in dict.fromkeys(prompts):
             parse_objects(prompt)
 
-    def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
+    def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float] | list[list[float]]:
+        """One score per image; with a ``prompt_variants`` column (:mod:`trl_visual.rewards.variants`), its
+        scores against each of its ``M`` paraphrases (``M`` interpretations per sample)."""
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
-        objects = [parse_objects(prompt) for prompt in prompts]  # grammar errors before any compute
-        return self.score_objects(objects, images)
+        variants = prompt_variants(prompts, columns)
+        for prompt in prompts if variants is None else [v for row in variants for v in row]:
+            parse_objects(prompt)  # grammar errors before any compute
+        if variants is not None:
+            return score_variants(self._score_prompts, variants, images)
+        return self._score_prompts(prompts, images)
+
+    def _score_prompts(self, prompts: list[str], images: torch.Tensor) -> list[float]:
+        return self.score_objects([parse_objects(prompt) for prompt in prompts], images)
 
     def score_objects(self, objects: list[Objects], images: torch.Tensor) -> list[float]:
         """The reward of each image for the attributes its prompt names (one dict per shape, e.g. from
         ``parse_objects``): ``∏_a p_a(v_a | image)`` for one shape, the product over both halves' views times
         their presence for two (see the module docstring)."""
-        images = self.classifier_input(images)
-        views, owners = shape_views(
-            images, [[named.get("position") for named in shapes] for shapes in objects]
-        )
-        named = [attributes for shapes in objects for attributes in shapes]
-        paired = torch.tensor([len(objects[owner]) == 2 for owner in owners], device=views.device)
-        weights = torch.where(paired, presence(views), 1.0).tolist()
-        scores = [1.0] * len(objects)
-        for owner, score, weight in zip(owners, self.score_attributes(named, views), weights):
-            scores[owner] *= score * weight
-        return scores
+        return self.score_completions([objects], images)[0]
 
-    def score_attributes(self, named: list[dict[str, str]], images: torch.Tensor) -> list[float]:
-        """``∏_a p_a(v_a | image)`` for each image and its attribute → value dict (e.g. from ``parse_prompt``)."""
-        probabilities = self.attribute_probabilities(images)
+    def score_completions(self, drawn: list[list[Objects]], images: torch.Tensor) -> list[list[float]]:
+        """:meth:`score_objects` of several readings of the same prompts (``drawn[m][i]``: reading ``m`` of image
+        ``i``'s prompt), with one classifier pass: the views depend only on where each shape sits, which every
+        reading of a prompt places alike (a two-shape caption names both positions)."""
+        images = self.classifier_input(images)
+        positions = [[named.get("position") for named in shapes] for shapes in drawn[0]]
+        views, owners = shape_views(images, positions)
+        paired = torch.tensor([len(positions[owner]) == 2 for owner in owners], device=views.device)
+        weights = torch.where(paired, presence(views), 1.0).tolist()
+        probabilities = self.attribute_probabilities(views)
+        results = []
+        for objects in drawn:
+            named = [attributes for shapes in objects for attributes in shapes]
+            scores = [1.0] * len(objects)
+            for owner, score, weight in zip(
+                owners, self.score_attributes(named, views, probabilities), weights
+            ):
+                scores[owner] *= score * weight
+            results.append(scores)
+        return results
+
+    def score_attributes(
+        self,
+        named: list[dict[str, str]],
+        images: torch.Tensor,
+        probabilities: dict[str, torch.Tensor] | None = None,
+    ) -> list[float]:
+        """``∏_a p_a(v_a | image)`` for each image and its attribute → value dict (e.g. from ``parse_prompt``);
+        ``probabilities``: the images' :meth:`attribute_probabilities` when already computed."""
+        if probabilities is None:
+            probabilities = self.attribute_probabilities(images)
         scores = []
         for i, attributes in enumerate(named):
             score = torch.ones((), device=images.device)
@@ -184,33 +212,54 @@ class ShapesJudge(ShapesAdherence):
         judge(["a small red circle on the left"], images)  # == ShapesAdherence()(...) for a full caption
         judge.completion("a red shape", images[0])  # [{"colour": "red", "shape": <guess>, "size": …, …}]
 
+    With ``num_draws = M > 1`` the judge guesses ``M`` times per sample (the first guess is the one ``M = 1``
+    makes) and returns the ``M`` scores as the sample's interpretations (:mod:`trl_visual.core.interpretations`):
+    the trainer trains on their mean, and their spread tells how unsure the judge is (0 for a full caption)::
+
+        ShapesJudge(num_draws=4)(["a red shape"], images)  # [[0.02, 0.61, 0.0, 0.33]]
+
     Args:
         weights: a classifier safetensors file; default the one shipped with the package.
         seed: mixed into every sample's guess.
+        num_draws: guesses per sample, at least 1.
     """
 
-    def __init__(self, weights: str | Path | None = None, seed: int = 0) -> None:
+    def __init__(self, weights: str | Path | None = None, seed: int = 0, num_draws: int = 1) -> None:
         super().__init__(weights)
-        self.seed = seed
+        if num_draws < 1:
+            raise ValueError(f"num_draws must be at least 1 (guesses per sample); got {num_draws}.")
+        self.seed, self.num_draws = seed, num_draws
 
     def completion(self, prompt: str, image: torch.Tensor) -> Objects:
         """Every attribute's value for ``prompt`` as this judge reads it on ``image``, one dict per shape: the
         named values, and a guess for each attribute left open (drawn as described in the class docstring)."""
+        return self.completions(prompt, image, 1)[0]
+
+    def completions(self, prompt: str, image: torch.Tensor, count: int) -> list[Objects]:
+        """``count`` successive guesses of :meth:`completion`, from one generator seeded by the pixels."""
         pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()
         digest = hashlib.sha256(self.seed.to_bytes(8, "little", signed=True) + pixels).digest()
         generator = random.Random(int.from_bytes(digest[:8], "little"))
+        shapes = parse_objects(prompt)
         return [
-            {name: named.get(name) or generator.choice(values) for name, values in ATTRIBUTES.items()}
-            for named in parse_objects(prompt)
+            [
+                {name: named.get(name) or generator.choice(values) for name, values in ATTRIBUTES.items()}
+                for named in shapes
+            ]
+            for _ in range(count)
         ]
 
-    def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
+    def forward(self, prompts: list[str], images: torch.Tensor, **columns) -> list[float] | list[list[float]]:
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images.")
         for prompt in prompts:  # grammar errors before any compute
             parse_objects(prompt)
-        completed = [self.completion(prompt, image) for prompt, image in zip(prompts, images)]
-        return self.score_objects(completed, images)
+        draws = self.num_draws
+        completed = [self.completions(p, image, draws) for p, image in zip(prompts, images)]
+        scores = self.score_completions([[c[m] for c in completed] for m in range(draws)], images)
+        if draws == 1:
+            return scores[0]
+        return [list(sample) for sample in zip(*scores)]
 
 
 @torch.no_grad()

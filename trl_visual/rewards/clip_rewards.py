@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from trl_visual.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from trl_visual.rewards.registry import register_reward
+from trl_visual.rewards.variants import prompt_variants, score_variants
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -334,12 +335,19 @@ class ImageScorer(RewardModel):
     :meth:`score_images` as floats, so subclasses only say how a batch is scored."""
 
     name: str = "image_scorer"
+    #: whether the score reads the prompt: then a ``prompt_variants`` column is scored variant by variant
+    reads_prompts: bool = True
 
     def score_batch(
         self, prompts: list[str], images: Tensor | None, videos: Tensor | None, columns: dict[str, Any]
-    ) -> list[float]:
-        """The score of each (prompt, image) pair; images ``(B, 3, H, W)``, float in ``[0, 1]``."""
+    ) -> list[float] | list[list[float]]:
+        """The score of each (prompt, image) pair; images ``(B, 3, H, W)``, float in ``[0, 1]``. With a
+        ``prompt_variants`` column (:mod:`trl_visual.rewards.variants`), each image's scores against its ``M``
+        paraphrases instead: ``M`` interpretations per sample."""
         images = check_image_batch(images, videos, len(prompts), self.name)
+        variants = prompt_variants(prompts, columns) if self.reads_prompts else None
+        if variants is not None:
+            return score_variants(self.score_images, variants, images)
         return self.score_images(prompts, images).float().tolist()
 
     def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
@@ -613,6 +621,8 @@ class AestheticReward(CLIPRewardBase):
         dtype: dtype the CLIP tower and the head run in.
         batch_size: the most images sent through the model at once.
     """
+
+    reads_prompts = False
 
     name = "aesthetic"
 

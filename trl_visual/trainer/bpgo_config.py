@@ -9,12 +9,13 @@ from ..core.bpgo import DEFAULT_RAS_K
 from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
 
 PRIOR_SOURCES = ("column", "base_model", "ema")
-RAS_MODES = ("sigmoid", "posterior", "none")
+RAS_MODES = ("sigmoid", "posterior", "uncertainty", "none")
 RAS_DELTA_SCALES = ("batch_std", "none")
 CRT_MODES = ("auxiliary", "replace", "none")
 
-DEFAULT_RAS_ALPHA = {"sigmoid": 0.5, "posterior": 1.0, "none": 0.0}
-"""``ras_alpha`` when left unset: the paper's best α for its sigmoid, the released code's α for the posterior."""
+DEFAULT_RAS_ALPHA = {"sigmoid": 0.5, "posterior": 1.0, "uncertainty": 0.5, "none": 0.0}
+"""``ras_alpha`` when left unset: the paper's best α for its sigmoid, the released code's α for the posterior, and
+0.5 for the uncertainty-aware form (weights 1.5 to 0.5 before renormalizing)."""
 
 
 @dataclass
@@ -53,6 +54,13 @@ class BPGOConfig(DiffusionGRPOConfig):
         default="prior",
         metadata={"help": "Dataset column of numeric priors when `prior_source='column'`."},
     )
+    prior_var_column: str = field(
+        default="prior_var",
+        metadata={
+            "help": "Dataset column of the prior's variance v_i (the reward's variance over the anchor's samples) "
+            "when `prior_source='column'` and `ras_mode='uncertainty'` with `ras_consistency`."
+        },
+    )
     prior_num_rollouts: int = field(
         default=8,
         metadata={
@@ -74,7 +82,18 @@ class BPGOConfig(DiffusionGRPOConfig):
             "help": "Reliability-Adaptive Scaling: 'sigmoid' (paper Eq. 2, w = 1 + α (2 sigmoid(k Δ) − 1), "
             "multiplies the group's GRPO loss), 'posterior' (released code: Normal–Normal posterior "
             "probability that the group beats its prior, w = clamp(1 + α (p − 0.5), 0.01, 10), multiplies "
-            "the z-scored advantages), or 'none' (w = 1)."
+            "the z-scored advantages), 'uncertainty' (our extension: w = 1 + α (1 − 2ρ), ρ the share of the "
+            "group's reward variance that is disagreement between the reward's interpretations, times 2Φ(z) with "
+            "`ras_consistency`, renormalized to mean 1; multiplies the group's GRPO loss; needs a fixed prior, "
+            "`prior_source='column'` or 'base_model'), or 'none' (w = 1)."
+        },
+    )
+    ras_consistency: bool = field(
+        default=False,
+        metadata={
+            "help": "With `ras_mode='uncertainty'`: multiply each weight by 2Φ(z), z = (R̄ − m) / sqrt(s²/G + v/K) the "
+            "group mean's distance above its fixed prior m (variance v from K = `prior_num_rollouts` rollouts, or "
+            "the `prior_var_column`), in standard errors: the paper's 'groups consistent with the prior'."
         },
     )
     ras_alpha: float | None = field(
@@ -157,6 +176,24 @@ class BPGOConfig(DiffusionGRPOConfig):
             self.ras_alpha = DEFAULT_RAS_ALPHA[self.ras_mode]
         self._check_ranges()
         self._check_ras_reads_raw_rewards()
+        self._check_uncertainty_prior()
+
+    def _check_uncertainty_prior(self) -> None:
+        """The uncertainty RAS compares a group with a FIXED anchor (mean and variance of the prompt's reward). The
+        EMA prior follows the group means it would be compared with, so ``z`` would be centred on 0 whatever the
+        group does, and it has no variance ``v``: refused."""
+        if self.ras_mode == "uncertainty" and self.prior_source == "ema":
+            raise ValueError(
+                "`ras_mode='uncertainty'` needs a fixed prior (a mean and a variance per prompt), but "
+                "`prior_source='ema'` follows the group means it would be compared with and has no variance. Use "
+                "`prior_source='base_model'` (estimated from `prior_num_rollouts` rollouts) or 'column' (with "
+                "`prior_column` and `prior_var_column`)."
+            )
+        if self.ras_consistency and self.ras_mode != "uncertainty":
+            raise ValueError(
+                f"`ras_consistency=True` is a factor of `ras_mode='uncertainty'`, not of {self.ras_mode!r}: set "
+                "`ras_mode='uncertainty'` or drop `ras_consistency`."
+            )
 
     def _check_ras_reads_raw_rewards(self) -> None:
         """Refuse the sigmoid RAS under the released CRT: ``crt_mode="replace"`` hands RAS the transformed rewards
@@ -182,8 +219,10 @@ class BPGOConfig(DiffusionGRPOConfig):
             ("crt_weight", self.crt_weight >= 0, "non-negative"),
             ("crt_tau", self.crt_tau > 0, "positive"),
         ]
-        if self.ras_mode == "sigmoid":
-            checks.append(("ras_alpha", 0.0 <= self.ras_alpha <= 1.0, "in [0, 1] for the sigmoid RAS"))
+        if self.ras_mode in ("sigmoid", "uncertainty"):
+            checks.append(
+                ("ras_alpha", 0.0 <= self.ras_alpha <= 1.0, f"in [0, 1] for the {self.ras_mode} RAS")
+            )
         else:
             checks.append(("ras_alpha", self.ras_alpha >= 0, "non-negative"))
         for name, ok, valid in checks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .bpgo_priors import (
     base_model_fingerprint,
     first_row_per_prompt,
     mean_per_prompt,
+    variance_per_prompt,
 )
 from .seeds import prior_estimation_seed
 
@@ -33,20 +35,30 @@ class BaseModelPriorEstimation:
     """``estimate_priors`` (public) and the ``prior_source="base_model"`` set-up before training."""
 
     @torch.no_grad()
-    def estimate_priors(self, dataset: Dataset, num_rollouts: int | None = None) -> Dataset:
+    def estimate_priors(
+        self, dataset: Dataset, num_rollouts: int | None = None, with_variance: bool = False
+    ) -> Dataset:
         """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the
         base model: ``R_prior = mean_k R(x_k)`` over ``num_rollouts`` (default ``prior_num_rollouts``)
         rollouts per distinct prompt, sampled like training rollouts (same sampler, steps and guidance)
         and scored by the trainer's reward functions (weighted sum). With a LoRA the adapter is disabled
         while sampling, so this is the base model whenever it is called; without one it is the current
         weights. An existing prior column is replaced. The result feeds ``prior_source="column"``.
+        ``with_variance``: also a ``prior_var_column`` ("prior_var") with the reward's unbiased variance over the
+        rollouts, the anchor's ``v_i`` of ``ras_mode="uncertainty"`` with ``ras_consistency``.
         """
         first_rows = first_row_per_prompt(list(dataset), self.args.prompt_column)
-        priors = self._estimate_prompt_priors(first_rows, num_rollouts or self.args.prior_num_rollouts)
-        column = [priors[row] for row in dataset[self.args.prompt_column]]
-        if self.args.prior_column in dataset.column_names:
-            dataset = dataset.remove_columns(self.args.prior_column)
-        return dataset.add_column(self.args.prior_column, column)
+        priors, variances = self._estimate_prompt_stats(
+            first_rows, num_rollouts or self.args.prior_num_rollouts
+        )
+        columns = {self.args.prior_column: priors}
+        if with_variance:
+            columns[self.args.prior_var_column] = variances
+        for name, values in columns.items():
+            if name in dataset.column_names:
+                dataset = dataset.remove_columns(name)
+            dataset = dataset.add_column(name, [values[row] for row in dataset[self.args.prompt_column]])
+        return dataset
 
     @contextlib.contextmanager
     def _base_model_weights(self) -> Iterator[None]:
@@ -65,8 +77,15 @@ class BaseModelPriorEstimation:
     def _estimate_prompt_priors(
         self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
     ) -> dict[str, float]:
-        """Mean reward of ``num_rollouts`` rollouts per prompt. Rollouts are sampled in chunks of
-        ``per_device_train_batch_size``, chunks shared out over the processes, results gathered."""
+        """Mean reward of ``num_rollouts`` rollouts per prompt (:meth:`_estimate_prompt_stats`)."""
+        return self._estimate_prompt_stats(first_rows, num_rollouts)[0]
+
+    def _estimate_prompt_stats(
+        self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Mean and unbiased variance of the reward over ``num_rollouts`` rollouts per prompt (the variance is
+        the uncertainty RAS's ``v_i``). Rollouts are sampled in chunks of ``per_device_train_batch_size``, chunks
+        shared out over the processes, results gathered."""
         if num_rollouts < 1:
             raise ValueError(f"num_rollouts must be at least 1; got {num_rollouts}.")
         flat = [prompt for prompt in first_rows for _ in range(num_rollouts)]
@@ -86,7 +105,7 @@ class BaseModelPriorEstimation:
                 scored.extend(zip(prompts, reward.tolist()))
         if self.accelerator.num_processes > 1:
             scored = gather_object(scored)
-        return mean_per_prompt(scored, num_rollouts)
+        return mean_per_prompt(scored, num_rollouts), variance_per_prompt(scored)
 
     def _prior_seed(self, chunk: int) -> int:
         """Seeds for prior estimation, apart from the training seeds (:mod:`trl_visual.trainer.seeds`)."""
@@ -119,9 +138,16 @@ class BaseModelPriorEstimation:
             os.path.join(self.args.output_dir, PRIOR_CACHE_NAME),
             self._prior_fingerprint(),
             first_row_per_prompt(list(self.train_dataset), self.args.prompt_column),
-            lambda missing: self._estimate_prompt_priors(missing, self.args.prior_num_rollouts),
+            partial(self._estimate_for_store, num_rollouts=self.args.prior_num_rollouts),
             write=self.accelerator.is_main_process,
+            with_variances=self.args.ras_mode == "uncertainty",
         )
+
+    def _estimate_for_store(self, missing: dict[str, dict[str, Any]], num_rollouts: int) -> Any:
+        """The means (and, for ``ras_mode="uncertainty"``, the variances) of the prompts the cache lacks."""
+        if self.args.ras_mode == "uncertainty":
+            return self._estimate_prompt_stats(missing, num_rollouts)
+        return self._estimate_prompt_priors(missing, num_rollouts)
 
     def _before_train(self, checkpoint: str | None) -> None:
         """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""

@@ -71,6 +71,18 @@ def mean_per_prompt(scored: list[tuple[str, float]], num_rollouts: int) -> dict[
     return {prompt: sum(v) / len(v) for prompt, v in values.items()}
 
 
+def variance_per_prompt(scored: list[tuple[str, float]]) -> dict[str, float]:
+    """Each prompt's unbiased variance over its non-NaN rewards (0 with fewer than two): the anchor's ``v_i``."""
+    values: dict[str, list[float]] = {}
+    for prompt, value in scored:
+        if not math.isnan(value):
+            values.setdefault(prompt, []).append(value)
+    return {
+        prompt: sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1) if len(v) > 1 else 0.0
+        for prompt, v in values.items()
+    }
+
+
 class PriorStore:
     """The interface of a prior source. ``prompts`` are the prompts of the N groups of a global batch, ``rows``
     their first dataset rows, ``group_means`` ``(N,)`` their mean rewards."""
@@ -80,6 +92,14 @@ class PriorStore:
     ) -> torch.Tensor:
         """``(N,)`` priors, same dtype and device as ``group_means``."""
         raise NotImplementedError
+
+    def variances(self, prompts: list[str], rows: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` variances ``v_i`` of the prior's reward (the uncertainty RAS's anchor), like ``like``; a store
+        without them says so."""
+        raise ValueError(
+            f"The prior source {type(self).__name__} has no variances; `ras_consistency` needs prior_source="
+            "'base_model' or 'column' with a `prior_var_column`."
+        )
 
     def update(self, prompts: list[str], group_means: torch.Tensor) -> None:
         """Learn from a batch after its advantages are computed (only the EMA does)."""
@@ -95,8 +115,8 @@ class PriorStore:
 class ColumnPriors(PriorStore):
     """Priors read from the ``column`` of each group's dataset row."""
 
-    def __init__(self, column: str):
-        self.column = column
+    def __init__(self, column: str, var_column: str = "prior_var"):
+        self.column, self.var_column = column, var_column
 
     def priors(
         self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
@@ -106,6 +126,15 @@ class ColumnPriors(PriorStore):
             for row, p in zip(rows, prompts)
         ]
         return torch.tensor(values, dtype=group_means.dtype, device=group_means.device)
+
+    def variances(self, prompts: list[str], rows: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        values = [
+            check_prior_value(
+                row.get(self.var_column), f"the row with prompt {p!r} (column {self.var_column!r})"
+            )
+            for row, p in zip(rows, prompts)
+        ]
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 class EMAPriors(PriorStore):
@@ -149,6 +178,7 @@ class BaseModelPriors(PriorStore):
 
     def __init__(self) -> None:
         self.values: dict[str, float] | None = None
+        self.prior_vars: dict[str, float] = {}
 
     def priors(
         self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
@@ -165,43 +195,70 @@ class BaseModelPriors(PriorStore):
             raise KeyError(f"No estimated prior for the prompt {prompt!r}; was it in the train_dataset?")
         return self.values[prompt]
 
+    def variances(self, prompts: list[str], rows: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        missing = [p for p in prompts if p not in self.prior_vars]
+        if missing:
+            raise KeyError(
+                f"No estimated prior variance for the prompt {missing[0]!r}; was it in the train_dataset?"
+            )
+        return torch.tensor([self.prior_vars[p] for p in prompts], dtype=like.dtype, device=like.device)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"estimated_priors": dict(self.values) if self.values is not None else None}
+        state: dict[str, Any] = {"estimated_priors": dict(self.values) if self.values is not None else None}
+        if self.prior_vars:
+            state["estimated_prior_vars"] = dict(self.prior_vars)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("estimated_priors") is not None:
             self.values = dict(state["estimated_priors"])
+        self.prior_vars = dict(state.get("estimated_prior_vars") or {})
 
     def load_or_estimate(
         self,
         path: str,
         fingerprint: dict[str, Any],
         first_rows: dict[str, dict[str, Any]],
-        estimate: Callable[[dict[str, dict[str, Any]]], dict[str, float]],
+        estimate: Callable[[dict[str, dict[str, Any]]], Any],
         write: bool,
+        with_variances: bool = False,
     ) -> None:
         """Priors from the cache at ``path`` (when made with the same ``fingerprint``), ``estimate``-d now for
-        the prompts of ``first_rows`` it lacks, and the cache rewritten (when ``write``: the main process)."""
+        the prompts of ``first_rows`` it lacks, and the cache rewritten (when ``write``: the main process).
+        ``with_variances``: ``estimate`` returns ``(means, variances)``, and a prompt cached without a variance
+        is estimated again."""
         priors = read_prior_cache(path, fingerprint)
-        missing = {p: row for p, row in first_rows.items() if p not in priors}
+        variances = read_prior_cache(path, fingerprint, key="variances") if priors else {}
+        missing = {
+            p: row
+            for p, row in first_rows.items()
+            if p not in priors or (with_variances and p not in variances)
+        }
         if missing:
             logger.info("Estimating BPGO priors for %d prompts from the base model.", len(missing))
-            priors.update(estimate(missing))
+            estimated = estimate(missing)
+            if with_variances:
+                estimated, estimated_vars = estimated
+                variances.update(estimated_vars)
+            priors.update(estimated)
             if write:
-                write_prior_cache(path, fingerprint, priors)
-        self.values = priors
+                write_prior_cache(path, fingerprint, priors, variances)
+        self.values, self.prior_vars = priors, variances
 
 
-def read_prior_cache(path: str, fingerprint: dict[str, Any]) -> dict[str, float]:
-    """The cached priors in ``path``, or ``{}`` (estimate again) when there are none, they were made with other
-    settings (another ``fingerprint``), or the file is unreadable (truncated by a crash, edited by hand): a
-    warning names it."""
+def read_prior_cache(path: str, fingerprint: dict[str, Any], key: str = "priors") -> dict[str, float]:
+    """The cached priors in ``path`` (``key="variances"``: their variances, ``{}`` in a cache without them), or
+    ``{}`` (estimate again) when there are none, they were made with other settings (another ``fingerprint``),
+    or the file is unreadable (truncated by a crash, edited by hand): a warning names it."""
     if not os.path.exists(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
             cache = json.load(f)
-        cached_fingerprint, priors = cache["fingerprint"], cache["priors"]
+        cached_fingerprint, priors = (
+            cache["fingerprint"],
+            cache["priors"] if key == "priors" else cache.get(key, {}),
+        )
         priors = {prompt: check_prior_value(value, f"prompt {prompt!r}") for prompt, value in priors.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
         logger.warning(
@@ -217,12 +274,21 @@ def read_prior_cache(path: str, fingerprint: dict[str, Any]) -> dict[str, float]
     return priors
 
 
-def write_prior_cache(path: str, fingerprint: dict[str, Any], priors: dict[str, float]) -> None:
-    """Written atomically: a temporary file, then renamed."""
+def write_prior_cache(
+    path: str,
+    fingerprint: dict[str, Any],
+    priors: dict[str, float],
+    variances: dict[str, float] | None = None,
+) -> None:
+    """Written atomically: a temporary file, then renamed. ``variances`` (the uncertainty RAS's ``v_i``) are kept
+    beside the priors when given."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     temporary = f"{path}.tmp"
+    content: dict[str, Any] = {"fingerprint": fingerprint, "priors": priors}
+    if variances:
+        content["variances"] = variances
     with open(temporary, "w") as f:
-        json.dump({"fingerprint": fingerprint, "priors": priors}, f)
+        json.dump(content, f)
     os.replace(temporary, path)
 
 
@@ -245,10 +311,19 @@ def check_prior_source(dataset: Any, args: BPGOConfig) -> None:
             f"its columns are {dataset.column_names}. Add it (for example with `trainer.estimate_priors(dataset)`), set "
             f"`prior_column` to the right name, or use prior_source={others}."
         )
+    needs_var = args.ras_mode == "uncertainty" and args.ras_consistency
+    if needs_var and missing_columns(dataset, [args.prior_var_column]):
+        raise ValueError(
+            f"`ras_consistency=True` with prior_source='column' needs the prior's variance in a numeric "
+            f"{args.prior_var_column!r} column, but the train_dataset's columns are {dataset.column_names}. Add it "
+            "(the reward's variance over the anchor's samples of each prompt), set `prior_var_column`, or use "
+            "prior_source='base_model'."
+        )
     if hasattr(dataset, "__len__"):
         prompts = dataset[args.prompt_column]
-        for i, value in enumerate(dataset[args.prior_column]):
-            check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
+        for column in [args.prior_column] + ([args.prior_var_column] if needs_var else []):
+            for i, value in enumerate(dataset[column]):
+                check_prior_value(value, f"row {i} (prompt {prompts[i]!r})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,10 +383,10 @@ def base_model_fingerprint(
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
-def make_prior_store(source: str, column: str, ema_decay: float) -> PriorStore:
+def make_prior_store(source: str, column: str, ema_decay: float, var_column: str = "prior_var") -> PriorStore:
     """The store of ``prior_source`` ``source``."""
     if source == "column":
-        return ColumnPriors(column)
+        return ColumnPriors(column, var_column)
     if source == "ema":
         return EMAPriors(ema_decay)
     return BaseModelPriors()

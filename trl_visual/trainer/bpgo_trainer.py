@@ -11,13 +11,16 @@ from datasets import Dataset, IterableDataset
 
 from ..core.advantages import group_advantages
 from ..core.bpgo import (
+    anchor_consistency,
     batch_reward_scale,
     crt_transform_paper,
     crt_transform_reference,
     prior_delta,
     ras_weights_posterior,
     ras_weights_sigmoid,
+    ras_weights_uncertainty,
 )
+from ..core.interpretations import ambiguity_share
 from .bpgo_config import BPGOConfig
 from .bpgo_estimation import BaseModelPriorEstimation
 from .bpgo_priors import (
@@ -28,6 +31,9 @@ from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, AuxiliaryObjective
 
 logger = logging.getLogger(__name__)
+
+LOSS_WEIGHT_MODES = ("sigmoid", "uncertainty")
+"""RAS modes whose weight multiplies the group's GRPO loss (the posterior one multiplies its advantages)."""
 
 
 class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
@@ -89,7 +95,9 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         before the pipeline loads."""
         super()._prepare_method(args, train_dataset)
         check_prior_source(train_dataset, args)
-        self.prior_store = make_prior_store(args.prior_source, args.prior_column, args.prior_ema_decay)
+        self.prior_store = make_prior_store(
+            args.prior_source, args.prior_column, args.prior_ema_decay, args.prior_var_column
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
@@ -113,7 +121,7 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             self._warn_negative_rewards(grouped)
             signal = crt_transform_reference(grouped, priors, args.crt_a, args.crt_tau)
             advantages = group_advantages(signal.reshape(-1), G, args.scale_rewards, clip=None)
-        weights = self._ras_weights(signal, priors)
+        weights = self._ras_weights(signal, priors, self._uncertainty(grouped, base, prompts, rows, priors))
         if args.ras_mode == "posterior":
             advantages = advantages * weights.repeat_interleave(G)
         auxiliary = list(base.auxiliary)
@@ -126,7 +134,7 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         return replace(
             base,
             advantages=advantages.clamp(-args.adv_clip_max, args.adv_clip_max),
-            weight=weights.repeat_interleave(G) if args.ras_mode == "sigmoid" else base.weight,
+            weight=weights.repeat_interleave(G) if args.ras_mode in LOSS_WEIGHT_MODES else base.weight,
             auxiliary=auxiliary,
             metrics={**base.metrics, **self._prior_metrics(grouped, priors, weights)},
         )
@@ -142,9 +150,54 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             "Shift the reward to be positive (as HPSv2, PickScore and CLIP scores are), or use crt_mode='auxiliary'."
         )
 
-    def _ras_weights(self, signal: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` RAS weights of the groups ``signal`` ``(N, G)`` against their priors."""
+    def _uncertainty(
+        self,
+        grouped: torch.Tensor,
+        base: Advantages,
+        prompts: list[str],
+        rows: list[dict[str, Any]],
+        priors: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """For ``ras_mode="uncertainty"``: each group's ambiguity share ``ρ_i`` (0 without interpretations, and a
+        warning once) and, with ``ras_consistency``, its ``z_i`` against the fixed prior (:func:`anchor_consistency`,
+        ``K = prior_num_rollouts``). ``None`` for the other modes."""
         args = self.args
+        if args.ras_mode != "uncertainty":
+            return None
+        if base.interpretation_var is None:
+            self._warn_no_interpretations()
+            ambiguity = torch.zeros_like(priors)
+        else:
+            ambiguity = ambiguity_share(grouped, base.interpretation_var.reshape(grouped.shape).to(grouped))
+        z = None
+        if args.ras_consistency:
+            variances = self.prior_store.variances(prompts, rows, priors)
+            z = anchor_consistency(grouped, priors, variances, args.prior_num_rollouts)
+        return ambiguity, z
+
+    def _warn_no_interpretations(self) -> None:
+        if getattr(self, "_warned_no_interpretations", False):
+            return
+        self._warned_no_interpretations = True
+        logger.warning(
+            "ras_mode='uncertainty' but no reward returned interpretations, so the ambiguity share is 0 for every "
+            "group and every group gets the same weight (only `ras_consistency` can tell them apart). Give the "
+            "reward interpretations: a `prompt_variants` column for text-matching rewards, "
+            "`shapes_judge`'s `num_draws`, a reward returning M floats per sample, or `reward_ensemble=True`."
+        )
+
+    def _ras_weights(
+        self,
+        signal: torch.Tensor,
+        priors: torch.Tensor,
+        uncertainty: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """``(N,)`` RAS weights of the groups ``signal`` ``(N, G)`` against their priors; ``uncertainty`` is
+        :meth:`_uncertainty`'s ``(ρ, z)`` for ``ras_mode="uncertainty"``."""
+        args = self.args
+        if args.ras_mode == "uncertainty":
+            ambiguity, z = uncertainty
+            return ras_weights_uncertainty(ambiguity, args.ras_alpha, z)
         if args.ras_mode == "posterior":
             return ras_weights_posterior(signal, priors, args.ras_alpha, args.ras_prior_var)
         if args.ras_mode == "sigmoid":

@@ -155,6 +155,15 @@ class DiffusionGRPOConfig(TrainingArguments):
             "`eval_reward_funcs` argument (callables too) takes precedence."
         },
     )
+    reward_ensemble: bool = field(
+        default=False,
+        metadata={
+            "help": "Treat the reward functions as interpretations of ONE reward (an ensemble, e.g. PickScore + "
+            "HPSv2 + CLIPScore): each is standardized over the batch, the reward is their mean and their spread its "
+            "interpretation variance (read by BPGO's ras_mode='uncertainty'). Needs two or more reward functions "
+            "of equal weight."
+        },
+    )
     multi_objective_aggregation: str = field(
         default="sum_then_normalize",
         metadata={"help": "'sum_then_normalize' (weighted sum, then advantages) or 'normalize_then_sum'."},
@@ -492,6 +501,17 @@ class DiffusionGRPOConfig(TrainingArguments):
                     f"`reward_weights` are all zero ({self.reward_weights}): every advantage would be 0 and nothing "
                     "would train. Give at least one reward a non-zero weight."
                 )
+        if self.reward_ensemble and self.reward_weights and len(set(self.reward_weights)) > 1:
+            raise ValueError(
+                f"`reward_ensemble=True` averages the standardized rewards as equal interpretations, but "
+                f"`reward_weights` differ ({self.reward_weights}). Drop `reward_weights`, or set "
+                "`reward_ensemble=False` for a weighted sum."
+            )
+        if self.reward_ensemble and self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "`reward_ensemble=True` makes one reward of the functions, so `multi_objective_aggregation="
+                f"{self.multi_objective_aggregation!r}` does not apply: leave it at 'sum_then_normalize'."
+            )
         if not math.isfinite(self.learning_rate):
             raise ValueError(f"`learning_rate` must be a finite number; got {self.learning_rate}.")
         if self.per_device_train_batch_size < 1:

@@ -19,7 +19,8 @@ from peft import LoraConfig
 from transformers import Trainer, TrainerCallback
 from trl.trainer.utils import RepeatSampler
 
-from ..core.advantages import combine_rewards
+from ..core.advantages import combine_rewards, group_advantages, invalid_to_nan
+from ..core.interpretations import ensemble_interpretations
 from ..core.policy_loss import clipped_policy_loss, gaussian_kl
 from ..data import check_prompt_values
 from ..models import DiffusionAdapter, get_adapter
@@ -49,6 +50,7 @@ from .reward_calls import (
     RewardCaller,
     dataset_columns,
     drop_infinite_rewards,
+    interpretation_metrics,
     record_reward_metrics,
     resolve_eval_rewards,
     resolve_rewards,
@@ -371,7 +373,8 @@ class DiffusionGRPOTrainer(
         caller = RewardCaller(
             self.reward_funcs, self.reward_names, self.args.reward_timeout, self._reward_stop_note
         )
-        scores = caller(kwargs, len(prompts), self._metrics[mode])
+        scores, interpretation_var = caller(kwargs, len(prompts), self._metrics[mode])
+        self._local_interpretation_var = interpretation_var.to(self.accelerator.device)
         return drop_infinite_rewards(scores, self.reward_names, self._metrics[mode]).to(
             self.accelerator.device
         )
@@ -394,16 +397,42 @@ class DiffusionGRPOTrainer(
         The base method is GRPO's: weighted aggregation of the rewards, then
         ``A = (R − R̄_group) / (std + 1e-4)`` clamped to ``±adv_clip_max`` (see
         :func:`trl_visual.core.advantages.combine_rewards`).
+        With ``reward_ensemble`` the functions are interpretations of one reward instead: each standardized over
+        the batch, the reward their mean (:func:`~trl_visual.core.interpretations.ensemble_interpretations`). The
+        per-sample interpretation variance of the reward (see :meth:`reward_interpretation_var`) goes to
+        ``interpretation_var``, with its figures in ``metrics``.
         """
-        reward, advantages = combine_rewards(
-            rewards_per_func,
-            self.reward_weights,
-            self.args.num_generations,
-            self.args.multi_objective_aggregation,
-            self.args.scale_rewards,
-            self.args.adv_clip_max,
+        args = self.args
+        interpretation_var = self.reward_interpretation_var(rewards_per_func)
+        if args.reward_ensemble:
+            reward, interpretation_var = ensemble_interpretations(invalid_to_nan(rewards_per_func))
+            advantages = group_advantages(
+                reward, args.num_generations, args.scale_rewards, clip=args.adv_clip_max
+            )
+        else:
+            reward, advantages = combine_rewards(
+                rewards_per_func,
+                self.reward_weights,
+                args.num_generations,
+                args.multi_objective_aggregation,
+                args.scale_rewards,
+                args.adv_clip_max,
+            )
+        metrics = interpretation_metrics(reward, interpretation_var, args.num_generations)
+        return Advantages(
+            reward=reward, advantages=advantages, interpretation_var=interpretation_var, metrics=metrics
         )
-        return Advantages(reward=reward, advantages=advantages)
+
+    def reward_interpretation_var(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
+        """``(B,)`` interpretation variance of the weighted reward ``R = Σ_f w_f R_f`` of the batch being scored,
+        ``Σ_f w_f² Var_interp(R_f)`` (interpretations of different functions taken as independent; a function
+        without interpretations adds 0; NaN where none has any), or ``None`` when no reward returned
+        interpretations (:func:`~trl_visual.core.interpretations.interpretation_mean_var`)."""
+        per_func = getattr(self, "interpretation_var", None)
+        if per_func is None or per_func.shape != rewards_per_func.shape or bool(torch.isnan(per_func).all()):
+            return None
+        weighted = per_func * self.reward_weights.to(per_func) ** 2
+        return weighted.nansum(dim=1).masked_fill(torch.isnan(per_func).all(dim=1), float("nan"))
 
     def expand_advantages(self, advantages: Advantages, rollouts: Rollouts) -> Advantages:
         """Hook: the shape of this process's advantages. GRPO keeps one scalar per sample ``(B,)``; ViPO
@@ -414,6 +443,7 @@ class DiffusionGRPOTrainer(
         """Rewards on this process, gathered so every group is whole, then advantages for our slice."""
         local_rewards = self.compute_rewards(rollouts.prompts, rollouts.samples, inputs)
         rewards_per_func = gather(local_rewards)
+        self.interpretation_var = gather(self._local_interpretation_var)  # read by compute_advantages
         all_inputs = gather_object(inputs) if self.accelerator.num_processes > 1 else inputs
         computed = self.compute_advantages(rewards_per_func, all_inputs)
         local = computed.local(self.placement.local)

@@ -59,6 +59,9 @@ class Advantages:
     per_reward: torch.Tensor | None = None
     #: ``(B, *grid)`` the perceptual maps the advantages were spread with (ViPO), for inspection and logging
     maps: torch.Tensor | None = None
+    #: ``(B,)`` the interpretation variance of each sample's reward (rewards returning several interpretations,
+    #: or ``reward_ensemble``; NaN for a sample without); ``None`` when no reward has interpretations
+    interpretation_var: torch.Tensor | None = None
     #: detached scalar tensors to log under their names, recorded once by the trainer
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -77,6 +80,7 @@ class Advantages:
             auxiliary=[term._replace(advantages=term.advantages[rows]) for term in self.auxiliary],
             per_reward=cut(self.per_reward),
             maps=cut(self.maps),
+            interpretation_var=cut(self.interpretation_var),
         )
 
     def reshaped(self, shape: Callable[[torch.Tensor], torch.Tensor]) -> Advantages:

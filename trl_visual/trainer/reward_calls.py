@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import numbers
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ import torch
 
 from .._upstream import is_async_callable
 from ..core.advantages import nan_std
+from ..core.interpretations import AMBIGUOUS_SHARE, ambiguity_share, interpretation_mean_var
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from .guards import RewardTimeoutError, call_with_timeout
 
@@ -75,40 +77,123 @@ def reward_inputs_copy(kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
-    """``output`` of the reward ``name`` as ``(expected,)`` float32, ``None`` → NaN.
-
-    Raises:
-        TypeError: not a list/tensor/array of floats or ``None``.
-        ValueError: the wrong number of values, or none of them finite.
-    """
+def _as_rows(output: Any, name: str) -> list[Any]:
+    """A reward's output as one entry per sample: a tensor or array ``(B,)`` / ``(B, M)`` becomes nested lists."""
     if isinstance(output, torch.Tensor) or hasattr(output, "tolist"):  # a tensor or a NumPy array
-        output = torch.as_tensor(output)
-        _check_tensor_values(output, name)
-        output = output.detach().float().reshape(-1).cpu().tolist()
+        tensor = torch.as_tensor(output)
+        _check_tensor_values(tensor, name)
+        tensor = tensor.detach().float().cpu()
+        if tensor.dim() == 2 and tensor.shape[1] == 1:
+            tensor = tensor.reshape(-1)
+        if tensor.dim() > 2:
+            raise ValueError(
+                f"The reward function {name!r} returned a tensor of shape {tuple(tensor.shape)}; it must be (B,) "
+                "with one value per sample or (B, M) with M interpretations per sample."
+            )
+        if tensor.dim() == 2:  # a row of NaN skips its sample, like None
+            return [None if bool(torch.isnan(row).all()) else row.tolist() for row in tensor]
+        return tensor.tolist() if tensor.dim() else [tensor.item()]
     if not isinstance(output, (list, tuple)):
         raise TypeError(
-            f"The reward function {name!r} must return a list of floats (or None), one per sample; got "
-            f"{type(output).__name__} {_short_repr(output)}."
+            f"The reward function {name!r} must return a list of floats (or None), one per sample, or a list of "
+            f"M floats per sample (its interpretations); got {type(output).__name__} {_short_repr(output)}."
         )
-    for i, v in enumerate(output):
+    return list(output)
+
+
+def _is_value(value: Any) -> bool:
+    return (
+        value is None
+        or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+        or _is_scalar_tensor(value)
+    )
+
+
+def _interpretations(entry: Any, name: str, index: int) -> list[float] | None:
+    """One sample's interpretations as floats (``None``: the sample is skipped). Refuses a NaN, ±inf or None
+    among them: one value cannot be missing while the others stand for the sample."""
+    if entry is None:
+        return None
+    values = entry.detach().float().reshape(-1).tolist() if isinstance(entry, torch.Tensor) else list(entry)
+    if not values or not all(v is not None and _is_value(v) for v in values):
+        raise TypeError(
+            f"The reward function {name!r} returned {_short_repr(entry)} for sample {index}: a sample's "
+            "interpretations must be a non-empty list of floats, e.g. [0.3, 0.5, 0.4] (or None to skip the sample)."
+        )
+    floats = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in floats):
+        raise ValueError(
+            f"The reward function {name!r} returned the interpretations {_short_repr(floats)} for sample {index}, "
+            "with NaN or ±inf among them. Return finite numbers for every interpretation, or None for the whole "
+            "sample to skip it."
+        )
+    return floats
+
+
+def check_reward_interpretations(output: Any, name: str, expected: int) -> torch.Tensor:
+    """``output`` of the reward ``name`` as ``(expected, M)`` float32: one column (``M = 1``) for a plain reward
+    (``None`` → NaN, ±inf kept for :func:`drop_infinite_rewards`), ``M`` columns for a reward that returns ``M``
+    interpretations per sample (a list of ``M`` floats per sample, or a ``(B, M)`` tensor; ``None`` or a row of
+    NaN skips a sample).
+
+    Raises:
+        TypeError: not a list/tensor/array of floats, lists of floats or ``None``.
+        ValueError: the wrong number of samples, a number of interpretations that varies across samples, NaN
+            or ±inf among a sample's interpretations, or no finite value at all.
+    """
+    rows = _as_rows(output, name)
+    if len(rows) != expected:
+        raise ValueError(
+            f"The reward function {name!r} returned {len(rows)} values for {expected} samples; it must "
+            "return exactly one value (a float, a list of M floats, or None to skip) per sample."
+        )
+    for i, v in enumerate(rows):
         if _is_scalar_tensor(v):
             _check_tensor_values(v, name, f" for sample {i}")
-        if v is not None and not isinstance(v, numbers.Real) and not _is_scalar_tensor(v):
+        if not (_is_value(v) or isinstance(v, (list, tuple, torch.Tensor))):
             raise TypeError(
-                f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it "
-                "must return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8]."
+                f"The reward function {name!r} returned {type(v).__name__} {_short_repr(v)} for sample {i}; it must "
+                "return one float (or None to skip the sample) per sample, e.g. [0.3, None, 0.8], or a list of M "
+                "floats per sample (its interpretations)."
             )
-    values = [float("nan") if v is None else float(v) for v in output]
-    if len(values) != expected:
-        raise ValueError(
-            f"The reward function {name!r} returned {len(values)} values for {expected} samples; it must "
-            "return exactly one value (a float, or None to skip) per sample."
-        )
-    tensor = torch.tensor(values, dtype=torch.float32)
-    if not torch.isfinite(tensor).any():
+    if all(_is_value(v) for v in rows):
+        tensor = torch.tensor([math.nan if v is None else float(v) for v in rows], dtype=torch.float32)
+        values = tensor.unsqueeze(1)
+    else:
+        if any(v is not None and _is_value(v) for v in rows):
+            i = next(i for i, v in enumerate(rows) if v is not None and _is_value(v))
+            raise ValueError(
+                f"The reward function {name!r} returned one float for sample {i} but a list for others: return "
+                "either one float per sample or the same number M of interpretations for every sample."
+            )
+        lists = [_interpretations(v, name, i) for i, v in enumerate(rows)]
+        counts = sorted({len(v) for v in lists if v is not None})
+        if len(counts) > 1:
+            raise ValueError(
+                f"The reward function {name!r} returned {counts[0]} interpretations for some samples and "
+                f"{counts[-1]} for others; every sample needs the same number M (use None to skip a sample)."
+            )
+        width = counts[0] if counts else 1
+        values = torch.tensor(
+            [v if v is not None else [math.nan] * width for v in lists], dtype=torch.float32
+        ).reshape(expected, width)
+    if values.shape[1] > 1:
+        partial = torch.isnan(values).any(1) & ~torch.isnan(values).all(1)
+        if partial.any():
+            i = int(partial.nonzero()[0])
+            raise ValueError(
+                f"The reward function {name!r} returned NaN for some interpretations of sample {i} but not all. "
+                "Return finite numbers for every interpretation, or NaN (None) for the whole sample to skip it."
+            )
+    if not torch.isfinite(values).any():
         raise ValueError(f"The reward function {name!r} returned only None/NaN/inf for the whole batch.")
-    return tensor
+    return values
+
+
+def check_reward_output(output: Any, name: str, expected: int) -> torch.Tensor:
+    """``output`` of the reward ``name`` as ``(expected,)`` float32, ``None`` → NaN: the mean of a sample's
+    interpretations when it returns several (:func:`check_reward_interpretations`)."""
+    return interpretation_mean_var(check_reward_interpretations(output, name, expected))[0]
 
 
 def drop_infinite_rewards(
@@ -146,6 +231,25 @@ def record_reward_metrics(
     metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
 
 
+def interpretation_metrics(
+    reward: torch.Tensor, interpretation_var: torch.Tensor | None, num_generations: int
+) -> dict[str, torch.Tensor]:
+    """The figures of a batch whose reward has interpretations (none without): ``interpretation_var_mean`` (the
+    mean per-sample interpretation variance), ``ambiguity_share_mean|max`` (the groups' ``ρ_i``,
+    :func:`~trl_visual.core.interpretations.ambiguity_share`) and ``frac_ambiguous_groups`` (``ρ_i > 0.5``)."""
+    if interpretation_var is None:
+        return {}
+    share = ambiguity_share(
+        reward.reshape(-1, num_generations), interpretation_var.reshape(-1, num_generations)
+    )
+    return {
+        "interpretation_var_mean": torch.nan_to_num(interpretation_var, nan=0.0).mean(),
+        "ambiguity_share_mean": share.mean(),
+        "ambiguity_share_max": share.max(),
+        "frac_ambiguous_groups": (share > AMBIGUOUS_SHARE).float().mean(),
+    }
+
+
 class RewardCaller:
     """Calls every reward of a run on one batch. Plain functions run one after the other; ``async`` ones (as in
     TRL) run concurrently with each other, each within ``timeout`` seconds (``None``: no limit).
@@ -165,9 +269,11 @@ class RewardCaller:
 
     def __call__(
         self, kwargs: dict[str, Any], batch_size: int, metrics: dict[str, list[float]]
-    ) -> torch.Tensor:
-        """``(batch_size, F)`` float32 scores (±inf kept) of ``f(**kwargs)`` for every reward ``f``; wall times
-        go to ``metrics[timing/reward/<name>]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(batch_size, F)`` float32 scores (±inf kept) of ``f(**kwargs)`` for every reward ``f``, the mean of
+        its interpretations where it returns several, and ``(batch_size, F)`` their interpretation variance
+        (:func:`~trl_visual.core.interpretations.interpretation_mean_var`; NaN for one value per sample). Wall
+        times go to ``metrics[timing/reward/<name>]``."""
         outputs: dict[int, Any] = {}
         pending = []
         for index, func in enumerate(self.reward_funcs):
@@ -177,8 +283,11 @@ class RewardCaller:
                 outputs[index] = self._call_sync(index, reward_inputs_copy(kwargs), metrics)
         if pending:
             outputs.update(self._run_async(pending, kwargs, metrics))
-        scores = [check_reward_output(outputs[i], name, batch_size) for i, name in enumerate(self.names)]
-        return torch.stack(scores, dim=1)
+        scores = [
+            interpretation_mean_var(check_reward_interpretations(outputs[i], name, batch_size))
+            for i, name in enumerate(self.names)
+        ]
+        return torch.stack([m for m, _ in scores], dim=1), torch.stack([v for _, v in scores], dim=1)
 
     @contextlib.contextmanager
     def _timed(self, index: int, metrics: dict[str, list[float]]) -> Iterator[None]:
