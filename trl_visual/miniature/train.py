@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs_transformer_steps", type=int, default=6000)
     parser.add_argument("--scenes_classifier_steps", type=int, default=600)
     parser.add_argument("--scenes_vae_steps", type=int, default=800)
-    parser.add_argument("--scenes_transformer_steps", type=int, default=3000)
+    parser.add_argument("--scenes_transformer_steps", type=int, default=1500)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
