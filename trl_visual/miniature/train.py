@@ -8,7 +8,9 @@ Each part is deterministic given ``--seed`` and the thread count (``--threads``,
 machine one thread is faster than two). The parts run in order classifier → VAE → transformer for
 ``tiny:shapes``, then VAE → transformer for ``tiny:shapes-pairs`` (``--part pairs``, or ``pairs-vae`` or
 ``pairs-transformer`` alone: the same objectives on a pool of twice as many scenes, half of them two-shape
-scenes, with that model's longer text). A transformer trains on latents of its VAE found in ``--output_dir``.
+scenes, with that model's longer text), and the classifier → VAE → transformer of ``tiny:scenes`` (``--part scenes``,
+or ``scenes-classifier``, ``scenes-vae``, ``scenes-transformer``: the same objectives on 8,192 one-shape scenes over
+structured backgrounds). A transformer trains on latents of its VAE found in ``--output_dir``.
 
 Objectives:
 
@@ -260,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs_transformer_steps", type=int, default=6000)
     parser.add_argument("--scenes_classifier_steps", type=int, default=600)
     parser.add_argument("--scenes_vae_steps", type=int, default=800)
-    parser.add_argument("--scenes_transformer_steps", type=int, default=1500)
+    parser.add_argument("--scenes_transformer_steps", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
