@@ -749,10 +749,10 @@ SCENES_BACKBONE = {"backbone": "tiny:scenes-features"}
 STRUCTURE_METHODS: dict[str, tuple] = {
     "GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}),
     "ViPO": (ViPOTrainer, ViPOConfig, SCENES_BACKBONE),
-    "ViPO released map": (ViPOTrainer, ViPOConfig, {**SCENES_BACKBONE, "map_variant": "released"}),
+    "ViPO oracle map": (ViPOTrainer, ViPOConfig, {"map_fn": "tiny:scenes-objects"}),
     "ViPO shuffled map": (ViPOTrainer, ViPOConfig, {**SCENES_BACKBONE, "aggregation": "shuffled"}),
     "ViPO ones map": (ViPOTrainer, ViPOConfig, {"aggregation": "ones"}),
-    "ViPO oracle map": (ViPOTrainer, ViPOConfig, {"map_fn": "tiny:scenes-objects"}),
+    "ViPO released map": (ViPOTrainer, ViPOConfig, {**SCENES_BACKBONE, "map_variant": "released"}),
 }
 #: the ``vipo_structure`` recipe: the tiny:shapes recipe at G = 4 (8 prompts × 4 samples a step), a larger step
 #: (a global reward with room to wreck the background), and probes of the evaluation samples every few steps
@@ -835,7 +835,8 @@ def run_vipo_structure(
     seeds: list[int], steps: int, methods: list[str] | None = None
 ) -> dict[str, list[dict]]:
     """Every arm of :data:`STRUCTURE_METHODS` (or ``methods``) on the global ``red_channel`` reward in
-    ``tiny:scenes``, seed by seed; the first seed's final samples go into the before/after picture."""
+    ``tiny:scenes``, seed by seed; the first seed's final samples go into the before/after picture. The runs so far
+    are saved after each arm (the file ``main`` writes at the end), so that a stopped process keeps them."""
     from trl_visual.rewards import red_channel
 
     prompts = structure_prompts()
@@ -848,14 +849,16 @@ def run_vipo_structure(
             run["seed"] = seed
             runs.setdefault(label, []).append(run)
             finals[label] = images
+            tag = "-".join(str(s) for s in seeds)
+            (OUT / f"vipo_structure_seeds{tag}_steps{steps}.json").write_text(json.dumps(runs))
+            if seed == seeds[0]:
+                save_structure_picture(finals, OUT / f"vipo_structure_before_after_seed{seed}.png")
             last = run["points"][-1]
             print(
                 f"{label}, seed {seed}: red {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
                 f"{last['structure']:.3f}, adherence {last['adherence']:.3f}, {run['seconds']:.0f} s",
                 flush=True,
             )
-        if seed == seeds[0]:
-            save_structure_picture(finals, OUT / f"vipo_structure_before_after_seed{seed}.png")
     return runs
 
 
