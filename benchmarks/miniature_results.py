@@ -33,6 +33,11 @@ Parts (``--parts``):
   2 prompts × 8 samples (the fast screen a variant passes before the ``lora`` part);
 * ``demo``: the demos' own runs (``trl_visual.demo``: its settings and LoRA) on the notebook's and the Space's
   prompts;
+* ``vipo_structure``: the ViPO paper's claim in the structured world ``tiny:scenes``: the global red-channel
+  reward, GRPO against ViPO (backbone ``tiny:scenes-features``, default and released map) and the map controls
+  (shuffled, all ones, the object-region oracle); the red gain and the structure kept (edge-map correlation with
+  the base model's samples from the same noise) probed along training, paired differences to GRPO with standard
+  errors, a Pareto picture and a before/after picture;
 * ``pairs``: GRPO on two-shape scenes: ``tiny:shapes-pairs`` with its recipe
   (:data:`trl_visual.miniature.PAIRS_GRPO_DEFAULTS`) at CFG 1 and CFG 4.5 on ``builtin:shapes-pairs``, evaluated on
   the 48 prompts of its ``test`` split, with attribute binding before and after (each shape drawn in its own
@@ -59,6 +64,7 @@ import torch
 import yaml
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
 from trl_visual.cli import ModelArguments
@@ -73,6 +79,7 @@ from trl_visual.miniature.evaluate import prompt_following
 from trl_visual.miniature.pipeline import load_shapes_pairs_pipeline
 from trl_visual.miniature.reward import ShapesAdherence, ShapesJudge, colour_deviation
 from trl_visual.miniature.scenes import parse_prompt
+from trl_visual.miniature.structure import edge_correlation
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 from trl_visual.trainer.vipo_config import ViPOConfig
@@ -622,7 +629,9 @@ def run_bpgo_uncertainty(seeds: list[int], steps: int) -> dict[str, list[dict]]:
 
 
 def mean_se(values: list[float], digits: int = 3) -> str:
-    """``mean ± standard error`` (std / √n) of ``values``."""
+    """``mean ± standard error`` (std / √n) of ``values``, NaN left out (``n/a`` without values; one value is
+    shown without an error)."""
+    values = [v for v in values if v == v]
     if len(values) < 2:
         return f"{values[0]:+.{digits}f}" if values else "n/a"
     return (
@@ -969,6 +978,243 @@ def report_vipo_object(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------------
+# vipo_structure: a global reward in the structured world (issue 25)
+# --------------------------------------------------------------------------------------------------
+SCENES_BACKBONE = {"backbone": "tiny:scenes-features"}
+#: the arms of the ``vipo_structure`` part: label → (trainer, config, extra settings)
+STRUCTURE_METHODS: dict[str, tuple] = {
+    "GRPO": (DiffusionGRPOTrainer, DiffusionGRPOConfig, {}),
+    "ViPO": (ViPOTrainer, ViPOConfig, SCENES_BACKBONE),
+    "ViPO oracle map": (ViPOTrainer, ViPOConfig, {"map_fn": "tiny:scenes-objects"}),
+    "ViPO shuffled map": (ViPOTrainer, ViPOConfig, {**SCENES_BACKBONE, "aggregation": "shuffled"}),
+    "ViPO ones map": (ViPOTrainer, ViPOConfig, {"aggregation": "ones"}),
+    "ViPO released map": (ViPOTrainer, ViPOConfig, {**SCENES_BACKBONE, "map_variant": "released"}),
+}
+#: the ``vipo_structure`` recipe: the tiny:shapes recipe at G = 4 (8 prompts × 4 samples a step), a larger step
+#: (a global reward with room to wreck the background), and probes of the evaluation samples every few steps
+STRUCTURE_SETTINGS = {"num_generations": 4, "per_device_train_batch_size": 32, "learning_rate": 5e-5}
+STRUCTURE_MODEL = "tiny:scenes"
+STRUCTURE_PROBES = 4
+"""Evaluations along a run (and one before it): the points of the Pareto picture."""
+
+
+def structure_prompts() -> list[str]:
+    """The 24 full captions of :func:`object_prompts`: every colour × shape × size once."""
+    return object_prompts()
+
+
+class StructureProbe(TrainerCallback):
+    """Every ``every`` steps, the evaluation samples (ODE, fixed noise: :func:`eval_samples`, 2 per prompt) of the
+    run's trainer: their mean reward, their structure kept against the base model's samples from the same noise
+    (:func:`~trl_visual.miniature.structure.edge_correlation`) and their ``scenes_adherence``."""
+
+    def __init__(self, prompts: list[str], base_images: torch.Tensor, every: int, reward, adherence) -> None:
+        self.prompts, self.base_images, self.every = prompts, base_images, every
+        self.reward, self.adherence = reward, adherence
+        self.trainer = None
+        self.points: list[dict] = []
+        self.images: torch.Tensor | None = None
+
+    def probe(self, step: int) -> None:
+        rows, images = eval_samples(self.trainer, self.prompts, per_prompt=2)
+        self.images = images.cpu()
+        self.points.append(
+            {
+                "step": step,
+                "reward": statistics.mean(self.reward(rows, images)),
+                "structure": float(edge_correlation(images.cpu(), self.base_images).mean()),
+                "adherence": statistics.mean(self.adherence(rows, images)),
+            }
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self.probe(state.global_step)
+
+
+def structure_run(
+    label: str, seed: int, steps: int, prompts, base_images, reward
+) -> tuple[dict, torch.Tensor]:
+    """One arm of :data:`STRUCTURE_METHODS` on ``tiny:scenes``: its probes (step 0 included) and final samples."""
+    from trl_visual.miniature.reward import ScenesAdherence
+
+    trainer_class, config_class, extra = STRUCTURE_METHODS[label]
+    settings = recipe(seed=seed, max_steps=steps, **STRUCTURE_SETTINGS, **extra)
+    probe = StructureProbe(prompts, base_images, max(1, steps // STRUCTURE_PROBES), reward, ScenesAdherence())
+    trainer = trainer_class(
+        model=STRUCTURE_MODEL,
+        reward_funcs=reward,
+        args=config_class(**settings),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        callbacks=[probe],
+    )
+    probe.trainer = trainer
+    probe.probe(0)
+    start = time.time()
+    trainer.train()
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+    return {"points": probe.points, "rewards": rewards, "seconds": time.time() - start}, probe.images
+
+
+def base_structure_images(prompts: list[str]) -> torch.Tensor:
+    """The base ``tiny:scenes`` model's evaluation samples: the reference of the structure measure."""
+    base = DiffusionGRPOTrainer(
+        model=STRUCTURE_MODEL,
+        reward_funcs="red_channel",
+        args=DiffusionGRPOConfig(**recipe()),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+    )
+    return eval_samples(base, prompts, per_prompt=2)[1].cpu()
+
+
+def run_vipo_structure(
+    seeds: list[int], steps: int, methods: list[str] | None = None
+) -> dict[str, list[dict]]:
+    """Every arm of :data:`STRUCTURE_METHODS` (or ``methods``) on the global ``red_channel`` reward in
+    ``tiny:scenes``, seed by seed; the first seed's final samples go into the before/after picture. The runs so far
+    are saved after each arm (the file ``main`` writes at the end), so that a stopped process keeps them."""
+    from trl_visual.rewards import red_channel
+
+    prompts = structure_prompts()
+    base_images = base_structure_images(prompts)
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        finals = {"base model": base_images}
+        for label in methods or STRUCTURE_METHODS:
+            run, images = structure_run(label, seed, steps, prompts, base_images, red_channel)
+            run["seed"] = seed
+            runs.setdefault(label, []).append(run)
+            finals[label] = images
+            tag = "-".join(str(s) for s in seeds)
+            (OUT / f"vipo_structure_seeds{tag}_steps{steps}.json").write_text(json.dumps(runs))
+            if seed == seeds[0]:
+                save_structure_picture(finals, OUT / f"vipo_structure_before_after_seed{seed}.png")
+            last = run["points"][-1]
+            print(
+                f"{label}, seed {seed}: red {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
+                f"{last['structure']:.3f}, adherence {last['adherence']:.3f}, {run['seconds']:.0f} s",
+                flush=True,
+            )
+    return runs
+
+
+def save_structure_picture(finals: dict[str, torch.Tensor], path: Path, count: int = 8) -> None:
+    """Rows of the same ``count`` evaluation samples (same prompts, same noise): the base model's, then each
+    run's after training, 3× enlarged, each row labelled."""
+    from PIL import ImageDraw
+
+    rows = [
+        torch.cat([images[i].float().clamp(0, 1) for i in range(count)], dim=-1) for images in finals.values()
+    ]
+    grid = torch.nn.functional.interpolate(torch.cat(rows, dim=-2)[None], scale_factor=3, mode="nearest")[0]
+    picture = to_pil(torch.nn.functional.pad(grid, (150, 0, 0, 0), value=1.0))
+    draw = ImageDraw.Draw(picture)
+    for k, label in enumerate(finals):
+        draw.text((4, k * 96 + 42), label, fill=(0, 0, 0))
+    picture.save(path)
+
+
+def structure_gain(run: dict) -> tuple[float, float]:
+    """A run's final reward gain over its step-0 probe and the structure its final samples keep."""
+    first, last = run["points"][0], run["points"][-1]
+    return last["reward"] - first["reward"], last["structure"]
+
+
+def structure_at_gain(run: dict, gain: float) -> float:
+    """The structure kept when the run's reward gain first reached ``gain`` (linear between probes); NaN if never."""
+    points = [(p["reward"] - run["points"][0]["reward"], p["structure"]) for p in run["points"]]
+    for (g0, s0), (g1, s1) in zip(points, points[1:]):
+        if g0 <= gain <= g1 and g1 > g0:
+            return s0 + (s1 - s0) * (gain - g0) / (g1 - g0)
+    return float("nan")
+
+
+def paired_structure(runs: dict[str, list[dict]], label: str) -> dict[str, list[float]]:
+    """Per seed, ``label`` minus GRPO: the reward gain, the structure kept, and the structure kept at the smaller
+    of the two runs' final gains (both interpolated along their probes)."""
+    grpo = {run["seed"]: run for run in runs["GRPO"]}
+    out: dict[str, list[float]] = {"gain": [], "structure": [], "structure_at_equal_gain": []}
+    for run in runs[label]:
+        other = grpo.get(run["seed"])
+        if other is None:
+            continue
+        (gain, structure), (gain_0, structure_0) = structure_gain(run), structure_gain(other)
+        out["gain"].append(gain - gain_0)
+        out["structure"].append(structure - structure_0)
+        common = min(gain, gain_0)
+        if common > 0:
+            out["structure_at_equal_gain"].append(
+                structure_at_gain(run, common) - structure_at_gain(other, common)
+            )
+    return out
+
+
+def plot_structure_pareto(runs: dict[str, list[dict]], path: Path) -> None:
+    """Structure kept against reward gained along training: each arm's probes averaged over seeds, the final
+    point with ±1 standard error on both axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for label, seeds_runs in runs.items():
+        gains = torch.tensor(
+            [[p["reward"] - r["points"][0]["reward"] for p in r["points"]] for r in seeds_runs]
+        )
+        structure = torch.tensor([[p["structure"] for p in r["points"]] for r in seeds_runs])
+        line = axis.plot(gains.mean(0), structure.mean(0), marker="o", markersize=3, label=label)[0]
+        if len(seeds_runs) > 1:
+            root_n = len(seeds_runs) ** 0.5
+            axis.errorbar(
+                gains.mean(0)[-1],
+                structure.mean(0)[-1],
+                xerr=gains[:, -1].std() / root_n,
+                yerr=structure[:, -1].std() / root_n,
+                color=line.get_color(),
+            )
+    axis.set(
+        xlabel="red-channel reward gained (evaluation samples)",
+        ylabel="structure kept (edge correlation with the base sample)",
+        title="tiny:scenes, global red-channel reward",
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def report_vipo_structure(runs: dict[str, list[dict]]) -> list[str]:
+    plot_structure_pareto(runs, OUT / "vipo_structure_pareto.png")
+    lines = [
+        "| Method | seeds | red-channel gain | structure kept | adherence change | train time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, seeds_runs in runs.items():
+        gains = [structure_gain(r)[0] for r in seeds_runs]
+        kept = [structure_gain(r)[1] for r in seeds_runs]
+        adherence = [r["points"][-1]["adherence"] - r["points"][0]["adherence"] for r in seeds_runs]
+        seconds = statistics.mean(r["seconds"] for r in seeds_runs)
+        lines.append(
+            f"| {label} | {len(seeds_runs)} | {mean_se(gains, 4)} | {mean_se(kept)} | {mean_se(adherence)} | {seconds:.0f} s |"
+        )
+    lines += [
+        "",
+        "| Method − GRPO (paired by seed) | seeds | red-channel gain | structure kept | structure at equal gain |",
+        "|---|---|---|---|---|",
+    ]
+    for label in runs:
+        if label == "GRPO" or "GRPO" not in runs:
+            continue
+        paired = paired_structure(runs, label)
+        lines.append(
+            f"| {label} | {len(paired['gain'])} | {mean_se(paired['gain'], 4)} | {mean_se(paired['structure'])} | "
+            f"{mean_se(paired['structure_at_equal_gain'])} |"
+        )
+    return lines
+
+
 PARTS = {
     "grpo": (run_grpo, report_grpo),
     "bpgo": (run_bpgo, report_bpgo),
@@ -977,6 +1223,7 @@ PARTS = {
     "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
     "bpgo_judge_ablation": (run_bpgo_judge_ablation, judge_tables),
     "bpgo_uncertainty": (run_bpgo_uncertainty, report_bpgo_uncertainty),
+    "vipo_structure": (run_vipo_structure, report_vipo_structure),
 }
 
 

@@ -415,9 +415,18 @@ def _shapes_features_backbone() -> VisionBackbone:
     return shapes_backbone()
 
 
+def _scenes_features_backbone() -> VisionBackbone:
+    """``tiny:scenes-features``: the ``tiny:scenes`` VAE encoder's features
+    (:func:`trl_visual.miniature.structure.scenes_backbone`), which see backgrounds as well as shapes."""
+    from .miniature.structure import scenes_backbone
+
+    return scenes_backbone()
+
+
 NAMED_BACKBONES: dict[str, Any] = {
     "tiny:dinov2": _tiny_dinov2_backbone,
     "tiny:shapes-features": _shapes_features_backbone,
+    "tiny:scenes-features": _scenes_features_backbone,
 }
 """Backbone names that are built offline rather than loaded from the Hub → their builders."""
 

@@ -325,6 +325,7 @@ def _checked_parser_class() -> type:
 MODEL_DEFAULTS: dict[str, str] = {
     "tiny:shapes": "trl_visual.miniature:METHOD_DEFAULTS",
     "tiny:shapes-pairs": "trl_visual.miniature:PAIRS_METHOD_DEFAULTS",
+    "tiny:scenes": "trl_visual.miniature:SCENES_METHOD_DEFAULTS",
 }
 """Model name → the ``module:attribute`` of its own training defaults (command → a dict of flag values). A
 model whose settings differ from the configs' defaults (the pretrained miniature world learns with other steps

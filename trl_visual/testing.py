@@ -44,6 +44,7 @@ from transformers import (
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .miniature.pipeline import (
+    load_scenes_pipeline,
     load_shapes_pairs_pipeline,
     load_shapes_pipeline,
     small_clip_text_config,
@@ -373,6 +374,7 @@ TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "wan-i2v": tiny_wan_i2v_pipeline,
     "shapes": load_shapes_pipeline,  # pretrained: the miniature world of trl_visual.miniature
     "shapes-pairs": load_shapes_pairs_pipeline,  # the same world with two-shape scenes
+    "scenes": load_scenes_pipeline,  # one shape over structured backgrounds (horizons, stripes, tiles)
 }
 
 

@@ -621,15 +621,119 @@ def perceptual_video_map(
     frame_maps, _ = _patch_maps(
         features.flatten(0, 1), grid, components, aggregation, smoothing_sigma, sign_rule, variant
     )
-    finite = finite_mask(features)
     frame_maps = frame_maps.view(b, f, *grid)
+    return video_maps_from_frames(
+        frame_maps, finite_mask(features), t, temporal_sigma, normalization, variant
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Controls and user maps
+# --------------------------------------------------------------------------------------------------
+
+
+def shuffle_maps(maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The maps moved to other samples of the batch: same masses, wrong places (a control for experiments).
+
+    With ``π`` a random order of the ``B ≥ 2`` samples (``torch.randperm`` on ``generator``), sample ``π_k``
+    gets the map of ``π_{k+1}`` (``π_B`` that of ``π_1``): a cyclic derangement, so no sample keeps its own map
+    and every map is used once. ``B = 2`` swaps the two maps. A batch of one is returned unchanged.
+    """
+    b = maps.shape[0]
+    if b < 2:
+        return maps
+    order = torch.randperm(b, generator=generator)
+    source = torch.empty_like(order)
+    source[order] = order.roll(-1)
+    return maps[source.to(maps.device)]
+
+
+def check_user_maps(raw: torch.Tensor, count: int) -> None:
+    """Raise unless a ``map_fn``'s output is ``(count, h, w)`` and non-negative where finite."""
+    if raw.ndim != 3 or raw.shape[0] != count:
+        raise ValueError(
+            f"map_fn must return one map per image, shape ({count}, h, w); got {tuple(raw.shape)}. For video it "
+            "receives the frames (B·F, 3, H, W) and returns (B·F, h, w)."
+        )
+    if bool((torch.nan_to_num(raw, nan=0.0) < 0).any()):
+        raise ValueError(
+            "map_fn returned negative values: a ViPO map must be >= 0 (A(p) = M(p)·A must not flip the advantage's "
+            "sign). Clamp or shift the map in map_fn."
+        )
+
+
+def function_frame_maps(raw: torch.Tensor, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """User maps ``(N, h, w)`` on the latent grid: ``M = resize(m)`` (bilinear, antialiased), and the ``(N,)``
+    finite mask; a map with a non-finite value becomes all ones. No PCA, smoothing or min-max: the final
+    normalization (:func:`normalize_map`) follows in :func:`function_map` / :func:`function_video_map`."""
+    check_user_maps(raw, raw.shape[0])
+    raw = raw.to(_work_dtype(raw))
+    finite = finite_mask(raw)
+    maps = resize_map(torch.where(finite[:, None, None], raw, torch.ones_like(raw)), grid_size)
+    return maps, finite
+
+
+def function_map(
+    raw: torch.Tensor, grid_size: int | tuple[int, int], normalization: Normalization = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps from a user's ``map_fn`` (a segmenter, a saliency model, an oracle) in place of the PCA map.
+
+    ``M = N(resize(m))`` for each map ``m ≥ 0`` ``(B, h, w)``, with ``N`` the min-max (or mean-one)
+    normalization: a binary mask stays a binary mask; a constant map becomes all ones. Returns ``(maps (B, H,
+    W), fallback (B,))`` as :func:`perceptual_map` does (non-finite maps fall back to ones).
+    """
+    _check_choice("normalization", normalization, NORMALIZATIONS)
+    maps, finite = function_frame_maps(raw, as_pair(grid_size, "grid_size"))
+    maps = normalize_map(maps, normalization)
+    return torch.where(finite[:, None, None], maps, torch.ones_like(maps)), ~finite
+
+
+def video_maps_from_frames(
+    frame_maps: torch.Tensor,
+    finite: torch.Tensor,
+    num_frames: int,
+    temporal_sigma: float = 0.3,
+    normalization: Normalization = "minmax",
+    variant: Variant = "default",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame maps ``(B, F, H, W)`` on the latent grid → ``(B, T, H, W)``: resampled along time, a temporal
+    Gaussian, the final normalization over each volume (the ``variant``'s way); a video with a non-finite
+    frame (``finite (B,)`` False) falls back to all ones. Returns ``(maps, fallback (B,))``."""
     if variant == "released":
-        maps = released_video_maps(frame_maps, t, temporal_sigma)
+        maps = released_video_maps(frame_maps, num_frames, temporal_sigma)
     else:
-        maps = gaussian_blur_time(resample_time(frame_maps, t), temporal_sigma)
+        maps = gaussian_blur_time(resample_time(frame_maps, num_frames), temporal_sigma)
     maps = _final_normalization(maps, normalization, variant)
-    maps = torch.where(finite[:, None, None, None], maps, torch.ones_like(maps))
-    return maps, ~finite
+    return torch.where(finite[:, None, None, None], maps, torch.ones_like(maps)), ~finite
+
+
+def function_video_map(
+    raw: torch.Tensor,
+    grid_size: tuple[int, int, int],
+    *,
+    temporal_sigma: float = 0.3,
+    normalization: Normalization = "minmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps of videos from a user's per-frame maps ``(B, F, h, w)``: each frame resized to the latent grid
+    (:func:`function_frame_maps`), then the video path of :func:`perceptual_video_map` (time resampling to T,
+    temporal Gaussian, normalization over the volume). Returns ``(maps (B, T, H, W), fallback (B,))``."""
+    _check_choice("normalization", normalization, NORMALIZATIONS)
+    if raw.ndim != 4 or len(grid_size) != 3:
+        raise ValueError(
+            f"raw maps must be (B, F, h, w) and grid_size (T, H, W); got {tuple(raw.shape)}, {grid_size}."
+        )
+    b, f = raw.shape[:2]
+    frame_maps, finite = function_frame_maps(
+        raw.flatten(0, 1), as_pair(tuple(grid_size[1:]), "grid_size[1:]")
+    )
+    finite = finite.view(b, f).all(dim=1)
+    return video_maps_from_frames(
+        frame_maps.view(b, f, *frame_maps.shape[-2:]),
+        finite,
+        int(grid_size[0]),
+        temporal_sigma,
+        normalization,
+    )
 
 
 def dense_policy_loss(

@@ -4,11 +4,14 @@
   (full, partial, vague), a ``datasets.Dataset`` builder and the prompt sets ``builtin:shapes`` /
   ``builtin:shapes-ambiguous`` / ``builtin:shapes-pairs``;
 - :mod:`~trl_visual.miniature.pipeline`: ``tiny:shapes``, a pretrained miniature ``StableDiffusion3Pipeline`` of
-  one-shape scenes, and ``tiny:shapes-pairs``, the same architecture trained on one- and two-shape scenes;
+  one-shape scenes, ``tiny:shapes-pairs``, the same architecture trained on one- and two-shape scenes, and
+  ``tiny:scenes``, trained on one shape over structured backgrounds (horizons, stripes, tiles);
 - :mod:`~trl_visual.miniature.classifier`: the scene classifier, and its features as the ViPO backbone
   ``tiny:shapes-features``;
 - :mod:`~trl_visual.miniature.reward`: the ``shapes_adherence`` reward (two-shape prompts judged shape by
   shape), ``shapes_purity`` and ``shapes_judge``;
+- :mod:`~trl_visual.miniature.structure`: the structured world's measure of kept structure (edge-map
+  correlation), its object-region oracle map and its ViPO backbone ``tiny:scenes-features``;
 - :mod:`~trl_visual.miniature.train` and :mod:`~trl_visual.miniature.evaluate`: the scripts that made the
   shipped weights and measure them;
 - :mod:`~trl_visual.miniature.before_after`: the picture of a GRPO run's samples, base model above and trained
@@ -54,15 +57,15 @@ makes GRPO raise ``shapes_adherence`` on it within about a minute of CPU (``docs
 A ``--config`` file and the flags override them."""
 
 
-def method_defaults(grpo: dict) -> dict[str, dict]:
+def method_defaults(grpo: dict, backbone: str = "tiny:shapes-features") -> dict[str, dict]:
     """``trl-visual <command>`` → its defaults, from a model's GRPO defaults: the same recipe for all three
     commands, each writing to its own folder (``…-grpo`` becomes ``…-bpgo``, ``…-vipo``); ViPO sees with the
-    miniature world's own backbone."""
+    miniature world's own ``backbone``."""
     stem = grpo["output_dir"].removesuffix("-grpo")
     return {
         "grpo": grpo,
         "bpgo": {**grpo, "output_dir": f"{stem}-bpgo"},
-        "vipo": {**grpo, "output_dir": f"{stem}-vipo", "backbone": "tiny:shapes-features"},
+        "vipo": {**grpo, "output_dir": f"{stem}-vipo", "backbone": backbone},
     }
 
 
@@ -83,9 +86,24 @@ default seed) without fixing attribute binding across the 576 prompts (``docs/re
 PAIRS_METHOD_DEFAULTS: dict[str, dict] = method_defaults(PAIRS_GRPO_DEFAULTS)
 """``trl-visual <command>`` → its defaults for ``tiny:shapes-pairs`` (as :data:`METHOD_DEFAULTS`)."""
 
+SCENES_GRPO_DEFAULTS: dict = {
+    **GRPO_DEFAULTS,
+    "reward_funcs": ["scenes_adherence"],
+    "output_dir": "tiny-scenes-grpo",
+}
+"""``trl-visual`` defaults for ``--model_name_or_path tiny:scenes``: :data:`GRPO_DEFAULTS` on the one-shape
+prompts, judged by the classifier trained on the structured scenes (``scenes_adherence``)."""
+
+SCENES_METHOD_DEFAULTS: dict[str, dict] = method_defaults(
+    SCENES_GRPO_DEFAULTS, backbone="tiny:scenes-features"
+)
+"""``trl-visual <command>`` → its defaults for ``tiny:scenes``; ViPO sees with ``tiny:scenes-features`` (the
+world's VAE encoder, which sees the backgrounds)."""
+
 DEFAULTS_BY_MODEL: dict[str, dict[str, dict]] = {
     "tiny:shapes": METHOD_DEFAULTS,
     "tiny:shapes-pairs": PAIRS_METHOD_DEFAULTS,
+    "tiny:scenes": SCENES_METHOD_DEFAULTS,
 }
 """Miniature model name → its ``trl-visual <command>`` defaults."""
 

@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from .classifier import ShapesClassifier, load_classifier
+from .classifier import WEIGHTS_DIR, ShapesClassifier
 from .pipeline import ONE_SHAPE, SHAPES_MODELS, load_shapes_pipeline
 from .reward import ShapesAdherence, shape_views
 from .scenes import ATTRIBUTES, full_prompts, pair_prompts, parse_objects, render_batch
@@ -32,11 +32,12 @@ def classifier_accuracy(
     num_scenes: int = 512,
     seed: int = HELD_OUT_SEED,
     two_shape_fraction: float = 0.0,
+    backgrounds: bool = False,
 ) -> dict[str, float]:
-    """Fraction of the shapes of freshly rendered scenes whose attribute the classifier gets right (on the view
-    of its half, in a two-shape scene), per attribute."""
+    """Fraction of the shapes of freshly rendered scenes (over structured backgrounds with ``backgrounds``) whose
+    attribute the classifier gets right (on the view of its half, in a two-shape scene), per attribute."""
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    images, scenes = render_batch(num_scenes, generator, rng, two_shape_fraction)
+    images, scenes = render_batch(num_scenes, generator, rng, two_shape_fraction, backgrounds)
     views, _ = shape_views(images, [[shape.position for shape in scene.objects] for scene in scenes])
     predicted = classifier.predict(views)
     shapes = [shape for scene in scenes for shape in scene.objects]
@@ -112,9 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = SHAPES_MODELS[args.model]
-    reward = ShapesAdherence()
-    classifier = load_classifier()
-    accuracy = classifier_accuracy(classifier, args.num_scenes, two_shape_fraction=model.two_shape_fraction)
+    reward = ShapesAdherence(WEIGHTS_DIR / model.classifier_file)
+    accuracy = classifier_accuracy(
+        reward.classifier,
+        args.num_scenes,
+        two_shape_fraction=model.two_shape_fraction,
+        backgrounds=model.backgrounds,
+    )
     print("classifier on held-out scenes:", accuracy, flush=True)
     pipeline = load_shapes_pipeline(args.weights_dir, model=model)
     pipeline.set_progress_bar_config(disable=True)

@@ -74,6 +74,10 @@ class ShapesModel:
     transformer_file: str
     two_shape_fraction: float
     """The share of two-shape scenes in the training pool."""
+    backgrounds: bool = False
+    """Whether its scenes are painted over structured backgrounds (horizons, stripes, tiles)."""
+    classifier_file: str = "classifier.safetensors"
+    """The scene classifier that judges its samples (``shapes_adherence``)."""
 
 
 ONE_SHAPE = ShapesModel(
@@ -96,7 +100,20 @@ TWO_SHAPES = ShapesModel(
     two_shape_fraction=0.5,
 )
 """``tiny:shapes-pairs``: one or two shapes per scene, half and half (captions of up to 15 words)."""
-SHAPES_MODELS: dict[str, ShapesModel] = {model.name: model for model in (ONE_SHAPE, TWO_SHAPES)}
+SCENES = ShapesModel(
+    "tiny:scenes",
+    VOCABULARY,
+    CLIP_MAX_LENGTH,
+    T5_MAX_LENGTH,
+    vae_file="vae_scenes.safetensors",
+    transformer_file="transformer_scenes.safetensors",
+    two_shape_fraction=0.0,
+    backgrounds=True,
+    classifier_file="classifier_scenes.safetensors",
+)
+"""``tiny:scenes``: one shape per scene over a structured background (a horizon, stripes or tiles) that the
+captions do not name; the one-shape captions and text towers of ``tiny:shapes``."""
+SHAPES_MODELS: dict[str, ShapesModel] = {model.name: model for model in (ONE_SHAPE, TWO_SHAPES, SCENES)}
 """The miniature models by name."""
 
 
@@ -317,3 +334,9 @@ def load_shapes_pairs_pipeline(
 ) -> StableDiffusion3Pipeline:
     """``tiny:shapes-pairs``: the pretrained miniature SD3 of one- and two-shape scenes (:data:`TWO_SHAPES`)."""
     return load_shapes_pipeline(weights_dir, seed, TWO_SHAPES)
+
+
+def load_scenes_pipeline(weights_dir: str | Path | None = None, seed: int = 0) -> StableDiffusion3Pipeline:
+    """``tiny:scenes``: the pretrained miniature SD3 of one-shape scenes over structured backgrounds
+    (:data:`SCENES`)."""
+    return load_shapes_pipeline(weights_dir, seed, SCENES)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..rewards.registry import register_reward
 from ..rewards.variants import prompt_variants, score_variants
-from .classifier import load_classifier
+from .classifier import WEIGHTS_DIR, load_classifier
 from .scenes import ATTRIBUTES, BACKGROUND, IMAGE_SIZE, parse_objects
 
 Objects = list[dict[str, str]]
@@ -189,6 +189,18 @@ class ShapesAdherence(nn.Module):
                 score = score * probabilities[name][i, ATTRIBUTES[name].index(value)]
             scores.append(float(score))
         return scores
+
+
+@register_reward("scenes_adherence")
+class ScenesAdherence(ShapesAdherence):
+    """``shapes_adherence`` for ``tiny:scenes``: the same product of the named attributes' probabilities, from the
+    classifier trained on shapes over structured backgrounds (``classifier_scenes.safetensors``), which the
+    ``tiny:shapes`` classifier never saw."""
+
+    def __init__(self, weights: str | Path | None = None) -> None:
+        from .pipeline import SCENES
+
+        super().__init__(weights if weights is not None else WEIGHTS_DIR / SCENES.classifier_file)
 
 
 @register_reward("shapes_judge")

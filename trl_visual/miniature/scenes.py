@@ -142,6 +142,62 @@ class ScenePair:
         return " and ".join(shape.caption(named) for shape in self.objects)
 
 
+BACKGROUNDS: tuple[str, ...] = ("horizon", "stripes", "tiles")
+"""The structured backgrounds of ``tiny:scenes``: a horizon (sky above, ground below), vertical stripes, tiles."""
+SKY, GROUND = (0.6, 0.68, 0.78), (0.4, 0.32, 0.26)
+"""A horizon's two bands (saturation under 0.2, below every shape colour's 0.65 to 0.8)."""
+STRIPE_TONES = TILE_TONES = ((0.2, 0.2, 0.22), (0.42, 0.42, 0.4))
+"""The two alternating tones of stripes and of tiles (greys, apart from every shape colour)."""
+STRIPE_WIDTH, TILE_SIZE = 4, 8
+"""A stripe's width and a tile's side, in pixels (one and two latent cells of the 8×8 latent grid)."""
+HORIZON_ROWS = (12, 21)
+"""The rows (first, last + 1) where a horizon's ground may begin."""
+
+
+@dataclass(frozen=True)
+class StructuredScene:
+    """A scene (one or two shapes) painted over a structured background: ``background`` names its kind
+    (:data:`BACKGROUNDS`) and ``offset`` places it (the first ground row of a horizon; the phase, in pixels, of
+    stripes and tiles). Captions are the scene's own: the background is not named."""
+
+    scene: Scene | ScenePair
+    background: str
+    offset: int
+
+    @property
+    def objects(self) -> tuple[Scene, ...]:
+        """The shapes of the scene."""
+        return self.scene.objects
+
+    def caption(self, named: tuple[str, ...] = FULL) -> str:
+        """The caption of the shapes (:meth:`Scene.caption`)."""
+        return self.scene.caption(named)
+
+
+def random_background(rng: random.Random) -> tuple[str, int]:
+    """A background kind, uniform over :data:`BACKGROUNDS`, and its offset, uniform over its range."""
+    kind = rng.choice(BACKGROUNDS)
+    offset = rng.randrange(*HORIZON_ROWS) if kind == "horizon" else rng.randrange(2 * STRIPE_WIDTH)
+    return kind, offset
+
+
+def render_background(background: str, offset: int) -> torch.Tensor:
+    """The background ``(3, 32, 32)``: ``horizon``: :data:`SKY` on rows ``< offset``, :data:`GROUND` below;
+    ``stripes``: tone ``⌊(col + offset) / 4⌋ mod 2`` of :data:`STRIPE_TONES`; ``tiles``: tone
+    ``(⌊(row + offset) / 8⌋ + ⌊(col + offset) / 8⌋) mod 2`` of :data:`TILE_TONES`."""
+    index = torch.arange(IMAGE_SIZE)
+    rows, cols = torch.meshgrid(index, index, indexing="ij")
+    if background == "horizon":
+        which, tones = (rows >= offset).long(), (SKY, GROUND)
+    elif background == "stripes":
+        which, tones = ((cols + offset) // STRIPE_WIDTH) % 2, STRIPE_TONES
+    elif background == "tiles":
+        which, tones = ((rows + offset) // TILE_SIZE + (cols + offset) // TILE_SIZE) % 2, TILE_TONES
+    else:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}.")
+    return torch.tensor(tones, dtype=torch.float32).T[:, which]
+
+
 def all_scenes() -> list[Scene]:
     """Every combination of the attribute values (4 × 3 × 2 × 4 = 96 scenes)."""
     return [
@@ -165,10 +221,15 @@ def all_pairs() -> list[ScenePair]:
     ]
 
 
-def random_scene(rng: random.Random, two_shape_fraction: float = 0.0) -> Scene | ScenePair:
+def random_scene(
+    rng: random.Random, two_shape_fraction: float = 0.0, backgrounds: bool = False
+) -> Scene | ScenePair | StructuredScene:
     """A scene with each attribute drawn uniformly; with probability ``two_shape_fraction`` a two-shape scene
     (layout, order, and each shape's colour and shape drawn uniformly). At 0 no extra number is drawn, so the
-    one-shape scenes of a seed are what they always were."""
+    one-shape scenes of a seed are what they always were. With ``backgrounds``, the scene is then painted over
+    a :func:`random_background` (drawn after the shapes)."""
+    if backgrounds:
+        return StructuredScene(random_scene(rng, two_shape_fraction), *random_background(rng))
     if two_shape_fraction > 0 and rng.random() < two_shape_fraction:
         first, second = rng.choice(PAIR_LAYOUTS)
         if rng.random() < 0.5:
@@ -196,13 +257,19 @@ def _shape_mask(shape: str, rows: torch.Tensor, cols: torch.Tensor, extent: floa
     return (0.5 - distance).clamp(0, 1)
 
 
-def render_scene(scene: Scene | ScenePair, generator: torch.Generator | None = None) -> torch.Tensor:
+def render_scene(
+    scene: Scene | ScenePair | StructuredScene, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Draw ``scene`` as a float image ``(3, 32, 32)`` in [0, 1].
 
     Each shape's centre is its nominal position plus a jitter uniform in ``[−2, 2]`` pixels per axis, drawn
-    from ``generator`` (no jitter without one); the shapes are painted in turn, ``x ← x + (colour − x)·mask``.
+    from ``generator`` (no jitter without one); the shapes are painted in turn, ``x ← x + (colour − x)·mask``,
+    over the plain :data:`BACKGROUND` (or a :class:`StructuredScene`'s :func:`render_background`).
     """
-    image = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, IMAGE_SIZE, IMAGE_SIZE)
+    if isinstance(scene, StructuredScene):
+        image = render_background(scene.background, scene.offset)
+    else:
+        image = torch.tensor(BACKGROUND).view(3, 1, 1).expand(3, IMAGE_SIZE, IMAGE_SIZE)
     for shape in scene.objects:
         image = image + (torch.tensor(COLOURS[shape.colour]).view(3, 1, 1) - image) * _placed_mask(
             shape, generator
@@ -279,11 +346,16 @@ def shapes_dataset(
 
 
 def render_batch(
-    num_scenes: int, generator: torch.Generator, rng: random.Random, two_shape_fraction: float = 0.0
-) -> tuple[torch.Tensor, list[Scene | ScenePair]]:
-    """``num_scenes`` random scenes (a fraction ``two_shape_fraction`` of two-shape ones, on average) as a tensor
-    ``(N, 3, 32, 32)`` and their records (the training scripts' fast path: no PIL round trip)."""
-    scenes = [random_scene(rng, two_shape_fraction) for _ in range(num_scenes)]
+    num_scenes: int,
+    generator: torch.Generator,
+    rng: random.Random,
+    two_shape_fraction: float = 0.0,
+    backgrounds: bool = False,
+) -> tuple[torch.Tensor, list[Scene | ScenePair | StructuredScene]]:
+    """``num_scenes`` random scenes (a fraction ``two_shape_fraction`` of two-shape ones, on average; over
+    structured backgrounds with ``backgrounds``) as a tensor ``(N, 3, 32, 32)`` and their records (the training
+    scripts' fast path: no PIL round trip)."""
+    scenes = [random_scene(rng, two_shape_fraction, backgrounds) for _ in range(num_scenes)]
     return torch.stack([render_scene(s, generator) for s in scenes]), scenes
 
 

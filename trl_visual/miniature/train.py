@@ -8,7 +8,9 @@ Each part is deterministic given ``--seed`` and the thread count (``--threads``,
 machine one thread is faster than two). The parts run in order classifier → VAE → transformer for
 ``tiny:shapes``, then VAE → transformer for ``tiny:shapes-pairs`` (``--part pairs``, or ``pairs-vae`` or
 ``pairs-transformer`` alone: the same objectives on a pool of twice as many scenes, half of them two-shape
-scenes, with that model's longer text). A transformer trains on latents of its VAE found in ``--output_dir``.
+scenes, with that model's longer text), and the classifier → VAE → transformer of ``tiny:scenes`` (``--part scenes``,
+or ``scenes-classifier``, ``scenes-vae``, ``scenes-transformer``: the same objectives on 8,192 one-shape scenes over
+structured backgrounds). A transformer trains on latents of its VAE found in ``--output_dir``.
 
 Objectives:
 
@@ -36,6 +38,7 @@ from safetensors.torch import save_file
 from .classifier import CLASSIFIER_FILE, ShapesClassifier
 from .pipeline import (
     ONE_SHAPE,
+    SCENES,
     TWO_SHAPES,
     ShapesModel,
     build_shapes_pipeline,
@@ -43,7 +46,7 @@ from .pipeline import (
     build_vae,
     load_vae,
 )
-from .scenes import ATTRIBUTES, Scene, ScenePair, random_caption, render_batch
+from .scenes import ATTRIBUTES, Scene, ScenePair, StructuredScene, random_caption, render_batch
 
 NUM_SCENES = 4096
 """Size of the rendered scene pool each part of ``tiny:shapes`` trains on (twice that for ``tiny:shapes-pairs``,
@@ -51,22 +54,28 @@ whose 576 two-shape scenes are six times the one-shape world's 96)."""
 
 
 def scene_pool(
-    seed: int, num_scenes: int = NUM_SCENES, two_shape_fraction: float = 0.0
+    seed: int, num_scenes: int = NUM_SCENES, two_shape_fraction: float = 0.0, backgrounds: bool = False
 ) -> tuple[torch.Tensor, list[Scene | ScenePair]]:
-    """``num_scenes`` rendered scenes ``(N, 3, 32, 32)`` and their records, fixed by ``seed``."""
+    """``num_scenes`` rendered scenes ``(N, 3, 32, 32)`` and their records, fixed by ``seed`` (over structured
+    backgrounds with ``backgrounds``)."""
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-    return render_batch(num_scenes, generator, rng, two_shape_fraction)
+    return render_batch(num_scenes, generator, rng, two_shape_fraction, backgrounds)
+
+
+def model_pool(seed: int, model: ShapesModel) -> tuple[torch.Tensor, list[Scene | ScenePair]]:
+    """``model``'s scene pool (:func:`pool_size` scenes of its kind), fixed by ``seed``."""
+    return scene_pool(seed, pool_size(model), model.two_shape_fraction, model.backgrounds)
 
 
 def pool_size(model: ShapesModel) -> int:
-    """The scene pool of ``model``: :data:`NUM_SCENES`, doubled when it draws two-shape scenes."""
-    return NUM_SCENES * (2 if model.two_shape_fraction > 0 else 1)
+    """The scene pool of ``model``: :data:`NUM_SCENES`, doubled when it draws two-shape scenes or backgrounds."""
+    return NUM_SCENES * (2 if model.two_shape_fraction > 0 or model.backgrounds else 1)
 
 
-def attribute_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    """Class index of each scene's value, per attribute."""
+def attribute_labels(scenes: list[Scene | StructuredScene]) -> dict[str, torch.Tensor]:
+    """Class index of each (one-shape) scene's value, per attribute."""
     return {
-        name: torch.tensor([values.index(getattr(s, name)) for s in scenes])
+        name: torch.tensor([values.index(getattr(s.objects[0], name)) for s in scenes])
         for name, values in ATTRIBUTES.items()
     }
 
@@ -83,10 +92,12 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
 
 
-def train_classifier(seed: int, steps: int, batch_size: int = 128) -> ShapesClassifier:
-    """Train :class:`ShapesClassifier` on the scene pool (see the module docstring for the objective)."""
+def train_classifier(
+    seed: int, steps: int, batch_size: int = 128, model: ShapesModel = ONE_SHAPE
+) -> ShapesClassifier:
+    """Train :class:`ShapesClassifier` on ``model``'s scene pool (see the module docstring for the objective)."""
     torch.manual_seed(seed)
-    images, scenes = scene_pool(seed)
+    images, scenes = model_pool(seed, model)
     labels = attribute_labels(scenes)
     model = ShapesClassifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -106,7 +117,7 @@ def train_classifier(seed: int, steps: int, batch_size: int = 128) -> ShapesClas
 def train_vae(seed: int, steps: int, batch_size: int = 32, model: ShapesModel = ONE_SHAPE):
     """Train the miniature ``AutoencoderKL`` on ``model``'s scene pool and set its latent shift and scale."""
     torch.manual_seed(seed)
-    images, _ = scene_pool(seed + 10, pool_size(model), model.two_shape_fraction)
+    images, _ = model_pool(seed + 10, model)
     vae = build_vae().train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 11)
@@ -162,7 +173,7 @@ def train_transformer(
     torch.manual_seed(seed)
     transformer = build_transformer().train()
     pipeline = build_shapes_pipeline(transformer, vae, model)
-    images, scenes = scene_pool(seed + 20, pool_size(model), model.two_shape_fraction)
+    images, scenes = model_pool(seed + 20, model)
     with torch.no_grad():
         latents = torch.cat(
             [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, len(images), 256)]
@@ -224,9 +235,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--part",
-        choices=("all", "classifier", "vae", "transformer", "pairs", "pairs-vae", "pairs-transformer"),
+        choices=(
+            "all",
+            "classifier",
+            "vae",
+            "transformer",
+            "pairs",
+            "pairs-vae",
+            "pairs-transformer",
+            "scenes",
+            "scenes-classifier",
+            "scenes-vae",
+            "scenes-transformer",
+        ),
         default="all",
-        help="all: every part; pairs: tiny:shapes-pairs' VAE, then its transformer",
+        help="all: every part; pairs: tiny:shapes-pairs' VAE, then its transformer; scenes: tiny:scenes' "
+        "classifier, VAE and transformer",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=Path, default=Path(__file__).parent / "weights")
@@ -236,17 +260,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--transformer_steps", type=int, default=1200)
     parser.add_argument("--pairs_vae_steps", type=int, default=800)
     parser.add_argument("--pairs_transformer_steps", type=int, default=6000)
+    parser.add_argument("--scenes_classifier_steps", type=int, default=600)
+    parser.add_argument("--scenes_vae_steps", type=int, default=800)
+    parser.add_argument("--scenes_transformer_steps", type=int, default=1000)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "classifier"):
         _save(train_classifier(args.seed, args.classifier_steps), args.output_dir / CLASSIFIER_FILE)
-    for model, vae_steps, transformer_steps in (
-        (ONE_SHAPE, args.vae_steps, args.transformer_steps),
-        (TWO_SHAPES, args.pairs_vae_steps, args.pairs_transformer_steps),
+    for model, prefix, vae_steps, transformer_steps in (
+        (ONE_SHAPE, "", args.vae_steps, args.transformer_steps),
+        (TWO_SHAPES, "pairs-", args.pairs_vae_steps, args.pairs_transformer_steps),
+        (SCENES, "scenes-", args.scenes_vae_steps, args.scenes_transformer_steps),
     ):
-        prefix = "" if model is ONE_SHAPE else "pairs-"
-        both = ("all", "pairs") if prefix else ("all",)
+        both = ("all", prefix[:-1]) if prefix else ("all",)
+        if model is SCENES and args.part in (*both, "scenes-classifier"):
+            classifier = train_classifier(args.seed, args.scenes_classifier_steps, model=SCENES)
+            _save(classifier, args.output_dir / SCENES.classifier_file)
         if args.part in (*both, prefix + "vae"):
             vae = train_vae(args.seed, vae_steps, model=model)
             scaling = {k: str(vae.config[k]) for k in ("shift_factor", "scaling_factor")}

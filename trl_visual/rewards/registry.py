@@ -21,6 +21,7 @@ LAZY_REWARDS: dict[str, str] = {
     "shapes_adherence": "trl_visual.miniature.reward",
     "shapes_purity": "trl_visual.miniature.reward",
     "shapes_judge": "trl_visual.miniature.reward",
+    "scenes_adherence": "trl_visual.miniature.reward",
 }
 """Built-in reward name → the module that registers it when imported."""
 

@@ -11,6 +11,9 @@ MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
 DENSE_LEVELS: tuple[str, ...] = ("position", "sample")
 BACKBONE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 MULTI_OBJECTIVE_LOSSES: tuple[str, ...] = ("sum", "per_reward")
+MAP_AGGREGATIONS: tuple[str, ...] = (*AGGREGATIONS, "shuffled", "oracle")
+"""The PCA aggregations and the two controls: ``"shuffled"`` (another sample's map) and ``"oracle"`` (the
+reward's own region)."""
 
 
 @dataclass
@@ -56,7 +59,19 @@ class ViPOConfig(DiffusionGRPOConfig):
         default="weighted",
         metadata={
             "help": "How components become one map: 'weighted' by explained variance (the paper), 'average', "
-            "'first_pc', or 'ones' (all-ones map: GRPO with a per-position ratio; no backbone is loaded)."
+            "'first_pc', or 'ones' (all-ones map: GRPO with a per-position ratio; no backbone is loaded). Controls "
+            "for experiments: 'shuffled' (the 'weighted' map, or map_fn's, of another sample of the batch: same mass, "
+            "wrong place) and 'oracle' (the region of the reward function that declares one, a `region` attribute; "
+            "no backbone is loaded)."
+        },
+    )
+    map_fn: str | None = field(
+        default=None,
+        metadata={
+            "help": "A registered map function used instead of the backbone's PCA map: (images (N, 3, H, W) in [0, 1], "
+            "prompts) -> maps (N, h, w) >= 0, resized to the latent grid and normalized by `map_normalization` "
+            "(video: called per frame). Built in: 'tiny:scenes-objects' (the miniature world's object region from "
+            "the prompt). From Python pass any callable as ViPOTrainer(map_fn=...)."
         },
     )
     sign_rule: str = field(
@@ -117,7 +132,12 @@ class ViPOConfig(DiffusionGRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("aggregation", self.aggregation, AGGREGATIONS)
+        check_choice("aggregation", self.aggregation, MAP_AGGREGATIONS)
+        if self.aggregation == "shuffled" and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                "aggregation='shuffled' moves each map to another sample of the batch, which needs "
+                f"per_device_train_batch_size >= 2 (got {self.per_device_train_batch_size})."
+            )
         check_choice("sign_rule", self.sign_rule, SIGN_RULES)
         check_choice("map_normalization", self.map_normalization, NORMALIZATIONS)
         if self.backbone_dtype is not None:

@@ -14,19 +14,24 @@ from datasets import Dataset, IterableDataset
 
 from ..backbones import VisionBackbone, is_named_backbone, named_backbone
 from ..core.vipo import (
+    check_user_maps,
     dense_policy_loss,
+    function_map,
+    function_video_map,
     heat_overlay,
     per_reward_advantages,
     perceptual_map,
     perceptual_video_map,
     pool_to_tokens,
     reward_map_advantages,
+    shuffle_maps,
     spread_advantages,
 )
 from ..images import to_pil
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, PolicyLoss
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media
+from .map_functions import MapFunction, named_map_fn
 from .rollout import Rollouts
 from .vipo_config import ViPOConfig
 
@@ -59,6 +64,12 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     built and checked once, before the pipeline is loaded; a map that cannot be built at a step (the
     backbone raises, features are not finite) falls back to all ones, is counted in
     ``vipo/map_fallbacks`` and warned about once per cause.
+
+    ``map_fn`` (a callable, or a name registered with :func:`~trl_visual.trainer.map_functions.register_map_fn`)
+    overrides ``args.map_fn``: a function ``(images (N, 3, H, W) in [0, 1], prompts) → (N, h, w)`` maps ``≥ 0``
+    used instead of the backbone's PCA map (video: called on the frames, one prompt per frame). Controls:
+    ``aggregation="shuffled"`` gives each sample another sample's map, ``aggregation="oracle"`` the region of
+    the reward function that declares one (a ``region`` attribute with ``map_fn``'s signature).
     """
 
     _tag_names = ["trl-visual", "diffusion-grpo", "vipo"]
@@ -67,16 +78,26 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     config_class = ViPOConfig
 
     def __init__(
-        self, *args: Any, backbone: str | os.PathLike | torch.nn.Module | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        backbone: str | os.PathLike | torch.nn.Module | None = None,
+        map_fn: MapFunction | str | None = None,
+        **kwargs: Any,
     ):
         """:class:`DiffusionGRPOTrainer`'s arguments (``model``, ``reward_funcs``, ``args``, ``train_dataset``,
-        …), and ``backbone``, which overrides ``args.backbone`` (see the class docstring)."""
+        …), ``backbone``, which overrides ``args.backbone``, and ``map_fn``, which overrides ``args.map_fn``
+        (see the class docstring)."""
         self._backbone_source = backbone
+        self._map_fn_source = map_fn
+        self.map_fn: MapFunction | None = None
         super().__init__(*args, **kwargs)
         if self.backbone is not None:
             self.backbone.to(self.accelerator.device)
         self.position_grid, self.token_patch_size = self._position_layout()
         self._warned: set[str] = set()
+        self._shuffle_generator = torch.Generator().manual_seed(
+            self.args.seed + self.accelerator.process_index
+        )
 
     # ------------------------------------------------------------------------------------------------
     # Set-up
@@ -84,14 +105,33 @@ class ViPOTrainer(DiffusionGRPOTrainer):
     def _prepare_method(self, args: ViPOConfig, train_dataset: Dataset | IterableDataset | None) -> None:
         """The backbone is built and checked before the pipeline loads: fail fast."""
         super()._prepare_method(args, train_dataset)
-        self.backbone = self._build_backbone(self._backbone_source, args)
+        if self._map_fn_source is not None or args.map_fn is not None:
+            self._check_map_fn_options(args)
+        self.backbone = self._build_backbone(self._backbone_source, args, self._uses_backbone(args))
+
+    def _uses_backbone(self, args: ViPOConfig) -> bool:
+        """Only PCA maps need the backbone: not ``aggregation="ones"`` or ``"oracle"``, nor a ``map_fn``."""
+        user_map = self._map_fn_source is not None or args.map_fn is not None
+        return args.aggregation not in ("ones", "oracle") and not user_map
+
+    @staticmethod
+    def _check_map_fn_options(args: ViPOConfig) -> None:
+        """A ``map_fn`` replaces the PCA map: it combines with ``aggregation`` "weighted" (the default: used as
+        is) or "shuffled" (moved to other samples), with nothing else."""
+        if args.aggregation not in ("weighted", "shuffled"):
+            raise ValueError(
+                f"`map_fn` replaces the PCA map, so `aggregation={args.aggregation!r}` has no meaning with it. Leave "
+                "`aggregation` at 'weighted' (the map as map_fn gives it) or set 'shuffled' (each sample gets another "
+                "sample's map), or drop `map_fn`."
+            )
 
     @staticmethod
     def _build_backbone(
-        backbone: str | os.PathLike | torch.nn.Module | None, args: ViPOConfig
+        backbone: str | os.PathLike | torch.nn.Module | None, args: ViPOConfig, needed: bool = True
     ) -> VisionBackbone | None:
-        """The frozen backbone (``None`` for ``aggregation="ones"``, which needs none)."""
-        if args.aggregation == "ones":
+        """The frozen backbone (``None`` when the maps need none: ``aggregation="ones"``/``"oracle"``, a
+        ``map_fn``)."""
+        if not needed:
             return None
         source = backbone if backbone is not None else args.backbone
         if is_named_backbone(source):  # "tiny:shapes-features", as the CLI takes it
@@ -132,6 +172,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         map would be constant, all ones, and ViPO would silently be GRPO. Checked before any sampling, for
         backbones whose patch size is known (transformers models; user modules report their own grid)."""
         super()._check_resolution(args)
+        self.map_fn = self._resolve_map_fn(args)
         if self.backbone is None or not self.backbone.patch_size:
             return
         patch = self.backbone.patch_size
@@ -145,6 +186,31 @@ class ViPOTrainer(DiffusionGRPOTrainer):
                 f"`backbone_image_size` to at least {2 * patch} (or leave it unset to use the samples' size), raise "
                 "`height`/`width`, or use a backbone with smaller patches."
             )
+
+    def _resolve_map_fn(self, args: ViPOConfig) -> MapFunction | None:
+        """The function that makes the maps instead of the backbone: the trainer's ``map_fn``, else the config's
+        (a registered name), else, for ``aggregation="oracle"``, the ``region`` of the first reward function
+        that has one. Resolved before any sampling, so that a missing region fails fast."""
+        source = self._map_fn_source if self._map_fn_source is not None else args.map_fn
+        if isinstance(source, str):
+            return named_map_fn(source)
+        if source is not None:
+            if not callable(source):
+                raise TypeError(
+                    f"`map_fn` must be callable (images, prompts) -> (N, h, w) maps, got {source!r}."
+                )
+            return source
+        if args.aggregation != "oracle":
+            return None
+        regions = [getattr(reward, "region", None) for reward in self.reward_funcs]
+        found = [region for region in regions if callable(region)]
+        if not found:
+            raise ValueError(
+                "aggregation='oracle' needs a reward function that knows its region: a `region(images, prompts)` "
+                f"attribute returning (N, h, w) maps. None of {self.reward_names} has one. Give the reward a "
+                "`region`, or pass the map as `map_fn`."
+            )
+        return found[0]
 
     def _position_layout(self) -> tuple[tuple[int, ...], int]:
         """The latent position grid (``(H, W)`` or ``(T, H, W)``) and the latent pixels per token side.
@@ -182,7 +248,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         args = self.args
         options = dict(
             components=args.pca_components,
-            aggregation=args.aggregation,
+            aggregation="weighted" if args.aggregation == "shuffled" else args.aggregation,
             smoothing_sigma=args.smoothing_sigma,
             sign_rule=args.sign_rule,
             normalization=args.map_normalization,
@@ -198,15 +264,53 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         )
         return (pool_to_tokens(maps, p) if p > 1 else maps), fallback
 
+    def _maps_from_function(
+        self, samples: torch.Tensor, prompts: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``map_fn``'s maps on the latent position grid (:func:`function_map`, :func:`function_video_map`):
+        images ``(B, 3, H, W)`` → ``(B, h, w)``; videos: frames ``(B·F, 3, H, W)``, each with its video's prompt."""
+        args = self.args
+        if samples.ndim == 5:
+            b, f = samples.shape[:2]
+            frame_prompts = [prompt for prompt in prompts for _ in range(f)]
+            raw = torch.as_tensor(self.map_fn(samples.flatten(0, 1), frame_prompts), device=samples.device)
+            check_user_maps(raw, b * f)
+            return function_video_map(
+                raw.unflatten(0, (b, f)),
+                self.position_grid,
+                temporal_sigma=args.temporal_sigma,
+                normalization=args.map_normalization,
+            )
+        p = self.token_patch_size
+        raw = torch.as_tensor(self.map_fn(samples, list(prompts)), device=samples.device)
+        grid = (self.position_grid[0] * p, self.position_grid[1] * p)
+        maps, fallback = function_map(raw, grid, args.map_normalization)
+        return (pool_to_tokens(maps, p) if p > 1 else maps), fallback
+
     @torch.no_grad()
-    def compute_maps(self, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Perceptual maps of decoded samples on the latent position grid.
+    def compute_maps(
+        self, samples: torch.Tensor, prompts: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps of decoded samples on the latent position grid: the backbone's PCA map, or ``map_fn``'s (which
+        gets ``prompts``), moved to other samples of the batch with ``aggregation="shuffled"``
+        (:func:`shuffle_maps`).
 
         Returns ``(maps (B, *grid), fallback (B,) bool)``. A sample whose map cannot be built gets all ones
         (the whole batch when the backbone raises) and ``fallback = True``.
         """
+        maps, fallback = self._unshuffled_maps(samples, prompts)
+        if self.args.aggregation == "shuffled":
+            maps = shuffle_maps(maps, self._shuffle_generator)
+        return maps, fallback
+
+    def _unshuffled_maps(
+        self, samples: torch.Tensor, prompts: list[str] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = samples.shape[0]
         ones = torch.ones(batch, *self.position_grid, device=samples.device)
+        if self.map_fn is not None:
+            maps, fallback = self._maps_from_function(samples, prompts or [""] * batch)
+            return maps.float(), fallback
         if self.backbone is None:  # aggregation="ones"
             return ones, torch.zeros(batch, dtype=torch.bool, device=samples.device)
         try:
@@ -263,7 +367,7 @@ class ViPOTrainer(DiffusionGRPOTrainer):
         group-relative advantages of ``M(p) · R`` (:func:`reward_map_advantages`). The maps are kept in
         ``maps``, their figures (``vipo/map_mean|std|fallbacks``) in ``metrics``.
         """
-        maps, fallback = self.compute_maps(rollouts.samples)
+        maps, fallback = self.compute_maps(rollouts.samples, rollouts.prompts)
         metrics = {**advantages.metrics, **self._map_metrics(maps, fallback)}
         if self.args.map_target == "reward":
             shaped = self._reward_target_advantages(advantages.reward, self._loss_maps(maps))
