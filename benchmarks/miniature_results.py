@@ -650,6 +650,9 @@ def kind_gain(run: dict, kind: str) -> float:
 def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
     """Clean gains per prompt kind (mean ± SE), the same paired by seed with GRPO (mean difference ± SE, and
     whether it exceeds 2 SE), the RAS weights per kind, and the picture of weight against ambiguity share."""
+    runs = {
+        label: runs[label] for label in METHOD_KEYS if runs.get(label)
+    }  # GRPO first, whatever the file order
     plot_weights_vs_ambiguity(runs, OUT / "bpgo_uncertainty_weights.png")
     lines = [
         "| Method | seeds | eval gain, full captions | eval gain, partial captions |",
