@@ -8,9 +8,9 @@ VENV=.venv-floors
 rm -rf "$VENV"
 python3 -m venv "$VENV"
 . "$VENV/bin/activate"
-python .ci/make_floors_constraints.py --check
 pip install -q torch==2.13.0
 pip install -q -c .ci/floors-constraints.txt -e . "pytest>=8" pytest-xdist
+python .ci/make_floors_constraints.py --check
 python - <<'PY'
 from importlib.metadata import version
 from pathlib import Path

@@ -5,7 +5,7 @@ A private name can move or change its signature in any release. ``tests/test_ups
 :data:`PRIVATE_NAMES` against the installed versions (the newest in the main CI job, the declared floors in the
 floors job), so a release that breaks one fails with the name and the version instead of deep inside training.
 
-Checked against transformers 5.3.0 and 5.25.0, TRL 1.0.0 and 1.16.0, accelerate 1.4.0 and 1.16.0 (the floors in
+Checked against transformers 5.3.0 and 5.25.0, TRL 1.0.0 and 1.16.0, accelerate 1.6.0 and 1.16.0 (the floors in
 ``setup.cfg`` and the newest releases on 2026-12-07). When a name is missing from an older release we still
 support, it gets a small fallback here (e.g. :func:`is_async_callable`) rather than a raised floor.
 """
