@@ -98,12 +98,13 @@ def test_accelerate_launch_arguments_parse_with_accelerates_parser():
     assert args.training_script_args == ["grpo", "--config", "run.yaml", "--max_steps", "3"]
 
 
-def test_main_hands_the_command_to_accelerate_launch(monkeypatch):
+def test_main_hands_the_command_to_accelerate_launch(monkeypatch, tmp_path):
     launched = []
     monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
-    assert main(["grpo", "--accelerate_config", "zero3", "--config", "run.yaml"]) == 0
+    config = _run_yaml(tmp_path)  # the command's files are checked before launching
+    assert main(["grpo", "--accelerate_config", "zero3", "--config", config]) == 0
     assert launched[0].config_file == str(shipped_config_path("zero3"))
-    assert launched[0].training_script_args == ["grpo", "--config", "run.yaml"]
+    assert launched[0].training_script_args == ["grpo", "--config", config]
 
 
 def _run_yaml(tmp_path, **extra):

@@ -81,7 +81,7 @@ def test_shift_sigmas_formula_and_errors():
     torch.testing.assert_close(shift_sigmas(sigmas, 1.0), sigmas)
     with pytest.raises(ValueError, match="positive"):
         shift_sigmas(sigmas, 0.0)
-    with pytest.raises(ValueError, match="time_shift.*positive"):
+    with pytest.raises(ValueError, match=r"time_shift.*must be in \(0, 1000\]"):
         DiffusionGRPOConfig(output_dir="/tmp/x", time_shift=-1.0, report_to="none")
 
 
