@@ -285,10 +285,20 @@ def parser_names(parser: argparse.ArgumentParser) -> set[str]:
 
 def yaml_value(action: argparse.Action, value: Any) -> Any:
     """A YAML value for ``action``, as the flag would give it: a single string where a list is expected becomes a
-    one-element list (``reward_funcs: red_channel``); a float for an integer field is refused (argparse converts
+    one-element list (``reward_funcs: red_channel``), a reward given as a mapping (``{vlm_judge: {batch_size: 8}}``)
+    becomes its spec string (``vlm_judge(batch_size=8)``); a float for an integer field is refused (argparse converts
     only strings, so ``max_steps: 2.7`` would otherwise reach the trainer as a float)."""
-    if action.nargs in ("+", "*") and isinstance(value, str):
-        return [value]
+    if action.nargs in ("+", "*") and isinstance(value, str | dict):
+        value = [value]
+    if action.dest.endswith("reward_funcs") and isinstance(value, list):
+        from .rewards.arguments import reward_entry_spec
+
+        try:  # {vlm_judge: {batch_size: 8}} -> "vlm_judge(batch_size=8)"
+            value = [reward_entry_spec(entry) for entry in value]
+        except ValueError as error:
+            raise UsageError(f"`{action.dest}` in the YAML config: {error}") from None
+    if action.nargs in ("+", "*"):
+        return value
     if action.type is int and isinstance(value, float):
         whole = f" Write {int(value)}." if value.is_integer() else ""
         raise UsageError(f"`{action.dest}` must be a whole number; got {value!r} in the YAML config.{whole}")
@@ -409,23 +419,25 @@ def _import_reward_module(location: str, spec: str) -> Any:
 
 def resolve_reward_spec(spec: str) -> Callable[..., Any]:
     """A reward from the command line: a registered name, or ``module.path:function`` (also
-    ``path/to/file.py:function``). A class found this way is instantiated with no arguments.
+    ``path/to/file.py:function``). A class found this way is instantiated with no arguments, or with those of a
+    call-like spec, ``name(key=value, ...)`` (:mod:`trl_visual.rewards.arguments`).
 
     Raises:
         ValueError: an unknown name, or a module or attribute that cannot be found (the message says
             which, and lists the registered names).
     """
-    from .rewards import REWARD_REGISTRY, resolve_reward
+    from .rewards import REWARD_REGISTRY, instantiate_reward, resolve_reward, split_reward_call
 
-    if spec in REWARD_REGISTRY:
+    base, kwargs = split_reward_call(spec)  # "name(key=value, ...)": a class's arguments
+    if base in REWARD_REGISTRY:
         return resolve_reward(spec)
     known = ", ".join(sorted(REWARD_REGISTRY))
-    if ":" not in spec:
+    if ":" not in base:
         raise ValueError(
             f"Unknown reward {spec!r}. Registered rewards: {known}. For your own function pass "
             "'module.path:function' (importable) or 'path/to/file.py:function'."
         )
-    location, _, attribute = spec.rpartition(":")
+    location, _, attribute = base.rpartition(":")
     module = (
         _module_from_file(location, spec)
         if location.endswith(".py")
@@ -437,7 +449,11 @@ def resolve_reward_spec(spec: str) -> Callable[..., Any]:
             raise ValueError(f"Reward {spec!r}: {location!r} has no attribute {attribute!r}.")
         target = getattr(target, part)
     if inspect.isclass(target):
-        target = target()
+        target = instantiate_reward(target, kwargs, spec)
+    elif kwargs:
+        raise ValueError(
+            f"Reward {spec!r}: {attribute!r} is not a class, so it takes no arguments; drop them."
+        )
     if not callable(target):
         raise ValueError(f"Reward {spec!r} is a {type(target).__name__}, not a callable.")
     return target

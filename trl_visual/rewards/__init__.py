@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import builtin
+from .arguments import instantiate_reward, split_reward_call
 from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
 from .registry import REWARD_REGISTRY, register_reward
 
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
     from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
     from .hps import HPSv2Reward
     from .image_reward import ImageRewardReward
+    from .remote import HTTPScoreReward, OpenAIJudgeReward
     from .video import CLIPVideoScoreReward, FrameAveraged
+    from .vlm_judge import VLMJudgeReward
 
 RewardFunc = Callable[..., Any]
 
@@ -36,6 +39,9 @@ _LAZY_CLASSES = {
     "ImageRewardReward": ".image_reward",
     "CLIPVideoScoreReward": ".video",
     "FrameAveraged": ".video",
+    "VLMJudgeReward": ".vlm_judge",
+    "OpenAIJudgeReward": ".remote",
+    "HTTPScoreReward": ".remote",
 }
 """Public reward classes imported on first access (``from trl_visual.rewards import PickScoreReward``)."""
 
@@ -47,15 +53,25 @@ def __getattr__(name: str) -> Any:
 
 
 def resolve_reward(reward: str | RewardFunc) -> RewardFunc:
-    """A reward given by registry name becomes the reward object; a callable is returned as it is."""
+    """A reward given by registry name becomes the reward object; a callable is returned as it is.
+
+    A registered class is instantiated with no arguments, or with those of a call-like spec,
+    ``"vlm_judge(model_name_or_path=org/model, batch_size=8)"`` (:mod:`trl_visual.rewards.arguments`)."""
     if callable(reward):
         return reward
     if isinstance(reward, str):
-        if reward not in REWARD_REGISTRY:
+        name, kwargs = split_reward_call(reward)
+        if name not in REWARD_REGISTRY:
             known = ", ".join(sorted(REWARD_REGISTRY))
-            raise ValueError(f"Unknown reward {reward!r}. Registered rewards: {known}; or pass any callable.")
-        entry = REWARD_REGISTRY[reward]
-        return entry() if inspect.isclass(entry) else entry
+            raise ValueError(f"Unknown reward {name!r}. Registered rewards: {known}; or pass any callable.")
+        entry = REWARD_REGISTRY[name]
+        if inspect.isclass(entry):
+            return instantiate_reward(entry, kwargs, reward)
+        if kwargs:
+            raise ValueError(
+                f"Reward spec {reward!r}: {name!r} is a function, it takes no arguments; drop them."
+            )
+        return entry
     raise TypeError(f"A reward must be a callable or a registered name, not {type(reward).__name__}.")
 
 
@@ -75,15 +91,20 @@ __all__ = [
     "CLIPVideoScoreReward",
     "FrameAveraged",
     "HPSv2Reward",
+    "HTTPScoreReward",
     "ImageRewardReward",
+    "OpenAIJudgeReward",
     "PickScoreReward",
     "REWARD_REGISTRY",
     "RewardFunc",
+    "VLMJudgeReward",
     "builtin",
+    "instantiate_reward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "red_channel",
     "register_reward",
     "resolve_reward",
+    "split_reward_call",
     "reward_name",
 ]
