@@ -310,6 +310,8 @@ def test_the_api_key_is_sent_but_never_kept_printed_or_saved(serve, monkeypatch,
         seen.append(headers["Authorization"])
         if headers["Authorization"] != f"Bearer {SECRET}":
             return 401, {"error": "bad key"}
+        if path == "/score":
+            return redness_server(path, body, headers)
         return judge_by_prompt_number(path, {"messages": [{"content": [{"text": "p2?"}]}]}, headers)
 
     server = serve(check_key)
@@ -320,12 +322,15 @@ def test_the_api_key_is_sent_but_never_kept_printed_or_saved(serve, monkeypatch,
     assert SECRET not in repr(judge) and SECRET.encode() not in pickle.dumps(judge)
     assert SECRET not in json.dumps(vars(judge), default=str)
     with caplog.at_level(logging.DEBUG):
-        trainer = make_trainer(tmp_path, reward=judge, eval_reward_funcs=None, max_steps=2, save_strategy="steps",
+        scorer = HTTPScoreReward(server.url + "/score", api_key_env="TRLV_TEST_KEY")
+        trainer = make_trainer(tmp_path, reward=[judge, scorer], eval_reward_funcs=None, max_steps=2, save_strategy="steps",
                                save_steps=1, logging_steps=1, report_to="none")  # fmt: skip
         trainer.train()
         trainer.save_model()
     assert seen and all(value == f"Bearer {SECRET}" for value in seen)
     assert trainer.state.log_history[0]["rewards/openai_judge/mean"] == pytest.approx(0.4)
+    assert 0 < trainer.state.log_history[0]["rewards/http_reward/mean"] < 1  # the images' mean redness
+    assert {path for path, _, _ in server.requests} == {"/v1/chat/completions", "/score"}
     files = [path for path in (tmp_path / "out").rglob("*") if path.is_file()]
     assert any(path.name == "training_args.bin" for path in files)
     assert not [path for path in files if SECRET.encode() in path.read_bytes()]
