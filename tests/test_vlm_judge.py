@@ -10,7 +10,7 @@ from trl_visual.cli import parse_args, resolve_reward_spec, run
 from trl_visual.core.interpretations import interpretation_mean_var
 from trl_visual.rewards import REWARD_REGISTRY, VLMJudgeReward, resolve_reward, split_reward_call
 from trl_visual.rewards.judging import DEFAULT_TEMPLATE
-from trl_visual.testing import save_tiny_vlm_judge
+from trl_visual.testing import TINY_VLM_CHAT_TEMPLATE, save_tiny_vlm_judge
 from trl_visual.trainer.reward_calls import check_reward_interpretations
 
 QUESTION = "Does this {media} show: {prompt}? Answer yes or no."
@@ -187,11 +187,34 @@ def test_a_processor_without_chat_template_is_refused_before_the_model_loads(tmp
     with pytest.raises(ValueError, match=r"has no chat template.*-Instruct.*chat_template=") as error:
         VLMJudgeReward(path)
     assert "\n" not in str(error.value) and not loaded
-    from trl_visual.testing import TINY_VLM_CHAT_TEMPLATE
+    monkeypatch.undo()
+    given = VLMJudgeReward(path, chat_template=TINY_VLM_CHAT_TEMPLATE)  # the fix the message names
+    images = torch.rand(1, 3, 32, 32)
+    assert given(["a cat"], images) == pytest.approx([hand_written_score(given, "a cat", images)], abs=1e-5)
 
-    given = VLMJudgeReward.__new__(VLMJudgeReward)  # the fix named in the message works
-    processor = VLMJudgeReward._load_processor(given, path, TINY_VLM_CHAT_TEMPLATE)
-    assert processor.chat_template == TINY_VLM_CHAT_TEMPLATE
+
+def test_video_mode_hands_the_processor_one_video_per_sample(judge_path, monkeypatch):
+    """`video_mode="video"` puts one video slot in the turn and gives the processor `videos=` (a list of frames per
+    sample); the tiny SmolVLM has no video processor, so the processor is stubbed to see what it is given."""
+    judge = VLMJudgeReward(judge_path, num_frames=2, video_mode="video")
+    assert judge.conversation("q", 2, "video")[0]["content"] == [
+        {"type": "video"},
+        {"type": "text", "text": "q"},
+    ]
+    assert judge.conversation("q", 2, "image")[0]["content"][0] == {"type": "image"}
+    seen = {}
+
+    def stub(self, text, **kwargs):
+        seen.update(kwargs, text=text)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(type(judge.processor), "__call__", stub)
+    monkeypatch.setattr(type(judge.processor), "apply_chat_template", lambda self, turns, **kw: str(turns))
+    with pytest.raises(ValueError, match="refused the judge's inputs .* try video_mode='frames'"):
+        judge(["rain", "snow"], videos=torch.rand(2, 5, 3, 16, 16))
+    assert "images" not in seen and [len(frames) for frames in seen["videos"]] == [2, 2]
+    assert all(frame.size == (16, 16) for frames in seen["videos"] for frame in frames)
+    assert "'type': 'video'" in seen["text"][0] and "Does this video show: rain?" in seen["text"][0]
 
 
 def test_a_processor_that_refuses_the_image_size_names_image_size(judge_path, monkeypatch):

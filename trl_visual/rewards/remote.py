@@ -265,11 +265,16 @@ class OpenAIJudgeReward(RemoteReward):
     Args:
         base_url: the API root, e.g. ``http://localhost:8000/v1`` for ``vllm serve``.
         model: the served model's name, as the server lists it at ``/v1/models``.
-        templates, answers, system_prompt: as for :class:`~trl_visual.rewards.vlm_judge.VLMJudgeReward`.
+        templates: the question, or several (one interpretation each), with ``{prompt}`` and ``{media}``, as for
+            :class:`~trl_visual.rewards.vlm_judge.VLMJudgeReward`.
+        answers: the positive and the negative answer word.
+        system_prompt: an optional system message before the question.
         top_logprobs: how many alternatives the server returns for the first token (vLLM allows 20 unless
             started with a larger ``--max-logprobs``).
         api_key_env: the environment variable holding the API key (``None``: send none).
-        timeout: seconds one request may take; ``max_retries`` tries more, ``backoff · 2^n`` seconds apart.
+        timeout: seconds one request may take.
+        max_retries: how many times a request is tried again after a connection error or HTTP 429/5xx.
+        backoff: the first wait between tries, in seconds; it doubles each time (at most 30 s).
         max_concurrency: the most requests in flight at once.
         image_format: ``"png"`` (lossless) or ``"jpeg"``.
         num_frames: frames sent per video, evenly spaced.
@@ -386,8 +391,14 @@ class HTTPScoreReward(RemoteReward):
         url: the scoring endpoint, e.g. ``http://localhost:8000/score``.
         model: sent as ``"model"`` for a service that serves several.
         batch_size: the most samples per request.
-        api_key_env, timeout, max_retries, backoff, max_concurrency, image_format, num_frames, name: as for
-            :class:`OpenAIJudgeReward`; ``name`` is ``http_reward`` by default.
+        api_key_env: the environment variable holding the API key (``None``: send none).
+        timeout: seconds one request may take.
+        max_retries: how many times a request is tried again after a connection error or HTTP 429/5xx.
+        backoff: the first wait between tries, in seconds; it doubles each time (at most 30 s).
+        max_concurrency: the most requests in flight at once.
+        image_format: ``"png"`` (lossless) or ``"jpeg"``.
+        num_frames: frames sent per video, evenly spaced.
+        name: the metric name; ``http_reward`` by default.
     """
 
     name = "http_reward"
