@@ -364,3 +364,16 @@ def test_the_api_key_is_sent_but_never_kept_printed_or_saved(serve, monkeypatch,
 def test_bad_settings_are_refused_before_any_request(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HTTPScoreReward(**kwargs)
+
+
+def test_a_misspelt_server_setting_in_a_spec_lists_the_settings():
+    with pytest.raises(
+        ValueError, match=r"OpenAIJudgeReward takes no argument 'timout'; it takes base_url, .*, timeout,"
+    ):
+        resolve_reward("openai_judge(base_url=http://localhost:8000/v1, timout=3)")
+    judge = resolve_reward("openai_judge(base_url=http://judge:8000/v1/, timeout=3, max_concurrency=2)")
+    assert (judge.url, judge.timeout, judge.max_concurrency) == (
+        "http://judge:8000/v1/chat/completions",
+        3,
+        2,
+    )

@@ -57,41 +57,40 @@ def matrix():
     return found
 
 
+def cells(matrix, levels=LEVELS):
+    """``(row label / level, cell)`` for every cell of the levels' columns."""
+    for name, rows in matrix.items():
+        for row in rows:
+            for level in levels:
+                yield f"{row[name]} / {level}", row[level]
+
+
 def test_every_cited_test_and_benchmark_exists(matrix):
     missing = []
-    for rows in matrix.values():
-        for row in rows:
-            for level in LEVELS:
-                for path, name, parameter in TEST.findall(row[level]):
-                    source = ROOT / path
-                    text = source.read_text() if source.is_file() else ""
-                    if not re.search(rf"^def {name}\(", text, re.MULTILINE):
-                        missing.append(f"{path}::{name}")
-                    elif parameter and not re.search(rf"[\"']{re.escape(parameter)}[\"']", text):
-                        missing.append(f"{path}::{name}[{parameter}] (no such parameter)")
-                missing += [path for path in BENCHMARK.findall(row[level]) if not (ROOT / path).is_file()]
-                missing += [path for path in RECORD.findall(row[level]) if not (ROOT / path).is_file()]
+    for _, cell in cells(matrix):
+        for path, name, parameter in TEST.findall(cell):
+            source = ROOT / path
+            text = source.read_text() if source.is_file() else ""
+            if not re.search(rf"^def {name}\(", text, re.MULTILINE):
+                missing.append(f"{path}::{name}")
+            elif parameter and not re.search(rf"[\"']{re.escape(parameter)}[\"']", text):
+                missing.append(f"{path}::{name}[{parameter}] (no such parameter)")
+        missing += [
+            path for path in BENCHMARK.findall(cell) + RECORD.findall(cell) if not (ROOT / path).is_file()
+        ]
     assert not missing, f"docs/support.md cites what does not exist: {missing}"
 
 
 def test_every_cell_is_a_citation_or_not_yet(matrix):
     bare = [
-        f"{row[name]} / {level}: {row[level]!r}"
-        for name, rows in matrix.items()
-        for row in rows
-        for level in LEVELS
-        if row[level] != "not yet" and not citations(row[level])
+        f"{where}: {cell!r}" for where, cell in cells(matrix) if cell != "not yet" and not citations(cell)
     ]
     assert not bare, f"cells that neither cite a test or benchmark nor say 'not yet': {bare}"
 
 
 def test_no_gpu_level_without_a_recorded_run(matrix):
     claimed = [
-        f"{row[name]} / {level}"
-        for name, rows in matrix.items()
-        for row in rows
-        for level in GPU_LEVELS
-        if row[level] != "not yet" and not RECORD.findall(row[level])
+        where for where, cell in cells(matrix, GPU_LEVELS) if cell != "not yet" and not RECORD.findall(cell)
     ]
     assert not claimed, f"GPU levels claimed without a record under docs/records/: {claimed}"
 

@@ -93,21 +93,35 @@ def _yaml_value(text: str, spec: str) -> Any:
         ) from None
 
 
+def accepted_arguments(cls: type) -> list[str] | None:
+    """The keyword arguments ``cls(...)`` takes: those of its ``__init__``, and, where that passes ``**kwargs`` on
+    (``**server``), those of its bases' in turn; ``None`` when the chain ends in a catch-all."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        parameters = inspect.signature(klass.__init__).parameters.values()
+        names += [
+            p.name
+            for p in parameters
+            if p.name != "self"
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.name not in names
+        ]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
 def instantiate_reward(cls: type, kwargs: dict[str, Any], spec: str) -> Callable[..., Any]:
     """``cls(**kwargs)``, with an argument the class does not take named in a one-line error listing those it
     does, before anything is loaded."""
-    parameters = inspect.signature(cls).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    accepted = [
-        name
-        for name, p in parameters.items()
-        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    ]
-    unknown = [key for key in kwargs if key not in accepted]
-    if unknown and not takes_any:
+    accepted = accepted_arguments(cls)
+    unknown = [key for key in kwargs if accepted is not None and key not in accepted]
+    if unknown:
         raise ValueError(
             f"Reward spec {spec!r}: {cls.__name__} takes no argument {', '.join(map(repr, unknown))}; it takes "
-            f"{', '.join(accepted) or 'no arguments'}."
+            f"{', '.join(accepted or []) or 'no arguments'}."
         )
     return cls(**kwargs)
 

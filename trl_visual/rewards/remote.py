@@ -85,7 +85,18 @@ class RemoteReward:
     the concurrency limit, and the ``async`` call that sends a batch's requests and keeps their order.
 
     Subclasses say which requests a batch makes (:meth:`requests`) and how an answer becomes scores
-    (:meth:`parse`).
+    (:meth:`parse`), and pass these server settings through (``**server``).
+
+    Args:
+        url: the endpoint every request is posted to.
+        api_key_env: the environment variable holding the API key (``None``: send none).
+        timeout: seconds one request may take.
+        max_retries: how many times a request is tried again after a connection error or HTTP 429/5xx.
+        backoff: the first wait between tries, in seconds; it doubles each time (at most 30 s).
+        max_concurrency: the most requests in flight at once.
+        image_format: ``"png"`` (lossless) or ``"jpeg"``.
+        num_frames: frames sent per video, evenly spaced.
+        name: the metric name; the class's ``name`` by default.
     """
 
     name = "remote_reward"
@@ -93,6 +104,7 @@ class RemoteReward:
     def __init__(
         self,
         url: str,
+        /,
         *,
         api_key_env: str | None = None,
         timeout: float = 60.0,
@@ -271,14 +283,8 @@ class OpenAIJudgeReward(RemoteReward):
         system_prompt: an optional system message before the question.
         top_logprobs: how many alternatives the server returns for the first token (vLLM allows 20 unless
             started with a larger ``--max-logprobs``).
-        api_key_env: the environment variable holding the API key (``None``: send none).
-        timeout: seconds one request may take.
-        max_retries: how many times a request is tried again after a connection error or HTTP 429/5xx.
-        backoff: the first wait between tries, in seconds; it doubles each time (at most 30 s).
-        max_concurrency: the most requests in flight at once.
-        image_format: ``"png"`` (lossless) or ``"jpeg"``.
-        num_frames: frames sent per video, evenly spaced.
-        name: the metric name; ``openai_judge`` by default.
+        **server: the server settings of :class:`RemoteReward` (``api_key_env``, ``timeout``, ``max_retries``,
+            ``backoff``, ``max_concurrency``, ``image_format``, ``num_frames``, ``name``).
     """
 
     name = "openai_judge"
@@ -292,27 +298,10 @@ class OpenAIJudgeReward(RemoteReward):
         answers: Sequence[str] = DEFAULT_ANSWERS,
         system_prompt: str | None = None,
         top_logprobs: int = 20,
-        api_key_env: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_concurrency: int = 8,
-        image_format: str = "png",
-        num_frames: int = 4,
-        name: str | None = None,
+        **server: Any,
     ) -> None:
         url = base_url.rstrip("/") + "/chat/completions" if isinstance(base_url, str) else base_url
-        super().__init__(
-            url,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_concurrency=max_concurrency,
-            image_format=image_format,
-            num_frames=num_frames,
-            name=name,
-        )
+        super().__init__(url, **server)
         if not isinstance(top_logprobs, int) or top_logprobs < 1:
             raise ValueError(f"top_logprobs must be a positive integer, got {top_logprobs!r}.")
         self.model, self.top_logprobs, self.system_prompt = model, top_logprobs, system_prompt
@@ -391,14 +380,8 @@ class HTTPScoreReward(RemoteReward):
         url: the scoring endpoint, e.g. ``http://localhost:8000/score``.
         model: sent as ``"model"`` for a service that serves several.
         batch_size: the most samples per request.
-        api_key_env: the environment variable holding the API key (``None``: send none).
-        timeout: seconds one request may take.
-        max_retries: how many times a request is tried again after a connection error or HTTP 429/5xx.
-        backoff: the first wait between tries, in seconds; it doubles each time (at most 30 s).
-        max_concurrency: the most requests in flight at once.
-        image_format: ``"png"`` (lossless) or ``"jpeg"``.
-        num_frames: frames sent per video, evenly spaced.
-        name: the metric name; ``http_reward`` by default.
+        **server: the server settings of :class:`RemoteReward` (``api_key_env``, ``timeout``, ``max_retries``,
+            ``backoff``, ``max_concurrency``, ``image_format``, ``num_frames``, ``name``).
     """
 
     name = "http_reward"
@@ -409,26 +392,9 @@ class HTTPScoreReward(RemoteReward):
         *,
         model: str | None = None,
         batch_size: int = 16,
-        api_key_env: str | None = None,
-        timeout: float = 60.0,
-        max_retries: int = 3,
-        backoff: float = 0.5,
-        max_concurrency: int = 8,
-        image_format: str = "png",
-        num_frames: int = 4,
-        name: str | None = None,
+        **server: Any,
     ) -> None:
-        super().__init__(
-            url,
-            api_key_env=api_key_env,
-            timeout=timeout,
-            max_retries=max_retries,
-            backoff=backoff,
-            max_concurrency=max_concurrency,
-            image_format=image_format,
-            num_frames=num_frames,
-            name=name,
-        )
+        super().__init__(url, **server)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         self.model, self.batch_size = model, batch_size

@@ -213,20 +213,6 @@ class VLMJudgeReward(RewardModel):
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
         return model.eval().requires_grad_(False)
 
-    def train(self, mode: bool = True) -> VLMJudgeReward:
-        """A reward stays in eval mode whatever the trainer asks."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        """The device the model's weights are on."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the model's weights are in."""
-        return next(self.model.parameters()).dtype
-
     # -- scoring ------------------------------------------------------------------------------------------------
     def score_batch(
         self, prompts: list[str], images: Tensor | None, videos: Tensor | None, columns: dict[str, Any]
