@@ -172,6 +172,7 @@ def test_cli_trains_bpgo_on_the_judges_interpretations_from_a_yaml(tmp_path, jud
         ({"templates": "Is {prompt} in {place}?"}, r"cannot be filled .* write a literal brace twice"),
         ({"video_mode": "clip"}, r"video_mode must be one of"),
         ({"batch_size": 0}, r"batch_size must be a positive integer"),
+        ({"dtype": "float8"}, r"Unknown reward dtype 'float8'; use one of"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_that_name_the_fix(judge_path, kwargs, message):

@@ -144,6 +144,7 @@ class VLMJudgeReward(RewardModel):
         name: str | None = None,
     ) -> None:
         super().__init__()
+        resolve_dtype(dtype)  # an unknown dtype is refused before anything loads
         self.templates = check_templates(templates)
         positive, negative = check_answers(answers)
         check_batch_size(batch_size)
@@ -188,9 +189,8 @@ class VLMJudgeReward(RewardModel):
                 f"{name_or_path!r} has no image-text processor (AutoProcessor gave {type(processor).__name__}); the "
                 "judge needs an image-text-to-text checkpoint, e.g. Qwen/Qwen2.5-VL-3B-Instruct."
             )
-        if chat_template is not None:
-            processor.chat_template = chat_template
-        if chat_template_of(processor) is None:
+        processor.chat_template = chat_template or chat_template_of(processor)
+        if processor.chat_template is None:
             raise ValueError(
                 f"The processor of {name_or_path!r} has no chat template, so the judge cannot phrase its question as "
                 "the model expects. Use the instruction-tuned checkpoint (…-Instruct), or pass chat_template= (a "
@@ -225,8 +225,10 @@ class VLMJudgeReward(RewardModel):
                 0, frames.shape[:2]
             )
         pictures = to_uint8(frames)
-        safe_prompts = [self.protect(prompt) for prompt in prompts]
-        questions = questions_per_sample(safe_prompts, columns, self.templates, media)
+        questions = [
+            [self.protect(question) for question in row]
+            for row in questions_per_sample(prompts, columns, self.templates, media)
+        ]
         pairs = [(index, question) for index, row in enumerate(questions) for question in row]
         scores: list[float | None] = []
         for part in _chunks(len(pairs), self.batch_size):
@@ -236,13 +238,14 @@ class VLMJudgeReward(RewardModel):
             )
         return as_interpretations(scores, len(prompts))
 
-    def protect(self, prompt: str) -> str:
-        """``prompt`` with any special token written in it (``<image>``, ``<|im_end|>``) broken by a zero-width
-        space, so that a prompt's text can never add an image slot or end the user's turn."""
+    def protect(self, text: str) -> str:
+        """``text`` (a question, with its prompt in it) with any special token written in it (``<image>``,
+        ``<|im_end|>``) broken by a zero-width space, so that a prompt's text can never add an image slot or end
+        the user's turn."""
         for token in self._protected:
-            if token in prompt:
-                prompt = prompt.replace(token, token[0] + "\u200b" + token[1:])
-        return prompt
+            if token in text:
+                text = text.replace(token, token[0] + "\u200b" + token[1:])
+        return text
 
     def conversation(self, question: str, num_images: int, media: str) -> list[dict[str, Any]]:
         """One user turn: the media (``num_images`` images, or one video), then the question; after the system
