@@ -174,7 +174,7 @@ def train_transformer(
     vae = load_vae(weights_dir, model)
     torch.manual_seed(seed)
     transformer = build_transformer().train()
-    pipeline = build_shapes_pipeline(transformer, vae, model, weights_dir)
+    pipeline = build_shapes_pipeline(transformer, vae, model)  # the shipped text towers: they are never trained
     images, scenes = model_pool(seed + 20, model)
     with torch.no_grad():
         latents = torch.cat(
