@@ -174,7 +174,8 @@ def train_transformer(
     vae = load_vae(weights_dir, model)
     torch.manual_seed(seed)
     transformer = build_transformer().train()
-    pipeline = build_shapes_pipeline(transformer, vae, model)  # the shipped text towers: they are never trained
+    # the shipped text towers: they are never trained
+    pipeline = build_shapes_pipeline(transformer, vae, model)
     images, scenes = model_pool(seed + 20, model)
     with torch.no_grad():
         latents = torch.cat(
@@ -271,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.part in ("all", "text-encoders"):
         for model in (ONE_SHAPE, TWO_SHAPES):  # tiny:scenes shares tiny:shapes' towers and file
-            save_file(text_encoders_state(seeded_text_encoders(model)), str(args.output_dir / model.text_encoders_file))
+            save_file(
+                text_encoders_state(seeded_text_encoders(model)),
+                str(args.output_dir / model.text_encoders_file),
+            )
     if args.part in ("all", "classifier"):
         _save(train_classifier(args.seed, args.classifier_steps), args.output_dir / CLASSIFIER_FILE)
     for model, prefix, vae_steps, transformer_steps in (
