@@ -1231,10 +1231,19 @@ PARTS = {
 }
 
 
+#: ``--report_steps``: merge only the saved runs of this many steps (``None``: every file of the part)
+REPORT_STEPS: list[int] = []
+
+
 def merged_runs(part: str) -> dict[str, list[dict]]:
-    """Every saved ``<part>_*.json`` (one per process), merged run list by run list."""
+    """Every saved ``<part>_*.json`` (one per process), merged run list by run list; with ``--report_steps N``
+    only the files of runs of N steps (``…_stepsN.json``)."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(OUT.glob(f"{part}_seeds*.json")):
+        if REPORT_STEPS and not any(
+            f"_steps{n}." in path.name or f"_steps{n}_" in path.name for n in REPORT_STEPS
+        ):
+            continue
         for label, seeds_runs in json.loads(path.read_text()).items():
             runs.setdefault(label, []).extend(seeds_runs)
     return runs
@@ -1459,6 +1468,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for the JSON files and the pictures.")
     parser.add_argument(
+        "--report_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="Merge only the saved runs of these numbers of steps into the tables (default: every saved file).",
+    )
+    parser.add_argument(
         "--uncertainty_methods",
         nargs="+",
         default=[],
@@ -1475,6 +1491,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     UNCERTAINTY_ONLY.extend(args.uncertainty_methods)
+    REPORT_STEPS.extend(args.report_steps)
     for assignment in args.lora_set:
         key, _, value = assignment.partition("=")
         LORA_OVERRIDES[key] = yaml_value(value)

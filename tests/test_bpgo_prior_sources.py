@@ -114,15 +114,20 @@ def test_first_frame_prior_needs_an_image_to_video_pipeline(tmp_path):
     assert trainer.state.global_step == 0
 
 
+def unloadable(tmp_path, dataset, **overrides):
+    """BPGO on a model that cannot be loaded: the error must come before any loading."""
+    return BPGOTrainer(
+        model="no-such-user/no-such-model",
+        reward_funcs="red_channel",
+        args=helpers.make_config(tmp_path, BPGOConfig, **overrides),
+        train_dataset=dataset,
+    )
+
+
 def test_first_frame_prior_needs_a_finite_dataset(tmp_path):
     streaming = Dataset.from_dict({"prompt": ["a cat"], "image": [solid("red")]}).to_iterable_dataset()
     with pytest.raises(ValueError, match="prior_source='first_frame'.*map-style Dataset"):
-        BPGOTrainer(
-            model="no-such-user/no-such-model",
-            reward_funcs="red_channel",
-            args=helpers.make_config(tmp_path, BPGOConfig, prior_source="first_frame"),
-            train_dataset=streaming,
-        )
+        unloadable(tmp_path, streaming, prior_source="first_frame")
 
 
 # -- a prior from a separate model -------------------------------------------------------------------------------
@@ -151,15 +156,22 @@ def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeyp
     starts, cached with the prior model in the fingerprint; a restart reads the cache, and a run without the
     prior model in the same output_dir estimates again."""
     data = Dataset.from_dict({"prompt": ["a cat", "a dog"], "image": [solid("red"), solid("grey")]})
-    settings = dict(max_steps=1, prior_source="base_model", prior_num_rollouts=2)
-    first = video_trainer(
-        tmp_path,
-        data,
-        model=tiny_wan_i2v_pipeline(seed=1),
-        prior_model_name_or_path="tiny:wan-i2v",
-        **settings,
-    )
-    first.train()
+
+    def run(**prior_model):
+        """One step of tiny:wan-i2v (seed 1) with base-model priors, in the same output_dir each time."""
+        trainer = video_trainer(
+            tmp_path,
+            data,
+            model=tiny_wan_i2v_pipeline(seed=1),
+            max_steps=1,
+            prior_source="base_model",
+            prior_num_rollouts=2,
+            **prior_model,
+        )
+        trainer.train()
+        return trainer
+
+    first = run(prior_model_name_or_path="tiny:wan-i2v")
     with open(tmp_path / "out" / PRIOR_CACHE_NAME) as f:
         cache = json.load(f)
     assert cache["fingerprint"]["prior_model"][0] == "tiny:wan-i2v"
@@ -173,17 +185,9 @@ def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeyp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", counting)
-    again = video_trainer(
-        tmp_path,
-        data,
-        model=tiny_wan_i2v_pipeline(seed=1),
-        prior_model_name_or_path="tiny:wan-i2v",
-        **settings,
-    )
-    again.train()
+    again = run(prior_model_name_or_path="tiny:wan-i2v")
     assert asked == [] and again.prior_store.values == first.prior_store.values
-    own = video_trainer(tmp_path, data, model=tiny_wan_i2v_pipeline(seed=1), **settings)
-    own.train()
+    own = run()
     assert asked == [None] and own.prior_store.values != first.prior_store.values
 
 
@@ -199,14 +203,9 @@ def test_prior_model_is_refused_without_the_base_model_source(tmp_path):
 def test_a_missing_prior_model_is_named_before_the_pipeline_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(Exception, match="`prior_model_name_or_path` 'no-such-user/no-such-sft'.*local path"):
-        BPGOTrainer(
-            model="no-such-user/no-such-model",
-            reward_funcs="red_channel",
-            args=helpers.make_config(
-                tmp_path,
-                BPGOConfig,
-                prior_source="base_model",
-                prior_model_name_or_path="no-such-user/no-such-sft",
-            ),
-            train_dataset=Dataset.from_dict({"prompt": ["a cat"]}),
+        unloadable(
+            tmp_path,
+            Dataset.from_dict({"prompt": ["a cat"]}),
+            prior_source="base_model",
+            prior_model_name_or_path="no-such-user/no-such-sft",
         )

@@ -4,6 +4,7 @@ interpretations ±1 apart), so ρ is 0 or 1 and the weights are known by hand; t
 whole gathered batch, not per process."""
 
 import json
+import os
 import sys
 
 import torch
@@ -13,6 +14,9 @@ from peft import LoraConfig
 from trl_visual.rewards.builtin import red_channel
 from trl_visual.trainer.bpgo_config import BPGOConfig
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+from helpers import TINY_RUN  # noqa: E402
 
 torch.set_num_threads(1)
 AMBIGUOUS = "a dog"
@@ -46,17 +50,7 @@ trainer = Recorder(
     reward_funcs=judged,
     args=BPGOConfig(
         output_dir=sys.argv[1],
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=1,
-        height=32,
-        width=32,
-        num_inference_steps=3,
-        max_sequence_length=16,
-        guidance_scale=1.0,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
+        **{**TINY_RUN, "max_steps": 1, "num_inference_steps": 3},
         use_cpu=True,
         learning_rate=1e-2,
         prior_source="column",
