@@ -649,7 +649,8 @@ def kind_gain(run: dict, kind: str) -> float:
 
 def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
     """Clean gains per prompt kind (mean ± SE), the same paired by seed with GRPO (mean difference ± SE, and
-    whether it exceeds 2 SE), the RAS weights per kind, and the picture of weight against ambiguity share."""
+    whether it exceeds 2 SE) and, for the uncertainty forms, with BPGO's paper form (the same CRT: the RAS alone
+    differs), the RAS weights per kind, and the picture of weight against ambiguity share."""
     runs = {
         label: runs[label] for label in METHOD_KEYS if runs.get(label)
     }  # GRPO first, whatever the file order
@@ -663,15 +664,26 @@ def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
             continue
         cells = [mean_se([kind_gain(r, kind) for r in seeds_runs]) for kind in ("full", "partial")]
         lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
-    grpo = {run["seed"]: run for run in runs.get("GRPO", [])}
-    lines += [
-        "",
-        "| Method | seeds | full: gain − GRPO's | > 2 SE | above GRPO | partial: gain − GRPO's | above GRPO |",
+    lines += ["", *paired_table(runs, "GRPO")]
+    uncertainty = {
+        label: r for label, r in runs.items() if "uncertainty" in label or label == "BPGO (paper form)"
+    }
+    lines += ["", *paired_table(uncertainty, "BPGO (paper form)")]  # the same CRT: only the RAS differs
+    lines += ["", *uncertainty_weight_table(runs)]
+    return lines
+
+
+def paired_table(runs: dict[str, list[dict]], reference: str) -> list[str]:
+    """Each method's clean gain minus ``reference``'s of the same seed, per prompt kind: mean ± SE, whether the
+    full-caption difference exceeds two standard errors, and on how many seeds the method is above."""
+    base = {run["seed"]: run for run in runs.get(reference, [])}
+    lines = [
+        f"| Method | seeds | full: gain − {reference}'s | > 2 SE | above | partial: gain − {reference}'s | above |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, seeds_runs in runs.items():
-        pairs = [(run, grpo[run["seed"]]) for run in seeds_runs if run["seed"] in grpo]
-        if label == "GRPO" or not pairs:
+        pairs = [(run, base[run["seed"]]) for run in seeds_runs if run["seed"] in base]
+        if label == reference or not pairs:
             continue
         cells = []
         for kind in ("full", "partial"):
@@ -682,7 +694,6 @@ def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
                 cells.append("yes" if statistics.mean(diffs) > 2 * se else "no")
             cells.append(f"{sum(d > 0 for d in diffs)}/{len(pairs)}")
         lines.append(f"| {label} | {len(pairs)} | {' | '.join(cells)} |")
-    lines += ["", *uncertainty_weight_table(runs)]
     return lines
 
 
