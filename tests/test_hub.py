@@ -27,14 +27,8 @@ from test_models import images as model_images
 from test_models import make_trainer as make_model_trainer
 
 from trl_visual import DiffusionGRPOTrainer
-from trl_visual.hub import (
-    CardSample,
-    build_model_card,
-    dataset_repo_id,
-    hub_base_model,
-    load_lora_checkpoint,
-    save_lora,
-)
+from trl_visual.hub import CardSample, build_model_card, dataset_repo_id, hub_base_model
+from trl_visual.lora_io import load_lora_checkpoint, save_lora
 from trl_visual.models import wan
 from trl_visual.testing import load_tiny_pipeline
 from trl_visual.trainer.logging_utils import captioned_grid

@@ -20,10 +20,10 @@ from trl_visual.trainer.ema import EMA_STATE_NAME, trainable_parameters
 from trl_visual.trainer.memory import (
     PromptEmbedsCache,
     decode_in_batches,
-    missing_package,
     place_frozen_modules,
     text_encoders_on,
 )
+from trl_visual.trainer.optional_packages import missing_package
 from trl_visual.trainer.rollout import PromptEncoder
 
 

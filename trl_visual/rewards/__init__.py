@@ -12,21 +12,18 @@ imported on first use, so importing this package loads neither them nor ``transf
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import builtin
 from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
 from .registry import REWARD_REGISTRY, register_reward
+from .spec import RewardFunc, resolve_reward, resolve_reward_spec
 
 if TYPE_CHECKING:
     from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
     from .hps import HPSv2Reward
     from .image_reward import ImageRewardReward
     from .video import CLIPVideoScoreReward, FrameAveraged
-
-RewardFunc = Callable[..., Any]
 
 _LAZY_CLASSES = {
     "AestheticReward": ".clip_rewards",
@@ -44,19 +41,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_CLASSES:
         return getattr(importlib.import_module(_LAZY_CLASSES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def resolve_reward(reward: str | RewardFunc) -> RewardFunc:
-    """A reward given by registry name becomes the reward object; a callable is returned as it is."""
-    if callable(reward):
-        return reward
-    if isinstance(reward, str):
-        if reward not in REWARD_REGISTRY:
-            known = ", ".join(sorted(REWARD_REGISTRY))
-            raise ValueError(f"Unknown reward {reward!r}. Registered rewards: {known}; or pass any callable.")
-        entry = REWARD_REGISTRY[reward]
-        return entry() if inspect.isclass(entry) else entry
-    raise TypeError(f"A reward must be a callable or a registered name, not {type(reward).__name__}.")
 
 
 def reward_name(reward: RewardFunc) -> str:
@@ -85,5 +69,6 @@ __all__ = [
     "red_channel",
     "register_reward",
     "resolve_reward",
+    "resolve_reward_spec",
     "reward_name",
 ]

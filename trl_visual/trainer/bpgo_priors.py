@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..core.bpgo import update_ema_prior
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
 from .diffusion_grpo_config import redact_tokens

@@ -26,16 +26,13 @@ from ..data import check_prompt_values
 from ..models import DiffusionAdapter, get_adapter
 from ..models.loading import load_pipeline
 from ..rewards import RewardFunc, reward_name
+from .denoiser import enable_vae_memory_options, prepare_denoiser
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMAMixin
 from .engines import EnginesMixin
 from .evaluation import EvaluationMixin
-from .guards import (
-    FiniteUpdatesMixin,
-    check_writable_dir,
-    remove_leftover_staging,
-)
-from .hooks import Advantages, PolicyLoss, RenamedHooksMixin, record_metrics
+from .finite_updates import FiniteUpdatesMixin
+from .hooks import Advantages, PolicyLoss, record_metrics
 from .iteration_state import checkpoint_step, iteration_of, restore_rollouts, save_iteration_rollouts
 from .logging_utils import (
     PendingMedia,
@@ -44,6 +41,7 @@ from .logging_utils import (
 )
 from .memory import check_decode_memory, place_frozen_modules
 from .model_card import ModelCardMixin
+from .output_dir import check_writable_dir, remove_leftover_staging
 from .output_lock import OutputDirLock, check_output_dir_free
 from .prompt_sampler import EpochSeededRepeatSampler
 from .reward_calls import (
@@ -77,9 +75,7 @@ from .setup_checks import (
     check_reward_weights,
     check_scheduler,
     check_trained_steps,
-    enable_vae_memory_options,
     method_config,
-    prepare_denoiser,
 )
 from .stopping import TrainingTerminated, terminate_on_sigterm
 
@@ -91,7 +87,6 @@ def _identity_collator(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class DiffusionGRPOTrainer(
-    RenamedHooksMixin,
     EMAMixin,
     EvaluationMixin,
     ModelCardMixin,

@@ -28,9 +28,9 @@ from peft import get_peft_model_state_dict
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..hub import load_lora_checkpoint, save_full_denoiser, save_lora, save_pipeline_around
+from ..lora_io import load_lora_checkpoint, save_full_denoiser, save_lora, save_pipeline_around
 from ..state_files import load_state_file, save_state_file
-from .guards import naming_a_full_disk
+from .output_dir import naming_a_full_disk
 
 
 def fsync_dir(path: str) -> None:

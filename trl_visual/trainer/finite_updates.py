@@ -1,25 +1,14 @@
-"""Guards that keep a run from failing silently, hanging, or losing what it trained.
+"""The finite-update guard: NaN/inf never reaches the weights, the optimizer state or a saved file.
 
-* :func:`check_writable_dir`: ``output_dir`` is writable, checked when the trainer is built rather than at
-  the final save;
-* :func:`check_flow_matching_sigmas`: the pipeline's scheduler gives a flow-matching schedule
-  ``1 ≥ σ_0 > … > σ_T = 0``, the only kind the SDE samplers of :mod:`trl_visual.core.sde` are written for;
-* :func:`call_with_timeout`: a synchronous reward call that gives up waiting after ``timeout`` seconds;
 * :func:`nonfinite_parameters` and :func:`nonfinite_cause`: which weights are NaN/inf, and what most likely
   made a training step non-finite, so that the error names the setting to change.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import math
 import os
-import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,144 +26,6 @@ NONFINITE_STAGES = ("samples", "log_probs", "loss", "gradients")
 class NonFiniteTrainingError(FloatingPointError):
     """Too many optimizer steps in a row had NaN/inf samples, losses or gradients; or the weights to save are
     non-finite."""
-
-
-class RewardTimeoutError(TimeoutError):
-    """A reward function did not return within ``reward_timeout`` seconds."""
-
-
-def check_writable_dir(path: str, field: str = "output_dir") -> None:
-    """Create ``path`` if needed and write (then delete) a probe file in it.
-
-    Raises:
-        PermissionError: naming ``field``, the folder and the fix, when either fails.
-    """
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".trl-visual-write-test-"):
-            pass
-    except OSError as error:
-        raise PermissionError(
-            f"`{field}` {os.path.abspath(path)!r} is not writable ({error.strerror or error}): checkpoints and the "
-            f"trained weights could not be saved there, and the run would be lost at its first save. Choose "
-            f"another `{field}`, or make that folder writable."
-        ) from error
-
-
-#: below this many free bytes, a failed write is put down to a full disk
-FULL_DISK_BYTES = 64 * 2**20
-
-
-def _free_bytes(path: str) -> int | None:
-    path = os.path.abspath(path)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def is_disk_full(error: BaseException, folder: str) -> bool:
-    """Whether ``error``, raised while writing into ``folder``, means its disk is full: ``ENOSPC``, or a write that
-    failed half-way (torch's "unexpected pos …", an ``OSError``) with almost no space left."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    if not (isinstance(error, OSError) or "unexpected pos" in str(error)):
-        return False
-    free = _free_bytes(folder)
-    return free is not None and free < FULL_DISK_BYTES
-
-
-@contextlib.contextmanager
-def naming_a_full_disk(folder: str, what: str) -> Iterator[None]:
-    """Within, an error that means the disk is full (:func:`is_disk_full`) becomes an ``OSError(ENOSPC)`` that says
-    so, with the folder, instead of torch's "unexpected pos 44736"."""
-    try:
-        yield
-    except Exception as error:
-        if not is_disk_full(error, folder):
-            raise
-        free = _free_bytes(folder)
-        raise OSError(
-            errno.ENOSPC,
-            f"The disk holding {os.path.abspath(folder)!r} is full ({(free or 0) / 2**20:.0f} MiB free): {what} could "
-            "not be written. Free some space (delete old checkpoints, lower `save_total_limit`) or choose an "
-            "`output_dir` on another disk, then resume from the last checkpoint.",
-        ) from error
-
-
-def remove_leftover_staging(output_dir: str) -> None:
-    """Delete ``output_dir/.staging``, what a checkpoint write that never finished (a full disk, a kill) left."""
-    staging = os.path.join(output_dir, ".staging")
-    if os.path.isdir(staging):
-        logger.warning(f"Removing {staging}, left by a checkpoint write that did not finish.")
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def check_flow_matching_sigmas(
-    get_sigmas: Callable[[], torch.Tensor], scheduler: Any, num_steps: int
-) -> None:
-    """Check that ``get_sigmas()`` (the adapter's schedule for ``num_steps`` steps) is a flow-matching one:
-    ``num_steps + 1`` values, decreasing, in ``[0, 1]``, ending at 0.
-
-    Raises:
-        ValueError: naming the scheduler's class and the fix, before anything is sampled.
-    """
-    name = type(scheduler).__name__
-    fix = (
-        f"The pipeline's scheduler is {name}, but trl_visual's samplers need a flow-matching scheduler "
-        "(σ from 1 down to 0, velocity prediction). Set one before training, e.g. "
-        "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder='scheduler')` "
-        "with the model's original scheduler, or `FlowMatchEulerDiscreteScheduler(shift=3.0)` for SD3."
-    )
-    try:
-        sigmas = get_sigmas().float()
-    except (AttributeError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"{fix} (It gave no flow-matching sigmas: {type(error).__name__}: {error}.)"
-        ) from error
-    valid = (
-        sigmas.numel() == num_steps + 1
-        and bool(torch.isfinite(sigmas).all())
-        and float(sigmas.max()) <= 1 + 1e-6
-        and float(sigmas[-1]) == 0.0
-        and bool((sigmas[1:] < sigmas[:-1]).all())
-    )
-    if not valid:
-        shown = [round(v, 3) for v in sigmas.tolist()[:4]]
-        raise ValueError(
-            f"{fix} (Its sigmas start {shown}, not a decreasing schedule in [0, 1] ending at 0.)"
-        )
-
-
-def call_with_timeout(
-    func: Callable[..., Any], kwargs: dict[str, Any], timeout: float | None
-) -> tuple[bool, Any]:
-    """Call ``func(**kwargs)``; return ``(True, result)``, or ``(False, None)`` when it has not returned after
-    ``timeout`` seconds (``None``: wait forever, in the calling thread). An exception it raises is re-raised.
-
-    With a timeout the call runs in a daemon thread. Python cannot stop a thread, so a call that timed out
-    keeps running in the background until the process exits (a daemon thread never holds the exit up).
-    """
-    if timeout is None:
-        return True, func(**kwargs)
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["result"] = func(**kwargs)
-        except BaseException as error:  # handed to the caller's thread below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target, name=f"reward-{getattr(func, '__name__', 'call')}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        return False, None
-    if "error" in outcome:
-        raise outcome["error"]
-    return True, outcome["result"]
 
 
 def nonfinite_parameters(module: torch.nn.Module, limit: int = 3) -> list[str]:
