@@ -11,7 +11,13 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import trl_visual
+from trl_visual.trainer.bpgo_trainer import BPGOTrainer
+from trl_visual.trainer.bpgo_vipo import BPGOViPOTrainer
+from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
+from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
 PACKAGE = Path(trl_visual.__file__).parent
 
@@ -58,7 +64,6 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
             "trl_visual.trainer.vipo_config",
             "trl_visual.trainer.hooks",
             "trl_visual.trainer.seeds",
-            "trl_visual.trainer.stopping",
             "trl_visual.trainer.output_lock",
             "trl_visual.trainer.output_dir",
             "trl_visual.trainer.optional_packages",
@@ -146,6 +151,14 @@ EDGES: dict[str, set[str]] = {
 }
 
 
+def test_the_architecture_doc_lists_the_floors_in_order():
+    """``docs/architecture.md``'s table of floors names the floors of :data:`FLOORS`, lowest first."""
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = doc.split("## The floors", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == [name for name, _ in FLOORS]
+
+
 def test_every_module_has_a_floor():
     for module in MODULES:
         floor_of(module)
@@ -226,3 +239,57 @@ def test_the_graph_is_read_from_every_kind_of_import():
 def test_production_code_reaches_the_test_pipelines_only_through_the_tiny_loader():
     importers = sorted(module for module, targets in EDGES.items() if "trl_visual.testing" in targets)
     assert importers == ["trl_visual.models.loading", "trl_visual.named_backbones"]
+
+
+TRAINERS = [DiffusionGRPOTrainer, BPGOTrainer, ViPOTrainer, BPGOViPOTrainer]
+
+
+def _trainer_methods() -> set[str]:
+    import transformers
+
+    return {
+        name
+        for name, value in vars(transformers.Trainer).items()
+        if callable(value) or isinstance(value, property)
+    }
+
+
+def test_the_trainer_has_no_mixin():
+    import transformers
+
+    assert DiffusionGRPOTrainer.__bases__ == (transformers.Trainer,)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS, ids=lambda t: t.__name__)
+def test_only_diffusion_grpo_trainer_overrides_trainer_methods(trainer):
+    """Every ``transformers.Trainer`` method we replace is replaced in one class, so the order of bases decides
+    nothing: the methods compose through the hooks."""
+    import transformers
+
+    for klass in trainer.__mro__:
+        if klass in (DiffusionGRPOTrainer, transformers.Trainer) or not klass.__module__.startswith(
+            "trl_visual"
+        ):
+            continue
+        overridden = sorted(set(vars(klass)) & _trainer_methods() - {"__init__"})
+        assert not overridden, (
+            f"{klass.__name__} overrides Trainer.{overridden}: override in DiffusionGRPOTrainer"
+        )
+
+
+def test_every_trainer_override_says_which_transformers_it_was_checked_against():
+    """Each override in DiffusionGRPOTrainer carries its maintenance note, with the versions of
+    :mod:`trl_visual._upstream` (the floor and the newest checked)."""
+    from trl_visual._upstream import CHECKED_TRANSFORMERS
+
+    note = f"Checked against transformers {CHECKED_TRANSFORMERS}"
+    overrides = sorted(set(vars(DiffusionGRPOTrainer)) & _trainer_methods() - {"__init__"})
+    assert overrides, "the trainer overrides no Trainer method?"
+    missing = [name for name in overrides if note not in (getattr(DiffusionGRPOTrainer, name).__doc__ or "")]
+    assert not missing, f"overrides without the note {note!r}: {missing}"
+
+
+def test_the_trainer_file_stays_small():
+    """The trainer orchestrates; its collaborators do the work (issue 27: at most 600 lines)."""
+    lines = (PACKAGE / "trainer" / "diffusion_grpo_trainer.py").read_text(encoding="utf-8").count("\n")
+    assert lines <= 600, f"diffusion_grpo_trainer.py has {lines} lines: move work into a collaborator"

@@ -706,7 +706,7 @@ def test_a_full_disk_says_so_and_leaves_no_staging(tmp_path, monkeypatch, failur
     def disk_full(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("trl_visual.trainer.saving.save_lora", disk_full)
+    monkeypatch.setattr("trl_visual.trainer.checkpoint_io.save_lora", disk_full)
     monkeypatch.setattr(
         "trl_visual.trainer.output_dir.shutil.disk_usage",
         lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1024),

@@ -297,8 +297,10 @@ def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch, fake
     )
     trainer.train()
     renders = []
-    original = trainer._card_pictures_for
-    monkeypatch.setattr(trainer, "_card_pictures_for", lambda *args: renders.append(1) or original(*args))
+    original = trainer.model_card.pictures_for
+    monkeypatch.setattr(
+        trainer.model_card, "pictures_for", lambda *args: renders.append(1) or original(*args)
+    )
     trainer.push_to_hub()
     assert fake_hub == ["user/tiny-grpo"] and len(renders) == 1
 
@@ -537,13 +539,13 @@ def test_base_samples_that_cannot_be_drawn_never_stop_training(tmp_path, monkeyp
         args=make_config(tmp_path, max_steps=1),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
-    original = trainer._card_samples
+    original = trainer.model_card.samples
 
     def fails_once(rows, reference):
-        monkeypatch.setattr(trainer, "_card_samples", original)
+        monkeypatch.setattr(trainer.model_card, "samples", original)
         raise ImportError("this pipeline needs `ftfy`")
 
-    monkeypatch.setattr(trainer, "_card_samples", fails_once)
+    monkeypatch.setattr(trainer.model_card, "samples", fails_once)
     with caplog.at_level("WARNING"):
         trainer.train()
     assert trainer.state.global_step == 1 and "needs `ftfy`" in caplog.text

@@ -396,7 +396,7 @@ def test_evaluation_card_and_export_use_the_ema_weights(tmp_path):
     trainer.model.register_forward_pre_hook(
         lambda m, args: during_card.append(trainable_parameters(m)[0].detach().clone())
     )
-    trainer._card_samples([{"prompt": "a cat"}], reference=False)  # the model card's "after" pictures
+    trainer.model_card.samples([{"prompt": "a cat"}], reference=False)  # the model card's "after" pictures
     assert during_card and all(torch.equal(w, trainer.ema.shadow_params[0]) for w in during_card)
     assert torch.equal(trainable_parameters(trainer.model)[0], trained[0])
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import gather
 
 if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+
+    from .diffusion_grpo_config import DiffusionGRPOConfig
     from .rollout import Rollouts
 
 logger = logging.getLogger(__name__)
@@ -97,23 +100,30 @@ def nonfinite_cause(stage: str, args: Any, global_step: int, bad_weights: list[s
     )
 
 
-class FiniteUpdatesMixin:
+class FiniteUpdateGuard:
     """The trainer's guard that NaN/inf never reaches the weights, the optimizer state or a saved file.
 
-    A rollout or loss that is non-finite records its stage (``self._nonfinite_stage``); just before
-    ``optimizer.step()`` the step is let through only if every process was finite, else skipped without
-    touching the weights or AdamW's moments. Mixed into :class:`~trl_visual.trainer.DiffusionGRPOTrainer`
-    before :class:`transformers.Trainer`, whose ``_get_grad_norm`` and ``save_model`` it extends.
+    A rollout or loss that is non-finite records its stage (:meth:`note`); just before ``optimizer.step()``
+    (``Trainer._get_grad_norm``) :meth:`guard` lets the step through only if every process was finite, else skips
+    it without touching the weights or AdamW's moments. :meth:`check_savable` refuses non-finite weights before
+    ``save_model`` writes them.
     """
 
-    _nonfinite_stage: str | None = None  # where this optimizer step first went NaN/inf, if it did
-    _consecutive_nonfinite_steps = 0
-    _stopped_checkpoint: str | None = None  # where `_save_before_stopping` saved this run's stop checkpoint
+    def __init__(self, accelerator: Accelerator, args: DiffusionGRPOConfig):
+        self.accelerator = accelerator
+        self.args = args
+        #: where this optimizer step first went NaN/inf, if it did
+        self.stage: str | None = None
+        self.consecutive = 0
 
-    def _rollouts_are_finite(self, rollouts: Rollouts) -> bool:
+    def note(self, stage: str) -> None:
+        """Record that this optimizer step went non-finite at ``stage``, unless an earlier stage already did."""
+        self.stage = self.stage or stage
+
+    def rollouts_are_finite(self, rollouts: Rollouts) -> bool:
         """Whether every process's samples and stored log-probs are finite (all processes take the same
-        decision). When not, the stage is recorded for :meth:`_guard_update` and the rewards are not called:
-        they would score NaN images, and be blamed for it."""
+        decision). When not, the stage is recorded for :meth:`guard` and the rewards are not called: they would
+        score NaN images, and be blamed for it."""
         local = torch.stack(
             [torch.isfinite(rollouts.samples).all(), torch.isfinite(rollouts.log_probs).all()]
         )
@@ -122,49 +132,48 @@ class FiniteUpdatesMixin:
         )
         if samples_finite and log_probs_finite:
             return True
-        self._nonfinite_stage = self._nonfinite_stage or ("log_probs" if samples_finite else "samples")
+        self.note("log_probs" if samples_finite else "samples")
         return False
 
-    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
-        """``Trainer`` computes the global gradient norm just before ``optimizer.step()``; the step is then
-        guarded (:meth:`_guard_update`).
-        Private ``Trainer`` override, checked against transformers 5.3.0 (the floor) and 5.25.0."""
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        self._guard_update(model, grad_norm)
-        return grad_norm
-
-    def _guard_update(self, model: torch.nn.Module, grad_norm: Any) -> None:
+    def guard(
+        self,
+        model: torch.nn.Module,
+        grad_norm: Any,
+        global_step: int,
+        skipped: list[float],
+        save_before_stopping: Callable[[], str],
+    ) -> None:
         """Let the coming optimizer step through only if this step's samples, log-probs, loss and gradients
-        were all finite on every process; otherwise skip it (:meth:`_skip_update`). Skipped steps are counted
-        in the ``nonfinite_steps`` metric (per logging interval); ``max_consecutive_nonfinite_steps`` in a row
-        raise :class:`~trl_visual.trainer.guards.NonFiniteTrainingError` naming the likely cause."""
-        stage, self._nonfinite_stage = self._nonfinite_stage, None
+        were all finite on every process; otherwise skip it (:meth:`skip_update`). Skipped steps are counted
+        in ``skipped`` (the ``nonfinite_steps`` metric, a count per logging interval);
+        ``max_consecutive_nonfinite_steps`` in a row raise :class:`NonFiniteTrainingError` naming the likely cause,
+        after ``save_before_stopping()`` (whose sentence the error carries)."""
+        stage, self.stage = self.stage, None
         if stage is None and self.accelerator.scaler is None and not math.isfinite(float(grad_norm)):
             stage = "gradients"  # under fp16's GradScaler, overflowing gradients are the scaler's to skip
         skip = bool(gather(torch.tensor([float(stage is not None)], device=self.accelerator.device)).any())
-        interval = self._metrics["train"]["nonfinite_steps"]
-        interval[:] = [(interval[0] if interval else 0.0) + skip]  # a count per log, not an average
+        skipped[:] = [(skipped[0] if skipped else 0.0) + skip]
         if not skip:
-            self._consecutive_nonfinite_steps = 0
+            self.consecutive = 0
             return
-        self._skip_update(model)
-        self._consecutive_nonfinite_steps += 1
-        steps_before = self.state.global_step + 1 - self._consecutive_nonfinite_steps
+        self.skip_update(model)
+        self.consecutive += 1
+        steps_before = global_step + 1 - self.consecutive
         cause = nonfinite_cause(stage or "gradients", self.args, steps_before, nonfinite_parameters(model))
         limit = self.args.max_consecutive_nonfinite_steps
         logger.warning(
-            f"Step {self.state.global_step + 1} skipped: non-finite {stage or 'values on another process'} "
-            f"({self._consecutive_nonfinite_steps}/{limit} in a row); likely cause: {cause}"
+            f"Step {global_step + 1} skipped: non-finite {stage or 'values on another process'} "
+            f"({self.consecutive}/{limit} in a row); likely cause: {cause}"
         )
-        if self._consecutive_nonfinite_steps >= limit:
+        if self.consecutive >= limit:
             raise NonFiniteTrainingError(
                 f"{limit} optimizer steps in a row were non-finite (NaN/inf), so training stops at step "
-                f"{self.state.global_step}; none of them changed the weights, and the checkpoints already written "
-                f"are kept.{self._save_before_stopping()} Likely cause: {cause} "
+                f"{global_step}; none of them changed the weights, and the checkpoints already written "
+                f"are kept.{save_before_stopping()} Likely cause: {cause} "
                 "(`max_consecutive_nonfinite_steps` sets how many are tolerated.)"
             )
 
-    def _skip_update(self, model: torch.nn.Module) -> None:
+    def skip_update(self, model: torch.nn.Module) -> None:
         """Make the coming ``optimizer.step()`` a no-op. Every gradient is dropped (``p.grad = None``): torch's
         optimizers skip such parameters, so the weights *and* AdamW's moments and step counts stay as they were.
         Under fp16's ``GradScaler`` (which refuses a step without gradients) they are made NaN instead, and the
@@ -175,43 +184,13 @@ class FiniteUpdatesMixin:
             else:
                 parameter.grad = None
 
-    def _save_before_stopping(self) -> str:
-        """Save what the run trained as a checkpoint ``output_dir/stopped-at-step-N`` before an error stops it,
-        so that a run without checkpoints (``save_strategy="no"``) is not lost; returns a sentence for the error
-        (empty when nothing could be saved). Saved once per run: a second call returns the same sentence.
-
-        The checkpoint is a whole one, written like ``checkpoint-N`` (staged, then renamed into place; not
-        rotated, not pushed): the weights of the last completed optimizer step, AdamW's state, the schedule,
-        the step count, the method's state and, inside an iteration, its rollouts; ``resume_from_checkpoint``
-        takes it. Only finite weights are saved, and only in a single-process run: saving may need every
-        process, and the others may be waiting elsewhere (they stop when this one exits)."""
-        if self.accelerator.num_processes > 1 or not self.args.should_save:
-            return ""
-        if self._stopped_checkpoint is None:
-            name = f"stopped-at-step-{self.state.global_step}"
-            self._stop_checkpoint_name = name
-            try:
-                self._save_checkpoint(self.model_wrapped, trial=None)
-            except Exception as error:  # the error that stops the run is the one to report
-                logger.warning(f"Could not save the weights before stopping: {type(error).__name__}: {error}")
-                return ""
-            finally:
-                self._stop_checkpoint_name = None
-            self._stopped_checkpoint = os.path.join(self.args.output_dir, name)
-        directory = self._stopped_checkpoint
-        return (
-            f" The weights trained so far were saved to {directory}, with the optimizer and the run's state: "
-            f"resume with `resume_from_checkpoint={directory!r}` (`--resume_from_checkpoint {directory}`)."
-        )
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the trained weights (see :meth:`_save`), refusing non-finite ones: a NaN/inf weight is never
-        written, so the last checkpoint written stays the last good one."""
-        bad = nonfinite_parameters(self.accelerator.unwrap_model(self.model))
+    def check_savable(self, denoiser: torch.nn.Module, output_dir: str, global_step: int) -> None:
+        """Refuse to save non-finite weights: a NaN/inf weight is never written, so the last checkpoint written
+        stays the last good one."""
+        bad = nonfinite_parameters(denoiser)
         if bad:
             raise NonFiniteTrainingError(
-                f"Refusing to save to {output_dir or self.args.output_dir}: the weights {bad} are NaN/inf. "
-                f"Likely cause: {nonfinite_cause('gradients', self.args, self.state.global_step, bad)} Resume "
+                f"Refusing to save to {output_dir}: the weights {bad} are NaN/inf. "
+                f"Likely cause: {nonfinite_cause('gradients', self.args, global_step, bad)} Resume "
                 "from the last checkpoint (`resume_from_checkpoint=True`) with that fixed."
             )
-        super().save_model(output_dir, _internal_call=_internal_call)

@@ -117,3 +117,26 @@ def record_metrics(store: dict[str, list[float]], metrics: dict[str, torch.Tenso
     ).tolist()
     for name, value in zip(metrics, values):
         store[name].append(value)
+
+
+def weighted_policy_loss(
+    clipped_objective: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ],
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: Advantages,
+) -> PolicyLoss:
+    """The default ``policy_loss``: ``L = w · L(A) + Σ_j c_j · L(A_j)``, each ``L`` one ``clipped_objective`` on the
+    same log-ratio (``w`` = ``advantages.weight``, 1 when absent; ``(c_j, A_j)`` = ``advantages.auxiliary``). The
+    clipped fraction is the main term's; each named auxiliary term's unweighted ``L(A_j)`` goes to ``metrics``."""
+    loss, clipped = clipped_objective(log_prob, old_log_prob, advantages.advantages)
+    if advantages.weight is not None:
+        loss = loss * advantages.weight
+    metrics = {}
+    for term in advantages.auxiliary:
+        value, _ = clipped_objective(log_prob, old_log_prob, term.advantages)
+        loss = loss + term.coefficient * value
+        if term.name:
+            metrics[term.name] = value.detach()
+    return PolicyLoss(loss, clipped, metrics)

@@ -443,3 +443,17 @@ def call_with_timeout(
     if "error" in outcome:
         raise outcome["error"]
     return True, outcome["result"]
+
+
+def reward_kwargs(
+    adapter: Any, prompts: list[str], samples: torch.Tensor, rows: list[dict[str, Any]], prompt_column: str
+) -> dict[str, Any]:
+    """What a reward is called with: the prompts, the samples under the adapter's ``output_kind`` (``images`` or
+    ``videos``), what the adapter adds from the rows (an image-to-video run's conditioning image), and every other
+    dataset column by name, as TRL does."""
+    return {
+        "prompts": prompts,
+        adapter.output_kind: samples,
+        **adapter.reward_inputs(rows),
+        **dataset_columns(rows, prompt_column),
+    }

@@ -220,3 +220,29 @@ def check_flow_matching_sigmas(
         raise ValueError(
             f"{fix} (Its sigmas start {shown}, not a decreasing schedule in [0, 1] ending at 0.)"
         )
+
+
+def check_inputs(
+    args: DiffusionGRPOConfig,
+    datasets: dict[str, Any],
+    rewards: list[Any],
+    reward_names: list[str],
+    peft_config: LoraConfig | None,
+) -> None:
+    """Every check of the trainer's inputs that needs no model, in this order: each data set
+    (:func:`check_dataset`), what the rewards need from their rows (:func:`check_reward_prompts`), the LoRA
+    (:func:`check_lora_config`) and the KL's reference (:func:`check_kl_reference`)."""
+    for split, dataset in datasets.items():
+        check_dataset(dataset, split, args)
+    check_reward_prompts(rewards, reward_names, datasets, args.prompt_column)
+    check_lora_config(peft_config)
+    check_kl_reference(args.beta, peft_config)
+
+
+def check_sampling(
+    adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
+) -> None:
+    """The checks of the loaded model's sampling: a flow-matching scheduler (:func:`check_scheduler`) and an SDE
+    window that trains something (:func:`check_trained_steps`)."""
+    check_scheduler(adapter, args, latent_shape)
+    check_trained_steps(adapter, args, latent_shape)
