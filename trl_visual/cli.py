@@ -58,14 +58,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .launcher import (
+    ACCELERATE_CONFIG_FLAG,
+    LAUNCH_FLAGS,
     accelerate_launch_args,
     flag_or_config_value,
     run_accelerate_launch,
     wants_launch,
     with_yaml_accelerate_config,
 )
-from .preflight import cached_names, names_cache_path, preflight, write_names
+from .miniature import MINIATURE_MODELS
+from .preflight import cached_names, names_cache_path, preflight, unknown_names_message, write_names
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -266,8 +270,6 @@ def make_parser(command: str, config_class: type) -> Any:
 def parser_names(parser: argparse.ArgumentParser) -> set[str]:
     """Every name the parser accepts, as a YAML key or a flag without its dashes (``--no_x`` twins included), plus
     the command line's own (``config``, the launch flags)."""
-    from .launcher import ACCELERATE_CONFIG_FLAG, LAUNCH_FLAGS
-
     names = {action.dest for action in parser._actions}
     names |= {
         option[2:]
@@ -298,8 +300,6 @@ def _checked_parser_class() -> type:
     """:class:`trl.TrlParser` with one-line errors: unknown YAML keys and flags name the closest field, and YAML
     values are checked by :func:`yaml_value`."""
     from trl import TrlParser
-
-    from .preflight import unknown_names_message
 
     class CheckedParser(TrlParser):
         def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
@@ -337,8 +337,6 @@ def model_defaults(command: str, flags: Sequence[str]) -> dict[str, Any]:
     from the configs' defaults brings them (the pretrained miniature world learns with other steps than a LoRA on
     SD3.5: :data:`trl_visual.miniature.MINIATURE_MODELS`); a ``--config`` YAML file and the flags override them.
     Without their :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
-    from .miniature import MINIATURE_MODELS
-
     name = flag_or_config_value(flags, "model_name_or_path")
     if name not in MINIATURE_MODELS:
         return {}
@@ -698,8 +696,6 @@ def _accelerators() -> str:
 def env_report() -> str:
     """Versions of the platform, Python, torch (and the accelerators it sees), the Hugging Face libraries and
     trl_visual, as ``- name: value`` lines to paste into a bug report."""
-    from ._version import __version__
-
     rows = [
         ("Platform", platform.platform()),
         ("Python version", platform.python_version()),
@@ -762,8 +758,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from ._version import __version__
-
         print(f"trl_visual {__version__}")
         return 0
     if argv[0] == "env":

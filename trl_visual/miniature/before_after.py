@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..cli import run
 from ..data import load_prompts
 from ..images import to_pil
 from . import GRPO_DEFAULTS, MINIATURE_MODELS
@@ -146,8 +147,6 @@ def main(argv: list[str] | None = None) -> None:
     model, defaults = SHAPES_MODELS[args.model], MINIATURE_MODELS[args.model].grpo_defaults
     run_dir = args.run_dir or defaults["output_dir"]
     if not (Path(run_dir) / "transformer").is_dir():
-        from ..cli import run
-
         print(f"No run in {run_dir}: training one (trl-visual grpo --model_name_or_path {model.name}).")
         run(["grpo", "--model_name_or_path", model.name, "--output_dir", run_dir])
     base = load_shapes_pipeline(model=model)
