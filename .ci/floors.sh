@@ -30,4 +30,6 @@ trap 'rm -rf "$OUT"' EXIT
 trl-visual grpo --model_name_or_path tiny:shapes --dataset_name builtin:shapes --reward_funcs shapes_adherence \
     --max_steps 2 --output_dir "$OUT/quickstart"
 python -m pytest -n 2 -q -p no:cacheprovider tests/test_upstream.py tests/test_floors.py tests/test_core_advantages.py \
-    tests/test_core_sde.py tests/test_checkpoints.py tests/test_trainer.py -m "not slow"
+    tests/test_core_sde.py tests/test_checkpoints.py tests/test_trainer.py tests/test_reward_models.py \
+    "tests/test_miniature.py::test_tiny_shapes_loads_offline_and_follows_its_prompts" \
+    tests/test_miniature.py::test_text_towers_are_the_shipped_weights_whatever_the_installed_initialisation -m "not slow"

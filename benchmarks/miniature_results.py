@@ -649,7 +649,8 @@ def kind_gain(run: dict, kind: str) -> float:
 
 def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
     """Clean gains per prompt kind (mean ± SE), the same paired by seed with GRPO (mean difference ± SE, and
-    whether it exceeds 2 SE), the RAS weights per kind, and the picture of weight against ambiguity share."""
+    whether it exceeds 2 SE) and, for the uncertainty forms, with BPGO's paper form (the same CRT: the RAS alone
+    differs), the RAS weights per kind, and the picture of weight against ambiguity share."""
     runs = {
         label: runs[label] for label in METHOD_KEYS if runs.get(label)
     }  # GRPO first, whatever the file order
@@ -663,15 +664,26 @@ def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
             continue
         cells = [mean_se([kind_gain(r, kind) for r in seeds_runs]) for kind in ("full", "partial")]
         lines.append(f"| {label} | {len(seeds_runs)} | {cells[0]} | {cells[1]} |")
-    grpo = {run["seed"]: run for run in runs.get("GRPO", [])}
-    lines += [
-        "",
-        "| Method | seeds | full: gain − GRPO's | > 2 SE | above GRPO | partial: gain − GRPO's | above GRPO |",
+    lines += ["", *paired_table(runs, "GRPO")]
+    uncertainty = {
+        label: r for label, r in runs.items() if "uncertainty" in label or label == "BPGO (paper form)"
+    }
+    lines += ["", *paired_table(uncertainty, "BPGO (paper form)")]  # the same CRT: only the RAS differs
+    lines += ["", *uncertainty_weight_table(runs)]
+    return lines
+
+
+def paired_table(runs: dict[str, list[dict]], reference: str) -> list[str]:
+    """Each method's clean gain minus ``reference``'s of the same seed, per prompt kind: mean ± SE, whether the
+    full-caption difference exceeds two standard errors, and on how many seeds the method is above."""
+    base = {run["seed"]: run for run in runs.get(reference, [])}
+    lines = [
+        f"| Method | seeds | full: gain − {reference}'s | > 2 SE | above | partial: gain − {reference}'s | above |",
         "|---|---|---|---|---|---|---|",
     ]
     for label, seeds_runs in runs.items():
-        pairs = [(run, grpo[run["seed"]]) for run in seeds_runs if run["seed"] in grpo]
-        if label == "GRPO" or not pairs:
+        pairs = [(run, base[run["seed"]]) for run in seeds_runs if run["seed"] in base]
+        if label == reference or not pairs:
             continue
         cells = []
         for kind in ("full", "partial"):
@@ -682,7 +694,6 @@ def report_bpgo_uncertainty(runs: dict[str, list[dict]]) -> list[str]:
                 cells.append("yes" if statistics.mean(diffs) > 2 * se else "no")
             cells.append(f"{sum(d > 0 for d in diffs)}/{len(pairs)}")
         lines.append(f"| {label} | {len(pairs)} | {' | '.join(cells)} |")
-    lines += ["", *uncertainty_weight_table(runs)]
     return lines
 
 
@@ -1231,10 +1242,19 @@ PARTS = {
 }
 
 
+#: ``--report_steps``: merge only the saved runs of this many steps (``None``: every file of the part)
+REPORT_STEPS: list[int] = []
+
+
 def merged_runs(part: str) -> dict[str, list[dict]]:
-    """Every saved ``<part>_*.json`` (one per process), merged run list by run list."""
+    """Every saved ``<part>_*.json`` (one per process), merged run list by run list; with ``--report_steps N``
+    only the files of runs of N steps (``…_stepsN.json``)."""
     runs: dict[str, list[dict]] = {}
     for path in sorted(OUT.glob(f"{part}_seeds*.json")):
+        if REPORT_STEPS and not any(
+            f"_steps{n}." in path.name or f"_steps{n}_" in path.name for n in REPORT_STEPS
+        ):
+            continue
         for label, seeds_runs in json.loads(path.read_text()).items():
             runs.setdefault(label, []).extend(seeds_runs)
     return runs
@@ -1459,6 +1479,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help="Folder for the JSON files and the pictures.")
     parser.add_argument(
+        "--report_steps",
+        type=int,
+        nargs="+",
+        default=[],
+        help="Merge only the saved runs of these numbers of steps into the tables (default: every saved file).",
+    )
+    parser.add_argument(
         "--uncertainty_methods",
         nargs="+",
         default=[],
@@ -1475,6 +1502,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     UNCERTAINTY_ONLY.extend(args.uncertainty_methods)
+    REPORT_STEPS.extend(args.report_steps)
     for assignment in args.lora_set:
         key, _, value = assignment.partition("=")
         LORA_OVERRIDES[key] = yaml_value(value)

@@ -123,3 +123,13 @@ class RecordingTrainer(DiffusionGRPOTrainer):
         multiplies the difference of the two branches' rounding by its scale: 3.9e-5 on log-probs of size 7.4
         at CFG 4.5 on an AVX-512/AMX CPU. A wrong timestep or guidance in training gives gaps of 1e-2 and more."""
         return 0 <= self.max_log_prob_gap < 1e-5 * max(1.0, self.max_log_prob)
+
+
+def hub_connect_error(message: str = "[Errno -2] Name or service not known") -> Exception:
+    """A connection error of the HTTP library the installed huggingface_hub uses (``httpx`` up to 1.x,
+    ``httpx2`` from 2.0), as an unreachable Hub raises it."""
+    import importlib
+
+    from huggingface_hub.errors import HTTPError
+
+    return importlib.import_module(HTTPError.__module__.split(".")[0]).ConnectError(message)

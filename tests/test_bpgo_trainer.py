@@ -244,7 +244,7 @@ def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "field, valid",
     [
-        ("prior_source", "'column', 'base_model', 'ema'"),
+        ("prior_source", "'column', 'base_model', 'ema', 'first_frame'"),
         ("ras_mode", "'sigmoid', 'posterior', 'uncertainty', 'none'"),
         ("crt_mode", "'auxiliary', 'replace', 'none'"),
         ("ras_delta_scale", "'batch_std', 'none'"),

@@ -318,14 +318,20 @@ def test_console_script_finds_reward_module_in_working_directory(tmp_path):
         ("bpgo", "flux_hpsv2_bpgo.yaml"),
         ("vipo", "flux_hpsv2_vipo.yaml"),
         ("bpgo", "wan_video_bpgo.yaml"),
+        ("bpgo", "sd35_vlm_judge_bpgo.yaml"),
     ],
 )
 def test_example_configs_parse(command, name, tmp_path):
-    """Every example YAML names only real fields (bf16 is switched off: this runs on a CPU)."""
+    """Every example YAML names only real fields (bf16 is switched off: this runs on a CPU), and its rewards
+    resolve (a reward with arguments, written as a YAML mapping, becomes the configured object)."""
     argv = [command, "--config", str(CONFIGS / name), "--bf16", "false", "--output_dir", str(tmp_path)]
     _, script_args, config, model_args = parse_args(argv)
     assert script_args.reward_funcs and model_args.model_name_or_path
     assert config.num_generations >= 2
+    if name == "sd35_vlm_judge_bpgo.yaml":  # the served judge is only built here: no request is sent
+        judge = resolve_reward_spec(script_args.reward_funcs[0])
+        assert judge.url == "http://localhost:8000/v1/chat/completions" and len(judge.templates) == 2
+        assert judge.max_concurrency == 16 and config.ras_mode == "uncertainty"
 
 
 def test_bpgo_command_runs(tmp_path, capsys):

@@ -212,3 +212,27 @@ def test_cli_trains_saves_and_resumes_under_a_sharding_engine(tmp_path, engine):
     saved = lora_file(tmp_path / "a")
     assert max_difference(loaded_lora(tmp_path / "a"), saved) == 0
     assert max_difference(saved, lora_file(tmp_path / "b")) < TOLERANCE
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BPGO's uncertainty RAS: weights renormalized over the gathered batch
+# ----------------------------------------------------------------------------------------------------------------
+def test_uncertainty_weights_are_renormalized_over_the_batch_of_both_processes(tmp_path):
+    """Four groups, two per rank, three with ρ = 0 and one with ρ = 1: u = 1 ± α = 1.5 and 0.5, mean 1.25 over
+    the gathered batch, so w = 1.2 (reliable) and 0.4 (ambiguous) on both ranks. Renormalized per process, a rank
+    would hold weights of mean 1 (1 and 1, or 1.5 and 0.5) instead."""
+    run_two_processes(os.path.join(SCRIPTS, "two_process_uncertainty.py"), tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_weights"] == ranks[1]["global_weights"]
+    assert sorted(ranks[0]["global_prompts"]) == ["a cat", "a dog", "a red car", "a tree"]
+    expected = {p: 0.4 if p == "a dog" else 1.2 for p in ranks[0]["global_prompts"]}
+    for prompt, weight in zip(ranks[0]["global_prompts"], ranks[0]["global_weights"]):
+        assert weight == pytest.approx(expected[prompt], abs=1e-6)
+    local_means = []
+    for rank in ranks:  # each rank's loss weights are its slice of the batch's, one per sample
+        assert len(rank["local_weights"]) == 8
+        for prompt, weight in zip(rank["local_prompts"], rank["local_weights"]):
+            assert weight == pytest.approx(expected[prompt], abs=1e-6)
+        local_means.append(sum(rank["local_weights"]) / 8)
+    assert sorted(local_means) == pytest.approx([0.8, 1.2])  # not 1 on each rank

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import hub_connect_error
 
 from trl_visual import DiffusionGRPOConfig
 from trl_visual.cli import ModelArguments, ScriptArguments
@@ -82,7 +83,6 @@ def test_readme_from_python_runs_the_recipe_and_says_why_a_push_failed(tmp_path,
     before -> after, saves a pipeline that ``DiffusionPipeline.from_pretrained`` loads, and the push ends in one
     ``HubPushError`` that says the repository could not be created and where the trained model is, never that
     nothing was trained."""
-    import httpx2
     from diffusers import DiffusionPipeline
     from huggingface_hub import HfApi
 
@@ -90,7 +90,7 @@ def test_readme_from_python_runs_the_recipe_and_says_why_a_push_failed(tmp_path,
     from trl_visual.trainer.model_card import HubPushError
 
     def unreachable(self, repo_id, **kwargs):
-        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+        raise hub_connect_error()
 
     monkeypatch.setattr(HfApi, "create_repo", unreachable)
     code = readme_python_blocks()[0]

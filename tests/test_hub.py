@@ -17,7 +17,7 @@ import yaml
 from datasets import Dataset, load_from_disk
 from diffusers.pipelines.wan import pipeline_wan_i2v
 from diffusers.utils import is_ftfy_available
-from helpers import PROMPTS, TARGETS, make_config
+from helpers import PROMPTS, TARGETS, hub_connect_error, make_config
 from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, get_peft_model_state_dict
@@ -385,13 +385,11 @@ def test_image_to_video_card_without_ftfy_says_what_to_install(tmp_path, monkeyp
 def test_an_unreachable_hub_is_one_clear_error_before_training(monkeypatch, tmp_path, capsys):
     """push_to_hub creates the repository when the trainer is built: without network (or token) that is one
     message naming the repository and the way out, before anything is trained; the CLI prints it as one line."""
-    import httpx2
-
     from trl_visual.cli import main
     from trl_visual.trainer.model_card import HubRepositoryError
 
     def unreachable(self, repo_id, **kwargs):
-        raise httpx2.ConnectError("[Errno -2] Name or service not known")
+        raise hub_connect_error()
 
     monkeypatch.setattr(HfApi, "create_repo", unreachable)
     with pytest.raises(
@@ -415,12 +413,10 @@ def test_an_unreachable_hub_is_one_clear_error_before_training(monkeypatch, tmp_
 def test_a_push_that_fails_after_training_keeps_the_weights_and_is_one_line(monkeypatch, tmp_path, capsys):
     """The CLI trains, saves, then the upload fails: the summary still says where the weights are, the error is one
     line naming the saved folder, and the exit status is 1 (not the 2 of bad input)."""
-    import httpx2
-
     from trl_visual.cli import main
 
     def upload_folder(self, *, run_as_future=False, **kwargs):  # checkpoint pushes run in the background
-        error = httpx2.ConnectError("[Errno -2] Name or service not known")
+        error = hub_connect_error()
         if not run_as_future:
             raise error
         failed = Future()

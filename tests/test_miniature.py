@@ -406,3 +406,47 @@ def test_shapes_adherence_scores_each_prompt_variant(reward):
     assert scores == [pytest.approx([reward([v], image)[0] for v in variants[0]])]
     assert scores[0][2] < 0.2 < 0.8 < scores[0][1]  # the wrong paraphrase disagrees
     assert reward(["a green circle"], image, prompt_variants=[None]) == reward(["a green circle"], image)
+
+
+@pytest.mark.parametrize("name", ["tiny:shapes", "tiny:shapes-pairs", "tiny:scenes"])
+def test_text_towers_are_the_shipped_weights_whatever_the_installed_initialisation(name, monkeypatch):
+    """The denoiser only understands the exact towers it was trained on: another transformers release that
+    initialises the seeds differently (5.3 does) must not change them. Fresh towers initialised from other seeds
+    stand in for such a release; the pipeline's prompt embeddings must not move."""
+    from trl_visual.miniature import pipeline as miniature_pipeline
+
+    def embeddings() -> dict[str, torch.Tensor]:
+        from trl_visual.models import get_adapter
+
+        return get_adapter(load_tiny_pipeline(name)).encode_prompts(["a big red circle on the left"], 8)
+
+    before = embeddings()
+    monkeypatch.setattr(miniature_pipeline, "TEXT_ENCODER_SEEDS", (7, 8, 9))
+    other_init = miniature_pipeline.seeded_text_encoders(miniature_pipeline.SHAPES_MODELS[name])
+    shipped = miniature_pipeline.load_text_encoders(model=miniature_pipeline.SHAPES_MODELS[name])
+    assert not torch.equal(
+        other_init["text_encoder_3"].shared.weight, shipped["text_encoder_3"].shared.weight
+    )  # the stand-in really initialises differently
+    after = embeddings()
+    for key in ("prompt_embeds", "pooled_prompt_embeds"):
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_writing_the_text_towers_round_trips_through_the_loader(tmp_path):
+    from safetensors.torch import save_file
+
+    from trl_visual.miniature.pipeline import (
+        TWO_SHAPES,
+        load_text_encoders,
+        seeded_text_encoders,
+        text_encoders_state,
+    )
+
+    written = seeded_text_encoders(TWO_SHAPES)
+    save_file(text_encoders_state(written), str(tmp_path / TWO_SHAPES.text_encoders_file))
+    loaded = load_text_encoders(tmp_path, TWO_SHAPES)
+    for name, encoder in written.items():
+        for (key, value), other in zip(encoder.state_dict().items(), loaded[name].state_dict().values()):
+            assert torch.equal(value, other), f"{name}.{key}"
+    with pytest.raises(FileNotFoundError, match="Reinstall trl_visual"):
+        load_text_encoders(tmp_path / "missing", TWO_SHAPES)

@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from trl_visual.rewards.clip_rewards import (
     OPENAI_CLIP_MEAN,
@@ -30,6 +31,10 @@ from trl_visual.rewards.video import CLIPVideoScoreReward, FrameAveraged
 
 IMAGE_SIZE, PATCH = 32, 8
 PROMPTS = ["a cat", "a red dog", "a cat", "blue sky at dusk", "abcd"]
+
+# transformers' PIL-based CLIP processor: `CLIPImageProcessorPil` since 5.x's torchvision default, plain
+# `CLIPImageProcessor` before it (5.3)
+CLIPImageProcessorPil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

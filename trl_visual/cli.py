@@ -286,10 +286,20 @@ def parser_names(parser: argparse.ArgumentParser) -> set[str]:
 
 def yaml_value(action: argparse.Action, value: Any) -> Any:
     """A YAML value for ``action``, as the flag would give it: a single string where a list is expected becomes a
-    one-element list (``reward_funcs: red_channel``); a float for an integer field is refused (argparse converts
+    one-element list (``reward_funcs: red_channel``), a reward given as a mapping (``{vlm_judge: {batch_size: 8}}``)
+    becomes its spec string (``vlm_judge(batch_size=8)``); a float for an integer field is refused (argparse converts
     only strings, so ``max_steps: 2.7`` would otherwise reach the trainer as a float)."""
-    if action.nargs in ("+", "*") and isinstance(value, str):
-        return [value]
+    if action.nargs in ("+", "*") and isinstance(value, str | dict):
+        value = [value]
+    if action.dest.endswith("reward_funcs") and isinstance(value, list):
+        from .rewards.arguments import reward_entry_spec
+
+        try:  # {vlm_judge: {batch_size: 8}} -> "vlm_judge(batch_size=8)"
+            value = [reward_entry_spec(entry) for entry in value]
+        except ValueError as error:
+            raise UsageError(f"`{action.dest}` in the YAML config: {error}") from None
+    if action.nargs in ("+", "*"):
+        return value
     if action.type is int and isinstance(value, float):
         whole = f" Write {int(value)}." if value.is_integer() else ""
         raise UsageError(f"`{action.dest}` must be a whole number; got {value!r} in the YAML config.{whole}")

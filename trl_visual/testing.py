@@ -382,3 +382,94 @@ def load_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
         known = ", ".join(TINY_PREFIX + k for k in TINY_PIPELINES)
         raise ValueError(f"Unknown tiny model {name!r}. The built-in tiny models are: {known}.")
     return TINY_PIPELINES[key](seed=seed)
+
+
+TINY_VLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] == 'image' %}<image>{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+"""SmolVLM's chat format, shortened: ``<|im_start|>User:<image>question<end_of_utterance>\\nAssistant:``."""
+
+
+def tiny_byte_tokenizer(words: list[str], special_tokens: list[str]) -> Any:
+    """A byte-level BPE tokenizer built in memory: every byte is a token, and each of ``words`` (a leading
+    ``Ġ`` marks a leading space, as byte-level BPE writes it) is merged into one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: i for i, char in enumerate(sorted(ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+
+    def merge(left: str, right: str) -> str:
+        if left + right not in vocab:
+            merges.append((left, right))
+            vocab[left + right] = len(vocab)
+        return left + right
+
+    for word in words:
+        body = word.removeprefix("Ġ")
+        token = body[0]
+        for char in body[1:]:
+            token = merge(token, char)
+        if word.startswith("Ġ"):
+            merge("Ġ", token)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.pad_token = special_tokens[0]
+    return tokenizer
+
+
+def save_tiny_vlm_judge(path: str | os.PathLike, seed: int = 0, chat_template: bool = True) -> str:
+    """A random-weight SmolVLM (``Idefics3ForConditionalGeneration``: a 1-layer SigLIP-style vision tower, pixel
+    shuffle, a 2-layer Llama; 69 k parameters) with its processor (56-pixel images, 4 image tokens each, no
+    tiling) and a byte-level tokenizer in which ``yes``/``no`` (any case, with or without a leading space) are
+    single tokens, saved to ``path`` so that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load it as
+    they load a Hub checkpoint. ``chat_template=False`` saves it without a chat template."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    words = ["yes", "no", "Yes", "No", "Ġyes", "Ġno", "ĠYes", "ĠNo", "User", "Assistant"]
+    tokenizer = tiny_byte_tokenizer(words, ["<|endoftext|>"])
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 56}, max_image_size={"longest_edge": 56}, do_image_splitting=False
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        image_seq_len=4,
+        chat_template=TINY_VLM_CHAT_TEMPLATE if chat_template else None,
+    )
+    config = Idefics3Config(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "pad_token_id": tokenizer.pad_token_id,
+            "initializer_range": 0.5,  # logits far enough apart that scores differ visibly between inputs
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        scale_factor=2,
+        image_token_id=processor.image_token_id,
+    )
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).eval().save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)

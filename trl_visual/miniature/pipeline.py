@@ -9,9 +9,11 @@ It is the real diffusers ``StableDiffusion3Pipeline`` at small size, so every SD
 * ``transformer``: an ``SD3Transformer2DModel`` of 4 joint blocks (4 heads × 32, patch 2, 16 image tokens),
   trained by flow matching on the scenes' captions with 10 % empty prompts (so classifier-free guidance works);
 * ``text_encoder`` / ``text_encoder_2`` (CLIP with projection) and ``text_encoder_3`` (T5): tiny and *frozen
-  at their random initialisation* (fixed seeds). The denoiser learns to read their embeddings; the text
-  towers themselves were never trained. Their tokenizers are built in memory over the caption vocabulary,
-  one token per word;
+  at a random initialisation* (seeds 101, 102, 103 under transformers 5.x). The denoiser learns to read their
+  embeddings; the text towers themselves were never trained. Their weights ship beside the others, because
+  another transformers release may initialise the same seeds differently (5.3 does), and the denoiser only
+  understands these exact towers. Their tokenizers are built in memory over the caption vocabulary, one token
+  per word;
 * ``scheduler``: ``FlowMatchEulerDiscreteScheduler(shift=1.0)`` (no resolution shift at 8×8 latents).
 
 The T5 tokenizer's ``model_max_length`` is 8, the longest caption: the denoiser was trained on 12 CLIP + 8 T5
@@ -19,8 +21,9 @@ text tokens, and the :class:`~trl_visual.models.sd3.SD3Adapter` never pads T5 pa
 ``model_max_length``. Calling the pipeline directly, pass ``max_sequence_length=8`` (its default, 256, feeds
 the denoiser 248 padding tokens it never saw).
 
-Only the VAE and transformer weights ship (``trl_visual/miniature/weights/*.safetensors``); the text encoders
-are rebuilt from their seeds.
+Every weight ships as package data (``trl_visual/miniature/weights/*.safetensors``): the VAE, the transformer
+and the three frozen text towers (one file, ``text_encoders*.safetensors``, keys prefixed by the component's
+name). ``python -m trl_visual.miniature.train --part text-encoders`` writes the towers from their seeds.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ CLIP_MAX_LENGTH = 12
 CLIP_HIDDEN = 32
 T5_HIDDEN = 64
 TEXT_ENCODER_SEEDS = (101, 102, 103)
-"""Seeds of the two CLIP towers and the T5 tower (frozen at their random initialisation)."""
+"""Seeds of the two CLIP towers and the T5 tower: the random initialisation they were frozen at (their weights
+ship as package data; the seeds only write those files, with ``--part text-encoders``)."""
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""The pipeline components stored in a text-encoders file, each under its own key prefix."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class ShapesModel:
     """Whether its scenes are painted over structured backgrounds (horizons, stripes, tiles)."""
     classifier_file: str = "classifier.safetensors"
     """The scene classifier that judges its samples (``shapes_adherence``)."""
+    text_encoders_file: str = "text_encoders.safetensors"
+    """Its three frozen text towers (their shapes follow the vocabulary and the CLIP length)."""
 
 
 ONE_SHAPE = ShapesModel(
@@ -98,6 +106,7 @@ TWO_SHAPES = ShapesModel(
     vae_file="vae_pairs.safetensors",
     transformer_file="transformer_pairs.safetensors",
     two_shape_fraction=0.5,
+    text_encoders_file="text_encoders_pairs.safetensors",
 )
 """``tiny:shapes-pairs``: one or two shapes per scene, half and half (captions of up to 15 words)."""
 SCENES = ShapesModel(
@@ -265,27 +274,62 @@ def build_transformer() -> SD3Transformer2DModel:
     )
 
 
+def seeded_text_encoders(model: ShapesModel = ONE_SHAPE) -> dict[str, torch.nn.Module]:
+    """``model``'s three text towers initialised from :data:`TEXT_ENCODER_SEEDS` by the installed transformers
+    (what ``--part text-encoders`` saves; the pipelines load the saved file instead)."""
+    vocab_size = len(word_clip_tokenizer(model.vocabulary, model.clip_max_length))
+    t5_vocab_size = len(word_t5_tokenizer(model.vocabulary, model_max_length=model.t5_max_length))
+    clip_seed, clip_seed_2, t5_seed = TEXT_ENCODER_SEEDS
+    return {
+        "text_encoder": _clip_text_encoder(clip_seed, vocab_size, model.clip_max_length),
+        "text_encoder_2": _clip_text_encoder(clip_seed_2, vocab_size, model.clip_max_length),
+        "text_encoder_3": _t5_encoder(t5_seed, t5_vocab_size),
+    }
+
+
+def text_encoders_state(encoders: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """One state dict for the three towers, each key prefixed by its component name (``text_encoder_2.…``);
+    tied tables are stored once per key (safetensors refuses shared memory)."""
+    return {
+        f"{name}.{key}": value.detach().clone().contiguous()  # a copy: T5 ties its two embedding tables
+        for name in TEXT_ENCODER_NAMES
+        for key, value in encoders[name].state_dict().items()
+    }
+
+
+def load_text_encoders(
+    weights_dir: str | Path | None = None, model: ShapesModel = ONE_SHAPE
+) -> dict[str, torch.nn.Module]:
+    """``model``'s frozen text towers with their shipped weights (``weights_dir / model.text_encoders_file``)."""
+    path = (Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR) / model.text_encoders_file
+    encoders = seeded_text_encoders(model)
+    _require_file(path)
+    state = load_file(str(path))
+    for name, encoder in encoders.items():
+        prefix = f"{name}."
+        encoder.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return encoders
+
+
 def build_shapes_pipeline(
     transformer: SD3Transformer2DModel | None = None,
     vae: AutoencoderKL | None = None,
     model: ShapesModel = ONE_SHAPE,
+    weights_dir: str | Path | None = None,
 ):
     """A ``StableDiffusion3Pipeline`` of the miniature architecture around ``transformer`` and ``vae`` (random
-    ones when not given), with ``model``'s frozen text towers and word tokenizers. Every module is in eval mode."""
-    clip_seed, clip_seed_2, t5_seed = TEXT_ENCODER_SEEDS
+    ones when not given), with ``model``'s frozen text towers (from ``weights_dir``, the shipped weights by
+    default) and word tokenizers. Every module is in eval mode."""
     clip_tokenizers = [word_clip_tokenizer(model.vocabulary, model.clip_max_length) for _ in range(2)]
     t5_tokenizer = word_t5_tokenizer(model.vocabulary, model_max_length=model.t5_max_length)
-    vocab_size = len(clip_tokenizers[0])
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer if transformer is not None else build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
         vae=vae if vae is not None else build_vae(),
-        text_encoder=_clip_text_encoder(clip_seed, vocab_size, model.clip_max_length),
         tokenizer=clip_tokenizers[0],
-        text_encoder_2=_clip_text_encoder(clip_seed_2, vocab_size, model.clip_max_length),
         tokenizer_2=clip_tokenizers[1],
-        text_encoder_3=_t5_encoder(t5_seed, len(t5_tokenizer)),
         tokenizer_3=t5_tokenizer,
+        **load_text_encoders(weights_dir, model),
     )
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
@@ -293,13 +337,18 @@ def build_shapes_pipeline(
     return pipeline
 
 
-def _load_weights(module: torch.nn.Module, path: Path) -> dict[str, str]:
-    """Load ``path`` into ``module``; return the file's metadata."""
+def _require_file(path: Path) -> None:
+    """Raise a clear error when a weight file is missing."""
     if not path.is_file():
         raise FileNotFoundError(
             f"No miniature weights at {path}. Reinstall trl_visual (the weights ship as package data), or "
             "train them with `python -m trl_visual.miniature.train`."
         )
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> dict[str, str]:
+    """Load ``path`` into ``module``; return the file's metadata."""
+    _require_file(path)
     module.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as handle:
         return handle.metadata() or {}
@@ -326,7 +375,7 @@ def load_shapes_pipeline(
     weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     transformer = build_transformer()
     _load_weights(transformer, weights_dir / model.transformer_file)
-    return build_shapes_pipeline(transformer, load_vae(weights_dir, model), model)
+    return build_shapes_pipeline(transformer, load_vae(weights_dir, model), model, weights_dir)
 
 
 def load_shapes_pairs_pipeline(

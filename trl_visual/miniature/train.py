@@ -45,6 +45,8 @@ from .pipeline import (
     build_transformer,
     build_vae,
     load_vae,
+    seeded_text_encoders,
+    text_encoders_state,
 )
 from .scenes import ATTRIBUTES, Scene, ScenePair, StructuredScene, random_caption, render_batch
 
@@ -172,6 +174,7 @@ def train_transformer(
     vae = load_vae(weights_dir, model)
     torch.manual_seed(seed)
     transformer = build_transformer().train()
+    # the shipped text towers: they are never trained
     pipeline = build_shapes_pipeline(transformer, vae, model)
     images, scenes = model_pool(seed + 20, model)
     with torch.no_grad():
@@ -237,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         "--part",
         choices=(
             "all",
+            "text-encoders",
             "classifier",
             "vae",
             "transformer",
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             "scenes-transformer",
         ),
         default="all",
-        help="all: every part; pairs: tiny:shapes-pairs' VAE, then its transformer; scenes: tiny:scenes' "
+        help="all: every part; text-encoders: the frozen text towers of every model, from their seeds; pairs: tiny:shapes-pairs' VAE, then its transformer; scenes: tiny:scenes' "
         "classifier, VAE and transformer",
     )
     parser.add_argument("--seed", type=int, default=0)
@@ -266,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    if args.part in ("all", "text-encoders"):
+        for model in (ONE_SHAPE, TWO_SHAPES):  # tiny:scenes shares tiny:shapes' towers and file
+            save_file(
+                text_encoders_state(seeded_text_encoders(model)),
+                str(args.output_dir / model.text_encoders_file),
+            )
     if args.part in ("all", "classifier"):
         _save(train_classifier(args.seed, args.classifier_steps), args.output_dir / CLASSIFIER_FILE)
     for model, prefix, vae_steps, transformer_steps in (

@@ -235,6 +235,10 @@ class WanImageToVideoAdapter(WanAdapter):
             f"path); got {type(value).__name__}."
         )
 
+    def conditioning_images(self, rows: list[dict[str, Any]]) -> list[Image.Image]:
+        """The rows' conditioning images as RGB PIL images (as given, before resizing), or a clear error."""
+        return self._row_images(rows)
+
     def _row_images(self, rows: list[dict[str, Any]]) -> list[Image.Image]:
         """The rows' conditioning images as RGB PIL images, or a clear error."""
         missing = [i for i, row in enumerate(rows) if row.get(self.image_column) is None]

@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from . import builtin
+from .arguments import instantiate_reward, split_reward_call
 from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
 from .registry import REWARD_REGISTRY, register_reward
 from .spec import RewardFunc, resolve_reward, resolve_reward_spec
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
     from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
     from .hps import HPSv2Reward
     from .image_reward import ImageRewardReward
+    from .remote import HTTPScoreReward, OpenAIJudgeReward
     from .video import CLIPVideoScoreReward, FrameAveraged
+    from .vlm_judge import VLMJudgeReward
 
 _LAZY_CLASSES = {
     "AestheticReward": ".clip_rewards",
@@ -33,6 +36,9 @@ _LAZY_CLASSES = {
     "ImageRewardReward": ".image_reward",
     "CLIPVideoScoreReward": ".video",
     "FrameAveraged": ".video",
+    "VLMJudgeReward": ".vlm_judge",
+    "OpenAIJudgeReward": ".remote",
+    "HTTPScoreReward": ".remote",
 }
 """Public reward classes imported on first access (``from trl_visual.rewards import PickScoreReward``)."""
 
@@ -59,16 +65,21 @@ __all__ = [
     "CLIPVideoScoreReward",
     "FrameAveraged",
     "HPSv2Reward",
+    "HTTPScoreReward",
     "ImageRewardReward",
+    "OpenAIJudgeReward",
     "PickScoreReward",
     "REWARD_REGISTRY",
     "RewardFunc",
+    "VLMJudgeReward",
     "builtin",
+    "instantiate_reward",
     "jpeg_compressibility",
     "jpeg_incompressibility",
     "red_channel",
     "register_reward",
     "resolve_reward",
     "resolve_reward_spec",
+    "split_reward_call",
     "reward_name",
 ]

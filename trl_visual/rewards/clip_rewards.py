@@ -329,6 +329,20 @@ class RewardModel(nn.Module):
         """Hook: check the batch (images or videos, as the subclass reads) and score it."""
         raise NotImplementedError
 
+    def train(self, mode: bool = True) -> RewardModel:
+        """Rewards stay in eval mode whatever the trainer asks (the aesthetic head has dropout)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        """The device the reward's weights are on (those of its first parameter: its model's)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the reward's weights are in (that of its first parameter: its model's)."""
+        return next(self.parameters()).dtype
+
 
 class ImageScorer(RewardModel):
     """An image reward model: :meth:`score_batch` checks the batch (:func:`check_image_batch`) and returns
@@ -387,20 +401,6 @@ class CLIPRewardBase(ImageScorer):
         self.scale = float(scale)
         self.requires_grad_(False)
         self.eval()
-
-    def train(self, mode: bool = True) -> CLIPRewardBase:
-        """Rewards stay in eval mode whatever the trainer asks (the aesthetic head has dropout)."""
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        """The device the model's weights are on."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the model's weights are in."""
-        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def embed_images(self, images: Tensor) -> Tensor:

@@ -292,10 +292,6 @@ class ImageRewardReward(ImageScorer):
         self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True) -> ImageRewardReward:
-        """Rewards stay in eval mode whatever the trainer asks (the head has dropout)."""
-        return super().train(False)
-
     def score_images(self, prompts: list[str], images: Tensor) -> Tensor:
         """The standardized ImageReward score of each (prompt, image) pair."""
         device, dtype = self.model.vision.embeddings.patch_embedding.weight.device, self.model.vision.dtype

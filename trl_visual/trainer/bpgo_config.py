@@ -9,7 +9,7 @@ from ..core.bpgo import DEFAULT_RAS_K
 from ..core.validation import check_choice
 from .diffusion_grpo_config import DiffusionGRPOConfig
 
-PRIOR_SOURCES = ("column", "base_model", "ema")
+PRIOR_SOURCES = ("column", "base_model", "ema", "first_frame")
 RAS_MODES = ("sigmoid", "posterior", "uncertainty", "none")
 RAS_DELTA_SCALES = ("batch_std", "none")
 CRT_MODES = ("auxiliary", "replace", "none")
@@ -47,8 +47,19 @@ class BPGOConfig(DiffusionGRPOConfig):
             "help": "Where each prompt's prior reward R_prior comes from: 'column' (a numeric dataset column, "
             "`prior_column`; the released code's way), 'base_model' (the mean reward of `prior_num_rollouts` "
             "rollouts of the initial model per prompt, estimated before training and cached in output_dir), "
-            "or 'ema' (a per-prompt moving average of its group means, `prior_ema_decay`; a prompt's first "
-            "visit uses its own group mean; the paper's text-to-image setting)."
+            "'ema' (a per-prompt moving average of its group means, `prior_ema_decay`; a prompt's first "
+            "visit uses its own group mean; the paper's text-to-image setting), or 'first_frame' (image-to-video "
+            "only: the reward of each row's conditioning image, as a still video, against its prompt; the paper's "
+            "image-to-video setting; computed once before training and cached in output_dir)."
+        },
+    )
+    prior_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `prior_source='base_model'`: estimate the priors with this model instead of the one "
+            "being trained (a Hub id, a local path or a `tiny:` name; e.g. the SFT model the paper takes its "
+            "prior from): its mean reward over `prior_num_rollouts` rollouts per prompt, sampled with the run's "
+            "sampling settings. Loaded with the `torch_dtype` of `model_init_kwargs`, freed after estimation."
         },
     )
     prior_column: str = field(
@@ -86,7 +97,7 @@ class BPGOConfig(DiffusionGRPOConfig):
             "the z-scored advantages), 'uncertainty' (our extension: w = 1 + α (1 − 2ρ), ρ the share of the "
             "group's reward variance that is disagreement between the reward's interpretations, times 2Φ(z) with "
             "`ras_consistency`, renormalized to mean 1; multiplies the group's GRPO loss; needs a fixed prior, "
-            "`prior_source='column'` or 'base_model'), or 'none' (w = 1)."
+            "`prior_source='column'`, 'base_model' or 'first_frame'), or 'none' (w = 1)."
         },
     )
     ras_consistency: bool = field(
@@ -178,6 +189,22 @@ class BPGOConfig(DiffusionGRPOConfig):
         self._check_ranges()
         self._check_ras_reads_raw_rewards()
         self._check_uncertainty_prior()
+        self._check_prior_model()
+
+    def _check_prior_model(self) -> None:
+        """``prior_model_name_or_path`` names the model that ``prior_source="base_model"`` samples; any other
+        source would silently ignore it."""
+        if self.prior_model_name_or_path is not None and self.prior_source != "base_model":
+            raise ValueError(
+                f"`prior_model_name_or_path` is the model that `prior_source='base_model'` estimates the priors "
+                f"with, but prior_source={self.prior_source!r} does not sample any model: set "
+                "`prior_source='base_model'` or drop `prior_model_name_or_path`."
+            )
+        if self.prior_model_name_or_path is not None and not str(self.prior_model_name_or_path).strip():
+            raise ValueError(
+                "`prior_model_name_or_path` is empty: give a Hub id, a local path or a `tiny:` name, or leave it "
+                "unset to estimate the priors with the model being trained."
+            )
 
     def _check_uncertainty_prior(self) -> None:
         """The uncertainty RAS compares a group with a FIXED anchor (mean and variance of the prompt's reward). The
@@ -187,8 +214,8 @@ class BPGOConfig(DiffusionGRPOConfig):
             raise ValueError(
                 "`ras_mode='uncertainty'` needs a fixed prior (a mean and a variance per prompt), but "
                 "`prior_source='ema'` follows the group means it would be compared with and has no variance. Use "
-                "`prior_source='base_model'` (estimated from `prior_num_rollouts` rollouts) or 'column' (with "
-                "`prior_column` and `prior_var_column`)."
+                "`prior_source='base_model'` (estimated from `prior_num_rollouts` rollouts), 'first_frame' "
+                "(image-to-video) or 'column' (with `prior_column` and `prior_var_column`)."
             )
         if self.ras_consistency and self.ras_mode != "uncertainty":
             raise ValueError(

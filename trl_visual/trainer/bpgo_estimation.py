@@ -1,15 +1,18 @@
-"""BPGO's priors from the base model: sampling it like a training rollout and averaging the rewards.
+"""BPGO's priors made before training: sampling the base model (or a separate prior model) like a training
+rollout and averaging the rewards, or scoring image-to-video's conditioning images (the first-frame prior).
 
 A mixin of :class:`~trl_visual.trainer.BPGOTrainer` (before :class:`DiffusionGRPOTrainer`): it uses the
 trainer's :meth:`sample` and :meth:`compute_rewards`, and fills the trainer's
-:class:`~trl_visual.trainer.bpgo_priors.BaseModelPriors` store when training starts.
+:class:`~trl_visual.trainer.bpgo_priors.BaseModelPriors` (or
+:class:`~trl_visual.trainer.bpgo_priors.FirstFramePriors`) store when training starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
@@ -19,16 +22,28 @@ from datasets import Dataset
 
 from ..checkpointing import METHOD_STATE_NAME
 from ..core.advantages import weighted_reward_sum
+from ..models import get_adapter, load_pipeline
 from ..state_files import load_state_file
 from .bpgo_priors import (
     PRIOR_CACHE_NAME,
     BaseModelPriors,
+    FirstFramePriors,
     base_model_fingerprint,
+    first_frame_fingerprint,
     first_row_per_prompt,
+    image_key,
     mean_per_prompt,
+    prior_model_fingerprint,
     variance_per_prompt,
 )
+from .memory import place_frozen_modules
+from .rollout import PromptEncoder, Rollouts, SamplingContext, sample_rollouts
 from .seeds import prior_estimation_seed
+
+logger = logging.getLogger(__name__)
+
+Sampler = Callable[[list[str], torch.Tensor, int, list[dict[str, Any]]], Rollouts]
+"""``(prompts, group_ids, seed, rows) → Rollouts``: how the prior's rollouts are drawn."""
 
 
 class BaseModelPriorEstimation:
@@ -84,8 +99,9 @@ class BaseModelPriorEstimation:
         self, first_rows: dict[str, dict[str, Any]], num_rollouts: int
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Mean and unbiased variance of the reward over ``num_rollouts`` rollouts per prompt (the variance is
-        the uncertainty RAS's ``v_i``). Rollouts are sampled in chunks of ``per_device_train_batch_size``, chunks
-        shared out over the processes, results gathered."""
+        the uncertainty RAS's ``v_i``). Rollouts are sampled (:meth:`_prior_sampler`: the base model, or
+        ``prior_model_name_or_path``) in chunks of ``per_device_train_batch_size``, chunks shared out over the
+        processes, results gathered."""
         if num_rollouts < 1:
             raise ValueError(f"num_rollouts must be at least 1; got {num_rollouts}.")
         flat = [prompt for prompt in first_rows for _ in range(num_rollouts)]
@@ -93,12 +109,12 @@ class BaseModelPriorEstimation:
         chunks = list(range(0, len(flat), size))
         mine = chunks[self.accelerator.process_index :: self.accelerator.num_processes]
         scored: list[tuple[str, float]] = []
-        with self._base_model_weights():
+        with self._prior_sampler() as sample:
             for start in mine:
                 prompts = flat[start : start + size]
                 rows = [first_rows[p] for p in prompts]
                 group_ids = torch.arange(len(prompts)) // self.args.num_generations
-                rollouts = self.sample(prompts, group_ids, seed=self._prior_seed(start // size))
+                rollouts = sample(prompts, group_ids, self._prior_seed(start // size), rows)
                 reward = weighted_reward_sum(
                     self.compute_rewards(prompts, rollouts.samples, rows), self.reward_weights
                 )
@@ -107,13 +123,70 @@ class BaseModelPriorEstimation:
             scored = gather_object(scored)
         return mean_per_prompt(scored, num_rollouts), variance_per_prompt(scored)
 
+    @contextlib.contextmanager
+    def _prior_sampler(self) -> Iterator[Sampler]:
+        """The prior's rollouts: the base model's (:meth:`sample` under :meth:`_base_model_weights`), or, with
+        ``prior_model_name_or_path``, those of that model's pipeline, loaded here, sampled with the run's settings
+        and size, and freed on leaving."""
+        if self.args.prior_model_name_or_path is None:
+            with self._base_model_weights():
+                yield lambda prompts, group_ids, seed, rows: self.sample(
+                    prompts, group_ids, seed=seed, rows=rows
+                )
+            return
+        adapter = self._load_prior_model()
+        latent_shape = adapter.latent_shape(self.height, self.width, self.num_frames)
+        context = SamplingContext(
+            args=self.args,
+            encoder=PromptEncoder(adapter, self.args.max_sequence_length, self.args.negative_prompt),
+            placement=self.placement,
+            sigmas=adapter.sigmas(self.args.num_inference_steps, latent_shape, self.args.time_shift),
+            latent_shape=latent_shape,
+            device=self.accelerator.device,
+            autocast=self.compute_loss_context_manager,
+        )
+
+        def sample(
+            prompts: list[str], group_ids: torch.Tensor, seed: int, rows: list[dict[str, Any]]
+        ) -> Rollouts:
+            return sample_rollouts(adapter, adapter.denoiser, prompts, group_ids, seed, context, rows=rows)
+
+        yield sample
+
+    def _load_prior_model(self) -> Any:
+        """The adapter of ``prior_model_name_or_path``'s pipeline (loaded with the ``torch_dtype`` of
+        ``model_init_kwargs``), frozen, in eval mode, on the training device."""
+        name = self.args.prior_model_name_or_path
+        dtype = (self.args.model_init_kwargs or {}).get("torch_dtype")
+        logger.info("Loading %s to estimate the BPGO priors with.", name)
+        adapter = get_adapter(load_pipeline(name, {"torch_dtype": dtype} if dtype is not None else None))
+        adapter.required_columns(self.args)  # image-to-video: which column holds the conditioning image
+        adapter.pipeline.set_progress_bar_config(disable=True)
+        for module in [*adapter.frozen_modules, adapter.denoiser]:
+            module.requires_grad_(False).eval()
+        place_frozen_modules(adapter, self.accelerator.device, None, self.args.offload_text_encoders)
+        adapter.denoiser.to(self.accelerator.device)
+        return adapter
+
     def _prior_seed(self, chunk: int) -> int:
         """Seeds for prior estimation, apart from the training seeds (:mod:`trl_visual.trainer.seeds`)."""
         return prior_estimation_seed(self.args.seed, chunk)
 
     def _prior_fingerprint(self) -> dict[str, Any]:
-        """What the estimated priors depend on (:func:`~trl_visual.trainer.bpgo_priors.base_model_fingerprint`)."""
-        return base_model_fingerprint(
+        """What the estimated priors depend on (:func:`~trl_visual.trainer.bpgo_priors.base_model_fingerprint`,
+        with the prior model when there is one; :func:`~trl_visual.trainer.bpgo_priors.first_frame_fingerprint`
+        for the first-frame prior)."""
+        if self.args.prior_source == "first_frame":
+            return first_frame_fingerprint(
+                self.base_model_name,
+                self.pipeline,
+                self.args.image_column,
+                self._still_video_shape(),
+                self.reward_names,
+                self.reward_weights,
+                self.args.seed,
+            )
+        fingerprint = base_model_fingerprint(
             self.args,
             self.base_model_name,
             self.pipeline,
@@ -122,11 +195,18 @@ class BaseModelPriorEstimation:
             self.reward_weights,
             self.latent_shape,
         )
+        if self.args.prior_model_name_or_path is None:
+            return fingerprint
+        dtype = (self.args.model_init_kwargs or {}).get("torch_dtype")
+        return prior_model_fingerprint(fingerprint, self.args.prior_model_name_or_path, dtype)
 
     def _ensure_estimated_priors(self, checkpoint: str | None) -> None:
         """``prior_source="base_model"``: priors from the checkpoint being resumed, else from the cache in
         ``output_dir``, else estimated now for the prompts the cache lacks (and cached)."""
         store = self.prior_store
+        if isinstance(store, FirstFramePriors):
+            self._check_first_frame_source()
+            store.row_key = self._first_frame_keys
         if not isinstance(store, BaseModelPriors) or store.values is not None:
             return
         if checkpoint is not None and os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)):
@@ -134,13 +214,18 @@ class BaseModelPriorEstimation:
             if store.values:
                 return
             store.values = None
+        if isinstance(store, FirstFramePriors):
+            rows, estimate = self._first_frame_rows(list(self.train_dataset)), self._first_frame_rewards
+        else:
+            rows = first_row_per_prompt(list(self.train_dataset), self.args.prompt_column)
+            estimate = partial(self._estimate_for_store, num_rollouts=self.args.prior_num_rollouts)
         store.load_or_estimate(
             os.path.join(self.args.output_dir, PRIOR_CACHE_NAME),
             self._prior_fingerprint(),
-            first_row_per_prompt(list(self.train_dataset), self.args.prompt_column),
-            partial(self._estimate_for_store, num_rollouts=self.args.prior_num_rollouts),
+            rows,
+            estimate,
             write=self.accelerator.is_main_process,
-            with_variances=self.args.ras_mode == "uncertainty",
+            with_variances=self.args.ras_mode == "uncertainty" and not isinstance(store, FirstFramePriors),
         )
 
     def _estimate_for_store(self, missing: dict[str, dict[str, Any]], num_rollouts: int) -> Any:
@@ -149,6 +234,60 @@ class BaseModelPriorEstimation:
             return self._estimate_prompt_stats(missing, num_rollouts)
         return self._estimate_prompt_priors(missing, num_rollouts)
 
+    # -- the first-frame prior (image-to-video) ------------------------------------------------------------
+    def _check_first_frame_source(self) -> None:
+        """``prior_source="first_frame"`` needs a pipeline conditioned on an image (image-to-video)."""
+        if not self.adapter.required_columns(self.args):
+            raise ValueError(
+                f"prior_source='first_frame' scores each row's conditioning image against its prompt, but "
+                f"{type(self.pipeline).__name__} takes no conditioning image (only image-to-video pipelines do, "
+                "e.g. WanImageToVideoPipeline). Use prior_source='base_model', 'column' or 'ema'."
+            )
+
+    def _first_frame_keys(self, rows: list[dict[str, Any]]) -> list[str]:
+        """One key per row: its prompt and its conditioning image (:func:`image_key`)."""
+        images = self.adapter.conditioning_images(rows)
+        return [image_key(row[self.args.prompt_column], image) for row, image in zip(rows, images)]
+
+    def _first_frame_rows(self, rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The first row of each distinct (prompt, image) pair, by key, in first-seen order."""
+        first: dict[str, dict[str, Any]] = {}
+        for row, key in zip(rows, self._first_frame_keys(rows)):
+            first.setdefault(key, row)
+        return first
+
+    def _still_video_shape(self) -> tuple[int, ...]:
+        """``(T, 3, H, W)``: what a first frame is scored as, a still video the size of the samples."""
+        return (self.num_frames or 1, 3, self.height, self.width)
+
+    @torch.no_grad()
+    def _first_frame_rewards(self, rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+        """``R_prior = Σ_f w_f R_f(still video of the conditioning image, prompt)`` per key of ``rows``: the
+        image as the model is conditioned on it (``images_in``, at the generation size), repeated over the
+        ``num_frames`` frames. Chunks of ``per_device_train_batch_size`` shared out over the processes, results
+        gathered. A pair whose reward is NaN is an error naming its prompt."""
+        keys = list(rows)
+        size = self.args.per_device_train_batch_size
+        chunks = list(range(0, len(keys), size))
+        scored: list[tuple[str, float]] = []
+        for start in chunks[self.accelerator.process_index :: self.accelerator.num_processes]:
+            chunk = [rows[key] for key in keys[start : start + size]]
+            images = self.adapter.reward_inputs(chunk)["images_in"]
+            still = images.unsqueeze(1).expand(-1, self._still_video_shape()[0], -1, -1, -1).contiguous()
+            prompts = [row[self.args.prompt_column] for row in chunk]
+            reward = weighted_reward_sum(self.compute_rewards(prompts, still, chunk), self.reward_weights)
+            scored.extend(zip(keys[start : start + size], reward.tolist()))
+        if self.accelerator.num_processes > 1:
+            scored = gather_object(scored)
+        invalid = [rows[key][self.args.prompt_column] for key, value in scored if value != value]
+        if invalid:
+            raise ValueError(
+                f"The reward of the conditioning image is NaN for the prompts {invalid[:5]}: their first-frame "
+                "prior cannot be made. Check the reward function on still videos, or use prior_source='base_model'."
+            )
+        return dict(scored)
+
     def _before_train(self, checkpoint: str | None) -> None:
-        """Make the priors when ``prior_source="base_model"``, once the checkpoint (if any) is checked."""
+        """Make the priors when ``prior_source="base_model"`` or ``"first_frame"``, once the checkpoint (if any) is
+        checked."""
         self._ensure_estimated_priors(checkpoint)

@@ -5,8 +5,12 @@
 =====================  ==============================================================================
 ``"column"``           :class:`ColumnPriors`: a numeric dataset column, checked before training
 ``"ema"``              :class:`EMAPriors`: ``P' = decay · P + (1 − decay) · R̄`` of each prompt's group means
-``"base_model"``       :class:`BaseModelPriors`: the base model's mean reward, estimated when training
+``"base_model"``       :class:`BaseModelPriors`: the base model's mean reward (or, with
+                       ``prior_model_name_or_path``, a separate model's), estimated when training
                        starts and cached in ``output_dir/bpgo_priors.json``
+``"first_frame"``      :class:`FirstFramePriors`: image-to-video, the reward of each row's conditioning
+                       image (a still video) against its prompt, keyed by prompt and image, computed when
+                       training starts and cached like the base model's
 =====================  ==============================================================================
 
 Every store answers :meth:`PriorStore.priors` for the groups of a batch, learns from a batch with
@@ -16,6 +20,7 @@ ddpo-pytorch's per-prompt stat tracker, typed and checkpointed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,6 +33,8 @@ import torch
 
 from .._version import __version__
 from ..core.bpgo import update_ema_prior
+from ..models.loading import registered_loader
+from ..preflight import check_hub_id
 from .bpgo_config import PRIOR_SOURCES, BPGOConfig
 from .diffusion_grpo_config import redact_tokens
 from .setup_checks import missing_columns
@@ -293,14 +300,15 @@ def write_prior_cache(
 
 
 def check_prior_source(dataset: Any, args: BPGOConfig) -> None:
-    """``column``: the column exists and every value is a finite number. ``base_model``: the prompts
-    can be listed. Both before the pipeline is even loaded."""
+    """``column``: the column exists and every value is a finite number. ``base_model`` and ``first_frame``:
+    the rows can be listed; ``prior_model_name_or_path`` can be found. All before the pipeline is even loaded."""
+    check_prior_model_reference(args.prior_model_name_or_path)
     if dataset is None:
         return
     others = ", ".join(repr(s) for s in PRIOR_SOURCES if s != args.prior_source)
-    if args.prior_source == "base_model" and not hasattr(dataset, "__len__"):
+    if args.prior_source in ("base_model", "first_frame") and not hasattr(dataset, "__len__"):
         raise ValueError(
-            "prior_source='base_model' estimates a prior for every prompt before training, so it needs a "
+            f"prior_source={args.prior_source!r} makes a prior for every row before training, so it needs a "
             f"map-style Dataset, not a streaming one; use prior_source={others} instead."
         )
     if args.prior_source != "column":
@@ -383,10 +391,95 @@ def base_model_fingerprint(
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
 
 
+def check_prior_model_reference(name: str | None) -> None:
+    """``prior_model_name_or_path`` that can be loaded: a registered name (``tiny:…``), an existing local path,
+    or a Hub id that is cached or reachable; otherwise one line now, before any model loads."""
+    if name is None or registered_loader(name) is not None or os.path.exists(os.path.expanduser(name)):
+        return
+    check_hub_id(name, "model", "`prior_model_name_or_path`")
+
+
+def prior_model_fingerprint(fingerprint: dict[str, Any], prior_model: str, dtype: Any) -> dict[str, Any]:
+    """:func:`base_model_fingerprint` of the run, with the model that is actually sampled for the priors:
+    ``prior_model`` (name or path, loaded with ``dtype``). Like the base model's, it names the model and does not
+    hash its weights."""
+    return json.loads(
+        json.dumps({**fingerprint, "prior_model": [prior_model, dtype]}, sort_keys=True, default=str)
+    )
+
+
+def first_frame_fingerprint(
+    model_name: str,
+    pipeline: Any,
+    image_column: str,
+    output_shape: tuple[int, ...],
+    reward_names: list[str],
+    reward_weights: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
+    """What the first-frame priors depend on: the pipeline that resizes the conditioning images (name and class),
+    the image column, the size of the still video the rewards score, the rewards and their weights, the seed (a
+    reward may draw at random) and the package version. Nothing is sampled, so no sampling setting counts."""
+    fingerprint = {
+        "prior": "first_frame",
+        "model": model_name,
+        "pipeline": type(pipeline).__name__,
+        "image_column": image_column,
+        "still_video": list(output_shape),
+        "rewards": reward_names,
+        "reward_weights": reward_weights.tolist(),
+        "seed": seed,
+        "trl_visual": __version__,
+    }
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+
+
+def image_key(prompt: str, image: Any) -> str:
+    """The key of a (prompt, conditioning image) pair: the prompt and the SHA-1 of the image's pixels and size
+    (a PIL image), so that rows sharing a prompt but not an image get their own first-frame prior."""
+    digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
+    return f"{prompt}\x00{digest}"
+
+
+class FirstFramePriors(BaseModelPriors):
+    """Image-to-video: ``R_prior,i = R(still video of the row's conditioning image, prompt)``, one value per
+    (prompt, image) pair (:func:`image_key`), made once before training (:meth:`load_or_estimate` with
+    those keys). ``row_key(rows)`` gives the keys of dataset rows (set by the trainer once its pipeline can
+    read images). The prior is one deterministic evaluation, not a sample mean, so its variance ``v_i`` is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row_key: Callable[[list[dict[str, Any]]], list[str]] | None = None
+
+    def priors(
+        self, prompts: list[str], rows: list[dict[str, Any]], group_means: torch.Tensor
+    ) -> torch.Tensor:
+        if self.values is None or self.row_key is None:
+            raise RuntimeError(
+                "prior_source='first_frame' but the first-frame priors were not made: they are made when "
+                "`train()` starts."
+            )
+        keys = self.row_key(rows)
+        missing = [p for p, key in zip(prompts, keys) if key not in self.values]
+        if missing:
+            raise KeyError(
+                f"No first-frame prior for the row with prompt {missing[0]!r} and its image; was it in the "
+                "train_dataset?"
+            )
+        return torch.tensor(
+            [self.values[k] for k in keys], dtype=group_means.dtype, device=group_means.device
+        )
+
+    def variances(self, prompts: list[str], rows: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(prompts), dtype=like.dtype, device=like.device)
+
+
 def make_prior_store(source: str, column: str, ema_decay: float, var_column: str = "prior_var") -> PriorStore:
     """The store of ``prior_source`` ``source``."""
     if source == "column":
         return ColumnPriors(column, var_column)
     if source == "ema":
         return EMAPriors(ema_decay)
+    if source == "first_frame":
+        return FirstFramePriors()
     return BaseModelPriors()

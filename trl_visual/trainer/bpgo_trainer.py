@@ -77,9 +77,11 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         priors = trainer.estimate_priors(Dataset.from_dict({"prompt": ["a cat", "a dog"]}), num_rollouts=8)
 
     Priors come from ``prior_source``: a dataset column (checked before training), the base model's
-    mean reward over ``prior_num_rollouts`` rollouts per prompt (estimated when training starts, cached
-    in ``output_dir/bpgo_priors.json``), or a per-prompt EMA of group means. EMA and estimated priors
-    are saved in every checkpoint and restored by ``resume_from_checkpoint``. Logged figures:
+    mean reward over ``prior_num_rollouts`` rollouts per prompt (or a separate model's, with
+    ``prior_model_name_or_path``; estimated when training starts, cached in ``output_dir/bpgo_priors.json``),
+    the reward of each row's conditioning image (``"first_frame"``, image-to-video; cached the same way), or a
+    per-prompt EMA of group means. EMA and estimated priors are saved in every checkpoint and restored by
+    ``resume_from_checkpoint``. Logged figures:
     ``bpgo/prior_mean``, ``bpgo/delta_mean``, ``bpgo/ras_weight_mean|min|max``,
     ``bpgo/frac_groups_above_prior`` and, with auxiliary CRT, ``bpgo/crt_loss`` (the unweighted
     auxiliary loss ``L(Ã)``).
