@@ -133,3 +133,19 @@ def hub_connect_error(message: str = "[Errno -2] Name or service not known") -> 
     from huggingface_hub.errors import HTTPError
 
     return importlib.import_module(HTTPError.__module__.split(".")[0]).ConnectError(message)
+
+
+def patch_hub_api(monkeypatch, name: str, replacement) -> None:
+    """Replace ``HfApi.<name>`` wherever the installed libraries reach it: on the class, and in the module-level
+    aliases bound to huggingface_hub's default ``HfApi()`` at import time (``huggingface_hub.create_repo``, which
+    transformers before 5.x's own ``HfApi`` calls imports by name)."""
+    import sys
+    import types
+
+    from huggingface_hub import HfApi
+
+    monkeypatch.setattr(HfApi, name, replacement)
+    for module in list(sys.modules.values()):
+        bound = vars(module).get(name) if hasattr(module, "__dict__") else None
+        if isinstance(bound, types.MethodType) and isinstance(bound.__self__, HfApi):
+            monkeypatch.setattr(module, name, types.MethodType(replacement, bound.__self__))

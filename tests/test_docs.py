@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import hub_connect_error
+from helpers import hub_connect_error, patch_hub_api
 
 from trl_visual import DiffusionGRPOConfig
 from trl_visual.cli import ModelArguments, ScriptArguments
@@ -84,7 +84,6 @@ def test_readme_from_python_runs_the_recipe_and_says_why_a_push_failed(tmp_path,
     ``HubPushError`` that says the repository could not be created and where the trained model is, never that
     nothing was trained."""
     from diffusers import DiffusionPipeline
-    from huggingface_hub import HfApi
 
     from trl_visual.miniature import GRPO_DEFAULTS
     from trl_visual.trainer.model_card import HubPushError
@@ -92,7 +91,7 @@ def test_readme_from_python_runs_the_recipe_and_says_why_a_push_failed(tmp_path,
     def unreachable(self, repo_id, **kwargs):
         raise hub_connect_error()
 
-    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    patch_hub_api(monkeypatch, "create_repo", unreachable)
     code = readme_python_blocks()[0]
     out = tmp_path / "tiny-shapes-grpo"
     short = f"output_dir={str(out)!r}, max_steps=2, eval_steps=2, per_device_train_batch_size=16, disable_tqdm=True,"

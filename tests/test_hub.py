@@ -17,8 +17,8 @@ import yaml
 from datasets import Dataset, load_from_disk
 from diffusers.pipelines.wan import pipeline_wan_i2v
 from diffusers.utils import is_ftfy_available
-from helpers import PROMPTS, TARGETS, hub_connect_error, make_config
-from huggingface_hub import HfApi, ModelCard, ModelCardData, RepoUrl
+from helpers import PROMPTS, TARGETS, hub_connect_error, make_config, patch_hub_api
+from huggingface_hub import ModelCard, ModelCardData, RepoUrl
 from huggingface_hub.utils import validate_repo_id
 from peft import LoraConfig, get_peft_model_state_dict
 from PIL import Image
@@ -251,8 +251,8 @@ def fake_hub(tmp_path, monkeypatch):
         done.set_result(None)
         return done
 
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    patch_hub_api(monkeypatch, "create_repo", create_repo)
+    patch_hub_api(monkeypatch, "upload_folder", upload_folder)
     return uploads
 
 
@@ -391,7 +391,7 @@ def test_an_unreachable_hub_is_one_clear_error_before_training(monkeypatch, tmp_
     def unreachable(self, repo_id, **kwargs):
         raise hub_connect_error()
 
-    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    patch_hub_api(monkeypatch, "create_repo", unreachable)
     with pytest.raises(
         HubRepositoryError, match=r"'me/shapes-lora' \(ConnectError: \[Errno -2\].*hf auth login"
     ):
@@ -423,10 +423,10 @@ def test_a_push_that_fails_after_training_keeps_the_weights_and_is_one_line(monk
         failed.set_exception(error)
         return failed
 
-    monkeypatch.setattr(
-        HfApi, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(f"https://hf.co/{repo_id}")
+    patch_hub_api(
+        monkeypatch, "create_repo", lambda self, repo_id, **kwargs: RepoUrl(f"https://hf.co/{repo_id}")
     )
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    patch_hub_api(monkeypatch, "upload_folder", upload_folder)
     out = tmp_path / "run"
     argv = ["grpo", "--model_name_or_path", "tiny:sd3", "--reward_funcs", "red_channel", "--max_steps", "1"]
     argv += ["--output_dir", str(out), "--push_to_hub", "--hub_model_id", "me/tiny", "--disable_tqdm", "true"]

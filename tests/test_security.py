@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi
+from helpers import patch_hub_api
 from huggingface_hub.hf_api import RepoUrl
 from test_bpgo_trainer import make_trainer as make_bpgo
 
@@ -198,8 +198,8 @@ def test_no_written_or_pushed_file_holds_the_hub_token(tmp_path, monkeypatch):
         done.set_result(None)
         return done
 
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    patch_hub_api(monkeypatch, "create_repo", create_repo)
+    patch_hub_api(monkeypatch, "upload_folder", upload_folder)
     from helpers import make_trainer
 
     trainer = make_trainer(

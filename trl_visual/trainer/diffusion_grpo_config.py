@@ -261,6 +261,16 @@ class DiffusionGRPOConfig(TrainingArguments):
             "the global batch, and the field sets how it is split on a device.)"
         },
     )
+    if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:
+        # transformers < 5.23 has only `gradient_checkpointing`; the field lets the shipped YAMLs (which use the
+        # newer name) run there too. The trainer reads either flag (`prepare_denoiser`).
+        activation_checkpointing: bool = field(
+            default=False,
+            metadata={
+                "help": "Recompute the denoiser's activations in the backward pass instead of keeping them "
+                "(transformers 5.23's name for `gradient_checkpointing`, provided here for older releases)."
+            },
+        )
     offload_text_encoders: bool = field(
         default=False,
         metadata={
