@@ -33,7 +33,8 @@ from trl_visual.cli import main
 from trl_visual.core.advantages import combine_rewards, group_advantages
 from trl_visual.state_files import save_state_file
 from trl_visual.testing import tiny_sd3_pipeline
-from trl_visual.trainer.guards import NonFiniteTrainingError, RewardTimeoutError
+from trl_visual.trainer.finite_updates import NonFiniteTrainingError
+from trl_visual.trainer.reward_calls import RewardTimeoutError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "examples", "configs", "tiny_quickstart.yaml")
@@ -705,9 +706,9 @@ def test_a_full_disk_says_so_and_leaves_no_staging(tmp_path, monkeypatch, failur
     def disk_full(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("trl_visual.trainer.saving.save_lora", disk_full)
+    monkeypatch.setattr("trl_visual.trainer.checkpoint_io.save_lora", disk_full)
     monkeypatch.setattr(
-        "trl_visual.trainer.guards.shutil.disk_usage",
+        "trl_visual.trainer.output_dir.shutil.disk_usage",
         lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1024),
     )
     trainer = make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)

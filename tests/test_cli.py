@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import trl_visual
-from trl_visual.cli import help_cache_path, main, parse_args, render_help, resolve_reward_spec, run
+from trl_visual.cli import help_cache_path, main, parse_args, render_help, run
 from trl_visual.data import load_prompts
+from trl_visual.rewards.spec import resolve_reward_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 

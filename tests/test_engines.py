@@ -32,6 +32,7 @@ from trl_visual.state_files import save_state_file
 from trl_visual.testing import tiny_sd3_pipeline
 from trl_visual.trainer.engines import (
     check_engine_settings,
+    constant_trained_timesteps,
     deepspeed_gradient_accumulation,
     trained_timesteps_per_micro_step,
 )
@@ -253,7 +254,7 @@ def test_deepspeed_refuses_a_varying_number_of_trained_timesteps(tmp_path):
         tmp_path, max_steps=1, sde_window_size=2, sde_window_range=[0, 3], exclude_last_step=True
     )
     with pytest.raises(ValueError, match=r"train \[1, 2\] depending on where the SDE window falls"):
-        trainer._constant_trained_timesteps()
+        constant_trained_timesteps(trainer.adapter, trainer.args, trainer.latent_shape)
 
 
 def test_engine_settings_that_could_not_save_the_lora_are_refused():
@@ -279,7 +280,7 @@ def test_only_the_last_backward_of_the_syncing_micro_step_syncs(tmp_path):
 
     def observed(syncs):
         state._set_sync_gradients(syncs)
-        flags = [trainer.accelerator.sync_gradients for _ in trainer._backward_steps(trainer.model, 3)]
+        flags = [trainer.accelerator.sync_gradients for _ in trainer.engine.backward_steps(trainer.model, 3)]
         return flags, trainer.accelerator.sync_gradients
 
     assert observed(True) == ([False, False, True], True)
@@ -288,12 +289,11 @@ def test_only_the_last_backward_of_the_syncing_micro_step_syncs(tmp_path):
 
 def test_backward_scale_is_ours_or_deepspeeds(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1, gradient_accumulation_steps=2)
-    trainer.current_gradient_accumulation_steps = 2
-    assert trainer._backward_scale(3) == 6
-    trainer._deepspeed_timesteps = 3  # DeepSpeed divides by its own accumulation, 2 × 3
-    assert trainer._backward_scale(3) == 1
+    assert trainer.engine.backward_scale(3, 2) == 6
+    trainer.engine.deepspeed_timesteps = 3  # DeepSpeed divides by its own accumulation, 2 × 3
+    assert trainer.engine.backward_scale(3, 2) == 1
     with pytest.raises(RuntimeError, match="trains 2 timesteps, DeepSpeed was set up for 3"):
-        trainer._backward_scale(2)
+        trainer.engine.backward_scale(2, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,7 +344,7 @@ def test_model_card_samples_on_every_rank_only_when_the_weights_are_sharded(tmp_
     monkeypatch.setattr(type(trainer), "shards_parameters", property(lambda self: shards))
     monkeypatch.setattr(trainer, "is_world_process_zero", lambda: False)
     sampled = []
-    monkeypatch.setattr(trainer, "_card_pictures_for", lambda rows, gallery: sampled.append(rows) or {})
+    monkeypatch.setattr(trainer.model_card, "pictures_for", lambda rows, gallery: sampled.append(rows) or {})
     trainer.create_model_card()
     assert bool(sampled) == shards
     assert not os.path.exists(os.path.join(trainer.args.output_dir, "README.md"))

@@ -82,6 +82,22 @@ def test_eval_rewards_are_scored_in_evaluation_only(tmp_path):
     assert trainer.reward_names == ["red_channel"] and len(trainer.reward_funcs) == 1
 
 
+def test_evaluation_is_handed_its_rewards_and_never_swaps_the_trainers(tmp_path):
+    """The evaluation runner takes the rewards as an argument: while an eval reward runs, the trainer's reward list
+    is still the training one."""
+    seen = []
+    trainer = make_trainer(tmp_path)
+
+    def watching(prompts, images, **kwargs):
+        seen.append(list(trainer.reward_names))
+        return [0.0] * len(prompts)
+
+    trainer.eval_reward_funcs, trainer.eval_reward_names = [watching], ["watching"]
+    metrics = trainer.evaluate()
+    assert seen and all(names == ["red_channel"] for names in seen)
+    assert metrics["eval_rewards/watching/mean"] == 0.0
+
+
 def prompt_length(prompts, images, **kwargs):
     """Characters of the prompt; None (not scored) for the blue house."""
     return [None if "blue" in p else float(len(p)) for p in prompts]

@@ -27,14 +27,8 @@ from test_models import images as model_images
 from test_models import make_trainer as make_model_trainer
 
 from trl_visual import DiffusionGRPOTrainer
-from trl_visual.hub import (
-    CardSample,
-    build_model_card,
-    dataset_repo_id,
-    hub_base_model,
-    load_lora_checkpoint,
-    save_lora,
-)
+from trl_visual.hub import CardSample, build_model_card, dataset_repo_id, hub_base_model
+from trl_visual.lora_io import load_lora_checkpoint, save_lora
 from trl_visual.models import wan
 from trl_visual.testing import load_tiny_pipeline
 from trl_visual.trainer.logging_utils import captioned_grid
@@ -303,8 +297,10 @@ def test_pushed_folder_reproduces_the_cards_pictures(tmp_path, monkeypatch, fake
     )
     trainer.train()
     renders = []
-    original = trainer._card_pictures_for
-    monkeypatch.setattr(trainer, "_card_pictures_for", lambda *args: renders.append(1) or original(*args))
+    original = trainer.model_card.pictures_for
+    monkeypatch.setattr(
+        trainer.model_card, "pictures_for", lambda *args: renders.append(1) or original(*args)
+    )
     trainer.push_to_hub()
     assert fake_hub == ["user/tiny-grpo"] and len(renders) == 1
 
@@ -539,13 +535,13 @@ def test_base_samples_that_cannot_be_drawn_never_stop_training(tmp_path, monkeyp
         args=make_config(tmp_path, max_steps=1),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
-    original = trainer._card_samples
+    original = trainer.model_card.samples
 
     def fails_once(rows, reference):
-        monkeypatch.setattr(trainer, "_card_samples", original)
+        monkeypatch.setattr(trainer.model_card, "samples", original)
         raise ImportError("this pipeline needs `ftfy`")
 
-    monkeypatch.setattr(trainer, "_card_samples", fails_once)
+    monkeypatch.setattr(trainer.model_card, "samples", fails_once)
     with caplog.at_level("WARNING"):
         trainer.train()
     assert trainer.state.global_step == 1 and "needs `ftfy`" in caplog.text

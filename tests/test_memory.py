@@ -20,10 +20,10 @@ from trl_visual.trainer.ema import EMA_STATE_NAME, trainable_parameters
 from trl_visual.trainer.memory import (
     PromptEmbedsCache,
     decode_in_batches,
-    missing_package,
     place_frozen_modules,
     text_encoders_on,
 )
+from trl_visual.trainer.optional_packages import missing_package
 from trl_visual.trainer.rollout import PromptEncoder
 
 
@@ -396,7 +396,7 @@ def test_evaluation_card_and_export_use_the_ema_weights(tmp_path):
     trainer.model.register_forward_pre_hook(
         lambda m, args: during_card.append(trainable_parameters(m)[0].detach().clone())
     )
-    trainer._card_samples([{"prompt": "a cat"}], reference=False)  # the model card's "after" pictures
+    trainer.model_card.samples([{"prompt": "a cat"}], reference=False)  # the model card's "after" pictures
     assert during_card and all(torch.equal(w, trainer.ema.shadow_params[0]) for w in during_card)
     assert torch.equal(trainable_parameters(trainer.model)[0], trained[0])
 

@@ -140,7 +140,7 @@ def test_tiny_scenes_draws_the_shape_over_a_structured_background():
 def test_scenes_backbone_sees_the_background_the_classifier_ignores():
     """Two scenes that differ only in their background (a horizon at row 12 or 20): the ``tiny:scenes-features``
     grid changes far more, relative to its size, than the classifier features of ``tiny:shapes-features``."""
-    from trl_visual.backbones import named_backbone
+    from trl_visual.named_backbones import named_backbone
 
     shape = Scene("green", "circle", "big", "left")
     images = torch.stack([render_scene(StructuredScene(shape, "horizon", row)) for row in (12, 20)])

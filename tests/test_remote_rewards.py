@@ -19,8 +19,7 @@ from PIL import Image
 
 from trl_visual.rewards import HTTPScoreReward, OpenAIJudgeReward, resolve_reward
 from trl_visual.rewards.remote import RemoteRewardError, backoff_delay
-from trl_visual.trainer.guards import RewardTimeoutError
-from trl_visual.trainer.reward_calls import RewardCaller
+from trl_visual.trainer.reward_calls import RewardCaller, RewardTimeoutError
 
 SECRET = "sk-test-7f3a9c1e5b2d4f60"
 

@@ -23,18 +23,6 @@ from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
 from trl_visual.trainer.rollout import BatchPlacement, initial_noise
 
 
-def test_objective_is_a_deprecated_alias_of_clipped_objective(tiny_trainer):
-    """``objective`` (renamed ``clipped_objective``) still answers for one release, with a FutureWarning."""
-    trainer = tiny_trainer()
-    log_prob, old, advantages = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4)
-    expected = trainer.clipped_objective(log_prob, old, advantages)
-    with pytest.warns(FutureWarning, match="renamed `clipped_objective`"):
-        loss, clipped = trainer.objective(log_prob, old, advantages)
-    assert torch.equal(loss, expected[0]) and torch.equal(clipped, expected[1])
-    with pytest.warns(FutureWarning, match="Legacy.objective overrides the old name of `clipped_objective`"):
-        type("Legacy", (DiffusionGRPOTrainer,), {"objective": lambda self, *args: None})
-
-
 def test_grpo_policy_loss_is_one_clipped_objective_with_no_extra_terms(tiny_trainer):
     """GRPO's policy_loss is L(A); a weight and auxiliary objectives, when given, make it w·L(A) + Σ c·L(A_j)."""
     trainer = tiny_trainer()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from trl_visual.cli import parse_args, resolve_reward_spec, run
+from trl_visual.cli import parse_args, run
 from trl_visual.core.interpretations import interpretation_mean_var
 from trl_visual.rewards import REWARD_REGISTRY, VLMJudgeReward, resolve_reward, split_reward_call
 from trl_visual.rewards.judging import DEFAULT_TEMPLATE
+from trl_visual.rewards.spec import resolve_reward_spec
 from trl_visual.testing import TINY_VLM_CHAT_TEMPLATE, save_tiny_vlm_judge
 from trl_visual.trainer.reward_calls import check_reward_interpretations
 

@@ -32,9 +32,13 @@ class PrivateName:
 
 _TRAINER = "transformers.trainer"
 
+#: the transformers releases every ``Trainer`` override of :class:`~trl_visual.trainer.DiffusionGRPOTrainer` was
+#: checked against; each override's docstring ends "Checked against transformers <this>." (tested)
+CHECKED_TRANSFORMERS = "5.3.0 (the floor) and 5.25.0"
+
 #: the private upstream names this package overrides (``Trainer`` methods) or calls
 PRIVATE_NAMES: tuple[PrivateName, ...] = (
-    # transformers.Trainer methods our trainer overrides (trl_visual/trainer/*.py)
+    # transformers.Trainer methods our trainer overrides (all in trl_visual/trainer/diffusion_grpo_trainer.py)
     PrivateName(_TRAINER, "Trainer._get_train_sampler", ("train_dataset",), "whole GRPO groups per batch"),
     PrivateName(_TRAINER, "Trainer._get_output_dir", ("trial",), "checkpoints staged, then renamed"),
     PrivateName(_TRAINER, "Trainer._save_checkpoint", ("model", "trial"), "atomic checkpoints"),

@@ -48,25 +48,28 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
-import inspect
 import os
 import platform
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._version import __version__
 from .launcher import (
+    ACCELERATE_CONFIG_FLAG,
+    LAUNCH_FLAGS,
     accelerate_launch_args,
     flag_or_config_value,
     run_accelerate_launch,
     wants_launch,
     with_yaml_accelerate_config,
 )
-from .preflight import cached_names, names_cache_path, preflight, write_names
+from .miniature import MINIATURE_MODELS
+from .preflight import cached_names, names_cache_path, preflight, unknown_names_message, write_names
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "grpo": (
@@ -267,8 +270,6 @@ def make_parser(command: str, config_class: type) -> Any:
 def parser_names(parser: argparse.ArgumentParser) -> set[str]:
     """Every name the parser accepts, as a YAML key or a flag without its dashes (``--no_x`` twins included), plus
     the command line's own (``config``, the launch flags)."""
-    from .launcher import ACCELERATE_CONFIG_FLAG, LAUNCH_FLAGS
-
     names = {action.dest for action in parser._actions}
     names |= {
         option[2:]
@@ -310,8 +311,6 @@ def _checked_parser_class() -> type:
     values are checked by :func:`yaml_value`."""
     from trl import TrlParser
 
-    from .preflight import unknown_names_message
-
     class CheckedParser(TrlParser):
         def set_defaults_with_config(self, **kwargs: Any) -> list[str]:
             actions = {action.dest: action for action in self._actions}
@@ -332,16 +331,6 @@ def _checked_parser_class() -> type:
     return CheckedParser
 
 
-MODEL_DEFAULTS: dict[str, str] = {
-    "tiny:shapes": "trl_visual.miniature:METHOD_DEFAULTS",
-    "tiny:shapes-pairs": "trl_visual.miniature:PAIRS_METHOD_DEFAULTS",
-    "tiny:scenes": "trl_visual.miniature:SCENES_METHOD_DEFAULTS",
-}
-"""Model name → the ``module:attribute`` of its own training defaults (command → a dict of flag values). A
-model whose settings differ from the configs' defaults (the pretrained miniature world learns with other steps
-than a LoRA on SD3.5) brings them here; a ``--config`` YAML file and the flags override them."""
-
-
 EVALUATION_SETTINGS = (
     "dataset_test_split",
     "eval_strategy",
@@ -354,12 +343,14 @@ on another prompt set, which may have no such split (its own evaluation is asked
 
 
 def model_defaults(command: str, flags: Sequence[str]) -> dict[str, Any]:
-    """The ``command``'s training defaults for the model the flags name (:data:`MODEL_DEFAULTS`), or ``{}``; without their
-    :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
+    """The ``command``'s training defaults for the model the flags name, or ``{}``: a model whose settings differ
+    from the configs' defaults brings them (the pretrained miniature world learns with other steps than a LoRA on
+    SD3.5: :data:`trl_visual.miniature.MINIATURE_MODELS`); a ``--config`` YAML file and the flags override them.
+    Without their :data:`EVALUATION_SETTINGS` when the flags or the YAML name another ``dataset_name``."""
     name = flag_or_config_value(flags, "model_name_or_path")
-    if name not in MODEL_DEFAULTS:
+    if name not in MINIATURE_MODELS:
         return {}
-    defaults = dict(_import(MODEL_DEFAULTS[name]).get(command, {}))
+    defaults = dict(MINIATURE_MODELS[name].method_defaults().get(command, {}))
     dataset = flag_or_config_value(flags, "dataset_name")
     if dataset is not None and dataset != defaults.get("dataset_name"):
         defaults = {key: value for key, value in defaults.items() if key not in EVALUATION_SETTINGS}
@@ -388,77 +379,6 @@ def check_before_importing(argv: Sequence[str]) -> None:
     preflight(argv, names, {})
 
 
-def _module_from_file(path: str, spec: str) -> Any:
-    if not os.path.isfile(path):
-        raise ValueError(f"Reward {spec!r}: no file {path!r}.")
-    name = "trl_visual_user_reward_" + os.path.splitext(os.path.basename(path))[0]
-    module_spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def _import_reward_module(location: str, spec: str) -> Any:
-    """Import ``location``, looking in the working directory too (last, so it shadows no installed module),
-    as ``python -m trl_visual.cli`` does; the ``trl-visual`` script alone would not.
-
-    Only a module that is not found is a usage error; an error raised by the module's own code propagates
-    with its traceback."""
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        return importlib.import_module(location)
-    except ModuleNotFoundError as error:
-        if error.name is None or not (location + ".").startswith(error.name + "."):
-            raise
-        raise ValueError(
-            f"Reward {spec!r}: cannot import module {location!r} ({error}). Put {location.split('.')[0]}.py in "
-            "the working directory or on PYTHONPATH, or pass 'path/to/file.py:function'."
-        ) from error
-
-
-def resolve_reward_spec(spec: str) -> Callable[..., Any]:
-    """A reward from the command line: a registered name, or ``module.path:function`` (also
-    ``path/to/file.py:function``). A class found this way is instantiated with no arguments, or with those of a
-    call-like spec, ``name(key=value, ...)`` (:mod:`trl_visual.rewards.arguments`).
-
-    Raises:
-        ValueError: an unknown name, or a module or attribute that cannot be found (the message says
-            which, and lists the registered names).
-    """
-    from .rewards import REWARD_REGISTRY, instantiate_reward, resolve_reward, split_reward_call
-
-    base, kwargs = split_reward_call(spec)  # "name(key=value, ...)": a class's arguments
-    if base in REWARD_REGISTRY:
-        return resolve_reward(spec)
-    known = ", ".join(sorted(REWARD_REGISTRY))
-    if ":" not in base:
-        raise ValueError(
-            f"Unknown reward {spec!r}. Registered rewards: {known}. For your own function pass "
-            "'module.path:function' (importable) or 'path/to/file.py:function'."
-        )
-    location, _, attribute = base.rpartition(":")
-    module = (
-        _module_from_file(location, spec)
-        if location.endswith(".py")
-        else _import_reward_module(location, spec)
-    )
-    target: Any = module
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"Reward {spec!r}: {location!r} has no attribute {attribute!r}.")
-        target = getattr(target, part)
-    if inspect.isclass(target):
-        target = instantiate_reward(target, kwargs, spec)
-    elif kwargs:
-        raise ValueError(
-            f"Reward {spec!r}: {attribute!r} is not a class, so it takes no arguments; drop them."
-        )
-    if not callable(target):
-        raise ValueError(f"Reward {spec!r} is a {type(target).__name__}, not a callable.")
-    return target
-
-
 def _check_local_model(name: str) -> None:
     """A path (``./``, ``../``, ``/``, ``~``) that is not a folder is a typo, not a Hub id to look up."""
     if name.startswith(("./", "../", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
@@ -471,6 +391,7 @@ def _check_local_model(name: str) -> None:
 def build_trainer(command: str, script_args: ScriptArguments, config: Any, model_args: ModelArguments) -> Any:
     """Load the prompts, resolve the rewards and build the trainer of ``command`` (no training yet)."""
     from .data import is_single_split, load_prompts
+    from .rewards.spec import resolve_reward_spec
 
     _, trainer_class = load_command(command)
     _check_local_model(model_args.model_name_or_path)
@@ -785,8 +706,6 @@ def _accelerators() -> str:
 def env_report() -> str:
     """Versions of the platform, Python, torch (and the accelerators it sees), the Hugging Face libraries and
     trl_visual, as ``- name: value`` lines to paste into a bug report."""
-    from . import __version__
-
     rows = [
         ("Platform", platform.platform()),
         ("Python version", platform.python_version()),
@@ -849,8 +768,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] == "--version":
-        from . import __version__
-
         print(f"trl_visual {__version__}")
         return 0
     if argv[0] == "env":

@@ -37,6 +37,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from .miniature import scenes
 from .preflight import check_hub_id, missing_prompt_file_message
 
 BUILTIN_PREFIX = "builtin:"
@@ -133,9 +134,7 @@ def _objects() -> Dataset:
 
 
 def _shapes(detail: str) -> Dataset:
-    """The shapes world's prompts (:mod:`trl_visual.miniature.scenes`), imported on use."""
-    from .miniature import scenes
-
+    """The shapes world's prompts (:mod:`trl_visual.miniature.scenes`)."""
     prompts = {"full": scenes.full_prompts, "partial": scenes.ambiguous_prompts, "pairs": scenes.pair_prompts}
     return Dataset.from_dict({"prompt": prompts[detail]()})
 
@@ -152,8 +151,6 @@ def _shapes_test() -> Dataset:
     The half is balanced: for each colour, shape and size, two of the four positions (left and top, or right and
     bottom, alternating), so every attribute value is evaluated equally often; the 48 captions come in a fixed
     shuffled order (seed 0), so that the first few of them (a picture's columns) are varied."""
-    from .miniature import scenes
-
     prompts = scenes.full_prompts()
     positions = len(scenes.ATTRIBUTES["position"])
     half = [p for i, p in enumerate(prompts) if (i % positions + i // positions) % 2 == 0]
@@ -164,8 +161,6 @@ def _shapes_test() -> Dataset:
 def _shapes_pairs_test() -> Dataset:
     """``builtin:shapes-pairs``' evaluation split: 48 of its 576 two-shape captions (drawn with seed 0), each
     repeated :data:`SHAPES_EVAL_SAMPLES_PER_PROMPT` times."""
-    from .miniature import scenes
-
     prompts = random.Random(0).sample(scenes.pair_prompts(), 48)
     return Dataset.from_dict({"prompt": [p for p in prompts for _ in range(SHAPES_EVAL_SAMPLES_PER_PROMPT)]})
 

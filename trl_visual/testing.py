@@ -43,10 +43,8 @@ from transformers import (
 )
 
 from .backbones import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from .miniature import MINIATURE_MODELS
 from .miniature.pipeline import (
-    load_scenes_pipeline,
-    load_shapes_pairs_pipeline,
-    load_shapes_pipeline,
     small_clip_text_config,
     small_image_vae,
     small_sd3_transformer,
@@ -372,15 +370,9 @@ TINY_PIPELINES: dict[str, Callable[..., DiffusionPipeline]] = {
     "flux": tiny_flux_pipeline,
     "wan": tiny_wan_pipeline,
     "wan-i2v": tiny_wan_i2v_pipeline,
-    "shapes": load_shapes_pipeline,  # pretrained: the miniature world of trl_visual.miniature
-    "shapes-pairs": load_shapes_pairs_pipeline,  # the same world with two-shape scenes
-    "scenes": load_scenes_pipeline,  # one shape over structured backgrounds (horizons, stripes, tiles)
+    # pretrained: the miniature world's models (trl_visual.miniature.MINIATURE_MODELS)
+    **{name.removeprefix(TINY_PREFIX): model.load for name, model in MINIATURE_MODELS.items()},
 }
-
-
-def is_tiny_name(name: object) -> bool:
-    """Whether ``name`` is a ``tiny:`` model name."""
-    return isinstance(name, str) and name.startswith(TINY_PREFIX)
 
 
 def load_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:

@@ -76,9 +76,15 @@ class Counting(DiffusionGRPOTrainer):
         self.all_reduces += 1
         return allreduce_hook(process_group, bucket)
 
-    def _backward_scale(self, num_trained):
-        self.backwards += num_trained
-        return super()._backward_scale(num_trained)
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        scale = self.engine.backward_scale
+
+        def counting(num_trained, gradient_accumulation_steps):
+            self.backwards += num_trained
+            return scale(num_trained, gradient_accumulation_steps)
+
+        self.engine.backward_scale = counting
 
     def _save_rng_state(self, output_dir):
         """A slow rank: the others write their RNG file a second after rank 0, as on a loaded machine, so a

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from trl_visual.hub import save_lora
+from trl_visual.lora_io import save_lora
 from trl_visual.testing import tiny_sd3_pipeline
 
 

@@ -34,6 +34,7 @@ import torch
 
 from .advantages import group_advantages
 from .policy_loss import clipped_policy_loss
+from .validation import check_choice
 
 Aggregation = Literal["weighted", "average", "first_pc", "ones"]
 SignRule = Literal["border", "skew", "reference"]
@@ -54,11 +55,6 @@ _SCIPY_TRUNCATE = 4.0
 # Relative size (in units of the projection's standard deviation) below which a sign statistic is
 # treated as a tie and the next rule decides. Symmetric in ``z ↔ −z``, so sign invariance is kept.
 _SIGN_TIE_TOL = 1e-3
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}.")
 
 
 def as_pair(size: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -120,7 +116,7 @@ def normalize_map(
     ``"mean_one"`` min-maxes first (so the map is non-negative with the paper's shape) and then divides by
     the mean, ``M' = M / mean(M)``, so that ``mean(A · M') = A`` and the average advantage is kept.
     """
-    _check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
     x = minmax_normalize(x, start_dim)
     return x if normalization == "minmax" else mean_one_normalize(x, start_dim)
 
@@ -209,7 +205,7 @@ def component_signs(projections: torch.Tensor, sign_rule: SignRule = "border") -
     Returns:
         ``(B, K)`` signs in the projections' dtype.
     """
-    _check_choice("sign_rule", sign_rule, SIGN_RULES)
+    check_choice("sign_rule", sign_rule, SIGN_RULES)
     b, k, h, w = projections.shape
     ones = torch.ones(b, k, dtype=projections.dtype, device=projections.device)
     if sign_rule == "reference":
@@ -250,7 +246,7 @@ def aggregate_components(
     ``"weighted"``: ``S = clip(Σ_j λ_j z'_j, 0, 1)``; ``"average"``: ``S = (1/K) Σ_j z'_j``;
     ``"first_pc"``: ``S = z'_1``; ``"ones"``: ``S = 1``.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     if aggregation == "weighted":
         return (oriented * ratios[..., None, None]).sum(dim=1).clamp(0, 1)
     if aggregation == "average":
@@ -534,10 +530,10 @@ def _final_normalization(
 
 
 def _check_options(aggregation: str, sign_rule: str, normalization: str, variant: str) -> None:
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("sign_rule", sign_rule, SIGN_RULES)
-    _check_choice("normalization", normalization, NORMALIZATIONS)
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("sign_rule", sign_rule, SIGN_RULES)
+    check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("variant", variant, VARIANTS)
 
 
 def perceptual_map(
@@ -682,7 +678,7 @@ def function_map(
     normalization: a binary mask stays a binary mask; a constant map becomes all ones. Returns ``(maps (B, H,
     W), fallback (B,))`` as :func:`perceptual_map` does (non-finite maps fall back to ones).
     """
-    _check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
     maps, finite = function_frame_maps(raw, as_pair(grid_size, "grid_size"))
     maps = normalize_map(maps, normalization)
     return torch.where(finite[:, None, None], maps, torch.ones_like(maps)), ~finite
@@ -717,7 +713,7 @@ def function_video_map(
     """Maps of videos from a user's per-frame maps ``(B, F, h, w)``: each frame resized to the latent grid
     (:func:`function_frame_maps`), then the video path of :func:`perceptual_video_map` (time resampling to T,
     temporal Gaussian, normalization over the volume). Returns ``(maps (B, T, H, W), fallback (B,))``."""
-    _check_choice("normalization", normalization, NORMALIZATIONS)
+    check_choice("normalization", normalization, NORMALIZATIONS)
     if raw.ndim != 4 or len(grid_size) != 3:
         raise ValueError(
             f"raw maps must be (B, F, h, w) and grid_size (T, H, W); got {tuple(raw.shape)}, {grid_size}."

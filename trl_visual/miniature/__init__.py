@@ -17,8 +17,14 @@
 - :mod:`~trl_visual.miniature.before_after`: the picture of a GRPO run's samples, base model above and trained
   model below, from the same noise.
 
-Submodules are imported on use (``import trl_visual.miniature`` loads nothing heavy).
+Submodules are imported on use (``import trl_visual.miniature`` loads nothing heavy). :data:`MINIATURE_MODELS` is the
+one table of the miniature models: name → loader, recipe, backbone.
 """
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 GRPO_DEFAULTS: dict = {
     "dataset_name": "builtin:shapes",
@@ -52,27 +58,10 @@ GRPO_DEFAULTS: dict = {
     "report_to": "none",
     "torch_num_threads": 1,
 }
-"""``trl-visual`` defaults for ``--model_name_or_path tiny:shapes`` (``trl_visual.cli.MODEL_DEFAULTS``): what
+"""``trl-visual`` defaults for ``--model_name_or_path tiny:shapes`` (:data:`MINIATURE_MODELS`): what
 makes GRPO raise ``shapes_adherence`` on it within about a minute of CPU (``docs/miniature.md`` has the figures).
 A ``--config`` file and the flags override them."""
 
-
-def method_defaults(grpo: dict, backbone: str = "tiny:shapes-features") -> dict[str, dict]:
-    """``trl-visual <command>`` → its defaults, from a model's GRPO defaults: the same recipe for all three
-    commands, each writing to its own folder (``…-grpo`` becomes ``…-bpgo``, ``…-vipo``); ViPO sees with the
-    miniature world's own ``backbone``."""
-    stem = grpo["output_dir"].removesuffix("-grpo")
-    return {
-        "grpo": grpo,
-        "bpgo": {**grpo, "output_dir": f"{stem}-bpgo"},
-        "vipo": {**grpo, "output_dir": f"{stem}-vipo", "backbone": backbone},
-    }
-
-
-METHOD_DEFAULTS: dict[str, dict] = method_defaults(GRPO_DEFAULTS)
-"""``trl-visual <command>`` → its defaults for ``tiny:shapes``: GRPO's recipe for all three (BPGO and ViPO were
-measured with it in ``docs/results.md``), each writing to its own folder; ViPO sees with the miniature world's
-own backbone (its classifier's features) instead of a DINOv2 from the Hub."""
 
 PAIRS_GRPO_DEFAULTS: dict = {
     **GRPO_DEFAULTS,
@@ -83,9 +72,6 @@ PAIRS_GRPO_DEFAULTS: dict = {
 prompts. They raise the evaluation reward a little (+0.021 ± 0.003 in 24 steps, seeds 0 to 2; +0.006 for the
 default seed) without fixing attribute binding across the 576 prompts (``docs/results.md``)."""
 
-PAIRS_METHOD_DEFAULTS: dict[str, dict] = method_defaults(PAIRS_GRPO_DEFAULTS)
-"""``trl-visual <command>`` → its defaults for ``tiny:shapes-pairs`` (as :data:`METHOD_DEFAULTS`)."""
-
 SCENES_GRPO_DEFAULTS: dict = {
     **GRPO_DEFAULTS,
     "reward_funcs": ["scenes_adherence"],
@@ -94,18 +80,50 @@ SCENES_GRPO_DEFAULTS: dict = {
 """``trl-visual`` defaults for ``--model_name_or_path tiny:scenes``: :data:`GRPO_DEFAULTS` on the one-shape
 prompts, judged by the classifier trained on the structured scenes (``scenes_adherence``)."""
 
-SCENES_METHOD_DEFAULTS: dict[str, dict] = method_defaults(
-    SCENES_GRPO_DEFAULTS, backbone="tiny:scenes-features"
-)
-"""``trl-visual <command>`` → its defaults for ``tiny:scenes``; ViPO sees with ``tiny:scenes-features`` (the
-world's VAE encoder, which sees the backgrounds)."""
 
-DEFAULTS_BY_MODEL: dict[str, dict[str, dict]] = {
-    "tiny:shapes": METHOD_DEFAULTS,
-    "tiny:shapes-pairs": PAIRS_METHOD_DEFAULTS,
-    "tiny:scenes": SCENES_METHOD_DEFAULTS,
+@dataclass(frozen=True)
+class MiniatureModel:
+    """One pretrained model of the miniature world: how it loads, the ``trl-visual`` recipe that learns on it, and
+    the backbone ViPO sees its world with."""
+
+    name: str
+    #: the function of :mod:`trl_visual.miniature.pipeline` that loads it (imported on use: diffusers is heavy)
+    loader: str
+    #: GRPO's recipe on it; BPGO and ViPO take the same (:meth:`method_defaults`)
+    grpo_defaults: dict
+    #: the named backbone (:mod:`trl_visual.named_backbones`) ViPO's recipe sees with
+    backbone: str
+
+    def load(self, seed: int = 0) -> Any:
+        """The pretrained pipeline, offline, from the weights shipped with the package."""
+        from . import pipeline
+
+        return getattr(pipeline, self.loader)(seed=seed)
+
+    def method_defaults(self) -> dict[str, dict]:
+        """``trl-visual <command>`` → its defaults: the same recipe for all three commands, each writing to its own
+        folder (``…-grpo`` becomes ``…-bpgo``, ``…-vipo``); ViPO sees with the model's own :attr:`backbone`."""
+        grpo = self.grpo_defaults
+        stem = grpo["output_dir"].removesuffix("-grpo")
+        return {
+            "grpo": grpo,
+            "bpgo": {**grpo, "output_dir": f"{stem}-bpgo"},
+            "vipo": {**grpo, "output_dir": f"{stem}-vipo", "backbone": self.backbone},
+        }
+
+
+MINIATURE_MODELS: dict[str, MiniatureModel] = {
+    model.name: model
+    for model in (
+        MiniatureModel("tiny:shapes", "load_shapes_pipeline", GRPO_DEFAULTS, "tiny:shapes-features"),
+        MiniatureModel(
+            "tiny:shapes-pairs", "load_shapes_pairs_pipeline", PAIRS_GRPO_DEFAULTS, "tiny:shapes-features"
+        ),
+        MiniatureModel("tiny:scenes", "load_scenes_pipeline", SCENES_GRPO_DEFAULTS, "tiny:scenes-features"),
+    )
 }
-"""Miniature model name → its ``trl-visual <command>`` defaults."""
+"""The one table of the miniature models, by name: the ``tiny:`` loader (:mod:`trl_visual.testing`), the command
+line's defaults (``trl-visual grpo --model_name_or_path tiny:shapes``) and :func:`recipe_fields` read it."""
 
 RECIPE_COMMANDS: dict[str, str] = {
     "DiffusionGRPOConfig": "grpo",
@@ -117,14 +135,15 @@ RECIPE_COMMANDS: dict[str, str] = {
 
 
 def recipe_fields(model_name: str, config_class: type) -> dict:
-    """The config fields of ``model_name``'s recipe for ``config_class`` (:data:`DEFAULTS_BY_MODEL`): what
+    """The config fields of ``model_name``'s recipe for ``config_class`` (:data:`MINIATURE_MODELS`): what
     ``trl-visual <command> --model_name_or_path model_name`` sets, less the command's own arguments (the prompt set,
     the rewards, the test split, the thread count), which a Python script passes to the trainer."""
-    if model_name not in DEFAULTS_BY_MODEL:
+    if model_name not in MINIATURE_MODELS:
         raise ValueError(
-            f"No recipe for {model_name!r}: recipes exist for {', '.join(DEFAULTS_BY_MODEL)}. For another model, "
+            f"No recipe for {model_name!r}: recipes exist for {', '.join(MINIATURE_MODELS)}. For another model, "
             f"build {config_class.__name__}(...) yourself (examples/configs/ has settings for the real models)."
         )
     command = next(RECIPE_COMMANDS[c.__name__] for c in config_class.__mro__ if c.__name__ in RECIPE_COMMANDS)
     fields = set(config_class.__dataclass_fields__)
-    return {key: value for key, value in DEFAULTS_BY_MODEL[model_name][command].items() if key in fields}
+    recipe = MINIATURE_MODELS[model_name].method_defaults()[command]
+    return {key: value for key, value in recipe.items() if key in fields}

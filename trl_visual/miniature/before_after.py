@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ..cli import run
 from ..data import load_prompts
 from ..images import to_pil
-from . import DEFAULTS_BY_MODEL, GRPO_DEFAULTS
+from . import GRPO_DEFAULTS, MINIATURE_MODELS
 from .evaluate import sample
 from .pipeline import ONE_SHAPE, SHAPES_MODELS, ShapesModel, build_shapes_pipeline, load_shapes_pipeline
 from .reward import ShapesAdherence
@@ -143,11 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, defaults = SHAPES_MODELS[args.model], DEFAULTS_BY_MODEL[args.model]["grpo"]
+    model, defaults = SHAPES_MODELS[args.model], MINIATURE_MODELS[args.model].grpo_defaults
     run_dir = args.run_dir or defaults["output_dir"]
     if not (Path(run_dir) / "transformer").is_dir():
-        from ..cli import run
-
         print(f"No run in {run_dir}: training one (trl-visual grpo --model_name_or_path {model.name}).")
         run(["grpo", "--model_name_or_path", model.name, "--output_dir", run_dir])
     base = load_shapes_pipeline(model=model)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..backbones import VisionBackbone
 from .scenes import ATTRIBUTES
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -91,6 +92,4 @@ class ShapesFeatures(nn.Module):
 def shapes_backbone(path: str | Path | None = None):
     """``tiny:shapes-features``: the shipped classifier's 8×8 feature grid on 32×32 images, wrapped in a
     :class:`~trl_visual.backbones.VisionBackbone` (no extra normalization, patch size 4)."""
-    from ..backbones import VisionBackbone
-
     return VisionBackbone(ShapesFeatures(load_classifier(path)), patch_size=4)

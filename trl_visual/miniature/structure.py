@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..backbones import VisionBackbone
 from .scenes import IMAGE_SIZE, JITTER, POSITIONS, SIZES, parse_prompt
 
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -94,7 +95,6 @@ class ScenesFeatures(nn.Module):
 def scenes_backbone(weights_dir: str | Path | None = None):
     """``tiny:scenes-features``: the ``tiny:scenes`` VAE encoder's 8×8 feature grid on 32×32 images, in a
     :class:`~trl_visual.backbones.VisionBackbone` (no extra normalization, patch size 4)."""
-    from ..backbones import VisionBackbone
     from .pipeline import SCENES, load_vae
 
     return VisionBackbone(ScenesFeatures(load_vae(weights_dir, SCENES)), patch_size=4)

@@ -12,14 +12,13 @@ imported on first use, so importing this package loads neither them nor ``transf
 from __future__ import annotations
 
 import importlib
-import inspect
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import builtin
 from .arguments import instantiate_reward, split_reward_call
 from .builtin import jpeg_compressibility, jpeg_incompressibility, red_channel
 from .registry import REWARD_REGISTRY, register_reward
+from .spec import RewardFunc, resolve_reward, resolve_reward_spec
 
 if TYPE_CHECKING:
     from .clip_rewards import AestheticReward, CLIPScoreReward, PickScoreReward
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     from .remote import HTTPScoreReward, OpenAIJudgeReward
     from .video import CLIPVideoScoreReward, FrameAveraged
     from .vlm_judge import VLMJudgeReward
-
-RewardFunc = Callable[..., Any]
 
 _LAZY_CLASSES = {
     "AestheticReward": ".clip_rewards",
@@ -50,29 +47,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY_CLASSES:
         return getattr(importlib.import_module(_LAZY_CLASSES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def resolve_reward(reward: str | RewardFunc) -> RewardFunc:
-    """A reward given by registry name becomes the reward object; a callable is returned as it is.
-
-    A registered class is instantiated with no arguments, or with those of a call-like spec,
-    ``"vlm_judge(model_name_or_path=org/model, batch_size=8)"`` (:mod:`trl_visual.rewards.arguments`)."""
-    if callable(reward):
-        return reward
-    if isinstance(reward, str):
-        name, kwargs = split_reward_call(reward)
-        if name not in REWARD_REGISTRY:
-            known = ", ".join(sorted(REWARD_REGISTRY))
-            raise ValueError(f"Unknown reward {name!r}. Registered rewards: {known}; or pass any callable.")
-        entry = REWARD_REGISTRY[name]
-        if inspect.isclass(entry):
-            return instantiate_reward(entry, kwargs, reward)
-        if kwargs:
-            raise ValueError(
-                f"Reward spec {reward!r}: {name!r} is a function, it takes no arguments; drop them."
-            )
-        return entry
-    raise TypeError(f"A reward must be a callable or a registered name, not {type(reward).__name__}.")
 
 
 def reward_name(reward: RewardFunc) -> str:
@@ -105,6 +79,7 @@ __all__ = [
     "red_channel",
     "register_reward",
     "resolve_reward",
+    "resolve_reward_spec",
     "split_reward_call",
     "reward_name",
 ]

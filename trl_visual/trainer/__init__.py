@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .. import _TRAINER_EXPORTS
-
 if TYPE_CHECKING:  # for type checkers and the API docs (griffe) only
     from .bpgo_config import BPGOConfig
     from .bpgo_trainer import BPGOTrainer
@@ -37,9 +35,8 @@ _MODULES = {
     "ViPOTrainer": ".vipo_trainer",
 }
 
-#: each method's config and trainer (what :mod:`trl_visual` exports, one list for both), and the dataclasses
-#: the hooks exchange
-__all__ = sorted(_TRAINER_EXPORTS | {"Advantages", "AuxiliaryObjective", "PolicyLoss", "Rollouts"})
+#: each method's config and trainer (what :mod:`trl_visual` also exports), and the dataclasses the hooks exchange
+__all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..core.bpgo import DEFAULT_RAS_K
-from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
+from ..core.validation import check_choice
+from .diffusion_grpo_config import DiffusionGRPOConfig
 
 PRIOR_SOURCES = ("column", "base_model", "ema", "first_frame")
 RAS_MODES = ("sigmoid", "posterior", "uncertainty", "none")

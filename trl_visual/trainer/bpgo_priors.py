@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..core.bpgo import update_ema_prior
 from ..models.loading import registered_loader
 from ..preflight import check_hub_id

@@ -13,6 +13,9 @@ from transformers import TrainingArguments
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
 from ..core.sde import SDE_TYPES
 from ..core.timesteps import TIMESTEP_SELECTIONS, window_starts
+from ..core.validation import check_choice
+from ..miniature import recipe_fields
+from .optional_packages import check_optimizer_package, check_quantization_package
 
 logger = logging.getLogger(__name__)
 
@@ -23,12 +26,6 @@ MAX_NOISE_LEVEL = {"flow_grpo": 5.0, "dance_grpo": 5.0, "cps": 1.0}
 MAX_GUIDANCE_SCALE = 100.0
 #: time shifts above this put every sampling step at σ ≈ 1 (the papers use 3 to 8)
 MAX_TIME_SHIFT = 1000.0
-
-
-def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise a ``ValueError`` naming the field and its valid values when ``value`` is not one of them."""
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
 
 
 def check_range(name: str, value: float, valid: bool, expected: str, hint: str = "") -> None:
@@ -369,8 +366,6 @@ class DiffusionGRPOConfig(TrainingArguments):
 
             args = DiffusionGRPOConfig.from_recipe("tiny:shapes", output_dir="tiny-shapes-grpo")
         """
-        from ..miniature import recipe_fields
-
         return cls(**{**recipe_fields(model_name, cls), **overrides})
 
     def __post_init__(self) -> None:
@@ -428,8 +423,6 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"`generation_batch_size` ({chunk}) must divide `per_device_train_batch_size` ({batch}) so that "
                 f"every sampling chunk is full; choose one of {divisors}, or None to sample the batch at once."
             )
-        from .memory import check_optimizer_package, check_quantization_package  # imports torch and diffusers
-
         check_optimizer_package(self.optim)
         check_quantization_package(self.model_init_kwargs)
         if self.use_ema:

@@ -7,7 +7,7 @@ step is therefore ``gradient_accumulation_steps × K`` backwards, and the engine
 for DeepSpeed, step) once per optimizer step, not once per backward:
 
 * DDP / FSDP2: ``Trainer`` already runs every micro-step but the last of an accumulation window under
-  ``accelerator.no_sync(model)``; :meth:`EnginesMixin._backward_steps` does the same for every trained
+  ``accelerator.no_sync(model)``; :meth:`Engine.backward_steps` does the same for every trained
   timestep but the last of that last micro-step, so gradients are all-reduced (reduce-scattered) once.
 * DeepSpeed counts micro-steps per backward and divides each loss by its own gradient accumulation. Of the two
   ways to fit that (Flow-GRPO's, a DeepSpeed accumulation of ``gradient_accumulation_steps × K``; or one
@@ -19,15 +19,16 @@ for DeepSpeed, step) once per optimizer step, not once per backward:
   the boundary). This needs ``K`` to be the same at every step: a run where it changes (an SDE window that
   sometimes covers the excluded last step, or a frozen expert's steps) is refused under DeepSpeed.
 
-Saving under each engine is in :mod:`trl_visual.trainer.saving` (the LoRA is taken from the state dict that
-``Trainer.save_model`` gathers).
+Saving under each engine is in :mod:`trl_visual.trainer.checkpoint_io` (the LoRA is taken from the state dict that
+``Trainer.save_model`` gathers). The trainer makes its :class:`Engine` right after ``Trainer`` made the accelerator
+(``create_accelerator_and_postprocess``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +36,9 @@ from ..core.timesteps import num_train_timesteps, stochastic_step_indices, windo
 from ..models import DiffusionAdapter
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .rollout import trainable_steps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
 
 
 def trained_timesteps_per_micro_step(
@@ -108,61 +112,55 @@ def check_engine_settings(accelerator_state: Any) -> None:
             )
 
 
-class EnginesMixin:
-    """The trainer's side of accelerate's engines (see the module's docstring), mixed into
-    :class:`~trl_visual.DiffusionGRPOTrainer` before :class:`transformers.Trainer`; needs ``adapter`` and
-    ``latent_shape``, set before ``Trainer.__init__``."""
+class Engine:
+    """The trainer's side of accelerate's engines (see the module's docstring) for ``accelerator``: checks its
+    settings and, under DeepSpeed, rewrites its gradient accumulation in backwards for the ``K`` trained timesteps
+    that ``adapter`` and ``args`` give on ``latent_shape``."""
 
-    #: DeepSpeed's micro-steps per micro-step (``K``); ``None`` outside DeepSpeed
-    _deepspeed_timesteps: int | None = None
-
-    def create_accelerator_and_postprocess(self) -> None:
-        """``Trainer``'s accelerator, then :func:`check_engine_settings` and, under DeepSpeed, its gradient
-        accumulation counted in backwards (:func:`deepspeed_gradient_accumulation`)."""
-        super().create_accelerator_and_postprocess()
-        check_engine_settings(self.accelerator.state)
-        if self.is_deepspeed_enabled:
-            self._deepspeed_timesteps = self._constant_trained_timesteps()
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        args: DiffusionGRPOConfig,
+        adapter: DiffusionAdapter,
+        latent_shape: tuple[int, ...],
+        is_deepspeed: bool,
+        is_fsdp: bool,
+    ):
+        self.accelerator = accelerator
+        self.is_fsdp = is_fsdp
+        check_engine_settings(accelerator.state)
+        #: DeepSpeed's micro-steps per micro-step (``K``); ``None`` outside DeepSpeed
+        self.deepspeed_timesteps: int | None = None
+        if is_deepspeed:
+            self.deepspeed_timesteps = constant_trained_timesteps(adapter, args, latent_shape)
             deepspeed_gradient_accumulation(
-                self.accelerator.state.deepspeed_plugin.deepspeed_config,
-                self.args.gradient_accumulation_steps,
-                self._deepspeed_timesteps,
-                self.args.world_size,
+                accelerator.state.deepspeed_plugin.deepspeed_config,
+                args.gradient_accumulation_steps,
+                self.deepspeed_timesteps,
+                args.world_size,
             )
-
-    def _constant_trained_timesteps(self) -> int:
-        counts = trained_timesteps_per_micro_step(self.adapter, self.args, self.latent_shape)
-        if len(counts) != 1:
-            raise ValueError(
-                f"Under DeepSpeed every step must train the same number of timesteps, but these settings train "
-                f"{sorted(counts)} depending on where the SDE window falls (`exclude_last_step` drops the step "
-                "landing on σ = 0, a frozen expert's steps are skipped). Keep the window clear of them "
-                "(`sde_window_range`), set `exclude_last_step=False`, or use DDP or FSDP (`--accelerate_config "
-                "multi_gpu` or `fsdp`)."
-            )
-        return counts.pop()
 
     @property
     def shards_parameters(self) -> bool:
         """Whether the denoiser's weights are split across processes (FSDP, ZeRO-3): then every forward is a
         collective, which all ranks must run together (the model card's samples included)."""
         deepspeed = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        return self.is_fsdp_enabled or (deepspeed is not None and deepspeed.zero_stage == 3)
+        return self.is_fsdp or (deepspeed is not None and deepspeed.zero_stage == 3)
 
-    def _backward_scale(self, num_trained: int) -> int:
+    def backward_scale(self, num_trained: int, gradient_accumulation_steps: int) -> int:
         """What each of the ``num_trained`` backwards of a micro-step divides its loss by, so the step's
         gradient is the mean over the window's micro-steps and timesteps: ``K × gradient_accumulation_steps``,
         or 1 under DeepSpeed, which divides by its own accumulation (the same product)."""
-        if self._deepspeed_timesteps is None:
-            return num_trained * self.current_gradient_accumulation_steps
-        if num_trained != self._deepspeed_timesteps:
+        if self.deepspeed_timesteps is None:
+            return num_trained * gradient_accumulation_steps
+        if num_trained != self.deepspeed_timesteps:
             raise RuntimeError(
                 f"This micro-step trains {num_trained} timesteps, DeepSpeed was set up for "
-                f"{self._deepspeed_timesteps}; please report this with your config."
+                f"{self.deepspeed_timesteps}; please report this with your config."
             )
         return 1
 
-    def _backward_steps(self, model: torch.nn.Module, num_trained: int) -> Iterator[int]:
+    def backward_steps(self, model: torch.nn.Module, num_trained: int) -> Iterator[int]:
         """``0 … num_trained − 1``, the trained timesteps of a micro-step. Every one but the last runs (forward and
         backward, as DDP requires) under ``accelerator.no_sync(model)`` with accelerate's ``sync_gradients`` off,
         when this micro-step is the one that syncs: gradients are then reduced, and DeepSpeed steps, once per
@@ -182,3 +180,20 @@ class EnginesMixin:
                 yield
         finally:
             state._set_sync_gradients(True)
+
+
+def constant_trained_timesteps(
+    adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
+) -> int:
+    """The one count ``K`` of trained timesteps every micro-step takes, which DeepSpeed needs; an error naming the
+    settings when it varies with the SDE window's position."""
+    counts = trained_timesteps_per_micro_step(adapter, args, latent_shape)
+    if len(counts) != 1:
+        raise ValueError(
+            f"Under DeepSpeed every step must train the same number of timesteps, but these settings train "
+            f"{sorted(counts)} depending on where the SDE window falls (`exclude_last_step` drops the step "
+            "landing on σ = 0, a frozen expert's steps are skipped). Keep the window clear of them "
+            "(`sde_window_range`), set `exclude_last_step=False`, or use DDP or FSDP (`--accelerate_config "
+            "multi_gpu` or `fsdp`)."
+        )
+    return counts.pop()

@@ -1,84 +1,94 @@
-"""Evaluation of :class:`~trl_visual.DiffusionGRPOTrainer`: deterministic sampling from fixed seeds, the training
-rewards and the ``eval_reward_funcs`` (scored here only), and a captioned grid of the samples."""
+"""Evaluation of :class:`~trl_visual.DiffusionGRPOTrainer`: deterministic sampling from fixed seeds, scored by the
+rewards it is given (the training ones and the ``eval_reward_funcs``), and a captioned grid of the samples."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather
 from datasets import Dataset
 
 from ..core.advantages import weighted_reward_sum
-from .logging_utils import SampleBatch, log_samples
+from ..rewards import RewardFunc
+from .diffusion_grpo_config import DiffusionGRPOConfig
+from .logging_utils import SampleBatch
+
+#: ``sample(prompts, ids, seed, rows)``: deterministic (ODE) samples of the current weights, ``(B, …)``
+Sampler = Callable[[list[str], torch.Tensor, int, list[dict[str, Any]]], torch.Tensor]
+#: ``score(prompts, samples, rows, reward_funcs, reward_names)``: ``(B, F)`` rewards (the trainer's
+#: ``compute_rewards``: the same checks, timeouts and timings as in training)
+Scorer = Callable[[list[str], torch.Tensor, list[dict[str, Any]], list[RewardFunc], list[str]], torch.Tensor]
 
 
-class EvaluationMixin:
-    """``evaluate()`` for the trainer (which provides ``sample``, ``compute_rewards``, the reward lists and the
-    ``transformers.Trainer`` state)."""
+@dataclass
+class EvaluationResult:
+    """What one evaluation measured: the metrics to log and return, and the samples to show."""
+
+    metrics: dict[str, float]
+    #: each reward's mean wall time in this evaluation, ``<prefix>_timing/reward/<name>``
+    timings: dict[str, float]
+    shown: SampleBatch | None
+
+
+class EvaluationRunner:
+    """Runs ``evaluate()`` for a trainer: ``sample`` draws, ``score`` scores (see :data:`Sampler`, :data:`Scorer`),
+    on this process's shard of the evaluation set; ``score`` records its timings in ``timings``."""
+
+    def __init__(
+        self,
+        args: DiffusionGRPOConfig,
+        accelerator: Accelerator,
+        sample: Sampler,
+        score: Scorer,
+        timings: dict[str, list[float]],
+    ):
+        self.args = args
+        self.accelerator = accelerator
+        self.sample = sample
+        self.score = score
+        self.timings = timings
 
     @torch.no_grad()
-    def evaluate(
+    def run(
         self,
-        eval_dataset: Dataset | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> dict[str, float]:
-        """Score ``eval_dataset`` with deterministic (ODE) sampling from fixed seeds; metrics get the
-        ``eval_`` prefix. Every evaluation of a run sees the same initial noise.
+        dataset: Dataset,
+        reward_funcs: list[RewardFunc],
+        reward_names: list[str],
+        reward_weights: torch.Tensor,
+        prefix: str = "eval",
+    ) -> EvaluationResult:
+        """Score ``dataset`` with deterministic (ODE) sampling from fixed seeds (row ``i`` of a batch starting at
+        ``start`` gets seed ``args.seed + start``): every evaluation of a run sees the same initial noise.
 
-        ``eval_reward`` is the weighted training reward; every reward, the training ones and the
-        ``eval_reward_funcs`` (scored here only), is logged as ``eval_rewards/<name>/mean``. With
-        ``log_images``, the first ``num_images_to_log`` samples go out as one captioned grid
-        (``eval_samples``) at the current step."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset.")
-        self.model.eval()
+        ``reward_funcs`` are the training rewards (the first ``len(reward_weights)``) followed by the rewards scored
+        only here. ``<prefix>_reward`` is the weighted training reward ``Σ_f w_f R_f``; every reward is
+        ``<prefix>_rewards/<name>/mean``. With ``log_images``, the first ``num_images_to_log`` samples are returned
+        to be shown."""
+        args = self.args
         shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         rewards, shown_prompts, shown_samples = [], [], []
-        batch = self.args.per_device_eval_batch_size
-        self._metrics["eval"].clear()  # from here, the reward timings of this evaluation (model in eval mode)
-        with self._scoring_eval_rewards():
-            for start in range(0, len(shard), batch):
-                rows = [shard[i] for i in range(start, min(start + batch, len(shard)))]
-                prompts = [row[self.args.prompt_column] for row in rows]
-                ids = torch.arange(start, start + len(rows))
-                rollouts = self.sample(
-                    prompts, ids, seed=self.args.seed + start, stochastic=False, training=False, rows=rows
-                )
-                rewards.append(self.compute_rewards(prompts, rollouts.samples, rows))
-                if self.args.log_images and len(shown_prompts) < self.args.num_images_to_log:
-                    shown_prompts += prompts
-                    shown_samples.append(rollouts.samples)
+        self.timings.clear()  # from here, the reward timings of this evaluation
+        for start in range(0, len(shard), args.per_device_eval_batch_size):
+            rows = [shard[i] for i in range(start, min(start + args.per_device_eval_batch_size, len(shard)))]
+            prompts = [row[args.prompt_column] for row in rows]
+            samples = self.sample(prompts, torch.arange(start, start + len(rows)), args.seed + start, rows)
+            rewards.append(self.score(prompts, samples, rows, reward_funcs, reward_names))
+            if args.log_images and len(shown_prompts) < args.num_images_to_log:
+                shown_prompts += prompts
+                shown_samples.append(samples)
+        trained = len(reward_weights)
         rewards_per_func = gather(torch.cat(rewards))
-        metrics = {f"{metric_key_prefix}_reward": self._training_reward(rewards_per_func).nanmean().item()}
-        for f, name in enumerate(self.reward_names + self.eval_reward_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
-        timings = {f"{metric_key_prefix}_{k}": sum(v) / len(v) for k, v in self._metrics["eval"].items() if v}
-        self.log({**metrics, **timings})
-        if self.args.log_images and self.accelerator.is_main_process:
-            local_reward = self._training_reward(torch.cat(rewards))
+        training_reward = weighted_reward_sum(rewards_per_func[:, :trained], reward_weights)
+        metrics = {f"{prefix}_reward": training_reward.nanmean().item()}
+        for f, name in enumerate(reward_names):
+            metrics[f"{prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
+        shown = None
+        if args.log_images and self.accelerator.is_main_process:
+            local_reward = weighted_reward_sum(torch.cat(rewards)[:, :trained], reward_weights)
             shown = SampleBatch(shown_prompts, torch.cat(shown_samples), local_reward[: len(shown_prompts)])
-            log_samples(
-                self, shown, key=f"{metric_key_prefix}_samples", file_prefix=f"{metric_key_prefix}_step"
-            )
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _training_reward(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """``Σ_f w_f R_f`` over the training rewards (the first columns), as in training."""
-        return weighted_reward_sum(rewards_per_func[:, : len(self.reward_funcs)], self.reward_weights)
-
-    @contextlib.contextmanager
-    def _scoring_eval_rewards(self) -> Iterator[None]:
-        """Within, :meth:`compute_rewards` calls the training rewards followed by ``eval_reward_funcs``
-        (columns ``F`` onwards of its output), with the same checks, timeouts and timings."""
-        trained = self.reward_funcs, self.reward_names
-        self.reward_funcs = trained[0] + self.eval_reward_funcs
-        self.reward_names = trained[1] + self.eval_reward_names
-        try:
-            yield
-        finally:
-            self.reward_funcs, self.reward_names = trained
+        timings = {f"{prefix}_{k}": sum(v) / len(v) for k, v in self.timings.items() if v}
+        return EvaluationResult(metrics, timings, shown)

@@ -16,10 +16,9 @@ records them once per micro-step (one host sync for all of them).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -120,25 +119,24 @@ def record_metrics(store: dict[str, list[float]], metrics: dict[str, torch.Tenso
         store[name].append(value)
 
 
-class RenamedHooksMixin:
-    """Hooks renamed in 0.1.0, kept as deprecated aliases until 0.2.0: ``objective`` is now
-    ``clipped_objective`` (one set of advantages), to tell it from ``policy_loss`` (the method's whole loss)."""
-
-    def objective(
-        self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Deprecated alias of ``clipped_objective``."""
-        message = "`objective` was renamed `clipped_objective` (one set of advantages) and goes in 0.2.0."
-        warnings.warn(message, FutureWarning, stacklevel=2)
-        return self.clipped_objective(log_prob, old_log_prob, advantages)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """An override of the old name is no longer called by ``policy_loss``: say so when the class is made."""
-        super().__init_subclass__(**kwargs)
-        if "objective" in vars(cls):
-            warnings.warn(
-                f"{cls.__name__}.objective overrides the old name of `clipped_objective`, which policy_loss calls "
-                "instead: rename the method to `clipped_objective` (the alias goes in 0.2.0).",
-                FutureWarning,
-                stacklevel=2,
-            )
+def weighted_policy_loss(
+    clipped_objective: Callable[
+        [torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+    ],
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: Advantages,
+) -> PolicyLoss:
+    """The default ``policy_loss``: ``L = w · L(A) + Σ_j c_j · L(A_j)``, each ``L`` one ``clipped_objective`` on the
+    same log-ratio (``w`` = ``advantages.weight``, 1 when absent; ``(c_j, A_j)`` = ``advantages.auxiliary``). The
+    clipped fraction is the main term's; each named auxiliary term's unweighted ``L(A_j)`` goes to ``metrics``."""
+    loss, clipped = clipped_objective(log_prob, old_log_prob, advantages.advantages)
+    if advantages.weight is not None:
+        loss = loss * advantages.weight
+    metrics = {}
+    for term in advantages.auxiliary:
+        value, _ = clipped_objective(log_prob, old_log_prob, term.advantages)
+        loss = loss + term.coefficient * value
+        if term.name:
+            metrics[term.name] = value.detach()
+    return PolicyLoss(loss, clipped, metrics)

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 from ..images import to_pil
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .diffusion_grpo_trainer import DiffusionGRPOTrainer
+    from transformers.trainer_callback import CallbackHandler, TrainerState
+
     from .rollout import Rollouts
 
 
@@ -279,11 +280,20 @@ MEDIA_SINKS: dict[str, Callable[[Any, Media, int], None]] = {
 }
 
 
+class LoggingTrainer(Protocol):
+    """What sending media needs from a trainer (``transformers.Trainer`` has it): the run's ``args``
+    (``output_dir``, ``num_images_to_log``), its ``state`` (``global_step``) and its tracker callbacks."""
+
+    args: Any
+    state: TrainerState
+    callback_handler: CallbackHandler
+
+
 def _sink_of(callback: Any) -> Callable[[Any, Media, int], None] | None:
     return next((MEDIA_SINKS[c.__name__] for c in type(callback).__mro__ if c.__name__ in MEDIA_SINKS), None)
 
 
-def send_media(trainer: DiffusionGRPOTrainer, media: Media) -> None:
+def send_media(trainer: LoggingTrainer, media: Media) -> None:
     """Send ``media`` to every active tracker at the trainer's current step: tensorboard (images, or a video's
     frames, and the captions as text), wandb (captioned images, or the GIF as a video), trackio (the captioned
     grid, or the GIF as a video), MLflow (the grid as a step image, or the GIF as an artifact). Comet and the
@@ -295,7 +305,7 @@ def send_media(trainer: DiffusionGRPOTrainer, media: Media) -> None:
 
 
 def log_samples(
-    trainer: DiffusionGRPOTrainer,
+    trainer: LoggingTrainer,
     batch: Rollouts | SampleBatch,
     key: str = "samples",
     file_prefix: str = "step",

@@ -1,5 +1,6 @@
 """Memory options for large models (12B–14B denoisers beside a 4.7B T5): where the frozen modules live, a cache
-of prompt embeddings, decoding in batches, and early checks of the optional 8-bit and quantisation libraries.
+of prompt embeddings, decoding in batches, and the check that decoding fits in this machine's memory. (The early
+checks of the optional 8-bit and quantisation libraries are :mod:`~trl_visual.trainer.optional_packages`'.)
 
 Sampling in chunks (``generation_batch_size``) lives in :mod:`trl_visual.trainer.rollout`, the EMA of the
 trained weights in :mod:`trl_visual.trainer.ema`. ``docs/distributed.md`` ("Memory") says what each option
@@ -9,7 +10,6 @@ saves.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -18,33 +18,6 @@ from typing import Any
 import torch
 
 from ..models import DiffusionAdapter, PromptEmbeds
-
-#: ``TrainingArguments.optim`` values that need the ``bitsandbytes`` package (transformers 5.23.0's list)
-BITSANDBYTES_OPTIMIZERS = (
-    "adamw_bnb_8bit",
-    "adamw_8bit",
-    "paged_adamw_32bit",
-    "paged_adamw_8bit",
-    "ademamix",
-    "ademamix_8bit",
-    "paged_ademamix_32bit",
-    "paged_ademamix_8bit",
-    "lion_32bit",
-    "lion_8bit",
-    "paged_lion_32bit",
-    "paged_lion_8bit",
-    "rmsprop_bnb",
-    "rmsprop_bnb_8bit",
-    "rmsprop_bnb_32bit",
-)
-#: the package each of diffusers' ``PipelineQuantizationConfig`` backends needs
-QUANTIZATION_PACKAGES = {
-    "bitsandbytes_4bit": "bitsandbytes",
-    "bitsandbytes_8bit": "bitsandbytes",
-    "torchao": "torchao",
-    "quanto": "optimum.quanto",
-    "gguf": "gguf",
-}
 
 
 def place_frozen_modules(
@@ -135,48 +108,6 @@ def decode_in_batches(
     if batch_size is None or batch_size >= len(latents):
         return adapter.decode(latents)
     return torch.cat([adapter.decode(part) for part in latents.split(batch_size)])
-
-
-def missing_package(module_name: str) -> bool:
-    """Whether ``module_name`` (``"optimum.quanto"`` for a sub-package) cannot be imported here."""
-    try:
-        return importlib.util.find_spec(module_name) is None
-    except ModuleNotFoundError:  # the parent package is missing
-        return True
-
-
-def check_optimizer_package(optim: Any) -> None:
-    """Refuse a bitsandbytes optimizer (``optim="adamw_bnb_8bit"``) when bitsandbytes is not installed, before
-    any model is loaded (``Trainer`` would only say so when it builds the optimizer)."""
-    name = getattr(optim, "value", optim)
-    if name in BITSANDBYTES_OPTIMIZERS and missing_package("bitsandbytes"):
-        raise ImportError(
-            f"`optim={name!r}` needs the bitsandbytes package, which is not installed: `pip install bitsandbytes` "
-            "(8-bit AdamW keeps AdamW's two moments in 8 bits, 2 bytes a trainable parameter instead of 8), or "
-            "use `optim='adamw_torch'`."
-        )
-
-
-def quantization_backend(quantization_config: Any) -> str | None:
-    """The backend name of a ``quantization_config`` (diffusers' ``PipelineQuantizationConfig`` or its dict
-    form ``{"quant_backend": …, "quant_kwargs": …, "components_to_quantize": …}``), or ``None`` without one."""
-    if quantization_config is None:
-        return None
-    if isinstance(quantization_config, dict):
-        return quantization_config.get("quant_backend")
-    return getattr(quantization_config, "quant_backend", None)
-
-
-def check_quantization_package(model_init_kwargs: dict[str, Any] | None) -> None:
-    """Refuse a ``quantization_config`` whose backend's package is missing, before anything is downloaded."""
-    backend = quantization_backend((model_init_kwargs or {}).get("quantization_config"))
-    package = QUANTIZATION_PACKAGES.get(backend or "")
-    if package is not None and missing_package(package):
-        raise ImportError(
-            f"`model_init_kwargs.quantization_config` uses the {backend!r} backend, which needs the "
-            f"{package.split('.')[0]} package: `pip install {package.replace('.', '-')}`, or drop "
-            "`quantization_config` to load the base model unquantised."
-        )
 
 
 def machine_memory_bytes() -> int:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import numbers
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from .._upstream import is_async_callable
 from ..core.advantages import nan_std
 from ..core.interpretations import AMBIGUOUS_SHARE, ambiguity_share, interpretation_mean_var
 from ..rewards import RewardFunc, resolve_reward, reward_name
-from .guards import RewardTimeoutError, call_with_timeout
+from ..rewards.spec import resolve_reward_spec
 
 logger = logging.getLogger(__name__)
 
@@ -398,9 +399,6 @@ def resolve_eval_rewards(
     """The rewards only ``evaluate()`` scores, from callables or specs (registered names or
     ``module.path:function``, as ``--reward_funcs`` takes). A name that is also a training reward's, or given
     twice, is an error: their ``eval_rewards/<name>/mean`` would collide."""
-    # the one parser of reward specs, imported here because the CLI imports the trainers
-    from ..cli import resolve_reward_spec
-
     specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
     funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
     names = [reward_name(func) for func in funcs]
@@ -412,3 +410,50 @@ def resolve_eval_rewards(
             "drop it from `eval_reward_funcs`, or give the callable a distinct `__name__`."
         )
     return funcs
+
+
+class RewardTimeoutError(TimeoutError):
+    """A reward function did not return within ``reward_timeout`` seconds."""
+
+
+def call_with_timeout(
+    func: Callable[..., Any], kwargs: dict[str, Any], timeout: float | None
+) -> tuple[bool, Any]:
+    """Call ``func(**kwargs)``; return ``(True, result)``, or ``(False, None)`` when it has not returned after
+    ``timeout`` seconds (``None``: wait forever, in the calling thread). An exception it raises is re-raised.
+
+    With a timeout the call runs in a daemon thread. Python cannot stop a thread, so a call that timed out
+    keeps running in the background until the process exits (a daemon thread never holds the exit up).
+    """
+    if timeout is None:
+        return True, func(**kwargs)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = func(**kwargs)
+        except BaseException as error:  # handed to the caller's thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name=f"reward-{getattr(func, '__name__', 'call')}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return False, None
+    if "error" in outcome:
+        raise outcome["error"]
+    return True, outcome["result"]
+
+
+def reward_kwargs(
+    adapter: Any, prompts: list[str], samples: torch.Tensor, rows: list[dict[str, Any]], prompt_column: str
+) -> dict[str, Any]:
+    """What a reward is called with: the prompts, the samples under the adapter's ``output_kind`` (``images`` or
+    ``videos``), what the adapter adds from the rows (an image-to-video run's conditioning image), and every other
+    dataset column by name, as TRL does."""
+    return {
+        "prompts": prompts,
+        adapter.output_kind: samples,
+        **adapter.reward_inputs(rows),
+        **dataset_columns(rows, prompt_column),
+    }

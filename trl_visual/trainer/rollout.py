@@ -123,6 +123,13 @@ class PromptEncoder:
         self.cache = PromptEmbedsCache(cache_size) if cache_size else None
         self._negative: PromptEmbeds | None = None
 
+    @classmethod
+    def for_config(cls, adapter: DiffusionAdapter, args: DiffusionGRPOConfig) -> PromptEncoder:
+        """The encoder a run's ``args`` ask for: their text length and negative prompt, and a cache of
+        ``prompt_embeds_cache_size`` prompts with ``cache_prompt_embeds``."""
+        cache_size = args.prompt_embeds_cache_size if args.cache_prompt_embeds else 0
+        return cls(adapter, args.max_sequence_length, args.negative_prompt, cache_size=cache_size)
+
     def __call__(self, prompts: list[str]) -> PromptEmbeds:
         unique, inverse = unique_in_order(prompts)
         return select_embeds(self._encode(unique, self.cache), inverse)

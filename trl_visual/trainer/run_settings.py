@@ -22,6 +22,8 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..checkpointing import METHOD_STATE_NAME
+
 logger = logging.getLogger(__name__)
 
 #: the settings recorded, with what a change means
@@ -79,8 +81,6 @@ def check_resumed_settings(checkpoint: str, current: RunSettingsCallback, has_me
         trainer_state = json.load(handle)
     check_step_matches_folder(checkpoint, trainer_state)
     stored = _stored_settings(trainer_state)
-    from ..checkpointing import METHOD_STATE_NAME
-
     if stored is None:
         if os.path.exists(os.path.join(checkpoint, METHOD_STATE_NAME)) and not has_method_state:
             raise ValueError(

@@ -54,3 +54,23 @@ def prior_estimation_seed(seed: int, chunk: int) -> int:
     """``seed · 7_919 + 500_000_000 + chunk``: the seed of BPGO's ``chunk``-th batch of prior-estimation
     rollouts, apart from the training rounds' seeds."""
     return seed * PRIOR_SEED_MULTIPLIER + PRIOR_SEED_OFFSET + chunk
+
+
+class MicroStepCounter:
+    """Counts micro-batches since the start of the run: ``global_step × gradient_accumulation_steps`` plus the
+    micro-batches already done in the current step, so that a resumed run counts what the uninterrupted one
+    did (the seeds above are derived from it)."""
+
+    def __init__(self, gradient_accumulation_steps: int):
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        #: the micro-step being run
+        self.count = 0
+        self._in_step, self._origin = 0, -1
+
+    def advance(self, global_step: int) -> int:
+        """Start the next micro-step of optimizer step ``global_step``; returns its :attr:`count`."""
+        if global_step != self._origin:
+            self._origin, self._in_step = global_step, 0
+        self.count = global_step * self.gradient_accumulation_steps + self._in_step
+        self._in_step += 1
+        return self.count

@@ -7,18 +7,16 @@ after a rollout has been paid for.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from ..core.timesteps import stochastic_step_indices, window_starts
 from ..data import check_prompt_values
 from ..models import DiffusionAdapter
 from .diffusion_grpo_config import DiffusionGRPOConfig
-from .guards import check_flow_matching_sigmas
-from .logging_utils import make_config_readable_by_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -140,35 +138,6 @@ def check_columns(dataset: Any, split: str, required: list[str], pipeline_name: 
         )
 
 
-def prepare_denoiser(
-    adapter: DiffusionAdapter, peft_config: LoraConfig | None, args: DiffusionGRPOConfig
-) -> torch.nn.Module:
-    """Freeze everything but the denoiser's trainable part: its LoRA adapter, or all of it.
-
-    The trainable parameters (and so AdamW's state) are float32 whatever dtype the pipeline was loaded in,
-    as diffusers' training scripts do (``cast_training_params``): in bf16, an update smaller than ~0.4 % of
-    a weight rounds away. Frozen weights keep the loading dtype; ``bf16=True`` (autocast) sets the compute
-    dtype. The denoiser's config is made readable by every ``report_to`` tracker."""
-    for module in adapter.frozen_modules:
-        module.requires_grad_(False).eval()
-    denoiser = adapter.denoiser
-    if peft_config is not None:
-        denoiser.requires_grad_(False)
-        denoiser.add_adapter(peft_config)
-    else:
-        denoiser.requires_grad_(True)
-    cast_training_params(denoiser, dtype=torch.float32)
-    make_config_readable_by_trackers(denoiser)
-    if args.gradient_checkpointing or getattr(args, "activation_checkpointing", False):
-        denoiser.enable_gradient_checkpointing()
-        # diffusers models do it themselves: keep Trainer (which would call the transformers API) out of it.
-        # transformers 5 renamed the flag `activation_checkpointing` and keeps the old name as an alias.
-        args.gradient_checkpointing = False
-        if hasattr(args, "activation_checkpointing"):
-            args.activation_checkpointing = False
-    return denoiser
-
-
 def check_scheduler(
     adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
 ) -> None:
@@ -217,20 +186,63 @@ def check_trained_steps(
     )
 
 
-def enable_vae_memory_options(pipeline: Any, args: DiffusionGRPOConfig) -> None:
-    """``vae_tiling``/``vae_slicing`` call the pipeline VAE's own ``enable_tiling``/``enable_slicing``; a VAE
-    without the method is reported and decodes as before."""
-    vae = getattr(pipeline, "vae", None)
-    for wanted, option, method in (
-        (args.vae_tiling, "vae_tiling", "enable_tiling"),
-        (args.vae_slicing, "vae_slicing", "enable_slicing"),
-    ):
-        if not wanted:
-            continue
-        if hasattr(vae, method):
-            getattr(vae, method)()
-        else:
-            logger.warning(
-                f"{option}=True has no effect: the pipeline's VAE ({type(vae).__name__}) has no {method}(); "
-                "decoding runs without it."
-            )
+def check_flow_matching_sigmas(
+    get_sigmas: Callable[[], torch.Tensor], scheduler: Any, num_steps: int
+) -> None:
+    """Check that ``get_sigmas()`` (the adapter's schedule for ``num_steps`` steps) is a flow-matching one:
+    ``num_steps + 1`` values, decreasing, in ``[0, 1]``, ending at 0.
+
+    Raises:
+        ValueError: naming the scheduler's class and the fix, before anything is sampled.
+    """
+    name = type(scheduler).__name__
+    fix = (
+        f"The pipeline's scheduler is {name}, but trl_visual's samplers need a flow-matching scheduler "
+        "(σ from 1 down to 0, velocity prediction). Set one before training, e.g. "
+        "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_id, subfolder='scheduler')` "
+        "with the model's original scheduler, or `FlowMatchEulerDiscreteScheduler(shift=3.0)` for SD3."
+    )
+    try:
+        sigmas = get_sigmas().float()
+    except (AttributeError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{fix} (It gave no flow-matching sigmas: {type(error).__name__}: {error}.)"
+        ) from error
+    valid = (
+        sigmas.numel() == num_steps + 1
+        and bool(torch.isfinite(sigmas).all())
+        and float(sigmas.max()) <= 1 + 1e-6
+        and float(sigmas[-1]) == 0.0
+        and bool((sigmas[1:] < sigmas[:-1]).all())
+    )
+    if not valid:
+        shown = [round(v, 3) for v in sigmas.tolist()[:4]]
+        raise ValueError(
+            f"{fix} (Its sigmas start {shown}, not a decreasing schedule in [0, 1] ending at 0.)"
+        )
+
+
+def check_inputs(
+    args: DiffusionGRPOConfig,
+    datasets: dict[str, Any],
+    rewards: list[Any],
+    reward_names: list[str],
+    peft_config: LoraConfig | None,
+) -> None:
+    """Every check of the trainer's inputs that needs no model, in this order: each data set
+    (:func:`check_dataset`), what the rewards need from their rows (:func:`check_reward_prompts`), the LoRA
+    (:func:`check_lora_config`) and the KL's reference (:func:`check_kl_reference`)."""
+    for split, dataset in datasets.items():
+        check_dataset(dataset, split, args)
+    check_reward_prompts(rewards, reward_names, datasets, args.prompt_column)
+    check_lora_config(peft_config)
+    check_kl_reference(args.beta, peft_config)
+
+
+def check_sampling(
+    adapter: DiffusionAdapter, args: DiffusionGRPOConfig, latent_shape: tuple[int, ...]
+) -> None:
+    """The checks of the loaded model's sampling: a flow-matching scheduler (:func:`check_scheduler`) and an SDE
+    window that trains something (:func:`check_trained_steps`)."""
+    check_scheduler(adapter, args, latent_shape)
+    check_trained_steps(adapter, args, latent_shape)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.validation import check_choice
 from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES, VARIANTS
-from .diffusion_grpo_config import DiffusionGRPOConfig, check_choice
+from .diffusion_grpo_config import DiffusionGRPOConfig
 
 MAP_TARGETS: tuple[str, ...] = ("advantage", "reward")
 DENSE_LEVELS: tuple[str, ...] = ("position", "sample")

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import gather
 from datasets import Dataset, IterableDataset
 
-from ..backbones import VisionBackbone, is_named_backbone, named_backbone
+from ..backbones import VisionBackbone
 from ..core.vipo import (
     check_user_maps,
     dense_policy_loss,
@@ -28,6 +28,7 @@ from ..core.vipo import (
     spread_advantages,
 )
 from ..images import to_pil
+from ..named_backbones import is_named_backbone, named_backbone
 from .diffusion_grpo_trainer import DiffusionGRPOTrainer
 from .hooks import Advantages, PolicyLoss
 from .logging_utils import Media, SampleBatch, captioned_grid, send_media
