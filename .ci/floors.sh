@@ -32,4 +32,6 @@ trl-visual grpo --model_name_or_path tiny:shapes --dataset_name builtin:shapes -
 python -m pytest -n 2 -q -p no:cacheprovider tests/test_upstream.py tests/test_floors.py tests/test_core_advantages.py \
     tests/test_core_sde.py tests/test_checkpoints.py tests/test_trainer.py tests/test_reward_models.py \
     "tests/test_miniature.py::test_tiny_shapes_loads_offline_and_follows_its_prompts" \
-    tests/test_miniature.py::test_text_towers_are_the_shipped_weights_whatever_the_installed_initialisation -m "not slow"
+    tests/test_miniature.py::test_text_towers_are_the_shipped_weights_whatever_the_installed_initialisation \
+    tests/test_cli.py::test_tiny_shapes_run_prints_the_eval_reward_before_and_after_training \
+    tests/test_trackers.py::test_trackio_logs_locally_unless_a_space_is_named -m "not slow"

@@ -319,3 +319,15 @@ def test_sample_videos_reach_every_tracker(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
     (run,) = client.search_runs(experiment_ids=["0"])
     assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == ["samples/step_000001.gif"]
+
+
+def test_trackio_logs_locally_unless_a_space_is_named(tmp_path):
+    """transformers 5.3 defaults `trackio_space_id` to "trackio" (deploy the run to a public Space, which needs a
+    Hub login); the configs make local logging the default on every release, and a named Space is kept."""
+    from trl_visual import DiffusionGRPOConfig
+
+    assert DiffusionGRPOConfig(output_dir=str(tmp_path)).trackio_space_id is None
+    assert (
+        DiffusionGRPOConfig(output_dir=str(tmp_path), trackio_space_id="me/runs").trackio_space_id
+        == "me/runs"
+    )

@@ -261,6 +261,19 @@ class DiffusionGRPOConfig(TrainingArguments):
             "the global batch, and the field sets how it is split on a device.)"
         },
     )
+    if (
+        TrainingArguments.__dataclass_fields__.get("trackio_space_id", field(default=None)).default
+        is not None
+    ):
+        # older transformers (5.3 checked) default to deploying trackio to a public Space ("trackio"): a Hub login
+        # and publishes the run; newer releases log locally unless asked. Local by default on every release.
+        trackio_space_id: str | None = field(
+            default=None,
+            metadata={
+                "help": "The Hugging Face Space to deploy trackio to ('user/name' or 'name'); None logs to a local "
+                "folder (the default here on every transformers release)."
+            },
+        )
     if "activation_checkpointing" not in TrainingArguments.__dataclass_fields__:
         # transformers < 5.23 has only `gradient_checkpointing`; the field lets the shipped YAMLs (which use the
         # newer name) run there too. The trainer reads either flag (`prepare_denoiser`).

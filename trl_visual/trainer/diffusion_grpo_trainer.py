@@ -28,7 +28,7 @@ from .denoiser import enable_vae_memory_options, prepare_denoiser
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMA, check_ema_engine, ema_weights, trainable_parameters
 from .engines import Engine
-from .evaluation import EvaluationRunner
+from .evaluation import EvaluationRunner, FinalEvaluationCallback
 from .finite_updates import FiniteUpdateGuard
 from .hooks import Advantages, PolicyLoss, record_metrics, weighted_policy_loss
 from .iteration_state import checkpoint_step, iteration_of, restore_rollouts, save_iteration_rollouts
@@ -167,7 +167,7 @@ class DiffusionGRPOTrainer(Trainer):
             data_collator=_identity_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), FinalEvaluationCallback()],
             optimizers=optimizers,
         )
         self.add_callback(RunSettingsCallback(self._method_name, args.num_generations, args.seed))
