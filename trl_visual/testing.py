@@ -431,12 +431,16 @@ def save_tiny_vlm_judge(path: str | os.PathLike, seed: int = 0, chat_template: b
     tiling) and a byte-level tokenizer in which ``yes``/``no`` (any case, with or without a leading space) are
     single tokens, saved to ``path`` so that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load it as
     they load a Hub checkpoint. ``chat_template=False`` saves it without a chat template."""
+    import transformers
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    # the PIL-based processor: `Idefics3ImageProcessorPil` where torchvision became the default (5.x), the plain
+    # class before (5.3)
+    pil_processor = getattr(transformers, "Idefics3ImageProcessorPil", transformers.Idefics3ImageProcessor)
 
     words = ["yes", "no", "Yes", "No", "Ġyes", "Ġno", "ĠYes", "ĠNo", "User", "Assistant"]
     tokenizer = tiny_byte_tokenizer(words, ["<|endoftext|>"])
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = pil_processor(
         size={"longest_edge": 56}, max_image_size={"longest_edge": 56}, do_image_splitting=False
     )
     processor = Idefics3Processor(
