@@ -7,6 +7,8 @@ import math
 import torch
 
 TIMESTEP_SELECTIONS = ("ordered", "random")
+#: how the SDE window's start is placed each generation round (``sde_window_schedule``)
+SDE_WINDOW_SCHEDULES = ("random", "progressive")
 
 
 def stochastic_step_indices(
@@ -41,6 +43,22 @@ def sample_window_start(
     """Draw the first SDE step of the window uniformly from :func:`window_starts`."""
     starts = window_starts(window_size, window_range, num_steps, sde_type)
     return int(torch.randint(starts.start, starts.stop, (1,), generator=generator).item())
+
+
+def progressive_window_start(
+    window_size: int,
+    window_range: tuple[int, int],
+    num_steps: int,
+    sde_type: str,
+    step: int,
+    shift: int = 1,
+    interval: int = 1,
+) -> int:
+    """MixGRPO's progressive window: with ``s_0 < … < s_{n−1}`` the :func:`window_starts`, the start at optimizer
+    step ``t`` is ``s_m``, ``m = (⌊t / interval⌋ · shift) mod n``: the window opens at the high-noise end and moves
+    ``shift`` steps toward the low-noise end every ``interval`` steps, wrapping back after the last start."""
+    starts = window_starts(window_size, window_range, num_steps, sde_type)
+    return starts[(step // interval) * shift % len(starts)]
 
 
 def num_train_timesteps(num_stochastic: int, timestep_fraction: float) -> int:

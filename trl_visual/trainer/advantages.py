@@ -3,10 +3,13 @@ the global batch's ``(B, F)`` rewards → an :class:`~trl_visual.trainer.hooks.A
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from ..core.advantages import combine_rewards, group_advantages, invalid_to_nan
+from ..core.advantages import combine_rewards, group_advantages, invalid_to_nan, weighted_reward_sum
 from ..core.interpretations import ensemble_interpretations
+from ..core.stat_tracking import PerPromptStatTracker
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .hooks import Advantages
 from .reward_calls import interpretation_metrics
@@ -30,14 +33,22 @@ def grpo_advantages(
     reward_weights: torch.Tensor,
     args: DiffusionGRPOConfig,
     interpretation_var: torch.Tensor | None,
+    stat_tracker: PerPromptStatTracker | None = None,
+    inputs: list[dict[str, Any]] | None = None,
 ) -> Advantages:
     """Weighted aggregation of the rewards, then ``A = (R − R̄_group) / (std + 1e-4)`` clamped to ``±adv_clip_max``
     (:func:`~trl_visual.core.advantages.combine_rewards`). With ``reward_ensemble`` the functions are
     interpretations of one reward instead: each standardized over the batch, the reward their mean
     (:func:`~trl_visual.core.interpretations.ensemble_interpretations`), whose spread is the interpretation
-    variance. ``interpretation_var`` (:func:`weighted_interpretation_var`) goes to the result, its figures to
-    ``metrics``."""
-    if args.reward_ensemble:
+    variance. With a ``stat_tracker`` (``per_prompt_stat_tracking``) the weighted reward is normalized against its
+    prompt's running statistics instead of the group's (:class:`~trl_visual.core.stat_tracking.PerPromptStatTracker`;
+    ``inputs`` are the global batch's rows, whose ``args.prompt_column`` keys the record).
+    ``interpretation_var`` (:func:`weighted_interpretation_var`) goes to the result, its figures to ``metrics``."""
+    if stat_tracker is not None:
+        reward = weighted_reward_sum(invalid_to_nan(rewards_per_func), reward_weights)
+        prompts = [row[args.prompt_column] for row in inputs or []]
+        advantages = stat_tracker.advantages(prompts, reward, args.scale_rewards, clip=args.adv_clip_max)
+    elif args.reward_ensemble:
         reward, interpretation_var = ensemble_interpretations(invalid_to_nan(rewards_per_func))
         advantages = group_advantages(
             reward, args.num_generations, args.scale_rewards, clip=args.adv_clip_max

@@ -226,9 +226,12 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
     # State kept in checkpoints
     # ------------------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
-        """The priors of :attr:`prior_store` (EMA or estimated), kept in every checkpoint."""
-        return {"ema_priors": {}, "estimated_priors": None, **self.prior_store.state_dict()}
+        """The priors of :attr:`prior_store` (EMA or estimated), kept in every checkpoint, with GRPO's state (the
+        ``per_prompt_stat_tracking`` record)."""
+        priors = {"ema_priors": {}, "estimated_priors": None, **self.prior_store.state_dict()}
+        return {**super().method_state(), **priors}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
-        """Restore the priors saved by :meth:`method_state`."""
+        """Restore the priors (and GRPO's state) saved by :meth:`method_state`."""
+        super().load_method_state(state)
         self.prior_store.load_state_dict(state)

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
 from ..core.sde import SDE_TYPES
-from ..core.timesteps import TIMESTEP_SELECTIONS, window_starts
+from ..core.timesteps import SDE_WINDOW_SCHEDULES, TIMESTEP_SELECTIONS, window_starts
 from ..core.validation import check_choice
 from ..miniature import recipe_fields
 from .optional_packages import check_optimizer_package, check_quantization_package
@@ -140,6 +140,22 @@ class DiffusionGRPOConfig(TrainingArguments):
         default="group",
         metadata={"help": "Advantage scaling: 'group' std, 'batch' std (Flow-GRPO's global_std), or 'none'."},
     )
+    per_prompt_stat_tracking: bool = field(
+        default=False,
+        metadata={
+            "help": "Flow-GRPO's per-prompt statistics tracking (TRL's DDPOConfig name): each reward is centred on "
+            "the mean of its prompt's last `per_prompt_stat_tracking_buffer_size` rewards over training (the current "
+            "batch's included) and, with scale_rewards='group', divided by their std, instead of the current "
+            "group's. The record is kept in checkpoints and resumed exactly."
+        },
+    )
+    per_prompt_stat_tracking_buffer_size: int = field(
+        default=32,
+        metadata={
+            "help": "How many of each prompt's most recent rewards `per_prompt_stat_tracking` keeps (at least "
+            "`num_generations`, so that the current group always fits)."
+        },
+    )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function; all 1 when unset."}
     )
@@ -243,6 +259,21 @@ class DiffusionGRPOConfig(TrainingArguments):
         metadata={
             "help": "[low, high): where the window may start; [0, num_inference_steps // 2) when unset."
         },
+    )
+    sde_window_schedule: str = field(
+        default="random",
+        metadata={
+            "help": "How the SDE window's start is placed each generation round: 'random' draws it uniformly from "
+            "`sde_window_range` (Flow-GRPO-Fast); 'progressive' (MixGRPO) starts at the range's low end and moves "
+            "`sde_window_shift` steps toward the low-noise end every `sde_window_interval` optimizer steps, "
+            "wrapping back to the low end after the range's last start. Deterministic from the global step."
+        },
+    )
+    sde_window_shift: int = field(
+        default=1, metadata={"help": "Steps the 'progressive' window moves at each shift."}
+    )
+    sde_window_interval: int = field(
+        default=25, metadata={"help": "Optimizer steps between two shifts of the 'progressive' window."}
     )
     init_same_noise: bool = field(
         default=False, metadata={"help": "All samples of a group start from the same noise (DanceGRPO)."}
@@ -388,6 +419,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         check_choice("multi_objective_aggregation", self.multi_objective_aggregation, AGGREGATIONS)
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
+        check_choice("sde_window_schedule", self.sde_window_schedule, SDE_WINDOW_SCHEDULES)
         self._check_grpo_ranges()
         if self.num_generations < 2:
             raise ValueError(
@@ -413,6 +445,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         if self.sde_window_range is None:
             self.sde_window_range = [0, max(1, self.num_inference_steps // 2)]
         self._check_sde_window_range()
+        self._check_window_schedule_and_stat_tracking()
         self._check_memory_options()
         global_batch = self.per_device_train_batch_size * self.world_size
         if global_batch % self.num_generations:
@@ -590,6 +623,31 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"`sde_window_range` {self.sde_window_range} does not fit {self.num_inference_steps} sampling steps "
                 f"with sde_window_size={self.sde_window_size} ({self.sde_type}): it needs 0 ≤ low < high and low ≤ "
                 f"{last}. Use e.g. [0, {last + 1}], or raise `num_inference_steps`."
+            )
+
+    def _check_window_schedule_and_stat_tracking(self) -> None:
+        """The progressive window needs a window and positive steps; per-prompt tracking a buffer that holds a
+        group, on the one weighted reward it normalizes."""
+        if self.sde_window_schedule == "progressive" and self.sde_window_size <= 0:
+            raise ValueError(
+                "`sde_window_schedule='progressive'` moves an SDE window, but `sde_window_size` is 0 (every step "
+                "stochastic): set `sde_window_size` (e.g. 2), or leave the schedule 'random'."
+            )
+        for name in ("sde_window_shift", "sde_window_interval"):
+            check_range(name, getattr(self, name), getattr(self, name) >= 1, "an integer ≥ 1")
+        if not self.per_prompt_stat_tracking:
+            return
+        size = self.per_prompt_stat_tracking_buffer_size
+        check_range(
+            "per_prompt_stat_tracking_buffer_size",
+            size,
+            size >= self.num_generations,
+            f"at least `num_generations` ({self.num_generations}) so that the current group fits",
+        )
+        if self.reward_ensemble or self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "`per_prompt_stat_tracking` normalizes the one weighted reward per sample: it needs "
+                "multi_objective_aggregation='sum_then_normalize' and reward_ensemble=False."
             )
 
     # -- no secret in a saved file ------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .rollout import (
 from .run_settings import RunSettingsCallback, check_resumed_settings
 from .seeds import MicroStepCounter, generation_seed
 from .setup_checks import check_columns, check_inputs, check_reward_weights, check_sampling, method_config
+from .stat_tracking import load_stat_tracker_state, stat_tracker_for, stat_tracker_state
 from .stopping import TrainingTerminated, save_before_stopping, stop_after, terminate_on_sigterm
 from .timestep_losses import adapter_disabled, timestep_losses
 
@@ -194,6 +195,7 @@ class DiffusionGRPOTrainer(Trainer):
         self._rollouts_iteration = -1  # the iteration (generation round) `_rollouts` were sampled for
         self._micro_steps = MicroStepCounter(args.gradient_accumulation_steps)
         self._prompt_encoder = PromptEncoder.for_config(self.adapter, args)
+        self.stat_tracker = stat_tracker_for(args)  # per_prompt_stat_tracking's record, checkpointed
 
     # -- Set-up and input checks (all before any expensive work) ---------------------------------------------
     def _prepare_method(
@@ -255,7 +257,7 @@ class DiffusionGRPOTrainer(Trainer):
         group index of each sample; ``rows`` the dataset rows, for conditioning beyond the prompt."""
         context = SamplingContext(
             self.args, self._prompt_encoder, self.placement, self.sampling_sigmas(), self.latent_shape,
-            self.accelerator.device, self.compute_loss_context_manager,
+            self.accelerator.device, self.compute_loss_context_manager, self.state.global_step,
         )  # fmt: skip
         return sample_rollouts(
             self.adapter, self.model, prompts, group_ids, seed, context,
@@ -297,9 +299,8 @@ class DiffusionGRPOTrainer(Trainer):
         ``(B_global,)``, plus what the method's loss needs: a per-sample ``weight``, ``auxiliary`` objectives,
         ``metrics`` to log). The trainer slices it to this process's samples. ``inputs`` are the global batch's
         dataset rows, in the same order. GRPO's: :func:`~trl_visual.trainer.advantages.grpo_advantages`."""
-        return grpo_advantages(
-            rewards_per_func, self.reward_weights, self.args, self.reward_interpretation_var(rewards_per_func)
-        )
+        variance, tracker = self.reward_interpretation_var(rewards_per_func), self.stat_tracker
+        return grpo_advantages(rewards_per_func, self.reward_weights, self.args, variance, tracker, inputs)
 
     def reward_interpretation_var(self, rewards_per_func: torch.Tensor) -> torch.Tensor | None:
         """``(B,)`` interpretation variance of the weighted reward of the batch being scored, or ``None``
@@ -446,11 +447,12 @@ class DiffusionGRPOTrainer(Trainer):
 
     def method_state(self) -> dict[str, Any]:
         """Hook: the method's own state a checkpoint must keep (BPGO's priors), saved as ``trl_visual_state.safetensors``
-        (:mod:`~trl_visual.state_files`: reading it runs no code) and handed to :meth:`load_method_state`. GRPO: none."""
-        return {}
+        (:mod:`~trl_visual.state_files`: reading it runs no code) and handed to :meth:`load_method_state`. GRPO: its tracker's."""
+        return stat_tracker_state(self.stat_tracker)
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Hook: restore what :meth:`method_state` returned."""
+        load_stat_tracker_state(self.stat_tracker, state)
 
     # -- Trainer overrides: each calls a collaborator (the private ones are listed in trl_visual/_upstream.py) --
     def create_accelerator_and_postprocess(self) -> None:

@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
-from ..core.timesteps import sample_window_start, select_train_timesteps, stochastic_step_indices
+from ..core.timesteps import select_train_timesteps, stochastic_step_indices
 from ..models import DiffusionAdapter, PromptEmbeds, guided, select_embeds
 from ..models.base import unconditional_embeds
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .hooks import Advantages
 from .memory import PromptEmbedsCache, decode_in_batches
 from .seeds import sde_noise_seed, timestep_selection_seed
+from .window_schedule import sde_window_start
 
 
 @dataclass
@@ -154,7 +155,8 @@ class PromptEncoder:
 class SamplingContext:
     """What every rollout of a run shares: the settings, the prompt encoder, where this process's samples sit
     in the global batch, the ``T + 1`` values of ``σ`` sampled on, the latent shape of one sample, the device,
-    and the context the denoiser runs in (the trainer's autocast)."""
+    the context the denoiser runs in (the trainer's autocast), and the optimizer step (which places the window of
+    ``sde_window_schedule='progressive'``)."""
 
     args: DiffusionGRPOConfig
     encoder: PromptEncoder
@@ -163,6 +165,7 @@ class SamplingContext:
     latent_shape: tuple[int, ...]
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    step: int = 0
 
 
 def uses_cfg(args: DiffusionGRPOConfig, training: bool) -> bool:
@@ -209,20 +212,15 @@ def initial_noise(
     return noise[first : first + len(group_ids)]
 
 
-def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool) -> list[int]:
-    """The sampling steps that are stochastic this round: the SDE window, placed from ``seed``."""
+def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool, step: int = 0) -> list[int]:
+    """The sampling steps that are stochastic this round: the SDE window, placed from ``seed`` or, with the
+    progressive schedule, from the optimizer ``step`` (:func:`~trl_visual.trainer.window_schedule.sde_window_start`)."""
     if not stochastic:
         return []
-    num_steps, window_start = args.num_inference_steps, 0
-    if args.sde_window_size > 0:
-        window_start = sample_window_start(
-            args.sde_window_size,
-            tuple(args.sde_window_range),
-            num_steps,
-            args.sde_type,
-            torch.Generator().manual_seed(seed),
-        )
-    return stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
+    window_start = sde_window_start(args, seed, step) if args.sde_window_size > 0 else 0
+    return stochastic_step_indices(
+        args.num_inference_steps, args.sde_type, args.sde_window_size, window_start
+    )
 
 
 def _stacked(tensors: list[torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
@@ -353,7 +351,7 @@ def _sample_chunk(
     """The rollouts of the samples ``chunk`` of a batch (see :func:`sample_rollouts`)."""
     args, placement, device = context.args, context.placement, context.device
     num_steps = args.num_inference_steps
-    steps = _stochastic_steps(args, seed, stochastic)
+    steps = _stochastic_steps(args, seed, stochastic, context.step)
     sigma_max = float(context.sigmas[1])  # read once, not from the device at every step
     sigmas = context.sigmas.to(device)
     batch_size, prompts, group_ids = len(prompts), prompts[chunk], group_ids[chunk]
