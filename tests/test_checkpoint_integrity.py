@@ -248,7 +248,7 @@ def test_bpgo_without_its_priors_is_refused_unless_weights_only(tmp_path, monkey
     monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", no_estimation)
     os.remove(tmp_path / "out" / PRIOR_CACHE_NAME)  # a resume would estimate the priors again first
     with pytest.raises(
-        CheckpointError, match=r"trl_visual_state\.safetensors missing.*the method's state \(BPGO's priors\)"
+        CheckpointError, match=r"trl_visual_state\.safetensors missing.*the method's state \(BPGO's priors"
     ):
         make_bpgo(tmp_path, **settings).train(resume_from_checkpoint=str(checkpoint))
     monkeypatch.undo()

@@ -1,7 +1,9 @@
 """Per-prompt statistics tracking (``per_prompt_stat_tracking``, Flow-GRPO): hand-worked advantages, the buffer's
 eviction, its checkpoint (no pickle) and the exact resume of a run that uses it, and its configuration errors."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,17 +98,13 @@ def test_a_run_with_stat_tracking_resumes_exactly(tmp_path):
     """Three steps with a checkpoint after each: the record is saved in ``trl_visual_state.safetensors`` (no
     pickle), and the run resumed from step 2 ends with the same weights, rewards and record as the straight one.
     The same prompts recur (4 prompts, one group each per step), so the record spans steps."""
-    config = dict(
-        per_prompt_stat_tracking=True,
-        per_prompt_stat_tracking_buffer_size=8,
-        max_steps=3,
-        save_strategy="steps",
-        save_steps=1,
-        learning_rate=3e-2,
-        seed=5,
-        per_device_train_batch_size=8,
-        num_generations=4,
-    )
+    from test_exact_resume import settings  # a checkpoint after every step
+
+    config = {
+        **settings(num_iterations=1, accumulation=1, steps=3),
+        **dict(per_prompt_stat_tracking=True, per_prompt_stat_tracking_buffer_size=8, seed=5),
+        **dict(per_device_train_batch_size=8, num_generations=4),
+    }
     straight = make_trainer(tmp_path / "straight", **config)
     straight.train()
     record = straight.stat_tracker.buffers
@@ -120,3 +118,17 @@ def test_a_run_with_stat_tracking_resumes_exactly(tmp_path):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert logged(resumed, "reward") == logged(straight, "reward")
     assert resumed.stat_tracker.buffers == record
+
+
+def test_two_processes_keep_one_record_of_every_rank_s_rewards(tmp_path):
+    """A group of 8 split 4 + 4 over two ranks, the same prompt twice: both ranks hold the same 16 rewards, and the
+    second step's advantages, rank 0's then rank 1's, are its 8 rewards against the mean and std of all 16."""
+    from test_distributed import SCRIPT, run_two_processes
+
+    run_two_processes(str(Path(SCRIPT).with_name("two_process_stat_tracking.py")), tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["buffers"] == ranks[1]["buffers"] and len(ranks[0]["buffers"]["a cat"]) == 16
+    history = torch.tensor(ranks[0]["buffers"]["a cat"])
+    expected = ((history[8:] - history.mean()) / (history.std() + EPS)).clamp(-5, 5)
+    got = torch.tensor(ranks[0]["local_advantages"] + ranks[1]["local_advantages"])
+    torch.testing.assert_close(got, expected)

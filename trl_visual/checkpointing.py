@@ -17,7 +17,7 @@ file                                          what it holds
 ``scheduler.pt``                              the learning-rate schedule's position
 ``trainer_state.json``                        the step count and the log history
 ``rng_state.pth`` / ``rng_state_<rank>.pth``  the random generators (one file per process when several)
-``trl_visual_state.safetensors``              the method's own state (BPGO's priors), when it has one
+``trl_visual_state.safetensors``              the method's own state (BPGO's priors, the per-prompt record), when it has one
 ``ema_state.safetensors``                     the EMA of the weights (``use_ema``; checked when present)
 ``scaler.pt``                                 fp16's loss scale (checked only when present)
 ============================================  ============================================================
@@ -68,7 +68,7 @@ WEIGHTS_ONLY_FLAG = "resume_weights_only=True"
 _WHAT_STARTS_AFRESH = {
     OPTIMIZER_NAME: "AdamW's moments",
     SCHEDULER_NAME: "the learning-rate schedule (warm-up and decay start again from step 0)",
-    METHOD_STATE_NAME: "the method's state (BPGO's priors)",
+    METHOD_STATE_NAME: "the method's state (BPGO's priors, the per_prompt_stat_tracking record)",
     "rng_state": "the random generators",
 }
 
