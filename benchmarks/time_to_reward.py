@@ -151,7 +151,14 @@ def run(key: str, seed: int, steps: int, every: int, pairs: bool, per_prompt: in
     timer.trainer = trainer
     print(f"{ARMS[key][0]}, seed {seed}{' (pairs)' if pairs else ''}:", flush=True)
     trainer.train()
-    return {"arm": key, "seed": seed, "steps": steps, "pairs": pairs, "eval_per_prompt": per_prompt, "curve": timer.curve}
+    return {
+        "arm": key,
+        "seed": seed,
+        "steps": steps,
+        "pairs": pairs,
+        "eval_per_prompt": per_prompt,
+        "curve": timer.curve,
+    }
 
 
 def time_to(curve: list[dict], target: float) -> tuple[int, float] | None:
@@ -254,9 +261,13 @@ def plot(runs: list[dict], path: Path) -> None:
 def load_runs(tag: str | None = None) -> list[dict]:
     """The saved runs of job ``tag`` (every job's when ``None``)."""
     paths = [Path(RESULTS.format(tag=tag))] if tag else sorted(OUT.glob("time_to_reward_*.json"))
-    runs: dict[tuple, dict] = {}  # one run per arm, seed and setting: a rerun in another job's file counts once
+    runs: dict[
+        tuple, dict
+    ] = {}  # one run per arm, seed and setting: a rerun in another job's file counts once
     for run in (run for path in paths if path.is_file() for run in json.loads(path.read_text())):
-        runs.setdefault((run["arm"], run["seed"], run["steps"], run["pairs"], run.get("eval_per_prompt", 4)), run)
+        runs.setdefault(
+            (run["arm"], run["seed"], run["steps"], run["pairs"], run.get("eval_per_prompt", 4)), run
+        )
     return list(runs.values())
 
 
