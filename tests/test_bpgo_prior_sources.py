@@ -15,6 +15,7 @@ from trl_visual.checkpointing import METHOD_STATE_NAME
 from trl_visual.state_files import load_state_file
 from trl_visual.testing import tiny_sd3_pipeline, tiny_wan_i2v_pipeline
 from trl_visual.trainer.bpgo_config import BPGOConfig
+from trl_visual.trainer.bpgo_estimation import PriorEstimator
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME, FirstFramePriors, image_key
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 
@@ -81,7 +82,7 @@ def test_first_frame_priors_are_the_reward_of_each_conditioning_image(tmp_path, 
     def no_scoring(*args, **kwargs):
         raise AssertionError("the first-frame priors were computed again")
 
-    monkeypatch.setattr(BPGOTrainer, "_first_frame_rewards", no_scoring)
+    monkeypatch.setattr(PriorEstimator, "first_frame_rewards", no_scoring)
     restarted = video_trainer(tmp_path, data, **settings)  # a restart in the same output_dir reads the cache
     restarted.train()
     assert restarted.prior_store.values == values
@@ -178,13 +179,13 @@ def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeyp
     assert cache["priors"] == first.prior_store.values and set(cache["priors"]) == {"a cat", "a dog"}
 
     asked = []
-    original = BPGOTrainer._estimate_prompt_priors
+    original = PriorEstimator.prompt_means
 
     def counting(self, *args, **kwargs):
         asked.append(self.args.prior_model_name_or_path)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", counting)
+    monkeypatch.setattr(PriorEstimator, "prompt_means", counting)
     again = run(prior_model_name_or_path="tiny:wan-i2v")
     assert asked == [] and again.prior_store.values == first.prior_store.values
     own = run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..core.bpgo import (
 )
 from ..core.interpretations import ambiguity_share
 from .bpgo_config import BPGOConfig
-from .bpgo_estimation import BaseModelPriorEstimation
+from .bpgo_estimation import PriorEstimator
 from .bpgo_priors import (
     check_prior_source,
     make_prior_store,
@@ -36,7 +37,7 @@ LOSS_WEIGHT_MODES = ("sigmoid", "uncertainty")
 """RAS modes whose weight multiplies the group's GRPO loss (the posterior one multiplies its advantages)."""
 
 
-class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
+class BPGOTrainer(DiffusionGRPOTrainer):
     r"""BPGO: GRPO that weighs each group by how it compares with a per-prompt prior reward.
 
     Liu et al., "Learning What to Trust: Bayesian Prior-Guided Optimization for Visual Generation"
@@ -100,6 +101,25 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         self.prior_store = make_prior_store(
             args.prior_source, args.prior_column, args.prior_ema_decay, args.prior_var_column
         )
+
+    @cached_property
+    def prior_estimator(self) -> PriorEstimator:
+        """Estimates the priors from the base model (or a prior model, or the conditioning images)."""
+        return PriorEstimator(self)
+
+    def _before_train(self, checkpoint: str | None) -> None:
+        """Make the priors when ``prior_source="base_model"`` or ``"first_frame"``, once the checkpoint (if any) is
+        checked (:meth:`PriorEstimator.prepare`)."""
+        self.prior_estimator.prepare(self.prior_store, checkpoint, self.train_dataset)
+
+    def estimate_priors(
+        self, dataset: Dataset, num_rollouts: int | None = None, with_variance: bool = False
+    ) -> Dataset:
+        """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the base
+        model, the mean reward of ``num_rollouts`` (default ``prior_num_rollouts``) rollouts per distinct prompt;
+        ``with_variance`` adds their variance as ``prior_var_column`` (:meth:`PriorEstimator.estimate_priors`).
+        The result feeds ``prior_source="column"``."""
+        return self.prior_estimator.estimate_priors(dataset, num_rollouts, with_variance)
 
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
