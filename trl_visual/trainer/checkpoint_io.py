@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 from peft import get_peft_model_state_dict
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
@@ -193,21 +195,22 @@ class CheckpointIO:
     def save_atomically(
         self,
         run_dir: str,
-        global_step: int,
+        state: TrainerState,
         write: Callable[[], None],
         write_extra: Callable[[str], None],
         method_state: dict[str, Any],
         wait_for_everyone: Callable[[], None],
-        best_model_checkpoint: str | None,
     ) -> str:
         """Write the checkpoint aside (``run_dir/.staging/checkpoint-N``: ``write()`` is ``Trainer``'s own
         ``_save_checkpoint``, pointed there by :attr:`staging_dir`; then ``method_state``, the EMA's state and
         ``write_extra(folder)``, each process's rollouts), ``fsync`` its files and folders, then rename it into
         place (and ``fsync`` ``run_dir``), so a crash or power cut in the middle of a save never leaves a partial
         ``checkpoint-N`` for ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only
-        afterwards. The rename waits for every process to have written its files into the staging folder.
-        Returns the final folder."""
-        name = f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
+        afterwards, keeping the best checkpoint (:func:`best_checkpoint`: ``state.best_model_checkpoint`` names
+        the folder after the rename, in ``state`` and in the checkpoint's ``trainer_state.json``). The rename waits
+        for every process to have written its files into the staging folder. Returns the final folder."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        final = os.path.join(run_dir, self.stop_name or name)
         staging_root = os.path.join(run_dir, ".staging")
         staged = os.path.join(staging_root, name)
         self.staging_dir = staging_root
@@ -219,6 +222,11 @@ class CheckpointIO:
                 if self.ema is not None and self.args.should_save:
                     self.ema.save(staged)
                 write_extra(staged)
+                best = best_checkpoint(run_dir, state, final)
+                if best is not None and best != state.best_model_checkpoint:
+                    state.best_model_checkpoint = best  # Trainer named it inside the staging folder
+                    if self.args.should_save:
+                        state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         except OSError:
             shutil.rmtree(staging_root, ignore_errors=True)  # no half-written checkpoint stays behind
             raise
@@ -227,7 +235,6 @@ class CheckpointIO:
         # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
         # have, or a slower rank's file lands in a folder that is then deleted
         wait_for_everyone()
-        final = os.path.join(run_dir, self.stop_name or name)
         if self.args.should_save:
             fsync_tree(staged)
             if os.path.exists(final):
@@ -238,7 +245,7 @@ class CheckpointIO:
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=best_model_checkpoint,
+                best_model_checkpoint=state.best_model_checkpoint,
                 use_mtime=True,
             )
         wait_for_everyone()
@@ -264,3 +271,17 @@ class CheckpointIO:
                 self.stop_name = None
             self.stopped_checkpoint = os.path.join(self.args.output_dir, name)
         return self.stopped_checkpoint
+
+
+def best_checkpoint(run_dir: str, state: TrainerState, final: str) -> str | None:
+    """Where the best checkpoint (``state.best_global_step``, with ``metric_for_best_model``) is once every folder
+    is in place: ``final`` when it is the one being saved, ``run_dir/checkpoint-B`` when that folder exists, else
+    ``None``. ``Trainer`` looks it up under the folder it writes to, here the staging one, where only the checkpoint
+    being written is, and names that temporary folder."""
+    step = getattr(state, "best_global_step", None)  # transformers ≥ 4.52
+    if not step:
+        return None
+    if step == state.global_step:
+        return final
+    folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+    return folder if os.path.isdir(folder) else None

@@ -522,10 +522,10 @@ class DiffusionGRPOTrainer(Trainer):
         """``Trainer``'s checkpoint, staged and renamed into place (:meth:`CheckpointIO.save_atomically`).
         Checked against transformers 5.3.0 (the floor) and 5.25.0."""
         run_dir = super()._get_output_dir(trial=trial)
-        write, best = partial(super()._save_checkpoint, model, trial), self.state.best_model_checkpoint
+        write = partial(super()._save_checkpoint, model, trial)
         final = self.checkpoints.save_atomically(
-            run_dir, self.state.global_step, write, self._save_iteration_rollouts, self.method_state(),
-            self.accelerator.wait_for_everyone, best,
+            run_dir, self.state, write, self._save_iteration_rollouts, self.method_state(),
+            self.accelerator.wait_for_everyone,
         )  # fmt: skip
         if self.args.push_to_hub and self.checkpoints.stop_name is None:
             self._push_from_checkpoint(final)
