@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import helpers
 import numpy as np
@@ -150,6 +151,23 @@ def test_a_separate_prior_model_gives_that_models_base_priors(tmp_path):
     priors = with_prior_model.estimate_priors(data, num_rollouts=2)["prior"]
     assert priors == pytest.approx(from_sft.estimate_priors(data, num_rollouts=2)["prior"], abs=1e-6)
     assert max(abs(a - b) for a, b in zip(priors, own.estimate_priors(data, num_rollouts=2)["prior"])) > 1e-3
+
+
+def test_the_prior_model_is_freed_when_its_sampling_ends(tmp_path, monkeypatch):
+    """Leaving ``prior_sampler()`` frees the prior model's pipeline at once (and the accelerator's cache), even
+    while the caller still holds the sampling function, so it never sits beside the policy in training."""
+    trainer = helpers.make_trainer(
+        tmp_path, trainer_class=BPGOTrainer, prior_source="base_model", prior_model_name_or_path="tiny:sd3"
+    )
+    loaded = []
+    load = PriorEstimator._load_prior_model
+    monkeypatch.setattr(
+        PriorEstimator, "_load_prior_model", lambda self: loaded.append(load(self)) or loaded[-1]
+    )
+    with trainer.prior_estimator.prior_sampler() as sample:
+        prior_denoiser = weakref.ref(loaded.pop().denoiser)
+        assert prior_denoiser() is not None
+    assert callable(sample) and prior_denoiser() is None
 
 
 def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeypatch):

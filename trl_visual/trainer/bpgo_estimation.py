@@ -10,6 +10,7 @@ fills the trainer's :class:`~trl_visual.trainer.bpgo_priors.BaseModelPriors` (or
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -186,12 +187,23 @@ class PriorEstimator:
             autocast=self.trainer.compute_loss_context_manager,
         )
 
+        # emptied on leaving, so the pipeline goes even while the caller still holds `sample`
+        loaded = {"adapter": adapter, "context": context}
+
         def sample(
             prompts: list[str], group_ids: torch.Tensor, seed: int, rows: list[dict[str, Any]]
         ) -> Rollouts:
-            return sample_rollouts(adapter, adapter.denoiser, prompts, group_ids, seed, context, rows=rows)
+            model, settings = loaded["adapter"], loaded["context"]
+            return sample_rollouts(model, model.denoiser, prompts, group_ids, seed, settings, rows=rows)
 
-        yield sample
+        del adapter, context
+        try:
+            yield sample
+        finally:  # the pipeline is freed now, not at the next garbage collection
+            loaded.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _load_prior_model(self) -> Any:
         """The adapter of ``prior_model_name_or_path``'s pipeline (loaded with the ``torch_dtype`` of

@@ -381,16 +381,22 @@ class RewardCaller:
         )
 
 
+def _resolve(spec: RewardFunc | str) -> RewardFunc:
+    """A callable as it is; a string as ``--reward_funcs`` takes it (a registered name, ``name(key=value)``,
+    ``module.path:function`` or ``path/to/file.py:function``: :func:`~trl_visual.rewards.spec.resolve_reward_spec`),
+    the same for training and evaluation rewards."""
+    return resolve_reward_spec(spec) if isinstance(spec, str) else resolve_reward(spec)
+
+
 def resolve_rewards(reward_funcs: RewardFunc | str | list[RewardFunc | str]) -> list[RewardFunc]:
-    """The training rewards, from callables or registered names (:func:`~trl_visual.rewards.resolve_reward`);
-    an empty list is an error."""
+    """The training rewards, from callables or specs (:func:`_resolve`); an empty list is an error."""
     specs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
     if not specs:
         raise ValueError(
             "`reward_funcs` is empty: give at least one reward function (a registered name such as "
             "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
         )
-    return [resolve_reward(spec) for spec in specs]
+    return [_resolve(spec) for spec in specs]
 
 
 def resolve_eval_rewards(
@@ -400,7 +406,7 @@ def resolve_eval_rewards(
     ``module.path:function``, as ``--reward_funcs`` takes). A name that is also a training reward's, or given
     twice, is an error: their ``eval_rewards/<name>/mean`` would collide."""
     specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
-    funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
+    funcs = [_resolve(spec) for spec in specs]
     names = [reward_name(func) for func in funcs]
     clashes = sorted({n for n in names if n in training_names or names.count(n) > 1})
     if clashes:
