@@ -39,6 +39,7 @@ from trl_visual.rewards.judging import (
     DEFAULT_ANSWERS,
     DEFAULT_TEMPLATE,
     as_interpretations,
+    break_chat_markers,
     check_answers,
     check_num_frames,
     check_templates,
@@ -348,7 +349,8 @@ class OpenAIJudgeReward(RemoteReward):
         for files, questions in zip(encoded, questions_per_sample(prompts, columns, self.templates, media)):
             pictures = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{f}"}} for f in files]
             for question in questions:
-                messages = [{"role": "user", "content": [*pictures, {"type": "text", "text": question}]}]
+                text = {"type": "text", "text": break_chat_markers(question)}
+                messages = [{"role": "user", "content": [*pictures, text]}]
                 if self.system_prompt is not None:
                     messages.insert(0, {"role": "system", "content": self.system_prompt})
                 bodies.append(
