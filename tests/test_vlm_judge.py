@@ -258,3 +258,12 @@ def test_default_question_and_answer_forms():
     assert answer_forms("yes") == ["yes", "Yes", " yes", " Yes"]
     p = yes_probability(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.1)]))
     assert p.item() == pytest.approx(0.75)
+
+
+def test_scores_become_one_float_or_one_list_of_interpretations_per_sample():
+    from trl_visual.rewards.judging import as_interpretations
+
+    assert as_interpretations([0.1, 0.2], 2) == [0.1, 0.2]
+    # a missing interpretation drops the sample
+    assert as_interpretations([0.1, 0.2, 0.3, None], 2) == [[0.1, 0.2], None]
+    assert as_interpretations([], 0) == []  # an empty batch, not a division by zero

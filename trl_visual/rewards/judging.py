@@ -168,6 +168,8 @@ def as_interpretations(
 ) -> list[float | None] | list[list[float] | None]:
     """``B · M`` scores in sample-major order as the reward's output: ``B`` floats when ``M = 1``, else ``B`` lists
     of ``M`` floats (the sample's interpretations; ``None`` for the whole sample if any of them is missing)."""
+    if batch == 0:
+        return []
     count = len(scores) // batch
     if count == 1:
         return list(scores)

@@ -39,7 +39,7 @@ from ..lora_io import load_lora_checkpoint, save_full_denoiser, save_lora, save_
 from ..state_files import load_state_file, save_state_file
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMA
-from .output_dir import naming_a_full_disk
+from .output_dir import STAGING_DIR, naming_a_full_disk
 
 
 def fsync_dir(path: str) -> None:
@@ -211,7 +211,7 @@ class CheckpointIO:
         for every process to have written its files into the staging folder. Returns the final folder."""
         name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         final = os.path.join(run_dir, self.stop_name or name)
-        staging_root = os.path.join(run_dir, ".staging")
+        staging_root = os.path.join(run_dir, STAGING_DIR)
         staged = os.path.join(staging_root, name)
         self.staging_dir = staging_root
         try:
