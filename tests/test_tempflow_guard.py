@@ -195,3 +195,30 @@ def test_noise_aware_weight_with_constant_noise_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert isinstance(make_config(tmp_path, noise_aware_weight=True), DiffusionGRPOConfig)
     assert "noise_aware_weight" not in caplog.text
+
+
+def test_bpgo_vipo_takes_the_options_through_the_same_loss_path(tmp_path, dinov2_path):
+    """BPGO × ViPO's dense loss (one ratio per latent position, BPGO's weight and auxiliary CRT) gets the same
+    closed forms as GRPO: on policy, RatioNorm scales the gradient by ``s`` and the dt weight by ``1 / Δt``."""
+    from trl_visual.trainer.bpgo_vipo import BPGOViPOConfig, BPGOViPOTrainer
+
+    def trainer(name, **options):
+        torch.manual_seed(0)
+        return make_trainer(
+            tmp_path / name,
+            trainer_class=BPGOViPOTrainer,
+            config_class=BPGOViPOConfig,
+            trainer_kwargs={"backbone": dinov2_path},
+            sde_window_size=1,
+            **options,
+        )
+
+    plain_trainer = trainer("plain")
+    plain = gradient(plain_trainer)
+    sigma, sigma_next, std = window_step(plain_trainer)
+    assert plain_trainer._rollouts.advantages.advantages.ndim > 1  # the dense (per-position) loss
+    for a, b in zip(plain, gradient(trainer("ratio_norm", ratio_norm=True))):
+        torch.testing.assert_close(b, std * a, rtol=2e-3, atol=1e-9)
+    for a, b in zip(plain, gradient(trainer("dt", dt_invariant_weight=True))):
+        torch.testing.assert_close(b, a / (sigma - sigma_next), rtol=1e-4, atol=1e-9)
+    assert any(a.abs().max() > 0 for a in plain)
