@@ -137,6 +137,13 @@ def test_branched_rollouts_take_one_sde_step_each_and_train_it(tiny_trainer):
     torch.testing.assert_close(sub_groups.sum(dim=1), torch.zeros(4), atol=1e-5, rtol=0)
 
 
+def test_a_branch_point_on_a_frozen_experts_step_is_an_error(tiny_trainer, monkeypatch):
+    trainer = tiny_trainer(trajectory_branching="first", num_branch_points=2, max_steps=1)
+    monkeypatch.setattr(trainer.adapter, "trains_at", lambda sigmas: sigmas >= 1)  # only step 0 is trained
+    with pytest.raises(RuntimeError, match="frozen expert"):
+        trainer.train()
+
+
 def test_resume_of_a_sampled_branching_run_is_bitwise_exact(tmp_path):
     config = dict(
         trajectory_branching="sampled",

@@ -481,9 +481,14 @@ def select_train_steps(
         raise RuntimeError(
             "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
         )
-    if rollouts.branch_positions is not None:  # trajectory branching: each sample trains its branch step only
-        return rollouts.branch_positions[:, None]
     trains = trainable_steps(adapter, rollouts.sigmas, rollouts.sigmas_next, args.exclude_last_step)
+    if rollouts.branch_positions is not None:  # trajectory branching: each sample trains its branch step only
+        if not bool(trains.all()):
+            raise RuntimeError(
+                "`trajectory_branching` put a branch point where the trained denoiser does not predict (a frozen "
+                "expert's steps): use trajectory_branching='first' with `num_branch_points` within its steps."
+            )
+        return rollouts.branch_positions[:, None]
     trainable = trains.nonzero().flatten()
     if len(trainable) == 0:
         raise RuntimeError(

@@ -21,8 +21,8 @@ def step_loss_weights(rollouts: Rollouts, args: DiffusionGRPOConfig) -> torch.Te
     """``(B, K)``: the factor on each sample's k-th trained step's policy loss (``rollouts.train_steps[:, k]``), the
     product of the enabled options; ``None`` when none is (the loss is then exactly the unweighted one).
 
-    ``noise_aware_weight``: ``Norm(s_k) = s_k / mean_j s_j`` over the distinct steps trained this round (the
-    same on every process); ``dt_invariant_weight``: ``δ_k = β / Δt_k``.
+    ``noise_aware_weight``: ``Norm(s_k) = s_k / mean_j s_j`` over the distinct steps this process trains this
+    round; ``dt_invariant_weight``: ``δ_k = β / Δt_k``.
     """
     positions = rollouts.train_steps
     weights = None
