@@ -89,6 +89,27 @@ def test_ratio_norm_and_dt_weight_scale_the_on_policy_gradient_in_closed_form(ti
     assert any(a.abs().max() > 0 for a in plain)
 
 
+def test_on_policy_ratio_norm_is_the_noise_aware_weight_up_to_its_normalization(tiny_trainer):
+    """Every step trained: on policy, RatioNorm's gradient is ``Σ_k s_k g_k`` and the noise-aware weight's
+    ``Σ_k (s_k / mean_j s_j) g_k``, so the first is ``mean_j s_j`` times the second (which Adam cannot tell apart)."""
+    weighted_trainer = tiny_trainer(noise_aware_weight=True)
+    weighted = gradient(weighted_trainer)
+    rollouts, args = weighted_trainer._rollouts, weighted_trainer.args
+    assert rollouts.train_steps.shape[1] == 4
+    stds = transition_stds(
+        args.sde_type, rollouts.sigmas, rollouts.sigmas_next, args.noise_level, rollouts.sigma_max
+    )
+    assert stds.max() > 1.5 * stds.min()  # the weights are far from all 1
+    ratio_norm = gradient(tiny_trainer(ratio_norm=True))
+    for a, b in zip(weighted, ratio_norm):
+        torch.testing.assert_close(b, stds.mean() * a, rtol=2e-3, atol=1e-9)
+    plain = torch.cat([g.flatten() for g in gradient(tiny_trainer())])
+    flat = torch.cat([g.flatten() for g in weighted])
+    assert (
+        torch.nn.functional.cosine_similarity(plain, flat, dim=0) < 0.9
+    )  # the weights turn the gradient (cosine 0.65)
+
+
 def test_ratio_norm_keeps_the_sampled_means_and_is_zero_at_lr_0(tiny_trainer):
     trainer = tiny_trainer(ratio_norm=True, learning_rate=0.0, max_steps=2)
     trainer.train()
