@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..core.advantages import combine_rewards, group_advantages, invalid_to_nan
+from ..core.branching import branch_advantages, num_branch_points
 from ..core.interpretations import ensemble_interpretations
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .hooks import Advantages
@@ -36,7 +37,8 @@ def grpo_advantages(
     interpretations of one reward instead: each standardized over the batch, the reward their mean
     (:func:`~trl_visual.core.interpretations.ensemble_interpretations`), whose spread is the interpretation
     variance. ``interpretation_var`` (:func:`weighted_interpretation_var`) goes to the result, its figures to
-    ``metrics``."""
+    ``metrics``. Under ``trajectory_branching`` the advantages are normalized per prompt and branch point instead
+    (:func:`branching_advantages`)."""
     if args.reward_ensemble:
         reward, interpretation_var = ensemble_interpretations(invalid_to_nan(rewards_per_func))
         advantages = group_advantages(
@@ -51,7 +53,19 @@ def grpo_advantages(
             args.scale_rewards,
             args.adv_clip_max,
         )
+    if args.trajectory_branching != "none":
+        advantages = branching_advantages(reward, args)
     metrics = interpretation_metrics(reward, interpretation_var, args.num_generations)
     return Advantages(
         reward=reward, advantages=advantages, interpretation_var=interpretation_var, metrics=metrics
     )
+
+
+def branching_advantages(reward: torch.Tensor, args: DiffusionGRPOConfig) -> torch.Tensor:
+    """TempFlow-GRPO's advantages under ``trajectory_branching``: ``(R − R̄) / (std + 1e-4)`` within each sub-group of
+    the samples of one prompt branched at the same step (``num_generations / P`` consecutive samples), ``std`` the
+    population std (1 with ``scale_rewards="none"``), 0 for a sub-group whose rewards do not spread
+    (:func:`~trl_visual.core.branching.branch_advantages`)."""
+    points = num_branch_points(args.trajectory_branching, args.num_inference_steps, args.num_branch_points)
+    scale = args.scale_rewards != "none"
+    return branch_advantages(reward, args.num_generations // points, scale, clip=args.adv_clip_max)
