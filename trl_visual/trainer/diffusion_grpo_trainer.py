@@ -30,7 +30,7 @@ from .ema import EMA, check_ema_engine, ema_weights, trainable_parameters
 from .engines import Engine
 from .evaluation import EvaluationRunner, FinalEvaluationCallback
 from .finite_updates import FiniteUpdateGuard
-from .hooks import Advantages, PolicyLoss, record_metrics, weighted_policy_loss
+from .hooks import Advantages, PolicyLoss, host_values, record_metrics, weighted_policy_loss
 from .iteration_state import checkpoint_step, iteration_of, restore_rollouts, save_iteration_rollouts
 from .logging_utils import PendingMedia, SampleBatch, log_samples
 from .memory import check_decode_memory, place_frozen_modules
@@ -383,9 +383,10 @@ class DiffusionGRPOTrainer(Trainer):
             self.adapter, model, rollouts, self.args, self.engine, self.policy_loss, self._reference_model,
             self.compute_loss_context_manager, self.accelerator.backward, self.current_gradient_accumulation_steps,
         )  # fmt: skip
-        for name in sums.keys() - {"loss"}:
-            self._metrics["train"][name].append(sums[name].item())
-        if not math.isfinite(sums["loss"].item()):
+        values = host_values(sums)  # one host sync for every figure of the micro-step
+        for name in values.keys() - {"loss"}:
+            self._metrics["train"][name].append(values[name])
+        if not math.isfinite(values["loss"]):
             self.finite_guard.note("loss")
         return sums["loss"] / self.current_gradient_accumulation_steps
 

@@ -26,6 +26,7 @@ from ..core.advantages import nan_std
 from ..core.interpretations import AMBIGUOUS_SHARE, ambiguity_share, interpretation_mean_var
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..rewards.spec import resolve_reward_spec
+from .hooks import record_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -223,13 +224,15 @@ def record_reward_metrics(
 ) -> None:
     """TRL's reward metrics of one global batch: ``rewards/<name>/mean|std`` per reward, then ``reward``,
     ``reward_std`` (the mean within-group std of the combined reward) and ``frac_reward_zero_std``."""
+    figures = {}
     for f, name in enumerate(names):
-        metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
-        metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
+        figures[f"rewards/{name}/mean"] = rewards_per_func[:, f].nanmean()
+        figures[f"rewards/{name}/std"] = nan_std(rewards_per_func[:, f])
     group_std = nan_std(reward.reshape(-1, num_generations), dim=1)
-    metrics["reward"].append(reward.nanmean().item())
-    metrics["reward_std"].append(group_std.mean().item())
-    metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+    figures["reward"] = reward.nanmean()
+    figures["reward_std"] = group_std.mean()
+    figures["frac_reward_zero_std"] = (group_std < 1e-6).float().mean()
+    record_metrics(metrics, figures)  # one host sync for all of them
 
 
 def interpretation_metrics(
