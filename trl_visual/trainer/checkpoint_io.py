@@ -227,8 +227,8 @@ class CheckpointIO:
                     state.best_model_checkpoint = best  # Trainer named it inside the staging folder
                     if self.args.should_save:
                         state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        except OSError:
-            shutil.rmtree(staging_root, ignore_errors=True)  # no half-written checkpoint stays behind
+        except BaseException:  # a full disk, an error, Ctrl-C or SIGTERM: no half-written file stays behind
+            shutil.rmtree(staging_root, ignore_errors=True)
             raise
         finally:
             self.staging_dir = None
