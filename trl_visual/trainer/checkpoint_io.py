@@ -143,6 +143,13 @@ class CheckpointIO:
         if os.path.exists(state_file):
             load(load_state_file(state_file))
 
+    def load_beside_deepspeed(self, folder: str, load: Callable[[dict[str, Any]], None]) -> None:
+        """What DeepSpeed's own resume (which loads the weights and skips ``Trainer._load_from_checkpoint``) does
+        not restore: the method's state (:meth:`load_method_state`) and the EMA's."""
+        self.load_method_state(folder, load)
+        if self.ema is not None:
+            self.ema.load(folder)
+
     # -- writing --------------------------------------------------------------------------------------------
     def write_weights(self, output_dir: str, denoiser: torch.nn.Module, state_dict: dict | None) -> None:
         """Save the LoRA in diffusers' format with its adapter config in the file's metadata

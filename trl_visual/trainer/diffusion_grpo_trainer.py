@@ -557,7 +557,7 @@ class DiffusionGRPOTrainer(Trainer):
             self.checkpoints.load_weights(resume_from_checkpoint, self.accelerator.unwrap_model(self.model))
         prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if resume_from_checkpoint is not None and self.is_deepspeed_enabled:
-            self.checkpoints.load_method_state(resume_from_checkpoint, self.load_method_state)
+            self.checkpoints.load_beside_deepspeed(resume_from_checkpoint, self.load_method_state)
         return prepared
 
     def _load_from_checkpoint(
