@@ -166,7 +166,9 @@ class EMAPriors(PriorStore):
         for i, prompt in enumerate(prompts):
             positions.setdefault(prompt, []).append(i)
         unique = list(positions)
-        if len(unique) == len(prompts):  # each prompt once (the usual batch): its group mean, no per-prompt ops
+        if len(unique) == len(
+            prompts
+        ):  # each prompt once (the usual batch): its group mean, no per-prompt ops
             means = group_means.double().cpu()
         else:
             means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
