@@ -166,9 +166,8 @@ class EMAPriors(PriorStore):
         for i, prompt in enumerate(prompts):
             positions.setdefault(prompt, []).append(i)
         unique = list(positions)
-        if len(unique) == len(
-            prompts
-        ):  # each prompt once (the usual batch): its group mean, no per-prompt ops
+        # each prompt once (the usual batch): its group mean as it is, no reduction per prompt
+        if len(unique) == len(prompts):
             means = group_means.double().cpu()
         else:
             means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
