@@ -33,21 +33,10 @@ SD35_MEDIUM_TRANSFORMER = dict(
     dual_attention_layers=tuple(range(13)),
     qk_norm="rms_norm",
 )
-#: ``SD3Transformer2DModel`` of stable-diffusion-3.5-large
-SD35_LARGE_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=38,
-    attention_head_dim=64,
-    num_attention_heads=38,
-    joint_attention_dim=4096,
-    caption_projection_dim=2432,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-    qk_norm="rms_norm",
-)
+#: ``SD3Transformer2DModel`` of stable-diffusion-3.5-large: wider, deeper, no dual-attention blocks
+SD35_LARGE_TRANSFORMER = {
+    key: value for key, value in SD35_MEDIUM_TRANSFORMER.items() if key != "dual_attention_layers"
+} | dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192)
 #: ``FluxTransformer2DModel`` of FLUX.1-dev (19 double-stream and 38 single-stream blocks)
 FLUX_DEV_TRANSFORMER = dict(
     patch_size=1,
