@@ -195,21 +195,25 @@ class Profiled:
     the trace (``hook:compute_advantages``, …) and its CPU seconds (of this thread: a shared machine's load does
     not inflate them) summed, so that a method's extra time is put on a hook and on the ops inside it."""
 
+    #: the trainer's hooks, then the whole step's parts: ``training_step`` (sampling, scoring and the per-timestep
+    #: losses with their backwards, which ``backward`` times alone); the optimizer step is the rest of a step
     HOOKS = ("sample", "compute_rewards", "compute_advantages", "expand_advantages", "policy_loss")
+    PARTS = ("training_step", "backward")
 
     def __init__(self) -> None:
         self.profile: torch.profiler.profile | None = None
-        self.cpu_seconds: dict[str, float] = {hook: 0.0 for hook in self.HOOKS}
+        self.cpu_seconds: dict[str, float] = {hook: 0.0 for hook in self.HOOKS + self.PARTS}
 
     def attach(self, trainer, start_step: int) -> None:
-        for hook in self.HOOKS:
+        for hook in self.HOOKS + ("training_step",):
             setattr(trainer, hook, self._named(hook, getattr(trainer, hook)))
+        trainer.accelerator.backward = self._named("backward", trainer.accelerator.backward)
         owner = self
 
         class Start(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 if state.global_step == start_step:  # each run: its own timed steps only
-                    owner.cpu_seconds = {hook: 0.0 for hook in owner.HOOKS}
+                    owner.cpu_seconds = {hook: 0.0 for hook in owner.HOOKS + owner.PARTS}
                     owner.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                     owner.profile.__enter__()
 
@@ -265,9 +269,9 @@ def profile_methods(args: argparse.Namespace, top: int = 8) -> None:
     )
     print(f"{'':28}" + "".join(f"{m:>10}" for m in args.methods))
     print(f"{'step (median, profiled)':28}" + "".join(f"{1e3 * step_times[m]:10.1f}" for m in args.methods))
-    for hook in Profiled.HOOKS:
+    for hook in Profiled.HOOKS + Profiled.PARTS:
         row = "".join(f"{1e3 * profiles[m].cpu_seconds[hook] / steps:10.2f}" for m in args.methods)
-        print(f"{'hook:' + hook:28}" + row)
+        print(f"{'hook:' + hook if hook in Profiled.HOOKS else hook:28}" + row)
     for method in args.methods[1:]:
         for hook in Profiled.HOOKS:
             extra = (profiles[method].cpu_seconds[hook] - profiles[first].cpu_seconds[hook]) / steps
