@@ -239,12 +239,18 @@ def wan_1_3b_pipeline(shrink: Shrink):
 
 
 def on_bench(build: Callable[[], object], bench: Bench) -> Callable[[], object]:
-    """``build``'s pipeline on the bench's device, frozen parts in its dtype (float32 LoRA is the trainer's)."""
+    """``build``'s pipeline on the bench's device, frozen parts in its dtype (float32 LoRA is the trainer's). It is
+    built in that dtype: FLUX.1-dev and T5-XXL in float32 would hold 67 GB for a moment."""
 
     def make():
         torch.manual_seed(0)
-        with torch.device(bench.device):
-            pipeline = build()
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(bench.dtype)
+        try:
+            with torch.device(bench.device):
+                pipeline = build()
+        finally:
+            torch.set_default_dtype(default)
         for module in pipeline.components.values():
             if isinstance(module, torch.nn.Module):
                 module.to(bench.device, bench.dtype).eval()
