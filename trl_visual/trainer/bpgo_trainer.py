@@ -137,7 +137,8 @@ class BPGOTrainer(DiffusionGRPOTrainer):
         grouped = base.reward.reshape(-1, G)
         rows = inputs[::G]
         prompts = [row[args.prompt_column] for row in rows]
-        priors = self.prior_store.priors(prompts, rows, grouped.nanmean(dim=1))
+        group_means = grouped.nanmean(dim=1)  # once: the prior store reads them twice
+        priors = self.prior_store.priors(prompts, rows, group_means)
         signal = grouped  # what RAS reads: the rewards, or the transformed ones under crt_mode="replace"
         if args.crt_mode == "replace":
             self._warn_negative_rewards(grouped)
@@ -152,7 +153,7 @@ class BPGOTrainer(DiffusionGRPOTrainer):
             transformed = crt_transform_paper(grouped, priors, args.crt_lambda, scale)
             crt = group_advantages(transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max)
             auxiliary.append(AuxiliaryObjective(args.crt_weight, crt, name="bpgo/crt_loss"))
-        self.prior_store.update(prompts, grouped.nanmean(dim=1))
+        self.prior_store.update(prompts, group_means)
         return replace(
             base,
             advantages=advantages.clamp(-args.adv_clip_max, args.adv_clip_max),
