@@ -29,13 +29,20 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import load_torch_model
 from peft import get_peft_model_state_dict
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..lora_io import load_lora_checkpoint, save_full_denoiser, save_lora, save_pipeline_around
+from ..lora_io import (
+    DENOISER_FILES,
+    load_lora_checkpoint,
+    save_full_denoiser,
+    save_lora,
+    save_pipeline_around,
+)
 from ..state_files import load_state_file, save_state_file
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMA
@@ -131,8 +138,13 @@ class CheckpointIO:
         if self.is_peft:
             load_lora_checkpoint(type(self.pipeline), folder, denoiser, self.denoiser_name)
         else:
-            loaded = type(denoiser).from_pretrained(os.path.join(folder, self.denoiser_name))
-            denoiser.load_state_dict(loaded.state_dict())
+            # shard by shard into the model (huggingface_hub), never a second whole copy of the denoiser
+            load_torch_model(
+                denoiser,
+                os.path.join(folder, self.denoiser_name),
+                strict=True,
+                filename_pattern=DENOISER_FILES,
+            )
         if self.ema is not None:
             self.ema.load(folder)
 
