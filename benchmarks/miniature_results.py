@@ -37,7 +37,10 @@ Parts (``--parts``):
   reward, GRPO against ViPO (backbone ``tiny:scenes-features``, default and released map) and the map controls
   (shuffled, all ones, the object-region oracle); the red gain and the structure kept (edge-map correlation with
   the base model's samples from the same noise) probed along training, paired differences to GRPO with standard
-  errors, a Pareto picture and a before/after picture;
+  errors, a Pareto picture and a before/after picture; ``vipo_structure_saturation`` the same on a second global
+  reward (the mean colour saturation), ``vipo_structure_adherence`` on a preference-like reward that depends on
+  the object (``scenes_adherence``), ``vipo_structure_g8`` the red channel at G = 8 (``--structure_methods``
+  picks arms, ``--structure_probes`` the number of probes);
 * ``pairs``: GRPO on two-shape scenes: ``tiny:shapes-pairs`` with its recipe
   (:data:`trl_visual.miniature.PAIRS_GRPO_DEFAULTS`) at CFG 1 and CFG 4.5 on ``builtin:shapes-pairs``, evaluated on
   the 48 prompts of its ``test`` split, with attribute binding before and after (each shape drawn in its own
@@ -49,6 +52,8 @@ printed as Markdown (mean ± std over seeds) for ``docs/results.md``.
     python benchmarks/miniature_results.py                          # every part, 3 seeds
     python benchmarks/miniature_results.py --parts grpo --seeds 0 1 2 --steps 30
     python benchmarks/miniature_results.py --parts lora_headroom --lora_set lora_r=16 learning_rate=3e-4
+    python benchmarks/miniature_results.py --parts vipo_structure --seeds 0 1 2 --steps 40 \
+        --structure_methods grpo vipo shuffled oracle --structure_probes 8   # and --seeds 3 4 5 beside it
 """
 
 from __future__ import annotations
@@ -1230,6 +1235,25 @@ def paired_structure(runs: dict[str, list[dict]], label: str) -> dict[str, list[
     return out
 
 
+#: the fractions of GRPO's mean final gain at which the report compares the structure kept, paired by seed
+STRUCTURE_GAIN_FRACTIONS = (0.25, 0.5)
+
+
+def paired_structure_at(
+    runs: dict[str, list[dict]], label: str, gain: float, reference: str = "GRPO"
+) -> list[float]:
+    """Per seed, the structure ``label`` kept minus ``reference``'s where each first reached the reward gain
+    ``gain`` (:func:`structure_at_gain`); seeds where either run never reached it are left out."""
+    grpo = {run["seed"]: run for run in runs[reference]}
+    out = []
+    for run in runs[label]:
+        if run["seed"] in grpo:
+            difference = structure_at_gain(run, gain) - structure_at_gain(grpo[run["seed"]], gain)
+            if difference == difference:
+                out.append(difference)
+    return out
+
+
 def plot_structure_pareto(runs: dict[str, list[dict]], path: Path, part: str = "vipo_structure") -> None:
     """Structure kept against reward gained along training: each arm's probes averaged over seeds, the final
     point with ±1 standard error on both axes."""
@@ -1301,6 +1325,34 @@ def report_vipo_structure(runs: dict[str, list[dict]], part: str = "vipo_structu
         lines.append(
             f"| {label} | {len(paired['gain'])} | {mean_se(paired['gain'], 4)} | {mean_se(paired['structure'])} | "
             f"{mean_se(paired['structure_at_equal_gain'])} |"
+        )
+    return lines + structure_at_levels(runs)
+
+
+def structure_at_levels(runs: dict[str, list[dict]]) -> list[str]:
+    """The table of each arm's structure kept minus GRPO's at fixed reward gains (the fractions
+    :data:`STRUCTURE_GAIN_FRACTIONS` of GRPO's mean final gain), paired by seed: the Pareto picture's vertical
+    gaps, with standard errors. Nothing when GRPO gained nothing."""
+    if "GRPO" not in runs:
+        return []
+    grpo_gain = statistics.mean(structure_gain(run)[0] for run in runs["GRPO"])
+    if grpo_gain <= 0:
+        return []
+    levels = [fraction * grpo_gain for fraction in STRUCTURE_GAIN_FRACTIONS]
+    header = " | ".join(f"structure at gain {level:+.4f} (seeds)" for level in levels)
+    lines = ["", f"| Structure kept, paired by seed | {header} |", "|---" * (len(levels) + 1) + "|"]
+    pairs = [(label, "GRPO") for label in runs if label != "GRPO"]
+    pairs += [  # the controls against ViPO: is it the map's placement, or a better map?
+        (label, reference)
+        for label, reference in (("ViPO", "ViPO shuffled map"), ("ViPO oracle map", "ViPO"))
+        if label in runs and reference in runs
+    ]
+    for label, reference in pairs:
+        cells = [paired_structure_at(runs, label, level, reference) for level in levels]
+        lines.append(
+            f"| {label} − {reference} | "
+            + " | ".join(f"{mean_se(cell)} ({len(cell)})" for cell in cells)
+            + " |"
         )
     return lines
 
