@@ -1177,7 +1177,7 @@ def run_vipo_structure(
                 save_structure_picture(finals, OUT / f"{part}_before_after_seed{seed}.png")
             last = run["points"][-1]
             print(
-                f"{label}, seed {seed}: red {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
+                f"{label}, seed {seed}: {reward_name} {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
                 f"{last['structure']:.3f}, adherence {last['adherence']:.3f}, {run['seconds']:.0f} s",
                 flush=True,
             )
