@@ -31,6 +31,20 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
+from architectures import (
+    CLIP_G,
+    CLIP_L,
+    FLUX_DEV_TRANSFORMER,
+    SD3_FLUX_VAE,
+    SD35_LARGE_TRANSFORMER,
+    SD35_MEDIUM_TRANSFORMER,
+    T5_XXL,
+    UMT5_XXL,
+    WAN_T2V_1_3B_TRANSFORMER,
+    WAN_T2V_14B_TRANSFORMER,
+    WAN_VAE,
+    count,
+)
 from transformers import PreTrainedModel
 
 ASSUMED_TFLOPS = 400.0
@@ -68,24 +82,6 @@ SETTINGS = [
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-#: ``SD3Transformer2DModel`` of stable-diffusion-3.5-medium (also built by ``step_time.py --device cuda``)
-SD35_MEDIUM_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=384,
-    dual_attention_layers=tuple(range(13)),
-    qk_norm="rms_norm",
-)
-
-
 def sd35_medium() -> dict[str, torch.nn.Module]:
     from diffusers import SD3Transformer2DModel
 
@@ -100,20 +96,7 @@ def sd35_large() -> dict[str, torch.nn.Module]:
     from diffusers import SD3Transformer2DModel
 
     return {
-        "denoiser": SD3Transformer2DModel(
-            sample_size=128,
-            patch_size=2,
-            in_channels=16,
-            num_layers=38,
-            attention_head_dim=64,
-            num_attention_heads=38,
-            joint_attention_dim=4096,
-            caption_projection_dim=2432,
-            pooled_projection_dim=2048,
-            out_channels=16,
-            pos_embed_max_size=192,
-            qk_norm="rms_norm",
-        ),
+        "denoiser": SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER),
         "text encoders (CLIP-L, CLIP-G, T5-XXL)": _clip_l_g_t5(),
         "vae": _sd3_flux_vae(),
     }
@@ -123,62 +106,29 @@ def flux_dev() -> dict[str, torch.nn.Module]:
     from diffusers import FluxTransformer2DModel
 
     return {
-        "denoiser": FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=19,
-            num_single_layers=38,
-            attention_head_dim=128,
-            num_attention_heads=24,
-            joint_attention_dim=4096,
-            pooled_projection_dim=768,
-            guidance_embeds=True,
-        ),
+        "denoiser": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
         "text encoders (CLIP-L, T5-XXL)": _clip_l_g_t5(with_clip_g=False),
         "vae": _sd3_flux_vae(),
     }
 
 
 def wan_1_3b() -> dict[str, torch.nn.Module]:
-    return _wan(num_attention_heads=12, ffn_dim=8960, num_layers=30)
+    return _wan(WAN_T2V_1_3B_TRANSFORMER)
 
 
 def wan_14b() -> dict[str, torch.nn.Module]:
-    return _wan(num_attention_heads=40, ffn_dim=13824, num_layers=40)
+    return _wan(WAN_T2V_14B_TRANSFORMER)
 
 
-def _wan(num_attention_heads: int, ffn_dim: int, num_layers: int) -> dict[str, torch.nn.Module]:
-    """Wan2.1 text-to-video: the sizes that differ between 1.3B and 14B, the rest shared."""
+def _wan(transformer: dict) -> dict[str, torch.nn.Module]:
+    """Wan2.1 text-to-video: the transformer, UMT5-XXL and the video VAE."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     return {
-        "denoiser": WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=num_attention_heads,
-            attention_head_dim=128,
-            in_channels=16,
-            out_channels=16,
-            text_dim=4096,
-            freq_dim=256,
-            ffn_dim=ffn_dim,
-            num_layers=num_layers,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-        ),
-        "text encoder (UMT5-XXL)": UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=256384,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                feed_forward_proj="gated-gelu",
-            )
-        ),
-        "vae": AutoencoderKLWan(base_dim=96, z_dim=16),
+        "denoiser": WanTransformer3DModel(**transformer),
+        "text encoder (UMT5-XXL)": UMT5EncoderModel(UMT5Config(**UMT5_XXL)),
+        "vae": AutoencoderKLWan(**WAN_VAE),
     }
 
 
@@ -186,54 +136,18 @@ def _sd3_flux_vae() -> torch.nn.Module:
     """The 16-channel ``AutoencoderKL`` that SD3/SD3.5 and FLUX.1 share."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=16,
-    )
+    return AutoencoderKL(**SD3_FLUX_VAE)
 
 
 def _clip_l_g_t5(with_clip_g: bool = True) -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     encoders = [
-        CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                projection_dim=768,  # SD3's CLIP-L projects to 768 (CLIPTextConfig's default is 512)
-            )
-        ),
-        T5EncoderModel(
-            T5Config(
-                vocab_size=32128,
-                d_model=4096,
-                d_kv=64,
-                d_ff=10240,
-                num_layers=24,
-                num_heads=64,
-                feed_forward_proj="gated-gelu",
-            )
-        ),
+        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
+        T5EncoderModel(T5Config(**T5_XXL)),
     ]
     if with_clip_g:
-        encoders.append(
-            CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    hidden_size=1280,
-                    intermediate_size=5120,
-                    num_hidden_layers=32,
-                    num_attention_heads=20,
-                    projection_dim=1280,
-                )
-            )
-        )
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)))
     return torch.nn.ModuleList(encoders)
 
 
@@ -261,10 +175,6 @@ def _tie_embeddings(module: torch.nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, PreTrainedModel):
             submodule.tie_weights()
-
-
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def lora_parameters(denoiser: torch.nn.Module, rank: int) -> int:

@@ -37,7 +37,10 @@ Parts (``--parts``):
   reward, GRPO against ViPO (backbone ``tiny:scenes-features``, default and released map) and the map controls
   (shuffled, all ones, the object-region oracle); the red gain and the structure kept (edge-map correlation with
   the base model's samples from the same noise) probed along training, paired differences to GRPO with standard
-  errors, a Pareto picture and a before/after picture;
+  errors, a Pareto picture and a before/after picture; ``vipo_structure_saturation`` the same on a second global
+  reward (the mean colour saturation), ``vipo_structure_adherence`` on a preference-like reward that depends on
+  the object (``scenes_adherence``), ``vipo_structure_g8`` the red channel at G = 8 (``--structure_methods``
+  picks arms, ``--structure_probes`` the number of probes);
 * ``pairs``: GRPO on two-shape scenes: ``tiny:shapes-pairs`` with its recipe
   (:data:`trl_visual.miniature.PAIRS_GRPO_DEFAULTS`) at CFG 1 and CFG 4.5 on ``builtin:shapes-pairs``, evaluated on
   the 48 prompts of its ``test`` split, with attribute binding before and after (each shape drawn in its own
@@ -49,12 +52,15 @@ printed as Markdown (mean ± std over seeds) for ``docs/results.md``.
     python benchmarks/miniature_results.py                          # every part, 3 seeds
     python benchmarks/miniature_results.py --parts grpo --seeds 0 1 2 --steps 30
     python benchmarks/miniature_results.py --parts lora_headroom --lora_set lora_r=16 learning_rate=3e-4
+    python benchmarks/miniature_results.py --parts vipo_structure --seeds 0 1 2 --steps 40 \
+        --structure_methods grpo vipo shuffled oracle --structure_probes 8   # and --seeds 3 4 5 beside it
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -96,7 +102,11 @@ def recipe(**overrides) -> dict:
     """The ``tiny:shapes`` GRPO recipe as config fields (CLI-only keys dropped), with ``overrides``."""
     settings = {k: v for k, v in GRPO_DEFAULTS.items() if k in CONFIG_FIELDS}
     settings.update(
-        output_dir="/tmp/miniature-results", report_to="none", save_strategy="no", disable_tqdm=True
+        # one output folder per process (each takes the folder's lock): parts can run side by side
+        output_dir=f"/tmp/miniature-results-{os.getpid()}",
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
     )
     settings.update(eval_strategy="no", eval_on_start=False)  # evaluated here, on fixed noise (eval_rewards)
     return {**settings, **overrides}
@@ -1011,6 +1021,45 @@ STRUCTURE_SETTINGS = {"num_generations": 4, "per_device_train_batch_size": 32, "
 STRUCTURE_MODEL = "tiny:scenes"
 STRUCTURE_PROBES = 4
 """Evaluations along a run (and one before it): the points of the Pareto picture."""
+#: ``--structure_methods``: only these arms of a ``vipo_structure*`` part (its JSON file is named after them)
+STRUCTURE_ONLY: list[str] = []
+#: ``--structure_probes``: the number of probes along a run (default :data:`STRUCTURE_PROBES`)
+STRUCTURE_PROBE_COUNT: list[int] = []
+
+
+def saturation(prompts: list[str], images: torch.Tensor, **columns) -> list[float]:
+    """A second global reward: the mean colour saturation ``mean_p (max_c x_{c,p} − min_c x_{c,p})`` over all
+    pixels, in ``[0, 1]``. The backgrounds of ``tiny:scenes`` are dull (a horizon's bands under 0.2, the shapes
+    0.65 to 0.8), so the reward has room everywhere, as the red channel has."""
+    pixels = images.float().clamp(0, 1)
+    return (pixels.amax(dim=1) - pixels.amin(dim=1)).mean(dim=(1, 2)).tolist()
+
+
+def structure_reward(name: str):
+    """The reward of a ``vipo_structure*`` part by name: ``red_channel``, ``saturation`` or ``scenes_adherence``
+    (the preference-like one: the classifier's product of the named attributes' probabilities, which depends on
+    the object, not on the background)."""
+    from trl_visual.miniature.reward import ScenesAdherence
+    from trl_visual.rewards import red_channel
+
+    rewards = {"red_channel": red_channel, "saturation": saturation, "scenes_adherence": ScenesAdherence}
+    if name not in rewards:
+        raise ValueError(f"Unknown structure reward {name!r}; use one of {sorted(rewards)}.")
+    reward = rewards[name]
+    return reward() if isinstance(reward, type) else reward
+
+
+#: the ``vipo_structure*`` parts: part → (reward, settings over :data:`STRUCTURE_SETTINGS`, picture title)
+STRUCTURE_PARTS: dict[str, tuple[str, dict, str]] = {
+    "vipo_structure": ("red_channel", {}, "global red-channel reward, G = 4"),
+    "vipo_structure_g8": (
+        "red_channel",
+        {"num_generations": 8, "per_device_train_batch_size": 64},
+        "global red-channel reward, G = 8",
+    ),
+    "vipo_structure_saturation": ("saturation", {}, "global saturation reward, G = 4"),
+    "vipo_structure_adherence": ("scenes_adherence", {}, "preference-like reward (adherence), G = 4"),
+}
 
 
 def structure_prompts() -> list[str]:
@@ -1048,14 +1097,16 @@ class StructureProbe(TrainerCallback):
 
 
 def structure_run(
-    label: str, seed: int, steps: int, prompts, base_images, reward
+    label: str, seed: int, steps: int, prompts, base_images, reward, settings: dict | None = None
 ) -> tuple[dict, torch.Tensor]:
-    """One arm of :data:`STRUCTURE_METHODS` on ``tiny:scenes``: its probes (step 0 included) and final samples."""
+    """One arm of :data:`STRUCTURE_METHODS` on ``tiny:scenes``: its probes (step 0 included) and final samples;
+    ``settings`` override :data:`STRUCTURE_SETTINGS`."""
     from trl_visual.miniature.reward import ScenesAdherence
 
     trainer_class, config_class, extra = STRUCTURE_METHODS[label]
-    settings = recipe(seed=seed, max_steps=steps, **STRUCTURE_SETTINGS, **extra)
-    probe = StructureProbe(prompts, base_images, max(1, steps // STRUCTURE_PROBES), reward, ScenesAdherence())
+    settings = recipe(seed=seed, max_steps=steps, **{**STRUCTURE_SETTINGS, **(settings or {})}, **extra)
+    probes = STRUCTURE_PROBE_COUNT[0] if STRUCTURE_PROBE_COUNT else STRUCTURE_PROBES
+    probe = StructureProbe(prompts, base_images, max(1, steps // probes), reward, ScenesAdherence())
     trainer = trainer_class(
         model=STRUCTURE_MODEL,
         reward_funcs=reward,
@@ -1082,31 +1133,51 @@ def base_structure_images(prompts: list[str]) -> torch.Tensor:
     return eval_samples(base, prompts, per_prompt=2)[1].cpu()
 
 
-def run_vipo_structure(
-    seeds: list[int], steps: int, methods: list[str] | None = None
-) -> dict[str, list[dict]]:
-    """Every arm of :data:`STRUCTURE_METHODS` (or ``methods``) on the global ``red_channel`` reward in
-    ``tiny:scenes``, seed by seed; the first seed's final samples go into the before/after picture. The runs so far
-    are saved after each arm (the file ``main`` writes at the end), so that a stopped process keeps them."""
-    from trl_visual.rewards import red_channel
+def structure_file_name(part: str, seeds: list[int], steps: int) -> str:
+    """The JSON file of a ``vipo_structure*`` run: part, seeds, the arms when :data:`STRUCTURE_ONLY` picks some,
+    steps (what :func:`merged_runs` and ``--report_steps`` read back)."""
+    tag = "-".join(str(s) for s in seeds)
+    arms = f"_{'-'.join(STRUCTURE_ONLY)}" if STRUCTURE_ONLY else ""
+    return f"{part}_seeds{tag}{arms}_steps{steps}.json"
 
+
+#: short names of :data:`STRUCTURE_METHODS` for ``--structure_methods`` and file names
+STRUCTURE_METHOD_KEYS = {
+    "GRPO": "grpo",
+    "ViPO": "vipo",
+    "ViPO oracle map": "oracle",
+    "ViPO shuffled map": "shuffled",
+    "ViPO ones map": "ones",
+    "ViPO released map": "released",
+}
+
+
+def run_vipo_structure(
+    seeds: list[int], steps: int, methods: list[str] | None = None, part: str = "vipo_structure"
+) -> dict[str, list[dict]]:
+    """Every arm of :data:`STRUCTURE_METHODS` (or ``methods``, or those of :data:`STRUCTURE_ONLY`) on the reward
+    and settings of ``part`` (:data:`STRUCTURE_PARTS`) in ``tiny:scenes``, seed by seed; the first seed's final
+    samples go into the before/after picture. The runs so far are saved after each arm (the file ``main`` writes at
+    the end), so that a stopped process keeps them."""
+    reward_name, settings, _ = STRUCTURE_PARTS[part]
+    reward = structure_reward(reward_name)
+    chosen = [label for label in STRUCTURE_METHODS if STRUCTURE_METHOD_KEYS[label] in STRUCTURE_ONLY]
     prompts = structure_prompts()
     base_images = base_structure_images(prompts)
     runs: dict[str, list[dict]] = {}
     for seed in seeds:
         finals = {"base model": base_images}
-        for label in methods or STRUCTURE_METHODS:
-            run, images = structure_run(label, seed, steps, prompts, base_images, red_channel)
+        for label in methods or chosen or STRUCTURE_METHODS:
+            run, images = structure_run(label, seed, steps, prompts, base_images, reward, settings)
             run["seed"] = seed
             runs.setdefault(label, []).append(run)
             finals[label] = images
-            tag = "-".join(str(s) for s in seeds)
-            (OUT / f"vipo_structure_seeds{tag}_steps{steps}.json").write_text(json.dumps(runs))
+            (OUT / structure_file_name(part, seeds, steps)).write_text(json.dumps(runs))
             if seed == seeds[0]:
-                save_structure_picture(finals, OUT / f"vipo_structure_before_after_seed{seed}.png")
+                save_structure_picture(finals, OUT / f"{part}_before_after_seed{seed}.png")
             last = run["points"][-1]
             print(
-                f"{label}, seed {seed}: red {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
+                f"{label}, seed {seed}: {reward_name} {run['points'][0]['reward']:.4f} -> {last['reward']:.4f}, structure "
                 f"{last['structure']:.3f}, adherence {last['adherence']:.3f}, {run['seconds']:.0f} s",
                 flush=True,
             )
@@ -1164,7 +1235,26 @@ def paired_structure(runs: dict[str, list[dict]], label: str) -> dict[str, list[
     return out
 
 
-def plot_structure_pareto(runs: dict[str, list[dict]], path: Path) -> None:
+#: the fractions of GRPO's mean final gain at which the report compares the structure kept, paired by seed
+STRUCTURE_GAIN_FRACTIONS = (0.25, 0.5)
+
+
+def paired_structure_at(
+    runs: dict[str, list[dict]], label: str, gain: float, reference: str = "GRPO"
+) -> list[float]:
+    """Per seed, the structure ``label`` kept minus ``reference``'s where each first reached the reward gain
+    ``gain`` (:func:`structure_at_gain`); seeds where either run never reached it are left out."""
+    grpo = {run["seed"]: run for run in runs[reference]}
+    out = []
+    for run in runs[label]:
+        if run["seed"] in grpo:
+            difference = structure_at_gain(run, gain) - structure_at_gain(grpo[run["seed"]], gain)
+            if difference == difference:
+                out.append(difference)
+    return out
+
+
+def plot_structure_pareto(runs: dict[str, list[dict]], path: Path, part: str = "vipo_structure") -> None:
     """Structure kept against reward gained along training: each arm's probes averaged over seeds, the final
     point with ±1 standard error on both axes."""
     import matplotlib
@@ -1189,10 +1279,11 @@ def plot_structure_pareto(runs: dict[str, list[dict]], path: Path) -> None:
                 yerr=structure[:, -1].std() / root_n,
                 color=line.get_color(),
             )
+    reward_name, _, title = STRUCTURE_PARTS[part]
     axis.set(
-        xlabel="red-channel reward gained (evaluation samples)",
+        xlabel=f"{reward_name} gained (evaluation samples)",
         ylabel="structure kept (edge corr. with base)",
-        title="tiny:scenes, global red-channel reward",
+        title=f"tiny:scenes, {title}",
     )
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -1200,10 +1291,18 @@ def plot_structure_pareto(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(figure)
 
 
-def report_vipo_structure(runs: dict[str, list[dict]]) -> list[str]:
-    plot_structure_pareto(runs, OUT / "vipo_structure_pareto.png")
+def report_vipo_structure(runs: dict[str, list[dict]], part: str = "vipo_structure") -> list[str]:
+    """The tables of a ``vipo_structure*`` part (each arm; each arm minus GRPO, paired by seed) and its Pareto
+    picture ``<part>_pareto.png``."""
+    if not runs:
+        return [f"{part}: no saved runs."]
+    steps = "".join(f"_steps{n}" for n in REPORT_STEPS)  # --report_steps 8: its own picture
+    plot_structure_pareto(runs, OUT / f"{part}_pareto{steps}.png", part)
+    reward_name = STRUCTURE_PARTS[part][0]
     lines = [
-        "| Method | seeds | red-channel gain | structure kept | adherence change | train time |",
+        f"{part} ({reward_name}, steps {sorted({r['points'][-1]['step'] for rs in runs.values() for r in rs})})",
+        "",
+        f"| Method | seeds | {reward_name} gain | structure kept | adherence change | train time |",
         "|---|---|---|---|---|---|",
     ]
     for label, seeds_runs in runs.items():
@@ -1216,7 +1315,7 @@ def report_vipo_structure(runs: dict[str, list[dict]]) -> list[str]:
         )
     lines += [
         "",
-        "| Method − GRPO (paired by seed) | seeds | red-channel gain | structure kept | structure at equal gain |",
+        f"| Method − GRPO (paired by seed) | seeds | {reward_name} gain | structure kept | structure at equal gain |",
         "|---|---|---|---|---|",
     ]
     for label in runs:
@@ -1226,6 +1325,34 @@ def report_vipo_structure(runs: dict[str, list[dict]]) -> list[str]:
         lines.append(
             f"| {label} | {len(paired['gain'])} | {mean_se(paired['gain'], 4)} | {mean_se(paired['structure'])} | "
             f"{mean_se(paired['structure_at_equal_gain'])} |"
+        )
+    return lines + structure_at_levels(runs)
+
+
+def structure_at_levels(runs: dict[str, list[dict]]) -> list[str]:
+    """The table of each arm's structure kept minus GRPO's at fixed reward gains (the fractions
+    :data:`STRUCTURE_GAIN_FRACTIONS` of GRPO's mean final gain), paired by seed: the Pareto picture's vertical
+    gaps, with standard errors. Nothing when GRPO gained nothing."""
+    if "GRPO" not in runs:
+        return []
+    grpo_gain = statistics.mean(structure_gain(run)[0] for run in runs["GRPO"])
+    if grpo_gain <= 0:
+        return []
+    levels = [fraction * grpo_gain for fraction in STRUCTURE_GAIN_FRACTIONS]
+    header = " | ".join(f"structure at gain {level:+.4f} (seeds)" for level in levels)
+    lines = ["", f"| Structure kept, paired by seed | {header} |", "|---" * (len(levels) + 1) + "|"]
+    pairs = [(label, "GRPO") for label in runs if label != "GRPO"]
+    pairs += [  # the controls against ViPO: is it the map's placement, or a better map?
+        (label, reference)
+        for label, reference in (("ViPO", "ViPO shuffled map"), ("ViPO oracle map", "ViPO"))
+        if label in runs and reference in runs
+    ]
+    for label, reference in pairs:
+        cells = [paired_structure_at(runs, label, level, reference) for level in levels]
+        lines.append(
+            f"| {label} − {reference} | "
+            + " | ".join(f"{mean_se(cell)} ({len(cell)})" for cell in cells)
+            + " |"
         )
     return lines
 
@@ -1238,7 +1365,10 @@ PARTS = {
     "bpgo_judge": (run_bpgo_judge, report_bpgo_judge),
     "bpgo_judge_ablation": (run_bpgo_judge_ablation, judge_tables),
     "bpgo_uncertainty": (run_bpgo_uncertainty, report_bpgo_uncertainty),
-    "vipo_structure": (run_vipo_structure, report_vipo_structure),
+    **{
+        part: (partial(run_vipo_structure, part=part), partial(report_vipo_structure, part=part))
+        for part in STRUCTURE_PARTS
+    },
 }
 
 
@@ -1493,6 +1623,19 @@ def main() -> None:
         help="Only these methods of the bpgo_uncertainty part (its JSON file is named after them).",
     )
     parser.add_argument(
+        "--structure_methods",
+        nargs="+",
+        default=[],
+        choices=list(STRUCTURE_METHOD_KEYS.values()),
+        help="Only these arms of the vipo_structure parts (its JSON file is named after them).",
+    )
+    parser.add_argument(
+        "--structure_probes",
+        type=int,
+        default=STRUCTURE_PROBES,
+        help="Probes of the evaluation samples along each vipo_structure run (the Pareto picture's points).",
+    )
+    parser.add_argument(
         "--lora_set",
         nargs="+",
         default=[],
@@ -1502,6 +1645,8 @@ def main() -> None:
     args = parser.parse_args()
     OUT = args.out
     UNCERTAINTY_ONLY.extend(args.uncertainty_methods)
+    STRUCTURE_ONLY.extend(args.structure_methods)
+    STRUCTURE_PROBE_COUNT.append(args.structure_probes)
     REPORT_STEPS.extend(args.report_steps)
     for assignment in args.lora_set:
         key, _, value = assignment.partition("=")
@@ -1517,6 +1662,8 @@ def main() -> None:
             name = f"{part}_seeds{tag}_steps{args.steps}{variant}.json"
             if part == "bpgo_uncertainty" and UNCERTAINTY_ONLY:  # the name its per-method saves use
                 name = f"{part}_seeds{tag}_{'-'.join(UNCERTAINTY_ONLY)}_steps{args.steps}.json"
+            if part in STRUCTURE_PARTS:
+                name = structure_file_name(part, args.seeds, args.steps)
             (OUT / name).write_text(json.dumps(runs))
         print("\n".join(report(merged_runs(part))), flush=True)
 

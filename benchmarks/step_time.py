@@ -4,10 +4,12 @@
     python benchmarks/step_time.py --reference [--rounds 5] [--steps 4]
     python benchmarks/step_time.py --reference --device cuda --dtype bfloat16
 
-**Methods** (the first form): each method trains the same configuration from the same start on a tiny model; the
-order of the methods rotates between repeats so that a slow patch of a shared machine does not land on one
-method. The first two steps of each run are warm-up and not timed. Prints the median seconds per step and the
-ratio to GRPO.
+**Methods** (the first form): each method trains the same configuration from the same start on a tiny model, in
+CPU seconds of this process (one thread); each repeat is a round that runs every method once, in an order that
+rotates between rounds, and the ratio to GRPO is taken within the round. The first two steps of each run are
+warm-up and not timed. Prints the median seconds per step and the median ratio with its range over the rounds.
+``--profile`` instead runs each method once under ``torch.profiler`` and prints the CPU time of each trainer hook
+per step and, for a hook that costs more than GRPO's, the ops that take its time (:class:`Profiled`).
 
 **Reference** (``--reference``): ``DiffusionGRPOTrainer`` against :class:`ReferenceLoop`, a loop written here in
 the shape of Flow-GRPO's released training script (each sample's prompt encoded, sampling with CFG on ``2B``
@@ -25,8 +27,16 @@ within the round; the median ratio over rounds is printed, so a shared machine's
   autocast with float32 LoRA, wall seconds; adds the peak GPU memory and the model FLOP utilisation (MFU:
   the denoiser FLOPs a step needs, counted with ``torch.utils.flop_counter`` on one forward, over the
   step's time and ``--peak-tflops``). One round of 2 timed steps per contender is sized to finish in under
-  5 minutes on one H100-class GPU (not yet run on one). ``--num-layers``, ``--text-layers`` and
-  ``--max-sequence-length`` shrink that architecture, so that the same path runs on a CPU.
+  5 minutes on one H100-class GPU (not yet run on one). ``--num-layers``, ``--text-layers``,
+  ``--width-divisor`` and ``--max-sequence-length`` shrink that architecture, so that the same path runs on a CPU.
+- ``--backbone dinov2-large`` gives ViPO DINOv2-L's architecture (random weights) with its widths divided by the
+  same ``--width-divisor`` and ``--backbone-layers`` blocks, so that backbone and denoiser keep the real size
+  ratio; ``--methods-only`` times GRPO, BPGO and ViPO only (no reference loop), ``--profile`` adds each hook's
+  CPU time per step. ViPO's overhead at the real size ratio, on a CPU::
+
+      python benchmarks/step_time.py --reference --methods-only --methods GRPO ViPO --arch sd35-medium \
+          --width-divisor 8 --num-layers 3 --text-layers 1 --resolution 128 --backbone dinov2-large \
+          --backbone-layers 3 --rounds 3 --steps 2 --profile
 """
 
 from __future__ import annotations
@@ -41,9 +51,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from architectures import (
+    CLIP_G,
+    CLIP_L,
+    SD3_FLUX_VAE,
+    SD35_MEDIUM_TRANSFORMER,
+    T5_XXL,
+    Shrink,
+    clip_text,
+    dinov2_model,
+    image_vae,
+    sd3_transformer,
+    t5_encoder,
+)
 from datasets import Dataset
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from memory_estimate import SD35_MEDIUM_TRANSFORMER
 from peft import LoraConfig
 from PIL import Image
 from transformers import TrainerCallback
@@ -121,39 +143,146 @@ def prompts(model: str) -> Dataset:
     return Dataset.from_dict(data)
 
 
-def make_trainer(method: str, model, config: dict, peft_config: LoraConfig, dataset: Dataset):
-    """``method``'s trainer on ``model`` with the config values ``config``."""
+def make_trainer(method: str, model, config: dict, peft_config: LoraConfig, dataset: Dataset, backbone=None):
+    """``method``'s trainer on ``model`` with the config values ``config``; ViPO's ``backbone`` is the tiny DINOv2
+    unless given."""
     common = dict(model=model, reward_funcs="red_channel", train_dataset=dataset, peft_config=peft_config)
     if method == "GRPO":
         return DiffusionGRPOTrainer(args=DiffusionGRPOConfig(**config), **common)
     if method == "BPGO":
         return BPGOTrainer(args=BPGOConfig(**config), **common)
-    return ViPOTrainer(args=ViPOConfig(**config), backbone=tiny_dinov2(), **common)
+    return ViPOTrainer(args=ViPOConfig(**config), backbone=backbone or tiny_dinov2(), **common)
 
 
-def run(method: str, steps: int, model: str) -> float:
+def run(method: str, steps: int, model: str, profiler: Profiled | None = None) -> float:
+    """Median CPU seconds (of this process, one thread) of ``method``'s steps after two warm-up steps;
+    ``profiler`` records those steps with ``torch.profiler``."""
     config = settings(tempfile.mkdtemp(), steps, model)
     peft_config = LoraConfig(r=8, lora_alpha=8, target_modules=LORA_TARGETS + ["proj_out"])
     trainer = make_trainer(method, f"tiny:{model}", config, peft_config, prompts(model))
-    timer = StepTimer()
+    timer = StepTimer(time.process_time)
     trainer.add_callback(timer)
+    if profiler is not None:
+        profiler.attach(trainer, start_step=2)
     trainer.train()
     return statistics.median(timer.times[2:])
 
 
 def compare_methods(args: argparse.Namespace) -> None:
+    """Every repeat (a round) runs each method once, in a rotated order; the ratio to the first method is taken
+    within the round, and its median and range over the rounds are printed."""
     methods = args.methods
     times: dict[str, list[float]] = {m: [] for m in methods}
     for repeat in range(args.repeats):
         shift = repeat % len(methods)
         for method in methods[shift:] + methods[:shift]:
             times[method].append(run(method, args.steps, args.model))
-    first = statistics.median(times[methods[0]])
-    print(f"tiny:{args.model}, batch 32, 8 generations per prompt, 4 sampling steps, 1 CPU thread")
-    print(f"{'method':8} {'s/step (median)':>16} {'vs ' + methods[0]:>8}   per repeat")
+    first = methods[0]
+    print(
+        f"tiny:{args.model}, batch 32, 8 generations per prompt, 4 sampling steps, {torch.get_num_threads()} CPU "
+        f"thread(s), CPU seconds; {args.repeats} rounds × {args.steps - 2} timed steps"
+    )
+    print(f"{'method':8} {'s/step (median)':>16} {'vs ' + first + ' (range over rounds)':>30}   per round")
     for method in methods:
+        ratios = [t / f for t, f in zip(times[method], times[first])]
+        relative = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
         median = statistics.median(times[method])
-        print(f"{method:8} {median:16.3f} {median / first:7.2f}x   {[round(t, 3) for t in times[method]]}")
+        print(f"{method:8} {median:16.3f} {relative:>30}   {[round(t, 3) for t in times[method]]}")
+
+
+class Profiled:
+    """``torch.profiler`` over a trainer's steps from ``start_step`` on, with each hook of the trainer named in
+    the trace (``hook:compute_advantages``, …) and its CPU seconds (of this thread: a shared machine's load does
+    not inflate them) summed, so that a method's extra time is put on a hook and on the ops inside it."""
+
+    #: the trainer's hooks, then the whole step's parts: ``training_step`` (sampling, scoring and the per-timestep
+    #: losses with their backwards, which ``backward`` times alone); the optimizer step is the rest of a step
+    HOOKS = ("sample", "compute_rewards", "compute_advantages", "expand_advantages", "policy_loss")
+    PARTS = ("training_step", "backward")
+
+    def __init__(self) -> None:
+        self.profile: torch.profiler.profile | None = None
+        self.cpu_seconds: dict[str, float] = {hook: 0.0 for hook in self.HOOKS + self.PARTS}
+
+    def attach(self, trainer, start_step: int) -> None:
+        for hook in self.HOOKS + ("training_step",):
+            setattr(trainer, hook, self._named(hook, getattr(trainer, hook)))
+        trainer.accelerator.backward = self._named("backward", trainer.accelerator.backward)
+        owner = self
+
+        class Start(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == start_step:  # each run: its own timed steps only
+                    owner.cpu_seconds = {hook: 0.0 for hook in owner.HOOKS + owner.PARTS}
+                    owner.profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    owner.profile.__enter__()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                owner.profile.__exit__(None, None, None)
+
+        trainer.add_callback(Start())
+
+    def _named(self, name: str, function: Callable) -> Callable:
+        def named(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                with torch.profiler.record_function(f"hook:{name}"):
+                    return function(*args, **kwargs)
+            finally:
+                self.cpu_seconds[name] += time.thread_time() - start
+
+        return named
+
+    def inside(self, hook: str) -> dict[str, float]:
+        """Share of ``hook``'s time that each op called inside it takes (its self time over the hook's total,
+        both on the profiler's clock), times the hook's CPU seconds: the profiler's clock is wall time, which a
+        shared machine's load inflates, its shares are not."""
+        totals: dict[str, float] = {}
+        hook_total = 0.0
+
+        def walk(event) -> None:
+            for child in event.cpu_children:
+                totals[child.name] = totals.get(child.name, 0.0) + child.self_cpu_time_total
+                walk(child)
+
+        for event in self.profile.events():
+            if event.name == f"hook:{hook}":
+                hook_total += event.cpu_time_total
+                walk(event)
+        seconds = self.cpu_seconds[hook]
+        return {name: seconds * value / max(hook_total, 1e-9) for name, value in totals.items()}
+
+
+def profile_methods(args: argparse.Namespace, top: int = 8) -> None:
+    """Each method profiled over the same steps: the CPU time of each hook per step, then, for every hook that
+    costs a method more than the first method, the ops inside it that take the most time."""
+    profiles = {}
+    step_times = {}
+    for method in args.methods:
+        profiler = Profiled()
+        step_times[method] = run(method, args.steps, args.model, profiler)
+        profiles[method] = profiler
+    steps, first = args.steps - 2, args.methods[0]
+    print(
+        f"torch.profiler, tiny:{args.model}, {steps} profiled steps per method; CPU milliseconds per step of one "
+        "thread (hooks: time.thread_time; ops inside them: the profiler's clock)"
+    )
+    print(f"{'':28}" + "".join(f"{m:>10}" for m in args.methods))
+    print(f"{'step (median, profiled)':28}" + "".join(f"{1e3 * step_times[m]:10.1f}" for m in args.methods))
+    for hook in Profiled.HOOKS + Profiled.PARTS:
+        row = "".join(f"{1e3 * profiles[m].cpu_seconds[hook] / steps:10.2f}" for m in args.methods)
+        print(f"{'hook:' + hook if hook in Profiled.HOOKS else hook:28}" + row)
+    for method in args.methods[1:]:
+        for hook in Profiled.HOOKS:
+            extra = (profiles[method].cpu_seconds[hook] - profiles[first].cpu_seconds[hook]) / steps
+            if extra < 1e-3:  # under a millisecond per step
+                continue
+            ops = profiles[method].inside(hook)
+            print(
+                f"\n{method}, hook:{hook}: {1e3 * extra:+.2f} ms/step over {first}; its largest ops (CPU ms/step):"
+            )
+            for name, value in sorted(ops.items(), key=lambda kv: -kv[1])[:top]:
+                print(f"  {name[:70]:70} {1e3 * value / steps:8.2f}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -178,10 +307,33 @@ class Bench:
     noise_level: float = 0.7
     max_sequence_length: int = 16
     gradient_checkpointing: bool = False
+    #: SD3.5-M's widths (and the backbone's) divided by this (:class:`architectures.Shrink`)
+    width_divisor: int = 1
+    #: ViPO's backbone: "tiny" (:func:`tiny_dinov2`) or "dinov2-large" (its architecture, shrunk as SD3.5-M is)
+    backbone: str = "tiny"
+    backbone_layers: int | None = None
 
     @property
     def batch(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+    def shrink(self) -> Shrink:
+        return Shrink(self.width_divisor, self.num_layers, self.text_layers)
+
+    def vision_backbone(self) -> torch.nn.Module:
+        """ViPO's backbone: the tiny DINOv2, or DINOv2-L's architecture with its widths divided as the
+        denoiser's and ``backbone_layers`` blocks (random weights)."""
+        if self.backbone == "tiny":
+            return tiny_dinov2()
+        return dinov2_model(Shrink(self.width_divisor, self.backbone_layers))
+
+    @property
+    def backbone_image_size(self) -> int:
+        """The tiny DINOv2 at min(224, resolution); DINOv2-L at 224 pixels for 512² samples (16 × 16 patches of
+        14), scaled with the resolution (a 128² sample: 56 pixels, 4 × 4 patches)."""
+        if self.backbone == "tiny":
+            return min(224, self.resolution)
+        return 14 * max(2, round(16 * self.resolution / 512))
 
     def clock(self) -> float:
         """CPU seconds of this process on the CPU (one thread: what the other tenants of a shared machine
@@ -205,11 +357,7 @@ class PipelineFactory:
     def __init__(self, bench: Bench):
         self.bench = bench
         with torch.device(bench.device):
-            base = (
-                tiny_sd3_pipeline()
-                if bench.arch == "tiny"
-                else sd35_medium_pipeline(bench.num_layers, bench.text_layers)
-            )
+            base = tiny_sd3_pipeline() if bench.arch == "tiny" else sd35_medium_pipeline(bench.shrink())
         self.components = {name: module for name, module in base.components.items() if name != "transformer"}
         for module in self.components.values():
             if isinstance(module, torch.nn.Module):
@@ -229,60 +377,24 @@ def to_bench(module: torch.nn.Module, bench: Bench) -> torch.nn.Module:
     return module.to(bench.device) if bench.dtype == torch.float32 else module.to(bench.device, bench.dtype)
 
 
-def sd35_medium_pipeline(num_layers: int = 24, text_layers: int | None = None) -> StableDiffusion3Pipeline:
-    """SD3.5-Medium's architecture from its published configs, random weights, on the default device. The
-    tokenizers are the tiny in-memory ones (their ids fit every vocabulary). ``num_layers`` (24) and
-    ``text_layers`` shrink the transformer and the text encoders (a CPU check of this path)."""
+def sd35_medium_pipeline(shrink: Shrink | None = None) -> StableDiffusion3Pipeline:
+    """SD3.5-Medium's architecture from its published configs (:mod:`architectures`), random weights, on the
+    default device. The tokenizers are the tiny in-memory ones (their ids fit every vocabulary). ``shrink``
+    divides the widths and cuts the transformer's and text encoders' blocks (a CPU check of this path)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    def clip(hidden: int, layers: int, heads: int) -> CLIPTextModelWithProjection:
-        config = CLIPTextConfig(
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            num_hidden_layers=text_layers or layers,
-            num_attention_heads=heads,
-            projection_dim=hidden,
-            hidden_act="gelu",
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-        return CLIPTextModelWithProjection(config)
-
-    tokenizers = tiny_sd3_pipeline()
-    t5 = T5Config(
-        vocab_size=32128,
-        d_model=4096,
-        d_kv=64,
-        d_ff=10240,
-        num_layers=text_layers or 24,
-        num_heads=64,
-        feed_forward_proj="gated-gelu",
-    )
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)  # the tiny tokenizers' special tokens
+    tokenizers, shrink = tiny_sd3_pipeline(), shrink or Shrink()
     return StableDiffusion3Pipeline(
-        transformer=SD3Transformer2DModel(
-            **{
-                **SD35_MEDIUM_TRANSFORMER,
-                "num_layers": num_layers,
-                "dual_attention_layers": tuple(range(min(13, num_layers))),
-            }
-        ),
+        transformer=SD3Transformer2DModel(**sd3_transformer(SD35_MEDIUM_TRANSFORMER, shrink)),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=16,
-            shift_factor=0.0609,
-            scaling_factor=1.5305,
-        ),
-        text_encoder=clip(768, 12, 12),
+        vae=AutoencoderKL(**image_vae(SD3_FLUX_VAE, shrink), shift_factor=0.0609, scaling_factor=1.5305),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**clip_text(CLIP_L, shrink), **ids)),
         tokenizer=tokenizers.tokenizer,
-        text_encoder_2=clip(1280, 32, 20),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**clip_text(CLIP_G, shrink), **ids)),
         tokenizer_2=tokenizers.tokenizer_2,
-        text_encoder_3=T5EncoderModel(t5),
+        text_encoder_3=T5EncoderModel(T5Config(**t5_encoder(T5_XXL, shrink))),
         tokenizer_3=tokenizers.tokenizer_3,
     )
 
@@ -462,9 +574,16 @@ def measured(run: Callable[[], list[float]], bench: Bench, flops: float) -> Meas
 
 
 def time_trainer(
-    method: str, factory: PipelineFactory, bench: Bench, guidance: float, steps: int, **extra
+    method: str,
+    factory: Callable[[], object],
+    bench: Bench,
+    guidance: float,
+    steps: int,
+    profiler: Profiled | None = None,
+    **extra,
 ) -> list[float]:
-    """Seconds of each of ``steps`` trainer steps after one warm-up step; ``extra`` are more config values."""
+    """Seconds of each of ``steps`` trainer steps after one warm-up step on a pipeline from ``factory``; ``extra``
+    are more config values (or replace the bench's); ``profiler`` times the hooks of the timed steps."""
     config = dict(
         output_dir=tempfile.mkdtemp(),
         num_generations=bench.num_generations,
@@ -484,13 +603,18 @@ def time_trainer(
         save_strategy="no",
         disable_tqdm=True,
         logging_steps=1,
-        **extra,
     )
-    if method == "ViPO":  # the tiny DINOv2 at DINOv2's usual 224 pixels, not at 512²'s 16,384 patches
-        config["backbone_image_size"] = min(224, bench.resolution)
-    trainer = make_trainer(method, factory(), config, bench.lora(), Dataset.from_dict({"prompt": PROMPTS}))
+    config.update(extra)
+    backbone = None
+    if method == "ViPO":  # DINOv2's usual 224 pixels, not 512²'s 16,384 patches of 4 (the tiny one's)
+        config["backbone_image_size"] = bench.backbone_image_size
+        backbone = bench.vision_backbone()
+    dataset = Dataset.from_dict({"prompt": PROMPTS})
+    trainer = make_trainer(method, factory(), config, bench.lora(), dataset, backbone)
     timer = StepTimer(bench.clock)
     trainer.add_callback(timer)
+    if profiler is not None:
+        profiler.attach(trainer, start_step=1)
     trainer.train()
     return timer.times[1:]
 
@@ -516,7 +640,13 @@ def compare_with_reference(args: argparse.Namespace) -> None:
     factory = PipelineFactory(bench)
     forward = forward_flops(factory(), bench)
     contenders: dict[str, tuple[Callable[[], list[float]], float]] = {}
-    for guidance in (4.5, 1.0):
+    profilers = {m: Profiled() for m in args.methods} if args.profile else {}
+    if args.methods_only:  # GRPO, BPGO and ViPO under CFG 4.5 only
+        contenders["GRPO, CFG 4.5"] = (
+            lambda: time_trainer("GRPO", factory, bench, 4.5, args.steps, profilers.get("GRPO")),
+            step_flops(forward, bench, True, 1),
+        )
+    for guidance in () if args.methods_only else (4.5, 1.0):
         cfg = guidance > 1
         trainer_passes = 1  # the conditional branch only (v_u is reused from sampling), or no CFG
         reference_passes = 2 if cfg else 1  # 2B, the unconditional half detached
@@ -528,14 +658,15 @@ def compare_with_reference(args: argparse.Namespace) -> None:
             lambda g=guidance: time_reference(factory, bench, g, args.steps),
             step_flops(forward, bench, cfg, reference_passes),
         )
-    contenders["GRPO cfg_uncond_grad, CFG 4.5"] = (  # the trainer before issue 15: 2B with both gradients
-        lambda: time_trainer("GRPO", factory, bench, 4.5, args.steps, cfg_uncond_grad=True),
-        step_flops(forward, bench, True, 2),
-    )
+    if not args.methods_only:  # the trainer before issue 15: 2B with both gradients
+        contenders["GRPO cfg_uncond_grad, CFG 4.5"] = (
+            lambda: time_trainer("GRPO", factory, bench, 4.5, args.steps, cfg_uncond_grad=True),
+            step_flops(forward, bench, True, 2),
+        )
     for method in args.methods:
         if method != "GRPO":
             contenders[f"{method}, CFG 4.5"] = (
-                lambda m=method: time_trainer(m, factory, bench, 4.5, args.steps),
+                lambda m=method: time_trainer(m, factory, bench, 4.5, args.steps, profilers.get(m)),
                 step_flops(forward, bench, True, 1),
             )
     names = list(contenders)
@@ -548,6 +679,12 @@ def compare_with_reference(args: argparse.Namespace) -> None:
             result[name] = measured(run, bench, flops)
         rounds.append(result)
     report(bench, args, rounds, names)
+    if profilers:
+        print("CPU ms per step in each hook (the last round's timed steps):")
+        print(f"{'':28}" + "".join(f"{m:>10}" for m in profilers))
+        for hook in Profiled.HOOKS:
+            row = "".join(f"{1e3 * p.cpu_seconds[hook] / args.steps:10.2f}" for p in profilers.values())
+            print(f"{'hook:' + hook:28}" + row)
 
 
 def ratio(rounds: list[dict[str, Measured]], name: str, over: str) -> str:
@@ -573,7 +710,7 @@ def report(
         seconds = statistics.median(r[name].median for r in rounds)
         cfg = name.split("CFG ")[-1]
         over = f"reference, CFG {cfg}" if name.startswith("GRPO") else f"GRPO, CFG {cfg}"
-        relative = "" if name.startswith("reference") else ratio(rounds, name, over)
+        relative = "" if over not in rounds[0] or name.startswith("reference") else ratio(rounds, name, over)
         flops = rounds[0][name].flops_per_step
         line = f"{name:30} {seconds:8.3f} {relative:>36}"
         if cuda:
@@ -606,6 +743,9 @@ def bench_from_args(args: argparse.Namespace) -> Bench:
         # SD3.5-M: one prompt × G = 8 (the papers' group size); tiny: 2 prompts × 4
         prompts_per_step=1 if arch == "sd35-medium" else 2,
         num_generations=8 if arch == "sd35-medium" else 4,
+        width_divisor=args.width_divisor,
+        backbone=args.backbone,
+        backbone_layers=args.backbone_layers,
     )
 
 
@@ -619,6 +759,9 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps per run (12; 4 with --reference)"
     )
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--profile", action="store_true", help="methods form: torch.profiler of each method, by hook and op"
+    )
     parser.add_argument("--reference", action="store_true", help="the trainer against the reference loop")
     parser.add_argument("--rounds", type=int, default=None, help="--reference rounds (5 on CPU, 1 on CUDA)")
     parser.add_argument("--device", default="cpu")
@@ -633,6 +776,18 @@ def main() -> None:
     )
     parser.add_argument("--text-layers", type=int, default=None, help="shrink SD3.5-M's text encoders")
     parser.add_argument(
+        "--width-divisor", type=int, default=1, help="divide SD3.5-M's widths (and DINOv2-L's) by this"
+    )
+    parser.add_argument(
+        "--backbone", default="tiny", choices=["tiny", "dinov2-large"], help="ViPO's backbone"
+    )
+    parser.add_argument("--backbone-layers", type=int, default=None, help="DINOv2-L blocks (24)")
+    parser.add_argument(
+        "--methods-only",
+        action="store_true",
+        help="--reference: GRPO, BPGO and ViPO only (no reference loop)",
+    )
+    parser.add_argument(
         "--gradient-checkpointing", action="store_true", help="in the trainer and the reference alike"
     )
     parser.add_argument(
@@ -643,7 +798,7 @@ def main() -> None:
         torch.set_num_threads(1)
     if not args.reference:
         args.steps = args.steps or 12
-        compare_methods(args)
+        (profile_methods if args.profile else compare_methods)(args)
         return
     args.steps = args.steps or (4 if args.device == "cpu" else 2)
     args.rounds = args.rounds or (5 if args.device == "cpu" else 1)

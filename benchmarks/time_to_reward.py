@@ -78,7 +78,10 @@ ARMS: dict[str, tuple[str, dict]] = {
     "sliding": ("(d) sliding window 2 (MixGRPO)", {**WINDOW, "sde_window_schedule": "progressive"}),
     "tracking": ("(e) recipe + per-prompt tracking", {"per_prompt_stat_tracking": True}),
     "tempflow_weight": ("TempFlow noise-aware weight", {**FLOW_GRPO, "noise_aware_weight": True}),
-    "tempflow_branching": ("TempFlow branching", {**FLOW_GRPO, "trajectory_branching": "all"}),
+    "tempflow_branching": (
+        "TempFlow branching",
+        {**FLOW_GRPO, "trajectory_branching": "first", "num_branch_points": 4},
+    ),
     "ratio_norm": ("GRPO-Guard RatioNorm", {**FLOW_GRPO, "ratio_norm": True}),
     "dt_weight": ("GRPO-Guard dt-invariant weight", {**FLOW_GRPO, "dt_invariant_weight": True}),
 }

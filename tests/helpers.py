@@ -149,3 +149,20 @@ def patch_hub_api(monkeypatch, name: str, replacement) -> None:
         bound = vars(module).get(name) if hasattr(module, "__dict__") else None
         if isinstance(bound, types.MethodType) and isinstance(bound.__self__, HfApi):
             monkeypatch.setattr(module, name, types.MethodType(replacement, bound.__self__))
+
+
+def eval_on_five_prompts(output_dir: Any, **overrides: Any) -> Any:
+    """A GRPO trainer whose evaluation set is 5 prompts in batches of 2 (3 batches: uneven over 2 processes)."""
+    from trl_visual import DiffusionGRPOConfig, DiffusionGRPOTrainer
+
+    prompts = ["a cat", "a dog", "a red car", "a tree", "a blue house"]
+    return DiffusionGRPOTrainer(
+        model="tiny:sd3",
+        reward_funcs="red_channel",
+        args=DiffusionGRPOConfig(
+            output_dir=str(output_dir), **TINY_RUN, per_device_eval_batch_size=2, **overrides
+        ),
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        eval_dataset=Dataset.from_dict({"prompt": prompts}),
+        peft_config=LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS),
+    )

@@ -261,6 +261,15 @@ def test_the_trainer_has_no_mixin():
 
 
 @pytest.mark.parametrize("trainer", TRAINERS, ids=lambda t: t.__name__)
+def test_every_trainer_is_made_of_trainers_only(trainer):
+    """No mixin on any trainer: each class of ours in a trainer's MRO is itself a trainer (BPGO-ViPO composes
+    BPGO and ViPO through the hooks); what else a method needs is a collaborator object."""
+    ours = [klass for klass in trainer.__mro__ if klass.__module__.startswith("trl_visual")]
+    mixins = [klass.__name__ for klass in ours if not issubclass(klass, DiffusionGRPOTrainer)]
+    assert not mixins, f"{trainer.__name__} inherits from {mixins}: make them collaborators"
+
+
+@pytest.mark.parametrize("trainer", TRAINERS, ids=lambda t: t.__name__)
 def test_only_diffusion_grpo_trainer_overrides_trainer_methods(trainer):
     """Every ``transformers.Trainer`` method we replace is replaced in one class, so the order of bases decides
     nothing: the methods compose through the hooks."""

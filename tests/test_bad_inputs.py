@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -717,6 +718,30 @@ def test_a_full_disk_says_so_and_leaves_no_staging(tmp_path, monkeypatch, failur
     ):
         trainer.train()
     assert not (tmp_path / "out" / ".staging").exists()
+
+
+def test_an_interrupted_checkpoint_write_leaves_nothing_in_the_stop_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of writing checkpoint-1 (a half-written file already there): the staging folder goes,
+    so the checkpoint saved before stopping holds only what its own write put there."""
+    from trl_visual.trainer import checkpoint_io
+
+    calls = []
+
+    def interrupted_once(pipeline_class, folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 1:
+            (Path(folder) / "half-written.tmp").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return save_lora(pipeline_class, folder, *args, **kwargs)
+
+    save_lora = checkpoint_io.save_lora
+    monkeypatch.setattr(checkpoint_io, "save_lora", interrupted_once)
+    trainer = make_trainer(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    stopped = tmp_path / "out" / "stopped-at-step-1"
+    assert len(calls) == 2 and (stopped / "pytorch_lora_weights.safetensors").is_file()
+    assert not (stopped / "half-written.tmp").exists() and not (tmp_path / "out" / ".staging").exists()
 
 
 def test_a_leftover_staging_folder_is_removed_at_the_next_start(tmp_path, caplog):

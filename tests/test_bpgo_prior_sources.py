@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 
 import helpers
 import numpy as np
@@ -15,6 +16,7 @@ from trl_visual.checkpointing import METHOD_STATE_NAME
 from trl_visual.state_files import load_state_file
 from trl_visual.testing import tiny_sd3_pipeline, tiny_wan_i2v_pipeline
 from trl_visual.trainer.bpgo_config import BPGOConfig
+from trl_visual.trainer.bpgo_estimation import PriorEstimator
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME, FirstFramePriors, image_key
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 
@@ -81,7 +83,7 @@ def test_first_frame_priors_are_the_reward_of_each_conditioning_image(tmp_path, 
     def no_scoring(*args, **kwargs):
         raise AssertionError("the first-frame priors were computed again")
 
-    monkeypatch.setattr(BPGOTrainer, "_first_frame_rewards", no_scoring)
+    monkeypatch.setattr(PriorEstimator, "first_frame_rewards", no_scoring)
     restarted = video_trainer(tmp_path, data, **settings)  # a restart in the same output_dir reads the cache
     restarted.train()
     assert restarted.prior_store.values == values
@@ -151,6 +153,23 @@ def test_a_separate_prior_model_gives_that_models_base_priors(tmp_path):
     assert max(abs(a - b) for a, b in zip(priors, own.estimate_priors(data, num_rollouts=2)["prior"])) > 1e-3
 
 
+def test_the_prior_model_is_freed_when_its_sampling_ends(tmp_path, monkeypatch):
+    """Leaving ``prior_sampler()`` frees the prior model's pipeline at once (and the accelerator's cache), even
+    while the caller still holds the sampling function, so it never sits beside the policy in training."""
+    trainer = helpers.make_trainer(
+        tmp_path, trainer_class=BPGOTrainer, prior_source="base_model", prior_model_name_or_path="tiny:sd3"
+    )
+    loaded = []
+    load = PriorEstimator._load_prior_model
+    monkeypatch.setattr(
+        PriorEstimator, "_load_prior_model", lambda self: loaded.append(load(self)) or loaded[-1]
+    )
+    with trainer.prior_estimator.prior_sampler() as sample:
+        prior_denoiser = weakref.ref(loaded.pop().denoiser)
+        assert prior_denoiser() is not None
+    assert callable(sample) and prior_denoiser() is None
+
+
 def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeypatch):
     """On image-to-video (the rows' images condition the prior model's rollouts too): estimated when training
     starts, cached with the prior model in the fingerprint; a restart reads the cache, and a run without the
@@ -178,13 +197,13 @@ def test_a_prior_model_is_estimated_once_cached_under_its_name(tmp_path, monkeyp
     assert cache["priors"] == first.prior_store.values and set(cache["priors"]) == {"a cat", "a dog"}
 
     asked = []
-    original = BPGOTrainer._estimate_prompt_priors
+    original = PriorEstimator.prompt_means
 
     def counting(self, *args, **kwargs):
         asked.append(self.args.prior_model_name_or_path)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", counting)
+    monkeypatch.setattr(PriorEstimator, "prompt_means", counting)
     again = run(prior_model_name_or_path="tiny:wan-i2v")
     assert asked == [] and again.prior_store.values == first.prior_store.values
     own = run()

@@ -38,6 +38,19 @@ def test_ema_priors_start_at_the_group_mean_then_follow_the_ema():
     assert store.priors(PROMPTS, ROWS, torch.tensor([9.0, 9.0])).tolist() == [pytest.approx(2.0), 3.0]
 
 
+def test_ema_update_of_distinct_prompts_equals_the_per_prompt_means():
+    """Each prompt once (the fast path: the group means as they are) gives exactly what averaging each prompt's
+    groups gives (the path for repeated prompts), NaN group means (no valid reward) included."""
+    prompts, means = ["a", "b", "c", "d"], torch.tensor([0.3, float("nan"), 0.1, -0.7], dtype=torch.float32)
+    fast, slow = EMAPriors(0.8), EMAPriors(0.8)
+    for step in range(3):
+        fast.update(prompts, means + step)
+        for prompt, mean in zip(prompts, means + step):  # one prompt per call: the per-prompt nanmean path
+            slow.update([prompt, prompt], torch.stack([mean, mean]))
+    assert fast.values == slow.values and set(fast.values) == {"a", "c", "d"}
+    assert fast.values["a"] == pytest.approx(0.8 * (0.8 * 0.3 + 0.2 * 1.3) + 0.2 * 2.3)
+
+
 def test_every_store_round_trips_through_its_state_dict():
     ema = EMAPriors(0.9)
     ema.update(PROMPTS, torch.tensor([0.5, 0.7]))

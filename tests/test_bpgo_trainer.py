@@ -16,6 +16,7 @@ from trl_visual.core.policy_loss import clipped_policy_loss
 from trl_visual.rewards.builtin import red_channel
 from trl_visual.state_files import load_state_file
 from trl_visual.trainer.bpgo_config import BPGOConfig
+from trl_visual.trainer.bpgo_estimation import PriorEstimator
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
 from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 from trl_visual.trainer.hooks import Advantages, AuxiliaryObjective
@@ -230,7 +231,7 @@ def test_base_model_priors_are_cached_and_checkpointed(tmp_path, monkeypatch):
     def no_estimation(*args, **kwargs):
         raise AssertionError("the priors were estimated again")
 
-    monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", no_estimation)
+    monkeypatch.setattr(PriorEstimator, "prompt_means", no_estimation)
     restarted = make_trainer(tmp_path, **settings)  # a restart in the same output_dir reads the cache
     restarted.train()
     assert restarted.method_state()["estimated_priors"] == cached

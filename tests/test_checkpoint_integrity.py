@@ -20,8 +20,8 @@ from transformers import Trainer
 from trl_visual.checkpointing import CheckpointError, check_checkpoint
 from trl_visual.cli import build_trainer, parse_args
 from trl_visual.trainer import diffusion_grpo_trainer
+from trl_visual.trainer.bpgo_estimation import PriorEstimator
 from trl_visual.trainer.bpgo_priors import PRIOR_CACHE_NAME
-from trl_visual.trainer.bpgo_trainer import BPGOTrainer
 from trl_visual.trainer.diffusion_grpo_trainer import DiffusionGRPOTrainer
 from trl_visual.trainer.vipo_trainer import ViPOTrainer
 
@@ -245,7 +245,7 @@ def test_bpgo_without_its_priors_is_refused_unless_weights_only(tmp_path, monkey
     def no_estimation(*args, **kwargs):
         raise AssertionError("the priors were estimated before the checkpoint was checked")
 
-    monkeypatch.setattr(BPGOTrainer, "_estimate_prompt_priors", no_estimation)
+    monkeypatch.setattr(PriorEstimator, "prompt_means", no_estimation)
     os.remove(tmp_path / "out" / PRIOR_CACHE_NAME)  # a resume would estimate the priors again first
     with pytest.raises(
         CheckpointError, match=r"trl_visual_state\.safetensors missing.*the method's state \(BPGO's priors"
@@ -287,9 +287,9 @@ def test_a_corrupt_prior_cache_is_estimated_again_with_a_warning(tmp_path, caplo
 def test_the_prior_fingerprint_covers_what_changes_the_estimate(tmp_path, field, value):
     base = make_bpgo(tmp_path / "a", prior_source="base_model", sde_window_size=1)
     other = make_bpgo(tmp_path / "b", prior_source="base_model", sde_window_size=1, **{field: value})
-    assert base._prior_fingerprint() != other._prior_fingerprint()
+    assert base.prior_estimator.fingerprint() != other.prior_estimator.fingerprint()
     same = make_bpgo(tmp_path / "c", prior_source="base_model", sde_window_size=1)
-    assert base._prior_fingerprint() == same._prior_fingerprint()
+    assert base.prior_estimator.fingerprint() == same.prior_estimator.fingerprint()
 
 
 def test_a_prior_cache_from_another_max_sequence_length_is_not_reused(tmp_path, caplog):
@@ -297,8 +297,8 @@ def test_a_prior_cache_from_another_max_sequence_length_is_not_reused(tmp_path, 
     make_bpgo(tmp_path, **settings).train()
     calls = []
     trainer = make_bpgo(tmp_path, max_sequence_length=8, **settings)
-    original = trainer._estimate_prompt_priors
-    trainer._estimate_prompt_priors = lambda rows, k: calls.append(sorted(rows)) or original(rows, k)
+    original = trainer.prior_estimator.prompt_means
+    trainer.prior_estimator.prompt_means = lambda rows, k: calls.append(sorted(rows)) or original(rows, k)
     with caplog.at_level(logging.WARNING, logger="trl_visual.trainer.bpgo_trainer"):
         trainer.train()
     assert calls == [sorted(PROMPTS)] and "made with other settings" in caplog.text

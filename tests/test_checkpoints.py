@@ -1,5 +1,6 @@
 """Checkpoints, exact resume, model cards and Hub pushing on the tiny SD3."""
 
+import json
 import os
 
 import pytest
@@ -107,6 +108,37 @@ def test_save_total_limit_is_honoured(tmp_path):
         "checkpoint-3",
     ]
     assert not (tmp_path / "out" / ".staging").exists()
+
+
+def constant_score(prompts, images, **kwargs):
+    return [1.0] * len(prompts)
+
+
+@pytest.mark.parametrize("load_best", [False, True])
+def test_the_best_checkpoint_is_named_where_it_lands_and_kept(tmp_path, load_best):
+    """With ``metric_for_best_model``, ``Trainer`` looks the best checkpoint up under the folder it writes to,
+    which is the staging folder here: the state and every ``trainer_state.json`` must name the renamed folder, and
+    ``save_total_limit`` must keep it. A constant metric makes step 1 the best (a tie is not an improvement)."""
+    trainer = make_trainer(
+        tmp_path,
+        eval_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
+        trainer_kwargs={"eval_reward_funcs": constant_score},
+        **dict(save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1, max_steps=3),
+        **dict(save_total_limit=2, metric_for_best_model="eval_rewards/constant_score/mean"),
+        **dict(greater_is_better=True, load_best_model_at_end=load_best),
+    )
+    trainer.train()
+    out = tmp_path / "out"
+    assert trainer.state.best_global_step == 1
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-1")
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == [
+        "checkpoint-1",
+        "checkpoint-3",
+    ]
+    for step in (1, 3):
+        state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert state["best_model_checkpoint"] == str(out / "checkpoint-1")
+    assert not (out / ".staging").exists()
 
 
 def test_model_card_and_offline_push(tmp_path):

@@ -153,8 +153,9 @@ def _cli_subprocess(args, cwd, cache, executable=(sys.executable, "-m", "trl_vis
 
 
 def test_help_is_quiet_cached_and_equals_the_live_parser(tmp_path):
-    """The first --help renders from the real parser and caches it; later ones read the cache without
-    importing torch. Neither prints a warning, and both print what the live parser renders now."""
+    """The first --help (the shipped text when it is current, else rendered from the real parser) is cached;
+    later ones read the cache without importing torch. Neither prints a warning, and both print what the live
+    parser renders now."""
     cold = _cli_subprocess(["grpo", "--help"], tmp_path, tmp_path / "cache")
     assert cold.returncode == 0 and cold.stderr == ""
     assert help_cache_path("grpo").name in os.listdir(tmp_path / "cache" / "help")
@@ -173,6 +174,68 @@ def test_help_is_quiet_cached_and_equals_the_live_parser(tmp_path):
     assert live.count("\n") < full.count(
         "\n"
     )  # (a half at transformers 5.25, whose TrainingArguments is larger)
+
+
+def _shipped_or_skip(command):
+    """The shipped help of ``command``; the test is skipped where it was made for other versions than the
+    installed ones (the floors job, a newer transformers: there the help is rendered live, and still correct)."""
+    from trl_visual.cli import SHIPPED_HELP_DIR, _rendering_versions
+
+    shipped = json.loads((SHIPPED_HELP_DIR / f"{command}.json").read_text(encoding="utf-8"))
+    if shipped["versions"] != _rendering_versions():
+        pytest.skip(f"the shipped help was rendered for {shipped['versions']}, not {_rendering_versions()}")
+    return shipped
+
+
+@pytest.mark.parametrize("command", ["grpo", "bpgo", "vipo"])
+def test_the_shipped_help_is_what_the_live_parser_renders(command):
+    """``trl_visual/cli_help/<command>.json`` holds the help and the names the real parser gives now, made from
+    the sources it records: a changed config field, default or help string fails here until it is made again."""
+    from trl_visual.cli import COMMANDS, _import, _source_digest, make_parser, parser_names
+
+    shipped = _shipped_or_skip(command)
+    refresh = 'python -c "from trl_visual.cli import write_shipped_help; write_shipped_help()"'
+    changed = [path for path, digest in shipped["sources"].items() if _source_digest(path) != digest]
+    assert not changed, f"{changed} changed since the shipped help was made: run {refresh}"
+    assert shipped["help"] == render_help(command), f"the shipped help is stale: run {refresh}"
+    names = parser_names(make_parser(command, _import(COMMANDS[command][0])))
+    assert shipped["names"] == sorted(names), f"the shipped names are stale: run {refresh}"
+
+
+def test_a_first_help_and_a_first_typo_need_no_torch(tmp_path):
+    """Right after an install (an empty cache): ``--help`` prints the shipped text, and a misspelt flag is one line
+    naming the closest flag, both before torch or transformers is imported."""
+    _shipped_or_skip("grpo")
+    code = (
+        "import sys; from trl_visual.cli import main; codes = (main(['grpo', '--help']), "
+        "main(['grpo', '--learning_rat', '1e-4'])); "
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules; print(codes)"
+    )
+    first = _cli_subprocess(["-c", code], tmp_path, tmp_path / "cache", executable=(sys.executable,))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.endswith("(0, 2)\n") and first.stdout.startswith(render_help("grpo"))
+    assert "unknown flag --learning_rat (did you mean --learning_rate?)" in first.stderr
+
+
+def test_a_shipped_help_from_other_sources_is_not_used(tmp_path, monkeypatch):
+    """A shipped help whose recorded source bytes or versions differ from what runs now is ignored: the help is
+    rendered from the real parser instead."""
+    from trl_visual import cli
+
+    shipped = json.loads((cli.SHIPPED_HELP_DIR / "grpo.json").read_text(encoding="utf-8"))
+    monkeypatch.setattr(cli, "SHIPPED_HELP_DIR", tmp_path)
+    monkeypatch.setenv("TRL_VISUAL_CACHE", str(tmp_path / "cache"))
+    current = {**shipped, "versions": cli._rendering_versions(), "help": "shipped text\n"}
+    current["sources"] = {path: cli._source_digest(path) for path in current["sources"]}
+    (tmp_path / "grpo.json").write_text(json.dumps(current))
+    assert cli.shipped_help("grpo")["help"] == "shipped text\n"
+    edited = {**current, "sources": {**current["sources"], "cli.py": "0" * 64}}
+    (tmp_path / "grpo.json").write_text(json.dumps(edited))
+    assert cli.shipped_help("grpo") is None
+    other = {**current, "versions": {**current["versions"], "transformers": "0.0.1"}}
+    (tmp_path / "grpo.json").write_text(json.dumps(other))
+    assert cli.shipped_help("grpo") is None
+    assert cli.command_help("grpo") == render_help("grpo")
 
 
 @pytest.mark.parametrize("command", ["grpo", "bpgo", "vipo"])

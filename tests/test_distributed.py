@@ -236,3 +236,42 @@ def test_uncertainty_weights_are_renormalized_over_the_batch_of_both_processes(t
             assert weight == pytest.approx(expected[prompt], abs=1e-6)
         local_means.append(sum(rank["local_weights"]) / 8)
     assert sorted(local_means) == pytest.approx([0.8, 1.2])  # not 1 on each rank
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation over two processes: the same figures as on one
+# ----------------------------------------------------------------------------------------------------------------
+def test_an_evaluation_set_that_does_not_split_evenly_gives_the_one_process_figures(tmp_path):
+    """5 prompts in batches of 2 over 2 processes (3 batches): each batch is sampled from the seed it gets on one
+    process, the processes run as many forward passes (a repeated batch is not counted), and both return exactly
+    the metrics of a one-process evaluation. A contiguous shard (3 rows and 2) gathered unequal tensors."""
+    from helpers import eval_on_five_prompts
+
+    run_two_processes(os.path.join(SCRIPTS, "two_process_eval.py"), tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r.pop("world") for r in ranks] == [2, 2]
+    one = eval_on_five_prompts(tmp_path / "one").evaluate()
+    for rank in ranks:
+        assert rank["eval_reward"] == pytest.approx(one["eval_reward"], abs=1e-7)
+        assert rank["eval_rewards/red_channel/mean"] == pytest.approx(
+            one["eval_rewards/red_channel/mean"], abs=1e-7
+        )
+
+
+@pytest.mark.parametrize(
+    "num_rows, batch_size, world, expected",
+    [
+        (5, 2, 2, [[(0, 2, True), (4, 5, True)], [(2, 4, True), (2, 4, False)]]),
+        (4, 2, 2, [[(0, 2, True)], [(2, 4, True)]]),
+        (1, 2, 2, [[(0, 1, True)], [(0, 1, False)]]),
+        (5, 8, 1, [[(0, 5, True)]]),
+    ],
+)
+def test_evaluation_batches_are_one_process_batches_dealt_out(num_rows, batch_size, world, expected):
+    from trl_visual.trainer.evaluation import evaluation_batches
+
+    dealt = [
+        [(b.start, b.stop, counts) for b, counts in evaluation_batches(num_rows, batch_size, rank, world)]
+        for rank in range(world)
+    ]
+    assert dealt == expected

@@ -337,6 +337,27 @@ def test_full_fine_tuning_saves_the_gathered_weights(tmp_path):
         torch.testing.assert_close(value, gathered[key], rtol=0, atol=0)
 
 
+def test_a_full_checkpoint_loads_shard_by_shard_into_the_denoiser(tmp_path):
+    """Resuming full fine-tuning reads the denoiser's safetensors shards straight into the model (no second
+    whole copy built with ``from_pretrained``): every weight lands, from one file or from several."""
+    from huggingface_hub import save_torch_state_dict
+
+    from trl_visual.lora_io import DENOISER_FILES
+
+    trainer = make_trainer(tmp_path, max_steps=1, peft=False)
+    saved = {key: value + 1 for key, value in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "one"), state_dict=saved)
+    sharded = tmp_path / "many" / "transformer"
+    sharded.mkdir(parents=True)
+    save_torch_state_dict(saved, sharded, filename_pattern=DENOISER_FILES, max_shard_size="20KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    for folder in ("one", "many"):
+        fresh = make_trainer(tmp_path / folder / "run", max_steps=1, peft=False)
+        fresh.checkpoints.load_weights(str(tmp_path / folder), fresh.model)
+        for key, value in fresh.model.state_dict().items():
+            torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shards", [True, False])
 def test_model_card_samples_on_every_rank_only_when_the_weights_are_sharded(tmp_path, monkeypatch, shards):
     """Under FSDP / ZeRO-3 each of the card's forwards is a collective: every rank samples, rank 0 alone writes."""

@@ -158,6 +158,20 @@ def test_colliding_eval_reward_names_are_refused(tmp_path, eval_rewards):
         make_trainer(tmp_path, eval_reward_funcs=eval_rewards)
 
 
+def test_training_and_eval_rewards_take_the_same_specs():
+    """``reward_funcs=`` in Python takes what ``--reward_funcs`` and ``eval_reward_funcs=`` take: a registered
+    name, ``module.path:function``, or a callable; an unknown name is the same error for both."""
+    from trl_visual.rewards.builtin import red_channel
+    from trl_visual.trainer.reward_calls import resolve_eval_rewards, resolve_rewards
+
+    spec = "trl_visual.rewards.builtin:red_channel"
+    assert resolve_rewards(spec) == resolve_eval_rewards([spec], []) == [red_channel]
+    assert resolve_rewards(["red_channel", red_channel]) == [red_channel, red_channel]
+    for resolve in (resolve_rewards, lambda name: resolve_eval_rewards(name, [])):
+        with pytest.raises(ValueError, match="Unknown reward 'nope'.*module.path:function"):
+            resolve(["nope"])
+
+
 def test_unknown_eval_reward_names_the_registered_ones(tmp_path):
     with pytest.raises(ValueError, match="Unknown reward 'imagerewrd'.*imagereward"):
         make_trainer(tmp_path, eval_reward_funcs=["imagerewrd"])

@@ -340,6 +340,34 @@ def ema_trainer(tmp_path, decay=0.5, **overrides):
     return trainer, recorder
 
 
+def test_the_average_follows_the_parameters_to_their_device_when_training_starts():
+    """DeepSpeed places the model when training starts, after the average was made where the weights were: the
+    callback moves the average to the parameters' device then (``meta`` stands in for an accelerator here)."""
+    from trl_visual.trainer.ema import EMA
+
+    ema = EMA([torch.nn.Parameter(torch.ones(3))], decay=0.9)
+    callback = ema.callback()
+    assert ema.shadow_params[0].device.type == "cpu"
+    ema.parameters[0] = torch.nn.Parameter(torch.ones(3, device="meta"))  # placed by the engine
+    callback.on_train_begin(None, None, None)
+    assert ema.shadow_params[0].device.type == "meta"
+
+
+def test_deepspeed_resume_restores_the_average_and_the_method_state(tmp_path):
+    """DeepSpeed's own resume skips ``Trainer._load_from_checkpoint``: :meth:`CheckpointIO.load_beside_deepspeed`
+    restores the EMA (and the method's state) from the checkpoint."""
+    trainer, _ = ema_trainer(tmp_path, save_strategy="steps", save_steps=4)
+    trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    saved = [tensor.clone() for tensor in trainer.ema.shadow_params]
+    fresh, _ = ema_trainer(tmp_path / "fresh")
+    assert not torch.equal(fresh.ema.shadow_params[0], saved[0])
+    states = []
+    fresh.checkpoints.load_beside_deepspeed(str(checkpoint), states.append)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.shadow_params, saved))
+    assert fresh.ema.optimization_step == 4 and states == []  # GRPO keeps no method state
+
+
 def test_ema_after_n_steps_is_the_closed_form(tmp_path):
     trainer, recorder = ema_trainer(tmp_path, decay=0.2)  # d_t = 0, 0.18, 0.2, 0.2
     trainer.train()

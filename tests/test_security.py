@@ -234,5 +234,5 @@ def test_the_prior_cache_fingerprint_holds_no_token(tmp_path):
     """``bpgo_priors.json`` (written to ``output_dir``) records ``model_init_kwargs``: a token there is redacted."""
     trainer = make_bpgo(tmp_path, prior_source="base_model")
     trainer.args.model_init_kwargs = {"token": TOKEN, "revision": "main"}
-    fingerprint = json.dumps(trainer._prior_fingerprint())
+    fingerprint = json.dumps(trainer.prior_estimator.fingerprint())
     assert TOKEN not in fingerprint and '"revision": "main"' in fingerprint

@@ -86,6 +86,7 @@ def test_the_record_round_trips_through_a_state_file_exactly(tmp_path):
             r"`per_prompt_stat_tracking_buffer_size` must be at least",
         ),
         (dict(multi_objective_aggregation="normalize_then_sum"), "needs multi_objective_aggregation="),
+        (dict(trajectory_branching="all"), "`trajectory_branching` both set the advantages' baseline"),
     ],
 )
 def test_stat_tracking_config_errors_are_one_line(tmp_path, overrides, message):

@@ -143,6 +143,40 @@ def test_maps_spread_every_set_of_advantages(trainer):
     assert torch.equal(expanded.weight, weight)
 
 
+def test_zero_advantage_samples_get_no_map_and_the_same_loss(trainer, monkeypatch):
+    """Two whole groups with advantage 0 (main and auxiliary): only the other 4 samples go through the backbone,
+    and the loss, clipped fraction and advantage maps equal those computed with every map."""
+    samples = torch.rand(8, 3, 32, 32)
+    advantages = torch.tensor([0.0, 0.0, 1.2, -0.7, 0.0, 0.0, 0.4, -1.5])
+    crt = advantages * 0.5
+    given = scored(advantages, weight=torch.rand(8), auxiliary=[AuxiliaryObjective(0.3, crt, "aux")])
+    seen = []
+    original = trainer.backbone.forward
+    monkeypatch.setattr(trainer.backbone, "forward", lambda x: seen.append(len(x)) or original(x))
+    skipped = trainer.expand_advantages(given, rollouts_with(samples))
+    assert seen == [4]
+    monkeypatch.setattr(trainer.args, "log_images", True)  # logged maps: every one is computed
+    full = trainer.expand_advantages(given, rollouts_with(samples))
+    assert seen == [4, 8]
+    torch.testing.assert_close(skipped.maps[[2, 3, 6, 7]], full.maps[[2, 3, 6, 7]], rtol=1e-6, atol=1e-6)
+    assert torch.equal(skipped.maps[[0, 1, 4, 5]], torch.ones(4, 8, 8))
+    log_prob, old = log_probs_around((8, *trainer.latent_shape))
+    fast, slow = trainer.policy_loss(log_prob, old, skipped), trainer.policy_loss(log_prob, old, full)
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-6, atol=1e-9)
+    assert torch.equal(fast.clipped, slow.clipped)
+    assert torch.equal(fast.loss[[0, 1, 4, 5]], slow.loss[[0, 1, 4, 5]])
+    torch.testing.assert_close(
+        skipped.metrics["vipo/map_mean"], full.maps[[2, 3, 6, 7]].mean(), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_all_zero_advantages_need_no_backbone(trainer, monkeypatch):
+    monkeypatch.setattr(trainer.backbone, "forward", lambda x: pytest.fail("the backbone was called"))
+    expanded = trainer.expand_advantages(scored(torch.zeros(8)), rollouts_with(torch.rand(8, 3, 32, 32)))
+    assert torch.equal(expanded.advantages, torch.zeros(8, 8, 8))
+    assert torch.isnan(expanded.metrics["vipo/map_mean"]) and expanded.metrics["vipo/map_fallbacks"] == 0
+
+
 def test_sample_level_equals_grpo_with_advantages_scaled_by_mean_map(trainer, monkeypatch):
     monkeypatch.setattr(trainer.args, "dense_level", "sample")
     samples = torch.rand(8, 3, 32, 32)

@@ -136,6 +136,38 @@ def test_registered_and_configured_from_a_spec_string(judge_path):
         resolve_reward("vlm_judge(2)")
 
 
+def test_spec_arguments_read_back_exactly_what_a_yaml_mapping_gave():
+    """A YAML mapping's arguments become a spec string and are read back unchanged: quotes and commas inside
+    strings, apostrophes, small floats and infinities (which JSON writes as YAML strings), nested lists and maps."""
+    from trl_visual.rewards.arguments import format_reward_call
+
+    kwargs = {
+        "system_prompt": "You're a strict judge, aren't you?",
+        "templates": ['Is it 5" tall, {prompt}?', "it's {prompt}"],
+        "backoff": 1e-07,
+        "timeout": float("inf"),
+        "answers": ["yes", "no"],
+        "name": None,
+        "flag": True,
+        "batch_size": 8,
+        "nested": {"a": 0.5, "b": [1.5e-09, "x, y"]},
+        "empty": "",
+    }
+    assert split_reward_call(format_reward_call("vlm_judge", kwargs)) == ("vlm_judge", kwargs)
+
+
+def test_a_plain_spec_value_may_hold_an_apostrophe():
+    """As in YAML, a quote opens a quoted value only where a value starts; ``''`` and ``\\"`` are escaped quotes."""
+    spec = "vlm_judge(system_prompt=You're strict, batch_size=2, templates=[\"it's {prompt}\", 'a ''b'', c'])"
+    assert split_reward_call(spec) == (
+        "vlm_judge",
+        {"system_prompt": "You're strict", "batch_size": 2, "templates": ["it's {prompt}", "a 'b', c"]},
+    )
+    assert split_reward_call('x(a="say \\"hi\\", ok")') == ("x", {"a": 'say "hi", ok'})
+    with pytest.raises(ValueError, match="unclosed quote"):
+        split_reward_call("x(a='open, b=2)")
+
+
 def test_cli_trains_bpgo_on_the_judges_interpretations_from_a_yaml(tmp_path, judge_path):
     """YAML and flags: the judge with two templates (a YAML mapping of its arguments) is the reward of a BPGO step
     whose RAS reads its spread; the same judge as a flag is one spec string."""
@@ -258,3 +290,12 @@ def test_default_question_and_answer_forms():
     assert answer_forms("yes") == ["yes", "Yes", " yes", " Yes"]
     p = yes_probability(torch.tensor([math.log(0.3)]), torch.tensor([math.log(0.1)]))
     assert p.item() == pytest.approx(0.75)
+
+
+def test_scores_become_one_float_or_one_list_of_interpretations_per_sample():
+    from trl_visual.rewards.judging import as_interpretations
+
+    assert as_interpretations([0.1, 0.2], 2) == [0.1, 0.2]
+    # a missing interpretation drops the sample
+    assert as_interpretations([0.1, 0.2, 0.3, None], 2) == [[0.1, 0.2], None]
+    assert as_interpretations([], 0) == []  # an empty batch, not a division by zero

@@ -61,6 +61,9 @@ PRIVATE_NAMES: tuple[PrivateName, ...] = (
     ),
     PrivateName("transformers.trainer_utils", "PREFIX_CHECKPOINT_DIR", None, "checkpoint folder names"),
     PrivateName(
+        "transformers.trainer", "TRAINER_STATE_NAME", None, "the best checkpoint renamed in the state"
+    ),
+    PrivateName(
         "transformers.trainer_utils", "get_last_checkpoint", ("folder",), "resume_from_checkpoint=True"
     ),
     PrivateName("transformers.integrations", "is_deepspeed_zero3_enabled", (), "EMA under ZeRO-3"),

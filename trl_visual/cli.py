@@ -27,7 +27,8 @@ it to the Hub when ``push_to_hub`` is set. In Python, :func:`main` takes the arg
 ``trl-visual grpo --help`` lists the method's own flags, grouped, and the common ``TrainingArguments``
 ones; ``--help-all`` lists every flag. Both texts are rendered from the real parser once per installed
 version and source of the configs, then read from a cache file, so help needs neither torch nor
-transformers. ``trl-visual env`` prints the versions to paste into a bug report.
+transformers; the ``--help`` text is also shipped for the versions CI tests (:func:`shipped_help`), so even the
+first call after an install needs neither. ``trl-visual env`` prints the versions to paste into a bug report.
 
 A mistake in the arguments, the YAML file, the prompt set or a reward spec (a ``ValueError``,
 ``TypeError`` or missing file raised before training starts) is printed as one line,
@@ -48,6 +49,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -372,10 +374,14 @@ def parse_args(argv: Sequence[str]) -> tuple[str, ScriptArguments, Any, ModelArg
 
 
 def check_before_importing(argv: Sequence[str]) -> None:
-    """:func:`trl_visual.preflight.preflight` on ``[command, *flags]``: names (when a previous run cached them),
-    the prompt set, the output folder and the trackers, before torch or the trainer is imported."""
+    """:func:`trl_visual.preflight.preflight` on ``[command, *flags]``: names (when a previous run cached them, or
+    the shipped help is current), the prompt set, the output folder and the trackers, before torch or the trainer
+    is imported."""
     _check_command(argv[0])
     names = cached_names(names_cache_path(help_cache_path(argv[0])))
+    if names is None:
+        shipped = shipped_help(argv[0])
+        names = None if shipped is None else set(shipped["names"])
     preflight(argv, names, {})
 
 
@@ -613,9 +619,8 @@ def _help_cache_key() -> str:
     digest = hashlib.sha256(f"python {sys.version_info[:2]};".encode())
     for package in ("transformers", "trl"):
         digest.update(f"{package}=={importlib.metadata.version(package)};".encode())
-    package_dir = Path(__file__).resolve().parent
-    for path in sorted(package_dir.rglob("*.py")):
-        digest.update(str(path.relative_to(package_dir)).encode() + path.read_bytes())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -633,19 +638,79 @@ def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8") as file:
         file.write(text)
+    os.chmod(file.name, 0o644)  # a temporary file is private (0600); the text is not
     os.replace(file.name, path)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_HELP_DIR = PACKAGE_DIR / "cli_help"
+"""Each command's ``--help`` text and accepted names, rendered for the Python, transformers and trl versions CI
+tests and shipped with the package (:func:`write_shipped_help`), so that the first ``trl-visual grpo --help``
+after an install, and the first run's name checks, need neither torch nor transformers."""
+
+
+def _rendering_versions() -> dict[str, str]:
+    """What shapes a rendered help besides our sources: Python's minor version (argparse's layout), transformers
+    (``TrainingArguments``) and trl (``TrlParser``)."""
+    versions = {package: importlib.metadata.version(package) for package in ("transformers", "trl")}
+    return {"python": "{}.{}".format(*sys.version_info[:2]), **versions}
+
+
+def _source_digest(relative: str) -> str:
+    return hashlib.sha256((PACKAGE_DIR / relative).read_bytes()).hexdigest()
+
+
+def shipped_help(command: str) -> dict[str, Any] | None:
+    """The shipped help of ``command`` (``{"help", "names", "versions", "sources"}``) when it was rendered from
+    what runs now: the same :func:`_rendering_versions`, and the same bytes of every module of ours the rendering
+    imported. ``None`` otherwise (then the help is rendered from the real parser)."""
+    try:
+        shipped = json.loads((SHIPPED_HELP_DIR / f"{command}.json").read_text(encoding="utf-8"))
+        sources_match = all(_source_digest(path) == digest for path, digest in shipped["sources"].items())
+        current = shipped["versions"] == _rendering_versions() and sources_match
+    except (OSError, ValueError, KeyError):
+        return None
+    return shipped if current else None
+
+
+def write_shipped_help() -> None:
+    """Render every command's ``--help`` from the real parser and write it, with the accepted names, the versions
+    and the digests of the modules of ours the rendering imported, to ``trl_visual/cli_help/<command>.json``.
+    Run after changing a config field or upgrading transformers or trl (``tests/test_cli_help.py`` says when)::
+
+        python -c "from trl_visual.cli import write_shipped_help; write_shipped_help()"
+    """
+    rendered = {command: render_help(command) for command in COMMANDS}
+    ours = [Path(module.__file__).resolve() for module in list(sys.modules.values()) if _is_ours(module)]
+    sources = {path.relative_to(PACKAGE_DIR).as_posix(): None for path in sorted(ours)}
+    sources = {path: _source_digest(path) for path in sources}
+    SHIPPED_HELP_DIR.mkdir(exist_ok=True)
+    for command, text in rendered.items():
+        names = sorted(parser_names(make_parser(command, _import(COMMANDS[command][0]))))
+        shipped = {"versions": _rendering_versions(), "sources": sources, "help": text, "names": names}
+        _write_atomically(SHIPPED_HELP_DIR / f"{command}.json", json.dumps(shipped, indent=1) + "\n")
+
+
+def _is_ours(module: Any) -> bool:
+    """A module of this package loaded from a file under it."""
+    path = getattr(module, "__file__", None)
+    return bool(path) and Path(path).resolve().is_relative_to(PACKAGE_DIR)
+
+
 def command_help(command: str, full: bool = False) -> str:
-    """The help text of ``command``: from the cache, else rendered with :func:`render_help` and cached
-    (a cache that cannot be written is skipped)."""
+    """The help text of ``command``: from the cache, else the shipped text when it is current
+    (:func:`shipped_help`, not for ``--help-all``), else rendered with :func:`render_help`; then cached (a cache
+    that cannot be written is skipped)."""
     _check_command(command)
     path = help_cache_path(command, full)
     try:
         return path.read_text(encoding="utf-8")
     except OSError:
         pass
-    text = render_help(command, full)
+    shipped = None if full else shipped_help(command)
+    if shipped is not None:
+        write_names(names_cache_path(path), shipped["names"])
+    text = render_help(command, full) if shipped is None else shipped["help"]
     try:
         _write_atomically(path, text)
     except OSError:

@@ -60,12 +60,16 @@ def save_lora(
     )
 
 
+DENOISER_FILES = "diffusion_pytorch_model{suffix}.safetensors"
+"""diffusers' names of a model's safetensors shards (``{suffix}``: ``-00001-of-00002``, or nothing)."""
+
+
 def save_full_denoiser(denoiser: torch.nn.Module, state_dict: dict[str, torch.Tensor], folder: str) -> None:
     """Write a fully trained denoiser from ``state_dict`` (gathered by an engine from its shards) as
     ``save_pretrained`` would: the config, and the weights in safetensors shards with their index, loadable with
     ``from_pretrained(folder)``."""
     denoiser.save_config(folder)
-    save_torch_state_dict(state_dict, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+    save_torch_state_dict(state_dict, folder, filename_pattern=DENOISER_FILES)
 
 
 def save_pipeline_around(pipeline: Any, output_dir: str, denoiser_name: str) -> None:

@@ -57,12 +57,26 @@ def split_reward_call(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _top_level_parts(body: str, spec: str) -> list[str]:
-    """``body`` split at the commas outside quotes and brackets (empty parts dropped)."""
+    """``body`` split at the commas outside quotes and brackets (empty parts dropped). As in YAML, a quote opens a
+    quoted value only where a value starts (after ``=``, ``[``, ``{``, ``,`` or ``:``), so an apostrophe inside a
+    plain value (``system_prompt=You're a judge``) is a character; ``\\"`` inside double quotes and ``''``
+    inside single quotes are escaped quotes."""
     parts, current, stack, quote = [], [], [], ""
-    for char in body:
+    value_starts = True  # where a quoted value may open
+    index = 0
+    while index < len(body):
+        char = body[index]
         if quote:
+            if quote == '"' and char == "\\" and index + 1 < len(body):
+                current.append(char + body[index + 1])
+                index += 2
+                continue
+            if char == quote and quote == "'" and body[index + 1 : index + 2] == "'":
+                current.append("''")
+                index += 2
+                continue
             quote = "" if char == quote else quote
-        elif char in "'\"":
+        elif char in "'\"" and value_starts:
             quote = char
         elif char in _OPENING:
             stack.append(_OPENING[char])
@@ -71,9 +85,12 @@ def _top_level_parts(body: str, spec: str) -> list[str]:
                 raise ValueError(f"Reward spec {spec!r}: unbalanced {char!r}; quote values with brackets.")
         elif char == "," and not stack:
             parts.append("".join(current))
-            current = []
+            current, value_starts, index = [], True, index + 1
             continue
+        if not char.isspace():
+            value_starts = char in "=[{,:" and not quote
         current.append(char)
+        index += 1
     if quote or stack:
         raise ValueError(f"Reward spec {spec!r}: an unclosed quote or bracket in its arguments.")
     parts.append("".join(current))
@@ -130,10 +147,25 @@ def format_reward_call(name: str, kwargs: dict[str, Any]) -> str:
     """The spec string of ``name`` called with ``kwargs``, each value written as JSON (which is YAML), so that
     :func:`split_reward_call` reads back exactly ``kwargs``: how a YAML mapping entry
     ``{vlm_judge: {batch_size: 8}}`` becomes ``"vlm_judge(batch_size=8)"``."""
+    arguments = ", ".join(f"{key}={_flow_yaml(value)}" for key, value in kwargs.items())
+    return f"{name}({arguments})"
+
+
+def _flow_yaml(value: Any) -> str:
+    """``value`` as YAML in flow style that :func:`_yaml_value` reads back as ``value``: strings double-quoted (as
+    JSON writes them), floats as YAML writes them (``1.0e-07``, ``.inf``: JSON's ``1e-07`` and ``Infinity`` read
+    back as strings), lists and mappings element by element."""
     import json
 
-    arguments = ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in kwargs.items())
-    return f"{name}({arguments})"
+    import yaml
+
+    if isinstance(value, float):
+        return yaml.safe_dump(value).splitlines()[0]
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_flow_yaml(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_flow_yaml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def reward_entry_spec(entry: Any) -> Any:

@@ -14,6 +14,7 @@ sample: its *interpretations* (:mod:`trl_visual.core.interpretations`), whose sp
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,21 @@ def yes_probability(log_yes: Tensor, log_no: Tensor) -> Tensor:
     return torch.sigmoid(log_yes.float() - log_no.float())
 
 
+CHAT_MARKERS = re.compile(
+    r"<\|[^<>|\s]{1,64}\|>"  # <|im_end|>, <|eot_id|>, <|vision_start|>: Qwen, Llama 3, Phi, …
+    r"|<(?:image|video|end_of_utterance|fake_token_around_image|start_of_turn|end_of_turn)>"  # Idefics3, Gemma
+)
+"""The chat-template markers and media placeholders of common VLMs, for a judge whose tokenizer is not known here
+(a remote server's)."""
+
+
+def break_chat_markers(text: str) -> str:
+    """``text`` with every :data:`CHAT_MARKERS` match broken by a zero-width space after its first character, so
+    that a prompt's text can never end the user's turn or add an image slot on a server whose tokenizer reads
+    special tokens in text (a local judge breaks its own tokenizer's exact special tokens instead)."""
+    return CHAT_MARKERS.sub(lambda match: match.group(0)[0] + "\u200b" + match.group(0)[1:], text)
+
+
 def questions_per_sample(
     prompts: list[str], columns: dict[str, Any], templates: list[str], media: str
 ) -> list[list[str]]:
@@ -152,6 +168,8 @@ def as_interpretations(
 ) -> list[float | None] | list[list[float] | None]:
     """``B · M`` scores in sample-major order as the reward's output: ``B`` floats when ``M = 1``, else ``B`` lists
     of ``M`` floats (the sample's interpretations; ``None`` for the whole sample if any of them is missing)."""
+    if batch == 0:
+        return []
     count = len(scores) // batch
     if count == 1:
         return list(scores)

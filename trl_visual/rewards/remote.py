@@ -27,6 +27,7 @@ import math
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from trl_visual.rewards.judging import (
     DEFAULT_ANSWERS,
     DEFAULT_TEMPLATE,
     as_interpretations,
+    break_chat_markers,
     check_answers,
     check_num_frames,
     check_templates,
@@ -49,6 +51,20 @@ from trl_visual.rewards.judging import (
 from trl_visual.rewards.registry import register_reward
 
 logger = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""Hosts a key may be sent to over plain ``http://``: the traffic never leaves the machine."""
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the ``HTTPError`` it is, never followed: urllib would send the request's headers,
+    the ``Authorization`` key included, to whatever host the ``Location`` names."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 """HTTP statuses that a request is retried on: the server is busy or restarting, not refusing the request."""
@@ -117,6 +133,16 @@ class RemoteReward:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"The reward server's URL must start with http:// or https://, got {url!r}.")
+        if api_key_env is not None and url.startswith("http://"):
+            host = urllib.parse.urlsplit(url).hostname
+            if host not in LOOPBACK_HOSTS:
+                logger.warning(
+                    "%s sends the key of %s over plain http:// to %s: anyone on the network path can read it. "
+                    "Use https://, or keep the server on a private network you trust.",
+                    type(self).__name__,
+                    api_key_env,
+                    host,
+                )
         if api_key_env is not None and not os.environ.get(api_key_env):
             raise ValueError(
                 f"api_key_env={api_key_env!r}, but that environment variable is not set: `export {api_key_env}=...` "
@@ -214,7 +240,7 @@ class RemoteReward:
             last = attempt == self.max_retries
             request = urllib.request.Request(self.url, data=data, headers=self.headers(), method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with _OPENER.open(request, timeout=self.timeout) as response:
                     raw = response.read()
                 break
             except urllib.error.HTTPError as error:
@@ -222,6 +248,11 @@ class RemoteReward:
                     time.sleep(backoff_delay(attempt, self.backoff))
                     continue
                 detail = " ".join(error.read()[:300].decode("utf-8", "replace").split())
+                if 300 <= error.code < 400:
+                    detail = (
+                        f"it redirects to {error.headers.get('Location')!r}, which is not followed (the request "
+                        "and its key stay with the URL given): give that URL instead"
+                    )
                 raise RemoteRewardError(
                     self.redact(
                         f"The reward server {self.url} answered HTTP {error.code} {error.reason} after "
@@ -318,7 +349,8 @@ class OpenAIJudgeReward(RemoteReward):
         for files, questions in zip(encoded, questions_per_sample(prompts, columns, self.templates, media)):
             pictures = [{"type": "image_url", "image_url": {"url": f"data:{mime};base64,{f}"}} for f in files]
             for question in questions:
-                messages = [{"role": "user", "content": [*pictures, {"type": "text", "text": question}]}]
+                text = {"type": "text", "text": break_chat_markers(question)}
+                messages = [{"role": "user", "content": [*pictures, text]}]
                 if self.system_prompt is not None:
                     messages.insert(0, {"role": "system", "content": self.system_prompt})
                 bodies.append(

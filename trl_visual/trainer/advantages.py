@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..core.advantages import combine_rewards, group_advantages, invalid_to_nan, weighted_reward_sum
+from ..core.branching import branch_advantages, num_branch_points
 from ..core.interpretations import ensemble_interpretations
 from ..core.stat_tracking import PerPromptStatTracker
 from .diffusion_grpo_config import DiffusionGRPOConfig
@@ -43,7 +44,9 @@ def grpo_advantages(
     variance. With a ``stat_tracker`` (``per_prompt_stat_tracking``) the weighted reward is normalized against its
     prompt's running statistics instead of the group's (:class:`~trl_visual.core.stat_tracking.PerPromptStatTracker`;
     ``inputs`` are the global batch's rows, whose ``args.prompt_column`` keys the record).
-    ``interpretation_var`` (:func:`weighted_interpretation_var`) goes to the result, its figures to ``metrics``."""
+    ``interpretation_var`` (:func:`weighted_interpretation_var`) goes to the result, its figures to ``metrics``.
+    Under ``trajectory_branching`` the advantages are normalized per prompt and branch point instead
+    (:func:`branching_advantages`)."""
     if stat_tracker is not None:
         reward = weighted_reward_sum(invalid_to_nan(rewards_per_func), reward_weights)
         prompts = [row[args.prompt_column] for row in inputs or []]
@@ -62,7 +65,19 @@ def grpo_advantages(
             args.scale_rewards,
             args.adv_clip_max,
         )
+    if args.trajectory_branching != "none":
+        advantages = branching_advantages(reward, args)
     metrics = interpretation_metrics(reward, interpretation_var, args.num_generations)
     return Advantages(
         reward=reward, advantages=advantages, interpretation_var=interpretation_var, metrics=metrics
     )
+
+
+def branching_advantages(reward: torch.Tensor, args: DiffusionGRPOConfig) -> torch.Tensor:
+    """TempFlow-GRPO's advantages under ``trajectory_branching``: ``(R − R̄) / (std + 1e-4)`` within each sub-group of
+    the samples of one prompt branched at the same step (``num_generations / P`` consecutive samples), ``std`` the
+    population std (1 with ``scale_rewards="none"``), 0 for a sub-group whose rewards do not spread
+    (:func:`~trl_visual.core.branching.branch_advantages`)."""
+    points = num_branch_points(args.trajectory_branching, args.num_inference_steps, args.num_branch_points)
+    scale = args.scale_rewards != "none"
+    return branch_advantages(reward, args.num_generations // points, scale, clip=args.adv_clip_max)

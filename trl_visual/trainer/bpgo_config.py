@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..core.bpgo import DEFAULT_RAS_K
 from ..core.validation import check_choice
@@ -39,6 +40,9 @@ class BPGOConfig(DiffusionGRPOConfig):
 
     See ``docs/bpgo.md`` for the equations and how each default was chosen.
     """
+
+    #: BPGO and ViPO normalize advantages per prompt group: no trajectory branching
+    _branching_advantages: ClassVar[bool] = False
 
     # -- the prior ------------------------------------------------------------------------------------
     prior_source: str = field(

@@ -166,7 +166,11 @@ class EMAPriors(PriorStore):
         for i, prompt in enumerate(prompts):
             positions.setdefault(prompt, []).append(i)
         unique = list(positions)
-        means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
+        # each prompt once (the usual batch): its group mean as it is, no reduction per prompt
+        if len(unique) == len(prompts):
+            means = group_means.double().cpu()
+        else:
+            means = torch.stack([group_means[idx].nanmean() for idx in positions.values()]).double().cpu()
         old = torch.tensor([self.values.get(p, math.nan) for p in unique], dtype=torch.float64)
         new = update_ema_prior(old, means, self.decay)
         for prompt, value in zip(unique, new.tolist()):

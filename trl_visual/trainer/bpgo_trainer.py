@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from ..core.bpgo import (
 )
 from ..core.interpretations import ambiguity_share
 from .bpgo_config import BPGOConfig
-from .bpgo_estimation import BaseModelPriorEstimation
+from .bpgo_estimation import PriorEstimator
 from .bpgo_priors import (
     check_prior_source,
     make_prior_store,
@@ -36,7 +37,7 @@ LOSS_WEIGHT_MODES = ("sigmoid", "uncertainty")
 """RAS modes whose weight multiplies the group's GRPO loss (the posterior one multiplies its advantages)."""
 
 
-class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
+class BPGOTrainer(DiffusionGRPOTrainer):
     r"""BPGO: GRPO that weighs each group by how it compares with a per-prompt prior reward.
 
     Liu et al., "Learning What to Trust: Bayesian Prior-Guided Optimization for Visual Generation"
@@ -101,6 +102,25 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             args.prior_source, args.prior_column, args.prior_ema_decay, args.prior_var_column
         )
 
+    @cached_property
+    def prior_estimator(self) -> PriorEstimator:
+        """Estimates the priors from the base model (or a prior model, or the conditioning images)."""
+        return PriorEstimator(self)
+
+    def _before_train(self, checkpoint: str | None) -> None:
+        """Make the priors when ``prior_source="base_model"`` or ``"first_frame"``, once the checkpoint (if any) is
+        checked (:meth:`PriorEstimator.prepare`)."""
+        self.prior_estimator.prepare(self.prior_store, checkpoint, self.train_dataset)
+
+    def estimate_priors(
+        self, dataset: Dataset, num_rollouts: int | None = None, with_variance: bool = False
+    ) -> Dataset:
+        """``dataset`` with a ``prior_column`` ("prior") holding each prompt's expected reward under the base
+        model, the mean reward of ``num_rollouts`` (default ``prior_num_rollouts``) rollouts per distinct prompt;
+        ``with_variance`` adds their variance as ``prior_var_column`` (:meth:`PriorEstimator.estimate_priors`).
+        The result feeds ``prior_source="column"``."""
+        return self.prior_estimator.estimate_priors(dataset, num_rollouts, with_variance)
+
     # ------------------------------------------------------------------------------------------------
     # Hooks: rewards → advantages, and the loss
     # ------------------------------------------------------------------------------------------------
@@ -117,7 +137,8 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
         grouped = base.reward.reshape(-1, G)
         rows = inputs[::G]
         prompts = [row[args.prompt_column] for row in rows]
-        priors = self.prior_store.priors(prompts, rows, grouped.nanmean(dim=1))
+        group_means = grouped.nanmean(dim=1)  # once: the prior store reads them twice
+        priors = self.prior_store.priors(prompts, rows, group_means)
         signal = grouped  # what RAS reads: the rewards, or the transformed ones under crt_mode="replace"
         if args.crt_mode == "replace":
             self._warn_negative_rewards(grouped)
@@ -132,7 +153,7 @@ class BPGOTrainer(BaseModelPriorEstimation, DiffusionGRPOTrainer):
             transformed = crt_transform_paper(grouped, priors, args.crt_lambda, scale)
             crt = group_advantages(transformed.reshape(-1), G, args.scale_rewards, clip=args.adv_clip_max)
             auxiliary.append(AuxiliaryObjective(args.crt_weight, crt, name="bpgo/crt_loss"))
-        self.prior_store.update(prompts, grouped.nanmean(dim=1))
+        self.prior_store.update(prompts, group_means)
         return replace(
             base,
             advantages=advantages.clamp(-args.adv_clip_max, args.adv_clip_max),

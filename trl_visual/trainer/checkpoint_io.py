@@ -29,15 +29,24 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import load_torch_model
 from peft import get_peft_model_state_dict
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..checkpointing import LORA_WEIGHTS_NAME, METHOD_STATE_NAME, check_checkpoint
-from ..lora_io import load_lora_checkpoint, save_full_denoiser, save_lora, save_pipeline_around
+from ..lora_io import (
+    DENOISER_FILES,
+    load_lora_checkpoint,
+    save_full_denoiser,
+    save_lora,
+    save_pipeline_around,
+)
 from ..state_files import load_state_file, save_state_file
 from .diffusion_grpo_config import DiffusionGRPOConfig
 from .ema import EMA
-from .output_dir import naming_a_full_disk
+from .output_dir import STAGING_DIR, naming_a_full_disk
 
 
 def fsync_dir(path: str) -> None:
@@ -129,8 +138,13 @@ class CheckpointIO:
         if self.is_peft:
             load_lora_checkpoint(type(self.pipeline), folder, denoiser, self.denoiser_name)
         else:
-            loaded = type(denoiser).from_pretrained(os.path.join(folder, self.denoiser_name))
-            denoiser.load_state_dict(loaded.state_dict())
+            # shard by shard into the model (huggingface_hub), never a second whole copy of the denoiser
+            load_torch_model(
+                denoiser,
+                os.path.join(folder, self.denoiser_name),
+                strict=True,
+                filename_pattern=DENOISER_FILES,
+            )
         if self.ema is not None:
             self.ema.load(folder)
 
@@ -140,6 +154,13 @@ class CheckpointIO:
         state_file = os.path.join(folder, METHOD_STATE_NAME)
         if os.path.exists(state_file):
             load(load_state_file(state_file))
+
+    def load_beside_deepspeed(self, folder: str, load: Callable[[dict[str, Any]], None]) -> None:
+        """What DeepSpeed's own resume (which loads the weights and skips ``Trainer._load_from_checkpoint``) does
+        not restore: the method's state (:meth:`load_method_state`) and the EMA's."""
+        self.load_method_state(folder, load)
+        if self.ema is not None:
+            self.ema.load(folder)
 
     # -- writing --------------------------------------------------------------------------------------------
     def write_weights(self, output_dir: str, denoiser: torch.nn.Module, state_dict: dict | None) -> None:
@@ -193,22 +214,23 @@ class CheckpointIO:
     def save_atomically(
         self,
         run_dir: str,
-        global_step: int,
+        state: TrainerState,
         write: Callable[[], None],
         write_extra: Callable[[str], None],
         method_state: dict[str, Any],
         wait_for_everyone: Callable[[], None],
-        best_model_checkpoint: str | None,
     ) -> str:
         """Write the checkpoint aside (``run_dir/.staging/checkpoint-N``: ``write()`` is ``Trainer``'s own
         ``_save_checkpoint``, pointed there by :attr:`staging_dir`; then ``method_state``, the EMA's state and
         ``write_extra(folder)``, each process's rollouts), ``fsync`` its files and folders, then rename it into
         place (and ``fsync`` ``run_dir``), so a crash or power cut in the middle of a save never leaves a partial
         ``checkpoint-N`` for ``resume_from_checkpoint=True`` to pick up; older checkpoints are rotated only
-        afterwards. The rename waits for every process to have written its files into the staging folder.
-        Returns the final folder."""
-        name = f"{PREFIX_CHECKPOINT_DIR}-{global_step}"
-        staging_root = os.path.join(run_dir, ".staging")
+        afterwards, keeping the best checkpoint (:func:`best_checkpoint`: ``state.best_model_checkpoint`` names
+        the folder after the rename, in ``state`` and in the checkpoint's ``trainer_state.json``). The rename waits
+        for every process to have written its files into the staging folder. Returns the final folder."""
+        name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        final = os.path.join(run_dir, self.stop_name or name)
+        staging_root = os.path.join(run_dir, STAGING_DIR)
         staged = os.path.join(staging_root, name)
         self.staging_dir = staging_root
         try:
@@ -219,15 +241,19 @@ class CheckpointIO:
                 if self.ema is not None and self.args.should_save:
                     self.ema.save(staged)
                 write_extra(staged)
-        except OSError:
-            shutil.rmtree(staging_root, ignore_errors=True)  # no half-written checkpoint stays behind
+                best = best_checkpoint(run_dir, state, final)
+                if best is not None and best != state.best_model_checkpoint:
+                    state.best_model_checkpoint = best  # Trainer named it inside the staging folder
+                    if self.args.should_save:
+                        state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        except BaseException:  # a full disk, an error, Ctrl-C or SIGTERM: no half-written file stays behind
+            shutil.rmtree(staging_root, ignore_errors=True)
             raise
         finally:
             self.staging_dir = None
         # every rank writes its own files (rng_state_<rank>.pth) into the staging folder: rename it only after all
         # have, or a slower rank's file lands in a folder that is then deleted
         wait_for_everyone()
-        final = os.path.join(run_dir, self.stop_name or name)
         if self.args.should_save:
             fsync_tree(staged)
             if os.path.exists(final):
@@ -238,7 +264,7 @@ class CheckpointIO:
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=best_model_checkpoint,
+                best_model_checkpoint=state.best_model_checkpoint,
                 use_mtime=True,
             )
         wait_for_everyone()
@@ -264,3 +290,17 @@ class CheckpointIO:
                 self.stop_name = None
             self.stopped_checkpoint = os.path.join(self.args.output_dir, name)
         return self.stopped_checkpoint
+
+
+def best_checkpoint(run_dir: str, state: TrainerState, final: str) -> str | None:
+    """Where the best checkpoint (``state.best_global_step``, with ``metric_for_best_model``) is once every folder
+    is in place: ``final`` when it is the one being saved, ``run_dir/checkpoint-B`` when that folder exists, else
+    ``None``. ``Trainer`` looks it up under the folder it writes to, here the staging one, where only the checkpoint
+    being written is, and names that temporary folder."""
+    step = getattr(state, "best_global_step", None)  # transformers ≥ 4.52
+    if not step:
+        return None
+    if step == state.global_step:
+        return final
+    folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+    return folder if os.path.isdir(folder) else None

@@ -6,11 +6,12 @@ import copy
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
 from ..core.advantages import AGGREGATIONS, SCALE_REWARDS
+from ..core.branching import BRANCH_MODES, num_branch_points
 from ..core.sde import SDE_TYPES
 from ..core.timesteps import SDE_WINDOW_SCHEDULES, TIMESTEP_SELECTIONS, window_starts
 from ..core.validation import check_choice
@@ -279,6 +280,48 @@ class DiffusionGRPOConfig(TrainingArguments):
         default=False, metadata={"help": "All samples of a group start from the same noise (DanceGRPO)."}
     )
 
+    # -- per-timestep options of the loss (TempFlow-GRPO, GRPO-Guard; see docs/grpo.md) -------------
+    noise_aware_weight: bool = field(
+        default=False,
+        metadata={
+            "help": "TempFlow-GRPO's noise-aware timestep weight: each trained step's clipped term × Norm(σ_t "
+            "sqrt(Δt)), its transition std normalized to mean 1 over the trained steps (arXiv 2508.04324, Eq. 8). "
+            "With dance_grpo's constant noise it is Norm(sqrt(Δt)) only."
+        },
+    )
+    ratio_norm: bool = field(
+        default=False,
+        metadata={
+            "help": "GRPO-Guard's RatioNorm: clip log r̂ = s (log r + Δμ² / (2s²)) = Δμ·ε instead of log r, which "
+            "removes the ratio's step-dependent bias (arXiv 2510.22319, Eq. 8). Stores each transition's mean."
+        },
+    )
+    dt_invariant_weight: bool = field(
+        default=False,
+        metadata={
+            "help": "GRPO-Guard's gradient reweight: each step's policy loss × β / Δt (β = 1 for flow_grpo, "
+            "1 + η²(1 − t)/(2t) for dance_grpo), so the gradient does not scale with the step size "
+            "(arXiv 2510.22319, Eq. 12). Scales the loss by about num_inference_steps: see docs/grpo.md."
+        },
+    )
+    trajectory_branching: str = field(
+        default="none",
+        metadata={
+            "help": "TempFlow-GRPO's trajectory branching (arXiv 2508.04324, Def. 1): each sample runs the ODE to a "
+            "branch step k, one SDE step at k, the ODE to the end, and trains step k only; each group is split into "
+            "one sub-group per branch point, advantages normalized within it. Branch points: 'all' (every step but "
+            "the last), 'first' (the first `num_branch_points`), 'sampled' (`num_branch_points` drawn per round); "
+            "'none' turns it off. GRPO only."
+        },
+    )
+    num_branch_points: int = field(
+        default=2,
+        metadata={
+            "help": "How many branch points 'first' and 'sampled' use; must divide `num_generations` into "
+            "sub-groups of at least 2 samples."
+        },
+    )
+
     # -- memory (see docs/distributed.md, "Memory") ------------------------------------------------
     generation_batch_size: int | None = field(
         default=None,
@@ -412,6 +455,9 @@ class DiffusionGRPOConfig(TrainingArguments):
         """
         return cls(**{**recipe_fields(model_name, cls), **overrides})
 
+    #: whether this method's advantages support ``trajectory_branching`` (GRPO's; BPGO's and ViPO's group by prompt)
+    _branching_advantages: ClassVar[bool] = True
+
     def __post_init__(self) -> None:
         check_bf16_device(self)
         super().__post_init__()
@@ -420,6 +466,7 @@ class DiffusionGRPOConfig(TrainingArguments):
         check_choice("sde_type", self.sde_type, SDE_TYPES)
         check_choice("timestep_selection", self.timestep_selection, TIMESTEP_SELECTIONS)
         check_choice("sde_window_schedule", self.sde_window_schedule, SDE_WINDOW_SCHEDULES)
+        check_choice("trajectory_branching", self.trajectory_branching, BRANCH_MODES)
         self._check_grpo_ranges()
         if self.num_generations < 2:
             raise ValueError(
@@ -446,6 +493,7 @@ class DiffusionGRPOConfig(TrainingArguments):
             self.sde_window_range = [0, max(1, self.num_inference_steps // 2)]
         self._check_sde_window_range()
         self._check_window_schedule_and_stat_tracking()
+        self._check_step_options()
         self._check_memory_options()
         global_batch = self.per_device_train_batch_size * self.world_size
         if global_batch % self.num_generations:
@@ -454,6 +502,56 @@ class DiffusionGRPOConfig(TrainingArguments):
                 f"{global_batch} samples) must be divisible by `num_generations` ({self.num_generations}). "
                 f"Choose a `per_device_train_batch_size` that is a multiple of {self.num_generations}, "
                 "or a `num_generations` that divides it."
+            )
+
+    def _check_step_options(self) -> None:
+        """The per-timestep loss options fit the sampler: GRPO-Guard's ``β`` is defined for flow_grpo and
+        dance_grpo only; TempFlow's weight is the paper's with flow_grpo's noise only (a warning otherwise)."""
+        if self.dt_invariant_weight and self.sde_type == "cps":
+            raise ValueError(
+                "`dt_invariant_weight` is defined for sde_type 'flow_grpo' and 'dance_grpo' (GRPO-Guard's β), not "
+                "'cps': set `sde_type` to one of them or `dt_invariant_weight=False`."
+            )
+        if self.noise_aware_weight and self.sde_type != "flow_grpo":
+            degenerate = {"dance_grpo": "Norm(sqrt(Δt)) (η is constant)", "cps": "Norm(σ') (CPS's std)"}
+            logger.warning(
+                f"`noise_aware_weight` with sde_type={self.sde_type!r} weighs each step by "
+                f"{degenerate[self.sde_type]}, not TempFlow-GRPO's Norm(σ_t sqrt(Δt)): use sde_type='flow_grpo' "
+                "for the paper's weight."
+            )
+        if self.trajectory_branching != "none":
+            self._check_branching()
+
+    def _check_branching(self) -> None:
+        """Trajectory branching: branch points that exist (never the last step), groups that split into
+        sub-groups of at least 2 samples, and no setting that decides the stochastic steps otherwise."""
+        mode, steps, generations = self.trajectory_branching, self.num_inference_steps, self.num_generations
+        if not self._branching_advantages:
+            raise ValueError(
+                f"`trajectory_branching` is GRPO's (its advantages are per prompt and branch point); {type(self).__name__} "
+                "groups by prompt: set `trajectory_branching='none'` or train with DiffusionGRPOConfig."
+            )
+        if self.sde_window_size > 0:
+            raise ValueError(
+                "`trajectory_branching` places the one SDE step of each sample itself: set `sde_window_size=0`."
+            )
+        if mode != "all" and not 1 <= self.num_branch_points <= steps - 1:
+            raise ValueError(
+                f"`num_branch_points` must be in [1, num_inference_steps − 1 = {steps - 1}] (the last step is never a "
+                f"branch point); got {self.num_branch_points}."
+            )
+        points = num_branch_points(mode, steps, self.num_branch_points)
+        fewer = ", or branch at fewer points (trajectory_branching='sampled')" if mode == "all" else ""
+        if points < 1 or generations % points or generations // points < 2:
+            raise ValueError(
+                f"`trajectory_branching={mode!r}` splits each group of num_generations={generations} into {points} "
+                f"branch sub-groups, which needs num_generations to be a multiple of {points} with at least 2 per "
+                f"sub-group: set num_generations to a multiple of {points} (at least {2 * points}){fewer}."
+            )
+        if self.scale_rewards == "batch" or self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "`trajectory_branching` normalizes advantages per prompt and branch point: set "
+                "`scale_rewards` to 'group' or 'none' and `multi_objective_aggregation='sum_then_normalize'`."
             )
 
     def _check_memory_options(self) -> None:
@@ -648,6 +746,11 @@ class DiffusionGRPOConfig(TrainingArguments):
             raise ValueError(
                 "`per_prompt_stat_tracking` normalizes the one weighted reward per sample: it needs "
                 "multi_objective_aggregation='sum_then_normalize' and reward_ensemble=False."
+            )
+        if self.trajectory_branching != "none":
+            raise ValueError(
+                "`per_prompt_stat_tracking` and `trajectory_branching` both set the advantages' baseline (the prompt's "
+                "record, the branch point's sub-group): choose one."
             )
 
     # -- no secret in a saved file ------------------------------------------------------------------

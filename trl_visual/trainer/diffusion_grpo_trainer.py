@@ -30,7 +30,7 @@ from .ema import EMA, check_ema_engine, ema_weights, trainable_parameters
 from .engines import Engine
 from .evaluation import EvaluationRunner, FinalEvaluationCallback
 from .finite_updates import FiniteUpdateGuard
-from .hooks import Advantages, PolicyLoss, record_metrics, weighted_policy_loss
+from .hooks import Advantages, PolicyLoss, host_values, record_metrics, weighted_policy_loss
 from .iteration_state import checkpoint_step, iteration_of, restore_rollouts, save_iteration_rollouts
 from .logging_utils import PendingMedia, SampleBatch, log_samples
 from .memory import check_decode_memory, place_frozen_modules
@@ -57,7 +57,7 @@ from .rollout import (
 from .run_settings import RunSettingsCallback, check_resumed_settings
 from .seeds import MicroStepCounter, generation_seed
 from .setup_checks import check_columns, check_inputs, check_reward_weights, check_sampling, method_config
-from .stat_tracking import load_stat_tracker_state, stat_tracker_for, stat_tracker_state
+from .stat_tracking import load_stat_tracker_state, stat_tracker_state, tracker_for
 from .stopping import TrainingTerminated, save_before_stopping, stop_after, terminate_on_sigterm
 from .timestep_losses import adapter_disabled, timestep_losses
 
@@ -190,12 +190,11 @@ class DiffusionGRPOTrainer(Trainer):
         for reward in rewards:
             if isinstance(reward, torch.nn.Module):
                 reward.to(self.accelerator.device)
-        self._pending_media = PendingMedia()  # sample grids wait for their step's log
+        self._pending_media, self.stat_tracker = PendingMedia(), tracker_for(args)  # grids wait for their log
         self._rollouts: Rollouts | None = None
         self._rollouts_iteration = -1  # the iteration (generation round) `_rollouts` were sampled for
         self._micro_steps = MicroStepCounter(args.gradient_accumulation_steps)
         self._prompt_encoder = PromptEncoder.for_config(self.adapter, args)
-        self.stat_tracker = stat_tracker_for(args)  # per_prompt_stat_tracking's record, checkpointed
 
     # -- Set-up and input checks (all before any expensive work) ---------------------------------------------
     def _prepare_method(
@@ -384,9 +383,10 @@ class DiffusionGRPOTrainer(Trainer):
             self.adapter, model, rollouts, self.args, self.engine, self.policy_loss, self._reference_model,
             self.compute_loss_context_manager, self.accelerator.backward, self.current_gradient_accumulation_steps,
         )  # fmt: skip
-        for name in sums.keys() - {"loss"}:
-            self._metrics["train"][name].append(sums[name].item())
-        if not math.isfinite(sums["loss"].item()):
+        values = host_values(sums)  # one host sync for every figure of the micro-step
+        for name in values.keys() - {"loss"}:
+            self._metrics["train"][name].append(values[name])
+        if not math.isfinite(values["loss"]):
             self.finite_guard.note("loss")
         return sums["loss"] / self.current_gradient_accumulation_steps
 
@@ -524,10 +524,10 @@ class DiffusionGRPOTrainer(Trainer):
         """``Trainer``'s checkpoint, staged and renamed into place (:meth:`CheckpointIO.save_atomically`).
         Checked against transformers 5.3.0 (the floor) and 5.25.0."""
         run_dir = super()._get_output_dir(trial=trial)
-        write, best = partial(super()._save_checkpoint, model, trial), self.state.best_model_checkpoint
+        write = partial(super()._save_checkpoint, model, trial)
         final = self.checkpoints.save_atomically(
-            run_dir, self.state.global_step, write, self._save_iteration_rollouts, self.method_state(),
-            self.accelerator.wait_for_everyone, best,
+            run_dir, self.state, write, self._save_iteration_rollouts, self.method_state(),
+            self.accelerator.wait_for_everyone,
         )  # fmt: skip
         if self.args.push_to_hub and self.checkpoints.stop_name is None:
             self._push_from_checkpoint(final)
@@ -558,7 +558,7 @@ class DiffusionGRPOTrainer(Trainer):
             self.checkpoints.load_weights(resume_from_checkpoint, self.accelerator.unwrap_model(self.model))
         prepared = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         if resume_from_checkpoint is not None and self.is_deepspeed_enabled:
-            self.checkpoints.load_method_state(resume_from_checkpoint, self.load_method_state)
+            self.checkpoints.load_beside_deepspeed(resume_from_checkpoint, self.load_method_state)
         return prepared
 
     def _load_from_checkpoint(

@@ -49,6 +49,12 @@ class EMAUpdateCallback(TrainerCallback):
         self.ema = ema
         self.parameters = parameters
 
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The average follows the parameters to their device: DeepSpeed places the model only when training
+        starts, after the average was made on the CPU."""
+        if self.parameters:
+            self.ema.to(device=self.parameters[0].device)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.ema.step(self.parameters)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather
+from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
@@ -70,30 +70,59 @@ class EvaluationRunner:
         only here. ``<prefix>_reward`` is the weighted training reward ``Σ_f w_f R_f``; every reward is
         ``<prefix>_rewards/<name>/mean``. With ``log_images``, the first ``num_images_to_log`` samples are returned
         to be shown."""
-        args = self.args
-        shard = dataset.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
-        rewards, shown_prompts, shown_samples = [], [], []
+        args, accelerator = self.args, self.accelerator
+        mine = evaluation_batches(
+            len(dataset),
+            args.per_device_eval_batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
+        scored: list[tuple[int, list[float]]] = []  # (row of the evaluation set, its rewards)
+        local, shown_prompts, shown_samples = [], [], []
         self.timings.clear()  # from here, the reward timings of this evaluation
-        for start in range(0, len(shard), args.per_device_eval_batch_size):
-            rows = [shard[i] for i in range(start, min(start + args.per_device_eval_batch_size, len(shard)))]
+        for batch, counts in mine:
+            rows = [dataset[i] for i in batch]
             prompts = [row[args.prompt_column] for row in rows]
-            samples = self.sample(prompts, torch.arange(start, start + len(rows)), args.seed + start, rows)
-            rewards.append(self.score(prompts, samples, rows, reward_funcs, reward_names))
+            samples = self.sample(
+                prompts, torch.arange(batch.start, batch.stop), args.seed + batch.start, rows
+            )
+            rewards = self.score(prompts, samples, rows, reward_funcs, reward_names)
+            if not counts:  # a repeated batch, so that every process runs as many forward passes
+                continue
+            scored += zip(batch, rewards.tolist())
+            local.append(rewards)
             if args.log_images and len(shown_prompts) < args.num_images_to_log:
                 shown_prompts += prompts
                 shown_samples.append(samples)
+        if accelerator.num_processes > 1:
+            scored = gather_object(scored)
+        rewards_per_func = torch.tensor([values for _, values in sorted(scored)], dtype=torch.float32)
         trained = len(reward_weights)
-        rewards_per_func = gather(torch.cat(rewards))
         training_reward = weighted_reward_sum(rewards_per_func[:, :trained], reward_weights)
         metrics = {f"{prefix}_reward": training_reward.nanmean().item()}
         for f, name in enumerate(reward_names):
             metrics[f"{prefix}_rewards/{name}/mean"] = rewards_per_func[:, f].nanmean().item()
         shown = None
-        if args.log_images and self.accelerator.is_main_process:
-            local_reward = weighted_reward_sum(torch.cat(rewards)[:, :trained], reward_weights)
+        if args.log_images and accelerator.is_main_process:
+            local_reward = weighted_reward_sum(torch.cat(local)[:, :trained], reward_weights)
             shown = SampleBatch(shown_prompts, torch.cat(shown_samples), local_reward[: len(shown_prompts)])
         timings = {f"{prefix}_{k}": sum(v) / len(v) for k, v in self.timings.items() if v}
         return EvaluationResult(metrics, timings, shown)
+
+
+def evaluation_batches(
+    num_rows: int, batch_size: int, process_index: int, num_processes: int
+) -> list[tuple[range, bool]]:
+    """This process's batches of the evaluation set, each with whether it counts: the batches one process would
+    run (rows ``[s, s + batch_size)`` for ``s = 0, batch_size, …``) dealt out in turn, so that every row is
+    sampled from the seed it gets on one process and the figures do not depend on the number of processes. A
+    process dealt fewer batches repeats its first one, not counted, so that all run as many forward passes (an
+    uneven count would hang FSDP and ZeRO-3). 5 rows, batches of 2, 2 processes: ``[0, 2)`` and ``[4, 5)`` on the
+    first, ``[2, 4)`` and ``[2, 4)`` again (not counted) on the second."""
+    batches = [range(start, min(start + batch_size, num_rows)) for start in range(0, num_rows, batch_size)]
+    mine = [(batch, True) for batch in batches[process_index::num_processes]]
+    rounds = -(-len(batches) // num_processes)
+    return mine + [(mine[0][0] if mine else batches[0], False)] * (rounds - len(mine))
 
 
 class FinalEvaluationCallback(TrainerCallback):

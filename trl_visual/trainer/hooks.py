@@ -107,15 +107,20 @@ class PolicyLoss:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def record_metrics(store: dict[str, list[float]], metrics: dict[str, torch.Tensor]) -> None:
-    """Append each scalar in ``metrics`` to ``store[name]``, with one host sync for all of them."""
+def host_values(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each scalar tensor of ``metrics`` as a float, with one host sync for all of them."""
     if not metrics:
-        return
+        return {}
     device = next(iter(metrics.values())).device
     values = torch.stack(
         [value.detach().float().reshape(()).to(device) for value in metrics.values()]
     ).tolist()
-    for name, value in zip(metrics, values):
+    return dict(zip(metrics, values))
+
+
+def record_metrics(store: dict[str, list[float]], metrics: dict[str, torch.Tensor]) -> None:
+    """Append each scalar in ``metrics`` to ``store[name]``, with one host sync for all of them."""
+    for name, value in host_values(metrics).items():
         store[name].append(value)
 
 

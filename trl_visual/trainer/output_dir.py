@@ -75,9 +75,13 @@ def naming_a_full_disk(folder: str, what: str) -> Iterator[None]:
         ) from error
 
 
+STAGING_DIR = ".staging"
+"""The folder of a run directory where a checkpoint is written before it is renamed into place."""
+
+
 def remove_leftover_staging(output_dir: str) -> None:
     """Delete ``output_dir/.staging``, what a checkpoint write that never finished (a full disk, a kill) left."""
-    staging = os.path.join(output_dir, ".staging")
+    staging = os.path.join(output_dir, STAGING_DIR)
     if os.path.isdir(staging):
         logger.warning(f"Removing {staging}, left by a checkpoint write that did not finish.")
         shutil.rmtree(staging, ignore_errors=True)

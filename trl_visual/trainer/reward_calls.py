@@ -26,6 +26,7 @@ from ..core.advantages import nan_std
 from ..core.interpretations import AMBIGUOUS_SHARE, ambiguity_share, interpretation_mean_var
 from ..rewards import RewardFunc, resolve_reward, reward_name
 from ..rewards.spec import resolve_reward_spec
+from .hooks import record_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -223,13 +224,15 @@ def record_reward_metrics(
 ) -> None:
     """TRL's reward metrics of one global batch: ``rewards/<name>/mean|std`` per reward, then ``reward``,
     ``reward_std`` (the mean within-group std of the combined reward) and ``frac_reward_zero_std``."""
+    figures = {}
     for f, name in enumerate(names):
-        metrics[f"rewards/{name}/mean"].append(rewards_per_func[:, f].nanmean().item())
-        metrics[f"rewards/{name}/std"].append(nan_std(rewards_per_func[:, f]).item())
+        figures[f"rewards/{name}/mean"] = rewards_per_func[:, f].nanmean()
+        figures[f"rewards/{name}/std"] = nan_std(rewards_per_func[:, f])
     group_std = nan_std(reward.reshape(-1, num_generations), dim=1)
-    metrics["reward"].append(reward.nanmean().item())
-    metrics["reward_std"].append(group_std.mean().item())
-    metrics["frac_reward_zero_std"].append((group_std < 1e-6).float().mean().item())
+    figures["reward"] = reward.nanmean()
+    figures["reward_std"] = group_std.mean()
+    figures["frac_reward_zero_std"] = (group_std < 1e-6).float().mean()
+    record_metrics(metrics, figures)  # one host sync for all of them
 
 
 def interpretation_metrics(
@@ -381,16 +384,22 @@ class RewardCaller:
         )
 
 
+def _resolve(spec: RewardFunc | str) -> RewardFunc:
+    """A callable as it is; a string as ``--reward_funcs`` takes it (a registered name, ``name(key=value)``,
+    ``module.path:function`` or ``path/to/file.py:function``: :func:`~trl_visual.rewards.spec.resolve_reward_spec`),
+    the same for training and evaluation rewards."""
+    return resolve_reward_spec(spec) if isinstance(spec, str) else resolve_reward(spec)
+
+
 def resolve_rewards(reward_funcs: RewardFunc | str | list[RewardFunc | str]) -> list[RewardFunc]:
-    """The training rewards, from callables or registered names (:func:`~trl_visual.rewards.resolve_reward`);
-    an empty list is an error."""
+    """The training rewards, from callables or specs (:func:`_resolve`); an empty list is an error."""
     specs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
     if not specs:
         raise ValueError(
             "`reward_funcs` is empty: give at least one reward function (a registered name such as "
             "'red_channel', or a callable `f(prompts, images, **columns) -> list[float | None]`)."
         )
-    return [resolve_reward(spec) for spec in specs]
+    return [_resolve(spec) for spec in specs]
 
 
 def resolve_eval_rewards(
@@ -400,7 +409,7 @@ def resolve_eval_rewards(
     ``module.path:function``, as ``--reward_funcs`` takes). A name that is also a training reward's, or given
     twice, is an error: their ``eval_rewards/<name>/mean`` would collide."""
     specs = list(specs) if isinstance(specs, list | tuple) else [] if specs is None else [specs]
-    funcs = [spec if callable(spec) else resolve_reward_spec(str(spec)) for spec in specs]
+    funcs = [_resolve(spec) for spec in specs]
     names = [reward_name(func) for func in funcs]
     clashes = sorted({n for n in names if n in training_names or names.count(n) > 1})
     if clashes:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.branching import branch_points, branch_positions
 from ..core.sde import SDEStep, euler_step, sde_step_with_logprob
 from ..core.timesteps import select_train_timesteps, stochastic_step_indices
 from ..models import DiffusionAdapter, PromptEmbeds, guided, select_embeds
@@ -44,7 +45,10 @@ class Rollouts:
     ``log_probs[:, k]`` holds the per-element log-probs stored at sampling time. Scoring fills ``rewards``
     ``(B,)`` and ``advantages`` (this process's :class:`~trl_visual.trainer.hooks.Advantages`, shaped).
     ``uncond_velocities[:, k]`` is CFG's unconditional velocity ``v_u`` at ``latents[:, k]`` (float32), kept
-    when training reuses it (:func:`keeps_uncond_velocities`), else None.
+    when training reuses it (:func:`keeps_uncond_velocities`), else None. ``means[:, k]`` is the mean ``μ_old`` of
+    the k-th transition's Gaussian, kept for GRPO-Guard's ``ratio_norm`` (else None). With ``trajectory_branching``,
+    ``branch_positions`` ``(B,)`` is the one stochastic step of each sample (a position among the round's branch
+    points, the only step it trains); at the others its stored transition is the ODE step.
     """
 
     prompts: list[str]
@@ -58,6 +62,8 @@ class Rollouts:
     sigma_max: float
     samples: torch.Tensor
     uncond_velocities: torch.Tensor | None = None
+    means: torch.Tensor | None = None
+    branch_positions: torch.Tensor | None = None
     train_steps: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
     advantages: Advantages | None = None
@@ -68,7 +74,7 @@ class Transition:
     """One stored stochastic step of every sample: ``x_k → x_{k+1}`` at ``σ_k → σ_{k+1}``, with the log-prob
     ``log p_old(x_{k+1} | x_k)`` (per element) it had when it was sampled, and CFG's unconditional velocity
     ``v_u`` the sampling weights predicted at ``x_k`` (None when not stored: :func:`policy_velocity` then
-    recomputes it)."""
+    recomputes it), and the Gaussian's mean ``μ_old`` when kept (``ratio_norm``)."""
 
     latents: torch.Tensor
     next_latents: torch.Tensor
@@ -76,6 +82,7 @@ class Transition:
     sigma: torch.Tensor
     sigma_next: torch.Tensor
     uncond_velocity: torch.Tensor | None = None
+    old_mean: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -214,13 +221,16 @@ def initial_noise(
 
 def _stochastic_steps(args: DiffusionGRPOConfig, seed: int, stochastic: bool, step: int = 0) -> list[int]:
     """The sampling steps that are stochastic this round: the SDE window, placed from ``seed`` or, with the
-    progressive schedule, from the optimizer ``step`` (:func:`~trl_visual.trainer.window_schedule.sde_window_start`)."""
+    progressive schedule, from the optimizer ``step`` (:func:`~trl_visual.trainer.window_schedule.sde_window_start`),
+    or the branch points of ``trajectory_branching`` (drawn from ``seed``; each sample takes the SDE step at one)."""
     if not stochastic:
         return []
+    num_steps = args.num_inference_steps
+    if args.trajectory_branching != "none":
+        mode, generator = args.trajectory_branching, torch.Generator().manual_seed(seed)
+        return branch_points(mode, num_steps, args.num_branch_points, generator)
     window_start = sde_window_start(args, seed, step) if args.sde_window_size > 0 else 0
-    return stochastic_step_indices(
-        args.num_inference_steps, args.sde_type, args.sde_window_size, window_start
-    )
+    return stochastic_step_indices(num_steps, args.sde_type, args.sde_window_size, window_start)
 
 
 def _stacked(tensors: list[torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
@@ -361,6 +371,11 @@ def _sample_chunk(
     keep_uncond = negative is not None and keeps_uncond_velocities(args, training)
     noise = {"placement": placement, "num_generations": args.num_generations, "device": device}
 
+    branching = bool(steps) and args.trajectory_branching != "none"
+    if branching:  # the step each sample branches at (TempFlow-GRPO): ODE before and after it
+        global_rows = placement.offset + chunk_rows
+        positions = branch_positions(global_rows, args.num_generations, len(steps)).to(device)
+        branches_at = torch.tensor(steps, device=device)[positions]
     branch = bool(steps) and steps[0] > 0
     if branch:  # one trajectory per group until the window opens
         groups, group_index = torch.unique(group_ids, return_inverse=True)
@@ -374,7 +389,7 @@ def _sample_chunk(
             context.latent_shape,
             group_ids,
             seed,
-            shared=args.init_same_noise,
+            shared=args.init_same_noise or branching,
             training=training,
             start=chunk.start,
             **noise,
@@ -382,7 +397,7 @@ def _sample_chunk(
         prefix_embeds, prefix_negative = embeds, negative
     step_noise = StepNoise(sde_noise_seed(seed, placement.process_index), device, batch_size, chunk)
 
-    states, next_states, log_probs, unconds = [], [], [], []
+    states, next_states, log_probs, unconds, means = [], [], [], [], []
     with context.autocast():
         for i in range(num_steps):
             if branch and i == steps[0]:
@@ -414,8 +429,13 @@ def _sample_chunk(
             )
             states.append(latents)
             latents = step.prev_sample
+            if branching:
+                at_branch = (branches_at == i).reshape(-1, *[1] * (latents.ndim - 1))
+                latents = torch.where(at_branch, latents, euler_step(states[-1], velocity, sigma, sigma_next))
             next_states.append(latents)
             log_probs.append(step.log_prob)
+            if args.ratio_norm:
+                means.append(step.mean)
 
     index = torch.tensor(steps, dtype=torch.long, device=device)
     return Rollouts(
@@ -426,6 +446,8 @@ def _sample_chunk(
         next_latents=_stacked(next_states, latents),
         log_probs=_stacked(log_probs, latents),
         uncond_velocities=_stacked(unconds, latents) if keep_uncond else None,
+        means=_stacked(means, latents) if args.ratio_norm else None,
+        branch_positions=positions if branching else None,
         sigmas=sigmas[index],
         sigmas_next=sigmas[index + 1],
         sigma_max=sigma_max,
@@ -451,12 +473,19 @@ def select_train_steps(
     """The positions among the rollouts' stochastic steps that each sample trains, ``(B, K)``: ``K =
     max(1, round(timestep_fraction · S))`` of the ``S`` :func:`trainable_steps`, picked as
     ``timestep_selection`` says from a generator seeded by the round's seed. No trainable step is an error
-    naming the settings to change."""
+    naming the settings to change. Under ``trajectory_branching`` each sample trains its branch step only."""
     if rollouts.log_probs.shape[1] == 0:
         raise RuntimeError(
             "No stochastic step was sampled: check `sde_window_size` and `num_inference_steps`."
         )
     trains = trainable_steps(adapter, rollouts.sigmas, rollouts.sigmas_next, args.exclude_last_step)
+    if rollouts.branch_positions is not None:  # trajectory branching: each sample trains its branch step only
+        if not bool(trains.all()):
+            raise RuntimeError(
+                "`trajectory_branching` put a branch point where the trained denoiser does not predict (a frozen "
+                "expert's steps): use trajectory_branching='first' with `num_branch_points` within its steps."
+            )
+        return rollouts.branch_positions[:, None]
     trainable = trains.nonzero().flatten()
     if len(trainable) == 0:
         raise RuntimeError(
@@ -485,6 +514,7 @@ def transition_at(rollouts: Rollouts, k: int) -> Transition:
         sigma=rollouts.sigmas[position],
         sigma_next=rollouts.sigmas_next[position],
         uncond_velocity=uncond[rows, position] if uncond is not None else None,
+        old_mean=rollouts.means[rows, position] if rollouts.means is not None else None,
     )
 
 

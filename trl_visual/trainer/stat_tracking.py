@@ -9,7 +9,7 @@ from ..core.stat_tracking import PerPromptStatTracker
 from .diffusion_grpo_config import DiffusionGRPOConfig
 
 
-def stat_tracker_for(args: DiffusionGRPOConfig) -> PerPromptStatTracker | None:
+def tracker_for(args: DiffusionGRPOConfig) -> PerPromptStatTracker | None:
     """The per-prompt statistics tracker ``per_prompt_stat_tracking`` asks for (``None`` without it)."""
     if not args.per_prompt_stat_tracking:
         return None

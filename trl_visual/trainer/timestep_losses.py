@@ -17,6 +17,7 @@ from .diffusion_grpo_config import DiffusionGRPOConfig
 from .engines import Engine
 from .hooks import Advantages, PolicyLoss
 from .rollout import Rollouts, rescore_transition, transition_at
+from .step_weighting import policy_log_probs, step_loss_weights
 
 #: ``policy_loss(log_prob, old_log_prob, advantages)``: the method's hook
 PolicyLossHook = Callable[[torch.Tensor, torch.Tensor, Advantages], PolicyLoss]
@@ -37,11 +38,14 @@ def timestep_losses(
     """For each trained timestep ``k`` of ``rollouts``: re-score the stored transition under the current weights,
     ``L_k = policy_loss(…)`` (plus ``β · KL(π_θ ‖ π_ref)`` to the LoRA-disabled ``reference_model`` when
     ``beta > 0``, exact between the two Gaussian steps), and ``backward(mean(L_k) / scale)`` with ``engine``'s
-    scale, under its deferred gradient syncs. Returns each figure's mean over the samples and the ``K``
+    scale, under its deferred gradient syncs. The per-step options (:mod:`~trl_visual.trainer.step_weighting`)
+    swap the log-ratio for GRPO-Guard's ``log r̂`` (``ratio_norm``) and multiply ``policy_loss(…)`` by each step's
+    weight (``noise_aware_weight``, ``dt_invariant_weight``). Returns each figure's mean over the samples and the ``K``
     timesteps (``loss``, ``policy_loss``, ``clip_ratio``, ``kl``, the hook's metrics), detached, on the device:
     one host sync per figure, by the caller."""
     num_trained = rollouts.train_steps.shape[1]
     scale = engine.backward_scale(num_trained, gradient_accumulation_steps)
+    weights = step_loss_weights(rollouts, args)
     sums: dict[str, torch.Tensor] = {}  # detached running sums: one device sync per metric, not per step
 
     def add(name: str, value: torch.Tensor) -> None:
@@ -51,8 +55,10 @@ def timestep_losses(
         transition = transition_at(rollouts, k)
         with autocast():
             step = rescore_transition(adapter, model, rollouts, transition, args)
-            result = policy_loss(step.log_prob, transition.old_log_prob, rollouts.advantages)
+            result = policy_loss(*policy_log_probs(step, transition, args), rollouts.advantages)
             loss, clipped = result.loss, result.clipped
+            if weights is not None:
+                loss = loss * weights[:, k]
             for name, term in {"policy_loss": loss, **result.metrics}.items():
                 add(name, term)
             if args.beta > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..core.validation import check_choice
 from ..core.vipo import AGGREGATIONS, NORMALIZATIONS, SIGN_RULES, VARIANTS
@@ -29,6 +30,9 @@ class ViPOConfig(DiffusionGRPOConfig):
 
         ViPOConfig(output_dir="out", backbone="facebook/dinov2-large", pca_components=3)
     """
+
+    #: BPGO and ViPO normalize advantages per prompt group: no trajectory branching
+    _branching_advantages: ClassVar[bool] = False
 
     backbone: str = field(
         default="facebook/dinov2-large",

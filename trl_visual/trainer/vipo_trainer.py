@@ -332,16 +332,47 @@ class ViPOTrainer(DiffusionGRPOTrainer):
             )
         return maps.float(), fallback
 
+    def _maps_for(
+        self, advantages: Advantages, rollouts: Rollouts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`compute_maps` of the samples whose map can change the loss: ``A(p) = M(p) · A`` is 0 wherever
+        every set of advantages of a sample (main, auxiliary, per reward) is 0, so those samples (a group whose
+        rewards are all equal, say) get no backbone call and an all-ones map. Returns ``(maps, fallback,
+        computed)``, ``computed (B,)`` bool or ``None`` when every map was computed. Every map is computed when
+        other samples' maps are read (``aggregation="shuffled"``, ``map_target="reward"``) or logged
+        (``log_images``)."""
+        samples, prompts = rollouts.samples, rollouts.prompts
+        args = self.args
+        if args.aggregation == "shuffled" or args.map_target == "reward" or args.log_images:
+            return (*self.compute_maps(samples, prompts), None)
+        sets = [advantages.advantages, *(term.advantages for term in advantages.auxiliary)]
+        if advantages.per_reward is not None:
+            sets.append(advantages.per_reward)
+        needed = torch.stack([s.reshape(len(samples), -1).ne(0).any(dim=1) for s in sets]).any(dim=0)
+        if bool(needed.all()):  # one host sync: which samples get a backbone call
+            return (*self.compute_maps(samples, prompts), None)
+        maps = torch.ones(len(samples), *self.position_grid, device=samples.device)
+        fallback = torch.zeros(len(samples), dtype=torch.bool, device=samples.device)
+        rows = needed.nonzero().squeeze(1)
+        if len(rows):
+            subset = [prompts[i] for i in rows.tolist()] if prompts is not None else None
+            maps[rows], fallback[rows] = self.compute_maps(samples[rows], subset)
+        return maps, fallback, needed
+
     @staticmethod
-    def _map_metrics(maps: torch.Tensor, fallback: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The maps' mean and spread over the global batch, and how many fell back to all ones."""
+    def _map_metrics(
+        maps: torch.Tensor, fallback: torch.Tensor, computed: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The maps' mean and spread over the global batch, and how many fell back to all ones; with
+        ``computed``, over the maps that were computed only (NaN when none was)."""
         flat = maps.flatten(1)
-        stats = gather(
-            torch.stack([flat.mean(dim=1), flat.std(dim=1, correction=0), fallback.float()], dim=1)
-        )
+        stats = torch.stack([flat.mean(dim=1), flat.std(dim=1, correction=0), fallback.float()], dim=1)
+        if computed is not None:
+            stats[~computed, :2] = float("nan")
+        stats = gather(stats)
         return {
-            "vipo/map_mean": stats[:, 0].mean(),
-            "vipo/map_std": stats[:, 1].mean(),
+            "vipo/map_mean": stats[:, 0].nanmean(),
+            "vipo/map_std": stats[:, 1].nanmean(),
             "vipo/map_fallbacks": stats[:, 2].sum(),
         }
 
@@ -366,10 +397,11 @@ class ViPOTrainer(DiffusionGRPOTrainer):
 
         ``dense_level="sample"``: ``A · mean(M)`` ``(B,)`` (the released image code). ``map_target="reward"``:
         group-relative advantages of ``M(p) · R`` (:func:`reward_map_advantages`). The maps are kept in
-        ``maps``, their figures (``vipo/map_mean|std|fallbacks``) in ``metrics``.
+        ``maps``, their figures (``vipo/map_mean|std|fallbacks``) in ``metrics``. A sample whose every advantage
+        is 0 gets no map (all ones, :meth:`_maps_for`): its loss is the same with any map.
         """
-        maps, fallback = self.compute_maps(rollouts.samples, rollouts.prompts)
-        metrics = {**advantages.metrics, **self._map_metrics(maps, fallback)}
+        maps, fallback, computed = self._maps_for(advantages, rollouts)
+        metrics = {**advantages.metrics, **self._map_metrics(maps, fallback, computed)}
         if self.args.map_target == "reward":
             shaped = self._reward_target_advantages(advantages.reward, self._loss_maps(maps))
             return replace(advantages, advantages=shaped, maps=maps, metrics=metrics)
