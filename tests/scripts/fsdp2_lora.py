@@ -5,7 +5,7 @@ TRANSFORMER_BASED_WRAP does), over gloo on the CPU.
 
 Rank 0 writes the LoRA three ways: `reference/` from the model before sharding; `gathered/` with `save_lora` from
 the full state dict gathered as accelerate's `get_state_dict` gathers it under FSDP2 (what `Trainer.save_model`
-hands `_save`); and it records the shapes `get_peft_model_state_dict` sees on the sharded model itself (shards).
+hands `_save`); and it records the shapes of the LoRA parameters of the sharded model itself (shards).
 """
 
 import json
@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 from diffusers.models.transformers.transformer_sd3 import JointTransformerBlock
-from peft import LoraConfig, get_peft_model_state_dict
+from peft import LoraConfig
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -37,7 +37,7 @@ def write_sharded_lora(out: str) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator))
     if rank == 0:
         save_lora(type(pipeline), os.path.join(out, "reference"), transformer, "transformer")
-    full_shapes = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(transformer).items()}
+    full_shapes = lora_shapes(transformer)
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for module in transformer.modules():
@@ -45,9 +45,7 @@ def write_sharded_lora(out: str) -> None:
             fully_shard(module, mesh=mesh)
     fully_shard(transformer, mesh=mesh)
 
-    local_shapes = {
-        key: tuple(value.to_local().shape) for key, value in get_peft_model_state_dict(transformer).items()
-    }
+    local_shapes = lora_shapes(transformer, local=True)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
     gathered = get_model_state_dict(transformer, options=options)  # a collective: every rank takes part
     if rank == 0:
@@ -58,6 +56,16 @@ def write_sharded_lora(out: str) -> None:
         with open(os.path.join(out, "shards.json"), "w") as handle:
             json.dump({"sharded_keys": sharded, "num_keys": len(full_shapes)}, handle)
     dist.barrier()
+
+
+def lora_shapes(model: torch.nn.Module, local: bool = False) -> dict[str, tuple[int, ...]]:
+    """The shape of each LoRA parameter, read from the model itself; ``local``: of this rank's shard (FSDP2's
+    parameters are DTensors; peft 0.22's ``get_peft_model_state_dict`` returns plain tensors for them)."""
+    return {
+        name: tuple((parameter.to_local() if local else parameter).shape)
+        for name, parameter in model.named_parameters()
+        if "lora_" in name
+    }
 
 
 if __name__ == "__main__":
