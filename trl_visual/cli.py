@@ -681,9 +681,12 @@ def write_shipped_help() -> None:
         python -c "from trl_visual.cli import write_shipped_help; write_shipped_help()"
     """
     rendered = {command: render_help(command) for command in COMMANDS}
-    ours = [Path(module.__file__).resolve() for module in list(sys.modules.values()) if _is_ours(module)]
-    sources = {path.relative_to(PACKAGE_DIR).as_posix(): None for path in sorted(ours)}
-    sources = {path: _source_digest(path) for path in sources}
+    ours = sorted(
+        Path(module.__file__).resolve().relative_to(PACKAGE_DIR).as_posix()
+        for module in list(sys.modules.values())
+        if _is_ours(module)
+    )
+    sources = {path: _source_digest(path) for path in ours}
     SHIPPED_HELP_DIR.mkdir(exist_ok=True)
     for command, text in rendered.items():
         names = sorted(parser_names(make_parser(command, _import(COMMANDS[command][0]))))

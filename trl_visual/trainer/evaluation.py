@@ -77,7 +77,7 @@ class EvaluationRunner:
             accelerator.process_index,
             accelerator.num_processes,
         )
-        scored: list[tuple[int, list[float]]] = []  # (row of the evaluation set, its rewards)
+        rows_scored: list[int] = []  # the rows of the evaluation set this process scored, in order
         local, shown_prompts, shown_samples = [], [], []
         self.timings.clear()  # from here, the reward timings of this evaluation
         for batch, counts in mine:
@@ -89,11 +89,13 @@ class EvaluationRunner:
             rewards = self.score(prompts, samples, rows, reward_funcs, reward_names)
             if not counts:  # a repeated batch, so that every process runs as many forward passes
                 continue
-            scored += zip(batch, rewards.tolist())
+            rows_scored += batch
             local.append(rewards)
             if args.log_images and len(shown_prompts) < args.num_images_to_log:
                 shown_prompts += prompts
                 shown_samples.append(samples)
+        values = torch.cat(local).tolist() if local else []  # one host sync for the whole evaluation
+        scored = list(zip(rows_scored, values))
         if accelerator.num_processes > 1:
             scored = gather_object(scored)
         rewards_per_func = torch.tensor([values for _, values in sorted(scored)], dtype=torch.float32)
